@@ -1,0 +1,35 @@
+// CUDA kernels of the dispatch stage. Torch-free host API; same contract as csrc/ref/dispatch_ref.h, with all
+// pointers on the device and the work enqueued on `stream` (no host synchronisation).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "ref/dispatch_ref.h"
+
+namespace fastmoe {
+
+// Bytes of device scratch that make_plan_cuda needs for these sizes (CUB's temporary storage and friends).
+size_t make_plan_cuda_workspace_bytes(int64_t num_pairs, int64_t num_experts);
+
+// As make_plan_ref. An id outside [-1, num_experts) cannot be reported without a host sync, so it is treated as
+// dropped and counted into *invalid_count (device int64, may be nullptr), which callers may check lazily.
+void make_plan_cuda(const int64_t* topk_idx, int64_t num_pairs, int64_t num_experts, int64_t* expert_counts,
+                    int64_t* expert_offsets, int64_t* sorted_pair, int64_t* pair_pos, int64_t* invalid_count,
+                    void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+void permute_cuda(DType dtype, const void* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair,
+                  int64_t num_rows, int64_t k, const void* pair_scale, DType scale_dtype, void* x_sorted,
+                  cudaStream_t stream);
+
+void unpermute_combine_cuda(DType dtype, const void* y_sorted, int64_t num_rows, int64_t d,
+                            const int64_t* pair_pos, int64_t num_tokens, int64_t k, const void* topk_score,
+                            DType score_dtype, void* y, cudaStream_t stream);
+
+void combine_score_grad_cuda(DType dtype, const void* grad_y, const void* y_sorted, int64_t num_rows, int64_t d,
+                             const int64_t* pair_pos, int64_t num_tokens, int64_t k, DType score_dtype,
+                             void* grad_score, cudaStream_t stream);
+
+}  // namespace fastmoe

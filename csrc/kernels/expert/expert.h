@@ -1,0 +1,23 @@
+// CUDA kernels of the expert stage: a portable grouped linear layer that reads the expert offsets on the device
+// (no host synchronisation). It serves every dtype, including fp64; faster library backends for bf16/fp16 are
+// chosen in the op layer. Torch-free host API; same contract as csrc/ref/expert_ref.h.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "ref/expert_ref.h"
+
+namespace fastmoe {
+
+void grouped_linear_cuda(DType dtype, const void* x, int64_t num_rows, int64_t in_features,
+                         const int64_t* expert_offsets, int64_t num_experts, const void* weight,
+                         int64_t out_features, const void* bias, void* y, cudaStream_t stream);
+
+void grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
+                                  int64_t in_features, const int64_t* expert_offsets, int64_t num_experts,
+                                  const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
+                                  void* grad_bias, cudaStream_t stream);
+
+}  // namespace fastmoe

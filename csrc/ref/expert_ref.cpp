@@ -1,0 +1,125 @@
+#include "ref/expert_ref.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace fastmoe {
+
+void check_expert_offsets_ref(const int64_t* expert_offsets, int64_t num_experts, int64_t num_rows) {
+  FMOE_CHECK(expert_offsets[0] == 0, "expert_offsets[0] must be 0, got ", expert_offsets[0]);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    FMOE_CHECK(expert_offsets[e + 1] >= expert_offsets[e], "expert_offsets must be non-decreasing, got offsets[",
+               e, "] = ", expert_offsets[e], " > offsets[", e + 1, "] = ", expert_offsets[e + 1]);
+  }
+  FMOE_CHECK(expert_offsets[num_experts] <= num_rows, "expert_offsets[", num_experts, "] = ",
+             expert_offsets[num_experts], " exceeds the ", num_rows, " rows of x");
+}
+
+namespace {
+
+template <typename T>
+void grouped_linear_impl(const T* x, int64_t num_rows, int64_t in_features, const int64_t* offsets,
+                         int64_t num_experts, const T* weight, int64_t out_features, const T* bias, T* y) {
+  using A = acc_t<T>;
+  // Widen each expert's weight once so the inner dot product runs in the accumulation type.
+  std::vector<A> w(out_features * in_features), xr(in_features);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    const T* we = weight + e * out_features * in_features;
+    for (int64_t i = 0; i < out_features * in_features; ++i) w[i] = to_acc(we[i]);
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+      for (int64_t i = 0; i < in_features; ++i) xr[i] = to_acc(x[r * in_features + i]);
+      for (int64_t o = 0; o < out_features; ++o) {
+        const A* wo = w.data() + o * in_features;
+        A acc = 0;
+        for (int64_t i = 0; i < in_features; ++i) acc += wo[i] * xr[i];
+        if (bias != nullptr) acc += to_acc(bias[e * out_features + o]);
+        y[r * out_features + o] = from_acc<T>(acc);
+      }
+    }
+  }
+  for (int64_t r = offsets[num_experts]; r < num_rows; ++r) {
+    for (int64_t o = 0; o < out_features; ++o) y[r * out_features + o] = from_acc<T>(A(0));
+  }
+}
+
+template <typename T>
+void grouped_linear_backward_impl(const T* grad_y, const T* x, int64_t num_rows, int64_t in_features,
+                                  const int64_t* offsets, int64_t num_experts, const T* weight,
+                                  int64_t out_features, T* grad_x, T* grad_weight, T* grad_bias) {
+  // 1. grad_x[r] = W[e]^T grad_y[r] per row.  2. grad_W[e] = sum_r grad_y[r] x[r]^T and grad_b[e] = sum_r
+  // grad_y[r], each summed over the expert's rows in row order.  3. Rows past offsets[E] get zero grad_x.
+  using A = acc_t<T>;
+  std::vector<A> w(out_features * in_features), gw(out_features * in_features), gb(out_features);
+  std::vector<A> row(in_features), gy(out_features), xr(in_features);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t begin = offsets[e], end = offsets[e + 1];
+    if (grad_x != nullptr && end > begin) {
+      const T* we = weight + e * out_features * in_features;
+      for (int64_t i = 0; i < out_features * in_features; ++i) w[i] = to_acc(we[i]);
+    }
+    std::fill(gw.begin(), gw.end(), A(0));
+    std::fill(gb.begin(), gb.end(), A(0));
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t o = 0; o < out_features; ++o) gy[o] = to_acc(grad_y[r * out_features + o]);
+      for (int64_t i = 0; i < in_features; ++i) xr[i] = to_acc(x[r * in_features + i]);
+      if (grad_x != nullptr) {
+        std::fill(row.begin(), row.end(), A(0));
+        for (int64_t o = 0; o < out_features; ++o) {
+          const A* wo = w.data() + o * in_features;
+          for (int64_t i = 0; i < in_features; ++i) row[i] += gy[o] * wo[i];
+        }
+        for (int64_t i = 0; i < in_features; ++i) grad_x[r * in_features + i] = from_acc<T>(row[i]);
+      }
+      if (grad_weight != nullptr) {
+        for (int64_t o = 0; o < out_features; ++o) {
+          A* gwo = gw.data() + o * in_features;
+          for (int64_t i = 0; i < in_features; ++i) gwo[i] += gy[o] * xr[i];
+        }
+      }
+      if (grad_bias != nullptr) {
+        for (int64_t o = 0; o < out_features; ++o) gb[o] += gy[o];
+      }
+    }
+    if (grad_weight != nullptr) {
+      T* out = grad_weight + e * out_features * in_features;
+      for (int64_t i = 0; i < out_features * in_features; ++i) out[i] = from_acc<T>(gw[i]);
+    }
+    if (grad_bias != nullptr) {
+      for (int64_t o = 0; o < out_features; ++o) grad_bias[e * out_features + o] = from_acc<T>(gb[o]);
+    }
+  }
+  if (grad_x != nullptr) {
+    for (int64_t r = offsets[num_experts]; r < num_rows; ++r) {
+      for (int64_t i = 0; i < in_features; ++i) grad_x[r * in_features + i] = from_acc<T>(A(0));
+    }
+  }
+}
+
+}  // namespace
+
+void grouped_linear_ref(DType dtype, const void* x, int64_t num_rows, int64_t in_features,
+                        const int64_t* expert_offsets, int64_t num_experts, const void* weight,
+                        int64_t out_features, const void* bias, void* y) {
+  check_expert_offsets_ref(expert_offsets, num_experts, num_rows);
+  FMOE_DISPATCH_FLOAT_TYPES(dtype, "grouped_linear_ref", [&] {
+    grouped_linear_impl(static_cast<const scalar_t*>(x), num_rows, in_features, expert_offsets, num_experts,
+                        static_cast<const scalar_t*>(weight), out_features, static_cast<const scalar_t*>(bias),
+                        static_cast<scalar_t*>(y));
+  });
+}
+
+void grouped_linear_backward_ref(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
+                                 int64_t in_features, const int64_t* expert_offsets, int64_t num_experts,
+                                 const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
+                                 void* grad_bias) {
+  check_expert_offsets_ref(expert_offsets, num_experts, num_rows);
+  FMOE_DISPATCH_FLOAT_TYPES(dtype, "grouped_linear_backward_ref", [&] {
+    grouped_linear_backward_impl(static_cast<const scalar_t*>(grad_y), static_cast<const scalar_t*>(x), num_rows,
+                                 in_features, expert_offsets, num_experts, static_cast<const scalar_t*>(weight),
+                                 out_features, static_cast<scalar_t*>(grad_x), static_cast<scalar_t*>(grad_weight),
+                                 static_cast<scalar_t*>(grad_bias));
+  });
+}
+
+}  // namespace fastmoe

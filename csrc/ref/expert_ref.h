@@ -1,0 +1,32 @@
+// CPU reference for the expert stage: the grouped linear layer over rows sorted by expert.
+// Torch-free. Accumulates in fp32 for 16/32-bit types and fp64 for fp64, rounding once at the end.
+#pragma once
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace fastmoe {
+
+// Checks that expert_offsets is a valid partition of at most num_rows rows: offsets[0] == 0, non-decreasing,
+// offsets[num_experts] <= num_rows. Throws fastmoe::Error naming the first bad entry.
+void check_expert_offsets_ref(const int64_t* expert_offsets, int64_t num_experts, int64_t num_rows);
+
+// x:              [num_rows, in_features], dtype
+// expert_offsets: [num_experts + 1] int64; rows [offsets[e], offsets[e+1]) belong to expert e
+// weight:         [num_experts, out_features, in_features], dtype
+// bias:           [num_experts, out_features], dtype, or nullptr
+// y:              [num_rows, out_features], written: y[r] = weight[e] @ x[r] + bias[e]; zero for r >= offsets[E]
+void grouped_linear_ref(DType dtype, const void* x, int64_t num_rows, int64_t in_features,
+                        const int64_t* expert_offsets, int64_t num_experts, const void* weight,
+                        int64_t out_features, const void* bias, void* y);
+
+// grad_y: [num_rows, out_features]. Each output may be nullptr to skip it:
+// grad_x [num_rows, in_features] (zero past offsets[E]), grad_weight [E, out, in] and grad_bias [E, out]
+// (zero for an expert with no rows).
+void grouped_linear_backward_ref(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
+                                 int64_t in_features, const int64_t* expert_offsets, int64_t num_experts,
+                                 const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
+                                 void* grad_bias);
+
+}  // namespace fastmoe

@@ -1,0 +1,42 @@
+// fastmoe's registered ops, callable from C++. Each function calls the op through the dispatcher
+// (torch.ops.fastmoe.<name> in Python), so C++ and Python get the same kernels and the same C++ autograd.
+// docs/ops.md lists the schemas, shapes and dtypes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace fastmoe::ops {
+
+// logits [T, E] -> (topk_idx [T, k] int64, topk_score [T, k] logits.dtype).
+// score_fn: "topk_softmax" (softmax over the k selected logits, FastMoE's NaiveGate) or "softmax_topk"
+// (softmax over all E, then top-k). Differentiable with respect to logits.
+std::tuple<at::Tensor, at::Tensor> route_topk(const at::Tensor& logits, int64_t k,
+                                              const std::string& score_fn = "topk_softmax");
+
+// The routing plan of topk_idx [T, k] (-1 = dropped) over num_experts experts.
+struct Plan {
+  at::Tensor expert_counts;   // [E] int64
+  at::Tensor expert_offsets;  // [E + 1] int64, exclusive prefix sum of expert_counts
+  at::Tensor sorted_pair;     // [T * k] int64: pair ids (token * k + slot) ordered by expert, -1 at the tail
+  at::Tensor pair_pos;        // [T, k] int64: row of each pair in sorted order, -1 if dropped
+};
+Plan make_plan(const at::Tensor& topk_idx, int64_t num_experts);
+
+// x [T, d] -> x_sorted [T * k, d]; row r holds x[sorted_pair[r] / k], zero where sorted_pair[r] < 0.
+at::Tensor permute(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos);
+
+// y_sorted [T * k, d] -> y [T, d] = sum_j topk_score[t, j] * y_sorted[pair_pos[t, j]] (dropped slots add
+// nothing; weights of 1 when topk_score is empty). Differentiable with respect to y_sorted and topk_score.
+at::Tensor unpermute_combine(const at::Tensor& y_sorted, const at::Tensor& sorted_pair, const at::Tensor& pair_pos,
+                             const std::optional<at::Tensor>& topk_score);
+
+// x [N, in] with expert_offsets [E + 1], weight [E, out, in], bias [E, out] -> [N, out]; rows past
+// expert_offsets[E] are zero. Differentiable with respect to x, weight and bias.
+at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias);
+
+}  // namespace fastmoe::ops

@@ -1,0 +1,26 @@
+"""fastmoe: Mixture-of-Experts training for PyTorch.
+
+The compute runs in C++ ops registered as ``torch.ops.fastmoe.*`` (CPU and Meta kernels, C++ autograd); this
+package holds thin ``nn.Module`` front ends with FastMoE's names, so ``import fastmoe as fmoe`` ports FastMoE
+code.
+"""
+
+import torch  # noqa: F401  (loads libtorch before fastmoe's library, which links against it)
+
+from fastmoe import _C  # noqa: F401  (registers the ops)
+from fastmoe import gates, ops
+from fastmoe.layers import FMoE
+from fastmoe.linear import FMoELinear
+from fastmoe.transformer import FMoETransformerMLP
+
+__version__ = "0.1.0"
+with_cuda = bool(_C.with_cuda)
+
+__all__ = ["FMoE", "FMoELinear", "FMoETransformerMLP", "gates", "ops", "cmake_prefix_path", "with_cuda"]
+
+
+def cmake_prefix_path() -> str:
+    """The folder to add to CMAKE_PREFIX_PATH for ``find_package(fastmoe)`` against an installed wheel."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake")

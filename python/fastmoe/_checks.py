@@ -1,0 +1,26 @@
+"""Argument checks shared by the front ends: each error names the argument and the value it got."""
+
+import torch
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def top_k_in_range(top_k, num_experts_total: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts_total:
+        raise ValueError(f"top_k must be an int in [1, num_expert * world_size = {num_experts_total}], got {top_k!r}")
+    return top_k
+
+
+def token_matrix(name: str, x, d_model: int) -> torch.Tensor:
+    """Checks ``x [..., d_model]`` is a floating tensor and returns it viewed as ``[tokens, d_model]``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != d_model:
+        raise ValueError(f"{name} must have shape [..., d_model={d_model}], got {tuple(x.shape)}")
+    return x.reshape(-1, d_model)

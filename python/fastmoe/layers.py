@@ -1,0 +1,125 @@
+import torch
+from torch import nn
+
+from fastmoe import _checks, ops
+from fastmoe.gates import NaiveGate
+
+
+class FMoE(nn.Module):
+    """A Mixture-of-Experts layer with any expert modules (FastMoE's ``FMoE``).
+
+    Forward, for ``inp [..., d_model]`` viewed as ``x [T, d_model]``:
+      1. the gate gives ``topk_idx [T, k]`` and ``topk_score [T, k]``;
+      2. ``make_plan`` orders the T*k (token, slot) pairs by expert;
+      3. ``permute`` gathers the rows in that order;
+      4. ``expert_fn`` runs each expert on its contiguous block of rows;
+      5. ``unpermute_combine`` adds each token's k expert outputs weighted by its scores.
+
+    Args:
+        num_expert: experts on this rank (the global count is ``num_expert * world_size``).
+        d_model: feature width of the input.
+        world_size: size of the expert-parallel group. Only 1 is available in this release.
+        top_k: experts per token.
+        gate: a gate class built as ``gate(d_model, num_expert, world_size, top_k)``, or a gate instance.
+        expert: a callable ``expert(d_model) -> nn.Module`` instantiated ``num_expert`` times, or a list of such
+            callables (one per expert). Each expert module is called as ``module(x_rows)`` with the
+            ``[rows, d_model]`` block routed to it. ``None`` means the subclass sets a fused ``self.experts``
+            called as ``self.experts(x_sorted, fwd_expert_count)``.
+        gate_hook: called as ``gate_hook(topk_idx, topk_score, None)`` after gating.
+        gate_bias: passed to NaiveGate-family gates.
+
+    The per-expert loop reads the expert counts on the host once per forward (one device sync); fused experts
+    (``FMoETransformerMLP``) do not.
+    """
+
+    def __init__(
+        self,
+        num_expert: int = 32,
+        d_model: int = 1024,
+        world_size: int = 1,
+        mp_group=None,
+        slice_group=None,
+        moe_group=None,
+        top_k: int = 2,
+        gate=NaiveGate,
+        expert=None,
+        gate_hook=None,
+        mask=None,
+        mask_dict=None,
+        gate_bias: bool = True,
+    ):
+        super().__init__()
+        self.num_expert = _checks.positive_int("num_expert", num_expert)
+        self.d_model = _checks.positive_int("d_model", d_model)
+        self.world_size = _checks.positive_int("world_size", world_size)
+        if world_size != 1 or moe_group is not None:
+            raise NotImplementedError(
+                f"expert parallelism is not available in this release: got world_size={world_size}, "
+                f"moe_group={moe_group!r}; use world_size=1"
+            )
+        for name, value in (("mp_group", mp_group), ("slice_group", slice_group), ("mask", mask),
+                            ("mask_dict", mask_dict)):
+            if value is not None:
+                raise NotImplementedError(f"{name} is not supported by fastmoe.FMoE, got {name}={value!r}")
+        self.num_experts_total = self.num_expert * self.world_size
+        self.top_k = _checks.top_k_in_range(top_k, self.num_experts_total)
+        self.gate_hook = gate_hook
+
+        if isinstance(gate, nn.Module):
+            self.gate = gate
+        elif isinstance(gate, type) and issubclass(gate, NaiveGate):
+            self.gate = gate(d_model, num_expert, world_size, top_k, gate_bias=gate_bias)
+        elif callable(gate):
+            self.gate = gate(d_model, num_expert, world_size, top_k)
+        else:
+            raise TypeError(f"gate must be a gate class, a callable or an nn.Module, got {gate!r}")
+
+        self.experts_fused = expert is None
+        if isinstance(expert, (list, tuple)):
+            if len(expert) != num_expert:
+                raise ValueError(f"expert is a list of {len(expert)} callables but num_expert={num_expert}")
+            self.experts = nn.ModuleList([make(d_model) for make in expert])
+        elif expert is not None:
+            if not callable(expert):
+                raise TypeError(f"expert must be a callable expert(d_model) -> nn.Module, got {expert!r}")
+            self.experts = nn.ModuleList([expert(d_model) for _ in range(num_expert)])
+
+    def expert_fn(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor, expert_offsets=None):
+        """Runs the experts on ``inp [T*k, d_model]`` (rows grouped by expert, zero rows at the tail)."""
+        if self.experts_fused:
+            return self.experts(inp, fwd_expert_count)
+        if expert_offsets is None:
+            expert_offsets = ops.counts_to_offsets(fwd_expert_count)
+        bounds = expert_offsets.tolist()  # host sync: a Python loop over modules needs the row ranges
+        outputs = [
+            self.experts[e](inp[bounds[e] : bounds[e + 1]])
+            for e in range(self.num_expert)
+            if bounds[e + 1] > bounds[e]
+        ]
+        routed = bounds[self.num_expert]
+        width = outputs[0].shape[-1] if outputs else self.d_model
+        tail = inp.new_zeros(inp.shape[0] - routed, width)
+        if not outputs:
+            return tail
+        return torch.cat(outputs + [tail.to(outputs[0].dtype)], dim=0)
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x = _checks.token_matrix("inp", inp, self.d_model)
+        topk_idx, topk_score = self.gate(x)
+        if self.gate_hook is not None:
+            self.gate_hook(topk_idx, topk_score, None)
+        plan = ops.make_plan(topk_idx, self.num_experts_total)
+        x_sorted = ops.permute(x, plan)
+        y_sorted = self.expert_fn(x_sorted, plan.expert_counts, plan.expert_offsets)
+        y = ops.unpermute_combine(y_sorted, plan, topk_score)
+        return y.reshape(*inp.shape[:-1], y.shape[-1])
+
+    def get_loss(self, clear: bool = True) -> torch.Tensor:
+        """The gate's balance loss of the last forward, or a zero scalar if the gate has none, so
+        ``loss = task_loss + layer.get_loss()`` always works."""
+        loss = self.gate.get_loss(clear=clear) if hasattr(self.gate, "get_loss") else None
+        if loss is None:
+            param = next(self.gate.parameters(), None)
+            device = param.device if param is not None else None
+            return torch.zeros((), device=device)
+        return loss

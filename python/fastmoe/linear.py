@@ -1,0 +1,52 @@
+import math
+
+import torch
+from torch import nn
+
+from fastmoe import _checks, ops
+
+
+class FMoELinear(nn.Module):
+    """A linear layer per expert, applied to rows grouped by expert in one grouped GEMM.
+
+    Parameters: ``weight [num_expert, out_feat, in_feat]`` and ``bias [num_expert, out_feat]`` (FastMoE's
+    layout). Each expert's weight is initialised like ``nn.Linear`` (uniform in ±1/sqrt(in_feat)); biases start
+    at zero, as in FastMoE.
+
+    ``forward(inp, fwd_expert_count)``: ``inp [N, in_feat]`` holds the rows of expert 0, then expert 1, ...;
+    ``fwd_expert_count [num_expert]`` int64 gives how many (on any device; it is moved, not read on the host).
+    Rows past the counted ones produce zeros. ``expert_offsets=`` (``[num_expert + 1]``) may be passed instead.
+    """
+
+    def __init__(self, num_expert: int, in_feat: int, out_feat: int, bias: bool = True, rank: int = 0):
+        super().__init__()
+        self.num_expert = _checks.positive_int("num_expert", num_expert)
+        self.in_feat = _checks.positive_int("in_feat", in_feat)
+        self.out_feat = _checks.positive_int("out_feat", out_feat)
+        self.rank = rank
+        self.weight = nn.Parameter(torch.empty(num_expert, out_feat, in_feat))
+        self.bias = nn.Parameter(torch.zeros(num_expert, out_feat)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_feat)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, inp, fwd_expert_count=None, *, expert_offsets=None):
+        if (fwd_expert_count is None) == (expert_offsets is None):
+            raise ValueError("FMoELinear.forward needs exactly one of fwd_expert_count and expert_offsets")
+        if expert_offsets is None:
+            if not isinstance(fwd_expert_count, torch.Tensor) or fwd_expert_count.shape != (self.num_expert,):
+                got = tuple(fwd_expert_count.shape) if isinstance(fwd_expert_count, torch.Tensor) else fwd_expert_count
+                raise ValueError(f"fwd_expert_count must be a [num_expert={self.num_expert}] tensor, got {got!r}")
+            expert_offsets = ops.counts_to_offsets(fwd_expert_count.to(device=inp.device, dtype=torch.int64))
+        return ops.grouped_linear(inp, expert_offsets, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_expert={self.num_expert}, in_features={self.in_feat}, out_features={self.out_feat}, "
+            f"bias={self.bias is not None}"
+        )

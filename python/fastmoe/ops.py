@@ -1,0 +1,62 @@
+"""Python entry points of the registered ops (``torch.ops.fastmoe``), with shapes documented.
+
+Every function is a direct call of the C++ op, so gradients come from the C++ autograd functions. See
+docs/ops.md for the full contract.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+_ops = torch.ops.fastmoe
+
+
+class Plan(NamedTuple):
+    """The routing plan of ``topk_idx [T, k]``; see :func:`make_plan`."""
+
+    expert_counts: torch.Tensor  # [E] int64
+    expert_offsets: torch.Tensor  # [E + 1] int64
+    sorted_pair: torch.Tensor  # [T * k] int64, -1 at the tail
+    pair_pos: torch.Tensor  # [T, k] int64, -1 for dropped slots
+
+
+def route_topk(logits: torch.Tensor, k: int, score_fn: str = "topk_softmax"):
+    """``logits [T, E]`` -> ``(topk_idx [T, k] int64, topk_score [T, k])``.
+
+    ``score_fn="topk_softmax"`` softmaxes the k selected logits (FastMoE's NaiveGate); ``"softmax_topk"``
+    softmaxes all E logits and keeps the top k probabilities. Ties go to the lower expert id.
+    """
+    return _ops.route_topk(logits, k, score_fn)
+
+
+def make_plan(topk_idx: torch.Tensor, num_experts: int) -> Plan:
+    """Counts, offsets and the stable expert-ordered permutation of the (token, slot) pairs.
+
+    ``topk_idx [T, k]`` holds expert ids in ``[0, num_experts)`` or -1 for a dropped slot.
+    """
+    return Plan(*_ops.make_plan(topk_idx, num_experts))
+
+
+def permute(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """``x [T, d]`` -> ``[T * k, d]`` rows in plan order (zero rows at the tail for dropped slots)."""
+    return _ops.permute(x, plan.sorted_pair, plan.pair_pos)
+
+
+def unpermute_combine(y_sorted: torch.Tensor, plan: Plan, topk_score: torch.Tensor | None = None):
+    """``y_sorted [T * k, d]`` -> ``[T, d]``: each token's slots summed, weighted by ``topk_score [T, k]``."""
+    return _ops.unpermute_combine(y_sorted, plan.sorted_pair, plan.pair_pos, topk_score)
+
+
+def grouped_linear(x: torch.Tensor, expert_offsets: torch.Tensor, weight: torch.Tensor, bias=None):
+    """``x [N, in]`` rows grouped by expert (``expert_offsets [E + 1]``) times ``weight [E, out, in]`` (+ bias)."""
+    return _ops.grouped_linear(x, expert_offsets, weight, bias)
+
+
+def counts_to_offsets(expert_counts: torch.Tensor) -> torch.Tensor:
+    """``[E]`` counts -> ``[E + 1]`` exclusive prefix sum, on the counts' device (no host sync)."""
+    if expert_counts.dim() != 1:
+        raise ValueError(f"expert_counts must be 1-D [num_experts], got shape {tuple(expert_counts.shape)}")
+    if expert_counts.dtype != torch.int64:
+        raise ValueError(f"expert_counts must be int64, got {expert_counts.dtype}")
+    zero = expert_counts.new_zeros(1)
+    return torch.cat([zero, torch.cumsum(expert_counts, 0)])

@@ -1,0 +1,81 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmoe import _checks, ops
+from fastmoe.layers import FMoE
+from fastmoe.linear import FMoELinear
+
+_NAMED_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """``h [N, 2 * d_hidden]`` = ``[gate | up]`` -> ``silu(gate) * up`` ``[N, d_hidden]``."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _Expert(nn.Module):
+    """All experts of one rank fused: ``h4toh(act(htoh4(x)))`` as two grouped GEMMs.
+
+    With ``activation="swiglu"`` ``htoh4`` is ``[E, 2 * d_hidden, d_model]`` (gate rows first, then up rows).
+    """
+
+    def __init__(self, num_expert: int, d_model: int, d_hidden: int, activation, bias: bool = True):
+        super().__init__()
+        self.gated = activation == "swiglu"
+        if isinstance(activation, str):
+            if activation == "swiglu":
+                self.activation = swiglu
+            elif activation in _NAMED_ACTIVATIONS:
+                self.activation = _NAMED_ACTIVATIONS[activation]
+            else:
+                raise ValueError(
+                    f"activation must be a callable or one of {sorted(_NAMED_ACTIVATIONS) + ['swiglu']}, "
+                    f"got {activation!r}"
+                )
+        elif callable(activation):
+            self.activation = activation
+        else:
+            raise TypeError(f"activation must be a callable or a name, got {activation!r}")
+        hidden_out = 2 * d_hidden if self.gated else d_hidden
+        self.htoh4 = FMoELinear(num_expert, d_model, hidden_out, bias=bias)
+        self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=bias)
+
+    def forward(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor, expert_offsets=None) -> torch.Tensor:
+        if expert_offsets is None:
+            expert_offsets = ops.counts_to_offsets(fwd_expert_count.to(device=inp.device, dtype=torch.int64))
+        h = self.htoh4(inp, expert_offsets=expert_offsets)
+        h = self.activation(h)
+        return self.h4toh(h, expert_offsets=expert_offsets)
+
+
+class FMoETransformerMLP(FMoE):
+    """The Transformer FFN as an MoE layer with fused experts (FastMoE's ``FMoETransformerMLP``).
+
+    Input ``[..., d_model]``, output of the same shape. Parameters live in ``self.experts.htoh4`` (weight
+    ``[E, d_hidden, d_model]``) and ``self.experts.h4toh`` (weight ``[E, d_model, d_hidden]``), each an
+    ``FMoELinear``. ``activation`` is a callable (default GELU), ``"gelu"``, ``"relu"``, ``"silu"`` or
+    ``"swiglu"`` (gated: ``htoh4`` then has ``2 * d_hidden`` rows per expert). Other keyword arguments
+    (``top_k``, ``gate``, ``world_size``, ``gate_hook``, ...) go to :class:`fastmoe.FMoE`.
+    """
+
+    def __init__(
+        self,
+        num_expert: int = 32,
+        d_model: int = 1024,
+        d_hidden: int = 4096,
+        activation=None,
+        expert_dp_comm: str = "none",
+        expert_rank: int = 0,
+        bias: bool = True,
+        **kwargs,
+    ):
+        super().__init__(num_expert=num_expert, d_model=d_model, **kwargs)
+        self.d_hidden = _checks.positive_int("d_hidden", d_hidden)
+        self.experts = _Expert(num_expert, d_model, d_hidden, activation if activation is not None else F.gelu, bias)
+        self.experts_fused = True
+        self.expert_dp_comm = expert_dp_comm
+
+    def expert_fn(self, inp, fwd_expert_count, expert_offsets=None):
+        return self.experts(inp, fwd_expert_count, expert_offsets)
