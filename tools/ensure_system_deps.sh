@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Installs the system packages the build needs when they are missing: GoogleTest (for the C++ tests) and
+# Installs the system packages the build needs when they are missing: GoogleTest and GoogleMock (for the C++
+# tests) and
 # clang-format (for make lint). cmake and ninja come from PyPI through the venv.
 set -euo pipefail
 missing=()
 if ! ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/lib/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then
   missing+=(libgtest-dev)
+fi
+if ! ls /usr/include/gmock/gmock.h >/dev/null 2>&1; then
+  missing+=(libgmock-dev)
 fi
 if ! command -v clang-format >/dev/null 2>&1; then
   missing+=(clang-format)

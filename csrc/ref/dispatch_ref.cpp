@@ -61,24 +61,40 @@ void permute_impl(const T* x, int64_t num_tokens, int64_t d, const int64_t* sort
 template <typename T, typename S>
 void unpermute_combine_impl(const T* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
                             int64_t num_tokens, int64_t k, const S* topk_score, T* y) {
+  // Per token: 1. validate its kept slots.  2. Unweighted with one kept slot: a bitwise row copy (so -0 and NaN
+  // payloads survive, as data movement must).  3. Otherwise start from the first kept slot's term (not from +0,
+  // which would turn a lone -0 into +0) and add the rest in slot order.  4. No kept slot: zeros.
   using A = acc_t<T>;
   std::vector<A> row(d);
   for (int64_t t = 0; t < num_tokens; ++t) {
-    std::fill(row.begin(), row.end(), A(0));
+    const int64_t* pos = pair_pos + t * k;
+    int64_t kept = 0, first = -1;
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t pos = pair_pos[t * k + j];
-      if (pos < 0) continue;
-      FMOE_CHECK(pos < num_rows, "pair_pos[", t, ", ", j, "] = ", pos, " is outside [-1, num_rows=", num_rows,
-                 ")");
-      const T* in = y_sorted + pos * d;
-      if (topk_score == nullptr) {
-        for (int64_t c = 0; c < d; ++c) row[c] += to_acc(in[c]);
-      } else {
-        const A weight = static_cast<A>(to_acc(topk_score[t * k + j]));
-        for (int64_t c = 0; c < d; ++c) row[c] += weight * to_acc(in[c]);
+      if (pos[j] < 0) continue;
+      FMOE_CHECK(pos[j] < num_rows, "pair_pos[", t, ", ", j, "] = ", pos[j], " is outside [-1, num_rows=",
+                 num_rows, ")");
+      if (kept++ == 0) first = j;
+    }
+    T* out = y + t * d;
+    if (kept == 0) {
+      for (int64_t c = 0; c < d; ++c) out[c] = from_acc<T>(A(0));
+      continue;
+    }
+    if (topk_score == nullptr && kept == 1) {
+      const T* in = y_sorted + pos[first] * d;
+      for (int64_t c = 0; c < d; ++c) out[c] = in[c];
+      continue;
+    }
+    for (int64_t j = first; j < k; ++j) {
+      if (pos[j] < 0) continue;
+      const T* in = y_sorted + pos[j] * d;
+      const A weight = topk_score == nullptr ? A(1) : static_cast<A>(to_acc(topk_score[t * k + j]));
+      for (int64_t c = 0; c < d; ++c) {
+        const A term = topk_score == nullptr ? to_acc(in[c]) : weight * to_acc(in[c]);
+        row[c] = j == first ? term : row[c] + term;
       }
     }
-    for (int64_t c = 0; c < d; ++c) y[t * d + c] = from_acc<T>(row[c]);
+    for (int64_t c = 0; c < d; ++c) out[c] = from_acc<T>(row[c]);
   }
 }
 
