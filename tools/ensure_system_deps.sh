@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the build needs when they are missing: GoogleTest and GoogleMock (for the C++
-# tests) and
-# clang-format (for make lint). cmake and ninja come from PyPI through the venv.
+# tests) and clang-format (for make lint). cmake and ninja come from PyPI through the venv.
 set -euo pipefail
 missing=()
 if ! ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/lib/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then

@@ -34,10 +34,18 @@ template <typename T>
 using dacc_t = typename DeviceAcc<T>::type;
 
 // Widening is exact for every type, so loads through to_acc never lose bits.
-__device__ __forceinline__ float to_acc(float value) { return value; }
-__device__ __forceinline__ double to_acc(double value) { return value; }
-__device__ __forceinline__ float to_acc(__half value) { return __half2float(value); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 value) { return __bfloat162float(value); }
+__device__ __forceinline__ float to_acc(float value) {
+  return value;
+}
+__device__ __forceinline__ double to_acc(double value) {
+  return value;
+}
+__device__ __forceinline__ float to_acc(__half value) {
+  return __half2float(value);
+}
+__device__ __forceinline__ float to_acc(__nv_bfloat16 value) {
+  return __bfloat162float(value);
+}
 
 // Narrowing rounds to nearest even, the same rule as fp16_t/bf16_t::from_float in core/dtype.h.
 template <typename T>
@@ -68,10 +76,18 @@ __device__ __forceinline__ T round_to(V value) {
 
 // a * b and a + b rounded separately. nvcc would otherwise contract `acc += w * v` into one FMA, which rounds
 // differently from the CPU references; the deterministic reductions use these to keep the reference's rounding.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  return __fmul_rn(a, b);
+}
+__device__ __forceinline__ double mul_rn(double a, double b) {
+  return __dmul_rn(a, b);
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+  return __fadd_rn(a, b);
+}
+__device__ __forceinline__ double add_rn(double a, double b) {
+  return __dadd_rn(a, b);
+}
 
 // Sum over the 32 lanes of a full warp; every lane gets the result. The butterfly order is fixed, so the result
 // is deterministic for a given input layout.
@@ -82,8 +98,12 @@ __device__ __forceinline__ A warp_sum(A value) {
 }
 
 // exp in the accumulation type (the precise expf/exp: the kernels are not built with --use_fast_math).
-__device__ __forceinline__ float exp_acc(float value) { return expf(value); }
-__device__ __forceinline__ double exp_acc(double value) { return exp(value); }
+__device__ __forceinline__ float exp_acc(float value) {
+  return expf(value);
+}
+__device__ __forceinline__ double exp_acc(double value) {
+  return exp(value);
+}
 
 // Max over a full warp, ignoring NaN (fmax semantics); every lane gets the result.
 __device__ __forceinline__ float warp_max(float value) {
@@ -121,27 +141,27 @@ inline unsigned int grid_for(int64_t work_items, int64_t per_block) {
 }  // namespace cuda
 }  // namespace fastmoe
 
-// Calls `__VA_ARGS__` (a generic lambda, no arguments) with `type_name` bound to the native CUDA type of
+// Calls `__VA_ARGS__` (a lambda taking no arguments) with `type_name` bound to the native CUDA type of
 // `dtype`: float, double, __half or __nv_bfloat16. `type_name` is a parameter so that two dispatches can nest.
-#define FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, name, type_name, ...)                                       \
-  [&] {                                                                                                   \
-    switch (dtype) {                                                                                      \
-      case ::fastmoe::DType::kFloat32: {                                                                  \
-        using type_name = float;                                                                          \
-        return __VA_ARGS__();                                                                             \
-      }                                                                                                   \
-      case ::fastmoe::DType::kFloat64: {                                                                  \
-        using type_name = double;                                                                         \
-        return __VA_ARGS__();                                                                             \
-      }                                                                                                   \
-      case ::fastmoe::DType::kFloat16: {                                                                  \
-        using type_name = __half;                                                                         \
-        return __VA_ARGS__();                                                                             \
-      }                                                                                                   \
-      case ::fastmoe::DType::kBFloat16: {                                                                 \
-        using type_name = __nv_bfloat16;                                                                  \
-        return __VA_ARGS__();                                                                             \
-      }                                                                                                   \
-    }                                                                                                     \
-    FMOE_CHECK(false, name, ": unsupported dtype code ", static_cast<int>(dtype));                        \
+#define FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, name, type_name, ...)                \
+  [&] {                                                                            \
+    switch (dtype) {                                                               \
+      case ::fastmoe::DType::kFloat32: {                                           \
+        using type_name = float;                                                   \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      case ::fastmoe::DType::kFloat64: {                                           \
+        using type_name = double;                                                  \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      case ::fastmoe::DType::kFloat16: {                                           \
+        using type_name = __half;                                                  \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      case ::fastmoe::DType::kBFloat16: {                                          \
+        using type_name = __nv_bfloat16;                                           \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+    }                                                                              \
+    FMOE_CHECK(false, name, ": unsupported dtype code ", static_cast<int>(dtype)); \
   }()

@@ -82,8 +82,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   using A = dacc_t<T>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-       token < num_tokens; token += warps_total) {
+  for (int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize; token < num_tokens;
+       token += warps_total) {
     const T* row = logits + token * num_experts;
     int64_t* idx_out = topk_idx + token * k;
     T* score_out = topk_score + token * k;
@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   using A = dacc_t<T>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-       token < num_tokens; token += warps_total) {
+  for (int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize; token < num_tokens;
+       token += warps_total) {
     const int64_t* idx = topk_idx + token * k;
     const T* grad = grad_score + token * k;
     const T* row = logits + token * num_experts;
@@ -193,8 +193,8 @@ void check_route_args_cuda(int64_t num_tokens, int64_t num_experts, int64_t k, S
 
 }  // namespace
 
-void route_topk_cuda(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, int64_t k,
-                     ScoreFn fn, int64_t* topk_idx, void* topk_score, cudaStream_t stream) {
+void route_topk_cuda(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn,
+                     int64_t* topk_idx, void* topk_score, cudaStream_t stream) {
   check_route_args_cuda(num_tokens, num_experts, k, fn);
   if (num_tokens == 0) return;
   const unsigned int blocks = cuda::grid_for(num_tokens, kWarpsPerBlock);
@@ -213,8 +213,8 @@ void route_topk_cuda(DType dtype, const void* logits, int64_t num_tokens, int64_
 }
 
 void route_topk_backward_cuda(DType dtype, const void* grad_score, const void* logits, const int64_t* topk_idx,
-                              const void* topk_score, int64_t num_tokens, int64_t num_experts, int64_t k,
-                              ScoreFn fn, void* grad_logits, cudaStream_t stream) {
+                              const void* topk_score, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn,
+                              void* grad_logits, cudaStream_t stream) {
   check_route_args_cuda(num_tokens, num_experts, k, fn);
   if (num_tokens == 0) return;
   const unsigned int blocks = cuda::grid_for(num_tokens, kWarpsPerBlock);
@@ -224,11 +224,11 @@ void route_topk_backward_cuda(DType dtype, const void* grad_score, const void* l
     const T* score_t = static_cast<const T*>(topk_score);
     T* out_t = static_cast<T*>(grad_logits);
     if (fn == ScoreFn::kSoftmaxThenTopk) {
-      route_topk_backward_kernel<T, true><<<blocks, kThreadsPerBlock, 0, stream>>>(
-          grad_t, logits_t, topk_idx, score_t, num_tokens, num_experts, k, out_t);
+      route_topk_backward_kernel<T, true><<<blocks, kThreadsPerBlock, 0, stream>>>(grad_t, logits_t, topk_idx, score_t,
+                                                                                   num_tokens, num_experts, k, out_t);
     } else {
-      route_topk_backward_kernel<T, false><<<blocks, kThreadsPerBlock, 0, stream>>>(
-          grad_t, logits_t, topk_idx, score_t, num_tokens, num_experts, k, out_t);
+      route_topk_backward_kernel<T, false><<<blocks, kThreadsPerBlock, 0, stream>>>(grad_t, logits_t, topk_idx, score_t,
+                                                                                    num_tokens, num_experts, k, out_t);
     }
     FMOE_CHECK_LAUNCH();
   });
