@@ -1,0 +1,206 @@
+// The fastmoe::nn C++ modules and the C++ op API, against references composed from plain libtorch ops.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "fastmoe/fastmoe.h"
+
+namespace {
+
+using fastmoe::nn::Activation;
+using ::testing::HasSubstr;
+
+// A plain-libtorch MoE: every expert runs on every token; each token sums its top-k outputs weighted by the
+// softmax over its k selected logits. No fastmoe op is used.
+torch::Tensor reference_moe(const torch::Tensor& x, const torch::Tensor& gate_w, const torch::Tensor& gate_b,
+                            int64_t top_k, const std::function<torch::Tensor(int64_t, const torch::Tensor&)>& expert,
+                            int64_t num_experts) {
+  const torch::Tensor logits = torch::addmm(gate_b, x, gate_w.t());
+  auto [values, idx] = torch::topk(logits, top_k, -1);
+  const torch::Tensor scores = torch::softmax(values, -1);
+  torch::Tensor y;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const torch::Tensor weight = (scores * (idx == e)).sum(-1, true);
+    const torch::Tensor out = weight * expert(e, x);
+    y = y.defined() ? y + out : out;
+  }
+  return y;
+}
+
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+class TransformerMLPTest : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, Activation>> {};
+
+TEST_P(TransformerMLPTest, MatchesPlainLibtorchMoEInOutputsAndGradients) {
+  const auto [num_experts, top_k, activation] = GetParam();
+  torch::manual_seed(7);
+  const int64_t d_model = 12, d_hidden = 20;
+  fastmoe::nn::TransformerMLP moe(
+      fastmoe::nn::TransformerMLPOptions(num_experts, d_model, d_hidden).top_k(top_k).activation(activation));
+  moe->to(torch::kFloat64);
+  torch::Tensor x = torch::randn({3, 9, d_model}, torch::kFloat64).requires_grad_(true);
+  torch::Tensor y = moe->forward(x);
+  ASSERT_EQ(y.sizes(), x.sizes());
+
+  // The same parameters, detached and re-leafed, through the plain reference.
+  std::vector<torch::Tensor> params;
+  for (const auto& p : moe->parameters()) params.push_back(p.detach().clone().requires_grad_(true));
+  const auto& gw = params[0];
+  const auto& gb = params[1];
+  const auto& w1 = params[2];
+  const auto& b1 = params[3];
+  const auto& w2 = params[4];
+  const auto& b2 = params[5];
+  torch::Tensor x_ref = x.detach().clone().requires_grad_(true);
+  auto expert = [&](int64_t e, const torch::Tensor& t) {
+    torch::Tensor h = torch::addmm(b1[e], t, w1[e].t());
+    switch (activation) {
+      case Activation::kGELU: h = torch::gelu(h); break;
+      case Activation::kReLU: h = torch::relu(h); break;
+      case Activation::kSiLU: h = torch::silu(h); break;
+      case Activation::kSwiGLU: {
+        auto halves = h.chunk(2, -1);
+        h = torch::silu(halves[0]) * halves[1];
+        break;
+      }
+    }
+    return torch::addmm(b2[e], h, w2[e].t());
+  };
+  torch::Tensor y_ref = reference_moe(x_ref.reshape({-1, d_model}), gw, gb, top_k, expert, num_experts);
+  EXPECT_LT(max_abs_diff(y.reshape({-1, d_model}), y_ref), 1e-10);
+
+  const torch::Tensor grad_out = torch::randn_like(y);
+  y.backward(grad_out);
+  y_ref.backward(grad_out.reshape({-1, d_model}));
+  EXPECT_LT(max_abs_diff(x.grad(), x_ref.grad()), 1e-10);
+  const auto moe_params = moe->parameters();
+  ASSERT_EQ(moe_params.size(), params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_LT(max_abs_diff(moe_params[i].grad(), params[i].grad()), 1e-10) << "parameter " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, TransformerMLPTest,
+                         ::testing::Values(std::make_tuple(1, 1, Activation::kGELU),
+                                           std::make_tuple(4, 2, Activation::kGELU),
+                                           std::make_tuple(8, 4, Activation::kReLU),
+                                           std::make_tuple(3, 3, Activation::kSiLU),
+                                           std::make_tuple(16, 2, Activation::kSwiGLU)));
+
+TEST(TransformerMLP, ParameterNamesMatchThePythonLayer) {
+  fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16));
+  std::vector<std::string> names;
+  for (const auto& item : moe->named_parameters()) names.push_back(item.key());
+  EXPECT_THAT(names, ::testing::ElementsAre("gate.gate.weight", "gate.gate.bias", "experts.htoh4.weight",
+                                            "experts.htoh4.bias", "experts.h4toh.weight", "experts.h4toh.bias"));
+  EXPECT_EQ(moe->htoh4->weight.sizes(), (std::vector<int64_t>{4, 16, 8}));
+  EXPECT_EQ(moe->h4toh->weight.sizes(), (std::vector<int64_t>{4, 8, 16}));
+}
+
+TEST(TransformerMLP, ZeroTokensGiveAnEmptyOutputAndZeroGradients) {
+  fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16));
+  torch::Tensor x = torch::randn({0, 8}).requires_grad_(true);
+  torch::Tensor y = moe->forward(x);
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{0, 8}));
+  y.sum().backward();
+  EXPECT_EQ(moe->htoh4->weight.grad().abs().sum().item<float>(), 0.0f);
+}
+
+TEST(MoE, AnyModuleExpertsMatchAPlainLoop) {
+  torch::manual_seed(3);
+  const int64_t num_experts = 5, d_model = 6;
+  std::vector<torch::nn::AnyModule> experts;
+  std::vector<torch::nn::Linear> linears;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    linears.emplace_back(torch::nn::LinearOptions(d_model, 3));
+    linears.back()->to(torch::kFloat64);
+    experts.emplace_back(linears.back());
+  }
+  fastmoe::nn::MoE moe(fastmoe::nn::MoEOptions(num_experts, d_model).top_k(2), experts);
+  moe->gate->to(torch::kFloat64);
+  const torch::Tensor x = torch::randn({17, d_model}, torch::kFloat64);
+  const torch::Tensor y = moe->forward(x);
+  ASSERT_EQ(y.sizes(), (std::vector<int64_t>{17, 3}));
+  const torch::Tensor y_ref =
+      reference_moe(x, moe->gate->gate->weight, moe->gate->gate->bias, 2,
+                    [&](int64_t e, const torch::Tensor& t) { return linears[e]->forward(t); }, num_experts);
+  EXPECT_LT(max_abs_diff(y, y_ref), 1e-12);
+  const auto names = moe->named_parameters().keys();
+  EXPECT_THAT(names, ::testing::Contains("expert4.weight"));
+}
+
+TEST(MoE, RejectsAWrongNumberOfExperts) {
+  std::vector<torch::nn::AnyModule> experts{torch::nn::AnyModule(torch::nn::Linear(4, 4))};
+  try {
+    fastmoe::nn::MoE moe(fastmoe::nn::MoEOptions(2, 4), experts);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("got 1 expert modules but num_experts=2"));
+  }
+}
+
+TEST(TransformerMLP, RejectsInputOfTheWrongWidth) {
+  fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16));
+  try {
+    moe->forward(torch::randn({5, 7}));
+    FAIL() << "expected an error";
+  } catch (const c10::Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("d_model=8"));
+    EXPECT_THAT(error.what(), HasSubstr("[5, 7]"));
+  }
+}
+
+TEST(NaiveGate, RejectsTopKLargerThanTheExperts) {
+  try {
+    fastmoe::nn::NaiveGate gate(fastmoe::nn::NaiveGateOptions(8, 4).top_k(5));
+    FAIL() << "expected an error";
+  } catch (const c10::Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("top_k must be in [1, num_experts=4], got 5"));
+  }
+}
+
+TEST(Ops, MakePlanOrdersPairsByExpertAndKeepsDroppedSlotsOut) {
+  // Tokens 0..2, k = 2; token 1's second slot is dropped.
+  const torch::Tensor idx = torch::tensor({2, 0, 1, -1, 2, 1}, torch::kInt64).view({3, 2});
+  const fastmoe::ops::Plan plan = fastmoe::ops::make_plan(idx, 3);
+  EXPECT_TRUE(torch::equal(plan.expert_counts, torch::tensor({1, 2, 2}, torch::kInt64)));
+  EXPECT_TRUE(torch::equal(plan.expert_offsets, torch::tensor({0, 1, 3, 5}, torch::kInt64)));
+  EXPECT_TRUE(torch::equal(plan.sorted_pair, torch::tensor({1, 2, 5, 0, 4, -1}, torch::kInt64)));
+  EXPECT_TRUE(torch::equal(plan.pair_pos, torch::tensor({3, 0, 1, -1, 4, 2}, torch::kInt64).view({3, 2})));
+}
+
+TEST(Ops, MakePlanRejectsAnOutOfRangeExpertId) {
+  const torch::Tensor idx = torch::tensor({0, 3}, torch::kInt64).view({1, 2});
+  try {
+    fastmoe::ops::make_plan(idx, 3);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("expert id 3"));
+  }
+}
+
+TEST(Ops, GroupedLinearGradientsReachEveryInput) {
+  torch::manual_seed(1);
+  const torch::Tensor x = torch::randn({6, 4}, torch::kFloat64).requires_grad_(true);
+  const torch::Tensor w = torch::randn({3, 5, 4}, torch::kFloat64).requires_grad_(true);
+  const torch::Tensor b = torch::randn({3, 5}, torch::kFloat64).requires_grad_(true);
+  const torch::Tensor offsets = torch::tensor({0, 2, 2, 6}, torch::kInt64);
+  fastmoe::ops::grouped_linear(x, offsets, w, b).pow(2).sum().backward();
+  // Expert 1 has no rows: its gradients are exactly zero; the others are not.
+  EXPECT_EQ(w.grad()[1].abs().sum().item<double>(), 0.0);
+  EXPECT_EQ(b.grad()[1].abs().sum().item<double>(), 0.0);
+  EXPECT_GT(w.grad()[0].abs().sum().item<double>(), 0.0);
+  EXPECT_GT(x.grad().abs().sum().item<double>(), 0.0);
+  // Against per-expert matmuls.
+  const torch::Tensor x2 = x.detach().clone().requires_grad_(true);
+  const torch::Tensor w2 = w.detach().clone().requires_grad_(true);
+  const torch::Tensor b2 = b.detach().clone().requires_grad_(true);
+  torch::Tensor ref = torch::cat({torch::addmm(b2[0], x2.slice(0, 0, 2), w2[0].t()),
+                                  torch::addmm(b2[2], x2.slice(0, 2, 6), w2[2].t())});
+  ref.pow(2).sum().backward();
+  EXPECT_LT(max_abs_diff(x.grad(), x2.grad()), 1e-12);
+  EXPECT_LT(max_abs_diff(w.grad(), w2.grad()), 1e-12);
+  EXPECT_LT(max_abs_diff(b.grad(), b2.grad()), 1e-12);
+}
+
+}  // namespace
