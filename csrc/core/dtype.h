@@ -86,6 +86,13 @@ template <typename T> struct AccType { using type = float; };
 template <> struct AccType<double> { using type = double; };
 template <typename T> using acc_t = typename AccType<T>::type;
 
+// Accumulation type of the CPU references' long sequential reductions (softmax denominators over E, GEMM and dot
+// products over d): fp64 for fp32 inputs, so a plain left-to-right sum stays as accurate as the blocked or
+// tree-shaped fp32 sums of PyTorch and of the CUDA kernels (docs/numerics.md).
+template <typename T> struct WideAccType { using type = acc_t<T>; };
+template <> struct WideAccType<float> { using type = double; };
+template <typename T> using wide_acc_t = typename WideAccType<T>::type;
+
 template <typename T> inline acc_t<T> to_acc(T value) { return static_cast<acc_t<T>>(value); }
 template <> inline float to_acc<bf16_t>(bf16_t value) { return value.to_float(); }
 template <> inline float to_acc<fp16_t>(fp16_t value) { return value.to_float(); }

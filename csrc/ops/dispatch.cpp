@@ -150,6 +150,7 @@ void check_combine_backward(const at::Tensor& grad_y, const at::Tensor& y_sorted
               grad_y.sym_sizes());
   TORCH_CHECK(grad_y.scalar_type() == y_sorted.scalar_type(), "grad_y must have y_sorted's dtype ",
               y_sorted.scalar_type(), ", got ", grad_y.scalar_type());
+  check_same_device(grad_y, "grad_y", y_sorted, "y_sorted");
   TORCH_CHECK(!need_score_grad || (topk_score.has_value() && topk_score->defined()),
               "need_score_grad=True requires topk_score");
 }

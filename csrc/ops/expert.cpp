@@ -70,6 +70,7 @@ void check_grouped_linear_backward(const at::Tensor& grad_y, const at::Tensor& x
               grad_y.sym_sizes());
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "grad_y must have x's dtype ", x.scalar_type(), ", got ",
               grad_y.scalar_type());
+  check_same_device(grad_y, "grad_y", x, "x");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_meta(const at::Tensor& grad_y,

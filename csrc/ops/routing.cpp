@@ -58,6 +58,9 @@ void check_route_topk_backward(const at::Tensor& grad_score, const at::Tensor& l
   TORCH_CHECK(grad_score.scalar_type() == logits.scalar_type() && topk_score.scalar_type() == logits.scalar_type(),
               "grad_score and topk_score must have logits' dtype ", logits.scalar_type(), ", got ",
               grad_score.scalar_type(), " and ", topk_score.scalar_type());
+  check_same_device(grad_score, "grad_score", logits, "logits");
+  check_same_device(topk_idx, "topk_idx", logits, "logits");
+  check_same_device(topk_score, "topk_score", logits, "logits");
   parse_score_fn(score_fn);
 }
 

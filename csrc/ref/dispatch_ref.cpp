@@ -42,6 +42,7 @@ void permute_impl(const T* x, int64_t num_tokens, int64_t d, const int64_t* sort
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t pair = sorted_pair[r];
     T* out = x_sorted + r * d;
+    FMOE_CHECK(pair >= -1, "sorted_pair[", r, "] = ", pair, " is outside [-1, num_tokens*k=", num_tokens * k, ")");
     if (pair < 0) {
       for (int64_t c = 0; c < d; ++c) out[c] = from_acc<T>(acc_t<T>(0));
       continue;
@@ -70,6 +71,7 @@ void unpermute_combine_impl(const T* y_sorted, int64_t num_rows, int64_t d, cons
     const int64_t* pos = pair_pos + t * k;
     int64_t kept = 0, first = -1;
     for (int64_t j = 0; j < k; ++j) {
+      FMOE_CHECK(pos[j] >= -1, "pair_pos[", t, ", ", j, "] = ", pos[j], " is outside [-1, num_rows=", num_rows, ")");
       if (pos[j] < 0) continue;
       FMOE_CHECK(pos[j] < num_rows, "pair_pos[", t, ", ", j, "] = ", pos[j], " is outside [-1, num_rows=",
                  num_rows, ")");
@@ -101,11 +103,12 @@ void unpermute_combine_impl(const T* y_sorted, int64_t num_rows, int64_t d, cons
 template <typename T, typename S>
 void combine_score_grad_impl(const T* grad_y, const T* y_sorted, int64_t num_rows, int64_t d,
                              const int64_t* pair_pos, int64_t num_tokens, int64_t k, S* grad_score) {
-  using A = acc_t<T>;
+  using A = wide_acc_t<T>;  // a dot product over d: fp64 for fp32, see dtype.h
   for (int64_t t = 0; t < num_tokens; ++t) {
     for (int64_t j = 0; j < k; ++j) {
       const int64_t pos = pair_pos[t * k + j];
       A dot = 0;
+      FMOE_CHECK(pos >= -1, "pair_pos[", t, ", ", j, "] = ", pos, " is outside [-1, num_rows=", num_rows, ")");
       if (pos >= 0) {
         FMOE_CHECK(pos < num_rows, "pair_pos[", t, ", ", j, "] = ", pos, " is outside [-1, num_rows=",
                    num_rows, ")");

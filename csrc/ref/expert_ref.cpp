@@ -20,7 +20,7 @@ namespace {
 template <typename T>
 void grouped_linear_impl(const T* x, int64_t num_rows, int64_t in_features, const int64_t* offsets,
                          int64_t num_experts, const T* weight, int64_t out_features, const T* bias, T* y) {
-  using A = acc_t<T>;
+  using A = wide_acc_t<T>;  // fp64 for fp32: see dtype.h
   // Widen each expert's weight once so the inner dot product runs in the accumulation type.
   std::vector<A> w(out_features * in_features), xr(in_features);
   for (int64_t e = 0; e < num_experts; ++e) {
@@ -49,7 +49,7 @@ void grouped_linear_backward_impl(const T* grad_y, const T* x, int64_t num_rows,
                                   int64_t out_features, T* grad_x, T* grad_weight, T* grad_bias) {
   // 1. grad_x[r] = W[e]^T grad_y[r] per row.  2. grad_W[e] = sum_r grad_y[r] x[r]^T and grad_b[e] = sum_r
   // grad_y[r], each summed over the expert's rows in row order.  3. Rows past offsets[E] get zero grad_x.
-  using A = acc_t<T>;
+  using A = wide_acc_t<T>;  // fp64 for fp32: see dtype.h
   std::vector<A> w(out_features * in_features), gw(out_features * in_features), gb(out_features);
   std::vector<A> row(in_features), gy(out_features), xr(in_features);
   for (int64_t e = 0; e < num_experts; ++e) {

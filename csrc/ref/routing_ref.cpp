@@ -25,17 +25,17 @@ bool ranks_before(A a, int64_t a_id, A b, int64_t b_id) {
   return a_id < b_id;
 }
 
-// Softmax of row[0..n) in place, max-subtracted.
-template <typename A>
+// Softmax of row[0..n) in place, max-subtracted; the denominator is summed in W (wider for fp32, see dtype.h).
+template <typename W, typename A>
 void softmax_inplace(A* row, int64_t n) {
   A max_value = row[0];
   for (int64_t i = 1; i < n; ++i) max_value = row[i] > max_value ? row[i] : max_value;
-  A total = 0;
+  W total = 0;
   for (int64_t i = 0; i < n; ++i) {
     row[i] = std::exp(row[i] - max_value);
     total += row[i];
   }
-  for (int64_t i = 0; i < n; ++i) row[i] /= total;
+  for (int64_t i = 0; i < n; ++i) row[i] = static_cast<A>(row[i] / total);
 }
 
 template <typename T>
@@ -45,9 +45,15 @@ void route_topk_impl(const T* logits, int64_t num_tokens, int64_t num_experts, i
   std::vector<A> values(num_experts);
   std::vector<int64_t> chosen(k);
   std::vector<A> chosen_values(k);
+  std::vector<A> probs(num_experts);
   for (int64_t t = 0; t < num_tokens; ++t) {
     for (int64_t e = 0; e < num_experts; ++e) values[e] = to_acc(logits[t * num_experts + e]);
-    if (fn == ScoreFn::kSoftmaxThenTopk) softmax_inplace(values.data(), num_experts);
+    // Both score functions rank the logits: softmax is monotone, and ranking logits keeps the ids independent of
+    // how exp rounds on a given machine. kSoftmaxThenTopk then scores each pick by its full-row probability.
+    if (fn == ScoreFn::kSoftmaxThenTopk) {
+      probs = values;
+      softmax_inplace<wide_acc_t<T>>(probs.data(), num_experts);
+    }
     // Partial selection sort: k passes, each picks the best id not yet taken. k <= E is small.
     std::vector<bool> taken(num_experts, false);
     for (int64_t j = 0; j < k; ++j) {
@@ -58,9 +64,9 @@ void route_topk_impl(const T* logits, int64_t num_tokens, int64_t num_experts, i
       }
       taken[best] = true;
       chosen[j] = best;
-      chosen_values[j] = values[best];
+      chosen_values[j] = fn == ScoreFn::kSoftmaxThenTopk ? probs[best] : values[best];
     }
-    if (fn == ScoreFn::kTopkThenSoftmax) softmax_inplace(chosen_values.data(), k);
+    if (fn == ScoreFn::kTopkThenSoftmax) softmax_inplace<wide_acc_t<T>>(chosen_values.data(), k);
     for (int64_t j = 0; j < k; ++j) {
       topk_idx[t * k + j] = chosen[j];
       topk_score[t * k + j] = from_acc<T>(chosen_values[j]);
@@ -88,7 +94,7 @@ void route_topk_backward_impl(const T* grad_score, const T* logits, const int64_
       // p = softmax(l) over all E; score_j = p[idx_j]. With G = g scattered to E: dl = p * (G - <G, p>).
       // p is recomputed from the logits in the accumulation type rather than read from the rounded scores.
       for (int64_t e = 0; e < num_experts; ++e) probs[e] = to_acc(logits[t * num_experts + e]);
-      softmax_inplace(probs.data(), num_experts);
+      softmax_inplace<wide_acc_t<T>>(probs.data(), num_experts);
       A dot = 0;
       for (int64_t j = 0; j < k; ++j) dot += to_acc(g[j]) * probs[idx[j]];
       for (int64_t e = 0; e < num_experts; ++e) grad[e] = -probs[e] * dot;

@@ -26,7 +26,7 @@ struct Plan {
 };
 Plan make_plan(const at::Tensor& topk_idx, int64_t num_experts);
 
-// x [T, d] -> x_sorted [T * k, d]; row r holds x[sorted_pair[r] / k], zero where sorted_pair[r] < 0.
+// x [T, d] -> x_sorted [T * k, d]; row r holds x[sorted_pair[r] / k], zero where sorted_pair[r] == -1.
 at::Tensor permute(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos);
 
 // y_sorted [T * k, d] -> y [T, d] = sum_j topk_score[t, j] * y_sorted[pair_pos[t, j]] (dropped slots add

@@ -15,12 +15,22 @@ def top_k_in_range(top_k, num_experts_total: int) -> int:
     return top_k
 
 
-def token_matrix(name: str, x, d_model: int) -> torch.Tensor:
-    """Checks ``x [..., d_model]`` is a floating tensor and returns it viewed as ``[tokens, d_model]``."""
+def token_matrix(name: str, x, d_model: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Checks ``x [..., d_model]`` is a floating tensor (with the dtype and device of ``like``, a parameter of
+    the module it enters) and returns it viewed as ``[tokens, d_model]``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != d_model:
         raise ValueError(f"{name} must have shape [..., d_model={d_model}], got {tuple(x.shape)}")
+    if like is not None:
+        if x.device != like.device:
+            raise ValueError(f"{name} is on device {x.device} but the layer's parameters are on {like.device}")
+        if x.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {like.dtype}")
     return x.reshape(-1, d_model)
+
+
+def first_parameter(module: torch.nn.Module) -> torch.Tensor | None:
+    return next(module.parameters(), None)

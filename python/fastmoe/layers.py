@@ -104,8 +104,18 @@ class FMoE(nn.Module):
         return torch.cat(outputs + [tail.to(outputs[0].dtype)], dim=0)
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        x = _checks.token_matrix("inp", inp, self.d_model)
+        if self.experts_fused and not hasattr(self, "experts"):
+            raise AttributeError(
+                "FMoE was built with expert=None, which means a subclass must assign self.experts (fused experts "
+                "called as experts(x_sorted, fwd_expert_count)); pass expert=callable to use per-expert modules"
+            )
+        x = _checks.token_matrix("inp", inp, self.d_model, like=_checks.first_parameter(self.gate))
         topk_idx, topk_score = self.gate(x)
+        if topk_idx.shape != (x.shape[0], self.top_k):
+            raise ValueError(
+                f"the gate returned topk_idx of shape {tuple(topk_idx.shape)}, expected [tokens, top_k] = "
+                f"{[x.shape[0], self.top_k]}"
+            )
         if self.gate_hook is not None:
             self.gate_hook(topk_idx, topk_score, None)
         plan = ops.make_plan(topk_idx, self.num_experts_total)

@@ -42,6 +42,8 @@ class FMoELinear(nn.Module):
             if not isinstance(fwd_expert_count, torch.Tensor) or fwd_expert_count.shape != (self.num_expert,):
                 got = tuple(fwd_expert_count.shape) if isinstance(fwd_expert_count, torch.Tensor) else fwd_expert_count
                 raise ValueError(f"fwd_expert_count must be a [num_expert={self.num_expert}] tensor, got {got!r}")
+            if fwd_expert_count.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"fwd_expert_count must be an int32/int64 tensor, got dtype {fwd_expert_count.dtype}")
             expert_offsets = ops.counts_to_offsets(fwd_expert_count.to(device=inp.device, dtype=torch.int64))
         return ops.grouped_linear(inp, expert_offsets, self.weight, self.bias)
 

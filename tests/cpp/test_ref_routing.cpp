@@ -1,5 +1,5 @@
 // Tests of csrc/ref/routing_ref: route_topk_ref against a straightforward double implementation written here
-// (a stable sort with NaN first, then softmax), and route_topk_backward_ref against central finite differences
+// (a stable sort of the logits with NaN first, then softmax), and route_topk_backward_ref against central finite differences
 // of the forward and against the softmax Jacobian in double.
 #include <algorithm>
 #include <cmath>
@@ -62,8 +62,9 @@ Routing route_topk_double(const std::vector<double>& logits, int64_t num_tokens,
   Routing out{std::vector<int64_t>(num_tokens * k), std::vector<double>(num_tokens * k)};
   for (int64_t t = 0; t < num_tokens; ++t) {
     std::vector<double> row(logits.begin() + t * num_experts, logits.begin() + (t + 1) * num_experts);
-    if (fn == ScoreFn::kSoftmaxThenTopk) row = softmax_double(row);
+    // Both score functions rank the logits; kSoftmaxThenTopk scores the picks by the full-row softmax.
     const std::vector<int64_t> order = rank_experts(row);
+    if (fn == ScoreFn::kSoftmaxThenTopk) row = softmax_double(row);
     std::vector<double> selected(k);
     for (int64_t j = 0; j < k; ++j) selected[j] = row[order[j]];
     if (fn == ScoreFn::kTopkThenSoftmax) selected = softmax_double(selected);
@@ -179,9 +180,9 @@ TYPED_TEST(RouteTopkTest, NaNRanksAboveEveryNumber) {
   const Routing topk_first = run_route_topk(logits, 1, 5, 4, ScoreFn::kTopkThenSoftmax);
   EXPECT_EQ(topk_first.idx, (std::vector<int64_t>{1, 3, 2, 0}));
   for (double s : topk_first.score) EXPECT_TRUE(std::isnan(s));
-  // A NaN logit makes every probability NaN, and then all experts tie: the lowest ids win.
+  // Selection ranks the logits for both score functions; a NaN logit makes every probability NaN.
   const Routing softmax_first = run_route_topk(logits, 1, 5, 3, ScoreFn::kSoftmaxThenTopk);
-  EXPECT_EQ(softmax_first.idx, (std::vector<int64_t>{0, 1, 2}));
+  EXPECT_EQ(softmax_first.idx, (std::vector<int64_t>{1, 3, 2}));
   for (double s : softmax_first.score) EXPECT_TRUE(std::isnan(s));
   // A NaN ranks above a larger number too, and a NaN-free row is unaffected by its neighbour's NaN.
   const std::vector<T> two_rows = to_type<T>({5.0, kNaN, 0.0, 1.0, 2.0, 0.0});

@@ -6,6 +6,7 @@
 // strictly after it. Each of the k passes rescans the token's row (L1/L2 resident) and reduces across the warp.
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/common.cuh"
@@ -63,7 +64,7 @@ template <typename T>
 __device__ __forceinline__ void row_softmax_stats(const T* row, int64_t num_experts, int lane, dacc_t<T>* max_out,
                                                   dacc_t<T>* total_out) {
   using A = dacc_t<T>;
-  A max_value = -std::numeric_limits<A>::infinity();
+  A max_value = -static_cast<A>(INFINITY);  // INFINITY, unlike numeric_limits, needs no relaxed constexpr
   for (int64_t e = lane; e < num_experts; e += kWarpSize) max_value = fmax(max_value, cuda::to_acc(row[e]));
   max_value = cuda::warp_max(max_value);
   A total = 0;
@@ -88,13 +89,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     int64_t* idx_out = topk_idx + token * k;
     T* score_out = topk_score + token * k;
 
-    // kSoftmaxThenTopk ranks the probabilities exp(l - max) / total, computed the same way as the reference.
+    // Both score functions rank the logits (softmax is monotone, and ranking logits keeps the ids independent of
+    // how exp rounds); kSoftmaxThenTopk then scores each pick by its full-row probability exp(l - max) / total.
     A max_value = 0, total = 1;
     if (kSoftmaxFirst) row_softmax_stats(row, num_experts, lane, &max_value, &total);
-    auto value_of = [&](int64_t e) -> A {
-      const A logit = cuda::to_acc(row[e]);
-      return kSoftmaxFirst ? cuda::exp_acc(logit - max_value) / total : logit;
-    };
+    auto value_of = [&](int64_t e) -> A { return cuda::to_acc(row[e]); };
 
     Candidate<A> previous{A(0), -1};
     A first_value = 0;
@@ -109,7 +108,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       best = warp_best(best);  // k <= num_experts guarantees a candidate somewhere in the warp
       if (lane == 0) {
         idx_out[j] = best.id;
-        if (kSoftmaxFirst) score_out[j] = cuda::from_acc<T>(best.value);
+        if (kSoftmaxFirst) score_out[j] = cuda::from_acc<T>(cuda::exp_acc(best.value - max_value) / total);
       }
       if (j == 0) first_value = best.value;
       previous = best;

@@ -20,7 +20,7 @@ class NaiveGate(BaseGate):
 
     def forward(self, inp, return_all_scores: bool = False):
         """``inp [T, d_model]`` -> ``(topk_idx [T, k] int64, topk_score [T, k])`` (+ ``logits [T, E]``)."""
-        x = _checks.token_matrix("inp", inp, self.d_model)
+        x = _checks.token_matrix("inp", inp, self.d_model, like=self.gate.weight)
         logits = self.gate(x)
         topk_idx, topk_score = ops.route_topk(logits, self.top_k, "topk_softmax")
         if return_all_scores:

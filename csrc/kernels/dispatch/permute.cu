@@ -1,0 +1,304 @@
+// CUDA permute / unpermute-combine / combine score gradient. Same contract as csrc/ref/dispatch_ref.h.
+//
+// permute and unpermute_combine run one thread per (row, chunk), where a chunk is 16 bytes of a row (8 halves,
+// 4 floats, 2 doubles) when every row of every operand is 16-byte aligned, and one element otherwise. The
+// combine is a gather over the k slots in order 0..k-1 with separately rounded multiply and add, the reference's
+// exact arithmetic, so it is deterministic. combine_score_grad runs one warp per (token, slot) dot product.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/common.cuh"
+#include "kernels/dispatch/dispatch.h"
+
+namespace fastmoe {
+namespace {
+
+using cuda::dacc_t;
+
+constexpr int kThreadsPerBlock = 256;
+constexpr int kWarpSize = 32;
+
+// Loads / stores kN consecutive elements; a 16-byte chunk goes through one vector access (the caller has
+// checked the alignment).
+template <typename T, int kN>
+__device__ __forceinline__ void load_chunk(const T* src, T (&out)[kN]) {
+  if constexpr (kN * sizeof(T) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    memcpy(out, &raw, sizeof(raw));
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) out[i] = src[i];
+  }
+}
+
+template <typename T, int kN>
+__device__ __forceinline__ void store_chunk(T* dst, const T (&in)[kN]) {
+  if constexpr (kN * sizeof(T) == 16) {
+    uint4 raw;
+    memcpy(&raw, in, sizeof(raw));
+    *reinterpret_cast<uint4*>(dst) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) dst[i] = in[i];
+  }
+}
+
+// Block shape for the (row, chunk) kernels: x runs along the chunks of a row, y over rows, so a narrow row
+// still fills the block.
+struct RowLaunch {
+  dim3 block;
+  unsigned int grid;
+};
+
+RowLaunch row_launch(int64_t num_rows, int64_t chunks_per_row) {
+  int64_t threads_x = (chunks_per_row + kWarpSize - 1) / kWarpSize * kWarpSize;
+  threads_x = threads_x < kWarpSize ? kWarpSize : (threads_x > kThreadsPerBlock ? kThreadsPerBlock : threads_x);
+  const int64_t threads_y = kThreadsPerBlock / threads_x;
+  RowLaunch launch;
+  launch.block = dim3(static_cast<unsigned int>(threads_x), static_cast<unsigned int>(threads_y));
+  launch.grid = cuda::grid_for(num_rows, threads_y);
+  return launch;
+}
+
+// x:           [num_tokens, d]
+// sorted_pair: [num_rows], pair ids or -1 (ids outside [0, num_tokens * k), which the reference rejects, also
+//              give a zero row here rather than a wild read)
+// pair_scale:  [num_tokens * k] or nullptr
+// x_sorted:    [num_rows, d], written
+template <typename T, typename S, int kN>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    permute_kernel(const T* __restrict__ x, int64_t num_tokens, int64_t d, const int64_t* __restrict__ sorted_pair,
+                   int64_t num_rows, int64_t k, const S* __restrict__ pair_scale, T* __restrict__ x_sorted) {
+  using A = dacc_t<T>;
+  const int64_t chunks = d / kN;
+  const int64_t num_pairs = num_tokens * k;
+  const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < num_rows; row += row_stride) {
+    const int64_t pair = sorted_pair[row];
+    const bool valid = pair >= 0 && pair < num_pairs;
+    const T* in = x + (valid ? pair / k : 0) * d;
+    T* out = x_sorted + row * d;
+    A scale = 1;
+    if (valid && pair_scale != nullptr) scale = static_cast<A>(cuda::to_acc(pair_scale[pair]));
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      T values[kN];
+      if (!valid) {
+#pragma unroll
+        for (int i = 0; i < kN; ++i) values[i] = cuda::from_acc<T>(A(0));
+      } else {
+        load_chunk<T, kN>(in + c * kN, values);
+        if (pair_scale != nullptr) {
+#pragma unroll
+          for (int i = 0; i < kN; ++i) values[i] = cuda::from_acc<T>(scale * cuda::to_acc(values[i]));
+        }
+        // Without a scale the loaded bits are stored untouched: a bitwise copy.
+      }
+      store_chunk<T, kN>(out + c * kN, values);
+    }
+  }
+}
+
+// y_sorted:   [num_rows, d]
+// pair_pos:   [num_tokens, k], rows of y_sorted or -1 (dropped; positions >= num_rows are skipped as well)
+// topk_score: [num_tokens, k] or nullptr (weights of 1)
+// y:          [num_tokens, d], written
+template <typename T, typename S, int kN>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    unpermute_combine_kernel(const T* __restrict__ y_sorted, int64_t num_rows, int64_t d,
+                             const int64_t* __restrict__ pair_pos, int64_t num_tokens, int64_t k,
+                             const S* __restrict__ topk_score, T* __restrict__ y) {
+  using A = dacc_t<T>;
+  const int64_t chunks = d / kN;
+  const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; token < num_tokens;
+       token += row_stride) {
+    // As the reference: an unweighted token with one kept slot is a bitwise row copy; otherwise the sum starts
+    // from the first kept slot's term (not from +0, which would turn a lone -0 into +0) in slot order.
+    int kept = 0;
+    int64_t only_pos = -1;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t pos = pair_pos[token * k + j];
+      if (pos < 0 || pos >= num_rows) continue;
+      ++kept;
+      only_pos = pos;
+    }
+    const bool copy_row = topk_score == nullptr && kept == 1;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      if (copy_row) {
+        T values[kN];
+        load_chunk<T, kN>(y_sorted + only_pos * d + c * kN, values);
+        store_chunk<T, kN>(y + token * d + c * kN, values);
+        continue;
+      }
+      A acc[kN];
+#pragma unroll
+      for (int i = 0; i < kN; ++i) acc[i] = 0;
+      bool first = true;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t pos = pair_pos[token * k + j];
+        if (pos < 0 || pos >= num_rows) continue;
+        T values[kN];
+        load_chunk<T, kN>(y_sorted + pos * d + c * kN, values);
+        const A weight = topk_score == nullptr ? A(1) : static_cast<A>(cuda::to_acc(topk_score[token * k + j]));
+#pragma unroll
+        for (int i = 0; i < kN; ++i) {
+          const A term = topk_score == nullptr ? cuda::to_acc(values[i]) : cuda::mul_rn(weight, cuda::to_acc(values[i]));
+          acc[i] = first ? term : cuda::add_rn(acc[i], term);
+        }
+        first = false;
+      }
+      T out[kN];
+#pragma unroll
+      for (int i = 0; i < kN; ++i) out[i] = cuda::from_acc<T>(acc[i]);
+      store_chunk<T, kN>(y + token * d + c * kN, out);
+    }
+  }
+}
+
+// grad_y:     [num_tokens, d]
+// y_sorted:   [num_rows, d]
+// pair_pos:   [num_tokens, k]
+// grad_score: [num_tokens, k], written; zero for a dropped slot
+template <typename T, typename S, int kN>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    combine_score_grad_kernel(const T* __restrict__ grad_y, const T* __restrict__ y_sorted, int64_t num_rows, int64_t d,
+                              const int64_t* __restrict__ pair_pos, int64_t num_tokens, int64_t k,
+                              S* __restrict__ grad_score) {
+  using A = dacc_t<T>;
+  constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t chunks = d / kN;
+  const int64_t num_pairs = num_tokens * k;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t pair = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize; pair < num_pairs;
+       pair += warps_total) {
+    const int64_t pos = pair_pos[pair];
+    A partial = 0;
+    if (pos >= 0 && pos < num_rows) {
+      const T* grad_row = grad_y + (pair / k) * d;
+      const T* value_row = y_sorted + pos * d;
+      for (int64_t c = lane; c < chunks; c += kWarpSize) {
+        T grads[kN], values[kN];
+        load_chunk<T, kN>(grad_row + c * kN, grads);
+        load_chunk<T, kN>(value_row + c * kN, values);
+#pragma unroll
+        for (int i = 0; i < kN; ++i) partial += cuda::to_acc(grads[i]) * cuda::to_acc(values[i]);
+      }
+    }
+    const A dot = cuda::warp_sum(partial);
+    if (lane == 0) grad_score[pair] = cuda::round_to<S>(dot);
+  }
+}
+
+void check_rows_args(const char* name, int64_t num_tokens, int64_t d, int64_t num_rows, int64_t k) {
+  FMOE_CHECK(num_tokens >= 0, name, ": num_tokens must be >= 0, got ", num_tokens);
+  FMOE_CHECK(d >= 0, name, ": d must be >= 0, got ", d);
+  FMOE_CHECK(num_rows >= 0, name, ": num_rows must be >= 0, got ", num_rows);
+  FMOE_CHECK(k >= 1, name, ": k must be >= 1, got ", k);
+}
+
+template <typename T, typename S>
+void launch_permute(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows, int64_t k,
+                    const S* pair_scale, T* x_sorted, cudaStream_t stream) {
+  constexpr int kVec = cuda::kVec16<T>;
+  if (cuda::rows_are_vec16<T>(d, {x, x_sorted})) {
+    const RowLaunch launch = row_launch(num_rows, d / kVec);
+    permute_kernel<T, S, kVec>
+        <<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, k, pair_scale, x_sorted);
+  } else {
+    const RowLaunch launch = row_launch(num_rows, d);
+    permute_kernel<T, S, 1>
+        <<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, k, pair_scale, x_sorted);
+  }
+  FMOE_CHECK_LAUNCH();
+}
+
+template <typename T, typename S>
+void launch_unpermute_combine(const T* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
+                              int64_t num_tokens, int64_t k, const S* topk_score, T* y, cudaStream_t stream) {
+  constexpr int kVec = cuda::kVec16<T>;
+  if (cuda::rows_are_vec16<T>(d, {y_sorted, y})) {
+    const RowLaunch launch = row_launch(num_tokens, d / kVec);
+    unpermute_combine_kernel<T, S, kVec>
+        <<<launch.grid, launch.block, 0, stream>>>(y_sorted, num_rows, d, pair_pos, num_tokens, k, topk_score, y);
+  } else {
+    const RowLaunch launch = row_launch(num_tokens, d);
+    unpermute_combine_kernel<T, S, 1>
+        <<<launch.grid, launch.block, 0, stream>>>(y_sorted, num_rows, d, pair_pos, num_tokens, k, topk_score, y);
+  }
+  FMOE_CHECK_LAUNCH();
+}
+
+template <typename T, typename S>
+void launch_combine_score_grad(const T* grad_y, const T* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
+                               int64_t num_tokens, int64_t k, S* grad_score, cudaStream_t stream) {
+  constexpr int kVec = cuda::kVec16<T>;
+  const unsigned int blocks = cuda::grid_for(num_tokens * k, kThreadsPerBlock / kWarpSize);
+  if (cuda::rows_are_vec16<T>(d, {grad_y, y_sorted})) {
+    combine_score_grad_kernel<T, S, kVec>
+        <<<blocks, kThreadsPerBlock, 0, stream>>>(grad_y, y_sorted, num_rows, d, pair_pos, num_tokens, k, grad_score);
+  } else {
+    combine_score_grad_kernel<T, S, 1>
+        <<<blocks, kThreadsPerBlock, 0, stream>>>(grad_y, y_sorted, num_rows, d, pair_pos, num_tokens, k, grad_score);
+  }
+  FMOE_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void permute_cuda(DType dtype, const void* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair,
+                  int64_t num_rows, int64_t k, const void* pair_scale, DType scale_dtype, void* x_sorted,
+                  cudaStream_t stream) {
+  check_rows_args("permute_cuda", num_tokens, d, num_rows, k);
+  if (num_rows == 0 || d == 0) return;
+  FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "permute_cuda", T, [&] {
+    const T* x_t = static_cast<const T*>(x);
+    T* out_t = static_cast<T*>(x_sorted);
+    if (pair_scale == nullptr) {
+      // The scale type is irrelevant without a scale; reuse one instantiation.
+      launch_permute<T, T>(x_t, num_tokens, d, sorted_pair, num_rows, k, nullptr, out_t, stream);
+      return;
+    }
+    FMOE_CUDA_DISPATCH_FLOAT_TYPES(scale_dtype, "permute_cuda", S, [&] {
+      launch_permute<T, S>(x_t, num_tokens, d, sorted_pair, num_rows, k, static_cast<const S*>(pair_scale), out_t,
+                           stream);
+    });
+  });
+}
+
+void unpermute_combine_cuda(DType dtype, const void* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
+                            int64_t num_tokens, int64_t k, const void* topk_score, DType score_dtype, void* y,
+                            cudaStream_t stream) {
+  check_rows_args("unpermute_combine_cuda", num_tokens, d, num_rows, k);
+  if (num_tokens == 0 || d == 0) return;
+  FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "unpermute_combine_cuda", T, [&] {
+    const T* in_t = static_cast<const T*>(y_sorted);
+    T* out_t = static_cast<T*>(y);
+    if (topk_score == nullptr) {
+      launch_unpermute_combine<T, T>(in_t, num_rows, d, pair_pos, num_tokens, k, nullptr, out_t, stream);
+      return;
+    }
+    FMOE_CUDA_DISPATCH_FLOAT_TYPES(score_dtype, "unpermute_combine_cuda", S, [&] {
+      launch_unpermute_combine<T, S>(in_t, num_rows, d, pair_pos, num_tokens, k, static_cast<const S*>(topk_score),
+                                     out_t, stream);
+    });
+  });
+}
+
+void combine_score_grad_cuda(DType dtype, const void* grad_y, const void* y_sorted, int64_t num_rows, int64_t d,
+                             const int64_t* pair_pos, int64_t num_tokens, int64_t k, DType score_dtype,
+                             void* grad_score, cudaStream_t stream) {
+  check_rows_args("combine_score_grad_cuda", num_tokens, d, num_rows, k);
+  // d == 0 still writes the (zero) scores.
+  if (num_tokens == 0) return;
+  FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "combine_score_grad_cuda", T, [&] {
+    FMOE_CUDA_DISPATCH_FLOAT_TYPES(score_dtype, "combine_score_grad_cuda", S, [&] {
+      launch_combine_score_grad<T, S>(static_cast<const T*>(grad_y), static_cast<const T*>(y_sorted), num_rows, d,
+                                      pair_pos, num_tokens, k, static_cast<S*>(grad_score), stream);
+    });
+  });
+}
+
+}  // namespace fastmoe

@@ -1,0 +1,218 @@
+"""Shared fixtures and helpers of the fastmoe test suite.
+
+Helpers are imported by the test modules with ``from conftest import ...`` (pytest puts this folder on
+sys.path). They hold the device list, the tolerance policy of DESIGN.md §6 and plain-PyTorch references of the
+dispatch and expert ops (no fastmoe op is used in a reference).
+"""
+
+import re
+
+import fastmoe  # noqa: F401  (registers torch.ops.fastmoe)
+import pytest
+import torch
+
+# ----------------------------------------------------------------------------------------------- devices
+
+# True when the fastmoe ops have CUDA kernels in this build. fastmoe.with_cuda only says how the extension was
+# compiled; the registered kernels are what the tests can run.
+CUDA_KERNELS_REGISTERED = torch._C._dispatch_has_kernel_for_dispatch_key("fastmoe::route_topk", "CUDA")
+
+
+def _cuda_skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not CUDA_KERNELS_REGISTERED:
+        return "CUDA kernels for the fastmoe ops are not built/registered on this machine"
+    return None
+
+
+CUDA_SKIP_REASON = _cuda_skip_reason()
+
+# The devices the op tests run on: cpu, plus cuda when a device and the fastmoe CUDA kernels are both present.
+devices = ["cpu"] + (["cuda"] if CUDA_SKIP_REASON is None else [])
+
+# Parameters for a device-parametrised test: the cuda case is always listed, skipped with a visible reason.
+DEVICE_PARAMS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_REASON or ""),
+    ),
+]
+
+
+@pytest.fixture(params=DEVICE_PARAMS)
+def device(request) -> str:
+    """Each op test runs once per device (cuda skipped with a reason where it cannot run)."""
+    return request.param
+
+
+# The reduced/standard precisions every op is checked in against an fp64 reference (DESIGN §6).
+LOW_PRECISION_DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+ALL_FLOAT_DTYPES = LOW_PRECISION_DTYPES + [pytest.param(torch.float64, id="fp64")]
+
+
+def make_generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(
+    *shape, gen: torch.Generator, dtype=torch.float64, device="cpu", scale: float = 1.0
+) -> torch.Tensor:
+    """Seeded normal data drawn on the CPU (same values on every device), then cast and moved."""
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------- tolerance
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| in fp64 (0 for empty tensors; NaN if either side has a NaN)."""
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item()
+
+
+def rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Root-mean-square of ``actual - expected`` in fp64 (0 for empty tensors; NaN propagates).
+
+    The policy compares this norm-wise error rather than the max: at the rounding level the max over a few
+    elements is luck (two correctly rounded results can differ 2-3x in their worst element), while a real
+    accuracy loss moves the whole distribution."""
+    if actual.numel() == 0:
+        return 0.0
+    diff = actual.detach().double().cpu() - expected.detach().double().cpu()
+    return diff.pow(2).mean().sqrt().item()
+
+
+def tolerance_floor(dtype: torch.dtype) -> float:
+    """The tiny absolute floor: a thousandth of the dtype's epsilon, so exact references do not fail on it."""
+    return 1e-3 * torch.finfo(dtype).eps
+
+
+def assert_within_policy(
+    actual, expected_fp64, torch_same_precision, name: str = "output", factor: float = 2.0
+):
+    """DESIGN §6: the op's error against fp64 is at most ``factor`` times the error of the same-precision
+    PyTorch reference against fp64, plus a tiny floor (errors as :func:`rms_error`). Shapes and dtypes must
+    match exactly; a NaN anywhere fails."""
+    assert actual.shape == expected_fp64.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected_fp64.shape)}"
+    )
+    assert actual.dtype == torch_same_precision.dtype, (
+        f"{name}: dtype {actual.dtype} != {torch_same_precision.dtype}"
+    )
+    op_error = rms_error(actual, expected_fp64)
+    torch_error = rms_error(torch_same_precision, expected_fp64)
+    bound = factor * torch_error + tolerance_floor(actual.dtype)
+    assert op_error <= bound, (
+        f"{name} ({actual.dtype}): fastmoe RMS error {op_error:.3e} vs fp64 exceeds {factor}x the PyTorch "
+        f"same-precision error {torch_error:.3e} (+ floor {tolerance_floor(actual.dtype):.1e}); "
+        f"max abs errors: fastmoe {max_abs_error(actual, expected_fp64):.3e}, PyTorch "
+        f"{max_abs_error(torch_same_precision, expected_fp64):.3e}"
+    )
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str = "output") -> None:
+    """Exact equality of shape, dtype and every bit (NaN-aware through the raw bytes)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().cpu().contiguous(), expected.detach().cpu().contiguous()
+    if a.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, e = a.view(bits), e.view(bits)
+    mismatches = (a != e).sum().item()
+    assert mismatches == 0, f"{name}: {mismatches} of {a.numel()} elements differ bitwise"
+
+
+# ----------------------------------------------------------------------------------------------- routing data
+
+
+def distinct_logits(
+    num_tokens: int, num_experts: int, gen: torch.Generator, dtype=torch.float64, device="cpu"
+):
+    """``[T, E]`` logits whose entries in a row are at least 0.3 apart (no near-ties, even in bf16), in a
+    random order per row and shifted per row, so top-k and its gradient are well defined."""
+    order = (
+        torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(num_tokens)])
+        if num_tokens
+        else (torch.empty(0, num_experts, dtype=torch.int64))
+    )
+    shift = torch.rand(num_tokens, 1, generator=gen, dtype=torch.float64) * 2 - 1
+    jitter = torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64) * 0.05
+    logits = (order.double() - num_experts / 2) * 0.4 + shift + jitter
+    return logits.to(dtype=dtype, device=device)
+
+
+def random_topk_idx(
+    num_tokens: int, k: int, num_experts: int, gen: torch.Generator, drop_prob: float = 0.0, device="cpu"
+) -> torch.Tensor:
+    """``[T, k]`` int64 routing with k distinct experts per token; each slot is -1 with ``drop_prob``."""
+    if num_tokens == 0:
+        return torch.empty(0, k, dtype=torch.int64, device=device)
+    idx = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(num_tokens)])
+    if drop_prob > 0:
+        dropped = torch.rand(num_tokens, k, generator=gen) < drop_prob
+        idx = torch.where(dropped, torch.full_like(idx, -1), idx)
+    return idx.to(device)
+
+
+# ----------------------------------------------------------------------------------------------- references
+
+
+def reference_permute(x: torch.Tensor, sorted_pair: torch.Tensor, k: int) -> torch.Tensor:
+    """``x [T, d]`` -> ``[T*k, d]``: row r is x[sorted_pair[r] // k], zero where sorted_pair[r] < 0."""
+    valid = sorted_pair >= 0
+    tokens = torch.where(valid, sorted_pair, torch.zeros_like(sorted_pair)) // k
+    rows = x.index_select(0, tokens)
+    return torch.where(valid[:, None], rows, torch.zeros_like(rows))
+
+
+def reference_combine(y_sorted: torch.Tensor, pair_pos: torch.Tensor, topk_score=None) -> torch.Tensor:
+    """``y[t] = sum_j score[t, j] * y_sorted[pair_pos[t, j]]`` over routed slots (score 1 when None), as an
+    explicit loop over the k slots in order, in the dtype of ``y_sorted``."""
+    num_tokens, k = pair_pos.shape
+    y = y_sorted.new_zeros(num_tokens, y_sorted.shape[1])
+    for j in range(k):
+        pos = pair_pos[:, j]
+        routed = (pos >= 0)[:, None]
+        rows = y_sorted.index_select(0, pos.clamp(min=0))
+        if topk_score is not None:
+            rows = rows * topk_score[:, j : j + 1].to(rows.dtype)
+        y = y + torch.where(routed, rows, torch.zeros_like(rows))
+    return y
+
+
+def reference_grouped_linear(x: torch.Tensor, expert_offsets: torch.Tensor, weight: torch.Tensor, bias=None):
+    """Per-expert matmul over the row blocks of ``expert_offsets``; rows past ``offsets[E]`` give zeros."""
+    bounds = expert_offsets.tolist()
+    num_experts = weight.shape[0]
+    blocks = []
+    for e in range(num_experts):
+        block = x[bounds[e] : bounds[e + 1]] @ weight[e].t()
+        if bias is not None:
+            block = block + bias[e]
+        blocks.append(block)
+    blocks.append(x.new_zeros(x.shape[0] - bounds[num_experts], weight.shape[1]))
+    return torch.cat(blocks, dim=0)
+
+
+def mentions(argument: str, value: str) -> str:
+    """A ``pytest.raises(match=...)`` pattern: the message names ``argument`` and shows ``value`` (both
+    literal, in any order)."""
+    return rf"(?s)^(?=.*{re.escape(argument)})(?=.*{re.escape(value)})"
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf copy of ``t`` that requires grad."""
+    return t.detach().clone().requires_grad_(True)
+
+
+def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor):
+    """The gradients of ``inputs`` for ``output.backward(grad_output)`` (zeros for unused inputs)."""
+    return torch.autograd.grad(output, inputs, grad_output, allow_unused=True, materialize_grads=True)

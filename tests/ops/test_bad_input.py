@@ -1,0 +1,479 @@
+"""Bad input to every torch.ops.fastmoe op and every fastmoe.ops function: wrong shapes, dtypes, devices,
+out-of-range ids, bad offsets, bad k and score_fn are rejected with an error naming the argument and value.
+The whole table also runs in a child process, so a crash or a hang shows up as a failure, not a dead run."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import mentions
+from fastmoe import ops
+
+F = torch.ops.fastmoe
+T, E, K, D, D_OUT = 10, 4, 2, 6, 5  # tokens, experts, k, features, output features
+
+
+def meta(t: torch.Tensor) -> torch.Tensor:
+    return t.to("meta")
+
+
+def with_value(t: torch.Tensor, index, value) -> torch.Tensor:
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _inputs():
+    """Valid inputs of every op; each case below breaks exactly one thing."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(T, E, generator=gen)
+    topk_idx, topk_score = F.route_topk(logits, K, "topk_softmax")
+    counts, offsets, sorted_pair, pair_pos = F.make_plan(topk_idx, E)
+    return dict(
+        logits=logits,
+        topk_idx=topk_idx,
+        topk_score=topk_score,
+        grad_score=torch.randn(T, K, generator=gen),
+        counts=counts,
+        offsets=offsets,
+        sorted_pair=sorted_pair,
+        pair_pos=pair_pos,
+        plan=ops.Plan(counts, offsets, sorted_pair, pair_pos),
+        x=torch.randn(T, D, generator=gen),
+        y_sorted=torch.randn(T * K, D, generator=gen),
+        grad_y=torch.randn(T, D, generator=gen),
+        rows=torch.randn(T * K, D, generator=gen),
+        weight=torch.randn(E, D_OUT, D, generator=gen),
+        bias=torch.randn(E, D_OUT, generator=gen),
+        grad_rows=torch.randn(T * K, D_OUT, generator=gen),
+    )
+
+
+def _cases():
+    """(id, call, exception type, (argument, value) the message must name)."""
+    i = _inputs()
+    L, idx, s, gs = i["logits"], i["topk_idx"], i["topk_score"], i["grad_score"]
+    sp, pp, plan, x, ys, gy = i["sorted_pair"], i["pair_pos"], i["plan"], i["x"], i["y_sorted"], i["grad_y"]
+    rows, w, b, off, grows = i["rows"], i["weight"], i["bias"], i["offsets"], i["grad_rows"]
+    mask = [True, True, True]
+    rt = "topk_softmax"
+    R = RuntimeError
+    cases = [
+        # ---------------------------------------------------------------- route_topk
+        ("route_topk-int-logits", lambda: F.route_topk(L.long(), K, rt), R, ("logits", "Long")),
+        ("route_topk-1d-logits", lambda: F.route_topk(L[0], K, rt), R, ("logits", "[4]")),
+        ("route_topk-3d-logits", lambda: F.route_topk(L[None], K, rt), R, ("logits", "[1, 10, 4]")),
+        ("route_topk-no-experts", lambda: F.route_topk(L[:, :0], 1, rt), R, ("logits", "[10, 0]")),
+        ("route_topk-k0", lambda: F.route_topk(L, 0, rt), R, ("k", "k=0")),
+        ("route_topk-k-negative", lambda: F.route_topk(L, -3, rt), R, ("k", "k=-3")),
+        ("route_topk-k-gt-E", lambda: F.route_topk(L, E + 1, rt), R, ("k", "k=5")),
+        ("route_topk-score-fn", lambda: F.route_topk(L, K, "softmax"), R, ("score_fn", "'softmax'")),
+        (
+            "route_topk-score-fn-case",
+            lambda: F.route_topk(L, K, "TopK_Softmax"),
+            R,
+            ("score_fn", "TopK_Softmax"),
+        ),
+        # ---------------------------------------------------------------- route_topk_backward
+        (
+            "route_topk_backward-int32-idx",
+            lambda: F.route_topk_backward(gs, L, idx.int(), s, rt),
+            R,
+            ("topk_idx", "Int"),
+        ),
+        (
+            "route_topk_backward-idx-E",
+            lambda: F.route_topk_backward(gs, L, with_value(idx, (3, 1), E), s, rt),
+            R,
+            ("topk_idx[3, 1]", "= 4"),
+        ),
+        (
+            "route_topk_backward-idx-minus2",
+            lambda: F.route_topk_backward(gs, L, with_value(idx, (2, 0), -2), s, rt),
+            R,
+            ("topk_idx[2, 0]", "-2"),
+        ),
+        (
+            "route_topk_backward-idx-minus1",
+            lambda: F.route_topk_backward(gs, L, with_value(idx, (2, 0), -1), s, rt),
+            R,
+            ("topk_idx[2, 0]", "-1"),
+        ),
+        (
+            "route_topk_backward-grad-shape",
+            lambda: F.route_topk_backward(gs[:, :1], L, idx, s, rt),
+            R,
+            ("grad_score", "[10, 1]"),
+        ),
+        (
+            "route_topk_backward-score-shape",
+            lambda: F.route_topk_backward(gs, L, idx, s[:5], rt),
+            R,
+            ("topk_score", "[5, 2]"),
+        ),
+        (
+            "route_topk_backward-tokens",
+            lambda: F.route_topk_backward(gs, L[:7], idx, s, rt),
+            R,
+            ("logits", "7"),
+        ),
+        (
+            "route_topk_backward-grad-dtype",
+            lambda: F.route_topk_backward(gs.double(), L, idx, s, rt),
+            R,
+            ("grad_score", "Double"),
+        ),
+        (
+            "route_topk_backward-int-logits",
+            lambda: F.route_topk_backward(gs, L.long(), idx, s, rt),
+            R,
+            ("logits", "Long"),
+        ),
+        (
+            "route_topk_backward-score-fn",
+            lambda: F.route_topk_backward(gs, L, idx, s, "bogus"),
+            R,
+            ("score_fn", "'bogus'"),
+        ),
+        (
+            "route_topk_backward-meta-logits",
+            lambda: F.route_topk_backward(gs, meta(L), idx, s, rt),
+            R,
+            ("logits", "meta"),
+        ),
+        (
+            "route_topk_backward-meta-grad",
+            lambda: F.route_topk_backward(meta(gs), L, idx, s, rt),
+            R,
+            ("grad_score", "meta"),
+        ),
+        (
+            "route_topk_backward-meta-idx",
+            lambda: F.route_topk_backward(gs, L, meta(idx), s, rt),
+            R,
+            ("topk_idx", "meta"),
+        ),
+        # ---------------------------------------------------------------- make_plan
+        ("make_plan-int32-idx", lambda: F.make_plan(idx.int(), E), R, ("topk_idx", "Int")),
+        ("make_plan-float-idx", lambda: F.make_plan(idx.float(), E), R, ("topk_idx", "Float")),
+        ("make_plan-1d-idx", lambda: F.make_plan(idx.reshape(-1), E), R, ("topk_idx", "[20]")),
+        ("make_plan-E0", lambda: F.make_plan(idx, 0), R, ("num_experts", "0")),
+        ("make_plan-E-negative", lambda: F.make_plan(idx, -2), R, ("num_experts", "-2")),
+        (
+            "make_plan-idx-E",
+            lambda: F.make_plan(with_value(idx, (4, 1), E), E),
+            R,
+            ("topk_idx", "expert id 4"),
+        ),
+        ("make_plan-idx-minus2", lambda: F.make_plan(with_value(idx, (4, 1), -2), E), R, ("topk_idx", "-2")),
+        # ---------------------------------------------------------------- permute
+        ("permute-int-x", lambda: F.permute(x.long(), sp, pp), R, ("x", "Long")),
+        ("permute-1d-x", lambda: F.permute(x[0], sp, pp), R, ("x", "[6]")),
+        ("permute-x-tokens", lambda: F.permute(x[:9], sp, pp), R, ("x", "9")),
+        ("permute-int32-sorted-pair", lambda: F.permute(x, sp.int(), pp), R, ("sorted_pair", "Int")),
+        ("permute-2d-sorted-pair", lambda: F.permute(x, sp[None], pp), R, ("sorted_pair", "[1, 20]")),
+        ("permute-int32-pair-pos", lambda: F.permute(x, sp, pp.int()), R, ("pair_pos", "Int")),
+        ("permute-1d-pair-pos", lambda: F.permute(x, sp, pp.reshape(-1)), R, ("pair_pos", "[20]")),
+        ("permute-plan-size", lambda: F.permute(x, sp[:19], pp), R, ("sorted_pair", "19")),
+        (
+            "permute-sorted-pair-too-big",
+            lambda: F.permute(x, with_value(sp, 5, 20), pp),
+            R,
+            ("sorted_pair[5]", "20"),
+        ),
+        (
+            "permute-sorted-pair-minus2",
+            lambda: F.permute(x, with_value(sp, 5, -2), pp),
+            R,
+            ("sorted_pair", "-2"),
+        ),
+        ("permute-meta-x", lambda: F.permute(meta(x), sp, pp), R, ("x", "meta")),
+        ("permute-meta-pair-pos", lambda: F.permute(x, sp, meta(pp)), R, ("pair_pos", "meta")),
+        # ---------------------------------------------------------------- unpermute_combine
+        ("combine-int-y", lambda: F.unpermute_combine(ys.long(), sp, pp, s), R, ("y_sorted", "Long")),
+        ("combine-1d-y", lambda: F.unpermute_combine(ys[0], sp, pp, s), R, ("y_sorted", "[6]")),
+        ("combine-y-rows", lambda: F.unpermute_combine(ys[:19], sp, pp, s), R, ("y_sorted", "19")),
+        (
+            "combine-score-shape",
+            lambda: F.unpermute_combine(ys, sp, pp, s[:, :1]),
+            R,
+            ("topk_score", "[10, 1]"),
+        ),
+        ("combine-int-score", lambda: F.unpermute_combine(ys, sp, pp, idx), R, ("topk_score", "Long")),
+        ("combine-int32-pair-pos", lambda: F.unpermute_combine(ys, sp, pp.int(), s), R, ("pair_pos", "Int")),
+        (
+            "combine-pair-pos-too-big",
+            lambda: F.unpermute_combine(ys, sp, with_value(pp, (3, 1), 99), s),
+            R,
+            ("pair_pos[3, 1]", "99"),
+        ),
+        (
+            "combine-pair-pos-minus2",
+            lambda: F.unpermute_combine(ys, sp, with_value(pp, (3, 1), -2), s),
+            R,
+            ("pair_pos", "-2"),
+        ),
+        ("combine-meta-y", lambda: F.unpermute_combine(meta(ys), sp, pp, s), R, ("y_sorted", "meta")),
+        ("combine-meta-score", lambda: F.unpermute_combine(ys, sp, pp, meta(s)), R, ("topk_score", "meta")),
+        # ---------------------------------------------------------------- unpermute_combine_backward
+        (
+            "combine_backward-grad-shape",
+            lambda: F.unpermute_combine_backward(gy[:9], ys, sp, pp, s, True),
+            R,
+            ("grad_y", "[9, 6]"),
+        ),
+        (
+            "combine_backward-grad-dtype",
+            lambda: F.unpermute_combine_backward(gy.double(), ys, sp, pp, s, True),
+            R,
+            ("grad_y", "Double"),
+        ),
+        (
+            "combine_backward-int-grad",
+            lambda: F.unpermute_combine_backward(gy.long(), ys, sp, pp, s, True),
+            R,
+            ("grad_y", "Long"),
+        ),
+        (
+            "combine_backward-score-grad-without-score",
+            lambda: F.unpermute_combine_backward(gy, ys, sp, pp, None, True),
+            R,
+            ("need_score_grad", "True"),
+        ),
+        (
+            "combine_backward-meta-grad",
+            lambda: F.unpermute_combine_backward(meta(gy), ys, sp, pp, s, True),
+            R,
+            ("grad_y", "meta"),
+        ),
+        # ---------------------------------------------------------------- grouped_linear
+        ("grouped_linear-int-x", lambda: F.grouped_linear(rows.long(), off, w, b), R, ("x", "Long")),
+        ("grouped_linear-1d-x", lambda: F.grouped_linear(rows[0], off, w, b), R, ("x", "[6]")),
+        ("grouped_linear-2d-weight", lambda: F.grouped_linear(rows, off, w[0], b), R, ("weight", "[5, 6]")),
+        ("grouped_linear-features", lambda: F.grouped_linear(rows[:, :5], off, w, b), R, ("x", "5")),
+        (
+            "grouped_linear-dtype-mismatch",
+            lambda: F.grouped_linear(rows.double(), off, w, b),
+            R,
+            ("x", "Double"),
+        ),
+        (
+            "grouped_linear-int-weight",
+            lambda: F.grouped_linear(rows, off, w.long(), b),
+            R,
+            ("weight", "Long"),
+        ),
+        (
+            "grouped_linear-int32-offsets",
+            lambda: F.grouped_linear(rows, off.int(), w, b),
+            R,
+            ("expert_offsets", "Int"),
+        ),
+        (
+            "grouped_linear-offsets-length",
+            lambda: F.grouped_linear(rows, off[:4], w, b),
+            R,
+            ("expert_offsets", "got 4"),
+        ),
+        (
+            "grouped_linear-offsets-non-monotone",
+            lambda: F.grouped_linear(rows, torch.tensor([0, 6, 3, 9, 20]), w, b),
+            R,
+            ("expert_offsets", "offsets[1] = 6"),
+        ),
+        (
+            "grouped_linear-offsets-start",
+            lambda: F.grouped_linear(rows, torch.tensor([2, 4, 6, 9, 20]), w, b),
+            R,
+            ("expert_offsets[0]", "2"),
+        ),
+        (
+            "grouped_linear-offsets-past-rows",
+            lambda: F.grouped_linear(rows, torch.tensor([0, 4, 6, 9, 23]), w, b),
+            R,
+            ("expert_offsets[4]", "23"),
+        ),
+        (
+            "grouped_linear-bias-shape",
+            lambda: F.grouped_linear(rows, off, w, b[:, :3]),
+            R,
+            ("bias", "[4, 3]"),
+        ),
+        (
+            "grouped_linear-bias-dtype",
+            lambda: F.grouped_linear(rows, off, w, b.double()),
+            R,
+            ("bias", "Double"),
+        ),
+        ("grouped_linear-meta-x", lambda: F.grouped_linear(meta(rows), off, w, b), R, ("x", "meta")),
+        (
+            "grouped_linear-meta-weight",
+            lambda: F.grouped_linear(rows, off, meta(w), b),
+            R,
+            ("weight", "meta"),
+        ),
+        (
+            "grouped_linear-meta-offsets",
+            lambda: F.grouped_linear(rows, meta(off), w, b),
+            R,
+            ("expert_offsets", "meta"),
+        ),
+        ("grouped_linear-meta-bias", lambda: F.grouped_linear(rows, off, w, meta(b)), R, ("bias", "meta")),
+        # ---------------------------------------------------------------- grouped_linear_backward
+        (
+            "grouped_linear_backward-grad-shape",
+            lambda: F.grouped_linear_backward(grows[:, :4], rows, off, w, mask),
+            R,
+            ("grad_y", "[20, 4]"),
+        ),
+        (
+            "grouped_linear_backward-grad-dtype",
+            lambda: F.grouped_linear_backward(grows.half(), rows, off, w, mask),
+            R,
+            ("grad_y", "Half"),
+        ),
+        (
+            "grouped_linear_backward-offsets-past-rows",
+            lambda: F.grouped_linear_backward(grows, rows, torch.tensor([0, 4, 6, 9, 21]), w, mask),
+            R,
+            ("expert_offsets[4]", "21"),
+        ),
+        (
+            "grouped_linear_backward-meta-grad",
+            lambda: F.grouped_linear_backward(meta(grows), rows, off, w, mask),
+            R,
+            ("grad_y", "meta"),
+        ),
+        (
+            "grouped_linear_backward-meta-x",
+            lambda: F.grouped_linear_backward(grows, meta(rows), off, w, mask),
+            R,
+            ("x", "meta"),
+        ),
+        # ---------------------------------------------------------------- fastmoe.ops (Python entry points)
+        ("ops.route_topk-int-logits", lambda: ops.route_topk(L.int(), K), R, ("logits", "Int")),
+        ("ops.route_topk-k-gt-E", lambda: ops.route_topk(L, 7), R, ("k", "k=7")),
+        ("ops.route_topk-score-fn", lambda: ops.route_topk(L, K, "sigmoid"), R, ("score_fn", "'sigmoid'")),
+        ("ops.make_plan-int32", lambda: ops.make_plan(idx.int(), E), R, ("topk_idx", "Int")),
+        (
+            "ops.make_plan-idx-E",
+            lambda: ops.make_plan(with_value(idx, (0, 0), E), E),
+            R,
+            ("topk_idx", "id 4"),
+        ),
+        (
+            "ops.make_plan-idx-minus2",
+            lambda: ops.make_plan(with_value(idx, (0, 0), -2), E),
+            R,
+            ("topk_idx", "-2"),
+        ),
+        ("ops.permute-x-tokens", lambda: ops.permute(x[:3], plan), R, ("x", "3")),
+        ("ops.permute-meta-x", lambda: ops.permute(meta(x), plan), R, ("x", "meta")),
+        (
+            "ops.unpermute_combine-score-shape",
+            lambda: ops.unpermute_combine(ys, plan, s.t()),
+            R,
+            ("topk_score", "[2, 10]"),
+        ),
+        (
+            "ops.unpermute_combine-y-rows",
+            lambda: ops.unpermute_combine(ys[:4], plan, s),
+            R,
+            ("y_sorted", "4"),
+        ),
+        (
+            "ops.grouped_linear-dtype-mismatch",
+            lambda: ops.grouped_linear(rows.half(), off, w, b),
+            R,
+            ("x", "Half"),
+        ),
+        (
+            "ops.grouped_linear-offsets-past-rows",
+            lambda: ops.grouped_linear(rows[:15], off, w, b),
+            R,
+            ("expert_offsets[4]", "20"),
+        ),
+        (
+            "ops.counts_to_offsets-2d",
+            lambda: ops.counts_to_offsets(i["counts"][None]),
+            ValueError,
+            ("expert_counts", "(1, 4)"),
+        ),
+        (
+            "ops.counts_to_offsets-int32",
+            lambda: ops.counts_to_offsets(i["counts"].int()),
+            ValueError,
+            ("expert_counts", "torch.int32"),
+        ),
+        (
+            "ops.counts_to_offsets-float",
+            lambda: ops.counts_to_offsets(i["counts"].float()),
+            ValueError,
+            ("expert_counts", "torch.float32"),
+        ),
+    ]
+    return cases
+
+
+CASE_IDS = [case[0] for case in _cases()]
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_rejects_bad_input(case_id):
+    ((_, call, exc_type, (arg, value)),) = [case for case in _cases() if case[0] == case_id]
+    with pytest.raises(exc_type, match=mentions(arg, value)):
+        call()
+
+
+def test_every_op_has_bad_input_cases():
+    names = {
+        name.split("::", 1)[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("fastmoe::")
+    }
+    ids = " ".join(CASE_IDS)
+    aliases = {"unpermute_combine": "combine-", "unpermute_combine_backward": "combine_backward-"}
+    for name in names:
+        assert f"{name}-" in ids or aliases.get(name, "@") in ids, f"no bad-input case for fastmoe::{name}"
+    for name in (
+        "route_topk",
+        "make_plan",
+        "permute",
+        "unpermute_combine",
+        "grouped_linear",
+        "counts_to_offsets",
+    ):
+        assert f"ops.{name}-" in ids, f"no bad-input case for fastmoe.ops.{name}"
+
+
+def run_all_cases() -> int:
+    """Runs every case and returns how many did not raise; the child process of the test below calls it."""
+    silent = [case_id for case_id, call, _, _ in _cases() if not _raises(call)]
+    print("did not raise:", silent)
+    return len(silent)
+
+
+def _raises(call) -> bool:
+    try:
+        call()
+    except Exception:
+        return True
+    return False
+
+
+def test_no_crash_or_hang_in_child_process():
+    """All bad calls in a fresh process: it must exit normally (no segfault/abort) well within the timeout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]),
+    )
+    code = "import sys, test_bad_input as m; m.run_all_cases(); sys.exit(0)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, f"child exited with {result.returncode}: {result.stderr[-2000:]}"
+    assert re.search(r"did not raise: \[", result.stdout), result.stdout[-2000:]
