@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <string>
 
@@ -62,15 +63,27 @@ inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
 }
 
-// Converts fastmoe::Error (the references' validation) into c10::Error so Python sees a plain RuntimeError
+// Converts fastmoe::Error (the torch-free kernels' and references' validation) into c10::Error so Python sees a plain RuntimeError
 // whose text starts with the reference's message.
 template <typename Fn>
-void call_ref(Fn&& fn) {
+auto call_kernel(Fn&& fn) -> decltype(fn()) {
   try {
-    fn();
+    return fn();
   } catch (const fastmoe::Error& error) {
     TORCH_CHECK(false, error.what());
   }
 }
 
 }  // namespace fastmoe::ops_detail
+
+#ifdef FASTMOE_WITH_CUDA_OPS
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace fastmoe::ops_detail {
+
+// The stream every CUDA kernel of an op is enqueued on: the caller's current stream on the tensor's device.
+inline cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()); }
+
+}  // namespace fastmoe::ops_detail
+#endif

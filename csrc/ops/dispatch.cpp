@@ -6,6 +6,11 @@
 #include "ops/common.h"
 #include "ops/internal.h"
 #include "ref/dispatch_ref.h"
+#ifdef FASTMOE_WITH_CUDA_OPS
+#include <cstdlib>
+
+#include "kernels/dispatch/dispatch.h"
+#endif
 
 namespace fastmoe {
 namespace {
@@ -28,14 +33,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_meta(const 
           topk_idx.new_empty_symint({topk_idx.sym_numel()}, opts), at::empty_like(topk_idx, at::MemoryFormat::Contiguous)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cpu(const at::Tensor& topk_idx,
-                                                                         int64_t num_experts) {
+#ifdef FASTMOE_WITH_CUDA_OPS
+// The CUDA plan cannot raise on an expert id outside [-1, E) without a host sync, so it drops such pairs and
+// counts them on the device. FASTMOE_CHECK_IDS=1 makes every plan read that count (one sync) and raise.
+bool check_ids_on_cuda() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("FASTMOE_CHECK_IDS");
+    return value != nullptr && std::string(value) != "0" && std::string(value) != "";
+  }();
+  return enabled;
+}
+
+void make_plan_cuda_op(const at::Tensor& idx, int64_t num_experts, at::Tensor& counts, at::Tensor& offsets,
+                       at::Tensor& sorted_pair, at::Tensor& pair_pos) {
+  const size_t workspace_bytes = make_plan_cuda_workspace_bytes(idx.numel(), num_experts);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, idx.options().dtype(at::kByte));
+  at::Tensor invalid = at::zeros({1}, idx.options());
+  make_plan_cuda(idx.const_data_ptr<int64_t>(), idx.numel(), num_experts, counts.mutable_data_ptr<int64_t>(),
+                 offsets.mutable_data_ptr<int64_t>(), sorted_pair.mutable_data_ptr<int64_t>(),
+                 pair_pos.mutable_data_ptr<int64_t>(), invalid.mutable_data_ptr<int64_t>(),
+                 workspace.mutable_data_ptr(), workspace_bytes, current_stream(idx));
+  if (check_ids_on_cuda()) {
+    const int64_t num_invalid = invalid.item<int64_t>();
+    TORCH_CHECK(num_invalid == 0, "topk_idx holds ", num_invalid, " expert ids outside [-1, num_experts=",
+                num_experts, ")");
+  }
+}
+#endif
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_kernel(const at::Tensor& topk_idx,
+                                                                            int64_t num_experts) {
   check_make_plan(topk_idx, num_experts);
+  const c10::OptionalDeviceGuard guard(topk_idx.device());
   const at::Tensor idx = topk_idx.contiguous();
   const auto opts = idx.options();
   at::Tensor counts = at::empty({num_experts}, opts), offsets = at::empty({num_experts + 1}, opts);
   at::Tensor sorted_pair = at::empty({idx.numel()}, opts), pair_pos = at::empty(idx.sizes(), opts);
-  call_ref([&] {
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (idx.is_cuda()) return make_plan_cuda_op(idx, num_experts, counts, offsets, sorted_pair, pair_pos);
+#endif
     make_plan_ref(idx.const_data_ptr<int64_t>(), idx.numel(), num_experts, counts.mutable_data_ptr<int64_t>(),
                   offsets.mutable_data_ptr<int64_t>(), sorted_pair.mutable_data_ptr<int64_t>(),
                   pair_pos.mutable_data_ptr<int64_t>());
@@ -89,23 +126,31 @@ at::Tensor permute_meta(const at::Tensor& x, const at::Tensor& sorted_pair, cons
 }
 
 // Shared by permute and the combine's backward (which permutes grad_y scaled by the scores).
-at::Tensor permute_scaled_cpu(const at::Tensor& x, const at::Tensor& sorted_pair, int64_t k,
-                              const std::optional<at::Tensor>& pair_scale) {
+at::Tensor permute_scaled(const at::Tensor& x, const at::Tensor& sorted_pair, int64_t k,
+                          const std::optional<at::Tensor>& pair_scale) {
+  const c10::OptionalDeviceGuard guard(x.device());
   const at::Tensor in = x.contiguous(), order = sorted_pair.contiguous();
   std::optional<at::Tensor> scale;
   if (pair_scale.has_value() && pair_scale->defined()) scale = pair_scale->contiguous();
   at::Tensor out = at::empty({order.size(0), in.size(1)}, in.options());
-  call_ref([&] {
+  const DType scale_dtype = scale.has_value() ? to_dtype(*scale, "topk_score") : DType::kFloat32;
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (in.is_cuda()) {
+      return permute_cuda(to_dtype(in, "x"), in.const_data_ptr(), in.size(0), in.size(1),
+                          order.const_data_ptr<int64_t>(), order.size(0), k, data_or_null(scale), scale_dtype,
+                          out.mutable_data_ptr(), current_stream(in));
+    }
+#endif
     permute_ref(to_dtype(in, "x"), in.const_data_ptr(), in.size(0), in.size(1), order.const_data_ptr<int64_t>(),
-                order.size(0), k, data_or_null(scale),
-                scale.has_value() ? to_dtype(*scale, "topk_score") : DType::kFloat32, out.mutable_data_ptr());
+                order.size(0), k, data_or_null(scale), scale_dtype, out.mutable_data_ptr());
   });
   return out;
 }
 
-at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos) {
+at::Tensor permute_kernel(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos) {
   check_permute(x, sorted_pair, pair_pos);
-  return permute_scaled_cpu(x, sorted_pair, pair_pos.size(1), std::nullopt);
+  return permute_scaled(x, sorted_pair, pair_pos.size(1), std::nullopt);
 }
 
 // ------------------------------------------------------------------------------------------------ combine
@@ -123,17 +168,25 @@ at::Tensor unpermute_combine_meta(const at::Tensor& y_sorted, const at::Tensor& 
   return y_sorted.new_empty_symint({pair_pos.sym_size(0), y_sorted.sym_size(1)});
 }
 
-at::Tensor unpermute_combine_cpu(const at::Tensor& y_sorted, const at::Tensor& sorted_pair,
-                                 const at::Tensor& pair_pos, const std::optional<at::Tensor>& topk_score) {
+at::Tensor unpermute_combine_kernel(const at::Tensor& y_sorted, const at::Tensor& sorted_pair,
+                                    const at::Tensor& pair_pos, const std::optional<at::Tensor>& topk_score) {
   check_combine(y_sorted, sorted_pair, pair_pos, topk_score);
+  const c10::OptionalDeviceGuard guard(y_sorted.device());
   const at::Tensor rows = y_sorted.contiguous(), pos = pair_pos.contiguous();
   std::optional<at::Tensor> score;
   if (topk_score.has_value() && topk_score->defined()) score = topk_score->contiguous();
   at::Tensor y = at::empty({pos.size(0), rows.size(1)}, rows.options());
-  call_ref([&] {
+  const DType score_dtype = score.has_value() ? to_dtype(*score, "topk_score") : DType::kFloat32;
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (rows.is_cuda()) {
+      return unpermute_combine_cuda(to_dtype(rows, "y_sorted"), rows.const_data_ptr(), rows.size(0), rows.size(1),
+                                    pos.const_data_ptr<int64_t>(), pos.size(0), pos.size(1), data_or_null(score),
+                                    score_dtype, y.mutable_data_ptr(), current_stream(rows));
+    }
+#endif
     unpermute_combine_ref(to_dtype(rows, "y_sorted"), rows.const_data_ptr(), rows.size(0), rows.size(1),
-                          pos.const_data_ptr<int64_t>(), pos.size(0), pos.size(1), data_or_null(score),
-                          score.has_value() ? to_dtype(*score, "topk_score") : DType::kFloat32,
+                          pos.const_data_ptr<int64_t>(), pos.size(0), pos.size(1), data_or_null(score), score_dtype,
                           y.mutable_data_ptr());
   });
   return y;
@@ -167,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_meta(const at::Ten
   return {y_sorted.new_empty_symint(y_sorted.sym_sizes()), grad_score};
 }
 
-std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_cpu(const at::Tensor& grad_y,
+std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_kernel(const at::Tensor& grad_y,
                                                                   const at::Tensor& y_sorted,
                                                                   const at::Tensor& sorted_pair,
                                                                   const at::Tensor& pair_pos,
@@ -176,12 +229,21 @@ std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_cpu(const at::Tens
   // 1. grad_y_sorted[r] = score[p] * grad_y[p / k] for p = sorted_pair[r]: a permute scaled by the scores.
   // 2. grad_score[t, j] = <grad_y[t], y_sorted[pair_pos[t, j]]>, only when asked for.
   check_combine_backward(grad_y, y_sorted, sorted_pair, pair_pos, topk_score, need_score_grad);
+  const c10::OptionalDeviceGuard guard(grad_y.device());
   const int64_t k = pair_pos.size(1);
-  at::Tensor grad_y_sorted = permute_scaled_cpu(grad_y, sorted_pair, k, topk_score);
+  at::Tensor grad_y_sorted = permute_scaled(grad_y, sorted_pair, k, topk_score);
   if (!need_score_grad) return {grad_y_sorted, grad_y.new_empty({0})};
   const at::Tensor gy = grad_y.contiguous(), rows = y_sorted.contiguous(), pos = pair_pos.contiguous();
   at::Tensor grad_score = at::empty(pos.sizes(), topk_score->options());
-  call_ref([&] {
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (rows.is_cuda()) {
+      return combine_score_grad_cuda(to_dtype(rows, "y_sorted"), gy.const_data_ptr(), rows.const_data_ptr(),
+                                     rows.size(0), rows.size(1), pos.const_data_ptr<int64_t>(), pos.size(0), k,
+                                     to_dtype(grad_score, "topk_score"), grad_score.mutable_data_ptr(),
+                                     current_stream(rows));
+    }
+#endif
     combine_score_grad_ref(to_dtype(rows, "y_sorted"), gy.const_data_ptr(), rows.const_data_ptr(), rows.size(0),
                            rows.size(1), pos.const_data_ptr<int64_t>(), pos.size(0), k,
                            to_dtype(grad_score, "topk_score"), grad_score.mutable_data_ptr());
@@ -233,11 +295,20 @@ std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward(const at::Tensor& 
 }  // namespace ops
 
 TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
-  m.impl("make_plan", &make_plan_cpu);
-  m.impl("permute", &permute_cpu);
-  m.impl("unpermute_combine", &unpermute_combine_cpu);
-  m.impl("unpermute_combine_backward", &unpermute_combine_backward_cpu);
+  m.impl("make_plan", &make_plan_kernel);
+  m.impl("permute", &permute_kernel);
+  m.impl("unpermute_combine", &unpermute_combine_kernel);
+  m.impl("unpermute_combine_backward", &unpermute_combine_backward_kernel);
 }
+
+#ifdef FASTMOE_WITH_CUDA_OPS
+TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
+  m.impl("make_plan", &make_plan_kernel);
+  m.impl("permute", &permute_kernel);
+  m.impl("unpermute_combine", &unpermute_combine_kernel);
+  m.impl("unpermute_combine_backward", &unpermute_combine_backward_kernel);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
   m.impl("make_plan", &make_plan_meta);

@@ -6,6 +6,12 @@
 #include "ops/common.h"
 #include "ops/internal.h"
 #include "ref/expert_ref.h"
+#ifdef FASTMOE_WITH_CUDA_OPS
+#include <ATen/cuda/CUDAContext.h>
+
+#include "kernels/expert/expert.h"
+#include "ops/expert_backend.h"
+#endif
 
 namespace fastmoe {
 namespace {
@@ -46,14 +52,44 @@ at::Tensor grouped_linear_meta(const at::Tensor& x, const at::Tensor& expert_off
   return x.new_empty_symint({x.sym_size(0), weight.sym_size(1)});
 }
 
-at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias) {
+#ifdef FASTMOE_WITH_CUDA_OPS
+int device_major(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.device().index())->major; }
+
+// torch's grouped GEMM takes the cumulative end of each group as int32: offsets[1:], converted on the device.
+at::Tensor group_ends_int32(const at::Tensor& offsets) { return offsets.slice(0, 1).to(at::kInt); }
+
+// y = x @ W[e]^T per expert through at::_grouped_mm, then bias and zero tail rows (expert_backend.h).
+at::Tensor grouped_linear_grouped_mm(const at::Tensor& in, const at::Tensor& offsets, const at::Tensor& w,
+                                     const std::optional<at::Tensor>& b) {
+  at::Tensor y = at::_grouped_mm(in, w.transpose(1, 2), group_ends_int32(offsets));
+  grouped_bias_epilogue_cuda(to_dtype(y, "x"), y.mutable_data_ptr(), y.size(0), y.size(1),
+                             offsets.const_data_ptr<int64_t>(), w.size(0), data_or_null(b), current_stream(y));
+  return y;
+}
+#endif
+
+at::Tensor grouped_linear_kernel(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias) {
   check_grouped_linear(x, expert_offsets, weight, bias);
+  const c10::OptionalDeviceGuard guard(x.device());
   const at::Tensor in = x.contiguous(), offsets = expert_offsets.contiguous(), w = weight.contiguous();
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
+#ifdef FASTMOE_WITH_CUDA_OPS
+  if (in.is_cuda() &&
+      choose_grouped_gemm_backend(in, w, device_major(in)) == GroupedGemmBackend::kTorchGroupedMm) {
+    return call_kernel([&] { return grouped_linear_grouped_mm(in, offsets, w, b); });
+  }
+#endif
   at::Tensor y = at::empty({in.size(0), w.size(1)}, in.options());
-  call_ref([&] {
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (in.is_cuda()) {
+      return grouped_linear_cuda(to_dtype(in, "x"), in.const_data_ptr(), in.size(0), in.size(1),
+                                 offsets.const_data_ptr<int64_t>(), w.size(0), w.const_data_ptr(), w.size(1),
+                                 data_or_null(b), y.mutable_data_ptr(), current_stream(in));
+    }
+#endif
     grouped_linear_ref(to_dtype(in, "x"), in.const_data_ptr(), in.size(0), in.size(1),
                        offsets.const_data_ptr<int64_t>(), w.size(0), w.const_data_ptr(), w.size(1), data_or_null(b),
                        y.mutable_data_ptr());
@@ -84,19 +120,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_meta(cons
           output_mask[2] ? weight.new_empty_symint({weight.sym_size(0), weight.sym_size(1)}) : weight.new_empty({0})};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_cpu(const at::Tensor& grad_y,
-                                                                           const at::Tensor& x,
-                                                                           const at::Tensor& expert_offsets,
-                                                                           const at::Tensor& weight,
-                                                                           std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(const at::Tensor& grad_y,
+                                                                              const at::Tensor& x,
+                                                                              const at::Tensor& expert_offsets,
+                                                                              const at::Tensor& weight,
+                                                                              std::array<bool, 3> output_mask) {
+  // 1. Allocate only the masked-in gradients.  2. On the grouped_mm backend: grad_x = grad_y @ W[e] and
+  // grad_W[e] = grad_y[rows of e]^T @ x[rows of e] as torch grouped GEMMs, then the epilogues; grad_b (and every
+  // gradient on the other backends) from fastmoe's kernels or the reference.
   check_grouped_linear_backward(grad_y, x, expert_offsets, weight);
+  const c10::OptionalDeviceGuard guard(x.device());
   const at::Tensor gy = grad_y.contiguous(), in = x.contiguous(), offsets = expert_offsets.contiguous(),
                    w = weight.contiguous();
   const int64_t num_experts = w.size(0), out_features = w.size(1);
   at::Tensor grad_x = output_mask[0] ? at::empty_like(in) : in.new_empty({0});
   at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : w.new_empty({0});
   at::Tensor grad_b = output_mask[2] ? at::empty({num_experts, out_features}, w.options()) : w.new_empty({0});
-  call_ref([&] {
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (in.is_cuda()) {
+      bool library_x = false, library_w = false;
+      if (choose_grouped_gemm_backend(in, w, device_major(in)) == GroupedGemmBackend::kTorchGroupedMm) {
+        const at::Tensor ends = group_ends_int32(offsets);
+        const auto stream = current_stream(in);
+        if (output_mask[0]) {
+          grad_x = at::_grouped_mm(gy, w, ends);
+          grouped_bias_epilogue_cuda(to_dtype(in, "x"), grad_x.mutable_data_ptr(), grad_x.size(0), grad_x.size(1),
+                                     offsets.const_data_ptr<int64_t>(), num_experts, nullptr, stream);
+          library_x = true;
+        }
+        if (output_mask[1]) {
+          grad_w = at::_grouped_mm(gy.t(), in, ends);
+          zero_empty_groups_cuda(grad_w.mutable_data_ptr(), num_experts,
+                                 out_features * in.size(1) * static_cast<int64_t>(grad_w.element_size()),
+                                 offsets.const_data_ptr<int64_t>(), stream);
+          library_w = true;
+        }
+      }
+      if ((output_mask[0] && !library_x) || (output_mask[1] && !library_w) || output_mask[2]) {
+        grouped_linear_backward_cuda(to_dtype(in, "x"), gy.const_data_ptr(), in.const_data_ptr(), in.size(0),
+                                     in.size(1), offsets.const_data_ptr<int64_t>(), num_experts, w.const_data_ptr(),
+                                     out_features, output_mask[0] && !library_x ? grad_x.mutable_data_ptr() : nullptr,
+                                     output_mask[1] && !library_w ? grad_w.mutable_data_ptr() : nullptr,
+                                     output_mask[2] ? grad_b.mutable_data_ptr() : nullptr, current_stream(in));
+      }
+      return;
+    }
+#endif
     grouped_linear_backward_ref(to_dtype(in, "x"), gy.const_data_ptr(), in.const_data_ptr(), in.size(0),
                                 in.size(1), offsets.const_data_ptr<int64_t>(), num_experts, w.const_data_ptr(),
                                 out_features, output_mask[0] ? grad_x.mutable_data_ptr() : nullptr,
@@ -135,9 +205,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at:
 }  // namespace ops
 
 TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
-  m.impl("grouped_linear", &grouped_linear_cpu);
-  m.impl("grouped_linear_backward", &grouped_linear_backward_cpu);
+  m.impl("grouped_linear", &grouped_linear_kernel);
+  m.impl("grouped_linear_backward", &grouped_linear_backward_kernel);
 }
+
+#ifdef FASTMOE_WITH_CUDA_OPS
+TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
+  m.impl("grouped_linear", &grouped_linear_kernel);
+  m.impl("grouped_linear_backward", &grouped_linear_backward_kernel);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
   m.impl("grouped_linear", &grouped_linear_meta);

@@ -6,6 +6,9 @@
 #include "ops/common.h"
 #include "ops/internal.h"
 #include "ref/routing_ref.h"
+#ifdef FASTMOE_WITH_CUDA_OPS
+#include "kernels/routing/routing.h"
+#endif
 
 namespace fastmoe {
 namespace {
@@ -28,13 +31,22 @@ std::tuple<at::Tensor, at::Tensor> route_topk_meta(const at::Tensor& logits, int
           logits.new_empty_symint({num_tokens, k})};
 }
 
-std::tuple<at::Tensor, at::Tensor> route_topk_cpu(const at::Tensor& logits, int64_t k, c10::string_view score_fn) {
+// CPU and CUDA: the same checks and allocation, then the reference or the CUDA kernel on the current stream.
+std::tuple<at::Tensor, at::Tensor> route_topk_kernel(const at::Tensor& logits, int64_t k, c10::string_view score_fn) {
   check_route_topk(logits, k, score_fn);
+  const c10::OptionalDeviceGuard guard(logits.device());
   const at::Tensor input = logits.contiguous();
   const int64_t num_tokens = input.size(0), num_experts = input.size(1);
   at::Tensor topk_idx = at::empty({num_tokens, k}, input.options().dtype(at::kLong));
   at::Tensor topk_score = at::empty({num_tokens, k}, input.options());
-  call_ref([&] {
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (input.is_cuda()) {
+      return route_topk_cuda(to_dtype(input, "logits"), input.const_data_ptr(), num_tokens, num_experts, k,
+                             parse_score_fn(score_fn), topk_idx.mutable_data_ptr<int64_t>(),
+                             topk_score.mutable_data_ptr(), current_stream(input));
+    }
+#endif
     route_topk_ref(to_dtype(input, "logits"), input.const_data_ptr(), num_tokens, num_experts, k,
                    parse_score_fn(score_fn), topk_idx.mutable_data_ptr<int64_t>(), topk_score.mutable_data_ptr());
   });
@@ -70,13 +82,23 @@ at::Tensor route_topk_backward_meta(const at::Tensor& grad_score, const at::Tens
   return at::empty_like(logits, at::MemoryFormat::Contiguous);
 }
 
-at::Tensor route_topk_backward_cpu(const at::Tensor& grad_score, const at::Tensor& logits,
-                                   const at::Tensor& topk_idx, const at::Tensor& topk_score, c10::string_view score_fn) {
+at::Tensor route_topk_backward_kernel(const at::Tensor& grad_score, const at::Tensor& logits,
+                                      const at::Tensor& topk_idx, const at::Tensor& topk_score,
+                                      c10::string_view score_fn) {
   check_route_topk_backward(grad_score, logits, topk_idx, topk_score, score_fn);
+  const c10::OptionalDeviceGuard guard(logits.device());
   const at::Tensor l = logits.contiguous(), g = grad_score.contiguous(), idx = topk_idx.contiguous(),
                    s = topk_score.contiguous();
   at::Tensor grad_logits = at::empty_like(l, at::MemoryFormat::Contiguous);
-  call_ref([&] {
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (l.is_cuda()) {
+      return route_topk_backward_cuda(to_dtype(l, "logits"), g.const_data_ptr(), l.const_data_ptr(),
+                                      idx.const_data_ptr<int64_t>(), s.const_data_ptr(), l.size(0), l.size(1),
+                                      idx.size(1), parse_score_fn(score_fn), grad_logits.mutable_data_ptr(),
+                                      current_stream(l));
+    }
+#endif
     route_topk_backward_ref(to_dtype(l, "logits"), g.const_data_ptr(), l.const_data_ptr(),
                             idx.const_data_ptr<int64_t>(), s.const_data_ptr(), l.size(0), l.size(1), idx.size(1),
                             parse_score_fn(score_fn), grad_logits.mutable_data_ptr());
@@ -107,9 +129,16 @@ at::Tensor route_topk_backward(const at::Tensor& grad_score, const at::Tensor& l
 }  // namespace ops
 
 TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
-  m.impl("route_topk", &route_topk_cpu);
-  m.impl("route_topk_backward", &route_topk_backward_cpu);
+  m.impl("route_topk", &route_topk_kernel);
+  m.impl("route_topk_backward", &route_topk_backward_kernel);
 }
+
+#ifdef FASTMOE_WITH_CUDA_OPS
+TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
+  m.impl("route_topk", &route_topk_kernel);
+  m.impl("route_topk_backward", &route_topk_backward_kernel);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
   m.impl("route_topk", &route_topk_meta);

@@ -1,6 +1,6 @@
 // fastmoe._C: the Python extension. It holds no bindings: linking it to libfastmoe_torch makes importing it
 // run the TORCH_LIBRARY registrations, after which every op is reachable as torch.ops.fastmoe.<name>.
-// It also reports how the library was built. Torch-free, so it compiles in a second.
+// It also reports how the library was built: with_cuda is true when the ops have CUDA kernels. Torch-free, so it compiles in a second.
 #include <Python.h>
 
 namespace {
@@ -13,7 +13,7 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fastmoe._C",
 PyMODINIT_FUNC PyInit__C() {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
-#ifdef FASTMOE_WITH_CUDA
+#ifdef FASTMOE_WITH_CUDA_OPS
   const long with_cuda = 1;
 #else
   const long with_cuda = 0;

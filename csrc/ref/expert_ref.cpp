@@ -1,6 +1,7 @@
 #include "ref/expert_ref.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace fastmoe {
@@ -120,6 +121,32 @@ void grouped_linear_backward_ref(DType dtype, const void* grad_y, const void* x,
                                  out_features, static_cast<scalar_t*>(grad_x), static_cast<scalar_t*>(grad_weight),
                                  static_cast<scalar_t*>(grad_bias));
   });
+}
+
+void grouped_bias_epilogue_ref(DType dtype, void* y, int64_t num_rows, int64_t out_features,
+                               const int64_t* expert_offsets, int64_t num_experts, const void* bias) {
+  check_expert_offsets_ref(expert_offsets, num_experts, num_rows);
+  FMOE_DISPATCH_FLOAT_TYPES(dtype, "grouped_bias_epilogue_ref", [&] {
+    auto* rows = static_cast<scalar_t*>(y);
+    const auto* b = static_cast<const scalar_t*>(bias);
+    for (int64_t e = 0; e < num_experts && b != nullptr; ++e) {
+      for (int64_t r = expert_offsets[e]; r < expert_offsets[e + 1]; ++r) {
+        for (int64_t o = 0; o < out_features; ++o) {
+          scalar_t& value = rows[r * out_features + o];
+          value = from_acc<scalar_t>(to_acc(value) + to_acc(b[e * out_features + o]));
+        }
+      }
+    }
+    for (int64_t i = expert_offsets[num_experts] * out_features; i < num_rows * out_features; ++i) {
+      rows[i] = from_acc<scalar_t>(acc_t<scalar_t>(0));
+    }
+  });
+}
+
+void zero_empty_groups_ref(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets) {
+  for (int64_t g = 0; g < num_groups; ++g) {
+    if (expert_offsets[g + 1] == expert_offsets[g]) std::memset(static_cast<char*>(groups) + g * group_bytes, 0, group_bytes);
+  }
 }
 
 }  // namespace fastmoe

@@ -29,4 +29,14 @@ void grouped_linear_backward_ref(DType dtype, const void* grad_y, const void* x,
                                  const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
                                  void* grad_bias);
 
+// Epilogue for library grouped GEMMs that write only the routed rows and take no per-expert bias:
+// y: [num_rows, out_features], updated in place: rows of expert e get bias[e] added (rounded once; bias may be
+// nullptr), rows past expert_offsets[E] become zero.
+void grouped_bias_epilogue_ref(DType dtype, void* y, int64_t num_rows, int64_t out_features,
+                               const int64_t* expert_offsets, int64_t num_experts, const void* bias);
+
+// Zero-fill for library GEMMs that leave empty groups unwritten (byte-wise, so one function serves every dtype).
+// groups: [num_groups, group_bytes]; zeroes group g when expert_offsets[g + 1] == expert_offsets[g].
+void zero_empty_groups_ref(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets);
+
 }  // namespace fastmoe

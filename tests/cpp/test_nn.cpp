@@ -80,12 +80,19 @@ TEST_P(TransformerMLPTest, MatchesPlainLibtorchMoEInOutputsAndGradients) {
   }
 }
 
+std::string config_name(const ::testing::TestParamInfo<TransformerMLPTest::ParamType>& info) {
+  static const char* const names[] = {"gelu", "relu", "silu", "swiglu"};
+  return "E" + std::to_string(std::get<0>(info.param)) + "_top" + std::to_string(std::get<1>(info.param)) + "_" +
+         names[static_cast<int>(std::get<2>(info.param))];
+}
+
 INSTANTIATE_TEST_SUITE_P(Configs, TransformerMLPTest,
                          ::testing::Values(std::make_tuple(1, 1, Activation::kGELU),
                                            std::make_tuple(4, 2, Activation::kGELU),
                                            std::make_tuple(8, 4, Activation::kReLU),
                                            std::make_tuple(3, 3, Activation::kSiLU),
-                                           std::make_tuple(16, 2, Activation::kSwiGLU)));
+                                           std::make_tuple(16, 2, Activation::kSwiGLU)),
+                         config_name);
 
 TEST(TransformerMLP, ParameterNamesMatchThePythonLayer) {
   fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16));

@@ -300,3 +300,34 @@ TEST(ExpertOffsetsTest, ForwardAndBackwardCheckTheirOffsets) {
 }  // namespace
 }  // namespace test
 }  // namespace fastmoe
+
+namespace fastmoe {
+namespace {
+
+TEST(GroupedBiasEpilogueRef, AddsEachExpertsBiasOnceAndZeroesTheTail) {
+  // 2 experts (rows 0-1 and 2), 2 tail rows; fp32 values where one rounding of v + b is exact.
+  const std::vector<int64_t> offsets = {0, 2, 3};
+  std::vector<float> y = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};  // [5, 2]
+  const std::vector<float> bias = {0.5f, -1.0f, 10.0f, 20.0f};
+  grouped_bias_epilogue_ref(DType::kFloat32, y.data(), 5, 2, offsets.data(), 2, bias.data());
+  EXPECT_EQ(y, (std::vector<float>{1.5f, 1, 3.5f, 3, 15, 26, 0, 0, 0, 0}));
+  std::vector<float> no_bias = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+  grouped_bias_epilogue_ref(DType::kFloat32, no_bias.data(), 5, 2, offsets.data(), 2, nullptr);
+  EXPECT_EQ(no_bias, (std::vector<float>{1, 2, 3, 4, 5, 6, 0, 0, 0, 0}));
+}
+
+TEST(GroupedBiasEpilogueRef, RejectsBadOffsets) {
+  const std::vector<int64_t> offsets = {0, 4, 2};
+  std::vector<float> y(8);
+  EXPECT_THROW(grouped_bias_epilogue_ref(DType::kFloat32, y.data(), 4, 2, offsets.data(), 2, nullptr), Error);
+}
+
+TEST(ZeroEmptyGroupsRef, ZeroesOnlyGroupsWithoutRows) {
+  const std::vector<int64_t> offsets = {0, 0, 3, 3, 4};
+  std::vector<int32_t> groups = {1, 1, 2, 2, 3, 3, 4, 4};  // 4 groups of 8 bytes
+  zero_empty_groups_ref(groups.data(), 4, 2 * sizeof(int32_t), offsets.data());
+  EXPECT_EQ(groups, (std::vector<int32_t>{0, 0, 2, 2, 0, 0, 4, 4}));
+}
+
+}  // namespace
+}  // namespace fastmoe

@@ -21,11 +21,9 @@ KNOWN_OPS = {
     "grouped_linear_backward": False,
 }
 
-# Whether a build with fastmoe.with_cuda must register CUDA kernels for every op. False for now: the
-# extension is compiled with CUDA (fastmoe.with_cuda is True here) but csrc/ops registers only CPU and Meta
-# kernels; the CUDA kernels of csrc/kernels/ are not wired into the op layer yet. Set it to True in the change
-# that registers them: from then on a CUDA build lacking a CUDA kernel for any op fails here.
-CUDA_KERNELS_EXPECTED = False
+# fastmoe.with_cuda is True exactly when the ops have CUDA kernels (nvcc found and torch built with CUDA); such a
+# build must then register a CUDA kernel for every op.
+CUDA_KERNELS_EXPECTED = True
 
 
 def registered_ops():
@@ -66,11 +64,10 @@ def test_backend_and_autograd_kernels(op_name):
 
 
 def test_cuda_kernels_all_or_none():
-    """A partial CUDA registration (some ops only) is a build bug whatever CUDA_KERNELS_EXPECTED says."""
+    """A partial CUDA registration (some ops only) is a build bug; with_cuda says whether they are there."""
     with_cuda = {name: has_kernel(name, "CUDA") for name in KNOWN_OPS}
     assert len(set(with_cuda.values())) == 1, f"CUDA kernels registered for only some ops: {with_cuda}"
-    if any(with_cuda.values()):
-        assert fastmoe.with_cuda
+    assert any(with_cuda.values()) == fastmoe.with_cuda
 
 
 def test_with_cuda_flag_is_bool():

@@ -20,4 +20,11 @@ void grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x
                                   const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
                                   void* grad_bias, cudaStream_t stream);
 
+// As grouped_bias_epilogue_ref / zero_empty_groups_ref, with expert_offsets read on the device.
+void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t out_features,
+                                const int64_t* expert_offsets, int64_t num_experts, const void* bias,
+                                cudaStream_t stream);
+void zero_empty_groups_cuda(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets,
+                            cudaStream_t stream);
+
 }  // namespace fastmoe

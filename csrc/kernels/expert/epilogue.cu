@@ -1,0 +1,98 @@
+// Epilogue kernels for library grouped GEMMs (torch's CUTLASS grouped GEMM writes only the routed rows, takes no
+// per-expert bias, and may leave the weight gradient of an expert with no rows unwritten). The expert bounds are
+// read on the device: no host sync.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/common.cuh"
+#include "kernels/expert/expert.h"
+
+namespace fastmoe {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 4096;
+
+// Expert owning row r: the last e with offsets[e] <= r (offsets[E] <= r means the tail: returns num_experts).
+__device__ __forceinline__ int64_t expert_of_row(const int64_t* offsets, int64_t num_experts, int64_t r) {
+  int64_t lo = 0, hi = num_experts;  // invariant: offsets[lo] <= r, answer in [lo, hi]
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= r) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// y: [num_rows, out_features]; one block-row of threads per row, grid-strided.
+template <typename T>
+__global__ void grouped_bias_epilogue_kernel(T* __restrict__ y, int64_t num_rows, int64_t out_features,
+                                             const int64_t* __restrict__ offsets, int64_t num_experts,
+                                             const T* __restrict__ bias) {
+  using A = cuda::dacc_t<T>;
+  for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
+    const int64_t e = expert_of_row(offsets, num_experts, r);
+    T* row = y + r * out_features;
+    if (e >= num_experts) {
+      for (int64_t o = threadIdx.x; o < out_features; o += blockDim.x) row[o] = cuda::from_acc<T>(A(0));
+    } else if (bias != nullptr) {
+      const T* b = bias + e * out_features;
+      for (int64_t o = threadIdx.x; o < out_features; o += blockDim.x) {
+        row[o] = cuda::from_acc<T>(cuda::add_rn(cuda::to_acc(row[o]), cuda::to_acc(b[o])));
+      }
+    }
+  }
+}
+
+// groups: [num_groups, group_bytes]; blockIdx.y is the group, which is zeroed only when it has no rows.
+__global__ void zero_empty_groups_kernel(char* groups, int64_t group_bytes, const int64_t* expert_offsets) {
+  const int64_t g = blockIdx.y;
+  if (expert_offsets[g + 1] != expert_offsets[g]) return;
+  char* base = groups + g * group_bytes;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // Group starts are 16-byte aligned whenever group_bytes and the base are (the common case): then 16-byte stores.
+  if (reinterpret_cast<uintptr_t>(base) % 16 == 0 && group_bytes % 16 == 0) {
+    uint4* words = reinterpret_cast<uint4*>(base);
+    for (int64_t i = thread; i < group_bytes / 16; i += stride) words[i] = make_uint4(0, 0, 0, 0);
+  } else {
+    for (int64_t i = thread; i < group_bytes; i += stride) base[i] = 0;
+  }
+}
+
+}  // namespace
+
+void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t out_features,
+                                const int64_t* expert_offsets, int64_t num_experts, const void* bias,
+                                cudaStream_t stream) {
+  FMOE_CHECK(num_rows >= 0 && out_features >= 0 && num_experts >= 1, "grouped_bias_epilogue_cuda: bad sizes num_rows=",
+             num_rows, " out_features=", out_features, " num_experts=", num_experts);
+  if (num_rows == 0 || out_features == 0) return;
+  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(num_rows, 65535 * 4));
+  const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((out_features + 31) / 32) * 32));
+  FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "grouped_bias_epilogue_cuda", scalar_t, [&] {
+    grouped_bias_epilogue_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        static_cast<scalar_t*>(y), num_rows, out_features, expert_offsets, num_experts,
+        static_cast<const scalar_t*>(bias));
+  });
+  FMOE_CHECK_LAUNCH();
+}
+
+void zero_empty_groups_cuda(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets,
+                            cudaStream_t stream) {
+  FMOE_CHECK(num_groups >= 0 && num_groups <= 65535 && group_bytes >= 0,
+             "zero_empty_groups_cuda: num_groups must be in [0, 65535] and group_bytes >= 0, got ", num_groups,
+             " and ", group_bytes);
+  if (num_groups == 0 || group_bytes == 0) return;
+  const int64_t blocks = std::min<int64_t>(kMaxBlocks, std::max<int64_t>(1, (group_bytes / 16 + kThreads - 1) / kThreads));
+  const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(num_groups));
+  zero_empty_groups_kernel<<<grid, kThreads, 0, stream>>>(static_cast<char*>(groups), group_bytes, expert_offsets);
+  FMOE_CHECK_LAUNCH();
+}
+
+}  // namespace fastmoe
