@@ -1,0 +1,1 @@
+"""In-tree baselines for the benchmarks, written in plain PyTorch (no fastmoe op is used)."""

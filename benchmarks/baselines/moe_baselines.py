@@ -1,0 +1,45 @@
+"""Two plain-PyTorch MoE FFN layers with fastmoe's parameter layout, for benchmarking against.
+
+Both take the same parameters as ``fastmoe.FMoETransformerMLP(bias=False)``: ``gate_weight [E, d]``,
+``gate_bias [E]``, ``w1 [E, h, d]`` (htoh4) and ``w2 [E, d, h]`` (h4toh); top-k of the gate logits, softmax
+over the k selected (NaiveGate), GELU between the two expert GEMMs.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _route(x, gate_weight, gate_bias, top_k):
+    logits = F.linear(x, gate_weight, gate_bias)
+    values, idx = torch.topk(logits, top_k, dim=-1)
+    return idx, torch.softmax(values, dim=-1)
+
+
+def loop_moe(x, gate_weight, gate_bias, w1, w2, top_k):
+    """The plain loop: for each expert, gather its tokens, run its MLP, scatter-add the weighted result."""
+    idx, score = _route(x, gate_weight, gate_bias, top_k)
+    y = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        token, slot = torch.nonzero(idx == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = F.gelu(x[token] @ w1[e].t())
+        out = (h @ w2[e].t()) * score[token, slot].unsqueeze(-1)
+        y = y.index_add(0, token, out.to(y.dtype))
+    return y
+
+
+def grouped_mm_moe(x, gate_weight, gate_bias, w1, w2, top_k):
+    """argsort by expert, ``torch._grouped_mm`` for both expert GEMMs, and an index_add combine."""
+    idx, score = _route(x, gate_weight, gate_bias, top_k)
+    num_experts = w1.shape[0]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // top_k
+    counts = torch.bincount(flat, minlength=num_experts)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    x_sorted = x.index_select(0, token)
+    h = F.gelu(torch._grouped_mm(x_sorted, w1.transpose(1, 2), offs=offs))
+    y_sorted = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    weighted = y_sorted * score.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
+    return torch.zeros_like(x).index_add(0, token, weighted)

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU verification run: build on a CUDA machine against its own torch, then run the stages named on the
+# command line (default: all), logging each to $OUT/<stage>.log and a summary to $OUT/summary.log.
+#   build     CMake + Ninja build with the C++ tests (GoogleTest from FASTMOE_GTEST_SOURCE_DIR if not installed)
+#   test      ctest (kernels vs references on the GPU, C++ modules, find_package consumer) and the full pytest
+#             suite (cuda parameters run), then the grouped_linear and layer tests again on the tiled backend
+#   sanitize  compute-sanitizer memcheck on the CUDA kernel tests and on the CUDA op tests
+#   pip       pip install --no-build-isolation --no-deps . and an import from outside the tree
+#   bench     benchmarks/bench_moe_layer.py (all configurations)
+# Usage: OUT=/tmp/out tools/gpu_check.sh [stage ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fastmoe-gpu}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+BUILD=build-gpu
+stages=("$@")
+((${#stages[@]})) || stages=(build test sanitize pip bench)
+status=0
+
+run_stage() {
+  local name=$1
+  shift
+  local start=$SECONDS
+  echo "=== $name: $*" | tee -a "$OUT/summary.log"
+  if "$@" >"$OUT/$name.log" 2>&1; then
+    echo "=== $name: OK in $((SECONDS - start)) s" | tee -a "$OUT/summary.log"
+  else
+    echo "=== $name: FAILED (rc=$?) in $((SECONDS - start)) s; last lines:" | tee -a "$OUT/summary.log"
+    tail -40 "$OUT/$name.log" | tee -a "$OUT/summary.log"
+    status=1
+  fi
+}
+
+build() {
+  local gtest_args=()
+  [[ -d .deps/googletest ]] && gtest_args=(-DFASTMOE_GTEST_SOURCE_DIR="$PWD/.deps/googletest")
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFASTMOE_CUDA=ON -DFASTMOE_PYTHON_INPLACE=ON \
+    -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+    -DPython_EXECUTABLE="$(command -v "$PY")" -DFASTMOE_REQUIRE_GTEST=ON "${gtest_args[@]}" &&
+    cmake --build "$BUILD" -j "$MAX_JOBS"
+}
+
+pytest_all() {
+  PYTHONPATH=python "$PY" -m pytest tests -v -p no:cacheprovider -rs &&
+    FASTMOE_GROUPED_GEMM=tiled PYTHONPATH=python "$PY" -m pytest tests/ops/test_grouped_linear.py tests/nn -q \
+      -p no:cacheprovider -k cuda
+}
+
+sanitize() {
+  compute-sanitizer --tool memcheck --error-exitcode 1 "$BUILD/tests/cpp/test_kernels" --gtest_brief=1 &&
+    PYTHONPATH=python compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest tests/ops -q \
+      -p no:cacheprovider -k "cuda and not bad_input and not registration"
+}
+
+pip_install() {
+  "$PY" -m pip install --no-build-isolation --no-deps --target /tmp/fastmoe-site . &&
+    (cd /tmp && PYTHONPATH=/tmp/fastmoe-site "$PY" -c "import fastmoe, torch; \
+x = torch.randn(64, 32, device='cuda', dtype=torch.bfloat16); \
+m = fastmoe.FMoETransformerMLP(4, 32, 64).cuda().bfloat16(); y = m(x); y.float().sum().backward(); \
+print('installed fastmoe', fastmoe.__file__, 'with_cuda', fastmoe.with_cuda, 'out', tuple(y.shape))")
+}
+
+bench() { PYTHONPATH=python "$PY" benchmarks/bench_moe_layer.py --json "$OUT/bench.jsonl"; }
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    build) run_stage build build ;;
+    test) run_stage ctest ctest --test-dir "$BUILD" --output-on-failure -j 8 && run_stage pytest pytest_all ;;
+    sanitize) run_stage sanitize sanitize ;;
+    pip) run_stage pip pip_install ;;
+    bench) run_stage bench bench ;;
+    *) echo "unknown stage $stage" >&2; status=2 ;;
+  esac
+done
+exit $status
