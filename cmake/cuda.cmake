@@ -26,6 +26,9 @@ if(NOT FASTMOE_CUDA STREQUAL "OFF")
       endif()
       set(CMAKE_CUDA_ARCHITECTURES ${_archs})
     endif()
+    # The shared runtime, as torch uses: one CUDA runtime per process, and no static runtime's symbols in
+    # libfastmoe_torch.so to interpose on other libraries (docs/architecture.md, "Linking").
+    set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
     enable_language(CUDA)
     set(CMAKE_CUDA_STANDARD 17)
     set(CMAKE_CUDA_STANDARD_REQUIRED ON)

@@ -7,9 +7,10 @@ dispatch and expert ops (no fastmoe op is used in a reference).
 
 import re
 
-import fastmoe  # noqa: F401  (registers torch.ops.fastmoe)
 import pytest
 import torch
+
+import fastmoe  # noqa: F401  (registers torch.ops.fastmoe)
 
 # ----------------------------------------------------------------------------------------------- devices
 
@@ -61,9 +62,7 @@ def make_generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def randn(
-    *shape, gen: torch.Generator, dtype=torch.float64, device="cpu", scale: float = 1.0
-) -> torch.Tensor:
+def randn(*shape, gen: torch.Generator, dtype=torch.float64, device="cpu", scale: float = 1.0) -> torch.Tensor:
     """Seeded normal data drawn on the CPU (same values on every device), then cast and moved."""
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
 
@@ -95,18 +94,12 @@ def tolerance_floor(dtype: torch.dtype) -> float:
     return 1e-3 * torch.finfo(dtype).eps
 
 
-def assert_within_policy(
-    actual, expected_fp64, torch_same_precision, name: str = "output", factor: float = 2.0
-):
+def assert_within_policy(actual, expected_fp64, torch_same_precision, name: str = "output", factor: float = 2.0):
     """DESIGN §6: the op's error against fp64 is at most ``factor`` times the error of the same-precision
     PyTorch reference against fp64, plus a tiny floor (errors as :func:`rms_error`). Shapes and dtypes must
     match exactly; a NaN anywhere fails."""
-    assert actual.shape == expected_fp64.shape, (
-        f"{name}: shape {tuple(actual.shape)} != {tuple(expected_fp64.shape)}"
-    )
-    assert actual.dtype == torch_same_precision.dtype, (
-        f"{name}: dtype {actual.dtype} != {torch_same_precision.dtype}"
-    )
+    assert actual.shape == expected_fp64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected_fp64.shape)}"
+    assert actual.dtype == torch_same_precision.dtype, f"{name}: dtype {actual.dtype} != {torch_same_precision.dtype}"
     op_error = rms_error(actual, expected_fp64)
     torch_error = rms_error(torch_same_precision, expected_fp64)
     bound = factor * torch_error + tolerance_floor(actual.dtype)
@@ -133,9 +126,7 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str
 # ----------------------------------------------------------------------------------------------- routing data
 
 
-def distinct_logits(
-    num_tokens: int, num_experts: int, gen: torch.Generator, dtype=torch.float64, device="cpu"
-):
+def distinct_logits(num_tokens: int, num_experts: int, gen: torch.Generator, dtype=torch.float64, device="cpu"):
     """``[T, E]`` logits whose entries in a row are at least 0.3 apart (no near-ties, even in bf16), in a
     random order per row and shifted per row, so top-k and its gradient are well defined."""
     order = (

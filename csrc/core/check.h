@@ -33,9 +33,9 @@ std::string str_cat(Parts&&... parts) {
 }  // namespace detail
 }  // namespace fastmoe
 
-#define FMOE_CHECK(cond, ...)                                                                  \
-  do {                                                                                         \
-    if (!(cond)) {                                                                             \
+#define FMOE_CHECK(cond, ...)                                                                      \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
       ::fastmoe::detail::fail(__FILE__, __LINE__, #cond, ::fastmoe::detail::str_cat(__VA_ARGS__)); \
-    }                                                                                          \
+    }                                                                                              \
   } while (0)

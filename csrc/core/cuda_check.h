@@ -5,11 +5,11 @@
 
 #include "core/check.h"
 
-#define FMOE_CHECK_CUDA(expr)                                                                     \
-  do {                                                                                            \
-    const cudaError_t fmoe_status_ = (expr);                                                      \
-    FMOE_CHECK(fmoe_status_ == cudaSuccess, "CUDA call `", #expr, "` failed: ",                   \
-               cudaGetErrorName(fmoe_status_), ": ", cudaGetErrorString(fmoe_status_));          \
+#define FMOE_CHECK_CUDA(expr)                                                                                         \
+  do {                                                                                                                \
+    const cudaError_t fmoe_status_ = (expr);                                                                          \
+    FMOE_CHECK(fmoe_status_ == cudaSuccess, "CUDA call `", #expr, "` failed: ", cudaGetErrorName(fmoe_status_), ": ", \
+               cudaGetErrorString(fmoe_status_));                                                                     \
   } while (0)
 
 // After every kernel launch: reports a bad launch configuration at the launch site, not at a later sync.

@@ -60,7 +60,7 @@ struct fp16_t {
     if (abs_raw >= 0x477ff000u) return fp16_t{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
     if (abs_raw < 0x38800000u) {  // subnormal half (or zero): scale into the 10-bit mantissa
       const float scaled = bits_to_float(abs_raw) * 16777216.0f;  // 2^24, exact
-      const float rounded = std::nearbyint(scaled);                 // default mode: nearest even
+      const float rounded = std::nearbyint(scaled);               // default mode: nearest even
       return fp16_t{static_cast<uint16_t>(sign | static_cast<uint32_t>(rounded))};
     }
     // Normal: re-bias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even.
@@ -82,35 +82,79 @@ struct fp16_t {
 };
 
 // Accumulation type: fp32 for every 16- and 32-bit type, fp64 for fp64 (docs/numerics.md).
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
-template <typename T> using acc_t = typename AccType<T>::type;
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
 
 // Accumulation type of the CPU references' long sequential reductions (softmax denominators over E, GEMM and dot
 // products over d): fp64 for fp32 inputs, so a plain left-to-right sum stays as accurate as the blocked or
 // tree-shaped fp32 sums of PyTorch and of the CUDA kernels (docs/numerics.md).
-template <typename T> struct WideAccType { using type = acc_t<T>; };
-template <> struct WideAccType<float> { using type = double; };
-template <typename T> using wide_acc_t = typename WideAccType<T>::type;
+template <typename T>
+struct WideAccType {
+  using type = acc_t<T>;
+};
+template <>
+struct WideAccType<float> {
+  using type = double;
+};
+template <typename T>
+using wide_acc_t = typename WideAccType<T>::type;
 
-template <typename T> inline acc_t<T> to_acc(T value) { return static_cast<acc_t<T>>(value); }
-template <> inline float to_acc<bf16_t>(bf16_t value) { return value.to_float(); }
-template <> inline float to_acc<fp16_t>(fp16_t value) { return value.to_float(); }
+template <typename T>
+inline acc_t<T> to_acc(T value) {
+  return static_cast<acc_t<T>>(value);
+}
+template <>
+inline float to_acc<bf16_t>(bf16_t value) {
+  return value.to_float();
+}
+template <>
+inline float to_acc<fp16_t>(fp16_t value) {
+  return value.to_float();
+}
 
-template <typename T> inline T from_acc(acc_t<T> value) { return static_cast<T>(value); }
-template <> inline bf16_t from_acc<bf16_t>(float value) { return bf16_t::from_float(value); }
-template <> inline fp16_t from_acc<fp16_t>(float value) { return fp16_t::from_float(value); }
+template <typename T>
+inline T from_acc(acc_t<T> value) {
+  return static_cast<T>(value);
+}
+template <>
+inline bf16_t from_acc<bf16_t>(float value) {
+  return bf16_t::from_float(value);
+}
+template <>
+inline fp16_t from_acc<fp16_t>(float value) {
+  return fp16_t::from_float(value);
+}
 
 }  // namespace fastmoe
 
 // Calls `__VA_ARGS__` with `scalar_t` bound to the C++ type of `dtype` (a generic lambda body works well).
-#define FMOE_DISPATCH_FLOAT_TYPES(dtype, name, ...)                                              \
-  [&] {                                                                                          \
-    switch (dtype) {                                                                             \
-      case ::fastmoe::DType::kFloat32: { using scalar_t = float; return __VA_ARGS__(); }         \
-      case ::fastmoe::DType::kFloat64: { using scalar_t = double; return __VA_ARGS__(); }        \
-      case ::fastmoe::DType::kFloat16: { using scalar_t = ::fastmoe::fp16_t; return __VA_ARGS__(); } \
-      case ::fastmoe::DType::kBFloat16: { using scalar_t = ::fastmoe::bf16_t; return __VA_ARGS__(); } \
-    }                                                                                            \
-    FMOE_CHECK(false, name, ": unsupported dtype code ", static_cast<int>(dtype));               \
+#define FMOE_DISPATCH_FLOAT_TYPES(dtype, name, ...)                                \
+  [&] {                                                                            \
+    switch (dtype) {                                                               \
+      case ::fastmoe::DType::kFloat32: {                                           \
+        using scalar_t = float;                                                    \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      case ::fastmoe::DType::kFloat64: {                                           \
+        using scalar_t = double;                                                   \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      case ::fastmoe::DType::kFloat16: {                                           \
+        using scalar_t = ::fastmoe::fp16_t;                                        \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      case ::fastmoe::DType::kBFloat16: {                                          \
+        using scalar_t = ::fastmoe::bf16_t;                                        \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+    }                                                                              \
+    FMOE_CHECK(false, name, ": unsupported dtype code ", static_cast<int>(dtype)); \
   }()

@@ -14,12 +14,13 @@ namespace {
 torch::Tensor token_matrix(const torch::Tensor& x, int64_t d_model) {
   TORCH_CHECK(x.defined(), "x must be a defined tensor");
   TORCH_CHECK(x.is_floating_point(), "x must be a floating-point tensor, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_model, "x must have shape [..., d_model=", d_model, "], got ",
-              x.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_model, "x must have shape [..., d_model=", d_model, "], got ", x.sizes());
   return x.reshape({-1, d_model});
 }
 
-void check_positive(int64_t value, const char* name) { TORCH_CHECK(value >= 1, name, " must be >= 1, got ", value); }
+void check_positive(int64_t value, const char* name) {
+  TORCH_CHECK(value >= 1, name, " must be >= 1, got ", value);
+}
 
 torch::Tensor apply_activation(const torch::Tensor& h, Activation activation) {
   switch (activation) {
@@ -54,10 +55,11 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
 NaiveGateImpl::NaiveGateImpl(const NaiveGateOptions& options_) : options(options_) {
   check_positive(options.d_model(), "d_model");
   check_positive(options.num_experts(), "num_experts");
-  TORCH_CHECK(options.top_k() >= 1 && options.top_k() <= options.num_experts(), "top_k must be in [1, num_experts=",
-              options.num_experts(), "], got ", options.top_k());
+  TORCH_CHECK(options.top_k() >= 1 && options.top_k() <= options.num_experts(),
+              "top_k must be in [1, num_experts=", options.num_experts(), "], got ", options.top_k());
   gate = register_module(
-      "gate", torch::nn::Linear(torch::nn::LinearOptions(options.d_model(), options.num_experts()).bias(options.bias())));
+      "gate",
+      torch::nn::Linear(torch::nn::LinearOptions(options.d_model(), options.num_experts()).bias(options.bias())));
 }
 
 std::tuple<torch::Tensor, torch::Tensor> NaiveGateImpl::forward(const torch::Tensor& x) {
@@ -74,8 +76,8 @@ GroupedLinearImpl::GroupedLinearImpl(int64_t num_experts, int64_t in_features, i
 }
 
 torch::Tensor GroupedLinearImpl::forward(const torch::Tensor& x, const torch::Tensor& expert_offsets) {
-  return ops::grouped_linear(x, expert_offsets, weight, bias.defined() ? std::optional<torch::Tensor>(bias)
-                                                                        : std::nullopt);
+  return ops::grouped_linear(x, expert_offsets, weight,
+                             bias.defined() ? std::optional<torch::Tensor>(bias) : std::nullopt);
 }
 
 MoEImpl::MoEImpl(const MoEOptions& options_, std::vector<torch::nn::AnyModule> experts_)
@@ -83,9 +85,10 @@ MoEImpl::MoEImpl(const MoEOptions& options_, std::vector<torch::nn::AnyModule> e
   check_positive(options.num_experts(), "num_experts");
   TORCH_CHECK(static_cast<int64_t>(experts.size()) == options.num_experts(), "MoE got ", experts.size(),
               " expert modules but num_experts=", options.num_experts());
-  gate = register_module("gate", NaiveGate(NaiveGateOptions(options.d_model(), options.num_experts())
-                                               .top_k(options.top_k())
-                                               .bias(options.gate_bias())));
+  gate = register_module(
+      "gate",
+      NaiveGate(
+          NaiveGateOptions(options.d_model(), options.num_experts()).top_k(options.top_k()).bias(options.gate_bias())));
   for (size_t e = 0; e < experts.size(); ++e) {
     TORCH_CHECK(!experts[e].is_empty(), "expert ", e, " is an empty AnyModule");
     register_module("expert" + std::to_string(e), experts[e].ptr());
@@ -93,30 +96,31 @@ MoEImpl::MoEImpl(const MoEOptions& options_, std::vector<torch::nn::AnyModule> e
 }
 
 torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
-  return route_and_combine(x, options.d_model(), options.num_experts(), gate, [&](const torch::Tensor& x_sorted,
-                                                                                  const ops::Plan& plan) {
-    // One host read of the offsets: a loop over arbitrary modules needs the row ranges.
-    const torch::Tensor offsets = plan.expert_offsets.cpu();
-    const int64_t* bounds = offsets.const_data_ptr<int64_t>();
-    std::vector<torch::Tensor> outputs;
-    for (int64_t e = 0; e < options.num_experts(); ++e) {
-      if (bounds[e + 1] > bounds[e]) {
-        outputs.push_back(experts[e].forward(x_sorted.slice(0, bounds[e], bounds[e + 1])));
-      }
-    }
-    const int64_t routed = bounds[options.num_experts()];
-    const int64_t width = outputs.empty() ? options.d_model() : outputs.front().size(1);
-    outputs.push_back(torch::zeros({x_sorted.size(0) - routed, width},
-                                   outputs.empty() ? x_sorted.options() : outputs.front().options()));
-    return torch::cat(outputs, 0);
-  });
+  return route_and_combine(
+      x, options.d_model(), options.num_experts(), gate, [&](const torch::Tensor& x_sorted, const ops::Plan& plan) {
+        // One host read of the offsets: a loop over arbitrary modules needs the row ranges.
+        const torch::Tensor offsets = plan.expert_offsets.cpu();
+        const int64_t* bounds = offsets.const_data_ptr<int64_t>();
+        std::vector<torch::Tensor> outputs;
+        for (int64_t e = 0; e < options.num_experts(); ++e) {
+          if (bounds[e + 1] > bounds[e]) {
+            outputs.push_back(experts[e].forward(x_sorted.slice(0, bounds[e], bounds[e + 1])));
+          }
+        }
+        const int64_t routed = bounds[options.num_experts()];
+        const int64_t width = outputs.empty() ? options.d_model() : outputs.front().size(1);
+        outputs.push_back(torch::zeros({x_sorted.size(0) - routed, width},
+                                       outputs.empty() ? x_sorted.options() : outputs.front().options()));
+        return torch::cat(outputs, 0);
+      });
 }
 
 TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : options(options_) {
   check_positive(options.d_hidden(), "d_hidden");
-  gate = register_module("gate", NaiveGate(NaiveGateOptions(options.d_model(), options.num_experts())
-                                               .top_k(options.top_k())
-                                               .bias(options.gate_bias())));
+  gate = register_module(
+      "gate",
+      NaiveGate(
+          NaiveGateOptions(options.d_model(), options.num_experts()).top_k(options.top_k()).bias(options.gate_bias())));
   auto experts = register_module("experts", std::make_shared<torch::nn::Module>());
   const int64_t hidden_rows = options.activation() == Activation::kSwiGLU ? 2 * options.d_hidden() : options.d_hidden();
   htoh4 = experts->register_module(

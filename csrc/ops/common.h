@@ -34,8 +34,8 @@ inline void check_defined(const at::Tensor& t, const char* name) {
 
 inline void check_float(const at::Tensor& t, const char* name) {
   check_defined(t, name);
-  TORCH_CHECK(is_supported_float(t.scalar_type()), name,
-              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(is_supported_float(t.scalar_type()), name, " must be float32, float64, float16 or bfloat16, got ",
+              t.scalar_type());
 }
 
 inline void check_int64(const at::Tensor& t, const char* name) {
@@ -48,8 +48,8 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const 
 }
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK(a.device() == b.device(), a_name, " and ", b_name, " must be on one device, got ", a.device(),
-              " and ", b.device());
+  TORCH_CHECK(a.device() == b.device(), a_name, " and ", b_name, " must be on one device, got ", a.device(), " and ",
+              b.device());
 }
 
 inline ScoreFn parse_score_fn(c10::string_view name) {
@@ -63,8 +63,8 @@ inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
 }
 
-// Converts fastmoe::Error (the torch-free kernels' and references' validation) into c10::Error so Python sees a plain RuntimeError
-// whose text starts with the reference's message.
+// Converts fastmoe::Error (the torch-free kernels' and references' validation) into c10::Error so Python sees a plain
+// RuntimeError whose text starts with the reference's message.
 template <typename Fn>
 auto call_kernel(Fn&& fn) -> decltype(fn()) {
   try {
@@ -83,7 +83,9 @@ auto call_kernel(Fn&& fn) -> decltype(fn()) {
 namespace fastmoe::ops_detail {
 
 // The stream every CUDA kernel of an op is enqueued on: the caller's current stream on the tensor's device.
-inline cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()); }
+inline cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index());
+}
 
 }  // namespace fastmoe::ops_detail
 #endif

@@ -30,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_meta(const 
   check_make_plan(topk_idx, num_experts);
   const auto opts = topk_idx.options();
   return {topk_idx.new_empty({num_experts}, opts), topk_idx.new_empty({num_experts + 1}, opts),
-          topk_idx.new_empty_symint({topk_idx.sym_numel()}, opts), at::empty_like(topk_idx, at::MemoryFormat::Contiguous)};
+          topk_idx.new_empty_symint({topk_idx.sym_numel()}, opts),
+          at::empty_like(topk_idx, at::MemoryFormat::Contiguous)};
 }
 
 #ifdef FASTMOE_WITH_CUDA_OPS
@@ -55,8 +56,8 @@ void make_plan_cuda_op(const at::Tensor& idx, int64_t num_experts, at::Tensor& c
                  workspace.mutable_data_ptr(), workspace_bytes, current_stream(idx));
   if (check_ids_on_cuda()) {
     const int64_t num_invalid = invalid.item<int64_t>();
-    TORCH_CHECK(num_invalid == 0, "topk_idx holds ", num_invalid, " expert ids outside [-1, num_experts=",
-                num_experts, ")");
+    TORCH_CHECK(num_invalid == 0, "topk_idx holds ", num_invalid, " expert ids outside [-1, num_experts=", num_experts,
+                ")");
   }
 }
 #endif
@@ -96,16 +97,16 @@ void check_plan_tensors(const at::Tensor& sorted_pair, const at::Tensor& pair_po
 void check_rows(const at::Tensor& rows, const char* name, const at::Tensor& sorted_pair) {
   check_float(rows, name);
   check_dim(rows, 2, name, "[num_tokens * k, d]");
-  TORCH_CHECK(rows.sym_size(0) == sorted_pair.sym_size(0), name, " has ", rows.sym_size(0),
-              " rows but the plan has ", sorted_pair.sym_size(0), " (num_tokens * k)");
+  TORCH_CHECK(rows.sym_size(0) == sorted_pair.sym_size(0), name, " has ", rows.sym_size(0), " rows but the plan has ",
+              sorted_pair.sym_size(0), " (num_tokens * k)");
   check_same_device(rows, name, sorted_pair, "sorted_pair");
 }
 
 void check_scores(const std::optional<at::Tensor>& topk_score, const at::Tensor& pair_pos) {
   if (!topk_score.has_value() || !topk_score->defined()) return;
   check_float(*topk_score, "topk_score");
-  TORCH_CHECK(topk_score->sym_sizes() == pair_pos.sym_sizes(), "topk_score must be [num_tokens, k] = ",
-              pair_pos.sym_sizes(), ", got ", topk_score->sym_sizes());
+  TORCH_CHECK(topk_score->sym_sizes() == pair_pos.sym_sizes(),
+              "topk_score must be [num_tokens, k] = ", pair_pos.sym_sizes(), ", got ", topk_score->sym_sizes());
   check_same_device(*topk_score, "topk_score", pair_pos, "pair_pos");
 }
 
@@ -162,8 +163,8 @@ void check_combine(const at::Tensor& y_sorted, const at::Tensor& sorted_pair, co
   check_scores(topk_score, pair_pos);
 }
 
-at::Tensor unpermute_combine_meta(const at::Tensor& y_sorted, const at::Tensor& sorted_pair,
-                                  const at::Tensor& pair_pos, const std::optional<at::Tensor>& topk_score) {
+at::Tensor unpermute_combine_meta(const at::Tensor& y_sorted, const at::Tensor& sorted_pair, const at::Tensor& pair_pos,
+                                  const std::optional<at::Tensor>& topk_score) {
   check_combine(y_sorted, sorted_pair, pair_pos, topk_score);
   return y_sorted.new_empty_symint({pair_pos.sym_size(0), y_sorted.sym_size(1)});
 }
@@ -208,24 +209,20 @@ void check_combine_backward(const at::Tensor& grad_y, const at::Tensor& y_sorted
               "need_score_grad=True requires topk_score");
 }
 
-std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_meta(const at::Tensor& grad_y,
-                                                                   const at::Tensor& y_sorted,
+std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_meta(const at::Tensor& grad_y, const at::Tensor& y_sorted,
                                                                    const at::Tensor& sorted_pair,
                                                                    const at::Tensor& pair_pos,
                                                                    const std::optional<at::Tensor>& topk_score,
                                                                    bool need_score_grad) {
   check_combine_backward(grad_y, y_sorted, sorted_pair, pair_pos, topk_score, need_score_grad);
-  at::Tensor grad_score = need_score_grad ? at::empty_like(*topk_score, at::MemoryFormat::Contiguous)
-                                          : grad_y.new_empty({0});
+  at::Tensor grad_score =
+      need_score_grad ? at::empty_like(*topk_score, at::MemoryFormat::Contiguous) : grad_y.new_empty({0});
   return {y_sorted.new_empty_symint(y_sorted.sym_sizes()), grad_score};
 }
 
-std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_kernel(const at::Tensor& grad_y,
-                                                                  const at::Tensor& y_sorted,
-                                                                  const at::Tensor& sorted_pair,
-                                                                  const at::Tensor& pair_pos,
-                                                                  const std::optional<at::Tensor>& topk_score,
-                                                                  bool need_score_grad) {
+std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_kernel(
+    const at::Tensor& grad_y, const at::Tensor& y_sorted, const at::Tensor& sorted_pair, const at::Tensor& pair_pos,
+    const std::optional<at::Tensor>& topk_score, bool need_score_grad) {
   // 1. grad_y_sorted[r] = score[p] * grad_y[p / k] for p = sorted_pair[r]: a permute scaled by the scores.
   // 2. grad_score[t, j] = <grad_y[t], y_sorted[pair_pos[t, j]]>, only when asked for.
   check_combine_backward(grad_y, y_sorted, sorted_pair, pair_pos, topk_score, need_score_grad);
@@ -280,15 +277,14 @@ at::Tensor unpermute_combine(const at::Tensor& y_sorted, const at::Tensor& sorte
 }
 
 std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward(const at::Tensor& grad_y, const at::Tensor& y_sorted,
-                                                              const at::Tensor& sorted_pair,
-                                                              const at::Tensor& pair_pos,
+                                                              const at::Tensor& sorted_pair, const at::Tensor& pair_pos,
                                                               const std::optional<at::Tensor>& topk_score,
                                                               bool need_score_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmoe::unpermute_combine_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&,
-                                                                 const std::optional<at::Tensor>&, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmoe::unpermute_combine_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
   return op.call(grad_y, y_sorted, sorted_pair, pair_pos, topk_score, need_score_grad);
 }
 

@@ -26,9 +26,9 @@ void check_grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets,
   check_dim(weight, 3, "weight", "[num_experts, out_features, in_features]");
   check_int64(expert_offsets, "expert_offsets");
   check_dim(expert_offsets, 1, "expert_offsets", "[num_experts + 1]");
-  TORCH_CHECK(expert_offsets.sym_size(0) == weight.sym_size(0) + 1, "expert_offsets must have num_experts + 1 = ",
-              weight.sym_size(0) + 1, " entries for weight of shape ", weight.sym_sizes(), ", got ",
-              expert_offsets.sym_size(0));
+  TORCH_CHECK(expert_offsets.sym_size(0) == weight.sym_size(0) + 1,
+              "expert_offsets must have num_experts + 1 = ", weight.sym_size(0) + 1, " entries for weight of shape ",
+              weight.sym_sizes(), ", got ", expert_offsets.sym_size(0));
   TORCH_CHECK(x.sym_size(1) == weight.sym_size(2), "x has ", x.sym_size(1), " features but weight expects ",
               weight.sym_size(2), " (weight shape ", weight.sym_sizes(), ")");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must share a dtype, got ", x.scalar_type(),
@@ -38,8 +38,8 @@ void check_grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets,
   if (bias.has_value() && bias->defined()) {
     check_float(*bias, "bias");
     TORCH_CHECK(bias->dim() == 2 && bias->sym_size(0) == weight.sym_size(0) && bias->sym_size(1) == weight.sym_size(1),
-                "bias must be [num_experts, out_features] = [", weight.sym_size(0), ", ", weight.sym_size(1),
-                "], got ", bias->sym_sizes());
+                "bias must be [num_experts, out_features] = [", weight.sym_size(0), ", ", weight.sym_size(1), "], got ",
+                bias->sym_sizes());
     TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "bias must have weight's dtype ", weight.scalar_type(),
                 ", got ", bias->scalar_type());
     check_same_device(*bias, "bias", weight, "weight");
@@ -53,10 +53,14 @@ at::Tensor grouped_linear_meta(const at::Tensor& x, const at::Tensor& expert_off
 }
 
 #ifdef FASTMOE_WITH_CUDA_OPS
-int device_major(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.device().index())->major; }
+int device_major(const at::Tensor& t) {
+  return at::cuda::getDeviceProperties(t.device().index())->major;
+}
 
 // torch's grouped GEMM takes the cumulative end of each group as int32: offsets[1:], converted on the device.
-at::Tensor group_ends_int32(const at::Tensor& offsets) { return offsets.slice(0, 1).to(at::kInt); }
+at::Tensor group_ends_int32(const at::Tensor& offsets) {
+  return offsets.slice(0, 1).to(at::kInt);
+}
 
 // y = x @ W[e]^T per expert through at::_grouped_mm, then bias and zero tail rows (expert_backend.h).
 at::Tensor grouped_linear_grouped_mm(const at::Tensor& in, const at::Tensor& offsets, const at::Tensor& w,
@@ -76,8 +80,7 @@ at::Tensor grouped_linear_kernel(const at::Tensor& x, const at::Tensor& expert_o
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
 #ifdef FASTMOE_WITH_CUDA_OPS
-  if (in.is_cuda() &&
-      choose_grouped_gemm_backend(in, w, device_major(in)) == GroupedGemmBackend::kTorchGroupedMm) {
+  if (in.is_cuda() && choose_grouped_gemm_backend(in, w, device_major(in)) == GroupedGemmBackend::kTorchGroupedMm) {
     return call_kernel([&] { return grouped_linear_grouped_mm(in, offsets, w, b); });
   }
 #endif
@@ -167,9 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
       return;
     }
 #endif
-    grouped_linear_backward_ref(to_dtype(in, "x"), gy.const_data_ptr(), in.const_data_ptr(), in.size(0),
-                                in.size(1), offsets.const_data_ptr<int64_t>(), num_experts, w.const_data_ptr(),
-                                out_features, output_mask[0] ? grad_x.mutable_data_ptr() : nullptr,
+    grouped_linear_backward_ref(to_dtype(in, "x"), gy.const_data_ptr(), in.const_data_ptr(), in.size(0), in.size(1),
+                                offsets.const_data_ptr<int64_t>(), num_experts, w.const_data_ptr(), out_features,
+                                output_mask[0] ? grad_x.mutable_data_ptr() : nullptr,
                                 output_mask[1] ? grad_w.mutable_data_ptr() : nullptr,
                                 output_mask[2] ? grad_b.mutable_data_ptr() : nullptr);
   });
@@ -189,16 +192,15 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets,
   return op.call(x, expert_offsets, weight, bias);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_y,
-                                                                       const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                                        const at::Tensor& expert_offsets,
                                                                        const at::Tensor& weight,
                                                                        std::array<bool, 3> output_mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmoe::grouped_linear_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           std::array<bool, 3>)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmoe::grouped_linear_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, std::array<bool, 3>)>();
   return op.call(grad_y, x, expert_offsets, weight, output_mask);
 }
 

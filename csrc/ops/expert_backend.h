@@ -3,9 +3,9 @@
 //
 //   kTorchGroupedMm  at::_grouped_mm (torch's CUTLASS grouped GEMM on sm_90+: tensor cores, fp32 accumulation,
 //                    one launch for all experts). Taken for bf16 when every row is 16-byte aligned (in and out
-//                    features multiples of 8) on a GPU of compute capability >= 9.0, with at least one row. It writes only the routed
-//                    rows and takes no per-expert bias, so fastmoe's epilogue kernel adds the bias and zeroes the
-//                    tail rows, and zeroes the weight gradient of experts with no rows.
+//                    features multiples of 8) on a GPU of compute capability >= 9.0, with at least one row. It writes
+//                    only the routed rows and takes no per-expert bias, so fastmoe's epilogue kernel adds the bias and
+//                    zeroes the tail rows, and zeroes the weight gradient of experts with no rows.
 //   kTiledKernel     fastmoe's portable tiled kernel (csrc/kernels/expert/grouped_linear.cu): every dtype
 //                    (fp32, fp64, fp16, bf16) and any width, fp32 accumulation (fp64 for fp64).
 //
@@ -35,15 +35,14 @@ inline bool is_16_byte_aligned(const at::Tensor& t) {
 }
 
 // x [N, in] and weight [E, out, in] are contiguous CUDA tensors; device_major is the GPU's compute capability.
-inline GroupedGemmBackend choose_grouped_gemm_backend(const at::Tensor& x, const at::Tensor& weight,
-                                                      int device_major) {
+inline GroupedGemmBackend choose_grouped_gemm_backend(const at::Tensor& x, const at::Tensor& weight, int device_major) {
   static const std::string forced = [] {
     const char* value = std::getenv("FASTMOE_GROUPED_GEMM");
     return std::string(value == nullptr ? "" : value);
   }();
   const bool grouped_mm_ok = x.scalar_type() == at::kBFloat16 && device_major >= 9 && x.size(0) > 0 &&
-                             x.size(1) % 8 == 0 &&
-                             weight.size(1) % 8 == 0 && is_16_byte_aligned(x) && is_16_byte_aligned(weight);
+                             x.size(1) % 8 == 0 && weight.size(1) % 8 == 0 && is_16_byte_aligned(x) &&
+                             is_16_byte_aligned(weight);
   if (forced == "tiled") return GroupedGemmBackend::kTiledKernel;
   return grouped_mm_ok ? GroupedGemmBackend::kTorchGroupedMm : GroupedGemmBackend::kTiledKernel;
 }

@@ -15,14 +15,12 @@ at::Tensor route_topk_backward(const at::Tensor& grad_score, const at::Tensor& l
 
 // Returns (grad_y_sorted [T*k, d], grad_score [T, k]); grad_score is empty ([0]) unless need_score_grad.
 std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward(const at::Tensor& grad_y, const at::Tensor& y_sorted,
-                                                              const at::Tensor& sorted_pair,
-                                                              const at::Tensor& pair_pos,
+                                                              const at::Tensor& sorted_pair, const at::Tensor& pair_pos,
                                                               const std::optional<at::Tensor>& topk_score,
                                                               bool need_score_grad);
 
 // Returns (grad_x, grad_weight, grad_bias); an output whose mask entry is false is empty ([0]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_y,
-                                                                       const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                                        const at::Tensor& expert_offsets,
                                                                        const at::Tensor& weight,
                                                                        std::array<bool, 3> output_mask);

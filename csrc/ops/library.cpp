@@ -8,21 +8,25 @@
 TORCH_LIBRARY(fastmoe, m) {
   // Routing: logits [T, E] -> top-k ids [T, k] int64 and scores [T, k].
   m.def("route_topk(Tensor logits, int k, str score_fn=\"topk_softmax\") -> (Tensor topk_idx, Tensor topk_score)");
-  m.def("route_topk_backward(Tensor grad_score, Tensor logits, Tensor topk_idx, Tensor topk_score, "
-        "str score_fn) -> Tensor");
+  m.def(
+      "route_topk_backward(Tensor grad_score, Tensor logits, Tensor topk_idx, Tensor topk_score, "
+      "str score_fn) -> Tensor");
 
   // Plan: topk_idx [T, k] -> counts [E], offsets [E+1], sorted_pair [T*k], pair_pos [T, k].
-  m.def("make_plan(Tensor topk_idx, int num_experts) -> "
-        "(Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pair, Tensor pair_pos)");
+  m.def(
+      "make_plan(Tensor topk_idx, int num_experts) -> "
+      "(Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pair, Tensor pair_pos)");
 
   // Permute x [T, d] -> [T*k, d] in plan order; combine back with weights -> [T, d].
   m.def("permute(Tensor x, Tensor sorted_pair, Tensor pair_pos) -> Tensor");
   m.def("unpermute_combine(Tensor y_sorted, Tensor sorted_pair, Tensor pair_pos, Tensor? topk_score) -> Tensor");
-  m.def("unpermute_combine_backward(Tensor grad_y, Tensor y_sorted, Tensor sorted_pair, Tensor pair_pos, "
-        "Tensor? topk_score, bool need_score_grad) -> (Tensor grad_y_sorted, Tensor grad_score)");
+  m.def(
+      "unpermute_combine_backward(Tensor grad_y, Tensor y_sorted, Tensor sorted_pair, Tensor pair_pos, "
+      "Tensor? topk_score, bool need_score_grad) -> (Tensor grad_y_sorted, Tensor grad_score)");
 
   // Grouped linear: x [N, in], offsets [E+1], weight [E, out, in], bias [E, out] -> [N, out].
   m.def("grouped_linear(Tensor x, Tensor expert_offsets, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("grouped_linear_backward(Tensor grad_y, Tensor x, Tensor expert_offsets, Tensor weight, "
-        "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "grouped_linear_backward(Tensor grad_y, Tensor x, Tensor expert_offsets, Tensor weight, "
+      "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 }

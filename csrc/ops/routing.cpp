@@ -76,8 +76,8 @@ void check_route_topk_backward(const at::Tensor& grad_score, const at::Tensor& l
   parse_score_fn(score_fn);
 }
 
-at::Tensor route_topk_backward_meta(const at::Tensor& grad_score, const at::Tensor& logits,
-                                    const at::Tensor& topk_idx, const at::Tensor& topk_score, c10::string_view score_fn) {
+at::Tensor route_topk_backward_meta(const at::Tensor& grad_score, const at::Tensor& logits, const at::Tensor& topk_idx,
+                                    const at::Tensor& topk_score, c10::string_view score_fn) {
   check_route_topk_backward(grad_score, logits, topk_idx, topk_score, score_fn);
   return at::empty_like(logits, at::MemoryFormat::Contiguous);
 }
@@ -121,8 +121,8 @@ at::Tensor route_topk_backward(const at::Tensor& grad_score, const at::Tensor& l
                                const at::Tensor& topk_score, const std::string& score_fn) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastmoe::route_topk_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, c10::string_view)>();
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         c10::string_view)>();
   return op.call(grad_score, logits, topk_idx, topk_score, score_fn);
 }
 

@@ -1,6 +1,7 @@
 // fastmoe._C: the Python extension. It holds no bindings: linking it to libfastmoe_torch makes importing it
 // run the TORCH_LIBRARY registrations, after which every op is reachable as torch.ops.fastmoe.<name>.
-// It also reports how the library was built: with_cuda is true when the ops have CUDA kernels. Torch-free, so it compiles in a second.
+// It also reports how the library was built: with_cuda is true when the ops have CUDA kernels. Torch-free, so it
+// compiles in a second.
 #include <Python.h>
 
 namespace {

@@ -37,8 +37,8 @@ void make_plan_ref(const int64_t* topk_idx, int64_t num_pairs, int64_t num_exper
 namespace {
 
 template <typename T, typename S>
-void permute_impl(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows,
-                  int64_t k, const S* pair_scale, T* x_sorted) {
+void permute_impl(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows, int64_t k,
+                  const S* pair_scale, T* x_sorted) {
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t pair = sorted_pair[r];
     T* out = x_sorted + r * d;
@@ -47,8 +47,8 @@ void permute_impl(const T* x, int64_t num_tokens, int64_t d, const int64_t* sort
       for (int64_t c = 0; c < d; ++c) out[c] = from_acc<T>(acc_t<T>(0));
       continue;
     }
-    FMOE_CHECK(pair < num_tokens * k, "sorted_pair[", r, "] = ", pair, " is outside [-1, num_tokens*k=",
-               num_tokens * k, ")");
+    FMOE_CHECK(pair < num_tokens * k, "sorted_pair[", r, "] = ", pair, " is outside [-1, num_tokens*k=", num_tokens * k,
+               ")");
     const T* in = x + (pair / k) * d;
     if (pair_scale == nullptr) {
       for (int64_t c = 0; c < d; ++c) out[c] = in[c];  // pure data movement: bitwise copy
@@ -60,8 +60,8 @@ void permute_impl(const T* x, int64_t num_tokens, int64_t d, const int64_t* sort
 }
 
 template <typename T, typename S>
-void unpermute_combine_impl(const T* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
-                            int64_t num_tokens, int64_t k, const S* topk_score, T* y) {
+void unpermute_combine_impl(const T* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos, int64_t num_tokens,
+                            int64_t k, const S* topk_score, T* y) {
   // Per token: 1. validate its kept slots.  2. Unweighted with one kept slot: a bitwise row copy (so -0 and NaN
   // payloads survive, as data movement must).  3. Otherwise start from the first kept slot's term (not from +0,
   // which would turn a lone -0 into +0) and add the rest in slot order.  4. No kept slot: zeros.
@@ -73,8 +73,8 @@ void unpermute_combine_impl(const T* y_sorted, int64_t num_rows, int64_t d, cons
     for (int64_t j = 0; j < k; ++j) {
       FMOE_CHECK(pos[j] >= -1, "pair_pos[", t, ", ", j, "] = ", pos[j], " is outside [-1, num_rows=", num_rows, ")");
       if (pos[j] < 0) continue;
-      FMOE_CHECK(pos[j] < num_rows, "pair_pos[", t, ", ", j, "] = ", pos[j], " is outside [-1, num_rows=",
-                 num_rows, ")");
+      FMOE_CHECK(pos[j] < num_rows, "pair_pos[", t, ", ", j, "] = ", pos[j], " is outside [-1, num_rows=", num_rows,
+                 ")");
       if (kept++ == 0) first = j;
     }
     T* out = y + t * d;
@@ -101,8 +101,8 @@ void unpermute_combine_impl(const T* y_sorted, int64_t num_rows, int64_t d, cons
 }
 
 template <typename T, typename S>
-void combine_score_grad_impl(const T* grad_y, const T* y_sorted, int64_t num_rows, int64_t d,
-                             const int64_t* pair_pos, int64_t num_tokens, int64_t k, S* grad_score) {
+void combine_score_grad_impl(const T* grad_y, const T* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
+                             int64_t num_tokens, int64_t k, S* grad_score) {
   using A = wide_acc_t<T>;  // a dot product over d: fp64 for fp32, see dtype.h
   for (int64_t t = 0; t < num_tokens; ++t) {
     for (int64_t j = 0; j < k; ++j) {
@@ -110,8 +110,7 @@ void combine_score_grad_impl(const T* grad_y, const T* y_sorted, int64_t num_row
       A dot = 0;
       FMOE_CHECK(pos >= -1, "pair_pos[", t, ", ", j, "] = ", pos, " is outside [-1, num_rows=", num_rows, ")");
       if (pos >= 0) {
-        FMOE_CHECK(pos < num_rows, "pair_pos[", t, ", ", j, "] = ", pos, " is outside [-1, num_rows=",
-                   num_rows, ")");
+        FMOE_CHECK(pos < num_rows, "pair_pos[", t, ", ", j, "] = ", pos, " is outside [-1, num_rows=", num_rows, ")");
         for (int64_t c = 0; c < d; ++c) dot += to_acc(grad_y[t * d + c]) * to_acc(y_sorted[pos * d + c]);
       }
       grad_score[t * k + j] = from_acc<S>(static_cast<acc_t<S>>(dot));
@@ -149,8 +148,8 @@ void combine_score_grad_ref(DType dtype, const void* grad_y, const void* y_sorte
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "combine_score_grad_ref", [&] {
     using value_t = scalar_t;
     FMOE_DISPATCH_FLOAT_TYPES(score_dtype, "combine_score_grad_ref", [&] {
-      combine_score_grad_impl(static_cast<const value_t*>(grad_y), static_cast<const value_t*>(y_sorted),
-                              num_rows, d, pair_pos, num_tokens, k, static_cast<scalar_t*>(grad_score));
+      combine_score_grad_impl(static_cast<const value_t*>(grad_y), static_cast<const value_t*>(y_sorted), num_rows, d,
+                              pair_pos, num_tokens, k, static_cast<scalar_t*>(grad_score));
     });
   });
 }

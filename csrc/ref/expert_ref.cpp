@@ -9,18 +9,18 @@ namespace fastmoe {
 void check_expert_offsets_ref(const int64_t* expert_offsets, int64_t num_experts, int64_t num_rows) {
   FMOE_CHECK(expert_offsets[0] == 0, "expert_offsets[0] must be 0, got ", expert_offsets[0]);
   for (int64_t e = 0; e < num_experts; ++e) {
-    FMOE_CHECK(expert_offsets[e + 1] >= expert_offsets[e], "expert_offsets must be non-decreasing, got offsets[",
-               e, "] = ", expert_offsets[e], " > offsets[", e + 1, "] = ", expert_offsets[e + 1]);
+    FMOE_CHECK(expert_offsets[e + 1] >= expert_offsets[e], "expert_offsets must be non-decreasing, got offsets[", e,
+               "] = ", expert_offsets[e], " > offsets[", e + 1, "] = ", expert_offsets[e + 1]);
   }
-  FMOE_CHECK(expert_offsets[num_experts] <= num_rows, "expert_offsets[", num_experts, "] = ",
-             expert_offsets[num_experts], " exceeds the ", num_rows, " rows of x");
+  FMOE_CHECK(expert_offsets[num_experts] <= num_rows, "expert_offsets[", num_experts,
+             "] = ", expert_offsets[num_experts], " exceeds the ", num_rows, " rows of x");
 }
 
 namespace {
 
 template <typename T>
-void grouped_linear_impl(const T* x, int64_t num_rows, int64_t in_features, const int64_t* offsets,
-                         int64_t num_experts, const T* weight, int64_t out_features, const T* bias, T* y) {
+void grouped_linear_impl(const T* x, int64_t num_rows, int64_t in_features, const int64_t* offsets, int64_t num_experts,
+                         const T* weight, int64_t out_features, const T* bias, T* y) {
   using A = wide_acc_t<T>;  // fp64 for fp32: see dtype.h
   // Widen each expert's weight once so the inner dot product runs in the accumulation type.
   std::vector<A> w(out_features * in_features), xr(in_features);
@@ -46,8 +46,8 @@ void grouped_linear_impl(const T* x, int64_t num_rows, int64_t in_features, cons
 
 template <typename T>
 void grouped_linear_backward_impl(const T* grad_y, const T* x, int64_t num_rows, int64_t in_features,
-                                  const int64_t* offsets, int64_t num_experts, const T* weight,
-                                  int64_t out_features, T* grad_x, T* grad_weight, T* grad_bias) {
+                                  const int64_t* offsets, int64_t num_experts, const T* weight, int64_t out_features,
+                                  T* grad_x, T* grad_weight, T* grad_bias) {
   // 1. grad_x[r] = W[e]^T grad_y[r] per row.  2. grad_W[e] = sum_r grad_y[r] x[r]^T and grad_b[e] = sum_r
   // grad_y[r], each summed over the expert's rows in row order.  3. Rows past offsets[E] get zero grad_x.
   using A = wide_acc_t<T>;  // fp64 for fp32: see dtype.h
@@ -100,8 +100,8 @@ void grouped_linear_backward_impl(const T* grad_y, const T* x, int64_t num_rows,
 }  // namespace
 
 void grouped_linear_ref(DType dtype, const void* x, int64_t num_rows, int64_t in_features,
-                        const int64_t* expert_offsets, int64_t num_experts, const void* weight,
-                        int64_t out_features, const void* bias, void* y) {
+                        const int64_t* expert_offsets, int64_t num_experts, const void* weight, int64_t out_features,
+                        const void* bias, void* y) {
   check_expert_offsets_ref(expert_offsets, num_experts, num_rows);
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "grouped_linear_ref", [&] {
     grouped_linear_impl(static_cast<const scalar_t*>(x), num_rows, in_features, expert_offsets, num_experts,
@@ -110,10 +110,9 @@ void grouped_linear_ref(DType dtype, const void* x, int64_t num_rows, int64_t in
   });
 }
 
-void grouped_linear_backward_ref(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
-                                 int64_t in_features, const int64_t* expert_offsets, int64_t num_experts,
-                                 const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
-                                 void* grad_bias) {
+void grouped_linear_backward_ref(DType dtype, const void* grad_y, const void* x, int64_t num_rows, int64_t in_features,
+                                 const int64_t* expert_offsets, int64_t num_experts, const void* weight,
+                                 int64_t out_features, void* grad_x, void* grad_weight, void* grad_bias) {
   check_expert_offsets_ref(expert_offsets, num_experts, num_rows);
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "grouped_linear_backward_ref", [&] {
     grouped_linear_backward_impl(static_cast<const scalar_t*>(grad_y), static_cast<const scalar_t*>(x), num_rows,
@@ -145,7 +144,8 @@ void grouped_bias_epilogue_ref(DType dtype, void* y, int64_t num_rows, int64_t o
 
 void zero_empty_groups_ref(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets) {
   for (int64_t g = 0; g < num_groups; ++g) {
-    if (expert_offsets[g + 1] == expert_offsets[g]) std::memset(static_cast<char*>(groups) + g * group_bytes, 0, group_bytes);
+    if (expert_offsets[g + 1] == expert_offsets[g])
+      std::memset(static_cast<char*>(groups) + g * group_bytes, 0, group_bytes);
   }
 }
 

@@ -18,16 +18,15 @@ void check_expert_offsets_ref(const int64_t* expert_offsets, int64_t num_experts
 // bias:           [num_experts, out_features], dtype, or nullptr
 // y:              [num_rows, out_features], written: y[r] = weight[e] @ x[r] + bias[e]; zero for r >= offsets[E]
 void grouped_linear_ref(DType dtype, const void* x, int64_t num_rows, int64_t in_features,
-                        const int64_t* expert_offsets, int64_t num_experts, const void* weight,
-                        int64_t out_features, const void* bias, void* y);
+                        const int64_t* expert_offsets, int64_t num_experts, const void* weight, int64_t out_features,
+                        const void* bias, void* y);
 
 // grad_y: [num_rows, out_features]. Each output may be nullptr to skip it:
 // grad_x [num_rows, in_features] (zero past offsets[E]), grad_weight [E, out, in] and grad_bias [E, out]
 // (zero for an expert with no rows).
-void grouped_linear_backward_ref(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
-                                 int64_t in_features, const int64_t* expert_offsets, int64_t num_experts,
-                                 const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
-                                 void* grad_bias);
+void grouped_linear_backward_ref(DType dtype, const void* grad_y, const void* x, int64_t num_rows, int64_t in_features,
+                                 const int64_t* expert_offsets, int64_t num_experts, const void* weight,
+                                 int64_t out_features, void* grad_x, void* grad_weight, void* grad_bias);
 
 // Epilogue for library grouped GEMMs that write only the routed rows and take no per-expert bias:
 // y: [num_rows, out_features], updated in place: rows of expert e get bias[e] added (rounded once; bias may be

@@ -39,8 +39,8 @@ void softmax_inplace(A* row, int64_t n) {
 }
 
 template <typename T>
-void route_topk_impl(const T* logits, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn,
-                     int64_t* topk_idx, T* topk_score) {
+void route_topk_impl(const T* logits, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn, int64_t* topk_idx,
+                     T* topk_score) {
   using A = acc_t<T>;
   std::vector<A> values(num_experts);
   std::vector<int64_t> chosen(k);
@@ -75,9 +75,8 @@ void route_topk_impl(const T* logits, int64_t num_tokens, int64_t num_experts, i
 }
 
 template <typename T>
-void route_topk_backward_impl(const T* grad_score, const T* logits, const int64_t* topk_idx,
-                              const T* topk_score, int64_t num_tokens, int64_t num_experts, int64_t k,
-                              ScoreFn fn, T* grad_logits) {
+void route_topk_backward_impl(const T* grad_score, const T* logits, const int64_t* topk_idx, const T* topk_score,
+                              int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn, T* grad_logits) {
   using A = acc_t<T>;
   std::vector<A> grad(num_experts), probs(num_experts);
   for (int64_t t = 0; t < num_tokens; ++t) {
@@ -112,8 +111,8 @@ void check_route_args(int64_t num_tokens, int64_t num_experts, int64_t k) {
 
 }  // namespace
 
-void route_topk_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, int64_t k,
-                    ScoreFn fn, int64_t* topk_idx, void* topk_score) {
+void route_topk_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn,
+                    int64_t* topk_idx, void* topk_score) {
   check_route_args(num_tokens, num_experts, k);
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "route_topk_ref", [&] {
     route_topk_impl(static_cast<const scalar_t*>(logits), num_tokens, num_experts, k, fn, topk_idx,
@@ -122,16 +121,16 @@ void route_topk_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t
 }
 
 void route_topk_backward_ref(DType dtype, const void* grad_score, const void* logits, const int64_t* topk_idx,
-                             const void* topk_score, int64_t num_tokens, int64_t num_experts, int64_t k,
-                             ScoreFn fn, void* grad_logits) {
+                             const void* topk_score, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn,
+                             void* grad_logits) {
   check_route_args(num_tokens, num_experts, k);
   for (int64_t i = 0; i < num_tokens * k; ++i) {
-    FMOE_CHECK(topk_idx[i] >= 0 && topk_idx[i] < num_experts, "topk_idx[", i / k, ", ", i % k,
-               "] = ", topk_idx[i], " is outside [0, ", num_experts, ")");
+    FMOE_CHECK(topk_idx[i] >= 0 && topk_idx[i] < num_experts, "topk_idx[", i / k, ", ", i % k, "] = ", topk_idx[i],
+               " is outside [0, ", num_experts, ")");
   }
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "route_topk_backward_ref", [&] {
-    route_topk_backward_impl(static_cast<const scalar_t*>(grad_score), static_cast<const scalar_t*>(logits),
-                             topk_idx, static_cast<const scalar_t*>(topk_score), num_tokens, num_experts, k, fn,
+    route_topk_backward_impl(static_cast<const scalar_t*>(grad_score), static_cast<const scalar_t*>(logits), topk_idx,
+                             static_cast<const scalar_t*>(topk_score), num_tokens, num_experts, k, fn,
                              static_cast<scalar_t*>(grad_logits));
   });
 }

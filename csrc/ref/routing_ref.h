@@ -23,13 +23,13 @@ const char* score_fn_name(ScoreFn fn);
 // logits:     [num_tokens, num_experts] contiguous, dtype
 // topk_idx:   [num_tokens, k] int64, written
 // topk_score: [num_tokens, k] dtype, written
-void route_topk_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, int64_t k,
-                    ScoreFn fn, int64_t* topk_idx, void* topk_score);
+void route_topk_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn,
+                    int64_t* topk_idx, void* topk_score);
 
 // grad_score: [num_tokens, k]; logits: [num_tokens, num_experts]; topk_idx, topk_score: the forward outputs.
 // grad_logits: [num_tokens, num_experts], written (zero outside the softmax's support).
 void route_topk_backward_ref(DType dtype, const void* grad_score, const void* logits, const int64_t* topk_idx,
-                             const void* topk_score, int64_t num_tokens, int64_t num_experts, int64_t k,
-                             ScoreFn fn, void* grad_logits);
+                             const void* topk_score, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn,
+                             void* grad_logits);
 
 }  // namespace fastmoe

@@ -34,9 +34,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
         self.norm2 = nn.LayerNorm(d_model)
-        self.moe = fastmoe.FMoETransformerMLP(
-            num_expert=num_expert, d_model=d_model, d_hidden=2 * d_model, top_k=top_k
-        )
+        self.moe = fastmoe.FMoETransformerMLP(num_expert=num_expert, d_model=d_model, d_hidden=2 * d_model, top_k=top_k)
 
     def forward(self, x: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)

@@ -7,8 +7,11 @@ code.
 
 import torch  # noqa: F401  (loads libtorch before fastmoe's library, which links against it)
 
-from fastmoe import _C  # noqa: F401  (registers the ops)
-from fastmoe import gates, ops
+from fastmoe import (
+    _C,  # noqa: F401  (registers the ops)
+    gates,
+    ops,
+)
 from fastmoe.layers import FMoE
 from fastmoe.linear import FMoELinear
 from fastmoe.transformer import FMoETransformerMLP

@@ -57,8 +57,12 @@ class FMoE(nn.Module):
                 f"expert parallelism is not available in this release: got world_size={world_size}, "
                 f"moe_group={moe_group!r}; use world_size=1"
             )
-        for name, value in (("mp_group", mp_group), ("slice_group", slice_group), ("mask", mask),
-                            ("mask_dict", mask_dict)):
+        for name, value in (
+            ("mp_group", mp_group),
+            ("slice_group", slice_group),
+            ("mask", mask),
+            ("mask_dict", mask_dict),
+        ):
             if value is not None:
                 raise NotImplementedError(f"{name} is not supported by fastmoe.FMoE, got {name}={value!r}")
         self.num_experts_total = self.num_expert * self.world_size
@@ -92,9 +96,7 @@ class FMoE(nn.Module):
             expert_offsets = ops.counts_to_offsets(fwd_expert_count)
         bounds = expert_offsets.tolist()  # host sync: a Python loop over modules needs the row ranges
         outputs = [
-            self.experts[e](inp[bounds[e] : bounds[e + 1]])
-            for e in range(self.num_expert)
-            if bounds[e + 1] > bounds[e]
+            self.experts[e](inp[bounds[e] : bounds[e + 1]]) for e in range(self.num_expert) if bounds[e + 1] > bounds[e]
         ]
         routed = bounds[self.num_expert]
         width = outputs[0].shape[-1] if outputs else self.d_model

@@ -19,10 +19,10 @@
 #include <vector>
 
 #include "core/cuda_check.h"
+#include "cuda_test_util.h"
 #include "kernels/dispatch/dispatch.h"
 #include "kernels/expert/expert.h"
 #include "kernels/routing/routing.h"
-#include "cuda_test_util.h"
 #include "test_util.h"
 
 namespace fastmoe {

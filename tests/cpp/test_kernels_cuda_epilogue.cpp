@@ -18,7 +18,9 @@ namespace {
 class CudaEpilogue : public CudaKernelTest {};
 
 // Offsets over num_rows rows with empty experts and a tail of unrouted rows.
-std::vector<int64_t> offsets_with_gaps() { return {0, 5, 5, 12, 30, 30}; }
+std::vector<int64_t> offsets_with_gaps() {
+  return {0, 5, 5, 12, 30, 30};
+}
 
 TEST_F(CudaEpilogue, BiasAndTailMatchReferenceBitwiseForEveryDtype) {
   const int64_t num_rows = 37, out_features = 19, num_experts = 5;  // 7 tail rows, odd width

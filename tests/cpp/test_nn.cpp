@@ -27,7 +27,9 @@ torch::Tensor reference_moe(const torch::Tensor& x, const torch::Tensor& gate_w,
   return y;
 }
 
-double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
 
 class TransformerMLPTest : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, Activation>> {};
 
@@ -128,9 +130,9 @@ TEST(MoE, AnyModuleExpertsMatchAPlainLoop) {
   const torch::Tensor x = torch::randn({17, d_model}, torch::kFloat64);
   const torch::Tensor y = moe->forward(x);
   ASSERT_EQ(y.sizes(), (std::vector<int64_t>{17, 3}));
-  const torch::Tensor y_ref =
-      reference_moe(x, moe->gate->gate->weight, moe->gate->gate->bias, 2,
-                    [&](int64_t e, const torch::Tensor& t) { return linears[e]->forward(t); }, num_experts);
+  const torch::Tensor y_ref = reference_moe(
+      x, moe->gate->gate->weight, moe->gate->gate->bias, 2,
+      [&](int64_t e, const torch::Tensor& t) { return linears[e]->forward(t); }, num_experts);
   EXPECT_LT(max_abs_diff(y, y_ref), 1e-12);
   const auto names = moe->named_parameters().keys();
   EXPECT_THAT(names, ::testing::Contains("expert4.weight"));
@@ -202,8 +204,8 @@ TEST(Ops, GroupedLinearGradientsReachEveryInput) {
   const torch::Tensor x2 = x.detach().clone().requires_grad_(true);
   const torch::Tensor w2 = w.detach().clone().requires_grad_(true);
   const torch::Tensor b2 = b.detach().clone().requires_grad_(true);
-  torch::Tensor ref = torch::cat({torch::addmm(b2[0], x2.slice(0, 0, 2), w2[0].t()),
-                                  torch::addmm(b2[2], x2.slice(0, 2, 6), w2[2].t())});
+  torch::Tensor ref = torch::cat(
+      {torch::addmm(b2[0], x2.slice(0, 0, 2), w2[0].t()), torch::addmm(b2[2], x2.slice(0, 2, 6), w2[2].t())});
   ref.pow(2).sum().backward();
   EXPECT_LT(max_abs_diff(x.grad(), x2.grad()), 1e-12);
   EXPECT_LT(max_abs_diff(w.grad(), w2.grad()), 1e-12);

@@ -1,6 +1,6 @@
 // Tests of csrc/ref/routing_ref: route_topk_ref against a straightforward double implementation written here
-// (a stable sort of the logits with NaN first, then softmax), and route_topk_backward_ref against central finite differences
-// of the forward and against the softmax Jacobian in double.
+// (a stable sort of the logits with NaN first, then softmax), and route_topk_backward_ref against central finite
+// differences of the forward and against the softmax Jacobian in double.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

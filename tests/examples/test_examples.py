@@ -9,8 +9,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_train_tiny_demo_runs_and_its_loss_falls():
-    cmd = [sys.executable, str(ROOT / "examples/python/train_tiny.py"), "--steps", "15", "--d-model", "32",
-           "--context", "16", "--batch", "8", "--layers", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples/python/train_tiny.py"),
+        "--steps",
+        "15",
+        "--d-model",
+        "32",
+        "--context",
+        "16",
+        "--batch",
+        "8",
+        "--layers",
+        "1",
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,10 +3,11 @@ forwards reject wrong values, shapes, dtypes and devices with an error naming th
 
 import pytest
 import torch
+from torch import nn
+
 from conftest import mentions
 from fastmoe import FMoE, FMoELinear, FMoETransformerMLP
 from fastmoe.gates import NaiveGate
-from torch import nn
 
 D = 6
 

@@ -4,6 +4,8 @@ gradient, the dense limit, determinism, custom experts, hooks, losses, shapes an
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from conftest import (
     assert_bitwise_equal,
     assert_within_policy,
@@ -14,7 +16,6 @@ from fastmoe import FMoE, FMoELinear, FMoETransformerMLP, ops
 from fastmoe.gates import BaseGate, NaiveGate
 from fastmoe.testing import dense_mlp, reference_moe_mlp, reference_route_topk
 from fastmoe.transformer import swiglu
-from torch import nn
 
 D_MODEL, D_HIDDEN, NUM_TOKENS = 8, 12, 24
 
@@ -42,9 +43,7 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
 
 def make_mlp(num_expert, top_k, dtype=torch.float64, seed=0, d_model=D_MODEL, d_hidden=D_HIDDEN, **kwargs):
     torch.manual_seed(seed)
-    layer = FMoETransformerMLP(
-        num_expert=num_expert, d_model=d_model, d_hidden=d_hidden, top_k=top_k, **kwargs
-    )
+    layer = FMoETransformerMLP(num_expert=num_expert, d_model=d_model, d_hidden=d_hidden, top_k=top_k, **kwargs)
     return randomize_(layer, seed).to(dtype)
 
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import mentions
 from fastmoe import ops
 
@@ -429,11 +430,7 @@ def test_rejects_bad_input(case_id):
 
 
 def test_every_op_has_bad_input_cases():
-    names = {
-        name.split("::", 1)[1]
-        for name in torch._C._dispatch_get_all_op_names()
-        if name.startswith("fastmoe::")
-    }
+    names = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastmoe::")}
     ids = " ".join(CASE_IDS)
     aliases = {"unpermute_combine": "combine-", "unpermute_combine_backward": "combine_backward-"}
     for name in names:
@@ -472,8 +469,6 @@ def test_no_crash_or_hang_in_child_process():
         PYTHONPATH=os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]),
     )
     code = "import sys, test_bad_input as m; m.run_all_cases(); sys.exit(0)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"child exited with {result.returncode}: {result.stderr[-2000:]}"
     assert re.search(r"did not raise: \[", result.stdout), result.stdout[-2000:]

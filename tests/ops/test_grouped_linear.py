@@ -3,6 +3,7 @@ layouts and the backward op's output mask."""
 
 import pytest
 import torch
+
 from conftest import (
     LOW_PRECISION_DTYPES,
     assert_bitwise_equal,
@@ -60,22 +61,16 @@ def test_matches_reference(device, dtype, use_bias, counts, tail, in_features, o
         grads(y_lp, ins_lp, grad_y),
         grads(y_64, ins_64, grad_y.double()),
     )
-    for name, a, b, c in zip(
-        ("grad_x", "grad_weight", "grad_bias")[: len(g_op)], g_op, g_64, g_lp, strict=True
-    ):
+    for name, a, b, c in zip(("grad_x", "grad_weight", "grad_bias")[: len(g_op)], g_op, g_64, g_lp, strict=True):
         assert_within_policy(a, b, c, name)
 
 
 @pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize(
-    "counts,tail", [([3, 0, 4], 2), ([5], 0), ([0, 0], 2)], ids=["mixed", "one", "tail-only"]
-)
+@pytest.mark.parametrize("counts,tail", [([3, 0, 4], 2), ([5], 0), ([0, 0], 2)], ids=["mixed", "one", "tail-only"])
 def test_gradcheck_fp64(counts, tail, use_bias):
     x, offsets, weight, bias, _ = make_case(counts, tail, 5, 3, torch.float64, "cpu", seed=1)
     inputs = (leaf(x), leaf(weight)) + ((leaf(bias),) if use_bias else ())
-    assert torch.autograd.gradcheck(
-        lambda xi, w, *b: ops.grouped_linear(xi, offsets, w, *b or (None,)), inputs
-    )
+    assert torch.autograd.gradcheck(lambda xi, w, *b: ops.grouped_linear(xi, offsets, w, *b or (None,)), inputs)
 
 
 def test_fp64_matches_reference_closely():

@@ -3,6 +3,7 @@ gradcheck, dropped slots, identity, non-contiguous inputs and empty inputs."""
 
 import pytest
 import torch
+
 from conftest import (
     ALL_FLOAT_DTYPES,
     LOW_PRECISION_DTYPES,
@@ -86,9 +87,7 @@ def test_permute_gradcheck_fp64(num_tokens, k, num_experts, d, drop_prob):
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES)
 @pytest.mark.parametrize("num_tokens,k,num_experts,d,drop_prob", CASES)
 def test_combine_matches_reference(device, dtype, num_tokens, k, num_experts, d, drop_prob):
-    plan, _, y_sorted, topk_score, grad_y, _ = make_case(
-        num_tokens, k, num_experts, d, drop_prob, dtype, device
-    )
+    plan, _, y_sorted, topk_score, grad_y, _ = make_case(num_tokens, k, num_experts, d, drop_prob, dtype, device)
     ins_op = [leaf(y_sorted), leaf(topk_score)]
     ins_lp = [leaf(y_sorted), leaf(topk_score)]
     ins_64 = [leaf(y_sorted.double()), leaf(topk_score.double())]
@@ -123,12 +122,8 @@ def test_combine_without_scores(device, dtype, num_tokens, k, num_experts, d, dr
     "num_tokens,k,num_experts,d,drop_prob", [(7, 2, 3, 5, 0.0), (6, 3, 4, 3, 0.3), (5, 4, 4, 2, 0.0)]
 )
 def test_combine_gradcheck_fp64(num_tokens, k, num_experts, d, drop_prob):
-    plan, _, y_sorted, topk_score, *_ = make_case(
-        num_tokens, k, num_experts, d, drop_prob, torch.float64, "cpu", 2
-    )
-    assert torch.autograd.gradcheck(
-        lambda y, s: ops.unpermute_combine(y, plan, s), (leaf(y_sorted), leaf(topk_score))
-    )
+    plan, _, y_sorted, topk_score, *_ = make_case(num_tokens, k, num_experts, d, drop_prob, torch.float64, "cpu", 2)
+    assert torch.autograd.gradcheck(lambda y, s: ops.unpermute_combine(y, plan, s), (leaf(y_sorted), leaf(topk_score)))
     assert torch.autograd.gradcheck(lambda y: ops.unpermute_combine(y, plan), (leaf(y_sorted),))
 
 
@@ -168,9 +163,7 @@ def test_dropped_slots():
     """-1 slots: permute writes zero tail rows, the combine ignores whatever the tail holds, their score and
     tail-row gradients are exactly zero, and x gets gradient only through routed slots."""
     num_tokens, k, d = 16, 3, 13
-    plan, x, y_sorted, topk_score, grad_y, grad_x_sorted = make_case(
-        num_tokens, k, 5, d, 0.4, torch.float32, "cpu"
-    )
+    plan, x, y_sorted, topk_score, grad_y, grad_x_sorted = make_case(num_tokens, k, 5, d, 0.4, torch.float32, "cpu")
     routed = int(plan.expert_offsets[-1])
     assert 0 < routed < num_tokens * k, "the case must mix routed and dropped slots"
     dropped = plan.pair_pos < 0
@@ -182,9 +175,7 @@ def test_dropped_slots():
     clean[routed:] = 0
     noisy = y_sorted.clone()
     noisy[routed:] = 1e4
-    assert_bitwise_equal(
-        ops.unpermute_combine(noisy, plan, topk_score), ops.unpermute_combine(clean, plan, topk_score)
-    )
+    assert_bitwise_equal(ops.unpermute_combine(noisy, plan, topk_score), ops.unpermute_combine(clean, plan, topk_score))
     assert_bitwise_equal(ops.unpermute_combine(noisy, plan), ops.unpermute_combine(clean, plan))
 
     y_in, s_in = leaf(noisy), leaf(topk_score)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from conftest import assert_bitwise_equal, make_generator, random_topk_idx
 from fastmoe import ops
 from fastmoe.testing import reference_plan

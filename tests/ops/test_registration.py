@@ -1,12 +1,13 @@
 """Registration of torch.ops.fastmoe: every op is known and classified, has its backend and Autograd kernels,
 and passes torch.library.opcheck; AOT dispatch of route_topk is checked through torch.compile."""
 
-import fastmoe
 import pytest
 import torch
+from torch.library import opcheck
+
+import fastmoe
 from conftest import assert_bitwise_equal, distinct_logits, make_generator, random_topk_idx
 from fastmoe import ops
-from torch.library import opcheck
 
 # Every op of the library, classified: True = differentiable (must have an Autograd kernel). A new op makes
 # test_every_registered_op_is_classified fail until it is added here, with opcheck cases below.
@@ -28,9 +29,7 @@ CUDA_KERNELS_EXPECTED = True
 
 def registered_ops():
     return sorted(
-        name.split("::", 1)[1]
-        for name in torch._C._dispatch_get_all_op_names()
-        if name.startswith("fastmoe::")
+        name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastmoe::")
     )
 
 
@@ -42,9 +41,7 @@ def test_every_registered_op_is_classified():
     registered = set(registered_ops())
     unknown = registered - set(KNOWN_OPS)
     missing = set(KNOWN_OPS) - registered
-    assert not unknown, (
-        f"ops registered but unknown to this test (classify them in KNOWN_OPS): {sorted(unknown)}"
-    )
+    assert not unknown, f"ops registered but unknown to this test (classify them in KNOWN_OPS): {sorted(unknown)}"
     assert not missing, f"ops this test expects but the library does not register: {sorted(missing)}"
 
 
@@ -224,9 +221,7 @@ def test_moe_pipeline_aot_dispatch():
 
     compiled = torch.compile(moe, backend="aot_eager", dynamic=True, fullgraph=True)
     gen = make_generator(2)
-    params = [
-        torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((4, 6), (4, 6, 6), (4, 6))
-    ]
+    params = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((4, 6), (4, 6, 6), (4, 6))]
     for num_tokens in (7, 12):
         x = torch.randn(num_tokens, 6, generator=gen, dtype=torch.float64)
         eager_in = [t.clone().requires_grad_() for t in [x] + params]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from conftest import (
     LOW_PRECISION_DTYPES,
     assert_bitwise_equal,

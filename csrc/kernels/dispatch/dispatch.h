@@ -24,9 +24,9 @@ void permute_cuda(DType dtype, const void* x, int64_t num_tokens, int64_t d, con
                   int64_t num_rows, int64_t k, const void* pair_scale, DType scale_dtype, void* x_sorted,
                   cudaStream_t stream);
 
-void unpermute_combine_cuda(DType dtype, const void* y_sorted, int64_t num_rows, int64_t d,
-                            const int64_t* pair_pos, int64_t num_tokens, int64_t k, const void* topk_score,
-                            DType score_dtype, void* y, cudaStream_t stream);
+void unpermute_combine_cuda(DType dtype, const void* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
+                            int64_t num_tokens, int64_t k, const void* topk_score, DType score_dtype, void* y,
+                            cudaStream_t stream);
 
 void combine_score_grad_cuda(DType dtype, const void* grad_y, const void* y_sorted, int64_t num_rows, int64_t d,
                              const int64_t* pair_pos, int64_t num_tokens, int64_t k, DType score_dtype,

@@ -144,7 +144,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         const A weight = topk_score == nullptr ? A(1) : static_cast<A>(cuda::to_acc(topk_score[token * k + j]));
 #pragma unroll
         for (int i = 0; i < kN; ++i) {
-          const A term = topk_score == nullptr ? cuda::to_acc(values[i]) : cuda::mul_rn(weight, cuda::to_acc(values[i]));
+          const A term =
+              topk_score == nullptr ? cuda::to_acc(values[i]) : cuda::mul_rn(weight, cuda::to_acc(values[i]));
           acc[i] = first ? term : cuda::add_rn(acc[i], term);
         }
         first = false;

@@ -70,15 +70,16 @@ __global__ void zero_empty_groups_kernel(char* groups, int64_t group_bytes, cons
 void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t out_features,
                                 const int64_t* expert_offsets, int64_t num_experts, const void* bias,
                                 cudaStream_t stream) {
-  FMOE_CHECK(num_rows >= 0 && out_features >= 0 && num_experts >= 1, "grouped_bias_epilogue_cuda: bad sizes num_rows=",
-             num_rows, " out_features=", out_features, " num_experts=", num_experts);
+  FMOE_CHECK(num_rows >= 0 && out_features >= 0 && num_experts >= 1,
+             "grouped_bias_epilogue_cuda: bad sizes num_rows=", num_rows, " out_features=", out_features,
+             " num_experts=", num_experts);
   if (num_rows == 0 || out_features == 0) return;
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(num_rows, 65535 * 4));
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((out_features + 31) / 32) * 32));
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "grouped_bias_epilogue_cuda", scalar_t, [&] {
-    grouped_bias_epilogue_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        static_cast<scalar_t*>(y), num_rows, out_features, expert_offsets, num_experts,
-        static_cast<const scalar_t*>(bias));
+    grouped_bias_epilogue_kernel<scalar_t><<<blocks, threads, 0, stream>>>(static_cast<scalar_t*>(y), num_rows,
+                                                                           out_features, expert_offsets, num_experts,
+                                                                           static_cast<const scalar_t*>(bias));
   });
   FMOE_CHECK_LAUNCH();
 }
@@ -86,10 +87,11 @@ void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t 
 void zero_empty_groups_cuda(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets,
                             cudaStream_t stream) {
   FMOE_CHECK(num_groups >= 0 && num_groups <= 65535 && group_bytes >= 0,
-             "zero_empty_groups_cuda: num_groups must be in [0, 65535] and group_bytes >= 0, got ", num_groups,
-             " and ", group_bytes);
+             "zero_empty_groups_cuda: num_groups must be in [0, 65535] and group_bytes >= 0, got ", num_groups, " and ",
+             group_bytes);
   if (num_groups == 0 || group_bytes == 0) return;
-  const int64_t blocks = std::min<int64_t>(kMaxBlocks, std::max<int64_t>(1, (group_bytes / 16 + kThreads - 1) / kThreads));
+  const int64_t blocks =
+      std::min<int64_t>(kMaxBlocks, std::max<int64_t>(1, (group_bytes / 16 + kThreads - 1) / kThreads));
   const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(num_groups));
   zero_empty_groups_kernel<<<grid, kThreads, 0, stream>>>(static_cast<char*>(groups), group_bytes, expert_offsets);
   FMOE_CHECK_LAUNCH();

@@ -12,13 +12,13 @@
 namespace fastmoe {
 
 void grouped_linear_cuda(DType dtype, const void* x, int64_t num_rows, int64_t in_features,
-                         const int64_t* expert_offsets, int64_t num_experts, const void* weight,
-                         int64_t out_features, const void* bias, void* y, cudaStream_t stream);
+                         const int64_t* expert_offsets, int64_t num_experts, const void* weight, int64_t out_features,
+                         const void* bias, void* y, cudaStream_t stream);
 
-void grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
-                                  int64_t in_features, const int64_t* expert_offsets, int64_t num_experts,
-                                  const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
-                                  void* grad_bias, cudaStream_t stream);
+void grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x, int64_t num_rows, int64_t in_features,
+                                  const int64_t* expert_offsets, int64_t num_experts, const void* weight,
+                                  int64_t out_features, void* grad_x, void* grad_weight, void* grad_bias,
+                                  cudaStream_t stream);
 
 // As grouped_bias_epilogue_ref / zero_empty_groups_ref, with expert_offsets read on the device.
 void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t out_features,

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
 #include <limits>
+#include <type_traits>
 
 #include "kernels/common.cuh"
 #include "kernels/expert/expert.h"
@@ -297,7 +298,9 @@ template <typename T>
 __global__ void __launch_bounds__(kBiasThreads)
     grouped_bias_grad_kernel(const T* __restrict__ grad_y, int64_t num_rows, const int64_t* __restrict__ offsets,
                              int64_t num_experts, int64_t out_features, T* __restrict__ grad_bias) {
-  using A = dacc_t<T>;
+  // fp64 partial sums for fp32: a lane adds up to rows/8 terms in sequence, which in fp32 drifts past the error
+  // of a tree-shaped PyTorch sum; the kernel is bound by reading grad_y, so the wider adds cost nothing.
+  using A = std::conditional_t<std::is_same_v<T, float>, double, dacc_t<T>>;
   __shared__ A partials[kBiasLanes][kBiasColumns];
   const int64_t blocks_per_expert = (out_features + kBiasColumns - 1) / kBiasColumns;
   const int64_t expert = blockIdx.x / blocks_per_expert;
@@ -316,7 +319,7 @@ __global__ void __launch_bounds__(kBiasThreads)
     A total = partials[0][threadIdx.x];
 #pragma unroll
     for (int lane = 1; lane < kBiasLanes; ++lane) total += partials[lane][threadIdx.x];
-    grad_bias[expert * out_features + o] = cuda::from_acc<T>(total);
+    grad_bias[expert * out_features + o] = cuda::from_acc<T>(static_cast<dacc_t<T>>(total));
   }
 }
 

@@ -41,6 +41,8 @@ at::Tensor grouped_linear_autograd(const at::Tensor& x, const at::Tensor& expert
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) { m.impl("grouped_linear", &grouped_linear_autograd); }
+TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
+  m.impl("grouped_linear", &grouped_linear_autograd);
+}
 
 }  // namespace fastmoe

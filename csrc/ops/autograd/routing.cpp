@@ -13,8 +13,7 @@ using torch::autograd::variable_list;
 
 class RouteTopkFunction : public torch::autograd::Function<RouteTopkFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k,
-                               const std::string& score_fn) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k, const std::string& score_fn) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [topk_idx, topk_score] = ops::route_topk(logits, k, score_fn);
     ctx->mark_non_differentiable({topk_idx});
@@ -27,8 +26,8 @@ class RouteTopkFunction : public torch::autograd::Function<RouteTopkFunction> {
     const at::Tensor& grad_score = grads[1];
     if (!grad_score.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto saved = ctx->get_saved_variables();
-    at::Tensor grad_logits = ops::route_topk_backward(grad_score, saved[0], saved[1], saved[2],
-                                                      ctx->saved_data["score_fn"].toStringRef());
+    at::Tensor grad_logits =
+        ops::route_topk_backward(grad_score, saved[0], saved[1], saved[2], ctx->saved_data["score_fn"].toStringRef());
     return {grad_logits, at::Tensor(), at::Tensor()};
   }
 };
@@ -40,6 +39,8 @@ std::tuple<at::Tensor, at::Tensor> route_topk_autograd(const at::Tensor& logits,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) { m.impl("route_topk", &route_topk_autograd); }
+TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
+  m.impl("route_topk", &route_topk_autograd);
+}
 
 }  // namespace fastmoe
