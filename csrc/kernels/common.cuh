@@ -138,6 +138,22 @@ inline unsigned int grid_for(int64_t work_items, int64_t per_block) {
   return static_cast<unsigned int>(blocks < kMaxBlocks ? (blocks < 1 ? 1 : blocks) : kMaxBlocks);
 }
 
+// First position in sorted keys[0, n) whose key is >= value (binary search; used to find segment starts in
+// radix-sorted keys without atomics).
+template <typename K>
+__device__ __forceinline__ int64_t lower_bound(const K* keys, int64_t n, K value) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] < value) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 }  // namespace cuda
 }  // namespace fastmoe
 

@@ -26,6 +26,14 @@ struct Plan {
 };
 Plan make_plan(const at::Tensor& topk_idx, int64_t num_experts);
 
+// Drops the overflow of each expert by score: of the (token, slot) pairs routed to expert e, the
+// expert_capacity[e] with the highest topk_score are kept (ties: lower token*k+slot first) and the others become
+// -1. topk_idx [T, k] int64 (-1 = already dropped), topk_score [T, k] float, expert_capacity [E] int64 (>= 0; a
+// per-rank allowance, so expert parallelism can pass its share of a global capacity). Returns (kept_idx [T, k],
+// num_dropped [] int64: pairs this call dropped). Deterministic; no host sync on CUDA. Not differentiable.
+std::tuple<at::Tensor, at::Tensor> capacity_limit(const at::Tensor& topk_idx, const at::Tensor& topk_score,
+                                                  const at::Tensor& expert_capacity);
+
 // x [T, d] -> x_sorted [T * k, d]; row r holds x[sorted_pair[r] / k], zero where sorted_pair[r] == -1.
 at::Tensor permute(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos);
 

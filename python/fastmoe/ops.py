@@ -37,6 +37,17 @@ def make_plan(topk_idx: torch.Tensor, num_experts: int) -> Plan:
     return Plan(*_ops.make_plan(topk_idx, num_experts))
 
 
+def capacity_limit(topk_idx: torch.Tensor, topk_score: torch.Tensor, expert_capacity: torch.Tensor):
+    """Keeps at most ``expert_capacity[e]`` assignments per expert, the highest-scored (ties: lower
+    ``token * k + slot`` first); the others become -1.
+
+    ``topk_idx [T, k]`` int64 (-1 = already dropped), ``topk_score [T, k]``, ``expert_capacity [E]`` int64.
+    Returns ``(kept_idx [T, k], num_dropped)`` where ``num_dropped`` is a 0-dim int64 tensor on the same device
+    (not read on the host). Deterministic; not differentiable.
+    """
+    return _ops.capacity_limit(topk_idx, topk_score, expert_capacity)
+
+
 def permute(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``x [T, d]`` -> ``[T * k, d]`` rows in plan order (zero rows at the tail for dropped slots)."""
     return _ops.permute(x, plan.sorted_pair, plan.pair_pos)

@@ -20,6 +20,7 @@ KNOWN_OPS = {
     "unpermute_combine_backward": False,
     "grouped_linear": True,
     "grouped_linear_backward": False,
+    "capacity_limit": False,
 }
 
 # fastmoe.with_cuda is True exactly when the ops have CUDA kernels (nvcc found and torch built with CUDA); such a
@@ -154,6 +155,12 @@ def _opcheck_cases():
             "grouped_linear_backward-all",
             "grouped_linear_backward",
             (grad_y_linear, y_sorted, plan.expert_offsets, weight, [True, True, True]),
+            None,
+        ),
+        (
+            "capacity_limit",
+            "capacity_limit",
+            (dropped_idx, req(torch.rand(num_tokens, k, generator=gen)), torch.tensor([1, 2, 0, 3])),
             None,
         ),
         (

@@ -89,30 +89,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-// First position in sorted keys[0, n) whose key is >= value.
-__device__ __forceinline__ int64_t lower_bound(const PlanKey* keys, int64_t n, PlanKey value) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (keys[mid] < value) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
 // keys_out: [num_pairs] sorted -> expert_counts: [num_experts], expert_offsets: [num_experts + 1]
 __global__ void __launch_bounds__(kThreadsPerBlock)
     plan_offsets_kernel(const PlanKey* __restrict__ keys_out, int64_t num_pairs, int64_t num_experts,
                         int64_t* __restrict__ expert_counts, int64_t* __restrict__ expert_offsets) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e <= num_experts; e += stride) {
-    const int64_t begin = lower_bound(keys_out, num_pairs, static_cast<PlanKey>(e));
+    const int64_t begin = cuda::lower_bound(keys_out, num_pairs, static_cast<PlanKey>(e));
     expert_offsets[e] = begin;
     if (e < num_experts) {
-      expert_counts[e] = lower_bound(keys_out, num_pairs, static_cast<PlanKey>(e + 1)) - begin;
+      expert_counts[e] = cuda::lower_bound(keys_out, num_pairs, static_cast<PlanKey>(e + 1)) - begin;
     }
   }
 }
