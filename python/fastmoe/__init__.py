@@ -9,6 +9,7 @@ import torch  # noqa: F401  (loads libtorch before fastmoe's library, which link
 
 from fastmoe import (
     _C,  # noqa: F401  (registers the ops)
+    balance,
     gates,
     ops,
 )
@@ -19,7 +20,16 @@ from fastmoe.transformer import FMoETransformerMLP
 __version__ = "0.1.0"
 with_cuda = bool(_C.with_cuda)
 
-__all__ = ["FMoE", "FMoELinear", "FMoETransformerMLP", "gates", "ops", "cmake_prefix_path", "with_cuda"]
+__all__ = [
+    "FMoE",
+    "FMoELinear",
+    "FMoETransformerMLP",
+    "balance",
+    "gates",
+    "ops",
+    "cmake_prefix_path",
+    "with_cuda",
+]
 
 
 def cmake_prefix_path() -> str:

@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from fastmoe import _checks, ops
+from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
 
 
@@ -20,7 +21,9 @@ class FMoE(nn.Module):
         d_model: feature width of the input.
         world_size: size of the expert-parallel group. Only 1 is available in this release.
         top_k: experts per token.
-        gate: a gate class built as ``gate(d_model, num_expert, world_size, top_k)``, or a gate instance.
+        gate: a gate class built as ``gate(d_model, num_expert, world_size, top_k)``, or a gate instance (see
+            ``fastmoe.gates``). A gate whose routing is wider than ``top_k`` (expert choice) says so in its
+            ``slots_per_token`` attribute.
         expert: a callable ``expert(d_model) -> nn.Module`` instantiated ``num_expert`` times, or a list of such
             callables (one per expert). Each expert module is called as ``module(x_rows)`` with the
             ``[rows, d_model]`` block routed to it. ``None`` means the subclass sets a fused ``self.experts``
@@ -30,6 +33,9 @@ class FMoE(nn.Module):
 
     The per-expert loop reads the expert counts on the host once per forward (one device sync); fused experts
     (``FMoETransformerMLP``) do not.
+
+    Each forward keeps ``balance_record`` (device tensors: the plan's expert counts, the gate's capacity-drop
+    count and loss terms); :meth:`balance_stats` and ``fastmoe.balance.collect`` read them on the host.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class FMoE(nn.Module):
         self.num_experts_total = self.num_expert * self.world_size
         self.top_k = _checks.top_k_in_range(top_k, self.num_experts_total)
         self.gate_hook = gate_hook
+        self.balance_record: BalanceRecord | None = None
 
         if isinstance(gate, nn.Module):
             self.gate = gate
@@ -77,6 +84,10 @@ class FMoE(nn.Module):
             self.gate = gate(d_model, num_expert, world_size, top_k)
         else:
             raise TypeError(f"gate must be a gate class, a callable or an nn.Module, got {gate!r}")
+        slots = getattr(self.gate, "slots_per_token", self.top_k)
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"the gate's slots_per_token must be a positive int, got {slots!r}")
+        self.slots_per_token = slots
 
         self.experts_fused = expert is None
         if isinstance(expert, (list, tuple)):
@@ -113,21 +124,49 @@ class FMoE(nn.Module):
             )
         x = _checks.token_matrix("inp", inp, self.d_model, like=_checks.first_parameter(self.gate))
         topk_idx, topk_score = self.gate(x)
-        if topk_idx.shape != (x.shape[0], self.top_k):
+        if topk_idx.shape != (x.shape[0], self.slots_per_token):
+            expected = "top_k" if self.slots_per_token == self.top_k else "gate.slots_per_token"
             raise ValueError(
-                f"the gate returned topk_idx of shape {tuple(topk_idx.shape)}, expected [tokens, top_k] = "
-                f"{[x.shape[0], self.top_k]}"
+                f"the gate returned topk_idx of shape {tuple(topk_idx.shape)}, expected [tokens, {expected}] = "
+                f"{[x.shape[0], self.slots_per_token]}"
             )
         if self.gate_hook is not None:
             self.gate_hook(topk_idx, topk_score, None)
         plan = ops.make_plan(topk_idx, self.num_experts_total)
+        self._record_balance(x.shape[0], topk_idx.numel(), plan.expert_counts)
         x_sorted = ops.permute(x, plan)
         y_sorted = self.expert_fn(x_sorted, plan.expert_counts, plan.expert_offsets)
         y = ops.unpermute_combine(y_sorted, plan, topk_score)
         return y.reshape(*inp.shape[:-1], y.shape[-1])
 
+    def _record_balance(self, num_tokens: int, num_slots: int, expert_counts: torch.Tensor) -> None:
+        """Keeps what balance_stats() needs, as device tensors (no host read here)."""
+        gate = self.gate
+        if hasattr(gate, "get_losses"):
+            losses = gate.get_losses()
+        else:
+            loss = getattr(gate, "loss", None)
+            losses = {"loss": loss} if isinstance(loss, torch.Tensor) else {}
+        num_dropped = getattr(gate, "num_dropped", None)
+        self.balance_record = BalanceRecord(
+            num_tokens=num_tokens,
+            num_slots=num_slots,
+            expert_counts=expert_counts.detach(),
+            num_dropped=num_dropped.detach() if isinstance(num_dropped, torch.Tensor) else None,
+            losses={name: loss.detach() for name, loss in losses.items()},
+        )
+
+    def balance_stats(self) -> dict:
+        """The load statistics of the last forward, read on the host (one sync): ``expert_counts`` (per global
+        expert), ``num_tokens``, ``num_slots``, ``routed``, ``dropped``, ``drop_rate`` (capacity drops / slots),
+        ``unrouted_rate`` (empty slots / slots), ``load_cv``, ``max_load``, ``max_over_mean``, ``losses`` (the
+        gate's loss terms by name) and ``loss`` (their sum). See ``fastmoe.balance.summarize``."""
+        if self.balance_record is None:
+            raise RuntimeError("balance_stats() reports the last forward, but this layer has not run a forward yet")
+        return read_records([self.balance_record])[0]
+
     def get_loss(self, clear: bool = True) -> torch.Tensor:
-        """The gate's balance loss of the last forward, or a zero scalar if the gate has none, so
+        """The sum of the gate's loss terms of the last forward, or a zero scalar if the gate has none, so
         ``loss = task_loss + layer.get_loss()`` always works."""
         loss = self.gate.get_loss(clear=clear) if hasattr(self.gate, "get_loss") else None
         if loss is None:

@@ -397,6 +397,31 @@ def _cases():
             R,
             ("expert_offsets[4]", "20"),
         ),
+        # capacity_limit: its full bad-input table is in tests/ops/test_capacity.py; one case per argument here.
+        (
+            "capacity_limit-idx-int32",
+            lambda: F.capacity_limit(i["topk_idx"].int(), i["topk_score"], i["counts"]),
+            R,
+            ("topk_idx", "Int"),
+        ),
+        (
+            "capacity_limit-score-shape",
+            lambda: F.capacity_limit(i["topk_idx"], i["topk_score"][:, :1], i["counts"]),
+            R,
+            ("topk_score", f"[{T}, 1]"),
+        ),
+        (
+            "capacity_limit-capacity-negative",
+            lambda: F.capacity_limit(i["topk_idx"], i["topk_score"], -i["counts"] - 1),
+            R,
+            ("expert_capacity[0]", "-"),
+        ),
+        (
+            "ops.capacity_limit-capacity-float",
+            lambda: ops.capacity_limit(i["topk_idx"], i["topk_score"], i["counts"].float()),
+            R,
+            ("expert_capacity", "Float"),
+        ),
         (
             "ops.counts_to_offsets-2d",
             lambda: ops.counts_to_offsets(i["counts"][None]),
@@ -441,6 +466,7 @@ def test_every_op_has_bad_input_cases():
         "permute",
         "unpermute_combine",
         "grouped_linear",
+        "capacity_limit",
         "counts_to_offsets",
     ):
         assert f"ops.{name}-" in ids, f"no bad-input case for fastmoe.ops.{name}"

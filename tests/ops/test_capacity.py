@@ -111,20 +111,25 @@ def test_scores_keep_their_gradient_path():
     assert topk_score.grad is not None
 
 
+IDX = torch.tensor([[0, 1]])
+SCORE = torch.rand(1, 2)
+CAP = torch.tensor([1, 1])
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
-        ((torch.tensor([[0, 1]], dtype=torch.int32), torch.rand(1, 2), torch.tensor([1, 1])), mentions("topk_idx", "Int")),
+        ((IDX.int(), SCORE, CAP), mentions("topk_idx", "Int")),
         ((torch.tensor([0, 1]), torch.rand(2), torch.tensor([1, 1])), mentions("topk_idx", "[2]")),
         ((torch.tensor([[0, 1]]), torch.rand(1, 3), torch.tensor([1, 1])), mentions("topk_score", "[1, 3]")),
-        ((torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.long), torch.tensor([1, 1])), mentions("topk_score", "Long")),
+        ((IDX, torch.ones(1, 2, dtype=torch.long), CAP), mentions("topk_score", "Long")),
         ((torch.tensor([[0, 1]]), torch.rand(1, 2), torch.tensor([1.0, 1.0])), mentions("expert_capacity", "Float")),
         ((torch.tensor([[0, 1]]), torch.rand(1, 2), torch.tensor([[1, 1]])), mentions("expert_capacity", "[1, 2]")),
-        ((torch.tensor([[0, 1]]), torch.rand(1, 2), torch.tensor([], dtype=torch.long)), mentions("expert_capacity", "[0]")),
+        ((IDX, SCORE, torch.tensor([], dtype=torch.long)), mentions("expert_capacity", "[0]")),
         ((torch.tensor([[0, 2]]), torch.rand(1, 2), torch.tensor([1, 1])), mentions("expert id", "2")),
         ((torch.tensor([[0, -2]]), torch.rand(1, 2), torch.tensor([1, 1])), mentions("expert id", "-2")),
         ((torch.tensor([[0, 1]]), torch.rand(1, 2), torch.tensor([1, -3])), mentions("expert_capacity[1]", "-3")),
-        ((torch.tensor([[0, 1]]), torch.rand(1, 2, device="meta"), torch.tensor([1, 1])), mentions("topk_score", "meta")),
+        ((IDX, SCORE.to("meta"), CAP), mentions("topk_score", "meta")),
     ],
     ids=[
         "idx-int32",

@@ -1,7 +1,7 @@
 from torch import nn
 
 from fastmoe import _checks, ops
-from fastmoe.gates.base_gate import BaseGate
+from fastmoe.gates.base_gate import BaseGate, non_negative_float, router_z_loss
 
 
 class NaiveGate(BaseGate):
@@ -9,20 +9,43 @@ class NaiveGate(BaseGate):
     over those k only: ``score = softmax(topk(x W^T + b))``.
 
     Runs as one fused op (``torch.ops.fastmoe.route_topk`` with ``score_fn="topk_softmax"``). It has no balance
-    loss.
+    loss; with ``z_loss_coef > 0`` it records ST-MoE's router z-loss (Zoph et al. 2022, arXiv 2202.08906)
+    ``z_loss_coef * mean_t logsumexp_e(logits[t, e])^2`` under the name ``"z"``.
+
+    Parameters: ``gate.weight [E, d_model]``, ``gate.bias [E]`` (when ``gate_bias``), E = ``num_expert *
+    world_size``.
     """
 
-    def __init__(self, d_model: int, num_expert: int, world_size: int = 1, top_k: int = 2, gate_bias: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        num_expert: int,
+        world_size: int = 1,
+        top_k: int = 2,
+        gate_bias: bool = True,
+        z_loss_coef: float = 0.0,
+    ):
         super().__init__(num_expert, world_size)
         self.d_model = _checks.positive_int("d_model", d_model)
         self.top_k = _checks.top_k_in_range(top_k, self.tot_expert)
+        self.z_loss_coef = non_negative_float("z_loss_coef", z_loss_coef)
         self.gate = nn.Linear(d_model, self.tot_expert, bias=gate_bias)
+
+    def _logits(self, inp):
+        """``inp [..., d_model]`` -> ``(x [T, d_model], logits [T, E])`` after the input checks."""
+        x = _checks.token_matrix("inp", inp, self.d_model, like=self.gate.weight)
+        return x, self.gate(x)
+
+    def _add_z_loss(self, logits) -> None:
+        if self.z_loss_coef > 0:
+            self.add_loss("z", self.z_loss_coef * router_z_loss(logits))
 
     def forward(self, inp, return_all_scores: bool = False):
         """``inp [T, d_model]`` -> ``(topk_idx [T, k] int64, topk_score [T, k])`` (+ ``logits [T, E]``)."""
-        x = _checks.token_matrix("inp", inp, self.d_model, like=self.gate.weight)
-        logits = self.gate(x)
+        self.reset_stats()
+        _, logits = self._logits(inp)
         topk_idx, topk_score = ops.route_topk(logits, self.top_k, "topk_softmax")
+        self._add_z_loss(logits)
         if return_all_scores:
             return topk_idx, topk_score, logits
         return topk_idx, topk_score
