@@ -6,21 +6,13 @@
 #include "fastmoe/nn/gates.h"
 #include "fastmoe/nn/moe.h"
 #include "fastmoe/ops.h"
+#include "nn/checks.h"
 
 namespace fastmoe::nn {
 namespace {
 
-// x [..., d_model] viewed as [tokens, d_model], with messages that name the argument and its value.
-torch::Tensor token_matrix(const torch::Tensor& x, int64_t d_model) {
-  TORCH_CHECK(x.defined(), "x must be a defined tensor");
-  TORCH_CHECK(x.is_floating_point(), "x must be a floating-point tensor, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_model, "x must have shape [..., d_model=", d_model, "], got ", x.sizes());
-  return x.reshape({-1, d_model});
-}
-
-void check_positive(int64_t value, const char* name) {
-  TORCH_CHECK(value >= 1, name, " must be >= 1, got ", value);
-}
+using detail::check_positive;
+using detail::token_matrix;
 
 torch::Tensor apply_activation(const torch::Tensor& h, Activation activation) {
   switch (activation) {
@@ -35,13 +27,32 @@ torch::Tensor apply_activation(const torch::Tensor& h, Activation activation) {
   TORCH_CHECK(false, "unknown activation ", static_cast<int>(activation));
 }
 
+// The layer's gate: the one the options carry, checked against the layer's sizes, or FastMoE's default NaiveGate.
+Gate make_gate(const Gate& given, int64_t num_experts, int64_t d_model, int64_t top_k, bool gate_bias) {
+  check_positive(num_experts, "num_experts");
+  check_positive(d_model, "d_model");
+  if (given.is_empty()) return NaiveGate(NaiveGateOptions(d_model, num_experts).top_k(top_k).bias(gate_bias));
+  TORCH_CHECK(given->num_experts() == num_experts, "the gate routes over num_experts=", given->num_experts(),
+              " but the layer has num_experts=", num_experts);
+  TORCH_CHECK(given->d_model() == d_model, "the gate takes d_model=", given->d_model(),
+              " but the layer has d_model=", d_model);
+  return given;
+}
+
 // The routed output of one layer: plan, permute, run experts, combine. `run_experts` maps the permuted rows
 // [T*k, d_model] (grouped by expert per the plan) to [T*k, d_out].
 template <typename RunExperts>
-torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int64_t num_experts, NaiveGate& gate,
+torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int64_t num_experts, GateImpl& gate,
                                 RunExperts&& run_experts) {
   const torch::Tensor x = token_matrix(input, d_model);
-  auto [topk_idx, topk_score] = gate->forward(x);
+  auto [topk_idx, topk_score] = gate.forward(x);
+  // A user-written gate is only known through the interface: its outputs are checked before they index anything.
+  const int64_t slots = gate.slots_per_token();
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == x.size(0) && topk_idx.size(1) == slots,
+              "the gate returned topk_idx of shape ", topk_idx.sizes(), ", expected [tokens, ",
+              slots == gate.top_k() ? "top_k" : "gate.slots_per_token()", "] = [", x.size(0), ", ", slots, "]");
+  TORCH_CHECK(topk_score.sizes() == topk_idx.sizes(), "the gate returned topk_score of shape ", topk_score.sizes(),
+              ", expected the shape of topk_idx ", topk_idx.sizes());
   const ops::Plan plan = ops::make_plan(topk_idx, num_experts);
   const torch::Tensor y_sorted = run_experts(ops::permute(x, plan.sorted_pair, plan.pair_pos), plan);
   const torch::Tensor y = ops::unpermute_combine(y_sorted, plan.sorted_pair, plan.pair_pos, topk_score);
@@ -51,20 +62,6 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
 }
 
 }  // namespace
-
-NaiveGateImpl::NaiveGateImpl(const NaiveGateOptions& options_) : options(options_) {
-  check_positive(options.d_model(), "d_model");
-  check_positive(options.num_experts(), "num_experts");
-  TORCH_CHECK(options.top_k() >= 1 && options.top_k() <= options.num_experts(),
-              "top_k must be in [1, num_experts=", options.num_experts(), "], got ", options.top_k());
-  gate = register_module(
-      "gate",
-      torch::nn::Linear(torch::nn::LinearOptions(options.d_model(), options.num_experts()).bias(options.bias())));
-}
-
-std::tuple<torch::Tensor, torch::Tensor> NaiveGateImpl::forward(const torch::Tensor& x) {
-  return ops::route_topk(gate->forward(token_matrix(x, options.d_model())), options.top_k(), "topk_softmax");
-}
 
 GroupedLinearImpl::GroupedLinearImpl(int64_t num_experts, int64_t in_features, int64_t out_features, bool with_bias) {
   check_positive(num_experts, "num_experts");
@@ -85,10 +82,9 @@ MoEImpl::MoEImpl(const MoEOptions& options_, std::vector<torch::nn::AnyModule> e
   check_positive(options.num_experts(), "num_experts");
   TORCH_CHECK(static_cast<int64_t>(experts.size()) == options.num_experts(), "MoE got ", experts.size(),
               " expert modules but num_experts=", options.num_experts());
-  gate = register_module(
-      "gate",
-      NaiveGate(
-          NaiveGateOptions(options.d_model(), options.num_experts()).top_k(options.top_k()).bias(options.gate_bias())));
+  gate = register_module("gate", make_gate(options.gate(), options.num_experts(), options.d_model(), options.top_k(),
+                                           options.gate_bias()));
+  options.top_k(gate->top_k());
   for (size_t e = 0; e < experts.size(); ++e) {
     TORCH_CHECK(!experts[e].is_empty(), "expert ", e, " is an empty AnyModule");
     register_module("expert" + std::to_string(e), experts[e].ptr());
@@ -97,7 +93,7 @@ MoEImpl::MoEImpl(const MoEOptions& options_, std::vector<torch::nn::AnyModule> e
 
 torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
   return route_and_combine(
-      x, options.d_model(), options.num_experts(), gate, [&](const torch::Tensor& x_sorted, const ops::Plan& plan) {
+      x, options.d_model(), options.num_experts(), *gate, [&](const torch::Tensor& x_sorted, const ops::Plan& plan) {
         // One host read of the offsets: a loop over arbitrary modules needs the row ranges.
         const torch::Tensor offsets = plan.expert_offsets.cpu();
         const int64_t* bounds = offsets.const_data_ptr<int64_t>();
@@ -117,10 +113,9 @@ torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
 
 TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : options(options_) {
   check_positive(options.d_hidden(), "d_hidden");
-  gate = register_module(
-      "gate",
-      NaiveGate(
-          NaiveGateOptions(options.d_model(), options.num_experts()).top_k(options.top_k()).bias(options.gate_bias())));
+  gate = register_module("gate", make_gate(options.gate(), options.num_experts(), options.d_model(), options.top_k(),
+                                           options.gate_bias()));
+  options.top_k(gate->top_k());
   auto experts = register_module("experts", std::make_shared<torch::nn::Module>());
   const int64_t hidden_rows = options.activation() == Activation::kSwiGLU ? 2 * options.d_hidden() : options.d_hidden();
   htoh4 = experts->register_module(
@@ -130,7 +125,7 @@ TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : 
 }
 
 torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {
-  return route_and_combine(x, options.d_model(), options.num_experts(), gate,
+  return route_and_combine(x, options.d_model(), options.num_experts(), *gate,
                            [&](const torch::Tensor& x_sorted, const ops::Plan& plan) {
                              torch::Tensor h = htoh4->forward(x_sorted, plan.expert_offsets);
                              return h4toh->forward(apply_activation(h, options.activation()), plan.expert_offsets);

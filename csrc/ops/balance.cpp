@@ -16,8 +16,7 @@ namespace {
 
 using namespace ops_detail;
 
-void check_capacity_limit(const at::Tensor& topk_idx, const at::Tensor& topk_score,
-                          const at::Tensor& expert_capacity) {
+void check_capacity_limit(const at::Tensor& topk_idx, const at::Tensor& topk_score, const at::Tensor& expert_capacity) {
   check_int64(topk_idx, "topk_idx");
   check_dim(topk_idx, 2, "topk_idx", "[num_tokens, k]");
   check_float(topk_score, "topk_score");
@@ -75,20 +74,28 @@ namespace ops {
 
 std::tuple<at::Tensor, at::Tensor> capacity_limit(const at::Tensor& topk_idx, const at::Tensor& topk_score,
                                                   const at::Tensor& expert_capacity) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmoe::capacity_limit", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmoe::capacity_limit", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   return op.call(topk_idx, topk_score, expert_capacity);
 }
 
 }  // namespace ops
 
-TORCH_LIBRARY_IMPL(fastmoe, CPU, m) { m.impl("capacity_limit", &capacity_limit_kernel); }
-TORCH_LIBRARY_IMPL(fastmoe, Meta, m) { m.impl("capacity_limit", &capacity_limit_meta); }
-TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) { m.impl("capacity_limit", &capacity_limit_autograd); }
+TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
+  m.impl("capacity_limit", &capacity_limit_kernel);
+}
+TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
+  m.impl("capacity_limit", &capacity_limit_meta);
+}
+TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
+  m.impl("capacity_limit", &capacity_limit_autograd);
+}
 #ifdef FASTMOE_WITH_CUDA_OPS
-TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) { m.impl("capacity_limit", &capacity_limit_kernel); }
+TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
+  m.impl("capacity_limit", &capacity_limit_kernel);
+}
 #endif
 
 }  // namespace fastmoe

@@ -25,8 +25,9 @@ TORCH_LIBRARY(fastmoe, m) {
       "Tensor? topk_score, bool need_score_grad) -> (Tensor grad_y_sorted, Tensor grad_score)");
 
   // Capacity: keep at most expert_capacity[e] assignments per expert, the highest-scored; the rest become -1.
-  m.def("capacity_limit(Tensor topk_idx, Tensor topk_score, Tensor expert_capacity) -> "
-        "(Tensor kept_idx, Tensor num_dropped)");
+  m.def(
+      "capacity_limit(Tensor topk_idx, Tensor topk_score, Tensor expert_capacity) -> "
+      "(Tensor kept_idx, Tensor num_dropped)");
 
   // Grouped linear: x [N, in], offsets [E+1], weight [E, out, in], bias [E, out] -> [N, out].
   m.def("grouped_linear(Tensor x, Tensor expert_offsets, Tensor weight, Tensor? bias) -> Tensor");

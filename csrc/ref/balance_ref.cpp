@@ -18,8 +18,7 @@ bool keeps_before(double a, int64_t a_id, double b, int64_t b_id) {
 }  // namespace
 
 void capacity_limit_ref(const int64_t* topk_idx, const void* topk_score, DType score_dtype, int64_t num_pairs,
-                        const int64_t* expert_capacity, int64_t num_experts, int64_t* kept_idx,
-                        int64_t* num_dropped) {
+                        const int64_t* expert_capacity, int64_t num_experts, int64_t* kept_idx, int64_t* num_dropped) {
   // 1. Validate ids and capacities.  2. Bucket the pairs by expert (in pair order).  3. Per expert, order its
   // pairs by keeps_before and drop all past its capacity.
   FMOE_CHECK(num_pairs >= 0, "num_pairs must be >= 0, got ", num_pairs);
@@ -44,8 +43,7 @@ void capacity_limit_ref(const int64_t* topk_idx, const void* topk_score, DType s
   for (int64_t e = 0; e < num_experts; ++e) {
     std::vector<int64_t>& pairs = pairs_of[e];
     if (static_cast<int64_t>(pairs.size()) <= expert_capacity[e]) continue;
-    std::sort(pairs.begin(), pairs.end(),
-              [&](int64_t a, int64_t b) { return keeps_before(score[a], a, score[b], b); });
+    std::sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) { return keeps_before(score[a], a, score[b], b); });
     for (size_t i = static_cast<size_t>(expert_capacity[e]); i < pairs.size(); ++i) {
       kept_idx[pairs[i]] = -1;
       ++dropped;

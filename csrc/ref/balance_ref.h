@@ -17,7 +17,6 @@ namespace fastmoe {
 // num_dropped:     [1] int64, written: pairs this call set to -1
 // Throws fastmoe::Error naming the position and value of a bad id or capacity.
 void capacity_limit_ref(const int64_t* topk_idx, const void* topk_score, DType score_dtype, int64_t num_pairs,
-                        const int64_t* expert_capacity, int64_t num_experts, int64_t* kept_idx,
-                        int64_t* num_dropped);
+                        const int64_t* expert_capacity, int64_t num_experts, int64_t* kept_idx, int64_t* num_dropped);
 
 }  // namespace fastmoe

@@ -24,8 +24,7 @@ class CudaCapacity : public CudaKernelTest {
     const int64_t num_pairs = static_cast<int64_t>(idx.size()), num_experts = static_cast<int64_t>(cap.size());
     std::vector<int64_t> want(idx.size());
     int64_t want_dropped = 0;
-    capacity_limit_ref(idx.data(), score.data(), dtype, num_pairs, cap.data(), num_experts, want.data(),
-                       &want_dropped);
+    capacity_limit_ref(idx.data(), score.data(), dtype, num_pairs, cap.data(), num_experts, want.data(), &want_dropped);
     DeviceBuffer d_idx(idx, stream_), d_score(score, stream_), d_cap(cap, stream_);
     DeviceBuffer d_kept(idx.size() * sizeof(int64_t), stream_), d_dropped(sizeof(int64_t), stream_);
     d_kept.poison();

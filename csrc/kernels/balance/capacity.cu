@@ -18,7 +18,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr size_t kAlign = 256;
 
-size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+size_t align_up(size_t bytes) {
+  return (bytes + kAlign - 1) / kAlign * kAlign;
+}
 
 int expert_key_bits(int64_t num_experts) {
   int bits = 1;
@@ -50,10 +52,9 @@ Layout layout_for(int64_t num_pairs, int64_t num_experts) {
   FMOE_CHECK_CUDA(cub::DeviceRadixSort::SortPairs(nullptr, score_sort, static_cast<uint64_t*>(nullptr),
                                                   static_cast<uint64_t*>(nullptr), static_cast<int64_t*>(nullptr),
                                                   static_cast<int64_t*>(nullptr), num_pairs));
-  FMOE_CHECK_CUDA(cub::DeviceRadixSort::SortPairs(nullptr, expert_sort, static_cast<uint32_t*>(nullptr),
-                                                  static_cast<uint32_t*>(nullptr), static_cast<int64_t*>(nullptr),
-                                                  static_cast<int64_t*>(nullptr), num_pairs, 0,
-                                                  expert_key_bits(num_experts)));
+  FMOE_CHECK_CUDA(cub::DeviceRadixSort::SortPairs(
+      nullptr, expert_sort, static_cast<uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
+      static_cast<int64_t*>(nullptr), static_cast<int64_t*>(nullptr), num_pairs, 0, expert_key_bits(num_experts)));
   layout.temp = offset;
   layout.temp_bytes = std::max(score_sort, expert_sort);
   layout.total = offset + align_up(layout.temp_bytes) + kAlign;  // slack to align an unaligned base
@@ -105,8 +106,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // expert_out, order: [num_pairs] sorted by (expert, score order) -> kept_idx[pair] = -1 past the capacity.
 __global__ void __launch_bounds__(kThreads)
-    capacity_drop_kernel(const uint32_t* __restrict__ expert_out, const int64_t* __restrict__ order,
-                         int64_t num_pairs, int64_t num_experts, const int64_t* __restrict__ expert_capacity,
+    capacity_drop_kernel(const uint32_t* __restrict__ expert_out, const int64_t* __restrict__ order, int64_t num_pairs,
+                         int64_t num_experts, const int64_t* __restrict__ expert_capacity,
                          int64_t* __restrict__ kept_idx, int64_t* num_dropped) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t dropped = 0;
@@ -168,8 +169,8 @@ void capacity_limit_cuda(const int64_t* topk_idx, const void* topk_score, DType 
   });
   FMOE_CHECK_LAUNCH();
   size_t temp_bytes = layout.temp_bytes;
-  FMOE_CHECK_CUDA(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, score_in, score_out, pairs, by_score, num_pairs,
-                                                  0, 64, stream));
+  FMOE_CHECK_CUDA(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, score_in, score_out, pairs, by_score, num_pairs, 0,
+                                                  64, stream));
   capacity_expert_keys_kernel<<<grid, kThreads, 0, stream>>>(kept_idx, by_score, num_pairs, num_experts, expert_in);
   FMOE_CHECK_LAUNCH();
   temp_bytes = layout.temp_bytes;

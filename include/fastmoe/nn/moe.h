@@ -7,6 +7,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fastmoe/nn/gates.h"
@@ -27,10 +28,17 @@ TORCH_MODULE(GroupedLinear);
 
 struct MoEOptions {
   MoEOptions(int64_t num_experts, int64_t d_model) : num_experts_(num_experts), d_model_(d_model) {}
+  // Routes with `gate` (any gate over num_experts experts and d_model, e.g. SwitchGate(...)) instead of the default
+  // NaiveGate. The layer takes top_k from that gate, and gate_bias does not apply.
+  MoEOptions(int64_t num_experts, int64_t d_model, Gate gate)
+      : num_experts_(num_experts), d_model_(d_model), gate_(std::move(gate)) {}
   TORCH_ARG(int64_t, num_experts);
   TORCH_ARG(int64_t, d_model);
   TORCH_ARG(int64_t, top_k) = 2;
   TORCH_ARG(bool, gate_bias) = true;
+  // Empty: NaiveGate(d_model, num_experts).top_k(top_k).bias(gate_bias). The layer registers the gate itself
+  // (not a copy), so options reused for a second layer share it.
+  TORCH_ARG(Gate, gate) = nullptr;
 };
 
 // An MoE layer over arbitrary expert modules: each expert is any module whose forward takes the [rows, d_model]
@@ -41,9 +49,11 @@ class MoEImpl : public torch::nn::Module {
   MoEImpl(const MoEOptions& options, std::vector<torch::nn::AnyModule> experts);
   // x [..., d_model] -> [..., d_out]
   torch::Tensor forward(const torch::Tensor& x);
+  // The gate's balance loss of the last forward (a zero scalar for gates without one): add it to the task loss.
+  torch::Tensor loss() const { return gate->loss(); }
 
   MoEOptions options;
-  NaiveGate gate{nullptr};
+  Gate gate{nullptr};
   std::vector<torch::nn::AnyModule> experts;
 };
 TORCH_MODULE(MoE);
@@ -53,6 +63,9 @@ enum class Activation { kGELU, kReLU, kSiLU, kSwiGLU };
 struct TransformerMLPOptions {
   TransformerMLPOptions(int64_t num_experts, int64_t d_model, int64_t d_hidden)
       : num_experts_(num_experts), d_model_(d_model), d_hidden_(d_hidden) {}
+  // Routes with `gate` instead of the default NaiveGate, as MoEOptions does.
+  TransformerMLPOptions(int64_t num_experts, int64_t d_model, int64_t d_hidden, Gate gate)
+      : num_experts_(num_experts), d_model_(d_model), d_hidden_(d_hidden), gate_(std::move(gate)) {}
   TORCH_ARG(int64_t, num_experts);
   TORCH_ARG(int64_t, d_model);
   TORCH_ARG(int64_t, d_hidden);
@@ -60,6 +73,8 @@ struct TransformerMLPOptions {
   TORCH_ARG(Activation, activation) = Activation::kGELU;
   TORCH_ARG(bool, bias) = true;
   TORCH_ARG(bool, gate_bias) = true;
+  // Empty: NaiveGate(d_model, num_experts).top_k(top_k).bias(gate_bias); otherwise top_k comes from the gate.
+  TORCH_ARG(Gate, gate) = nullptr;
 };
 
 // The Transformer FFN with fused experts: h4toh(act(htoh4(x))) as grouped GEMMs. Parameter names match
@@ -69,9 +84,11 @@ class TransformerMLPImpl : public torch::nn::Module {
   explicit TransformerMLPImpl(const TransformerMLPOptions& options);
   // x [..., d_model] -> [..., d_model]
   torch::Tensor forward(const torch::Tensor& x);
+  // The gate's balance loss of the last forward (a zero scalar for gates without one): add it to the task loss.
+  torch::Tensor loss() const { return gate->loss(); }
 
   TransformerMLPOptions options;
-  NaiveGate gate{nullptr};
+  Gate gate{nullptr};
   GroupedLinear htoh4{nullptr};
   GroupedLinear h4toh{nullptr};
 };
