@@ -5,6 +5,18 @@ from fastmoe.gates.base_gate import capacity_pair, expert_capacity, loss_dtype, 
 from fastmoe.gates.naive_gate import NaiveGate
 
 
+class CapacityMixin:
+    """For gates with a ``capacity`` pair (training factor, eval factor), or None for no limit."""
+
+    capacity: tuple[float, float] | None
+
+    def capacity_factor(self) -> float | None:
+        """The capacity factor of the current mode (``capacity[0]`` in training, ``capacity[1]`` in eval)."""
+        if self.capacity is None:
+            return None
+        return self.capacity[0] if self.training else self.capacity[1]
+
+
 def drop_by_capacity(gate, topk_idx, topk_score, capacity_factor: float | None):
     """Applies ``fastmoe.ops.capacity_limit`` with ``ceil(capacity_factor * T * k / E)`` per expert (skipped when
     ``capacity_factor`` is None), stores the device-side drop count in ``gate.num_dropped`` and zeroes the scores
@@ -28,7 +40,7 @@ def first_choice_fraction(topk_idx: torch.Tensor, num_experts: int, dtype) -> to
     return counts / max(num_tokens, 1)
 
 
-class GShardGate(NaiveGate):
+class GShardGate(CapacityMixin, NaiveGate):
     """GShard's top-2 gate (Lepikhin et al. 2020, "GShard", arXiv 2006.16668, Algorithm 1).
 
     For ``logits = x W^T + b`` ``[T, E]`` and ``p = softmax(logits)`` over all E global experts:
@@ -73,12 +85,6 @@ class GShardGate(NaiveGate):
             raise TypeError(f"random_routing must be a bool, got {random_routing!r}")
         self.random_routing = random_routing
         self.aux_loss_coef = non_negative_float("aux_loss_coef", aux_loss_coef)
-
-    def capacity_factor(self) -> float | None:
-        """The capacity factor of the current mode (``capacity[0]`` in training, ``capacity[1]`` in eval)."""
-        if self.capacity is None:
-            return None
-        return self.capacity[0] if self.training else self.capacity[1]
 
     def forward(self, inp, return_all_scores: bool = False):
         """``inp [..., d_model]`` -> ``(topk_idx [T, 2] int64 (-1 = dropped), topk_score [T, 2])``.

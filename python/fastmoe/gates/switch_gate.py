@@ -4,11 +4,11 @@ import torch
 
 from fastmoe import _checks, ops
 from fastmoe.gates.base_gate import capacity_pair, loss_dtype, non_negative_float
-from fastmoe.gates.gshard_gate import drop_by_capacity, first_choice_fraction
+from fastmoe.gates.gshard_gate import CapacityMixin, drop_by_capacity, first_choice_fraction
 from fastmoe.gates.naive_gate import NaiveGate
 
 
-class SwitchGate(NaiveGate):
+class SwitchGate(CapacityMixin, NaiveGate):
     """The Switch Transformer's top-1 gate (Fedus et al. 2021, "Switch Transformers", arXiv 2101.03961).
 
     For ``x [T, d_model]`` and E global experts:
@@ -56,12 +56,6 @@ class SwitchGate(NaiveGate):
         self.switch_eps = float(switch_eps)
         self.capacity = None if capacity is None else capacity_pair("capacity", capacity)
         self.aux_loss_coef = non_negative_float("aux_loss_coef", aux_loss_coef)
-
-    def capacity_factor(self) -> float | None:
-        """The capacity factor of the current mode (``capacity[0]`` in training, ``capacity[1]`` in eval)."""
-        if self.capacity is None:
-            return None
-        return self.capacity[0] if self.training else self.capacity[1]
 
     def forward(self, inp, return_all_scores: bool = False):
         """``inp [..., d_model]`` -> ``(topk_idx [T, 1] int64 (-1 = dropped), topk_score [T, 1])``.
