@@ -66,10 +66,15 @@ torch::Tensor count_assignments(const torch::Tensor& topk_idx, int64_t num_exper
       .scatter_add(0, topk_idx.reshape({-1}), torch::ones({topk_idx.numel()}, options));
 }
 
-// f_e = fraction of the T tokens whose first choice (topk_idx[:, 0]) is e, [E] (0 for T = 0).
-torch::Tensor first_choice_fraction(const torch::Tensor& topk_idx, int64_t num_experts, torch::ScalarType dtype) {
-  const int64_t num_tokens = topk_idx.size(0);
-  return count_assignments(topk_idx.select(1, 0), num_experts, dtype) / std::max<int64_t>(num_tokens, 1);
+// E * sum_e f_e * P_e in `dtype`: f_e the fraction of the T tokens whose first choice (topk_idx[:, 0]) is e, P_e
+// the mean softmax probability of e. 1 when routing is uniform; GShard's E^2 * mean_e(f_e m_e) and Switch's
+// E * sum_e f_e P_e are both this term (0 for T = 0).
+torch::Tensor load_balance_term(const torch::Tensor& logits, const torch::Tensor& topk_idx, torch::ScalarType dtype) {
+  const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
+  const int64_t denominator = std::max<int64_t>(num_tokens, 1);
+  const torch::Tensor fraction = count_assignments(topk_idx.select(1, 0), num_experts, dtype) / denominator;
+  const torch::Tensor mean_prob = torch::softmax(logits.to(dtype), -1).sum(0) / denominator;
+  return (fraction * mean_prob).sum() * static_cast<double>(num_experts);
 }
 
 // Drops each expert's lowest-scored assignments beyond ceil(capacity_factor * T * k / E) (nothing when the factor
@@ -284,11 +289,7 @@ std::tuple<torch::Tensor, torch::Tensor> GShardGateImpl::forward(const torch::Te
   auto [topk_idx, topk_score] = ops::route_topk(logits, 2, "topk_softmax");
 
   const torch::ScalarType ldt = loss_dtype(logits);
-  const torch::Tensor probs = torch::softmax(logits.to(ldt), -1);
-  const torch::Tensor fraction = first_choice_fraction(topk_idx, num_experts, ldt);
-  const torch::Tensor mean_prob = probs.sum(0) / std::max<int64_t>(num_tokens, 1);
-  add_loss("balance",
-           (fraction * mean_prob).mean() * (options.aux_loss_coef() * static_cast<double>(num_experts * num_experts)));
+  add_loss("balance", load_balance_term(logits, topk_idx, ldt) * options.aux_loss_coef());
   if (options.z_loss_coef() > 0) add_loss("z", router_z_loss(logits) * options.z_loss_coef());
 
   if (is_training() && options.random_routing()) {
@@ -327,14 +328,10 @@ std::tuple<torch::Tensor, torch::Tensor> SwitchGateImpl::forward(const torch::Te
   const double eps = options.switch_eps();
   if (is_training() && eps > 0) x = x * torch::empty_like(x).uniform_(1.0 - eps, 1.0 + eps);
   const torch::Tensor logits = gate->forward(x);
-  const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
+  const int64_t num_experts = logits.size(1);
   auto [topk_idx, topk_score] = ops::route_topk(logits, 1, "softmax_topk");
 
-  const torch::ScalarType ldt = loss_dtype(logits);
-  const torch::Tensor probs = torch::softmax(logits.to(ldt), -1);
-  const torch::Tensor fraction = first_choice_fraction(topk_idx, num_experts, ldt);
-  const torch::Tensor mean_prob = probs.sum(0) / std::max<int64_t>(num_tokens, 1);
-  add_loss("balance", (fraction * mean_prob).sum() * (options.aux_loss_coef() * static_cast<double>(num_experts)));
+  add_loss("balance", load_balance_term(logits, topk_idx, loss_dtype(logits)) * options.aux_loss_coef());
   if (options.z_loss_coef() > 0) add_loss("z", router_z_loss(logits) * options.z_loss_coef());
 
   const auto& factor = is_training() ? options.capacity_factor_train() : options.capacity_factor_eval();

@@ -31,13 +31,17 @@ def drop_by_capacity(gate, topk_idx, topk_score, capacity_factor: float | None):
     return topk_idx, topk_score
 
 
-def first_choice_fraction(topk_idx: torch.Tensor, num_experts: int, dtype) -> torch.Tensor:
-    """``f_e`` = fraction of the T tokens whose first choice (``topk_idx[:, 0]``) is e, ``[E]`` (0 for T = 0)."""
-    num_tokens = topk_idx.shape[0]
+def load_balance_term(logits: torch.Tensor, topk_idx: torch.Tensor, dtype) -> torch.Tensor:
+    """``E * sum_e f_e * P_e`` in ``dtype``: ``f_e`` the fraction of the T tokens whose first choice
+    (``topk_idx[:, 0]``) is e, ``P_e`` the mean softmax probability of e. It is 1 when routing is uniform; GShard's
+    ``E^2 * mean_e(f_e m_e)`` and Switch's ``E * sum_e f_e P_e`` are both this term (0 for T = 0)."""
+    num_tokens, num_experts = logits.shape
     first = topk_idx[:, 0]
     counts = torch.zeros(num_experts, dtype=dtype, device=topk_idx.device)
     counts = counts.scatter_add(0, first, torch.ones(num_tokens, dtype=dtype, device=topk_idx.device))
-    return counts / max(num_tokens, 1)
+    fraction = counts / max(num_tokens, 1)
+    mean_prob = torch.softmax(logits.to(dtype), dim=-1).sum(0) / max(num_tokens, 1)
+    return num_experts * (fraction * mean_prob).sum()
 
 
 class GShardGate(CapacityMixin, NaiveGate):
@@ -94,14 +98,11 @@ class GShardGate(CapacityMixin, NaiveGate):
         """
         self.reset_stats()
         _, logits = self._logits(inp)
-        num_tokens, num_experts = logits.shape
+        num_tokens = logits.shape[0]
         topk_idx, topk_score = ops.route_topk(logits, 2, "topk_softmax")
 
         ldt = loss_dtype(logits)
-        probs = torch.softmax(logits.to(ldt), dim=-1)
-        fraction = first_choice_fraction(topk_idx, num_experts, ldt)
-        mean_prob = probs.sum(0) / max(num_tokens, 1)
-        self.add_loss("balance", self.aux_loss_coef * num_experts**2 * (fraction * mean_prob).mean())
+        self.add_loss("balance", self.aux_loss_coef * load_balance_term(logits, topk_idx, ldt))
         self._add_z_loss(logits)
 
         if self.training and self.random_routing:

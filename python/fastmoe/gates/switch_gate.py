@@ -4,7 +4,7 @@ import torch
 
 from fastmoe import _checks, ops
 from fastmoe.gates.base_gate import capacity_pair, loss_dtype, non_negative_float
-from fastmoe.gates.gshard_gate import CapacityMixin, drop_by_capacity, first_choice_fraction
+from fastmoe.gates.gshard_gate import CapacityMixin, drop_by_capacity, load_balance_term
 from fastmoe.gates.naive_gate import NaiveGate
 
 
@@ -67,14 +67,9 @@ class SwitchGate(CapacityMixin, NaiveGate):
         if self.training and self.switch_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.switch_eps, 1.0 + self.switch_eps)
         logits = self.gate(x)
-        num_tokens, num_experts = logits.shape
         topk_idx, topk_score = ops.route_topk(logits, 1, "softmax_topk")
 
-        ldt = loss_dtype(logits)
-        probs = torch.softmax(logits.to(ldt), dim=-1)
-        fraction = first_choice_fraction(topk_idx, num_experts, ldt)
-        mean_prob = probs.sum(0) / max(num_tokens, 1)
-        self.add_loss("balance", self.aux_loss_coef * num_experts * (fraction * mean_prob).sum())
+        self.add_loss("balance", self.aux_loss_coef * load_balance_term(logits, topk_idx, loss_dtype(logits)))
         self._add_z_loss(logits)
 
         topk_idx, topk_score = drop_by_capacity(self, topk_idx, topk_score, self.capacity_factor())
