@@ -10,9 +10,11 @@ import torch  # noqa: F401  (loads libtorch before fastmoe's library, which link
 from fastmoe import (
     _C,  # noqa: F401  (registers the ops)
     balance,
+    distributed,
     gates,
     ops,
 )
+from fastmoe.distributed import DistributedGroupedDataParallel
 from fastmoe.layers import FMoE
 from fastmoe.linear import FMoELinear
 from fastmoe.transformer import FMoETransformerMLP
@@ -21,10 +23,12 @@ __version__ = "0.1.0"
 with_cuda = bool(_C.with_cuda)
 
 __all__ = [
+    "DistributedGroupedDataParallel",
     "FMoE",
     "FMoELinear",
     "FMoETransformerMLP",
     "balance",
+    "distributed",
     "gates",
     "ops",
     "cmake_prefix_path",
