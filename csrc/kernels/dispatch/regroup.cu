@@ -93,9 +93,10 @@ void regroup_index_cuda(const int64_t* counts, int64_t num_ranks, int64_t num_lo
              " (rank, expert) blocks, got num_ranks * num_local = ", num_ranks * num_local);
   FMOE_CHECK(num_rows >= 0 && num_rows < INT_MAX, "num_rows must be in [0, ", INT_MAX, "), got ", num_rows);
   if (num_rows == 0) return;
-  const unsigned int blocks = cuda::grid_for(num_rows, int64_t{kThreads} * 8);
-  regroup_index_kernel < <<blocks<128 ? blocks : 128, kThreads, 0, stream>>>(counts, num_ranks, num_local, inverse,
-                                                                             num_rows, src_row);
+  constexpr unsigned int kMaxGrid = 128;
+  unsigned int blocks = cuda::grid_for(num_rows, int64_t{kThreads} * 8);
+  if (blocks > kMaxGrid) blocks = kMaxGrid;
+  regroup_index_kernel<<<blocks, kThreads, 0, stream>>>(counts, num_ranks, num_local, inverse, num_rows, src_row);
   FMOE_CHECK_LAUNCH();
 }
 
