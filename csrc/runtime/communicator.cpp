@@ -8,6 +8,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <utility>
 
+#include "fastmoe/distributed.h"
 #include "ops/common.h"
 
 #ifdef FASTMOE_WITH_NCCL
@@ -160,6 +161,36 @@ void all_to_all_rows(const at::Tensor& input, const at::Tensor& output, const st
   all_to_all_rows_pg(input, output, send_rows, recv_rows, group_name);
 }
 
+void check_same_config(const std::string& group_name, const std::vector<std::string>& names,
+                       const std::vector<int64_t>& values, const std::string& what) {
+  TORCH_CHECK(names.size() == values.size(), "check_same_config: ", names.size(), " names for ", values.size(),
+              " values");
+  auto group = resolve_group(group_name);
+  bool has_cpu = false;
+  for (const auto& d : group->getDeviceTypes()) has_cpu = has_cpu || d.is_cpu();
+  at::Tensor mine = at::tensor(values, at::kLong);
+  if (!has_cpu) mine = mine.cuda();
+  std::vector<at::Tensor> input{mine};
+  std::vector<std::vector<at::Tensor>> output(1);
+  for (int r = 0; r < group->getSize(); ++r) output[0].push_back(at::empty_like(mine));
+  group->allgather(output, input)->wait();
+  std::string problems;
+  const at::Tensor reference = output[0][0].cpu();
+  for (int r = 1; r < group->getSize(); ++r) {
+    const at::Tensor other = output[0][r].cpu();
+    for (size_t i = 0; i < names.size(); ++i) {
+      const int64_t a = reference[i].item<int64_t>(), b = other[i].item<int64_t>();
+      if (a != b) {
+        problems += (problems.empty() ? "" : "; ") + std::string("rank ") + std::to_string(r) + " has " + names[i] +
+                    "=" + std::to_string(b) + " but rank 0 has " + names[i] + "=" + std::to_string(a);
+      }
+    }
+  }
+  TORCH_CHECK_VALUE(
+      problems.empty(), what,
+      " must be built with the same configuration on every rank of its expert-parallel group: ", problems);
+}
+
 bool has_nccl() {
 #ifdef FASTMOE_WITH_NCCL
   return true;
@@ -169,3 +200,24 @@ bool has_nccl() {
 }
 
 }  // namespace fastmoe::runtime
+
+namespace fastmoe::distributed {
+
+void register_group(const std::string& name, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+  TORCH_CHECK(group, "register_group('", name, "') got an empty process group");
+  c10d::register_process_group(name, group);
+}
+
+int rank(const std::string& group_name) {
+  return runtime::group_rank(group_name);
+}
+
+int world_size(const std::string& group_name) {
+  return runtime::group_size(group_name);
+}
+
+bool has_nccl() {
+  return runtime::has_nccl();
+}
+
+}  // namespace fastmoe::distributed

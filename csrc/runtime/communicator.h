@@ -41,4 +41,10 @@ void all_to_all_rows(const at::Tensor& input, const at::Tensor& output, const st
 // True when this build has the NCCL path for CUDA tensors.
 bool has_nccl();
 
+// Raises on every rank of the group when `values` (named by `names`) differ between ranks, naming each rank, field
+// and value that differs from rank 0's. `what` names the thing being checked (e.g. "TransformerMLP(world_size=2)").
+// A collective over the group.
+void check_same_config(const std::string& group_name, const std::vector<std::string>& names,
+                       const std::vector<int64_t>& values, const std::string& what);
+
 }  // namespace fastmoe::runtime

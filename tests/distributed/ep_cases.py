@@ -239,3 +239,51 @@ def dp_ep_training(rank, world, backend, ep_size, steps=2):
             want = want[ep_rank * num_local : (ep_rank + 1) * num_local]
         torch.testing.assert_close(param, want, **tol, msg=lambda m, n=name: f"rank {rank} param {n} after SGD: {m}")
     return float(loss)
+
+
+def cpp_transformer_mlp(rank, world, backend, lib_path, mismatch=False):
+    """fastmoe::nn::TransformerMLP (C++) with world_size=W on the Python-made group gives the Python layer's
+    outputs and gradients. With ``mismatch`` rank 1 builds a different num_experts and every rank must raise."""
+    torch.ops.load_library(lib_path)
+    device = device_for(rank, backend)
+    dtype = torch.float64
+    d_model, d_hidden, num_local, top_k = 8, 12, 2, 2
+    group = dist.group.WORLD.group_name
+    if mismatch:
+        try:
+            torch.ops.fastmoe_testing.transformer_mlp(
+                torch.zeros(1, d_model),
+                torch.zeros(1, d_model),
+                [],
+                [],
+                3 if rank == 1 else 2,
+                d_hidden,
+                top_k,
+                world,
+                group,
+            )
+        except (RuntimeError, ValueError) as error:
+            return str(error)
+        raise AssertionError(f"rank {rank}: the C++ layer accepted a num_experts mismatch")
+    torch.manual_seed(77)
+    layer = fastmoe.FMoETransformerMLP(num_local, d_model, d_hidden, top_k=top_k, world_size=world)
+    layer = layer.to(device=device, dtype=dtype)
+    with torch.no_grad():  # same gate everywhere, different experts per rank
+        for p in layer.experts.parameters():
+            p.add_(rank)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    x = torch.randn(6 + rank, d_model, generator=gen, dtype=dtype).to(device)
+    grad_y = torch.randn(6 + rank, d_model, generator=gen, dtype=dtype).to(device)
+    names = [name for name, _ in layer.named_parameters()]
+    params = [p.detach() for _, p in layer.named_parameters()]
+    got = torch.ops.fastmoe_testing.transformer_mlp(x, grad_y, names, params, num_local, d_hidden, top_k, world, group)
+    x_py = x.clone().requires_grad_(True)
+    y = layer(x_py)
+    y.backward(grad_y)
+    want = [y.detach(), x_py.grad] + [
+        p.grad if p.grad is not None else torch.zeros_like(p) for _, p in layer.named_parameters()
+    ]
+    labels = ["y", "grad_x"] + names
+    for label, a, b in zip(labels, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=label: f"rank {rank} {n}: {m}")
+    return len(labels)

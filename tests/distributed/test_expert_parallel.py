@@ -78,3 +78,33 @@ def test_config_mismatch_raises_on_every_rank():
 def test_dp_ep_gradients_after_optimizer_steps(world, ep_size):
     losses = run(world, "gloo", ep_cases.dp_ep_training, ep_size)
     assert len(losses) == world and all(loss == loss for loss in losses)  # finite, one per rank
+
+
+def _nn_testing_lib():
+    """The test-only op library of the C++ modules (tests/cpp/nn_testing_ops.cpp), newest build first."""
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    found = glob.glob(os.path.join(root, "build*", "tests", "cpp", "libfastmoe_nn_testing.so"))
+    return max(found, key=os.path.getmtime) if found else None
+
+
+NN_LIB = _nn_testing_lib()
+needs_nn_lib = pytest.mark.skipif(
+    NN_LIB is None, reason="libfastmoe_nn_testing.so is not built (cmake --build build --target fastmoe_nn_testing)"
+)
+
+
+@needs_nn_lib
+@pytest.mark.parametrize("backend", backends(2))
+def test_cpp_transformer_mlp_expert_parallel(backend):
+    counts = run(2, backend, ep_cases.cpp_transformer_mlp, NN_LIB)
+    assert counts == [8, 8]  # y, grad_x and 6 parameter gradients compared on each rank
+
+
+@needs_nn_lib
+def test_cpp_config_mismatch_raises_on_every_rank():
+    messages = run(2, "gloo", ep_cases.cpp_transformer_mlp, NN_LIB, True, timeout=30.0)
+    for message in messages:
+        assert "rank 1 has num_experts=3 but rank 0 has num_experts=2" in message

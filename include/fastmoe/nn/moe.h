@@ -36,13 +36,20 @@ struct MoEOptions {
   TORCH_ARG(int64_t, d_model);
   TORCH_ARG(int64_t, top_k) = 2;
   TORCH_ARG(bool, gate_bias) = true;
-  // Empty: NaiveGate(d_model, num_experts).top_k(top_k).bias(gate_bias). The layer registers the gate itself
-  // (not a copy), so options reused for a second layer share it.
+  // Empty: NaiveGate(d_model, num_experts * world_size).top_k(top_k).bias(gate_bias). The layer registers the gate
+  // itself (not a copy), so options reused for a second layer share it.
   TORCH_ARG(Gate, gate) = nullptr;
+  // Expert parallelism: with world_size > 1 this layer holds num_experts of the num_experts * world_size experts;
+  // global expert g lives on rank g / num_experts of the process group registered as group_name (see
+  // fastmoe/distributed.h), whose size must be world_size. The gate routes over all of them. Construction checks
+  // that every rank has the same configuration (a collective).
+  TORCH_ARG(int64_t, world_size) = 1;
+  TORCH_ARG(std::string, group_name) = "";
 };
 
 // An MoE layer over arbitrary expert modules: each expert is any module whose forward takes the [rows, d_model]
-// block routed to it and returns [rows, d_out]. Experts are registered as expert0, expert1, ...
+// block routed to it and returns [rows, d_out]. Experts are registered as expert0, expert1, ... (the local ones:
+// num_experts modules on each rank).
 // The loop over experts reads the expert counts on the host once per forward.
 class MoEImpl : public torch::nn::Module {
  public:
@@ -55,6 +62,9 @@ class MoEImpl : public torch::nn::Module {
   MoEOptions options;
   Gate gate{nullptr};
   std::vector<torch::nn::AnyModule> experts;
+
+ private:
+  torch::Tensor run_experts(const torch::Tensor& rows, const std::vector<int64_t>& bounds);
 };
 TORCH_MODULE(MoE);
 
@@ -73,8 +83,15 @@ struct TransformerMLPOptions {
   TORCH_ARG(Activation, activation) = Activation::kGELU;
   TORCH_ARG(bool, bias) = true;
   TORCH_ARG(bool, gate_bias) = true;
-  // Empty: NaiveGate(d_model, num_experts).top_k(top_k).bias(gate_bias); otherwise top_k comes from the gate.
+  // Empty: NaiveGate(d_model, num_experts * world_size).top_k(top_k).bias(gate_bias); otherwise top_k comes from
+  // the gate.
   TORCH_ARG(Gate, gate) = nullptr;
+  // Expert parallelism: with world_size > 1 this layer holds num_experts of the num_experts * world_size experts;
+  // global expert g lives on rank g / num_experts of the process group registered as group_name (see
+  // fastmoe/distributed.h), whose size must be world_size. The gate routes over all of them. Construction checks
+  // that every rank has the same configuration (a collective).
+  TORCH_ARG(int64_t, world_size) = 1;
+  TORCH_ARG(std::string, group_name) = "";
 };
 
 // The Transformer FFN with fused experts: h4toh(act(htoh4(x))) as grouped GEMMs. Parameter names match
