@@ -7,6 +7,8 @@
 #   sanitize  compute-sanitizer memcheck on the CUDA kernel tests and on the CUDA op tests
 #   pip       pip install --no-build-isolation --no-deps . and an import from outside the tree
 #   bench     benchmarks/bench_moe_layer.py (all configurations)
+#   dist      the multi-process tests (tests/distributed) on gloo and on NCCL with the local GPUs
+#   bench_ep  benchmarks/run_ep_scaling.sh: expert-parallel weak scaling at W = 1, 2, 4, 8 up to the GPU count
 # Usage: OUT=/tmp/out tools/gpu_check.sh [stage ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 PY=${PYTHON:-python3}
 BUILD=build-gpu
 stages=("$@")
-((${#stages[@]})) || stages=(build test sanitize pip bench)
+((${#stages[@]})) || stages=(build test sanitize pip bench dist bench_ep)
 status=0
 
 run_stage() {
@@ -66,6 +68,13 @@ print('installed fastmoe', fastmoe.__file__, 'with_cuda', fastmoe.with_cuda, 'ou
 
 bench() { PYTHONPATH=python "$PY" benchmarks/bench_moe_layer.py --json "$OUT/bench.jsonl"; }
 
+dist_tests() {
+  nvidia-smi topo -m
+  PYTHONPATH=python "$PY" -m pytest tests/distributed -v -p no:cacheprovider -rs
+}
+
+bench_ep() { OUT="$OUT" PYTHON="$PY" bash benchmarks/run_ep_scaling.sh ${EP_SIZES:-}; }
+
 for stage in "${stages[@]}"; do
   case $stage in
     build) run_stage build build ;;
@@ -73,6 +82,8 @@ for stage in "${stages[@]}"; do
     sanitize) run_stage sanitize sanitize ;;
     pip) run_stage pip pip_install ;;
     bench) run_stage bench bench ;;
+    dist) run_stage dist dist_tests ;;
+    bench_ep) run_stage bench_ep bench_ep ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
   esac
 done

@@ -66,8 +66,9 @@ def test_ep_module_experts_and_gshard(backend):
     assert got == [11, 5]
 
 
-def test_config_mismatch_raises_on_every_rank():
-    messages = run(2, "gloo", ep_cases.config_mismatch, timeout=30.0)
+@pytest.mark.parametrize("backend", backends(2))
+def test_config_mismatch_raises_on_every_rank(backend):
+    messages = run(2, backend, ep_cases.config_mismatch, timeout=60.0 if backend == "nccl" else 30.0)
     for message in messages:
         assert "rank 1 has num_expert=3 but rank 0 has num_expert=2" in message
 
@@ -75,8 +76,11 @@ def test_config_mismatch_raises_on_every_rank():
 @pytest.mark.parametrize(
     "world,ep_size", [pytest.param(2, 2, id="ep2"), pytest.param(4, 2, id="dp2xep2"), pytest.param(4, 4, id="ep4")]
 )
-def test_dp_ep_gradients_after_optimizer_steps(world, ep_size):
-    losses = run(world, "gloo", ep_cases.dp_ep_training, ep_size)
+@pytest.mark.parametrize("backend", backends(2))
+def test_dp_ep_gradients_after_optimizer_steps(world, ep_size, backend):
+    if backend == "nccl" and _nccl_skip_reason(world):
+        pytest.skip(_nccl_skip_reason(world))
+    losses = run(world, backend, ep_cases.dp_ep_training, ep_size)
     assert len(losses) == world and all(loss == loss for loss in losses)  # finite, one per rank
 
 
