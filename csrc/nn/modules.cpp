@@ -2,6 +2,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <numeric>
 
 #include "fastmoe/nn/gates.h"
 #include "fastmoe/nn/moe.h"
@@ -54,37 +55,63 @@ void check_expert_parallel(int64_t world_size, const std::string& group_name, co
                              std::string(layer) + "(world_size=" + std::to_string(world_size) + ")");
 }
 
-// Rows of x_sorted (ordered by global expert = by owner rank, then local expert) travel to their owners, through
-// run_local(x_local [M, d] expert-major, local_offsets [local + 1] on the device, host bounds [local + 1]) and
-// back. One host read of the counts: the all-to-all needs its split sizes on the host.
+// Expert parallelism (docs/distributed.md): each token row travels once to every rank owning one of its experts,
+// with its routing row; that rank runs its local experts on the token's slots through run_local(rows grouped by
+// local expert, offsets [local + 1] on the device, the same bounds on the host) and adds the slots up weighted by
+// the scores; the partial sums travel back and add up per token. One host read of the counts: the all-to-all
+// takes its split sizes on the host.
 template <typename RunLocal>
-torch::Tensor exchange_and_run(const torch::Tensor& x_sorted, const torch::Tensor& expert_counts, int64_t world,
-                               int64_t local, const std::string& group, RunLocal&& run_local) {
-  const torch::Tensor received = ops::exchange_counts(expert_counts, group);
-  const torch::Tensor both = torch::cat({expert_counts, received}).cpu();
-  const int64_t* sent_h = both.const_data_ptr<int64_t>();
-  const int64_t* recv_h = sent_h + world * local;
-  std::vector<int64_t> send(world, 0), recv(world, 0), bounds(local + 1, 0);
+torch::Tensor expert_parallel(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_score,
+                              int64_t world, int64_t local, const std::string& group, RunLocal&& run_local) {
+  const int64_t rank = runtime::group_rank(group);
+  const auto idx_opts = topk_idx.options();
+  const torch::Tensor owner = topk_idx.div(local, "floor");
+  const torch::Tensor routed = (topk_idx >= 0).to(torch::kLong);
+  const torch::Tensor hits =
+      torch::zeros({topk_idx.size(0), world}, idx_opts).scatter_add_(1, owner.clamp_min(0), routed);
+  const torch::Tensor token_ranks =
+      torch::where(hits > 0, torch::arange(world, idx_opts).expand({topk_idx.size(0), world}), -1);
+  const ops::Plan rank_plan = ops::make_plan(token_ranks, world);
+  const torch::Tensor expert_counts =
+      torch::zeros({world * local}, idx_opts).scatter_add_(0, topk_idx.flatten().clamp_min(0), routed.flatten());
+  // Per destination rank: slots per local expert, then token rows.
+  const torch::Tensor outgoing =
+      torch::cat({expert_counts.view({world, local}), rank_plan.expert_counts.view({world, 1})}, 1);
+  const torch::Tensor incoming = ops::exchange_counts(outgoing.flatten(), group).view({world, local + 1});
+  const torch::Tensor both = torch::cat({outgoing, incoming}).cpu();
+  const int64_t* out_h = both.const_data_ptr<int64_t>();
+  const int64_t* in_h = out_h + world * (local + 1);
+  std::vector<int64_t> send(world), recv(world), bounds(local + 1, 0);
   for (int64_t p = 0; p < world; ++p) {
-    for (int64_t e = 0; e < local; ++e) {
-      send[p] += sent_h[p * local + e];
-      recv[p] += recv_h[p * local + e];
-      bounds[e + 1] += recv_h[p * local + e];
-    }
+    send[p] = out_h[p * (local + 1) + local];
+    recv[p] = in_h[p * (local + 1) + local];
+    for (int64_t e = 0; e < local; ++e) bounds[e + 1] += in_h[p * (local + 1) + e];
   }
   for (int64_t e = 0; e < local; ++e) bounds[e + 1] += bounds[e];
-  const torch::Tensor x_local = ops::regroup(ops::exchange(x_sorted, send, recv, group), received, world);
-  const torch::Tensor local_counts = received.view({world, local}).sum(0);
-  const torch::Tensor local_offsets = torch::cat({torch::zeros({1}, local_counts.options()), local_counts.cumsum(0)});
-  const torch::Tensor y_local = run_local(x_local, local_offsets, bounds);
-  return ops::exchange(ops::regroup(y_local, received, world, /*inverse=*/true), recv, send, group, x_sorted.size(0));
+  const int64_t n_send = std::accumulate(send.begin(), send.end(), int64_t{0});
+
+  const torch::Tensor send_order = rank_plan.sorted_pair.slice(0, 0, n_send);  // pair = token * world + rank
+  const torch::Tensor tokens = send_order.div(world, "floor");
+  const torch::Tensor x_in = ops::exchange(ops::permute(x, send_order, rank_plan.pair_pos), send, recv, group);
+  const torch::Tensor score_in = ops::exchange(topk_score.index_select(0, tokens), send, recv, group);
+  const torch::Tensor idx_in = ops::exchange(topk_idx.index_select(0, tokens), send, recv, group);
+
+  const torch::Tensor mine = idx_in.div(local, "floor") == rank;
+  const ops::Plan local_plan = ops::make_plan(torch::where(mine, idx_in - rank * local, -1), local);
+  const torch::Tensor slot_order = local_plan.sorted_pair.slice(0, 0, bounds[local]);
+  const torch::Tensor y_local =
+      run_local(ops::permute(x_in, slot_order, local_plan.pair_pos), local_plan.expert_offsets, bounds);
+  const torch::Tensor partial = ops::unpermute_combine(y_local, slot_order, local_plan.pair_pos, score_in);
+  const torch::Tensor y_back = ops::exchange(partial, recv, send, group);
+  return ops::unpermute_combine(y_back, send_order, rank_plan.pair_pos, std::nullopt);
 }
 
-// The routed output of one layer: plan, permute, run experts, combine. `run_experts` maps the permuted rows
-// [T*k, d_model] (grouped by expert per the plan) to [T*k, d_out].
+// The routed output of one layer: gate, then either plan, permute, run the experts and combine (one rank), or the
+// expert-parallel exchange around them. `run_experts(rows, offsets, host_bounds)` maps rows grouped by expert
+// (offsets [E + 1] on the device; host_bounds the same on the host, or empty when not read) to [rows, d_out].
 template <typename RunExperts>
-torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int64_t num_experts, GateImpl& gate,
-                                RunExperts&& run_experts) {
+torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int64_t num_local, int64_t world,
+                                const std::string& group, GateImpl& gate, RunExperts&& run_experts) {
   const torch::Tensor x = token_matrix(input, d_model);
   auto [topk_idx, topk_score] = gate.forward(x);
   // A user-written gate is only known through the interface: its outputs are checked before they index anything.
@@ -94,9 +121,15 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
               slots == gate.top_k() ? "top_k" : "gate.slots_per_token()", "] = [", x.size(0), ", ", slots, "]");
   TORCH_CHECK(topk_score.sizes() == topk_idx.sizes(), "the gate returned topk_score of shape ", topk_score.sizes(),
               ", expected the shape of topk_idx ", topk_idx.sizes());
-  const ops::Plan plan = ops::make_plan(topk_idx, num_experts);
-  const torch::Tensor y_sorted = run_experts(ops::permute(x, plan.sorted_pair, plan.pair_pos), plan);
-  const torch::Tensor y = ops::unpermute_combine(y_sorted, plan.sorted_pair, plan.pair_pos, topk_score);
+  torch::Tensor y;
+  if (world > 1) {
+    y = expert_parallel(x, topk_idx, topk_score, world, num_local, group, run_experts);
+  } else {
+    const ops::Plan plan = ops::make_plan(topk_idx, num_local);
+    const torch::Tensor y_sorted =
+        run_experts(ops::permute(x, plan.sorted_pair, plan.pair_pos), plan.expert_offsets, std::vector<int64_t>{});
+    y = ops::unpermute_combine(y_sorted, plan.sorted_pair, plan.pair_pos, topk_score);
+  }
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = y.size(1);
   return y.reshape(shape);
@@ -145,25 +178,29 @@ torch::Tensor MoEImpl::run_experts(const torch::Tensor& rows, const std::vector<
   }
   const int64_t routed = bounds[options.num_experts()];
   const int64_t width = outputs.empty() ? options.d_model() : outputs.front().size(1);
-  outputs.push_back(
-      torch::zeros({rows.size(0) - routed, width}, outputs.empty() ? rows.options() : outputs.front().options()));
+  torch::Tensor tail =
+      torch::zeros({rows.size(0) - routed, width}, outputs.empty() ? rows.options() : outputs.front().options());
+  if (outputs.empty()) {
+    // Stay on the input's autograd graph: with expert parallelism the backward of the exchange that delivered
+    // `rows` is a collective that every rank must reach.
+    return rows.requires_grad() ? tail + rows.sum() * 0 : tail;
+  }
+  outputs.push_back(tail);
   return torch::cat(outputs, 0);
 }
 
 torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
-  const int64_t world = options.world_size(), local = options.num_experts();
-  return route_and_combine(
-      x, options.d_model(), local * world, *gate, [&](const torch::Tensor& x_sorted, const ops::Plan& plan) {
-        if (world > 1) {
-          return exchange_and_run(x_sorted, plan.expert_counts, world, local, options.group_name(),
-                                  [&](const torch::Tensor& rows, const torch::Tensor&,
-                                      const std::vector<int64_t>& bounds) { return run_experts(rows, bounds); });
-        }
-        // One host read of the offsets: a loop over arbitrary modules needs the row ranges.
-        const torch::Tensor offsets = plan.expert_offsets.cpu();
-        const int64_t* b = offsets.const_data_ptr<int64_t>();
-        return run_experts(x_sorted, std::vector<int64_t>(b, b + local + 1));
-      });
+  return route_and_combine(x, options.d_model(), options.num_experts(), options.world_size(), options.group_name(),
+                           *gate,
+                           [&](const torch::Tensor& rows, const torch::Tensor& offsets, std::vector<int64_t> bounds) {
+                             if (bounds.empty()) {
+                               // One host read of the offsets: a loop over arbitrary modules needs the row ranges.
+                               const torch::Tensor host = offsets.cpu();
+                               const int64_t* b = host.const_data_ptr<int64_t>();
+                               bounds.assign(b, b + options.num_experts() + 1);
+                             }
+                             return run_experts(rows, bounds);
+                           });
 }
 
 TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : options(options_) {
@@ -185,20 +222,12 @@ TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : 
 }
 
 torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {
-  const int64_t world = options.world_size(), local = options.num_experts();
-  auto experts = [&](const torch::Tensor& rows, const torch::Tensor& offsets) {
-    torch::Tensor h = htoh4->forward(rows, offsets);
-    return h4toh->forward(apply_activation(h, options.activation()), offsets);
-  };
-  return route_and_combine(
-      x, options.d_model(), local * world, *gate, [&](const torch::Tensor& x_sorted, const ops::Plan& plan) {
-        if (world > 1) {
-          return exchange_and_run(x_sorted, plan.expert_counts, world, local, options.group_name(),
-                                  [&](const torch::Tensor& rows, const torch::Tensor& offsets,
-                                      const std::vector<int64_t>&) { return experts(rows, offsets); });
-        }
-        return experts(x_sorted, plan.expert_offsets);
-      });
+  return route_and_combine(x, options.d_model(), options.num_experts(), options.world_size(), options.group_name(),
+                           *gate,
+                           [&](const torch::Tensor& rows, const torch::Tensor& offsets, const std::vector<int64_t>&) {
+                             torch::Tensor h = htoh4->forward(rows, offsets);
+                             return h4toh->forward(apply_activation(h, options.activation()), offsets);
+                           });
 }
 
 }  // namespace fastmoe::nn

@@ -84,14 +84,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_kernel(cons
 
 // ------------------------------------------------------------------------------------------------ shared checks
 
-// sorted_pair [R] int64 and pair_pos [T, k] int64 describe one plan: R == T * k.
+// sorted_pair [R] int64 and pair_pos [T, k] int64 describe one plan: R == T * k, or R < T * k when the caller
+// keeps only the first R rows (at least the routed pairs, which come first; expert parallelism knows that count).
 void check_plan_tensors(const at::Tensor& sorted_pair, const at::Tensor& pair_pos) {
   check_int64(sorted_pair, "sorted_pair");
   check_dim(sorted_pair, 1, "sorted_pair", "[num_tokens * k]");
   check_int64(pair_pos, "pair_pos");
   check_dim(pair_pos, 2, "pair_pos", "[num_tokens, k]");
-  TORCH_CHECK(sorted_pair.sym_numel() == pair_pos.sym_numel(), "sorted_pair has ", sorted_pair.sym_numel(),
-              " entries but pair_pos has shape ", pair_pos.sym_sizes(), "; both must come from one make_plan");
+  TORCH_CHECK(sorted_pair.sym_numel() <= pair_pos.sym_numel(), "sorted_pair has ", sorted_pair.sym_numel(),
+              " entries but pair_pos has shape ", pair_pos.sym_sizes(),
+              "; both must come from one make_plan (sorted_pair possibly cut to its first routed rows)");
   check_same_device(sorted_pair, "sorted_pair", pair_pos, "pair_pos");
 }
 
@@ -99,7 +101,7 @@ void check_rows(const at::Tensor& rows, const char* name, const at::Tensor& sort
   check_float(rows, name);
   check_dim(rows, 2, name, "[num_tokens * k, d]");
   TORCH_CHECK(rows.sym_size(0) == sorted_pair.sym_size(0), name, " has ", rows.sym_size(0), " rows but the plan has ",
-              sorted_pair.sym_size(0), " (num_tokens * k)");
+              sorted_pair.sym_size(0), " (sorted_pair's length)");
   check_same_device(rows, name, sorted_pair, "sorted_pair");
 }
 

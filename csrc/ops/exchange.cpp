@@ -56,7 +56,9 @@ int64_t checked_sum(c10::IntArrayRef splits, const char* name) {
 // Returns the number of output rows.
 int64_t check_exchange(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
                        std::optional<int64_t> out_rows) {
-  check_float(x, "x");
+  check_defined(x, "x");
+  TORCH_CHECK(is_supported_float(x.scalar_type()) || x.scalar_type() == at::kLong,
+              "x must be float32, float64, float16, bfloat16 or int64, got ", x.scalar_type());
   check_dim(x, 2, "x", "[num_rows, d]");
   TORCH_CHECK(send_splits.size() == recv_splits.size() && !send_splits.empty(),
               "send_splits and recv_splits must have one entry per rank, got ", send_splits.size(), " and ",

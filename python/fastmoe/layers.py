@@ -141,7 +141,9 @@ class FMoE(nn.Module):
         width = outputs[0].shape[-1] if outputs else self.d_model
         tail = inp.new_zeros(inp.shape[0] - routed, width)
         if not outputs:
-            return tail
+            # Keep the output on the input's autograd graph: with expert parallelism the backward of the
+            # exchange that delivered `inp` is a collective, and every rank must reach it.
+            return tail + inp.sum() * 0 if inp.requires_grad else tail
         return torch.cat(outputs + [tail.to(outputs[0].dtype)], dim=0)
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
@@ -160,32 +162,47 @@ class FMoE(nn.Module):
             )
         if self.gate_hook is not None:
             self.gate_hook(topk_idx, topk_score, None)
-        plan = ops.make_plan(topk_idx, self.num_experts_total)
-        self._record_balance(x.shape[0], topk_idx.numel(), plan.expert_counts)
-        x_sorted = ops.permute(x, plan)
         if self.moe_group is None:
+            plan = ops.make_plan(topk_idx, self.num_experts_total)
+            self._record_balance(x.shape[0], topk_idx.numel(), plan.expert_counts)
+            x_sorted = ops.permute(x, plan)
             y_sorted = self.expert_fn(x_sorted, plan.expert_counts, plan.expert_offsets)
+            y = ops.unpermute_combine(y_sorted, plan, topk_score)
         else:
-            y_sorted = self._global_expert_fn(x_sorted, plan.expert_counts)
-        y = ops.unpermute_combine(y_sorted, plan, topk_score)
+            y = self._global_forward(x, topk_idx, topk_score)
         return y.reshape(*inp.shape[:-1], y.shape[-1])
 
-    def _global_expert_fn(self, x_sorted: torch.Tensor, expert_counts: torch.Tensor) -> torch.Tensor:
-        """Expert parallelism: rows go to the ranks owning their experts, through the local experts, and back.
-
-        ``x_sorted`` is ordered by global expert, i.e. by (owner rank, local expert). One host sync reads the
-        counts, because the all-to-all needs its split sizes on the host.
-        """
+    def _global_forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_score: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism (docs/distributed.md): each token row travels once to every rank that owns one of
+        its experts, with its routing row; that rank runs its experts on the token's slots and adds them up,
+        weighted by the scores; the partial sums travel back and add up per token. One host sync reads the
+        counts, because the all-to-all takes its split sizes on the host."""
         world, local = self.world_size, self.num_expert
-        received_counts = ops.exchange_counts(expert_counts, self.moe_group)  # [world * local], [source][expert]
-        send, recv, local_bounds = _exchange_splits_sync(expert_counts, received_counts, world, local)
-        x_recv = ops.exchange(x_sorted, send, recv, self.moe_group)
-        x_local = ops.regroup(x_recv, received_counts, world)
-        local_counts = received_counts.view(world, local).sum(0)
-        offsets = local_bounds if not self.experts_fused else ops.counts_to_offsets(local_counts)
-        y_local = self.expert_fn(x_local, local_counts, offsets)
-        y_recv = ops.regroup(y_local, received_counts, world, inverse=True)
-        return ops.exchange(y_recv, recv, send, self.moe_group, out_rows=x_sorted.shape[0])
+        token_ranks = _token_ranks(topk_idx, world, local)  # [T, W]: rank p, or -1 if no slot goes to p
+        rank_plan = ops.make_plan(token_ranks, world)
+        expert_counts = _expert_counts(topk_idx, self.num_experts_total)
+        self._record_balance(x.shape[0], topk_idx.numel(), expert_counts)
+        # Per destination rank: the slots it gets per local expert, and the token rows.
+        outgoing = torch.cat([expert_counts.view(world, local), rank_plan.expert_counts.view(world, 1)], dim=1)
+        incoming = ops.exchange_counts(outgoing.flatten(), self.moe_group).view(world, local + 1)
+        send, recv, local_bounds = _exchange_splits_sync(outgoing, incoming)
+        n_send, n_slots = sum(send), local_bounds[-1]
+
+        send_plan = rank_plan.first_rows(n_send)  # row r carries pair token * W + rank
+        tokens = torch.div(send_plan.sorted_pair, world, rounding_mode="floor")
+        x_in = ops.exchange(ops.permute(x, send_plan), send, recv, self.moe_group)
+        score_in = ops.exchange(topk_score.index_select(0, tokens), send, recv, self.moe_group)
+        idx_in = ops.exchange(topk_idx.index_select(0, tokens), send, recv, self.moe_group)
+
+        mine = torch.div(idx_in, local, rounding_mode="floor") == self.moe_rank  # -1 // local < 0: never mine
+        local_plan = ops.make_plan(torch.where(mine, idx_in - self.moe_rank * local, -1), local)
+        slot_plan = local_plan.first_rows(n_slots)
+        x_local = ops.permute(x_in, slot_plan)  # [n_slots, d], grouped by local expert
+        offsets = ops.counts_to_offsets(local_plan.expert_counts) if self.experts_fused else local_bounds
+        y_local = self.expert_fn(x_local, local_plan.expert_counts, offsets)
+        partial = ops.unpermute_combine(y_local, slot_plan, score_in)  # [rows in, d]: this rank's share per token
+        y_back = ops.exchange(partial, recv, send, self.moe_group)
+        return ops.unpermute_combine(y_back, send_plan)
 
     def _record_balance(self, num_tokens: int, num_slots: int, expert_counts: torch.Tensor) -> None:
         """Keeps what balance_stats() needs, as device tensors (no host read here)."""
@@ -224,14 +241,32 @@ class FMoE(nn.Module):
         return loss
 
 
-def _exchange_splits_sync(sent_counts: torch.Tensor, received_counts: torch.Tensor, world: int, local: int):
-    """Reads both count vectors on the host (one sync) and returns the rows sent to each rank, the rows received
-    from each rank, and the local experts' row bounds (``[local + 1]`` prefix sum, expert-major)."""
-    both = torch.cat([sent_counts, received_counts]).tolist()
-    sent, received = both[: world * local], both[world * local :]
-    send = [sum(sent[p * local : (p + 1) * local]) for p in range(world)]
-    recv = [sum(received[p * local : (p + 1) * local]) for p in range(world)]
+def _token_ranks(topk_idx: torch.Tensor, world: int, local: int) -> torch.Tensor:
+    """``[T, world]`` int64: entry ``p`` is ``p`` when one of the token's slots goes to rank ``p``, else -1."""
+    owner = torch.div(topk_idx, local, rounding_mode="floor")
+    hits = torch.zeros(topk_idx.shape[0], world, dtype=torch.int64, device=topk_idx.device)
+    hits.scatter_add_(1, owner.clamp(min=0), (topk_idx >= 0).to(torch.int64))
+    ranks = torch.arange(world, device=topk_idx.device).expand(topk_idx.shape[0], world)
+    return torch.where(hits > 0, ranks, -1)
+
+
+def _expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots routed to each expert, ``[num_experts]`` int64, on the device (no sync)."""
+    flat = topk_idx.flatten()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=topk_idx.device)
+    return counts.scatter_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int64))
+
+
+def _exchange_splits_sync(outgoing: torch.Tensor, incoming: torch.Tensor):
+    """Reads both ``[world, local + 1]`` count tables on the host (one sync): column ``local`` holds token rows,
+    the others slots per local expert. Returns the rows sent to each rank, the rows received from each rank,
+    and the local experts' slot bounds (``[local + 1]`` prefix sum over all sources)."""
+    world, width = outgoing.shape
+    both = torch.cat([outgoing, incoming]).tolist()
+    out_rows, in_rows = both[:world], both[world:]
+    send = [row[width - 1] for row in out_rows]
+    recv = [row[width - 1] for row in in_rows]
     bounds = [0]
-    for e in range(local):
-        bounds.append(bounds[-1] + sum(received[p * local + e] for p in range(world)))
+    for e in range(width - 1):
+        bounds.append(bounds[-1] + sum(row[e] for row in in_rows))
     return send, recv, bounds

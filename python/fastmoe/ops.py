@@ -19,6 +19,11 @@ class Plan(NamedTuple):
     sorted_pair: torch.Tensor  # [T * k] int64, -1 at the tail
     pair_pos: torch.Tensor  # [T, k] int64, -1 for dropped slots
 
+    def first_rows(self, n: int) -> "Plan":
+        """The plan cut to its first ``n`` sorted rows, ``n`` >= the routed pairs (which come first):
+        :func:`permute` then gives ``[n, d]`` and :func:`unpermute_combine` takes ``[n, d]``, with no zero tail."""
+        return self._replace(sorted_pair=self.sorted_pair[:n])
+
 
 def route_topk(logits: torch.Tensor, k: int, score_fn: str = "topk_softmax"):
     """``logits [T, E]`` -> ``(topk_idx [T, k] int64, topk_score [T, k])``.

@@ -86,11 +86,11 @@ def equivalence(rank, world, backend, tokens_per_rank, gate_name, fused, top_k=2
         gate = fastmoe.gates.NaiveGate
     elif gate_name == "gshard":
         gate = fastmoe.gates.GShardGate
-    else:  # every slot to the last global expert (a remote one for every rank but the last)
-        last = num_local * world - 1
+    else:  # every slot to one global expert: the last one ("fixed", remote for every rank but the last) or 0
+        target = num_local * world - 1 if gate_name == "fixed" else 0
 
         def gate(d, e, w, k):
-            return FixedGate(d, e, w, k, targets=[last] * k)
+            return FixedGate(d, e, w, k, targets=[target] * k)
 
     ref, ep = _build_pair(world, num_local, d_model, d_hidden, top_k, dtype, device, gate, fused)
     x_all, g_all = _shared_inputs(tokens_per_rank, d_model, dtype, seed=99)
@@ -239,6 +239,12 @@ def dp_ep_training(rank, world, backend, ep_size, steps=2):
             want = want[ep_rank * num_local : (ep_rank + 1) * num_local]
         torch.testing.assert_close(param, want, **tol, msg=lambda m, n=name: f"rank {rank} param {n} after SGD: {m}")
     return float(loss)
+
+
+def module_experts_idle_rank(rank, world, backend):
+    """Per-expert modules where every slot goes to rank 0's expert: rank 1's experts get no rows, yet its
+    backward still joins the collectives (no hang, no size mismatch), and the gradients match the reference."""
+    return equivalence(rank, world, backend, [5, 4], "first", False, top_k=1, num_local=1)
 
 
 def cpp_transformer_mlp(rank, world, backend, lib_path, mismatch=False):

@@ -60,6 +60,11 @@ def test_ep_all_tokens_to_one_remote_expert(backend):
 
 
 @pytest.mark.parametrize("backend", backends(2))
+def test_ep_module_experts_on_an_idle_rank(backend):
+    assert run(2, backend, ep_cases.module_experts_idle_rank) == [5, 4]
+
+
+@pytest.mark.parametrize("backend", backends(2))
 def test_ep_module_experts_and_gshard(backend):
     """Per-expert nn.Modules (the Python loop) and a capacity-limited gate across ranks."""
     got = run(2, backend, ep_cases.equivalence, [11, 5], "gshard", False)
