@@ -10,6 +10,7 @@ import torch  # noqa: F401  (loads libtorch before fastmoe's library, which link
 from fastmoe import (
     _C,  # noqa: F401  (registers the ops)
     balance,
+    checkpoint,
     gates,
     ops,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "FMoELinear",
     "FMoETransformerMLP",
     "balance",
+    "checkpoint",
     "gates",
     "ops",
     "cmake_prefix_path",
