@@ -322,7 +322,9 @@ def _optimizer_target(model, optimizer, layers, meta, common, shards: _Shards, p
         for _, _, name in (e for e in entries if e[0] == gi):
             canonical = layout.canonical(layers, name)
             if canonical not in saved_names:
-                raise CheckpointError(f"parameter {name!r} is in optimizer param group {gi}, but not in {path}'s")
+                raise CheckpointError(
+                    f"parameter {name!r} is in optimizer param group {gi}, but not in group {gi} of {path}"
+                )
             hit = layout.expert_key(layers, name)
             if hit is None:
                 value = saved["state"].get(name)
