@@ -73,6 +73,11 @@ def _prepare(directory: str, tag):
 
 
 def _write_rank(model, optimizer, layers, plan, staging, rank, extra, rank_extra):
+    if not os.path.isdir(staging):
+        raise CheckpointError(
+            f"the staging folder {staging} that rank 0 made is not visible on rank {rank}: the checkpoint folder "
+            f"must be on a filesystem every rank sees"
+        )
     writers = {name for name, holders in plan.items() if holders[layers[name].moe_rank] == rank}
     common, experts = layout.split_model(model, layers, rank == 0, writers)
     optim_common, optim_experts = (None, {})
@@ -130,6 +135,13 @@ def _commit(directory, tag, sequence, staging, layers_info, reports, world_size,
             "expert_params": {s: {"shape": d[0], "dtype": d[1]} for s, d in params.items()},
             "shards": shards,
         }
+    for rank, report in enumerate(reports):
+        for fname in report["files"]:
+            if not os.path.isfile(os.path.join(staging, fname)):
+                raise CheckpointError(
+                    f"{os.path.join(staging, fname)} written by rank {rank} is not visible on rank 0: the checkpoint "
+                    f"folder must be on a filesystem every rank sees"
+                )
     meta = {
         "format": io.FORMAT,
         "version": io.VERSION,

@@ -14,7 +14,7 @@ import torch
 from ckpt_models import D_HIDDEN, D_MODEL, batch, make_model, make_optimizer, train_step
 
 import fastmoe
-from conftest import assert_bitwise_equal
+from conftest import CUDA_SKIP_REASON, assert_bitwise_equal
 from fastmoe import checkpoint
 from fastmoe.checkpoint import CheckpointError
 
@@ -224,3 +224,25 @@ def test_a_save_killed_at_each_point_leaves_the_previous_checkpoint(resumable, t
     checkpoint.save(model, optimizer, directory, tag="c")
     assert checkpoint.latest(directory) == "c"
     assert not [name for name in os.listdir(directory) if name.startswith(".")]
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_REASON or "")
+def test_cuda_model_saves_to_cpu_files_and_loads_on_either_device(tmp_path):
+    torch.manual_seed(0)
+    model = make_model().cuda()
+    optimizer = make_optimizer(model)
+    x, target = (t.cuda() for t in batch(0))
+    optimizer.zero_grad()
+    (model(x) - target).pow(2).sum().backward()
+    optimizer.step()
+    checkpoint.save(model, optimizer, str(tmp_path))
+    on_cpu = make_model(seed=3)
+    on_cpu.load_state_dict(checkpoint.consolidate(str(tmp_path)))
+    assert_same_state({k: v.cpu() for k, v in model.state_dict().items()}, on_cpu.state_dict(), "on the CPU")
+    on_gpu = make_model(seed=3).cuda()
+    gpu_optimizer = make_optimizer(on_gpu)
+    checkpoint.load(on_gpu, gpu_optimizer, str(tmp_path))
+    assert all(p.is_cuda for p in on_gpu.parameters())
+    assert all(v.is_cuda for s in gpu_optimizer.state.values() for k, v in s.items() if k != "step")
+    assert_same_optimizer(optimizer.state_dict(), gpu_optimizer.state_dict())
+    assert_bitwise_equal(on_gpu(x), model(x), "output on the GPU")
