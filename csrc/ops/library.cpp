@@ -1,5 +1,6 @@
 // The fastmoe op library: every schema in one place (docs/ops.md mirrors this list). Kernels are registered
-// per stage (routing.cpp, dispatch.cpp, expert.cpp) for CPU and Meta, and autograd in ops/autograd/.
+// per stage (routing.cpp, dispatch.cpp, expert.cpp, balance.cpp, exchange.cpp) for CPU and Meta, and autograd in
+// ops/autograd/.
 //
 // Contract: output sizes are functions of the arguments' sizes and int arguments only, never of tensor data,
 // so every op works under torch.compile (Meta kernels) and inside CUDA graphs.
@@ -34,4 +35,16 @@ TORCH_LIBRARY(fastmoe, m) {
   m.def(
       "grouped_linear_backward(Tensor grad_y, Tensor x, Tensor expert_offsets, Tensor weight, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
+  // Expert parallelism over the ranks of the process group named group_name (torch's group_name).
+  // counts [W * E_local] int64 (rows this rank sends to each global expert) -> [W * E_local]: row s * E_local + e
+  // holds what rank s sends to this rank's local expert e.
+  m.def("exchange_counts(Tensor counts, str group_name) -> Tensor");
+  // Rows [0, sum(send_splits)) of x go out, send_splits[p] of them to rank p, in order; recv_splits[p] rows come
+  // in from rank p, stacked in rank order, then zero rows up to out_rows (default sum(recv_splits)). Its
+  // backward is the same exchange with the splits swapped.
+  m.def("exchange(Tensor x, int[] send_splits, int[] recv_splits, str group_name, int? out_rows=None) -> Tensor");
+  // Reorders rows between the rank-major layout an exchange delivers (per source rank, per local expert) and
+  // the expert-major layout the experts use; counts [num_ranks * E_local] int64 as exchange_counts returns.
+  m.def("regroup(Tensor x, Tensor counts, int num_ranks, bool inverse=False) -> Tensor");
 }

@@ -154,4 +154,37 @@ void combine_score_grad_ref(DType dtype, const void* grad_y, const void* y_sorte
   });
 }
 
+void regroup_index_ref(const int64_t* counts, int64_t num_ranks, int64_t num_local, bool inverse, int64_t num_rows,
+                       int64_t* src_row) {
+  FMOE_CHECK(num_ranks >= 1, "num_ranks must be >= 1, got ", num_ranks);
+  FMOE_CHECK(num_local >= 1, "num_local must be >= 1, got ", num_local);
+  FMOE_CHECK(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
+  const int64_t blocks = num_ranks * num_local;
+  // Start of block (s, e) in each layout.
+  std::vector<int64_t> rank_major(blocks), expert_major(blocks);
+  int64_t total = 0;
+  for (int64_t s = 0; s < num_ranks; ++s) {
+    for (int64_t e = 0; e < num_local; ++e) {
+      const int64_t c = counts[s * num_local + e];
+      FMOE_CHECK(c >= 0, "counts[", s * num_local + e, "] = ", c, " is negative");
+      rank_major[s * num_local + e] = total;
+      total += c;
+    }
+  }
+  FMOE_CHECK(total <= num_rows, "the counts sum to ", total, " rows but the input has only ", num_rows);
+  int64_t start = 0;
+  for (int64_t e = 0; e < num_local; ++e) {
+    for (int64_t s = 0; s < num_ranks; ++s) {
+      expert_major[s * num_local + e] = start;
+      start += counts[s * num_local + e];
+    }
+  }
+  const std::vector<int64_t>& out_start = inverse ? rank_major : expert_major;
+  const std::vector<int64_t>& in_start = inverse ? expert_major : rank_major;
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t i = 0; i < counts[b]; ++i) src_row[out_start[b] + i] = in_start[b] + i;
+  }
+  for (int64_t r = total; r < num_rows; ++r) src_row[r] = -1;
+}
+
 }  // namespace fastmoe

@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace fastmoe::ops {
 
@@ -46,5 +47,24 @@ at::Tensor unpermute_combine(const at::Tensor& y_sorted, const at::Tensor& sorte
 // expert_offsets[E] are zero. Differentiable with respect to x, weight and bias.
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias);
+
+// ---- expert parallelism (the ranks of the torch.distributed process group named group_name)
+
+// counts [W * E_local] int64, the rows this rank sends to each global expert -> [W * E_local]: entry
+// s * E_local + e is the number of rows rank s sends to this rank's local expert e. A collective.
+at::Tensor exchange_counts(const at::Tensor& counts, const std::string& group_name);
+
+// All-to-all of rows: rows [0, sum(send_splits)) of x [N, d] go out in order, send_splits[p] to rank p; the
+// result stacks recv_splits[p] rows from each rank p in rank order, then zero rows up to out_rows (default
+// sum(recv_splits)). A collective; every rank's splits must mirror its peers'. Differentiable with respect to x
+// (the backward is the reverse exchange).
+at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send_splits,
+                    const std::vector<int64_t>& recv_splits, const std::string& group_name,
+                    std::optional<int64_t> out_rows = std::nullopt);
+
+// Reorders rows of x [N, d] between the rank-major layout an exchange delivers (per source rank, then per local
+// expert, counts [num_ranks * E_local] as exchange_counts returns) and the expert-major layout the experts need
+// (inverse = true goes back). Rows past sum(counts) come out zero. Differentiable with respect to x.
+at::Tensor regroup(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks, bool inverse = false);
 
 }  // namespace fastmoe::ops

@@ -11,9 +11,11 @@ from fastmoe import (
     _C,  # noqa: F401  (registers the ops)
     balance,
     checkpoint,
+    distributed,
     gates,
     ops,
 )
+from fastmoe.distributed import DistributedGroupedDataParallel
 from fastmoe.layers import FMoE
 from fastmoe.linear import FMoELinear
 from fastmoe.transformer import FMoETransformerMLP
@@ -22,11 +24,13 @@ __version__ = "0.1.0"
 with_cuda = bool(_C.with_cuda)
 
 __all__ = [
+    "DistributedGroupedDataParallel",
     "FMoE",
     "FMoELinear",
     "FMoETransformerMLP",
     "balance",
     "checkpoint",
+    "distributed",
     "gates",
     "ops",
     "cmake_prefix_path",

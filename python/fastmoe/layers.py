@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from fastmoe import _checks, ops
+from fastmoe import _checks, distributed, ops
 from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
 
@@ -19,7 +19,11 @@ class FMoE(nn.Module):
     Args:
         num_expert: experts on this rank (the global count is ``num_expert * world_size``).
         d_model: feature width of the input.
-        world_size: size of the expert-parallel group. Only 1 is available in this release.
+        world_size: size of the expert-parallel group: the layer holds ``num_expert`` of the
+            ``num_expert * world_size`` experts, global expert ``e`` on rank ``e // num_expert`` of ``moe_group``.
+            Needs torch.distributed; the configuration is checked to be the same on every rank at construction.
+        moe_group: the expert-parallel process group (``None``: the default group, which must then have
+            ``world_size`` ranks).
         top_k: experts per token.
         gate: a gate class built as ``gate(d_model, num_expert, world_size, top_k)``, or a gate instance (see
             ``fastmoe.gates``). A gate whose routing is wider than ``top_k`` (expert choice) says so in its
@@ -58,11 +62,9 @@ class FMoE(nn.Module):
         self.num_expert = _checks.positive_int("num_expert", num_expert)
         self.d_model = _checks.positive_int("d_model", d_model)
         self.world_size = _checks.positive_int("world_size", world_size)
+        self.moe_group, self.moe_rank = None, 0
         if world_size != 1 or moe_group is not None:
-            raise NotImplementedError(
-                f"expert parallelism is not available in this release: got world_size={world_size}, "
-                f"moe_group={moe_group!r}; use world_size=1"
-            )
+            self.moe_group, self.moe_rank = distributed.resolve_moe_group(world_size, moe_group)
         for name, value in (
             ("mp_group", mp_group),
             ("slice_group", slice_group),
@@ -98,14 +100,40 @@ class FMoE(nn.Module):
             if not callable(expert):
                 raise TypeError(f"expert must be a callable expert(d_model) -> nn.Module, got {expert!r}")
             self.experts = nn.ModuleList([expert(d_model) for _ in range(num_expert)])
+        if self.moe_group is not None:
+            distributed.check_same_config(
+                self.moe_group,
+                {
+                    "layer": type(self).__name__,
+                    "num_expert": self.num_expert,
+                    "d_model": self.d_model,
+                    "top_k": self.top_k,
+                    "gate": type(self.gate).__qualname__,
+                    "slots_per_token": self.slots_per_token,
+                    "experts_fused": self.experts_fused,
+                },
+                what=f"{type(self).__name__}(world_size={self.world_size})",
+            )
+
+    def mark_parallel_comm(self, expert_dp_comm: str = "none"):
+        """Tags parameters as FastMoE does (``p.dp_comm``): experts with ``expert_dp_comm``, the gate with
+        ``"gate"``. fastmoe's DistributedGroupedDataParallel decides from the layer layout instead, so the tags
+        are informational."""
+        if hasattr(self, "experts"):
+            for param in self.experts.parameters():
+                param.dp_comm = expert_dp_comm
+        for param in self.gate.parameters():
+            param.dp_comm = "gate"
 
     def expert_fn(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor, expert_offsets=None):
-        """Runs the experts on ``inp [T*k, d_model]`` (rows grouped by expert, zero rows at the tail)."""
+        """Runs the local experts on ``inp [N, d_model]`` (rows grouped by expert, zero rows at the tail).
+        ``expert_offsets`` is the ``[num_expert + 1]`` prefix sum, a tensor or (for the module loop) a list."""
         if self.experts_fused:
             return self.experts(inp, fwd_expert_count)
         if expert_offsets is None:
             expert_offsets = ops.counts_to_offsets(fwd_expert_count)
-        bounds = expert_offsets.tolist()  # host sync: a Python loop over modules needs the row ranges
+        # host sync (unless given as a list): a Python loop over modules needs the row ranges
+        bounds = expert_offsets.tolist() if isinstance(expert_offsets, torch.Tensor) else list(expert_offsets)
         outputs = [
             self.experts[e](inp[bounds[e] : bounds[e + 1]]) for e in range(self.num_expert) if bounds[e + 1] > bounds[e]
         ]
@@ -135,9 +163,29 @@ class FMoE(nn.Module):
         plan = ops.make_plan(topk_idx, self.num_experts_total)
         self._record_balance(x.shape[0], topk_idx.numel(), plan.expert_counts)
         x_sorted = ops.permute(x, plan)
-        y_sorted = self.expert_fn(x_sorted, plan.expert_counts, plan.expert_offsets)
+        if self.moe_group is None:
+            y_sorted = self.expert_fn(x_sorted, plan.expert_counts, plan.expert_offsets)
+        else:
+            y_sorted = self._global_expert_fn(x_sorted, plan.expert_counts)
         y = ops.unpermute_combine(y_sorted, plan, topk_score)
         return y.reshape(*inp.shape[:-1], y.shape[-1])
+
+    def _global_expert_fn(self, x_sorted: torch.Tensor, expert_counts: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism: rows go to the ranks owning their experts, through the local experts, and back.
+
+        ``x_sorted`` is ordered by global expert, i.e. by (owner rank, local expert). One host sync reads the
+        counts, because the all-to-all needs its split sizes on the host.
+        """
+        world, local = self.world_size, self.num_expert
+        received_counts = ops.exchange_counts(expert_counts, self.moe_group)  # [world * local], [source][expert]
+        send, recv, local_bounds = _exchange_splits_sync(expert_counts, received_counts, world, local)
+        x_recv = ops.exchange(x_sorted, send, recv, self.moe_group)
+        x_local = ops.regroup(x_recv, received_counts, world)
+        local_counts = received_counts.view(world, local).sum(0)
+        offsets = local_bounds if not self.experts_fused else ops.counts_to_offsets(local_counts)
+        y_local = self.expert_fn(x_local, local_counts, offsets)
+        y_recv = ops.regroup(y_local, received_counts, world, inverse=True)
+        return ops.exchange(y_recv, recv, send, self.moe_group, out_rows=x_sorted.shape[0])
 
     def _record_balance(self, num_tokens: int, num_slots: int, expert_counts: torch.Tensor) -> None:
         """Keeps what balance_stats() needs, as device tensors (no host read here)."""
@@ -174,3 +222,16 @@ class FMoE(nn.Module):
             device = param.device if param is not None else None
             return torch.zeros((), device=device)
         return loss
+
+
+def _exchange_splits_sync(sent_counts: torch.Tensor, received_counts: torch.Tensor, world: int, local: int):
+    """Reads both count vectors on the host (one sync) and returns the rows sent to each rank, the rows received
+    from each rank, and the local experts' row bounds (``[local + 1]`` prefix sum, expert-major)."""
+    both = torch.cat([sent_counts, received_counts]).tolist()
+    sent, received = both[: world * local], both[world * local :]
+    send = [sum(sent[p * local : (p + 1) * local]) for p in range(world)]
+    recv = [sum(received[p * local : (p + 1) * local]) for p in range(world)]
+    bounds = [0]
+    for e in range(local):
+        bounds.append(bounds[-1] + sum(received[p * local + e] for p in range(world)))
+    return send, recv, bounds

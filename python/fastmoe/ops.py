@@ -71,3 +71,40 @@ def counts_to_offsets(expert_counts: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expert_counts must be int64, got {expert_counts.dtype}")
     zero = expert_counts.new_zeros(1)
     return torch.cat([zero, torch.cumsum(expert_counts, 0)])
+
+
+# ------------------------------------------------------------------------------------------ expert parallelism
+
+
+def group_name(group=None) -> str:
+    """The name torch.distributed registered ``group`` under (``None``: the default group); the exchange ops
+    find the group by this name in C++."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "expert parallelism needs torch.distributed: call torch.distributed.init_process_group first "
+            f"(group={group!r})"
+        )
+    if group is None:
+        group = dist.group.WORLD
+    return group.group_name
+
+
+def exchange_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
+    """``counts [W * E_local]`` int64 (rows this rank sends to each global expert) -> ``[W * E_local]``, entry
+    ``s * E_local + e`` = rows rank ``s`` sends to this rank's local expert ``e``. A collective over ``group``."""
+    return _ops.exchange_counts(counts, group_name(group))
+
+
+def exchange(x: torch.Tensor, send_splits, recv_splits, group=None, out_rows: int | None = None) -> torch.Tensor:
+    """All-to-all of rows: rows ``[0, sum(send_splits))`` of ``x`` go out, ``send_splits[p]`` to rank ``p``;
+    ``recv_splits[p]`` rows come in from each rank ``p``, stacked in rank order, then zero rows up to
+    ``out_rows``. Differentiable (the backward is the reverse exchange). A collective over ``group``."""
+    return _ops.exchange(x, list(send_splits), list(recv_splits), group_name(group), out_rows)
+
+
+def regroup(x: torch.Tensor, counts: torch.Tensor, num_ranks: int, inverse: bool = False) -> torch.Tensor:
+    """Reorders the rows of ``x`` from the rank-major layout an exchange delivers (per source rank, then per
+    local expert, sizes ``counts [num_ranks * E_local]``) to expert-major (``inverse=True``: back)."""
+    return _ops.regroup(x, counts, num_ranks, inverse)

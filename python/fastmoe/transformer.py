@@ -76,6 +76,7 @@ class FMoETransformerMLP(FMoE):
         self.experts = _Expert(num_expert, d_model, d_hidden, activation if activation is not None else F.gelu, bias)
         self.experts_fused = True
         self.expert_dp_comm = expert_dp_comm
+        self.mark_parallel_comm(expert_dp_comm)
 
     def expert_fn(self, inp, fwd_expert_count, expert_offsets=None):
         return self.experts(inp, fwd_expert_count, expert_offsets)

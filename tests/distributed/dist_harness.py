@@ -83,7 +83,7 @@ def run_workers(world_size: int, body, *args, backend: str = "gloo", timeout: fl
                         failures[rank] = f"exit code {p.exitcode} without a result"
                 continue
             (values if status == "ok" else failures)[rank] = value
-        for rank, p in enumerate(procs):
+        for rank in range(world_size):
             if rank not in values and rank not in failures:
                 failures[rank] = f"hung: no result within {timeout:.0f} s"
         for p in procs:

@@ -21,6 +21,9 @@ KNOWN_OPS = {
     "grouped_linear": True,
     "grouped_linear_backward": False,
     "capacity_limit": False,
+    "exchange_counts": False,
+    "exchange": True,
+    "regroup": True,
 }
 
 # fastmoe.with_cuda is True exactly when the ops have CUDA kernels (nvcc found and torch built with CUDA); such a
@@ -164,6 +167,18 @@ def _opcheck_cases():
             None,
         ),
         (
+            "regroup",
+            "regroup",
+            (req(torch.randn(9, d, generator=gen)), torch.tensor([2, 0, 1, 3, 1, 1]), 2, False),
+            None,
+        ),
+        (
+            "regroup-inverse",
+            "regroup",
+            (req(torch.randn(9, d, generator=gen)), torch.tensor([2, 0, 1, 3, 1, 1]), 3, True),
+            None,
+        ),
+        (
             "grouped_linear_backward-x-only",
             "grouped_linear_backward",
             (grad_y_linear, y_sorted, plan.expert_offsets, weight, [True, False, False]),
@@ -176,8 +191,38 @@ def _opcheck_cases():
 OPCHECK_IDS = [case[0] for case in _opcheck_cases()]
 
 
+def _exchange_cases(group_name: str):
+    """The exchange ops on a one-rank group (a rank exchanging with itself)."""
+    gen = make_generator(3)
+    x = torch.randn(7, 4, generator=gen).requires_grad_(True)
+    return [
+        ("exchange_counts", "exchange_counts", (torch.tensor([3, 0, 4]), group_name), None),
+        ("exchange", "exchange", (x, [5], [5], group_name, None), None),
+        ("exchange-out-rows", "exchange", (x, [5], [5], group_name, 9), None),
+    ]
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo process group for the collective ops, torn down after the test."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "a test left a torch.distributed group initialised"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD.group_name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_opcheck_exchange_ops(one_rank_group):
+    for case_id, op_name, args, _ in _exchange_cases(one_rank_group):
+        results = opcheck(getattr(torch.ops.fastmoe, op_name).default, args)
+        assert all(value == "SUCCESS" for value in results.values()), (case_id, results)
+
+
 def test_opcheck_covers_every_op():
-    covered = {case[1] for case in _opcheck_cases()}
+    covered = {case[1] for case in _opcheck_cases() + _exchange_cases("unused")}
     assert covered == set(KNOWN_OPS), f"ops without an opcheck case: {sorted(set(KNOWN_OPS) - covered)}"
 
 

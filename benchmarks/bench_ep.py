@@ -1,0 +1,300 @@
+"""Expert-parallel MoE layer benchmark (weak scaling): fastmoe against a plain-PyTorch EP layer, fwd+bwd.
+
+    torchrun --standalone --nproc-per-node W benchmarks/bench_ep.py [--config mixtral fine paper] [--out F]
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_ep.py --device cpu --tiny     # gloo, for tests
+
+Every rank holds T tokens and E_local experts, the same at every W (weak scaling), so the layer has
+W * E_local experts and each token's k slots go to any rank. Both methods run the expert-parallel code path at
+every W, including W = 1 (a one-rank group, whose exchanges are local copies), so t(W=1) / t(W) is the cost of
+going across GPUs. 2-layer GELU experts without bias, NaiveGate top-k routing from a gate of fixed seed (the
+same on every rank; roughly uniform routing), fwd+bwd with a fixed output gradient.
+
+Methods, in one process with the same weights and inputs:
+- ``fastmoe``: ``fastmoe.FMoETransformerMLP(E_local, d, h, top_k=k, world_size=W, moe_group=WORLD, bias=False)``;
+- ``ep_baseline``: benchmarks/baselines/ep_baseline.py (gate, argsort, ``all_to_all_single`` of counts and rows,
+  ``torch._grouped_mm``, reverse all-to-all, ``index_add`` combine), which computes its own routing with
+  ``torch.topk``. The correctness check (once per config, before timing; aborts on failure) gives the baseline
+  fastmoe's routing and compares the outputs and the expert-weight gradients on identical routing; it also
+  reports the fraction of tokens whose top-k experts agree between the two gates (``routing_agreement``:
+  bf16 ties at the k-th logit may be broken differently by ``torch.topk`` and fastmoe's fused top-k).
+
+Timing: every iteration starts after a device sync and a barrier on all ranks; CUDA events around one step;
+warm-up, then the median over ``--iters`` per rank; the reported time is the maximum over ranks of the
+per-rank medians. TFLOP/s per GPU counts the two expert GEMMs of the T*k rows a rank sends out
+(3 * 4 * T * k * d * h for fwd+bwd) over that time; ``pct_dense`` is that over a dense 8192^3 bf16 matmul
+measured in the same process. ``peak_gib`` is the maximum over ranks of the peak memory above the parameters.
+Rank 0 appends one JSON line per (config, method) to ``--out``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fastmoe  # noqa: E402
+from baselines.ep_baseline import EPBaselineMLP, route  # noqa: E402
+
+CONFIGS = {
+    "mixtral": dict(T=8192, d=4096, h=14336, E_local=4, k=2),
+    "fine": dict(T=16384, d=2048, h=1408, E_local=32, k=6),
+    "paper": dict(T=4096, d=1024, h=4096, E_local=32, k=2),
+}
+TINY = {name: dict(T=64, d=32, h=48, E_local=4, k=min(cfg["k"], 3)) for name, cfg in CONFIGS.items()}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# relative error of the whole output allowed between the two methods on the same routing
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(step, iters: int, warmup: int, device) -> list:
+    """Per-iteration milliseconds of ``step()`` over ``iters`` runs after ``warmup`` runs, each started after a
+    sync and a barrier of all ranks (CUDA events on GPU, the host clock on CPU)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        dist.barrier()
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def dense_bf16_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = statistics.median(time_step(lambda: a @ b, iters=20, warmup=5, device=device))
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _all_ranks(values, op):
+    """Reduces a list of floats over all ranks (``op`` = dist.ReduceOp.MAX / MIN / SUM), in float64."""
+    t = torch.tensor(values, dtype=torch.float64, device=_COMM_DEVICE)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _gather_floats(value: float) -> list:
+    t = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=_COMM_DEVICE)
+    t[dist.get_rank()] = value
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+_COMM_DEVICE = torch.device("cpu")
+
+
+def build_layers(cfg: dict, world: int, device, dtype):
+    """fastmoe's EP layer and the baseline with the same weights: the gate from a fixed seed (the same on every
+    rank), each rank's experts from a seed of its own."""
+    rank = dist.get_rank()
+    torch.manual_seed(1234)
+    fm = fastmoe.FMoETransformerMLP(
+        num_expert=cfg["E_local"],
+        d_model=cfg["d"],
+        d_hidden=cfg["h"],
+        top_k=cfg["k"],
+        bias=False,
+        world_size=world,
+        moe_group=dist.group.WORLD,
+    )
+    torch.manual_seed(5678 + rank)
+    fm.experts.htoh4.reset_parameters()
+    fm.experts.h4toh.reset_parameters()
+    base = EPBaselineMLP(cfg["E_local"], cfg["d"], cfg["h"], top_k=cfg["k"])
+    base.load_state_dict(fm.state_dict())
+    return fm.to(device=device, dtype=dtype), base.to(device=device, dtype=dtype)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def check_agreement(fm, base, x, grad_out, dtype) -> dict:
+    """Compares the outputs and the expert-weight gradients on the same routing (fastmoe's gate output, detached
+    for the baseline), and reports how often the two gates route alike. Every rank aborts if any rank's relative
+    error is above the tolerance."""
+    idx, score = fm.gate(x)
+    idx, score = idx.detach(), score.detach()
+    out_fm = fm(x)
+    out_base = base(x, routing=(idx, score))
+    out_fm.backward(grad_out)
+    out_base.backward(grad_out)
+    errors = [_rel_err(out_base, out_fm)]
+    for name in ("htoh4", "h4toh"):
+        errors.append(_rel_err(getattr(base.experts, name).weight.grad, getattr(fm.experts, name).weight.grad))
+    with torch.no_grad():
+        own_idx, _ = route(x, base.gate.gate.weight, base.gate.gate.bias, base.top_k)
+    same = (own_idx.sort(-1).values == idx.sort(-1).values).all(-1).float().mean().item()
+    for p in [x, *fm.parameters(), *base.parameters()]:
+        p.grad = None
+    rel_err, grad_err = _all_ranks([errors[0], max(errors[1:])], dist.ReduceOp.MAX)
+    (same,) = _all_ranks([same], dist.ReduceOp.MIN)
+    if not max(rel_err, grad_err) <= TOLERANCE[dtype]:
+        raise SystemExit(
+            f"bench_ep: fastmoe and ep_baseline differ on the same routing: relative error of the output "
+            f"{rel_err:.3e}, of the expert-weight gradients {grad_err:.3e} (max over ranks), tolerance "
+            f"{TOLERANCE[dtype]:.0e}; not timing"
+        )
+    return {
+        "rel_err_vs_fastmoe": float(f"{rel_err:.2e}"),
+        "grad_rel_err_vs_fastmoe": float(f"{grad_err:.2e}"),
+        "routing_agreement": round(same, 4),
+    }
+
+
+def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    fm, base = build_layers(cfg, world, device, dtype)
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(cfg["T"], cfg["d"], generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    grad_out = torch.randn(cfg["T"], cfg["d"], generator=gen).to(device=device, dtype=dtype)
+    check = check_agreement(fm, base, x, grad_out, dtype)
+
+    flops = 3 * 4 * cfg["T"] * cfg["k"] * cfg["d"] * cfg["h"]
+    common = {
+        "config": name + ("-tiny" if args.tiny else ""),
+        "W": world,
+        **cfg,
+        "dtype": args.dtype,
+        "backend": dist.get_backend(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "dense_bf16_tflops": None if dense is None else round(dense, 1),
+        **check,
+    }
+    results = []
+    for impl, layer in (("fastmoe", fm), ("ep_baseline", base)):
+        params = list(layer.parameters())
+
+        def clear_grads(params=params):
+            x.grad = None
+            for p in params:
+                p.grad = None
+
+        def step(layer=layer, clear_grads=clear_grads):
+            clear_grads()
+            layer(x).backward(grad_out)
+
+        clear_grads()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base_mem = torch.cuda.memory_allocated(device)
+        times = time_step(step, args.iters, args.warmup, device)
+        peak = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**30 if device.type == "cuda" else 0.0
+        clear_grads()
+        median = statistics.median(times)
+        ranks_ms = _gather_floats(median)
+        ms = max(ranks_ms)
+        (peak_max,) = _all_ranks([peak], dist.ReduceOp.MAX)
+        tflops = flops / (ms * 1e-3) / 1e12
+        results.append(
+            {
+                **common,
+                "impl": impl,
+                "ms": round(ms, 3),
+                "ms_per_rank": [round(t, 3) for t in ranks_ms],
+                "tflops_per_gpu": round(tflops, 3 if args.tiny else 1),
+                "pct_dense": None if dense is None else round(100 * tflops / dense, 1),
+                "peak_gib": round(peak_max, 2) if device.type == "cuda" else None,
+            }
+        )
+    speedup = round(results[1]["ms"] / results[0]["ms"], 3)
+    for r in results:
+        r["fastmoe_speedup"] = speedup
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (for a CPU run in tests)")
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("bench_ep.jsonl"), help="JSON lines appended here")
+    args = parser.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters must be >= 1 and --warmup >= 0, got --iters {args.iters} --warmup {args.warmup}")
+
+    global _COMM_DEVICE
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("bench_ep: no CUDA device; use --device cpu (gloo) to run on CPU", file=sys.stderr)
+            return 2
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", device_id=device)
+        _COMM_DEVICE = device
+    else:
+        device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    dtype = DTYPES[args.dtype]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0 and args.iters < 20:
+        print(f"note: --iters {args.iters} is below the 20 runs the method asks for", file=sys.stderr)
+    try:
+        dense = dense_bf16_tflops(device)
+        if rank == 0:
+            dense_text = "" if dense is None else f" | dense bf16 matmul {dense:.0f} TFLOP/s"
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            print(f"# W={world} | {name} | torch {torch.__version__}{dense_text}", flush=True)
+        for name in args.config:
+            cfg = TINY[name] if args.tiny else CONFIGS[name]
+            start = time.time()
+            results = run_config(name, cfg, args, device, dtype, dense)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the layers of this config are gone; the next one starts clean
+            if rank == 0:
+                with args.out.open("a") as f:
+                    for r in results:
+                        f.write(json.dumps(r) + "\n")
+                for r in results:
+                    print(
+                        f"{r['config']:12} W={world} {r['impl']:12} {r['ms']:9.3f} ms {r['tflops_per_gpu']:8} "
+                        f"TFLOP/s/GPU peak {r['peak_gib']} GiB  fastmoe x{r['fastmoe_speedup']}  "
+                        f"rel_err {r['rel_err_vs_fastmoe']} grad {r['grad_rel_err_vs_fastmoe']} "
+                        f"routing {r['routing_agreement']}",
+                        flush=True,
+                    )
+                print(f"# {name} done in {time.time() - start:.1f}s", file=sys.stderr, flush=True)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+// Autograd of the expert-parallel ops. exchange's backward is the reverse exchange (splits swapped, back to the
+// input's row count), and regroup's backward is the inverse regroup: both move rows without arithmetic, so the
+// gradient rows arrive bit for bit.
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "fastmoe/ops.h"
+
+namespace fastmoe {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class ExchangeFunction : public torch::autograd::Function<ExchangeFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, c10::IntArrayRef send_splits,
+                            c10::IntArrayRef recv_splits, c10::string_view group_name,
+                            std::optional<int64_t> out_rows) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["send"] = send_splits.vec();
+    ctx->saved_data["recv"] = recv_splits.vec();
+    ctx->saved_data["group"] = std::string(group_name);
+    ctx->saved_data["rows"] = x.size(0);
+    at::Tensor y = ops::exchange(x, send_splits.vec(), recv_splits.vec(), std::string(group_name), out_rows);
+    ctx->saved_data["out_like"] = at::empty({0, y.size(1)}, y.options());
+    ctx->saved_data["out_rows"] = y.size(0);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Every rank must join the reverse exchange, so an undefined gradient is sent as zeros.
+    const auto send = ctx->saved_data["send"].toIntVector();
+    const auto recv = ctx->saved_data["recv"].toIntVector();
+    at::Tensor grad = grads[0];
+    if (!grad.defined()) {
+      const at::Tensor like = ctx->saved_data["out_like"].toTensor();
+      grad = at::zeros({ctx->saved_data["out_rows"].toInt(), like.size(1)}, like.options());
+    }
+    const int64_t rows = ctx->saved_data["rows"].toInt();
+    return {ops::exchange(grad.contiguous(), recv, send, ctx->saved_data["group"].toStringRef(), rows), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class RegroupFunction : public torch::autograd::Function<RegroupFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks,
+                            bool inverse) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({counts});
+    ctx->saved_data["num_ranks"] = num_ranks;
+    ctx->saved_data["inverse"] = inverse;
+    return ops::regroup(x, counts, num_ranks, inverse);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    return {
+        ops::regroup(grads[0], saved[0], ctx->saved_data["num_ranks"].toInt(), !ctx->saved_data["inverse"].toBool()),
+        at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor exchange_autograd(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
+                             c10::string_view group_name, std::optional<int64_t> out_rows) {
+  return ExchangeFunction::apply(x, send_splits, recv_splits, group_name, out_rows);
+}
+
+at::Tensor regroup_autograd(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks, bool inverse) {
+  return RegroupFunction::apply(x, counts, num_ranks, inverse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
+  m.impl("exchange", &exchange_autograd);
+  m.impl("regroup", &regroup_autograd);
+}
+
+}  // namespace fastmoe

@@ -1,0 +1,139 @@
+// Expert-parallel exchange: CPU (the group's gloo backend), CUDA (fastmoe's NCCL communicator, see
+// csrc/runtime/communicator.h) and Meta kernels of exchange_counts and exchange. Both are collectives over the
+// ranks of the process group named group_name; every rank must call them in the same order.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <numeric>
+
+#include "fastmoe/ops.h"
+#include "ops/common.h"
+#include "runtime/communicator.h"
+
+namespace fastmoe {
+namespace {
+
+using namespace ops_detail;
+
+// ------------------------------------------------------------------------------------------------ exchange_counts
+
+void check_exchange_counts(const at::Tensor& counts) {
+  check_int64(counts, "counts");
+  check_dim(counts, 1, "counts", "[world_size * num_local_experts]");
+}
+
+at::Tensor exchange_counts_meta(const at::Tensor& counts, c10::string_view group_name) {
+  check_exchange_counts(counts);
+  return at::empty_like(counts, at::MemoryFormat::Contiguous);
+}
+
+at::Tensor exchange_counts_kernel(const at::Tensor& counts, c10::string_view group_name) {
+  check_exchange_counts(counts);
+  const std::string group(group_name);
+  const int64_t world = runtime::group_size(group);
+  TORCH_CHECK(counts.size(0) >= world && counts.size(0) % world == 0, "counts has ", counts.size(0),
+              " entries, which is not world_size=", world, " (the size of group '", group,
+              "') times a local expert count");
+  const c10::OptionalDeviceGuard guard(counts.device());
+  const at::Tensor in = counts.contiguous().view({world, -1});
+  at::Tensor out = at::empty_like(in);
+  const std::vector<int64_t> ones(world, 1);
+  runtime::all_to_all_rows(in, out, ones, ones, group);
+  return out.view({-1});
+}
+
+// ------------------------------------------------------------------------------------------------ exchange
+
+int64_t checked_sum(c10::IntArrayRef splits, const char* name) {
+  int64_t total = 0;
+  for (size_t p = 0; p < splits.size(); ++p) {
+    TORCH_CHECK(splits[p] >= 0, name, "[", p, "] = ", splits[p], " is negative; ", name, " = ", splits);
+    total += splits[p];
+  }
+  return total;
+}
+
+// Returns the number of output rows.
+int64_t check_exchange(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
+                       std::optional<int64_t> out_rows) {
+  check_float(x, "x");
+  check_dim(x, 2, "x", "[num_rows, d]");
+  TORCH_CHECK(send_splits.size() == recv_splits.size() && !send_splits.empty(),
+              "send_splits and recv_splits must have one entry per rank, got ", send_splits.size(), " and ",
+              recv_splits.size());
+  const int64_t sent = checked_sum(send_splits, "send_splits");
+  const int64_t received = checked_sum(recv_splits, "recv_splits");
+  TORCH_CHECK(x.sym_size(0) >= sent, "send_splits sum to ", sent, " rows but x has only ", x.sym_size(0),
+              " (send_splits = ", send_splits, ")");
+  if (out_rows.has_value()) {
+    TORCH_CHECK(*out_rows >= received, "out_rows = ", *out_rows, " is smaller than the ", received,
+                " rows recv_splits bring in (recv_splits = ", recv_splits, ")");
+    return *out_rows;
+  }
+  return received;
+}
+
+at::Tensor exchange_meta(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
+                         c10::string_view group_name, std::optional<int64_t> out_rows) {
+  const int64_t rows = check_exchange(x, send_splits, recv_splits, out_rows);
+  return x.new_empty_symint({c10::SymInt(rows), x.sym_size(1)});
+}
+
+at::Tensor exchange_kernel(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
+                           c10::string_view group_name, std::optional<int64_t> out_rows) {
+  const int64_t rows = check_exchange(x, send_splits, recv_splits, out_rows);
+  const std::string group(group_name);
+  const int64_t world = runtime::group_size(group);
+  TORCH_CHECK(static_cast<int64_t>(send_splits.size()) == world, "send_splits and recv_splits must have one entry ",
+              "per rank of group '", group, "' (world_size=", world, "), got ", send_splits.size());
+  const int64_t sent = std::accumulate(send_splits.begin(), send_splits.end(), int64_t{0});
+  const int64_t received = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
+  const c10::OptionalDeviceGuard guard(x.device());
+  const at::Tensor in = x.narrow(0, 0, sent).contiguous();
+  at::Tensor out = at::empty({rows, x.size(1)}, x.options());
+  if (rows > received) out.narrow(0, received, rows - received).zero_();
+  runtime::all_to_all_rows(in, out.narrow(0, 0, received), send_splits.vec(), recv_splits.vec(), group);
+  return out;
+}
+
+}  // namespace
+
+namespace ops {
+
+at::Tensor exchange_counts(const at::Tensor& counts, const std::string& group_name) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmoe::exchange_counts", "")
+                       .typed<at::Tensor(const at::Tensor&, c10::string_view)>();
+  return op.call(counts, group_name);
+}
+
+at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send_splits,
+                    const std::vector<int64_t>& recv_splits, const std::string& group_name,
+                    std::optional<int64_t> out_rows) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmoe::exchange", "")
+                       .typed<at::Tensor(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::string_view,
+                                         std::optional<int64_t>)>();
+  return op.call(x, send_splits, recv_splits, group_name, out_rows);
+}
+
+}  // namespace ops
+
+TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
+  m.impl("exchange_counts", &exchange_counts_kernel);
+  m.impl("exchange", &exchange_kernel);
+}
+
+#ifdef FASTMOE_WITH_CUDA_OPS
+TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
+  m.impl("exchange_counts", &exchange_counts_kernel);
+  m.impl("exchange", &exchange_kernel);
+}
+#endif
+
+TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
+  m.impl("exchange_counts", &exchange_counts_meta);
+  m.impl("exchange", &exchange_meta);
+}
+
+}  // namespace fastmoe

@@ -1,0 +1,171 @@
+#include "runtime/communicator.h"
+
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <utility>
+
+#include "ops/common.h"
+
+#ifdef FASTMOE_WITH_NCCL
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "kernels/comm/nccl_comm.h"
+#endif
+
+namespace fastmoe::runtime {
+
+c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_name) {
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
+  try {
+    group = c10d::resolve_process_group(group_name);
+  } catch (const std::exception& error) {
+    TORCH_CHECK(false, "group_name '", group_name,
+                "' names no torch.distributed process group in this process (create it with "
+                "torch.distributed.init_process_group / new_group first): ",
+                error.what());
+  }
+  TORCH_CHECK(group, "group_name '", group_name, "' names no torch.distributed process group in this process");
+  return group;
+}
+
+int group_rank(const std::string& group_name) {
+  return resolve_group(group_name)->getRank();
+}
+
+int group_size(const std::string& group_name) {
+  return resolve_group(group_name)->getSize();
+}
+
+std::chrono::milliseconds exchange_timeout() {
+  static const std::chrono::milliseconds timeout = [] {
+    const char* value = std::getenv("FASTMOE_COMM_TIMEOUT");
+    double seconds = 60.0;
+    if (value != nullptr && *value != '\0') {
+      char* end = nullptr;
+      seconds = std::strtod(value, &end);
+      TORCH_CHECK(end != value && *end == '\0' && seconds > 0, "FASTMOE_COMM_TIMEOUT must be a positive number of ",
+                  "seconds, got '", value, "'");
+    }
+    return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  }();
+  return timeout;
+}
+
+namespace {
+
+void all_to_all_rows_pg(const at::Tensor& input, const at::Tensor& output, const std::vector<int64_t>& send_rows,
+                        const std::vector<int64_t>& recv_rows, const std::string& group_name) {
+  auto group = resolve_group(group_name);
+  at::Tensor in = input, out = output;
+  std::vector<int64_t> in_splits = send_rows, out_splits = recv_rows;
+  c10d::AllToAllOptions options;
+  options.timeout = exchange_timeout();
+  auto work = group->alltoall_base(out, in, out_splits, in_splits, options);
+  work->wait(exchange_timeout());
+}
+
+#ifdef FASTMOE_WITH_NCCL
+// One NCCL communicator per (group, device), with its stream and the two events that order it against the
+// caller's stream. Created on first use by every rank of the group at the same exchange.
+struct NcclState {
+  comm::NcclComm* comm = nullptr;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ready = nullptr, done = nullptr;
+};
+
+std::mutex g_nccl_mutex;
+std::map<std::pair<std::string, int>, std::unique_ptr<NcclState>> g_nccl_states;
+
+NcclState& nccl_state(const std::string& group_name, int device) {
+  std::lock_guard<std::mutex> lock(g_nccl_mutex);
+  auto& slot = g_nccl_states[{group_name, device}];
+  if (slot) return *slot;
+  auto group = resolve_group(group_name);
+  // Rank 0 makes the id; the group broadcasts it, on the CPU when the group has a CPU backend (gloo), else on
+  // this device (a NCCL-only group).
+  bool has_cpu = false;
+  for (const auto& d : group->getDeviceTypes()) has_cpu = has_cpu || d.is_cpu();
+  at::Tensor id = at::zeros({static_cast<int64_t>(comm::kNcclUniqueIdBytes)}, at::kByte);
+  if (group->getRank() == 0) comm::nccl_unique_id(id.mutable_data_ptr<uint8_t>());
+  std::vector<at::Tensor> bcast{has_cpu ? id : id.to(at::Device(at::kCUDA, device))};
+  group->broadcast(bcast)->wait();
+  id = bcast[0].cpu();
+  auto state = std::make_unique<NcclState>();
+  ops_detail::call_kernel([&] {
+    state->comm = comm::nccl_comm_create(id.const_data_ptr<uint8_t>(), group->getSize(), group->getRank(), device);
+  });
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  int low = 0, high = 0;
+  C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&low, &high));
+  C10_CUDA_CHECK(cudaStreamCreateWithPriority(&state->stream, cudaStreamNonBlocking, high));
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&state->ready, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&state->done, cudaEventDisableTiming));
+  slot = std::move(state);
+  return *slot;
+}
+
+void all_to_all_rows_nccl(const at::Tensor& input, const at::Tensor& output, const std::vector<int64_t>& send_rows,
+                          const std::vector<int64_t>& recv_rows, const std::string& group_name) {
+  const int device = input.device().index();
+  const c10::cuda::CUDAGuard guard(input.device());
+  NcclState& state = nccl_state(group_name, device);
+  int64_t row_bytes = input.element_size();
+  for (int64_t d = 1; d < input.dim(); ++d) row_bytes *= input.size(d);
+  const size_t world = send_rows.size();
+  std::vector<int64_t> send_offset(world), send_bytes(world), recv_offset(world), recv_bytes(world);
+  int64_t send_at = 0, recv_at = 0;
+  for (size_t p = 0; p < world; ++p) {
+    send_offset[p] = send_at;
+    send_bytes[p] = send_rows[p] * row_bytes;
+    send_at += send_bytes[p];
+    recv_offset[p] = recv_at;
+    recv_bytes[p] = recv_rows[p] * row_bytes;
+    recv_at += recv_bytes[p];
+  }
+  const cudaStream_t caller = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  C10_CUDA_CHECK(cudaEventRecord(state.ready, caller));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(state.stream, state.ready, 0));
+  // The buffers were allocated on the caller's stream; tell the caching allocator they are also used here.
+  const auto comm_stream = c10::cuda::getStreamFromExternal(state.stream, static_cast<c10::DeviceIndex>(device));
+  if (input.numel() > 0) c10::cuda::CUDACachingAllocator::recordStream(input.storage().data_ptr(), comm_stream);
+  if (output.numel() > 0) c10::cuda::CUDACachingAllocator::recordStream(output.storage().data_ptr(), comm_stream);
+  ops_detail::call_kernel([&] {
+    comm::nccl_all_to_all(state.comm, input.const_data_ptr(), send_offset.data(), send_bytes.data(),
+                          output.mutable_data_ptr(), recv_offset.data(), recv_bytes.data(), state.stream);
+  });
+  C10_CUDA_CHECK(cudaEventRecord(state.done, state.stream));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(caller, state.done, 0));
+}
+#endif
+
+}  // namespace
+
+void all_to_all_rows(const at::Tensor& input, const at::Tensor& output, const std::vector<int64_t>& send_rows,
+                     const std::vector<int64_t>& recv_rows, const std::string& group_name) {
+  TORCH_CHECK(input.is_contiguous() && output.is_contiguous(), "all_to_all_rows needs contiguous tensors");
+  if (input.is_cuda()) {
+#ifdef FASTMOE_WITH_NCCL
+    return all_to_all_rows_nccl(input, output, send_rows, recv_rows, group_name);
+#else
+    TORCH_CHECK(false, "this fastmoe build has no NCCL, so it cannot exchange CUDA tensors (rebuild with NCCL found)");
+#endif
+  }
+  all_to_all_rows_pg(input, output, send_rows, recv_rows, group_name);
+}
+
+bool has_nccl() {
+#ifdef FASTMOE_WITH_NCCL
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace fastmoe::runtime

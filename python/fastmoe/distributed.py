@@ -1,0 +1,231 @@
+"""Expert parallelism and data parallelism across ranks.
+
+- Expert parallelism (EP): ``FMoE(..., world_size=W, moe_group=g)`` places ``num_expert`` experts on each of the
+  W ranks of ``g``; global expert ``e`` lives on rank ``e // num_expert``. Tokens travel to their experts and
+  back through the ``exchange`` ops (NCCL for CUDA tensors, the group's gloo backend for CPU tensors).
+- Data parallelism (DP): :class:`DistributedGroupedDataParallel` averages gradients. Parameters every rank holds
+  (gate, attention, embeddings, norms, and experts of layers with ``world_size=1``) are reduced over the
+  data-parallel group; sharded experts are reduced over their replica group (the ranks that hold the same
+  experts), which is empty when EP spans the whole world.
+- :func:`expert_parallel_groups` builds the groups of the usual "EP inside DP" layout.
+
+docs/distributed.md has the launch recipes (torchrun, several nodes) and the layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DistributedGroupedDataParallel",
+    "expert_parallel_groups",
+    "resolve_moe_group",
+    "check_same_config",
+]
+
+
+def _require_initialized(what: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{what} needs torch.distributed: call torch.distributed.init_process_group first")
+
+
+def resolve_moe_group(world_size: int, moe_group):
+    """``(group, rank in group)`` for an FMoE layer with ``world_size`` expert-parallel ranks. ``moe_group=None``
+    means the default (world) group, whose size must then be ``world_size``."""
+    _require_initialized(f"expert parallelism (world_size={world_size}, moe_group={moe_group!r})")
+    if moe_group is not None and not isinstance(moe_group, dist.ProcessGroup):
+        raise TypeError(f"moe_group must be a torch.distributed ProcessGroup or None, got moe_group={moe_group!r}")
+    group = dist.group.WORLD if moe_group is None else moe_group
+    size = dist.get_world_size(group)
+    if size != world_size:
+        name = "the default group" if moe_group is None else "moe_group"
+        raise ValueError(f"world_size={world_size} but {name} has {size} ranks; they must be equal")
+    return group, dist.get_rank(group)
+
+
+def check_same_config(group, config: dict, what: str = "FMoE") -> None:
+    """Raises ``ValueError`` on every rank of ``group`` when ``config`` (a dict of plain values) differs between
+    ranks, naming each rank, field and value that differs from rank 0's."""
+    configs = [None] * dist.get_world_size(group)
+    dist.all_gather_object(configs, config, group=group)
+    reference = configs[0]
+    problems = []
+    for rank, other in enumerate(configs[1:], start=1):
+        for key in sorted(set(reference) | set(other)):
+            if reference.get(key) != other.get(key):
+                problems.append(f"rank {rank} has {key}={other.get(key)!r} but rank 0 has {key}={reference.get(key)!r}")
+    if problems:
+        raise ValueError(
+            f"{what} must be built with the same configuration on every rank of its expert-parallel group: "
+            + "; ".join(problems)
+        )
+
+
+def expert_parallel_groups(ep_size: int):
+    """Builds the groups of the "EP inside DP" layout on all ranks (a collective: every rank calls it).
+
+    The world's ranks form blocks of ``ep_size`` consecutive ranks, each one expert-parallel group; rank ``r``
+    holds the experts of EP rank ``r % ep_size``. Returns ``(moe_group, expert_dp_group)`` for this rank:
+    ``moe_group`` is its block, ``expert_dp_group`` the ranks holding the same experts (its replicas). With
+    ``ep_size == world_size`` the replica group has one rank. For example 4 ranks with ``ep_size=2``: EP groups
+    {0, 1} and {2, 3}, replica groups {0, 2} and {1, 3}.
+    """
+    _require_initialized("expert_parallel_groups")
+    world = dist.get_world_size()
+    if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1 or world % ep_size != 0:
+        raise ValueError(f"ep_size must be a positive divisor of the world size {world}, got {ep_size!r}")
+    rank = dist.get_rank()
+    moe_group = expert_dp_group = None
+    for start in range(0, world, ep_size):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(start, start + ep_size)))
+        if start <= rank < start + ep_size:
+            moe_group = group
+    for ep_rank in range(ep_size):
+        group = dist.new_group(list(range(ep_rank, world, ep_size)))
+        if rank % ep_size == ep_rank:
+            expert_dp_group = group
+    return moe_group, expert_dp_group
+
+
+def _moe_layers(module: nn.Module):
+    from fastmoe.layers import FMoE
+
+    return [m for m in module.modules() if isinstance(m, FMoE)]
+
+
+class DistributedGroupedDataParallel(nn.Module):
+    """Data parallelism for models with MoE layers (FastMoE's ``DistributedGroupedDataParallel``).
+
+    Wraps ``module``; after ``loss.backward()`` call :meth:`allreduce_gradients` (or pass
+    ``auto_allreduce=True`` to run it at the end of every backward). Every gradient ends up as the mean over the
+    ``dp_group`` ranks of their local gradients, which is what a single process training on the union of their
+    batches computes:
+
+    - parameters every rank holds are all-reduced over ``dp_group`` (default: the world) and divided by its size;
+    - experts of a layer with ``world_size > 1`` already hold the sum of every EP rank's contribution (the
+      exchange brings the gradients home), so they are all-reduced over their replica group only
+      (``expert_dp_group``, or built from the layers' groups when ``None``) and divided by the ``dp_group`` size.
+
+    Which parameters are experts follows from the layers (the parameters under an ``FMoE``'s ``experts``), not
+    from ``dp_comm`` tags, so replicated experts (``world_size=1``) are always reduced. With ``need_sync=True``
+    the parameters are broadcast at construction from the first rank of the group that reduces them, so every
+    replica starts equal.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        auto_allreduce: bool = False,
+        need_sync: bool = True,
+        dp_group=None,
+        expert_dp_group=None,
+        **unused_groups,
+    ):
+        super().__init__()
+        _require_initialized("DistributedGroupedDataParallel")
+        for name in unused_groups:
+            if not name.endswith("_group"):
+                raise TypeError(f"DistributedGroupedDataParallel got an unexpected argument {name!r}")
+        self.module = module
+        self.dp_group = dp_group if dp_group is not None else dist.group.WORLD
+        self.dp_size = dist.get_world_size(self.dp_group)
+        self._buckets = self._build_buckets(expert_dp_group)
+        if need_sync:
+            self._sync_params()
+        self._hooks = []
+        self._queued = False
+        if auto_allreduce:
+            for param in self.module.parameters():
+                if param.requires_grad:
+                    self._hooks.append(param.register_post_accumulate_grad_hook(self._queue_allreduce))
+
+    # ------------------------------------------------------------------ grouping
+
+    def _build_buckets(self, expert_dp_group):
+        """{group key: (group, [params])}: one entry per reduction group, parameters in module order."""
+        expert_params = {}  # id(param) -> "sharded" | "replicated"
+        for layer in _moe_layers(self.module):
+            if not hasattr(layer, "experts"):
+                continue
+            kind = "sharded" if layer.world_size > 1 else "replicated"
+            for param in layer.experts.parameters():
+                expert_params[id(param)] = kind
+        sharded_group = None
+        if "sharded" in expert_params.values():
+            sharded_group = expert_dp_group if expert_dp_group is not None else self._replica_group()
+        buckets = {"dp": (self.dp_group, []), "expert_dp": (sharded_group, [])}
+        for param in self.module.parameters():
+            if not param.requires_grad:
+                continue
+            key = "expert_dp" if expert_params.get(id(param)) == "sharded" else "dp"
+            buckets[key][1].append(param)
+        return {key: value for key, value in buckets.items() if value[1] and value[0] is not None}
+
+    def _replica_group(self):
+        """The ranks holding the same experts as this one: ranks whose every EP layer has the same moe_rank.
+        Built collectively (all ranks create the same groups in the same order)."""
+        layers = [layer for layer in _moe_layers(self.module) if layer.world_size > 1]
+        signature = tuple((layer.world_size, layer.moe_rank) for layer in layers)
+        world = dist.get_world_size()
+        signatures = [None] * world
+        dist.all_gather_object(signatures, signature)
+        mine = None
+        for sig in sorted(set(signatures)):
+            ranks = [r for r in range(world) if signatures[r] == sig]
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if sig == signature:
+                mine = group
+        return mine
+
+    # ------------------------------------------------------------------ sync and reduce
+
+    @torch.no_grad()
+    def _sync_params(self):
+        for group, params in self._buckets.values():
+            src = dist.get_global_rank(group, 0)
+            for param in params:
+                dist.broadcast(param.data, src=src, group=group)
+
+    @torch.no_grad()
+    def allreduce_gradients(self):
+        """Averages the gradients as described in the class docstring. Parameters without a gradient on this
+        rank count as zeros, so every rank joins every reduction with the same buffer sizes."""
+        for group, params in self._buckets.values():
+            by_dtype = {}
+            for param in params:
+                by_dtype.setdefault(param.dtype, []).append(param)
+            for same_dtype in by_dtype.values():
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in same_dtype]
+                flat = torch._utils._flatten_dense_tensors(grads)
+                dist.all_reduce(flat, group=group)
+                flat.div_(self.dp_size)
+                for param, reduced in zip(same_dtype, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+                    if param.grad is None:
+                        param.grad = reduced.clone()
+                    else:
+                        param.grad.copy_(reduced)
+        # Parameters reduced over no group (sharded experts with no replicas) still need the 1/dp_size scale.
+        reduced_ids = {id(p) for _, params in self._buckets.values() for p in params}
+        for layer in _moe_layers(self.module):
+            if layer.world_size > 1 and hasattr(layer, "experts"):
+                for param in layer.experts.parameters():
+                    if id(param) not in reduced_ids and param.grad is not None:
+                        param.grad.div_(self.dp_size)
+
+    allreduce_params = allreduce_gradients  # FastMoE's alias
+
+    def _queue_allreduce(self, _param):
+        if self._queued:
+            return
+        self._queued = True
+
+        def run():
+            self._queued = False
+            self.allreduce_gradients()
+
+        torch.autograd.Variable._execution_engine.queue_callback(run)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

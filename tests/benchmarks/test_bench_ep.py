@@ -1,0 +1,73 @@
+"""The expert-parallel benchmark runs end to end on CPU (gloo, two ranks) and its baseline computes the same
+layer as fastmoe; the summary turns its JSON lines into the weak-scaling table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from summarize_ep import load, render  # noqa: E402
+
+CONFIGS = ("fine", "paper")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_bench_ep_tiny_cpu_two_ranks(tmp_path):
+    out = tmp_path / "bench_ep.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(ROOT / "benchmarks" / "bench_ep.py"), "--device", "cpu", "--tiny", "--dtype", "fp32",
+        "--iters", "2", "--warmup", "1", "--config", *CONFIGS, "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"bench_ep failed:\n{proc.stdout}\n{proc.stderr}"
+
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["config"], r["impl"]) for r in records] == [
+        (f"{c}-tiny", impl) for c in CONFIGS for impl in ("fastmoe", "ep_baseline")
+    ]
+    for r in records:
+        assert r["W"] == 2 and r["backend"] == "gloo" and r["device"] == "cpu" and r["dtype"] == "fp32"
+        # same weights, inputs and routing: the two layers agree to fp32 rounding, outputs and weight gradients
+        assert r["rel_err_vs_fastmoe"] < 1e-5, r
+        assert r["grad_rel_err_vs_fastmoe"] < 1e-5, r
+        assert r["routing_agreement"] > 0.9, r
+        assert r["ms"] > 0 and len(r["ms_per_rank"]) == 2 and r["ms"] == max(r["ms_per_rank"])
+
+    table = render(load([out]))
+    assert "### fine-tiny fp32 on cpu" in table and "### paper-tiny fp32 on cpu" in table
+    assert "| 2 | " in table
+
+
+def _record(config, w, impl, ms):
+    return {
+        "config": config, "W": w, "impl": impl, "ms": ms, "tflops_per_gpu": 1.0, "peak_gib": 0.5, "T": 8, "d": 4,
+        "h": 4, "E_local": 2, "k": 2, "dtype": "bf16", "device": "GPU", "torch": "x", "date": "2026-11-28T00:00:00Z",
+    }  # fmt: skip
+
+
+def test_summary_speedup_and_weak_scaling_efficiency(tmp_path):
+    lines = [
+        _record("paper", 1, "fastmoe", 99.0),  # replaced by the later W=1 line
+        _record("paper", 1, "fastmoe", 2.0),
+        _record("paper", 1, "ep_baseline", 3.0),
+        _record("paper", 2, "fastmoe", 2.5),
+        _record("paper", 2, "ep_baseline", 6.0),
+        _record("paper", 4, "fastmoe", 4.0),  # no baseline line at W=4
+    ]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    rows = [line for line in render(load([path])).splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows == [
+        "| 1 | 2.000 | 3.000 | 1.50× | 1.0 | 1.0 | 1.00 | 1.00 | 0.5 | 0.5 |",
+        "| 2 | 2.500 | 6.000 | 2.40× | 1.0 | 1.0 | 0.80 | 0.50 | 0.5 | 0.5 |",
+        "| 4 | 4.000 | – | – | 1.0 | – | 0.50 | – | 0.5 | – |",
+    ]
