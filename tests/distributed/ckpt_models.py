@@ -38,12 +38,19 @@ class TinyMoEModel(nn.Module):
 
 
 def make_model(seed: int = 0, **kwargs) -> TinyMoEModel:
-    """A model with every parameter drawn from ``seed`` (biases too, which FMoELinear starts at zero)."""
+    """A model with every parameter drawn from ``seed`` (expert biases too, which FMoELinear starts at zero).
+    The gates start without bias and the LayerNorm near identity, so routing follows the tokens and spreads over
+    every expert: no EP rank is left without rows."""
     model = TinyMoEModel(**kwargs)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * 0.5
+            if name.endswith("gate.gate.bias"):
+                noise.zero_()
+            elif name.startswith("norm."):
+                noise = noise * 0.1 + (1.0 if name.endswith("weight") else 0.0)
+            param.copy_(noise)
     return model
 
 
@@ -54,9 +61,10 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam([{"params": others, "lr": 1e-2}, {"params": experts, "lr": 2e-2, "weight_decay": 0.01}])
 
 
-def batch(step: int, num_tokens: int = NUM_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, num_tokens: int = NUM_TOKENS, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(num_tokens, D_MODEL, generator=gen), torch.randn(num_tokens, D_MODEL, generator=gen)
+    x, target = (torch.randn(num_tokens, D_MODEL, generator=gen, dtype=torch.float64) for _ in range(2))
+    return x.to(dtype), target.to(dtype)
 
 
 def train_step(model, optimizer, step: int) -> None:
