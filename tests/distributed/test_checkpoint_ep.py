@@ -127,7 +127,8 @@ def body_w4(rank, world_size, directory, initial):
     dp2_adam = make_adam(dp2)
     for step in range(STEPS_BEFORE_SAVE):
         ep_train_step(dp2, dp2_adam, step, rank, world_size, expert_dp_group)
-    checkpoint.save(dp2, dp2_adam, directory, tag="dp2-ep2", extra={"step": STEPS_BEFORE_SAVE})
+    wrapped = fastmoe.distributed.DistributedGroupedDataParallel(dp2, need_sync=False)  # saved without "module."
+    checkpoint.save(wrapped, dp2_adam, directory, tag="dp2-ep2", extra={"step": STEPS_BEFORE_SAVE})
     check_outputs(dp2, directory, "dp2-ep2", rank, world_size, "2 DP x EP 2")
     ep_train_step(dp2, dp2_adam, STEPS_BEFORE_SAVE, rank, world_size, expert_dp_group)
     checkpoint.save(dp2, dp2_adam, directory, tag="dp2-ep2-next")
