@@ -10,6 +10,7 @@ import torch  # noqa: F401  (loads libtorch before fastmoe's library, which link
 from fastmoe import (
     _C,  # noqa: F401  (registers the ops)
     balance,
+    checkpoint,
     distributed,
     gates,
     ops,
@@ -28,6 +29,7 @@ __all__ = [
     "FMoELinear",
     "FMoETransformerMLP",
     "balance",
+    "checkpoint",
     "distributed",
     "gates",
     "ops",

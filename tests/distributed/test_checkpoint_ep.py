@@ -1,0 +1,255 @@
+"""fastmoe.checkpoint across expert-parallel sizes, with real multi-process EP models (gloo on loopback).
+
+The parent trains the single-process model (every layer world_size=1, all experts) as the reference and saves
+it. Then two spawns:
+- W=4: 2 data-parallel x 2 EP trains two steps from the same initial weights and saves; EP=4 loads it (2 -> 4);
+  both take one more step; saves in between let the parent compare states bitwise.
+- W=2: EP=2 loads the EP=4 checkpoint (4 -> 2) and the single-process one (1 -> 2); an EP size that does not divide
+  the expert count fails on every rank; last, a save killed between shard writes (rank 0 after its shard, rank 1
+  in the middle of its own), so both ranks end with the fault's exit code on purpose.
+In every layout each rank runs its own tokens and the outputs must equal the consolidated single-process model's
+on those tokens. The parent checks 2 -> 1 and compares the resharded optimizer states bitwise.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from ckpt_models import D_HIDDEN, D_MODEL, NUM_EXPERTS, NUM_TOKENS, TOP_K, TinyMoEModel, batch, make_model
+from ckpt_models import make_optimizer as make_adam
+from dist_harness import WorkerError, run_workers
+
+import fastmoe
+from conftest import assert_bitwise_equal
+from fastmoe import checkpoint
+from fastmoe.checkpoint import CheckpointError
+
+STEPS_BEFORE_SAVE = 2
+# fp64, so the comparisons between layouts (whose sums run in other orders) can be tight.
+DTYPE = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def shard_state(full: dict, ep_size: int, moe_rank: int) -> dict:
+    """The state dict of rank ``moe_rank`` of an EP model, sliced from the single-process state dict."""
+    per_rank = NUM_EXPERTS // ep_size
+    lo = moe_rank * per_rank
+    out = {}
+    for key, value in full.items():
+        if key.startswith("mlp.experts."):
+            out[key] = value[lo : lo + per_rank].clone()
+        elif key.startswith("moe.experts."):
+            _, _, index, rest = key.split(".", 3)
+            if lo <= int(index) < lo + per_rank:
+                out[f"moe.experts.{int(index) - lo}.{rest}"] = value.clone()
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def groups(rank: int, world_size: int, ep_size: int):
+    """``(moe_group, expert_dp_group)`` of this rank: EP groups of consecutive ranks, and the groups of ranks that
+    hold the same experts (whose expert gradients are summed). Every rank creates every group, in one order."""
+    moe_group = expert_dp_group = None
+    for first in range(0, world_size, ep_size):
+        group = dist.new_group(list(range(first, first + ep_size)))
+        if first <= rank < first + ep_size:
+            moe_group = group
+    for moe_rank in range(ep_size):
+        group = dist.new_group(list(range(moe_rank, world_size, ep_size)))
+        if rank % ep_size == moe_rank:
+            expert_dp_group = group
+    return (moe_group if ep_size > 1 else None), (expert_dp_group if world_size // ep_size > 1 else None)
+
+
+def ep_model(ep_size: int, moe_group) -> TinyMoEModel:
+    return TinyMoEModel(world_size=ep_size, moe_group=moe_group).to(DTYPE)
+
+
+def local_batch(step: int, rank: int, world_size: int):
+    x, target = batch(step, dtype=DTYPE)
+    rows = NUM_TOKENS // world_size
+    return x[rank * rows : (rank + 1) * rows], target[rank * rows : (rank + 1) * rows]
+
+
+def fill_grad(param) -> None:
+    """An expert that got no token has a zero gradient whether the layer left it None or zero, so Adam (with
+    weight decay) steps every parameter in every layout alike."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+
+
+def ep_train_step(model, optimizer, step: int, rank: int, world_size: int, expert_dp_group) -> None:
+    """One step on this rank's share of the global batch; gradients summed like the single-process full batch."""
+    x, target = local_batch(step, rank, world_size)
+    optimizer.zero_grad()
+    (model(x) - target).pow(2).sum().backward()
+    for name, param in model.named_parameters():
+        fill_grad(param)
+        if ".experts." not in name:
+            dist.all_reduce(param.grad)
+        elif expert_dp_group is not None:
+            dist.all_reduce(param.grad, group=expert_dp_group)
+    optimizer.step()
+
+
+def single_process_model(state_dict: dict) -> TinyMoEModel:
+    model = TinyMoEModel().to(DTYPE)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def check_outputs(model, directory: str, tag: str, rank: int, world_size: int, what: str) -> None:
+    """The EP model's output on this rank's tokens equals the consolidated single-process model's."""
+    x, _ = local_batch(7, rank, world_size)
+    expected = single_process_model(checkpoint.consolidate(directory, tag))(x)
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+def assert_states_close(expected: dict, actual: dict, what: str) -> None:
+    assert sorted(actual) == sorted(expected), f"{what}: keys differ"
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=1e-9, atol=1e-12, msg=lambda m, k=key: f"{what} {k}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------- W = 4
+
+
+def body_w4(rank, world_size, directory, initial):
+    torch.manual_seed(0)
+    # 2 data-parallel replicas x EP 2: ranks {0, 2} hold experts 0-1, ranks {1, 3} experts 2-3.
+    moe_group, expert_dp_group = groups(rank, world_size, ep_size=2)
+    dp2 = ep_model(2, moe_group)
+    dp2.load_state_dict(shard_state(initial, 2, dist.get_rank(moe_group)))
+    dp2_adam = make_adam(dp2)
+    for step in range(STEPS_BEFORE_SAVE):
+        ep_train_step(dp2, dp2_adam, step, rank, world_size, expert_dp_group)
+    wrapped = fastmoe.distributed.DistributedGroupedDataParallel(dp2, need_sync=False)  # saved without "module."
+    checkpoint.save(wrapped, dp2_adam, directory, tag="dp2-ep2", extra={"step": STEPS_BEFORE_SAVE})
+    check_outputs(dp2, directory, "dp2-ep2", rank, world_size, "2 DP x EP 2")
+    ep_train_step(dp2, dp2_adam, STEPS_BEFORE_SAVE, rank, world_size, expert_dp_group)
+    checkpoint.save(dp2, dp2_adam, directory, tag="dp2-ep2-next")
+
+    # EP 4 loads the 2 x 2 checkpoint (2 -> 4), saves it again at once, and takes the same next step.
+    moe_group4, _ = groups(rank, world_size, ep_size=4)
+    ep4 = ep_model(4, moe_group4)
+    ep4_adam = make_adam(ep4)
+    info = checkpoint.load(ep4, ep4_adam, directory, tag="dp2-ep2")
+    assert info["extra"] == {"step": STEPS_BEFORE_SAVE}
+    check_outputs(ep4, directory, "dp2-ep2", rank, world_size, "EP 4 from 2 DP x EP 2")
+    checkpoint.save(ep4, ep4_adam, directory, tag="ep4")
+    ep_train_step(ep4, ep4_adam, STEPS_BEFORE_SAVE, rank, world_size, None)
+    checkpoint.save(ep4, ep4_adam, directory, tag="ep4-next")
+    check_outputs(ep4, directory, "ep4-next", rank, world_size, "EP 4 after a step")
+    return sorted(f for f in os.listdir(os.path.join(directory, "dp2-ep2")) if f.startswith("shard-"))
+
+
+# ----------------------------------------------------------------------------------------------- W = 2
+
+
+def body_w2(rank, world_size, directory, single_directory, odd_directory):
+    torch.manual_seed(0)
+    moe_group, _ = groups(rank, world_size, ep_size=2)
+
+    # 4 -> 2: the EP 4 checkpoint, saved again at once, then the next step.
+    ep2 = ep_model(2, moe_group)
+    ep2_adam = make_adam(ep2)
+    checkpoint.load(ep2, ep2_adam, directory, tag="ep4")
+    check_outputs(ep2, directory, "ep4", rank, world_size, "EP 2 from EP 4")
+    checkpoint.save(ep2, ep2_adam, directory, tag="ep2-from-ep4")
+    ep_train_step(ep2, ep2_adam, STEPS_BEFORE_SAVE, rank, world_size, None)
+    checkpoint.save(ep2, ep2_adam, directory, tag="ep2-next")
+
+    # 1 -> 2: the checkpoint the single-process run saved, then its next step.
+    from_single = ep_model(2, moe_group)
+    single_adam = make_adam(from_single)
+    checkpoint.load(from_single, single_adam, single_directory)
+    check_outputs(from_single, single_directory, None, rank, world_size, "EP 2 from one process")
+    ep_train_step(from_single, single_adam, STEPS_BEFORE_SAVE, rank, world_size, None)
+    checkpoint.save(from_single, single_adam, directory, tag="ep2-from-single-next")
+
+    # 3 experts cannot be split over EP 2: every rank raises, none hangs.
+    odd = fastmoe.FMoETransformerMLP(
+        num_expert=2, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K, world_size=2, moe_group=moe_group
+    )
+    try:
+        checkpoint.load(odd, None, odd_directory)
+        raise AssertionError("loading 3 experts at EP size 2 did not fail")
+    except CheckpointError as exc:
+        assert "EP size 2 does not divide 3" in str(exc), str(exc)
+
+    # A save killed between shard writes: rank 0 dies after its shard, rank 1 halfway through its own.
+    os.environ[checkpoint.FAULT_ENV] = "after_shard@0,during_shard@1"
+    checkpoint.save(ep2, ep2_adam, directory, tag="crashed")
+    raise AssertionError("the save should have been killed")
+
+
+# ----------------------------------------------------------------------------------------------- the test
+
+
+def load_single(directory: str, tag: str):
+    model = make_model(seed=9).to(DTYPE)
+    optimizer = make_adam(model)
+    checkpoint.load(model, optimizer, directory, tag=tag)
+    return model, optimizer.state_dict()
+
+
+def assert_same(directory: str, tag_a: str, tag_b: str) -> None:
+    """Two checkpoints loaded into the single-process model and Adam are bitwise equal (2 -> 1 for each)."""
+    model_a, optim_a = load_single(directory, tag_a)
+    model_b, optim_b = load_single(directory, tag_b)
+    for key, value in model_a.state_dict().items():
+        assert_bitwise_equal(model_b.state_dict()[key], value, f"{tag_b} vs {tag_a}: {key}")
+    assert optim_b["param_groups"] == optim_a["param_groups"]
+    for index, state in optim_a["state"].items():
+        for key, value in state.items():
+            assert_bitwise_equal(optim_b["state"][index][key], value, f"{tag_b} vs {tag_a}: Adam {index}.{key}")
+
+
+def test_resharding_round_trips_across_ep_sizes(tmp_path):
+    directory, single_directory, odd_directory = (str(tmp_path / name) for name in ("ckpt", "single", "odd"))
+    # The single-process reference: full batch, same loss, same Adam.
+    model = make_model(seed=0).to(DTYPE)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = make_adam(model)
+    for step in range(STEPS_BEFORE_SAVE + 1):
+        if step == STEPS_BEFORE_SAVE:
+            checkpoint.save(model, optimizer, single_directory)
+        x, target = batch(step, dtype=DTYPE)
+        optimizer.zero_grad()
+        (model(x) - target).pow(2).sum().backward()
+        for layer in (model.mlp, model.moe):  # the layouts below leave no EP rank idle
+            assert min(layer.balance_stats()["expert_counts"]) > 0, f"step {step}: an expert got no token"
+        for param in model.parameters():
+            fill_grad(param)
+        optimizer.step()
+    reference_next = model.state_dict()
+    odd = fastmoe.FMoETransformerMLP(num_expert=3, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K).to(DTYPE)
+    checkpoint.save(odd, None, odd_directory)
+
+    shards = run_workers(4, body_w4, directory, initial, timeout=240)
+    assert shards[0] == ["shard-00000.pt", "shard-00001.pt"], "2 DP x EP 2 must write each expert once"
+    with pytest.raises(WorkerError) as failed:
+        run_workers(2, body_w2, directory, single_directory, odd_directory, timeout=240)
+    exit_code = f"exit code {checkpoint.FAULT_EXIT_CODE} without a result"
+    assert failed.value.failures == {0: exit_code, 1: exit_code}, str(failed.value)
+
+    # Resharded optimizer state and parameters, bitwise: 2x2 -> 4 -> (1), 4 -> 2 -> (1), 2x2 -> (1).
+    assert_same(directory, "dp2-ep2", "ep4")
+    assert_same(directory, "dp2-ep2", "ep2-from-ep4")
+    # One more Adam step after loading matches the run that did not stop (the sums of the gradients run in
+    # another order, hence a tolerance).
+    uninterrupted = load_single(directory, "dp2-ep2-next")[0].state_dict()
+    for tag in ("ep4-next", "ep2-next"):
+        assert_states_close(uninterrupted, load_single(directory, tag)[0].state_dict(), tag)
+    assert_states_close(reference_next, load_single(directory, "ep2-from-single-next")[0].state_dict(), "1 -> 2")
+
+    # The killed save left the previous checkpoints as they were.
+    assert "crashed" not in checkpoint.list_checkpoints(directory)
+    assert checkpoint.latest(directory) == "ep2-from-single-next"
+    staged = sorted(os.listdir(os.path.join(directory, ".partial-crashed")))
+    assert staged == ["shard-00000.pt", "shard-00001.pt.tmp"], staged
+    load_single(directory, checkpoint.latest(directory))
