@@ -51,17 +51,9 @@ def shard_state(full: dict, ep_size: int, moe_rank: int) -> dict:
 
 
 def groups(rank: int, world_size: int, ep_size: int):
-    """``(moe_group, expert_dp_group)`` of this rank: EP groups of consecutive ranks, and the groups of ranks that
-    hold the same experts (whose expert gradients are summed). Every rank creates every group, in one order."""
-    moe_group = expert_dp_group = None
-    for first in range(0, world_size, ep_size):
-        group = dist.new_group(list(range(first, first + ep_size)))
-        if first <= rank < first + ep_size:
-            moe_group = group
-    for moe_rank in range(ep_size):
-        group = dist.new_group(list(range(moe_rank, world_size, ep_size)))
-        if rank % ep_size == moe_rank:
-            expert_dp_group = group
+    """``(moe_group, expert_dp_group)`` of this rank, from fastmoe.distributed.expert_parallel_groups: EP groups of
+    consecutive ranks, and the groups of ranks that hold the same experts (None where a group has one rank)."""
+    moe_group, expert_dp_group = fastmoe.distributed.expert_parallel_groups(ep_size)
     return (moe_group if ep_size > 1 else None), (expert_dp_group if world_size // ep_size > 1 else None)
 
 
