@@ -10,10 +10,13 @@ import torch  # noqa: F401  (loads libtorch before fastmoe's library, which link
 from fastmoe import (
     _C,  # noqa: F401  (registers the ops)
     balance,
+    debug,
     distributed,
     gates,
     ops,
 )
+from fastmoe.debug import NonFiniteError, is_debug, set_debug
+from fastmoe.determinism import is_deterministic, use_deterministic
 from fastmoe.distributed import DistributedGroupedDataParallel
 from fastmoe.layers import FMoE
 from fastmoe.linear import FMoELinear
@@ -27,9 +30,15 @@ __all__ = [
     "FMoE",
     "FMoELinear",
     "FMoETransformerMLP",
+    "NonFiniteError",
     "balance",
+    "debug",
     "distributed",
     "gates",
+    "is_debug",
+    "is_deterministic",
+    "set_debug",
+    "use_deterministic",
     "ops",
     "cmake_prefix_path",
     "with_cuda",

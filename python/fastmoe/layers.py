@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from fastmoe import _checks, distributed, ops
+from fastmoe import _checks, debug, distributed, ops
 from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
 
@@ -158,6 +158,7 @@ class FMoE(nn.Module):
                 f"the gate returned topk_idx of shape {tuple(topk_idx.shape)}, expected [tokens, {expected}] = "
                 f"{[x.shape[0], self.slots_per_token]}"
             )
+        debug.check_routing(self, topk_idx, topk_score, self.num_experts_total)
         if self.gate_hook is not None:
             self.gate_hook(topk_idx, topk_score, None)
         plan = ops.make_plan(topk_idx, self.num_experts_total)
@@ -167,6 +168,7 @@ class FMoE(nn.Module):
             y_sorted = self.expert_fn(x_sorted, plan.expert_counts, plan.expert_offsets)
         else:
             y_sorted = self._global_expert_fn(x_sorted, plan.expert_counts)
+        debug.check_finite(self, "expert outputs (y_sorted)", y_sorted)
         y = ops.unpermute_combine(y_sorted, plan, topk_score)
         return y.reshape(*inp.shape[:-1], y.shape[-1])
 
