@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import DEVICE_PARAMS, mentions
-from fuzz_ops import GENERATORS, Case
+from fuzz_data import Case
+from fuzz_ops import GENERATORS
 
 
 def run_case(case: Case) -> str | None:
@@ -74,8 +75,9 @@ def test_fuzz_op(op_name, device, fuzz_budget):
 
 def test_every_registered_op_is_fuzzed():
     names = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastmoe::")}
-    # Exchange ops need a process group; tests/distributed covers their failures.
-    missing = {name for name in names if name not in GENERATORS and not name.startswith(("exchange", "all_to_all"))}
+    # The collectives need a process group of several ranks: tests/distributed covers them, and
+    # test_exchange_rejects_bad_input below their single-process argument checks.
+    missing = {name for name in names if name not in GENERATORS and name not in ("exchange", "exchange_counts")}
     assert not missing, f"registered ops without a fuzz generator in tests/fuzz/fuzz_ops.py: {sorted(missing)}"
 
 
@@ -84,3 +86,38 @@ def test_generators_are_reproducible():
     for op_name, generate in GENERATORS.items():
         a, b = generate(random.Random(f"{op_name}-3"), "cpu"), generate(random.Random(f"{op_name}-3"), "cpu")
         assert a.name == b.name and a.error == b.error, op_name
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo process group for the collective ops, torn down after the test."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "a test left a torch.distributed group initialised"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD.group_name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_exchange_rejects_bad_input(one_rank_group):
+    """The collectives' argument checks on one rank: each bad call raises naming the argument and the value."""
+    F, g = torch.ops.fastmoe, one_rank_group
+    x, counts = torch.randn(5, 3), torch.tensor([2, 3])
+    cases = [
+        (lambda: F.exchange_counts(counts.int(), g), "counts", "Int"),
+        (lambda: F.exchange_counts(counts[None], g), "counts", "[1, 2]"),
+        (lambda: F.exchange_counts(counts, "no-such-group"), "group_name", "'no-such-group'"),
+        (lambda: F.exchange(x.long(), [5], [5], g, None), "x", "Long"),
+        (lambda: F.exchange(x, [6], [6], g, None), "send_splits", "6"),
+        (lambda: F.exchange(x, [-1], [5], g, None), "send_splits[0]", "-1"),
+        (lambda: F.exchange(x, [5], [-3], g, None), "recv_splits[0]", "-3"),
+        (lambda: F.exchange(x, [5], [5], g, 4), "out_rows", "4"),
+        (lambda: F.exchange(x, [2, 3], [2, 3], g, None), "send_splits", "world_size=1"),
+        (lambda: F.exchange(x, [2**63 - 1, 2], [0, 0], g, None), "send_splits", "2"),
+        (lambda: F.exchange(x, [5], [5], "no-such-group", None), "group_name", "'no-such-group'"),
+    ]
+    for call, arg, value in cases:
+        with pytest.raises(RuntimeError, match=mentions(arg, value)):
+            call()
