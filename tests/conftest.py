@@ -40,6 +40,7 @@ def fuzz_budget(request) -> tuple[int, int]:
     """(number of cases, first seed) of a fuzz test."""
     return request.config.getoption("--fuzz-cases"), request.config.getoption("--fuzz-seed")
 
+
 # ----------------------------------------------------------------------------------------------- devices
 
 # True when the fastmoe ops have CUDA kernels in this build. fastmoe.with_cuda only says how the extension was
