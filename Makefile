@@ -2,6 +2,7 @@
 #   make test   build, then run the layering check, the C++ tests (ctest) and the Python tests (pytest)
 #   make demo   train a small MoE language model on the default embedded corpus
 #   make lint   ruff and clang-format
+#   make test-sanitize   the torch-free C++ kernel tests under AddressSanitizer + UndefinedBehaviorSanitizer
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := test
@@ -10,12 +11,16 @@ PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 VPY := $(VENV)/bin/python
 BUILD := $(CURDIR)/build
+SANITIZE_BUILD := $(CURDIR)/build-asan
+# GoogleTest binaries of make test-sanitize; SANITIZE_TESTS="test_kernels test_nn" adds the C++ modules (libtorch
+# itself is not instrumented), which costs a sanitized build of libfastmoe_torch (docs/reliability.md).
+SANITIZE_TESTS ?= test_kernels
 JOBS ?= 2
 STAMP := $(VENV)/.fastmoe-deps
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: venv system-deps configure build test test-cpp test-python check-layering demo lint format clean
+.PHONY: venv system-deps configure build test test-cpp test-python test-sanitize check-layering demo lint format clean
 
 $(STAMP): requirements-dev.txt
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -49,10 +54,28 @@ test-cpp: build
 test-python: build
 	$(VPY) -m pytest tests -v -p no:cacheprovider
 
+# A second, CPU-only build of the torch-free kernels and their GoogleTest binary with ASan + UBSan (-O1, so it
+# compiles in about a minute on two cores); every finding, a leak included, fails the run.
+test-sanitize: $(STAMP) system-deps
+	@start=$$(date +%s); \
+	if [ ! -f $(SANITIZE_BUILD)/build.ninja ]; then \
+	  cmake -S . -B $(SANITIZE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
+	    -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+	    -DFASTMOE_SANITIZE=ON -DFASTMOE_CUDA=OFF -DFASTMOE_BUILD_PYTHON=OFF -DFASTMOE_REQUIRE_GTEST=ON >/dev/null; \
+	fi; \
+	cmake --build $(SANITIZE_BUILD) -j $(JOBS) --target $(SANITIZE_TESTS); \
+	for test in $(SANITIZE_TESTS); do \
+	  ASAN_OPTIONS=detect_leaks=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_string_checks=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    $(SANITIZE_BUILD)/tests/cpp/$$test --gtest_brief=1; \
+	done; \
+	echo "fastmoe: $(SANITIZE_TESTS) clean under ASan+UBSan in $$(( $$(date +%s) - start )) s (build included)"
+
 test: check-layering build
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory test-cpp; \
 	$(MAKE) --no-print-directory test-python; \
+	$(MAKE) --no-print-directory test-sanitize; \
 	echo "fastmoe: all tests passed in $$(( $$(date +%s) - start )) s (after the build)"
 
 demo: build
@@ -69,4 +92,4 @@ format: $(STAMP)
 	@bash tools/clang_format.sh
 
 clean:
-	rm -rf $(BUILD) python/fastmoe/_C*.so python/fastmoe/libfastmoe_torch.so*
+	rm -rf $(BUILD) $(SANITIZE_BUILD) python/fastmoe/_C*.so python/fastmoe/libfastmoe_torch.so*

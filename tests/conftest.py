@@ -5,12 +5,41 @@ sys.path). They hold the device list, the tolerance policy of DESIGN.md §6 and 
 dispatch and expert ops (no fastmoe op is used in a reference).
 """
 
+import os
 import re
 
 import pytest
 import torch
 
 import fastmoe  # noqa: F401  (registers torch.ops.fastmoe)
+
+# ----------------------------------------------------------------------------------------------- options
+
+# The fuzz tests (tests/fuzz) run this many random cases per test and device in CI; a longer run passes
+# --fuzz-cases N (or sets FASTMOE_FUZZ_CASES), and --fuzz-seed S picks another reproducible stream.
+DEFAULT_FUZZ_CASES = 150
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-cases",
+        type=int,
+        default=int(os.environ.get("FASTMOE_FUZZ_CASES", DEFAULT_FUZZ_CASES)),
+        help=f"random cases per fuzz test and device (default {DEFAULT_FUZZ_CASES}, or $FASTMOE_FUZZ_CASES)",
+    )
+    parser.addoption(
+        "--fuzz-seed",
+        type=int,
+        default=int(os.environ.get("FASTMOE_FUZZ_SEED", 0)),
+        help="first seed of the fuzz tests (default 0, or $FASTMOE_FUZZ_SEED); case i uses seed + i",
+    )
+
+
+@pytest.fixture
+def fuzz_budget(request) -> tuple[int, int]:
+    """(number of cases, first seed) of a fuzz test."""
+    return request.config.getoption("--fuzz-cases"), request.config.getoption("--fuzz-seed")
+
 
 # ----------------------------------------------------------------------------------------------- devices
 

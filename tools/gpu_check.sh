@@ -4,7 +4,7 @@
 #   build     CMake + Ninja build with the C++ tests (GoogleTest from FASTMOE_GTEST_SOURCE_DIR if not installed)
 #   test      ctest (kernels vs references on the GPU, C++ modules, find_package consumer) and the full pytest
 #             suite (cuda parameters run), then the grouped_linear and layer tests again on the tiled backend
-#   sanitize  compute-sanitizer memcheck on the CUDA kernel tests and on the CUDA op tests
+#   sanitize  compute-sanitizer memcheck, then racecheck, on the CUDA kernel tests and on the CUDA op tests
 #   pip       pip install --no-build-isolation --no-deps . and an import from outside the tree
 #   bench     benchmarks/bench_moe_layer.py (all configurations)
 #   dist      the multi-process tests (tests/distributed) on gloo and on NCCL with the local GPUs
@@ -52,10 +52,18 @@ pytest_all() {
       -p no:cacheprovider -k cuda
 }
 
+# memcheck (out-of-bounds and misaligned accesses, leaks of device allocations) and racecheck (shared-memory
+# hazards between the threads of a block) over the CUDA kernel tests, the CUDA op tests and a short op fuzz run
+# (malformed ids, pair ids and offsets must be skipped or clamped on the device, never read out of bounds).
 sanitize() {
-  compute-sanitizer --tool memcheck --error-exitcode 1 "$BUILD/tests/cpp/test_kernels" --gtest_brief=1 &&
-    PYTHONPATH=python compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest tests/ops -q \
-      -p no:cacheprovider -k "cuda and not bad_input and not registration"
+  local tool
+  for tool in memcheck racecheck; do
+    echo "--- compute-sanitizer --tool $tool"
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$BUILD/tests/cpp/test_kernels" --gtest_brief=1 &&
+      PYTHONPATH=python compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m pytest tests/ops \
+        tests/fuzz/test_fuzz_ops.py --fuzz-cases 40 -q -p no:cacheprovider \
+        -k "cuda and not bad_input and not registration" || return 1
+  done
 }
 
 pip_install() {

@@ -3,6 +3,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "fastmoe/ops.h"
 #include "ops/common.h"
 #include "ops/internal.h"
@@ -24,6 +26,9 @@ void check_make_plan(const at::Tensor& topk_idx, int64_t num_experts) {
   check_int64(topk_idx, "topk_idx");
   check_dim(topk_idx, 2, "topk_idx", "[num_tokens, k]");
   TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
+  // The CUDA plan sorts 32-bit keys; checking here, before the [num_experts] outputs are allocated, gives every
+  // device (Meta included) the same error instead of an allocator failure.
+  TORCH_CHECK(num_experts < std::numeric_limits<int32_t>::max(), "num_experts must be < 2^31 - 1, got ", num_experts);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_meta(const at::Tensor& topk_idx,

@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <numeric>
 
 #include "fastmoe/ops.h"
@@ -48,6 +49,8 @@ int64_t checked_sum(c10::IntArrayRef splits, const char* name) {
   int64_t total = 0;
   for (size_t p = 0; p < splits.size(); ++p) {
     TORCH_CHECK(splits[p] >= 0, name, "[", p, "] = ", splits[p], " is negative; ", name, " = ", splits);
+    TORCH_CHECK(splits[p] <= std::numeric_limits<int64_t>::max() - total, name, " sums past 2^63 - 1 rows; ", name,
+                " = ", splits);
     total += splits[p];
   }
   return total;

@@ -15,12 +15,18 @@
 //
 // FASTMOE_GROUPED_GEMM=tiled|grouped_mm forces a backend (grouped_mm is still refused where it cannot run);
 // the tests use it to cover both backends on one machine.
+//
+// Deterministic mode (fastmoe::deterministic(): fastmoe.use_deterministic(True) or
+// torch.use_deterministic_algorithms(True)) always takes kTiledKernel: every output element of it has one writer
+// that sums in a fixed order, while torch does not document _grouped_mm as run-to-run reproducible.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdlib>
 #include <string>
+
+#include "fastmoe/determinism.h"
 
 namespace fastmoe::ops_detail {
 
@@ -43,7 +49,7 @@ inline GroupedGemmBackend choose_grouped_gemm_backend(const at::Tensor& x, const
   const bool grouped_mm_ok = x.scalar_type() == at::kBFloat16 && device_major >= 9 && x.size(0) > 0 &&
                              x.size(1) % 8 == 0 && weight.size(1) % 8 == 0 && is_16_byte_aligned(x) &&
                              is_16_byte_aligned(weight);
-  if (forced == "tiled") return GroupedGemmBackend::kTiledKernel;
+  if (forced == "tiled" || fastmoe::deterministic()) return GroupedGemmBackend::kTiledKernel;
   return grouped_mm_ok ? GroupedGemmBackend::kTorchGroupedMm : GroupedGemmBackend::kTiledKernel;
 }
 

@@ -1,13 +1,37 @@
-// fastmoe._C: the Python extension. It holds no bindings: linking it to libfastmoe_torch makes importing it
-// run the TORCH_LIBRARY registrations, after which every op is reachable as torch.ops.fastmoe.<name>.
-// It also reports how the library was built: with_cuda is true when the ops have CUDA kernels. Torch-free, so it
-// compiles in a second.
+// fastmoe._C: the Python extension. Linking it to libfastmoe_torch makes importing it run the TORCH_LIBRARY
+// registrations, after which every op is reachable as torch.ops.fastmoe.<name>. It also reports how the library
+// was built (with_cuda is true when the ops have CUDA kernels) and carries the deterministic-mode switch that the
+// ops read (fastmoe.use_deterministic). Torch-free, so it compiles in a second.
 #include <Python.h>
+
+#include "fastmoe/determinism.h"
 
 namespace {
 
+PyObject* set_deterministic(PyObject*, PyObject* flag) {
+  const int enabled = PyObject_IsTrue(flag);
+  if (enabled < 0) return nullptr;
+  fastmoe::set_deterministic(enabled != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* deterministic_flag(PyObject*, PyObject*) {
+  return PyBool_FromLong(fastmoe::deterministic_flag() ? 1 : 0);
+}
+
+PyObject* deterministic(PyObject*, PyObject*) {
+  return PyBool_FromLong(fastmoe::deterministic() ? 1 : 0);
+}
+
+PyMethodDef methods[] = {
+    {"set_deterministic", set_deterministic, METH_O, "Sets fastmoe's deterministic-mode switch."},
+    {"deterministic_flag", deterministic_flag, METH_NOARGS, "fastmoe's own deterministic-mode switch."},
+    {"deterministic", deterministic, METH_NOARGS,
+     "True when fastmoe's switch or torch.use_deterministic_algorithms is on: what the ops read."},
+    {nullptr, nullptr, 0, nullptr}};
+
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fastmoe._C",
-                          "fastmoe's compiled library (ops are registered under torch.ops.fastmoe)", -1, nullptr};
+                          "fastmoe's compiled library (ops are registered under torch.ops.fastmoe)", -1, methods};
 
 }  // namespace
 

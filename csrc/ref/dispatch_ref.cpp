@@ -1,5 +1,6 @@
 #include "ref/dispatch_ref.h"
 
+#include <limits>
 #include <vector>
 
 namespace fastmoe {
@@ -162,16 +163,21 @@ void regroup_index_ref(const int64_t* counts, int64_t num_ranks, int64_t num_loc
   const int64_t blocks = num_ranks * num_local;
   // Start of block (s, e) in each layout.
   std::vector<int64_t> rank_major(blocks), expert_major(blocks);
+  // The sum saturates instead of overflowing: counts near 2^63 would otherwise wrap to a small total that passes
+  // the check below and then index far outside src_row.
   int64_t total = 0;
+  bool saturated = false;
   for (int64_t s = 0; s < num_ranks; ++s) {
     for (int64_t e = 0; e < num_local; ++e) {
       const int64_t c = counts[s * num_local + e];
       FMOE_CHECK(c >= 0, "counts[", s * num_local + e, "] = ", c, " is negative");
       rank_major[s * num_local + e] = total;
-      total += c;
+      saturated = saturated || c > std::numeric_limits<int64_t>::max() - total;
+      total = saturated ? std::numeric_limits<int64_t>::max() : total + c;
     }
   }
-  FMOE_CHECK(total <= num_rows, "the counts sum to ", total, " rows but the input has only ", num_rows);
+  FMOE_CHECK(!saturated && total <= num_rows, "the counts sum to ", saturated ? "more than " : "", total,
+             " rows but the input has only ", num_rows);
   int64_t start = 0;
   for (int64_t e = 0; e < num_local; ++e) {
     for (int64_t s = 0; s < num_ranks; ++s) {

@@ -11,10 +11,13 @@ from fastmoe import (
     _C,  # noqa: F401  (registers the ops)
     balance,
     checkpoint,
+    debug,
     distributed,
     gates,
     ops,
 )
+from fastmoe.debug import NonFiniteError, is_debug, set_debug
+from fastmoe.determinism import is_deterministic, use_deterministic
 from fastmoe.distributed import DistributedGroupedDataParallel
 from fastmoe.layers import FMoE
 from fastmoe.linear import FMoELinear
@@ -28,10 +31,16 @@ __all__ = [
     "FMoE",
     "FMoELinear",
     "FMoETransformerMLP",
+    "NonFiniteError",
     "balance",
     "checkpoint",
+    "debug",
     "distributed",
     "gates",
+    "is_debug",
+    "is_deterministic",
+    "set_debug",
+    "use_deterministic",
     "ops",
     "cmake_prefix_path",
     "with_cuda",

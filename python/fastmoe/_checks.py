@@ -15,6 +15,22 @@ def top_k_in_range(top_k, num_experts_total: int) -> int:
     return top_k
 
 
+def dense_tensor(name: str, value, optional: bool = False):
+    """Checks ``value`` is a dense (strided, not quantized or nested) torch.Tensor, or None when ``optional``.
+
+    The ops' own checks name the argument for every wrong shape, dtype and device, but a non-tensor or a sparse,
+    quantized or nested tensor fails in torch's dispatcher first, with a message that does not name it."""
+    if value is None and optional:
+        return value
+    if not isinstance(value, torch.Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    if value.is_nested or value.layout != torch.strided or value.is_quantized:
+        kind = "nested" if value.is_nested else "quantized" if value.is_quantized else str(value.layout)
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
+    return value
+
+
 def token_matrix(name: str, x, d_model: int, like: torch.Tensor | None = None) -> torch.Tensor:
     """Checks ``x [..., d_model]`` is a floating tensor (with the dtype and device of ``like``, a parameter of
     the module it enters) and returns it viewed as ``[tokens, d_model]``."""

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from fastmoe import _checks, distributed, ops
+from fastmoe import _checks, debug, distributed, ops
 from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
 
@@ -160,6 +160,7 @@ class FMoE(nn.Module):
                 f"the gate returned topk_idx of shape {tuple(topk_idx.shape)}, expected [tokens, {expected}] = "
                 f"{[x.shape[0], self.slots_per_token]}"
             )
+        debug.check_routing(self, topk_idx, topk_score, self.num_experts_total)
         if self.gate_hook is not None:
             self.gate_hook(topk_idx, topk_score, None)
         if self.moe_group is None:
@@ -167,6 +168,7 @@ class FMoE(nn.Module):
             self._record_balance(x.shape[0], topk_idx.numel(), plan.expert_counts)
             x_sorted = ops.permute(x, plan)
             y_sorted = self.expert_fn(x_sorted, plan.expert_counts, plan.expert_offsets)
+            debug.check_finite(self, "expert outputs (y_sorted)", y_sorted)
             y = ops.unpermute_combine(y_sorted, plan, topk_score)
         else:
             y = self._global_forward(x, topk_idx, topk_score)
@@ -200,6 +202,7 @@ class FMoE(nn.Module):
         x_local = ops.permute(x_in, slot_plan)  # [n_slots, d], grouped by local expert
         offsets = ops.counts_to_offsets(local_plan.expert_counts) if self.experts_fused else local_bounds
         y_local = self.expert_fn(x_local, local_plan.expert_counts, offsets)
+        debug.check_finite(self, "expert outputs (y_sorted)", y_local)
         partial = ops.unpermute_combine(y_local, slot_plan, score_in)  # [rows in, d]: this rank's share per token
         y_back = ops.exchange(partial, recv, send, self.moe_group)
         return ops.unpermute_combine(y_back, send_plan)

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import torch
 
+from fastmoe._checks import dense_tensor
+
 _ops = torch.ops.fastmoe
 
 
@@ -31,7 +33,7 @@ def route_topk(logits: torch.Tensor, k: int, score_fn: str = "topk_softmax"):
     ``score_fn="topk_softmax"`` softmaxes the k selected logits (FastMoE's NaiveGate); ``"softmax_topk"``
     softmaxes all E logits and keeps the top k probabilities. Ties go to the lower expert id.
     """
-    return _ops.route_topk(logits, k, score_fn)
+    return _ops.route_topk(dense_tensor("logits", logits), k, score_fn)
 
 
 def make_plan(topk_idx: torch.Tensor, num_experts: int) -> Plan:
@@ -39,7 +41,7 @@ def make_plan(topk_idx: torch.Tensor, num_experts: int) -> Plan:
 
     ``topk_idx [T, k]`` holds expert ids in ``[0, num_experts)`` or -1 for a dropped slot.
     """
-    return Plan(*_ops.make_plan(topk_idx, num_experts))
+    return Plan(*_ops.make_plan(dense_tensor("topk_idx", topk_idx), num_experts))
 
 
 def capacity_limit(topk_idx: torch.Tensor, topk_score: torch.Tensor, expert_capacity: torch.Tensor):
@@ -50,26 +52,49 @@ def capacity_limit(topk_idx: torch.Tensor, topk_score: torch.Tensor, expert_capa
     Returns ``(kept_idx [T, k], num_dropped)`` where ``num_dropped`` is a 0-dim int64 tensor on the same device
     (not read on the host). Deterministic; not differentiable.
     """
-    return _ops.capacity_limit(topk_idx, topk_score, expert_capacity)
+    return _ops.capacity_limit(
+        dense_tensor("topk_idx", topk_idx),
+        dense_tensor("topk_score", topk_score),
+        dense_tensor("expert_capacity", expert_capacity),
+    )
 
 
 def permute(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``x [T, d]`` -> ``[T * k, d]`` rows in plan order (zero rows at the tail for dropped slots)."""
-    return _ops.permute(x, plan.sorted_pair, plan.pair_pos)
+    plan = _plan(plan)
+    return _ops.permute(dense_tensor("x", x), plan.sorted_pair, plan.pair_pos)
 
 
 def unpermute_combine(y_sorted: torch.Tensor, plan: Plan, topk_score: torch.Tensor | None = None):
     """``y_sorted [T * k, d]`` -> ``[T, d]``: each token's slots summed, weighted by ``topk_score [T, k]``."""
-    return _ops.unpermute_combine(y_sorted, plan.sorted_pair, plan.pair_pos, topk_score)
+    plan = _plan(plan)
+    topk_score = dense_tensor("topk_score", topk_score, optional=True)
+    return _ops.unpermute_combine(dense_tensor("y_sorted", y_sorted), plan.sorted_pair, plan.pair_pos, topk_score)
 
 
 def grouped_linear(x: torch.Tensor, expert_offsets: torch.Tensor, weight: torch.Tensor, bias=None):
     """``x [N, in]`` rows grouped by expert (``expert_offsets [E + 1]``) times ``weight [E, out, in]`` (+ bias)."""
-    return _ops.grouped_linear(x, expert_offsets, weight, bias)
+    return _ops.grouped_linear(
+        dense_tensor("x", x),
+        dense_tensor("expert_offsets", expert_offsets),
+        dense_tensor("weight", weight),
+        dense_tensor("bias", bias, optional=True),
+    )
+
+
+def _plan(plan) -> Plan:
+    """A :class:`Plan` (or any 4-tuple in its order) with dense tensors for the fields the ops read."""
+    if not isinstance(plan, tuple) or len(plan) != 4:
+        raise TypeError(f"plan must be the Plan returned by make_plan, got {type(plan).__name__}")
+    plan = Plan(*plan)
+    dense_tensor("plan.sorted_pair", plan.sorted_pair)
+    dense_tensor("plan.pair_pos", plan.pair_pos)
+    return plan
 
 
 def counts_to_offsets(expert_counts: torch.Tensor) -> torch.Tensor:
     """``[E]`` counts -> ``[E + 1]`` exclusive prefix sum, on the counts' device (no host sync)."""
+    dense_tensor("expert_counts", expert_counts)
     if expert_counts.dim() != 1:
         raise ValueError(f"expert_counts must be 1-D [num_experts], got shape {tuple(expert_counts.shape)}")
     if expert_counts.dtype != torch.int64:

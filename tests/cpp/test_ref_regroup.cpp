@@ -1,6 +1,7 @@
 // Tests of regroup_index_ref (csrc/ref/dispatch_ref.h): the gather between the rank-major rows an expert-parallel
 // exchange delivers and the expert-major rows the experts use, checked against rows labelled by hand.
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <tuple>
@@ -77,6 +78,18 @@ TEST(RegroupRef, RejectsBadArguments) {
               HasSubstr("sum to 6 rows but the input has only 4"));
   EXPECT_THAT(error_text([&] { regroup_index_ref(big.data(), 0, 2, false, 4, out.data()); }),
               HasSubstr("num_ranks must be >= 1, got 0"));
+}
+
+// Counts whose sum overflows int64 must not wrap to a small total that passes the row check (it then wrote far
+// outside the index buffer).
+TEST(RegroupRef, RejectsCountsWhoseSumOverflows) {
+  std::vector<int64_t> out(4);
+  const std::vector<int64_t> huge = {std::numeric_limits<int64_t>::max(), 1};
+  EXPECT_THAT(error_text([&] { regroup_index_ref(huge.data(), 2, 1, false, 4, out.data()); }),
+              HasSubstr("sum to more than 9223372036854775807 rows but the input has only 4"));
+  const std::vector<int64_t> wraps = {int64_t{1} << 62, int64_t{1} << 62, int64_t{1} << 62, int64_t{1} << 62};
+  EXPECT_THAT(error_text([&] { regroup_index_ref(wraps.data(), 2, 2, true, 4, out.data()); }),
+              HasSubstr("the counts sum to more than"));
 }
 
 }  // namespace

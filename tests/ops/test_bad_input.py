@@ -422,6 +422,13 @@ def _cases():
             R,
             ("expert_capacity", "Float"),
         ),
+        # The collectives check their arguments before they look the group up, so these need no process group;
+        # tests/fuzz/test_fuzz_ops.py::test_exchange_rejects_bad_input runs the rest on a one-rank group.
+        ("exchange_counts-int32", lambda: F.exchange_counts(i["counts"].int(), "unused"), R, ("counts", "Int")),
+        ("exchange-int-x", lambda: F.exchange(x.long(), [T], [T], "unused", None), R, ("x", "Long")),
+        ("exchange-negative-split", lambda: F.exchange(x, [-1], [T], "unused", None), R, ("send_splits[0]", "-1")),
+        ("regroup-int-x", lambda: F.regroup(x.long(), i["counts"], 2, False), R, ("x", "Long")),
+        ("regroup-num-ranks", lambda: F.regroup(x, i["counts"], 0, False), R, ("num_ranks", "0")),
         (
             "ops.counts_to_offsets-2d",
             lambda: ops.counts_to_offsets(i["counts"][None]),

@@ -1,6 +1,6 @@
 from torch import nn
 
-from fastmoe import _checks, ops
+from fastmoe import _checks, debug, ops
 from fastmoe.gates.base_gate import BaseGate, non_negative_float, router_z_loss
 
 
@@ -34,7 +34,9 @@ class NaiveGate(BaseGate):
     def _logits(self, inp):
         """``inp [..., d_model]`` -> ``(x [T, d_model], logits [T, E])`` after the input checks."""
         x = _checks.token_matrix("inp", inp, self.d_model, like=self.gate.weight)
-        return x, self.gate(x)
+        logits = self.gate(x)
+        debug.check_finite(self, "gate logits", logits)
+        return x, logits
 
     def _add_z_loss(self, logits) -> None:
         if self.z_loss_coef > 0:

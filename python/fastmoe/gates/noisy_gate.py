@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoe import _checks, ops
+from fastmoe import _checks, debug, ops
 from fastmoe.gates.base_gate import BaseGate, loss_dtype, non_negative_float, positive_float, router_z_loss
 
 # Keeps cv^2 finite when every entry is 0 (Shazeer et al.'s reference code uses the same epsilon).
@@ -81,6 +81,7 @@ class NoisyGate(BaseGate):
         else:
             logits = clean
 
+        debug.check_finite(self, "gate logits", logits)
         topk_idx, topk_score = ops.route_topk(logits, k, "topk_softmax")
 
         ldt = loss_dtype(logits)

@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from fastmoe import _checks
+from fastmoe import _checks, debug
 from fastmoe.gates.base_gate import BaseGate, loss_dtype, non_negative_float, positive_float
 
 
@@ -111,6 +111,7 @@ class SigmoidGate(BaseGate):
         self.reset_stats()
         x = _checks.token_matrix("inp", inp, self.d_model, like=self.gate.weight)
         logits = self.gate(x)
+        debug.check_finite(self, "gate logits", logits)
         num_tokens, num_experts = logits.shape
         affinity = torch.sigmoid(logits.to(loss_dtype(logits)))
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from fastmoe import _checks, ops
+from fastmoe import _checks, debug, ops
 from fastmoe.gates.base_gate import capacity_pair, loss_dtype, non_negative_float
 from fastmoe.gates.gshard_gate import CapacityMixin, drop_by_capacity, load_balance_term
 from fastmoe.gates.naive_gate import NaiveGate
@@ -67,6 +67,7 @@ class SwitchGate(CapacityMixin, NaiveGate):
         if self.training and self.switch_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.switch_eps, 1.0 + self.switch_eps)
         logits = self.gate(x)
+        debug.check_finite(self, "gate logits", logits)
         topk_idx, topk_score = ops.route_topk(logits, 1, "softmax_topk")
 
         self.add_loss("balance", self.aux_loss_coef * load_balance_term(logits, topk_idx, loss_dtype(logits)))

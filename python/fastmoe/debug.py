@@ -1,0 +1,95 @@
+"""Debug mode: catch NaN and Inf where they enter an MoE layer, instead of many steps later in the loss.
+
+With ``fastmoe.set_debug(True)`` (or the environment variable ``FASTMOE_DEBUG=1`` at import), every gate checks
+its logits, and every ``FMoE`` layer checks the gate's routing (scores finite, expert ids in range) and the
+experts' outputs. The first non-finite value raises :class:`NonFiniteError` naming the layer, the tensor, how
+many values are NaN and Inf, and where the first one is. Each check reads one flag on the host (one device sync
+per check), so debug mode is for finding a problem, not for production runs.
+
+Outside debug mode nothing is checked and non-finite values follow the policy of docs/reliability.md: they stay
+in the rows of the tokens that produced them in the forward pass.
+"""
+
+import os
+
+import torch
+from torch import nn
+
+__all__ = ["NonFiniteError", "set_debug", "is_debug", "name_modules", "check_finite", "check_routing"]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_enabled = _env_flag("FASTMOE_DEBUG")
+
+
+class NonFiniteError(RuntimeError):
+    """A tensor checked in debug mode holds NaN or Inf."""
+
+
+def set_debug(enabled: bool = True) -> bool:
+    """Turns debug mode on or off and returns the previous setting."""
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    previous, _enabled = _enabled, enabled
+    return previous
+
+
+def is_debug() -> bool:
+    return _enabled
+
+
+def name_modules(model: nn.Module, prefix: str = "") -> nn.Module:
+    """Records each submodule's qualified name (``blocks.3.moe``), which debug errors then show instead of the
+    bare class name. Returns ``model``."""
+    for name, module in model.named_modules(prefix=prefix):
+        module._fastmoe_debug_name = name or type(module).__name__
+    return model
+
+
+def _describe(owner) -> str:
+    if owner is None:
+        return "fastmoe"
+    cls = type(owner).__name__
+    name = getattr(owner, "_fastmoe_debug_name", None)
+    return f"{cls} '{name}'" if name and name != cls else cls
+
+
+def check_finite(owner, what: str, tensor: torch.Tensor) -> None:
+    """In debug mode, raises :class:`NonFiniteError` when ``tensor`` holds NaN or Inf; otherwise does nothing."""
+    if not _enabled or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        return
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return
+    finite = torch.isfinite(tensor.detach())
+    if bool(finite.all()):
+        return
+    values = tensor.detach()
+    num_nan = int(torch.isnan(values).sum())
+    num_inf = int(torch.isinf(values).sum())
+    first = tuple(int(i) for i in (~finite).nonzero()[0].tolist())
+    raise NonFiniteError(
+        f"{_describe(owner)}: {what} of shape {list(tensor.shape)} hold {num_nan} NaN and {num_inf} Inf values "
+        f"(first at index {list(first)}, value {values[first].item()}); fastmoe debug mode is on "
+        f"(fastmoe.set_debug(False) lets them propagate, see docs/reliability.md)"
+    )
+
+
+def check_routing(owner, topk_idx: torch.Tensor, topk_score: torch.Tensor, num_experts: int) -> None:
+    """In debug mode: the gate's scores are finite and every expert id is in ``[-1, num_experts)`` (the CUDA
+    plan drops ids outside it without a sync; debug mode reports them instead)."""
+    if not _enabled:
+        return
+    check_finite(owner, "gate scores (topk_score)", topk_score)
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.device.type == "meta" or topk_idx.numel() == 0:
+        return
+    bad = (topk_idx < -1) | (topk_idx >= num_experts)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"{_describe(owner)}: the gate's topk_idx holds {int(bad.sum())} expert ids outside "
+            f"[-1, num_experts={num_experts}) (first at index {list(first)}, value {int(topk_idx[first])})"
+        )

@@ -1,0 +1,632 @@
+"""Random cases for every registered op: valid inputs of random shapes (0 and 1 included), dtypes and memory
+layouts (contiguous, transposed, strided, overlapping), or valid inputs with exactly one thing broken.
+
+A generator takes a seeded ``random.Random`` and a device and returns a :class:`Case`: a call, and either a check
+of its result against the plain-PyTorch references (tests/conftest.py, fastmoe.testing) or the error it must
+raise, whose message names the argument and the value.
+
+Data-dependent checks (an expert id, a pair id, an offset) raise on the CPU; the CUDA kernels cannot raise
+without a host sync, so there such a case must only run to completion (docs/reliability.md).
+"""
+
+import random
+
+import torch
+
+from conftest import reference_combine, reference_grouped_linear, reference_permute
+from fastmoe import ops
+from fastmoe.testing.reference import reference_plan, reference_route_topk
+from fuzz_data import (
+    FLOATS,
+    SCALAR_NAME,
+    SCHEMA,
+    SIZES,
+    Case,
+    F,
+    R,
+    assert_close,
+    assert_equal,
+    distinct_logits,
+    layout,
+    not_dense,
+    not_dense_case,
+    other_device,
+    pick,
+    randn,
+    random_idx,
+    set_one,
+    to_meta,
+    valid_name,
+    wrong_float,
+)
+
+# ----------------------------------------------------------------------------------------------- routing
+
+
+def route_topk_case(rng: random.Random, device: str) -> Case:
+    T, E = rng.choice(SIZES), rng.randint(1, 9)
+    k, dtype = rng.randint(1, E), rng.choice(FLOATS)
+    score_fn = rng.choice(["topk_softmax", "softmax_topk"])
+    logits = distinct_logits(rng, T, E, dtype, device)
+    via_ops = rng.random() < 0.5
+    op = ops.route_topk if via_ops else F.route_topk
+    m = pick(
+        rng, ["int-logits", "1d", "3d", "no-experts", "k-small", "k-large", "score-fn", "k-float", "list", "dense"]
+    )
+    name = f"route_topk/{m}"
+    if m == "dense":
+        bad, kind = not_dense(rng, logits)
+        return not_dense_case(name, via_ops, lambda: op(bad, k, score_fn), "logits", kind)
+    if m == "int-logits":
+        bad = rng.choice([torch.int64, torch.int32, torch.bool])
+        return Case(name, lambda: op(logits.to(bad), k, score_fn), error=(R, "logits", SCALAR_NAME[bad]))
+    if m == "1d":
+        return Case(name, lambda: op(logits.reshape(-1), k, score_fn), error=(R, "logits", f"[{T * E}]"))
+    if m == "3d":
+        return Case(name, lambda: op(logits[None], k, score_fn), error=(R, "logits", f"[1, {T}, {E}]"))
+    if m == "no-experts":
+        return Case(name, lambda: op(logits[:, :0], 1, score_fn), error=(R, "logits", f"[{T}, 0]"))
+    if m == "k-small":
+        bad_k = rng.choice([0, -1, -(2**31), -(2**63)])
+        return Case(name, lambda: op(logits, bad_k, score_fn), error=(R, "k", f"k={bad_k}"))
+    if m == "k-large":
+        bad_k = rng.choice([E + 1, E + rng.randint(2, 9), 2**31, 2**62])
+        return Case(name, lambda: op(logits, bad_k, score_fn), error=(R, "k", f"k={bad_k}"))
+    if m == "score-fn":
+        bad = rng.choice(["softmax", "", "TOPK_SOFTMAX", "sigmoid", "topk_softmax "])
+        return Case(name, lambda: op(logits, k, bad), error=(R, "score_fn", f"'{bad}'"))
+    if m == "k-float":
+        return Case(name, lambda: op(logits, k + 0.5, score_fn), error=(SCHEMA, "k", str(k + 0.5)))
+    if m == "list":
+        return Case(name, lambda: op(logits.tolist(), k, score_fn), error=(SCHEMA, "logits", "list"))
+
+    def check(result):
+        idx, score = result
+        ref_idx, ref_score = reference_route_topk(logits.double().cpu(), k, score_fn)
+        assert_equal(idx, ref_idx.to(idx.device), "topk_idx")
+        assert_close(score, ref_score, dtype, "topk_score")
+
+    return Case(
+        valid_name(name), lambda: op(logits, k, score_fn), check, meta_call=lambda: op(to_meta(logits), k, score_fn)
+    )
+
+
+def route_topk_backward_case(rng: random.Random, device: str) -> Case:
+    T, E = rng.choice(SIZES), rng.randint(1, 9)
+    k, dtype = rng.randint(1, E), rng.choice(FLOATS)
+    score_fn = rng.choice(["topk_softmax", "softmax_topk"])
+    logits = distinct_logits(rng, T, E, dtype, device)
+    idx, score = F.route_topk(logits, k, score_fn)
+    idx, score = layout(rng, idx), layout(rng, score)
+    grad = randn(rng, T, k, dtype=dtype, device=device)
+    op = F.route_topk_backward
+    m = pick(rng, ["bad-id", "grad-shape", "score-shape", "tokens", "grad-dtype", "idx-int32", "device"])
+    name = f"route_topk_backward/{m}"
+    if m == "bad-id" and T > 0:
+        pos = rng.randrange(T * k)
+        value = rng.choice([-1, -2, E, E + 3, 2**40, -(2**63)])
+        bad_idx = set_one(idx, pos, value)
+        error = (R, f"topk_idx[{pos // k}, {pos % k}]", f"= {value}") if device == "cpu" else None
+        return Case(name, lambda: op(grad, logits, bad_idx, score, score_fn), error=error)
+    if m == "grad-shape":
+        return Case(name, lambda: op(grad[:, :0], logits, idx, score, score_fn), error=(R, "grad_score", f"[{T}, 0]"))
+    if m == "score-shape":
+        return Case(name, lambda: op(grad, logits, idx, score[:, :0], score_fn), error=(R, "topk_score", f"[{T}, 0]"))
+    if m == "tokens":
+        return Case(name, lambda: op(grad, logits[:0], idx, score, score_fn), error=(R, "logits", "0") if T else None)
+    if m == "grad-dtype":
+        bad = wrong_float(rng, dtype)
+        return Case(
+            name, lambda: op(grad.to(bad), logits, idx, score, score_fn), error=(R, "grad_score", SCALAR_NAME[bad])
+        )
+    if m == "idx-int32":
+        return Case(name, lambda: op(grad, logits, idx.int(), score, score_fn), error=(R, "topk_idx", "Int"))
+    if m == "device":
+        moved = rng.choice(["grad_score", "logits", "topk_idx", "topk_score"])
+        args = dict(grad_score=grad, logits=logits, topk_idx=idx, topk_score=score)
+        args[moved] = args[moved].to(other_device(device))
+        # Every device check pairs an argument with logits, so the message names the moved one and its device.
+        return Case(name, lambda: op(*args.values(), score_fn), error=(R, moved, other_device(device)))
+
+    def check(grad_logits):
+        leaf = logits.detach().double().cpu().requires_grad_(True)
+        _, ref_score = reference_route_topk(leaf, k, score_fn)
+        (expected,) = torch.autograd.grad(ref_score, leaf, grad.double().cpu())
+        assert_close(grad_logits, expected, dtype, "grad_logits", scale=max(1.0, float(grad.double().abs().sum())))
+
+    return Case(
+        valid_name(name),
+        lambda: op(grad, logits, idx, score, score_fn),
+        check,
+        meta_call=lambda: op(to_meta(grad), to_meta(logits), to_meta(idx), to_meta(score), score_fn),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+
+
+def _plan(rng, device, T, k, E):
+    idx = random_idx(rng, T, k, E, device)
+    return idx, ops.Plan(*F.make_plan(idx, E))
+
+
+def make_plan_case(rng: random.Random, device: str) -> Case:
+    T, E = rng.choice(SIZES), rng.randint(1, 9)
+    k = rng.randint(1, E + 2)  # k > E is legal for a plan (repeated experts)
+    idx = random_idx(rng, T, k, E, device)
+    via_ops = rng.random() < 0.5
+    op = ops.make_plan if via_ops else F.make_plan
+    m = pick(rng, ["bad-id", "dtype", "1d", "3d", "num-experts", "num-experts-float", "num-experts-huge", "dense"])
+    name = f"make_plan/{m}"
+    if m == "dense":
+        bad, kind = not_dense(rng, idx)
+        return not_dense_case(name, via_ops, lambda: op(bad, E), "topk_idx", kind)
+    if m == "num-experts-huge":
+        bad_e = rng.choice([2**31 - 1, 2**40, 2**63 - 1])
+        return Case(name, lambda: op(idx, bad_e), error=(R, "num_experts", str(bad_e)))
+    if m == "bad-id" and T > 0:
+        pos = rng.randrange(T * k)
+        value = rng.choice([-2, E, E + 7, 2**62, -(2**63)])
+        bad_idx = set_one(idx, pos, value)
+        if device == "cpu":
+            return Case(name, lambda: op(bad_idx, E), error=(R, "topk_idx", f"expert id {value}"))
+
+        def check_dropped(plan):  # CUDA drops the invalid id (FASTMOE_CHECK_IDS=1 raises instead)
+            expected = reference_plan(set_one(bad_idx, pos, -1).cpu(), E)
+            for got, want, what in zip(plan, expected, ("counts", "offsets", "sorted_pair", "pair_pos"), strict=True):
+                assert_equal(got, want, what)
+
+        return Case(name, lambda: op(bad_idx, E), check_dropped)
+    if m == "dtype":
+        bad = rng.choice([torch.int32, torch.float32, torch.bool, torch.uint8])
+        return Case(name, lambda: op(idx.to(bad), E), error=(R, "topk_idx", SCALAR_NAME[bad]))
+    if m == "1d":
+        return Case(name, lambda: op(idx.reshape(-1), E), error=(R, "topk_idx", f"[{T * k}]"))
+    if m == "3d":
+        return Case(name, lambda: op(idx[None], E), error=(R, "topk_idx", f"[1, {T}, {k}]"))
+    if m == "num-experts":
+        bad_e = rng.choice([0, -1, -(2**40)])
+        return Case(name, lambda: op(idx, bad_e), error=(R, "num_experts", str(bad_e)))
+    if m == "num-experts-float":
+        return Case(name, lambda: op(idx, E + 0.5), error=(SCHEMA, "num_experts", str(E + 0.5)))
+
+    def check(plan):
+        expected = reference_plan(idx.cpu(), E)
+        for got, want, what in zip(plan, expected, ("counts", "offsets", "sorted_pair", "pair_pos"), strict=True):
+            assert_equal(got, want, what)
+
+    return Case(valid_name(name), lambda: op(idx, E), check, meta_call=lambda: op(to_meta(idx), E))
+
+
+def permute_case(rng: random.Random, device: str) -> Case:
+    T, E, d = rng.choice(SIZES), rng.randint(1, 6), rng.choice([1, 2, 3, 8, 13])
+    k, dtype = rng.randint(1, E), rng.choice(FLOATS)
+    idx, plan = _plan(rng, device, T, k, E)
+    sp, pp = layout(rng, plan.sorted_pair), layout(rng, plan.pair_pos)
+    x = randn(rng, T, d, dtype=dtype, device=device)
+    via_ops = rng.random() < 0.5
+
+    def op(x_, sp_, pp_):
+        return (
+            ops.permute(x_, ops.Plan(plan.expert_counts, plan.expert_offsets, sp_, pp_))
+            if via_ops
+            else F.permute(x_, sp_, pp_)
+        )
+
+    m = pick(rng, ["x-tokens", "x-int", "x-1d", "sp-short", "sp-value", "pp-dtype", "device", "dense"])
+    name = f"permute/{m}"
+    if m == "dense":
+        bad, kind = not_dense(rng, x)
+        return not_dense_case(name, via_ops, lambda: op(bad, sp, pp), "x", kind)
+    if m == "x-tokens":
+        x_more = randn(rng, T + 1, d, dtype=dtype, device=device)
+        return Case(name, lambda: op(x_more, sp, pp), error=(R, "x", str(T + 1)))
+    if m == "x-int":
+        return Case(name, lambda: op(x.long(), sp, pp), error=(R, "x", "Long"))
+    if m == "x-1d":
+        return Case(name, lambda: op(x.reshape(-1), sp, pp), error=(R, "x", f"[{T * d}]"))
+    if m == "sp-short" and T > 0:
+        return Case(name, lambda: op(x, sp[1:], pp), error=(R, "sorted_pair", str(T * k - 1)))
+    if m == "sp-value" and T > 0:
+        r, value = rng.randrange(T * k), rng.choice([T * k, T * k + 5, -2, 2**50, -(2**63)])
+        bad = set_one(sp, r, value)
+        error = (R, f"sorted_pair[{r}]", str(value)) if device == "cpu" else None
+        return Case(name, lambda: op(x, bad, pp), error=error)
+    if m == "pp-dtype":
+        return Case(name, lambda: op(x, sp, pp.int()), error=(R, "pair_pos", "Int"))
+    if m == "device":
+        return Case(name, lambda: op(x.to(other_device(device)), sp, pp), error=(R, "x", other_device(device)))
+
+    def check(out):
+        assert_equal(out, reference_permute(x.cpu(), plan.sorted_pair.cpu(), k), "x_sorted")
+
+    return Case(
+        valid_name(name), lambda: op(x, sp, pp), check, meta_call=lambda: op(to_meta(x), to_meta(sp), to_meta(pp))
+    )
+
+
+def combine_case(rng: random.Random, device: str) -> Case:
+    T, E, d = rng.choice(SIZES), rng.randint(1, 6), rng.choice([1, 2, 3, 8, 13])
+    k, dtype = rng.randint(1, E), rng.choice(FLOATS)
+    idx, plan = _plan(rng, device, T, k, E)
+    sp, pp = layout(rng, plan.sorted_pair), layout(rng, plan.pair_pos)
+    y = randn(rng, T * k, d, dtype=dtype, device=device)
+    score = randn(rng, T, k, dtype=rng.choice(FLOATS), device=device) if rng.random() < 0.7 else None
+    via_ops = rng.random() < 0.5
+
+    def op(y_, sp_, pp_, s_):
+        if via_ops:
+            return ops.unpermute_combine(y_, ops.Plan(plan.expert_counts, plan.expert_offsets, sp_, pp_), s_)
+        return F.unpermute_combine(y_, sp_, pp_, s_)
+
+    m = pick(rng, ["y-rows", "y-int", "score-shape", "score-int", "pp-value", "pp-dtype", "device"])
+    name = f"unpermute_combine/{m}"
+    if m == "y-rows":
+        y_more = randn(rng, T * k + 1, d, dtype=dtype, device=device)
+        return Case(name, lambda: op(y_more, sp, pp, score), error=(R, "y_sorted", str(T * k + 1)))
+    if m == "y-int":
+        return Case(name, lambda: op(y.int(), sp, pp, score), error=(R, "y_sorted", "Int"))
+    if m == "score-shape":
+        s_bad = randn(rng, T, k + 1, device=device)
+        return Case(name, lambda: op(y, sp, pp, s_bad), error=(R, "topk_score", f"[{T}, {k + 1}]"))
+    if m == "score-int":
+        s_bad = torch.ones(T, k, dtype=torch.int64, device=device)
+        return Case(name, lambda: op(y, sp, pp, s_bad), error=(R, "topk_score", "Long"))
+    if m == "pp-value" and T > 0:
+        pos, value = rng.randrange(T * k), rng.choice([T * k, T * k + 2, -2, 2**45, -(2**63)])
+        bad = set_one(pp, pos, value)
+        error = (R, f"pair_pos[{pos // k}, {pos % k}]", str(value)) if device == "cpu" else None
+        return Case(name, lambda: op(y, sp, bad, score), error=error)
+    if m == "pp-dtype":
+        return Case(name, lambda: op(y, sp, pp.int(), score), error=(R, "pair_pos", "Int"))
+    if m == "device":
+        return Case(
+            name, lambda: op(y.to(other_device(device)), sp, pp, score), error=(R, "y_sorted", other_device(device))
+        )
+
+    def check(out):
+        s = None if score is None else score.double().cpu()
+        expected = reference_combine(y.double().cpu(), plan.pair_pos.cpu(), s)
+        assert_close(out, expected, dtype, "y", scale=k)
+
+    return Case(
+        valid_name(name),
+        lambda: op(y, sp, pp, score),
+        check,
+        meta_call=lambda: op(to_meta(y), to_meta(sp), to_meta(pp), to_meta(score)),
+    )
+
+
+def combine_backward_case(rng: random.Random, device: str) -> Case:
+    T, E, d = rng.choice(SIZES), rng.randint(1, 6), rng.choice([1, 2, 3, 8])
+    k, dtype = rng.randint(1, E), rng.choice(FLOATS)
+    idx, plan = _plan(rng, device, T, k, E)
+    sp, pp = plan.sorted_pair, plan.pair_pos
+    y = randn(rng, T * k, d, dtype=dtype, device=device)
+    grad_y = randn(rng, T, d, dtype=dtype, device=device)
+    score = randn(rng, T, k, dtype=dtype, device=device) if rng.random() < 0.7 else None
+    need = score is not None and rng.random() < 0.7
+    op = F.unpermute_combine_backward
+    m = pick(rng, ["grad-shape", "grad-dtype", "need-without-score", "device"])
+    name = f"unpermute_combine_backward/{m}"
+    if m == "grad-shape":
+        g_bad = randn(rng, T + 1, d, dtype=dtype, device=device)
+        return Case(name, lambda: op(g_bad, y, sp, pp, score, need), error=(R, "grad_y", f"[{T + 1}, {d}]"))
+    if m == "grad-dtype":
+        bad = wrong_float(rng, dtype)
+        return Case(name, lambda: op(grad_y.to(bad), y, sp, pp, score, need), error=(R, "grad_y", SCALAR_NAME[bad]))
+    if m == "need-without-score":
+        return Case(name, lambda: op(grad_y, y, sp, pp, None, True), error=(R, "need_score_grad", "True"))
+    if m == "device":
+        return Case(
+            name,
+            lambda: op(grad_y.to(other_device(device)), y, sp, pp, score, need),
+            error=(R, "grad_y", other_device(device)),
+        )
+
+    def check(result):
+        grad_rows, grad_score = result
+        y_leaf = y.detach().double().cpu().requires_grad_(True)
+        s_leaf = None if score is None else score.detach().double().cpu().requires_grad_(True)
+        out = reference_combine(y_leaf, pp.cpu(), s_leaf)
+        inputs = [y_leaf] + ([s_leaf] if need else [])
+        expected = torch.autograd.grad(out, inputs, grad_y.double().cpu(), allow_unused=True, materialize_grads=True)
+        assert_close(grad_rows, expected[0], dtype, "grad_y_sorted")
+        if need:
+            assert_close(grad_score, expected[1], dtype, "grad_score", scale=d)
+        else:
+            assert grad_score.numel() == 0, "grad_score must be empty without need_score_grad"
+
+    return Case(
+        valid_name(name),
+        lambda: op(grad_y, y, sp, pp, score, need),
+        check,
+        meta_call=lambda: op(to_meta(grad_y), to_meta(y), to_meta(sp), to_meta(pp), to_meta(score), need),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- expert
+
+
+def _offsets(rng: random.Random, num_rows: int, num_experts: int, device) -> torch.Tensor:
+    """``[E + 1]`` offsets of random non-negative counts whose total is at most ``num_rows``."""
+    cuts = sorted(rng.randint(0, num_rows) for _ in range(num_experts))
+    return layout(rng, torch.tensor([0] + cuts, dtype=torch.int64, device=device))
+
+
+def _bad_offsets(rng: random.Random, offsets: torch.Tensor, num_rows: int):
+    """offsets with one broken entry, and the (argument, value) the CPU check names."""
+    E = offsets.numel() - 1
+    kind = rng.choice(["first", "decreasing", "past-rows"])
+    if kind == "first":
+        value = rng.choice([1, -1, 2**40])
+        return set_one(offsets, 0, value), ("expert_offsets[0]", str(value))
+    if kind == "decreasing" and E >= 2 and int(offsets[1]) > 0:
+        return set_one(offsets, 1, -1), ("expert_offsets", "offsets[1] = -1")
+    value = num_rows + rng.choice([1, 5, 2**40])
+    bad = set_one(offsets, E, value)
+    return bad, (f"expert_offsets[{E}]", str(value))
+
+
+def grouped_linear_case(rng: random.Random, device: str) -> Case:
+    N, E = rng.choice(SIZES), rng.randint(1, 5)
+    d_in, d_out, dtype = rng.choice([1, 2, 3, 8, 13]), rng.choice([1, 2, 5, 8]), rng.choice(FLOATS)
+    x = randn(rng, N, d_in, dtype=dtype, device=device)
+    w = randn(rng, E, d_out, d_in, dtype=dtype, device=device) * 0.5
+    b = randn(rng, E, d_out, dtype=dtype, device=device) if rng.random() < 0.6 else None
+    off = _offsets(rng, N, E, device)
+    via_ops = rng.random() < 0.5
+    op = ops.grouped_linear if via_ops else F.grouped_linear
+    mutations = ["offsets-value", "offsets-len", "offsets-int32", "weight-2d", "features", "dtype", "bias", "device"]
+    m = pick(rng, mutations + ["dense"])
+    name = f"grouped_linear/{m}"
+    if m == "dense":
+        bad, kind = not_dense(rng, w)
+        return not_dense_case(name, via_ops, lambda: op(x, off, bad, b), "weight", kind)
+    if m == "offsets-value":
+        bad, (arg, value) = _bad_offsets(rng, off, N)
+        return Case(name, lambda: op(x, bad, w, b), error=(R, arg, value) if device == "cpu" else None)
+    if m == "offsets-len":
+        return Case(name, lambda: op(x, off[:-1], w, b), error=(R, "expert_offsets", f"got {E}"))
+    if m == "offsets-int32":
+        return Case(name, lambda: op(x, off.int(), w, b), error=(R, "expert_offsets", "Int"))
+    if m == "weight-2d":
+        return Case(name, lambda: op(x, off, w[0], b), error=(R, "weight", f"[{d_out}, {d_in}]"))
+    if m == "features":
+        x_wide = randn(rng, N, d_in + 1, dtype=dtype, device=device)
+        return Case(name, lambda: op(x_wide, off, w, b), error=(R, "x", str(d_in + 1)))
+    if m == "dtype":
+        bad = wrong_float(rng, dtype)
+        return Case(name, lambda: op(x, off, w.to(bad), None), error=(R, "weight", SCALAR_NAME[bad]))
+    if m == "bias":
+        b_bad = randn(rng, E, d_out + 1, dtype=dtype, device=device)
+        return Case(name, lambda: op(x, off, w, b_bad), error=(R, "bias", f"[{E}, {d_out + 1}]"))
+    if m == "device":
+        return Case(name, lambda: op(x, off, w.to(other_device(device)), b), error=(R, "weight", other_device(device)))
+
+    def check(y):
+        ref_b = None if b is None else b.double().cpu()
+        expected = reference_grouped_linear(x.double().cpu(), off.cpu(), w.double().cpu(), ref_b)
+        assert_close(y, expected, dtype, "y", scale=d_in)
+
+    return Case(
+        valid_name(name),
+        lambda: op(x, off, w, b),
+        check,
+        meta_call=lambda: op(to_meta(x), to_meta(off), to_meta(w), to_meta(b)),
+    )
+
+
+def grouped_linear_backward_case(rng: random.Random, device: str) -> Case:
+    N, E = rng.choice(SIZES), rng.randint(1, 5)
+    d_in, d_out, dtype = rng.choice([1, 2, 3, 8]), rng.choice([1, 2, 5, 8]), rng.choice(FLOATS)
+    x = randn(rng, N, d_in, dtype=dtype, device=device)
+    w = randn(rng, E, d_out, d_in, dtype=dtype, device=device)
+    grad_y = randn(rng, N, d_out, dtype=dtype, device=device)
+    off = _offsets(rng, N, E, device)
+    mask = [rng.random() < 0.7 for _ in range(3)]
+    op = F.grouped_linear_backward
+    m = pick(rng, ["grad-shape", "grad-dtype", "offsets-value", "device"])
+    name = f"grouped_linear_backward/{m}"
+    if m == "grad-shape":
+        g_bad = randn(rng, N, d_out + 1, dtype=dtype, device=device)
+        return Case(name, lambda: op(g_bad, x, off, w, mask), error=(R, "grad_y", f"[{N}, {d_out + 1}]"))
+    if m == "grad-dtype":
+        bad = wrong_float(rng, dtype)
+        return Case(name, lambda: op(grad_y.to(bad), x, off, w, mask), error=(R, "grad_y", SCALAR_NAME[bad]))
+    if m == "offsets-value":
+        bad, (arg, value) = _bad_offsets(rng, off, N)
+        return Case(name, lambda: op(grad_y, x, bad, w, mask), error=(R, arg, value) if device == "cpu" else None)
+    if m == "device":
+        other = other_device(device)
+        return Case(name, lambda: op(grad_y.to(other), x, off, w, mask), error=(R, "grad_y", other))
+
+    def check(result):
+        x_leaf = x.detach().double().cpu().requires_grad_(True)
+        w_leaf = w.detach().double().cpu().requires_grad_(True)
+        b_leaf = torch.zeros(E, d_out, dtype=torch.float64, requires_grad=True)
+        out = reference_grouped_linear(x_leaf, off.cpu(), w_leaf, b_leaf)
+        expected = torch.autograd.grad(out, [x_leaf, w_leaf, b_leaf], grad_y.double().cpu(), materialize_grads=True)
+        scales = (d_out, max(N, 1), max(N, 1))
+        for got, want, wanted, what, scale in zip(
+            result, expected, mask, ("grad_x", "grad_weight", "grad_bias"), scales, strict=True
+        ):
+            if wanted:
+                assert_close(got, want, dtype, what, scale=scale)
+            else:
+                assert got.numel() == 0, f"{what} must be empty when its mask entry is False"
+
+    return Case(
+        valid_name(name),
+        lambda: op(grad_y, x, off, w, mask),
+        check,
+        meta_call=lambda: op(to_meta(grad_y), to_meta(x), to_meta(off), to_meta(w), mask),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- balance
+
+
+def reference_capacity(idx: torch.Tensor, score: torch.Tensor, capacity: torch.Tensor):
+    """Per expert keep the ``capacity[e]`` best pairs: larger score first, NaN last, lower pair id on ties."""
+    flat, s = idx.reshape(-1).tolist(), score.reshape(-1).double().tolist()
+    kept = list(flat)
+    for e, cap in enumerate(capacity.tolist()):
+        pairs = [p for p, i in enumerate(flat) if i == e]
+        pairs.sort(key=lambda p: (s[p] != s[p], -s[p] if s[p] == s[p] else 0.0, p))
+        for p in pairs[cap:]:
+            kept[p] = -1
+    dropped = sum(1 for a, b in zip(flat, kept, strict=True) if a >= 0 and b < 0)
+    return torch.tensor(kept, dtype=torch.int64).view(idx.shape), dropped
+
+
+def capacity_limit_case(rng: random.Random, device: str) -> Case:
+    T, E = rng.choice(SIZES), rng.randint(1, 6)
+    k, dtype = rng.randint(1, E), rng.choice(FLOATS)
+    idx = random_idx(rng, T, k, E, device)
+    # Coarse scores (many ties) and sometimes a NaN, -0.0 or an Inf.
+    values = [rng.choice([0.0, -0.0, 0.25, 0.5, 0.75, 1.0, float("nan"), float("inf")]) for _ in range(T * k)]
+    score = layout(rng, torch.tensor(values, dtype=torch.float64).view(T, k).to(dtype=dtype, device=device))
+    cap = torch.tensor([rng.randint(0, T * k + 1) for _ in range(E)], dtype=torch.int64, device=device)
+    op = ops.capacity_limit if rng.random() < 0.5 else F.capacity_limit
+    m = pick(rng, ["negative-capacity", "bad-id", "idx-int32", "score-shape", "capacity-2d", "capacity-empty"])
+    name = f"capacity_limit/{m}"
+    if m == "negative-capacity":
+        e, value = rng.randrange(E), rng.choice([-1, -(2**40)])
+        bad = set_one(cap, e, value)
+        return Case(name, lambda: op(idx, score, bad), error=(R, f"expert_capacity[{e}]", str(value)))
+    if m == "bad-id" and T > 0:
+        pos, value = rng.randrange(T * k), rng.choice([-2, E, 2**40])
+        bad = set_one(idx, pos, value)
+        error = (R, "topk_idx", f"expert id {value}") if device == "cpu" else None
+        return Case(name, lambda: op(bad, score, cap), error=error)
+    if m == "idx-int32":
+        return Case(name, lambda: op(idx.int(), score, cap), error=(R, "topk_idx", "Int"))
+    if m == "score-shape":
+        return Case(name, lambda: op(idx, score[:, :0], cap), error=(R, "topk_score", f"[{T}, 0]"))
+    if m == "capacity-2d":
+        return Case(name, lambda: op(idx, score, cap[None]), error=(R, "expert_capacity", f"[1, {E}]"))
+    if m == "capacity-empty":
+        return Case(name, lambda: op(idx, score, cap[:0]), error=(R, "expert_capacity", "[0]"))
+
+    def check(result):
+        kept, num_dropped = result
+        expected, dropped = reference_capacity(idx.cpu(), score.cpu(), cap.cpu())
+        assert_equal(kept, expected, "kept_idx")
+        assert int(num_dropped) == dropped, f"num_dropped {int(num_dropped)} != {dropped}"
+
+    return Case(
+        valid_name(name),
+        lambda: op(idx, score, cap),
+        check,
+        meta_call=lambda: op(to_meta(idx), to_meta(score), to_meta(cap)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- exchange
+
+
+def reference_regroup(x: torch.Tensor, counts: list, num_ranks: int, inverse: bool) -> torch.Tensor:
+    """Rows in blocks (source rank s, local expert e) of sizes counts[s * L + e]: rank-major (s outer) to
+    expert-major (e outer), or back with ``inverse``; rows past the blocks become zero."""
+    num_local = len(counts) // num_ranks
+    rank_major = [(s, e) for s in range(num_ranks) for e in range(num_local)]
+    expert_major = [(s, e) for e in range(num_local) for s in range(num_ranks)]
+    source, target = (expert_major, rank_major) if inverse else (rank_major, expert_major)
+    start, offset = {}, 0
+    for block in source:
+        start[block] = offset
+        offset += counts[block[0] * num_local + block[1]]
+    rows = [x[start[b] : start[b] + counts[b[0] * num_local + b[1]]] for b in target]
+    return torch.cat(rows + [torch.zeros_like(x[offset:])], dim=0)
+
+
+def regroup_case(rng: random.Random, device: str) -> Case:
+    num_ranks, num_local, d = rng.randint(1, 4), rng.randint(1, 3), rng.choice([1, 3, 8])
+    N, dtype, inverse = rng.choice(SIZES), rng.choice(FLOATS), rng.random() < 0.5
+    cuts = sorted(rng.randint(0, N) for _ in range(num_ranks * num_local))
+    counts_list = [b - a for a, b in zip([0] + cuts[:-1], cuts, strict=True)]
+    counts = layout(rng, torch.tensor(counts_list, dtype=torch.int64, device=device))
+    x = randn(rng, N, d, dtype=dtype, device=device)
+    via_ops = rng.random() < 0.5
+    op = ops.regroup if via_ops else F.regroup
+    n = num_ranks * num_local
+    m = pick(
+        rng,
+        [
+            "x-int",
+            "x-1d",
+            "counts-int32",
+            "counts-2d",
+            "num-ranks",
+            "counts-len",
+            "negative",
+            "too-many",
+            "overflow",
+            "device",
+        ],
+    )
+    name = f"regroup/{m}"
+    cpu_only = device == "cpu"  # the CUDA index kernel clamps counts instead of raising
+    if m == "x-int":
+        return Case(name, lambda: op(x.long(), counts, num_ranks, inverse), error=(R, "x", "Long"))
+    if m == "x-1d":
+        return Case(name, lambda: op(x.reshape(-1), counts, num_ranks, inverse), error=(R, "x", f"[{N * d}]"))
+    if m == "counts-int32":
+        return Case(name, lambda: op(x, counts.int(), num_ranks, inverse), error=(R, "counts", "Int"))
+    if m == "counts-2d":
+        return Case(name, lambda: op(x, counts[None], num_ranks, inverse), error=(R, "counts", f"[1, {n}]"))
+    if m == "num-ranks":
+        bad = rng.choice([0, -1, -(2**40)])
+        return Case(name, lambda: op(x, counts, bad, inverse), error=(R, "num_ranks", str(bad)))
+    if m == "counts-len" and num_ranks > 1:
+        longer = torch.cat([counts, counts.new_zeros(1)])
+        return Case(name, lambda: op(x, longer, num_ranks, inverse), error=(R, "counts", str(n + 1)))
+    if m == "negative":
+        i, value = rng.randrange(n), rng.choice([-1, -(2**62)])
+        bad = set_one(counts, i, value)
+        return Case(
+            name, lambda: op(x, bad, num_ranks, inverse), error=(R, f"counts[{i}]", str(value)) if cpu_only else None
+        )
+    if m == "too-many":
+        bad = set_one(counts, rng.randrange(n), N + 1)
+        return Case(
+            name, lambda: op(x, bad, num_ranks, inverse), error=(R, "counts", f"only {N}") if cpu_only else None
+        )
+    if m == "overflow" and n >= 2:
+        # Counts whose int64 sum wraps around to a small number.
+        huge = torch.full((n,), 2**62, dtype=torch.int64, device=device)
+        huge[0] = 2**63 - 1
+        return Case(
+            name, lambda: op(x, huge, num_ranks, inverse), error=(R, "counts", "more than") if cpu_only else None
+        )
+    if m == "device":
+        return Case(
+            name,
+            lambda: op(x.to(other_device(device)), counts, num_ranks, inverse),
+            error=(R, "x", other_device(device)),
+        )
+
+    def check(out):
+        assert_equal(out, reference_regroup(x.cpu(), counts_list, num_ranks, inverse).to(dtype), "regrouped rows")
+
+    return Case(
+        valid_name(name),
+        lambda: op(x, counts, num_ranks, inverse),
+        check,
+        meta_call=lambda: op(to_meta(x), to_meta(counts), num_ranks, inverse),
+    )
+
+
+GENERATORS = {
+    "route_topk": route_topk_case,
+    "route_topk_backward": route_topk_backward_case,
+    "make_plan": make_plan_case,
+    "permute": permute_case,
+    "unpermute_combine": combine_case,
+    "unpermute_combine_backward": combine_backward_case,
+    "grouped_linear": grouped_linear_case,
+    "grouped_linear_backward": grouped_linear_backward_case,
+    "capacity_limit": capacity_limit_case,
+    "regroup": regroup_case,
+}
