@@ -1,9 +1,12 @@
 #include "runtime/communicator.h"
 
+#include <chrono>
 #include <cstdlib>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <utility>
@@ -73,20 +76,85 @@ void all_to_all_rows_pg(const at::Tensor& input, const at::Tensor& output, const
 }
 
 #ifdef FASTMOE_WITH_NCCL
-// One NCCL communicator per (group, device), with its stream and the two events that order it against the
-// caller's stream. Created on first use by every rank of the group at the same exchange.
-struct NcclState {
-  comm::NcclComm* comm = nullptr;
-  cudaStream_t stream = nullptr;
-  cudaEvent_t ready = nullptr, done = nullptr;
+// One NCCL communicator per (group, device), with its stream and the event that orders it after the caller's
+// stream. Created on first use by every rank of the group at the same exchange.
+//
+// NCCL never times out by itself: a peer that raised, exited or stopped calling the exchanges leaves this rank's
+// NCCL kernels waiting forever. So every exchange records an event with a deadline, and a watchdog thread checks
+// them: when one misses its deadline (FASTMOE_COMM_TIMEOUT) or NCCL reports an asynchronous error, the watchdog
+// aborts the communicator, which ends its kernels (their outputs are then garbage), and every later exchange on
+// the group raises the reason instead of touching the broken communicator.
+struct Pending {
+  cudaEvent_t done;
+  std::chrono::steady_clock::time_point deadline;
 };
 
-std::mutex g_nccl_mutex;
-std::map<std::pair<std::string, int>, std::unique_ptr<NcclState>> g_nccl_states;
+struct NcclState {
+  std::string group;
+  int device = 0, rank = 0, world = 1;
+  comm::NcclComm* comm = nullptr;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ready = nullptr;
+  std::mutex mutex;  // guards the fields below (the watchdog runs on another thread)
+  std::deque<Pending> pending;
+  std::string error;
+};
+
+// Never destroyed: the detached watchdog thread may still read them while the process exits.
+std::mutex& states_mutex() {
+  static auto* mutex = new std::mutex();
+  return *mutex;
+}
+std::map<std::pair<std::string, int>, std::unique_ptr<NcclState>>& states() {
+  static auto* map = new std::map<std::pair<std::string, int>, std::unique_ptr<NcclState>>();
+  return *map;
+}
+
+void fail_locked(NcclState& state, const std::string& why) {
+  if (!state.error.empty()) return;
+  state.error = "fastmoe: the NCCL exchange on group '" + state.group + "' (rank " + std::to_string(state.rank) +
+                " of " + std::to_string(state.world) + ", cuda:" + std::to_string(state.device) + ") " + why +
+                "; the communicator was aborted and this group cannot exchange any more";
+  comm::nccl_comm_destroy(state.comm);  // ncclCommAbort: ends the waiting kernels
+  state.comm = nullptr;
+  for (auto& p : state.pending) cudaEventDestroy(p.done);  // released by CUDA once complete
+  state.pending.clear();
+}
+
+void watchdog_loop() {
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::lock_guard<std::mutex> lock(states_mutex());
+    const auto now = std::chrono::steady_clock::now();
+    for (auto& entry : states()) {
+      NcclState& state = *entry.second;
+      std::lock_guard<std::mutex> state_lock(state.mutex);
+      if (!state.error.empty()) continue;
+      cudaSetDevice(state.device);
+      while (!state.pending.empty() && cudaEventQuery(state.pending.front().done) == cudaSuccess) {
+        cudaEventDestroy(state.pending.front().done);
+        state.pending.pop_front();
+      }
+      const std::string async = comm::nccl_comm_async_error(state.comm);
+      if (!async.empty()) {
+        fail_locked(state, "failed: NCCL reported '" + async + "' (a peer may have exited)");
+      } else if (!state.pending.empty() && now > state.pending.front().deadline) {
+        const auto seconds = std::chrono::duration_cast<std::chrono::milliseconds>(exchange_timeout()).count() / 1e3;
+        fail_locked(state, "did not complete within " + std::to_string(seconds) +
+                               " s (FASTMOE_COMM_TIMEOUT): a peer failed, exited or stopped calling the exchanges");
+      }
+    }
+  }
+}
+
+void start_watchdog() {
+  static std::once_flag once;
+  std::call_once(once, [] { std::thread(watchdog_loop).detach(); });
+}
 
 NcclState& nccl_state(const std::string& group_name, int device) {
-  std::lock_guard<std::mutex> lock(g_nccl_mutex);
-  auto& slot = g_nccl_states[{group_name, device}];
+  std::lock_guard<std::mutex> lock(states_mutex());
+  auto& slot = states()[{group_name, device}];
   if (slot) return *slot;
   auto group = resolve_group(group_name);
   // Rank 0 makes the id; the group broadcasts it, on the CPU when the group has a CPU backend (gloo), else on
@@ -99,16 +167,19 @@ NcclState& nccl_state(const std::string& group_name, int device) {
   group->broadcast(bcast)->wait();
   id = bcast[0].cpu();
   auto state = std::make_unique<NcclState>();
-  ops_detail::call_kernel([&] {
-    state->comm = comm::nccl_comm_create(id.const_data_ptr<uint8_t>(), group->getSize(), group->getRank(), device);
-  });
+  state->group = group_name;
+  state->device = device;
+  state->rank = group->getRank();
+  state->world = group->getSize();
+  ops_detail::call_kernel(
+      [&] { state->comm = comm::nccl_comm_create(id.const_data_ptr<uint8_t>(), state->world, state->rank, device); });
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   int low = 0, high = 0;
   C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&low, &high));
   C10_CUDA_CHECK(cudaStreamCreateWithPriority(&state->stream, cudaStreamNonBlocking, high));
   C10_CUDA_CHECK(cudaEventCreateWithFlags(&state->ready, cudaEventDisableTiming));
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&state->done, cudaEventDisableTiming));
   slot = std::move(state);
+  start_watchdog();
   return *slot;
 }
 
@@ -117,6 +188,8 @@ void all_to_all_rows_nccl(const at::Tensor& input, const at::Tensor& output, con
   const int device = input.device().index();
   const c10::cuda::CUDAGuard guard(input.device());
   NcclState& state = nccl_state(group_name, device);
+  std::lock_guard<std::mutex> lock(state.mutex);
+  TORCH_CHECK(state.error.empty(), state.error);
   int64_t row_bytes = input.element_size();
   for (int64_t d = 1; d < input.dim(); ++d) row_bytes *= input.size(d);
   const size_t world = send_rows.size();
@@ -141,8 +214,11 @@ void all_to_all_rows_nccl(const at::Tensor& input, const at::Tensor& output, con
     comm::nccl_all_to_all(state.comm, input.const_data_ptr(), send_offset.data(), send_bytes.data(),
                           output.mutable_data_ptr(), recv_offset.data(), recv_bytes.data(), state.stream);
   });
-  C10_CUDA_CHECK(cudaEventRecord(state.done, state.stream));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(caller, state.done, 0));
+  cudaEvent_t done = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(done, state.stream));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(caller, done, 0));
+  state.pending.push_back({done, std::chrono::steady_clock::now() + exchange_timeout()});
 }
 #endif
 

@@ -53,8 +53,11 @@ def _worker(rank, world_size, init_file, backend, pg_timeout, body, args, result
                 pass
 
 
-def run_workers(world_size: int, body, *args, backend: str = "gloo", timeout: float = 120.0, pg_timeout=60.0):
-    """Runs ``body(rank, world_size, *args)`` on ``world_size`` ranks; returns the values in rank order."""
+def run_workers(
+    world_size: int, body, *args, backend: str = "gloo", timeout: float = 120.0, pg_timeout=60.0, may_die=()
+):
+    """Runs ``body(rank, world_size, *args)`` on ``world_size`` ranks; returns the values in rank order. Ranks in
+    ``may_die`` may exit without a result (their value is then ``None``); any other failure raises."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +94,7 @@ def run_workers(world_size: int, body, *args, backend: str = "gloo", timeout: fl
             if p.is_alive():
                 p.kill()
                 p.join()
-        if failures:
+        unexpected = {rank: msg for rank, msg in failures.items() if rank not in may_die or "exit code" not in msg}
+        if unexpected:
             raise WorkerError(failures)
-        return [values[rank] for rank in range(world_size)]
+        return [values.get(rank) for rank in range(world_size)]

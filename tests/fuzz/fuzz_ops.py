@@ -213,7 +213,7 @@ def permute_case(rng: random.Random, device: str) -> Case:
             else F.permute(x_, sp_, pp_)
         )
 
-    m = pick(rng, ["x-tokens", "x-int", "x-1d", "sp-short", "sp-value", "pp-dtype", "device", "dense"])
+    m = pick(rng, ["x-tokens", "x-int", "x-1d", "sp-long", "sp-value", "pp-dtype", "device", "dense"])
     name = f"permute/{m}"
     if m == "dense":
         bad, kind = not_dense(rng, x)
@@ -225,8 +225,9 @@ def permute_case(rng: random.Random, device: str) -> Case:
         return Case(name, lambda: op(x.long(), sp, pp), error=(R, "x", "Long"))
     if m == "x-1d":
         return Case(name, lambda: op(x.reshape(-1), sp, pp), error=(R, "x", f"[{T * d}]"))
-    if m == "sp-short" and T > 0:
-        return Case(name, lambda: op(x, sp[1:], pp), error=(R, "sorted_pair", str(T * k - 1)))
+    if m == "sp-long" and T > 0:  # shorter is legal (a plan cut to its routed rows); longer is not
+        longer = torch.cat([sp, sp[:1]])
+        return Case(name, lambda: op(x, longer, pp), error=(R, "sorted_pair", str(T * k + 1)))
     if m == "sp-value" and T > 0:
         r, value = rng.randrange(T * k), rng.choice([T * k, T * k + 5, -2, 2**50, -(2**63)])
         bad = set_one(sp, r, value)

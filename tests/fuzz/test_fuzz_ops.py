@@ -109,7 +109,7 @@ def test_exchange_rejects_bad_input(one_rank_group):
         (lambda: F.exchange_counts(counts.int(), g), "counts", "Int"),
         (lambda: F.exchange_counts(counts[None], g), "counts", "[1, 2]"),
         (lambda: F.exchange_counts(counts, "no-such-group"), "group_name", "'no-such-group'"),
-        (lambda: F.exchange(x.long(), [5], [5], g, None), "x", "Long"),
+        (lambda: F.exchange(x.int(), [5], [5], g, None), "x", "Int"),
         (lambda: F.exchange(x, [6], [6], g, None), "send_splits", "6"),
         (lambda: F.exchange(x, [-1], [5], g, None), "send_splits[0]", "-1"),
         (lambda: F.exchange(x, [5], [-3], g, None), "recv_splits[0]", "-3"),

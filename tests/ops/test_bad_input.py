@@ -178,7 +178,7 @@ def _cases():
         ("permute-2d-sorted-pair", lambda: F.permute(x, sp[None], pp), R, ("sorted_pair", "[1, 20]")),
         ("permute-int32-pair-pos", lambda: F.permute(x, sp, pp.int()), R, ("pair_pos", "Int")),
         ("permute-1d-pair-pos", lambda: F.permute(x, sp, pp.reshape(-1)), R, ("pair_pos", "[20]")),
-        ("permute-plan-size", lambda: F.permute(x, sp[:19], pp), R, ("sorted_pair", "19")),
+        ("permute-plan-size", lambda: F.permute(x, torch.cat([sp, sp[:1]]), pp), R, ("sorted_pair", "21")),
         (
             "permute-sorted-pair-too-big",
             lambda: F.permute(x, with_value(sp, 5, 20), pp),
@@ -425,7 +425,7 @@ def _cases():
         # The collectives check their arguments before they look the group up, so these need no process group;
         # tests/fuzz/test_fuzz_ops.py::test_exchange_rejects_bad_input runs the rest on a one-rank group.
         ("exchange_counts-int32", lambda: F.exchange_counts(i["counts"].int(), "unused"), R, ("counts", "Int")),
-        ("exchange-int-x", lambda: F.exchange(x.long(), [T], [T], "unused", None), R, ("x", "Long")),
+        ("exchange-int32-x", lambda: F.exchange(x.int(), [T], [T], "unused", None), R, ("x", "Int")),
         ("exchange-negative-split", lambda: F.exchange(x, [-1], [T], "unused", None), R, ("send_splits[0]", "-1")),
         ("regroup-int-x", lambda: F.regroup(x.long(), i["counts"], 2, False), R, ("x", "Long")),
         ("regroup-num-ranks", lambda: F.regroup(x, i["counts"], 0, False), R, ("num_ranks", "0")),

@@ -289,3 +289,23 @@ def test_zero_tokens(device):
     assert y.shape == (0, 13)
     y.sum().backward()
     assert x.grad.shape == (0, 13) and score.grad.shape == (0, 2)
+
+
+@pytest.mark.parametrize("num_tokens,k,num_experts,d,drop_prob", CASES)
+def test_plan_cut_to_its_routed_rows(num_tokens, k, num_experts, d, drop_prob, device):
+    """A plan cut to its routed rows (Plan.first_rows) permutes to exactly those rows, combines from them to the
+    full plan's result, and carries the same gradients: no zero tail is materialised."""
+    plan, x, y_sorted, topk_score, grad_y, _ = make_case(num_tokens, k, num_experts, d, drop_prob, torch.float64, device)
+    routed = int(plan.expert_offsets[-1])
+    cut = plan.first_rows(routed)
+    x_full, x_cut = leaf(x), leaf(x)
+    full = ops.permute(x_full, plan)
+    part = ops.permute(x_cut, cut)
+    assert part.shape == (routed, d)
+    assert_bitwise_equal(part, full[:routed], "cut permute")
+    y_full = ops.unpermute_combine(full * 2, plan, topk_score)
+    y_cut = ops.unpermute_combine(part * 2, cut, topk_score)
+    assert_bitwise_equal(y_cut, y_full, "combine of the cut plan")
+    y_full.backward(grad_y)
+    y_cut.backward(grad_y)
+    assert_bitwise_equal(x_cut.grad, x_full.grad, "gradient through the cut plan")
