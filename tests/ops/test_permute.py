@@ -295,7 +295,9 @@ def test_zero_tokens(device):
 def test_plan_cut_to_its_routed_rows(num_tokens, k, num_experts, d, drop_prob, device):
     """A plan cut to its routed rows (Plan.first_rows) permutes to exactly those rows, combines from them to the
     full plan's result, and carries the same gradients: no zero tail is materialised."""
-    plan, x, y_sorted, topk_score, grad_y, _ = make_case(num_tokens, k, num_experts, d, drop_prob, torch.float64, device)
+    plan, x, y_sorted, topk_score, grad_y, _ = make_case(
+        num_tokens, k, num_experts, d, drop_prob, torch.float64, device
+    )
     routed = int(plan.expert_offsets[-1])
     cut = plan.first_rows(routed)
     x_full, x_cut = leaf(x), leaf(x)
