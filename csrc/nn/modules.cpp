@@ -64,19 +64,11 @@ template <typename RunLocal>
 torch::Tensor expert_parallel(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_score,
                               int64_t world, int64_t local, const std::string& group, RunLocal&& run_local) {
   const int64_t rank = runtime::group_rank(group);
-  const auto idx_opts = topk_idx.options();
-  const torch::Tensor owner = topk_idx.div(local, "floor");
-  const torch::Tensor routed = (topk_idx >= 0).to(torch::kLong);
-  const torch::Tensor hits =
-      torch::zeros({topk_idx.size(0), world}, idx_opts).scatter_add_(1, owner.clamp_min(0), routed);
-  const torch::Tensor token_ranks =
-      torch::where(hits > 0, torch::arange(world, idx_opts).expand({topk_idx.size(0), world}), -1);
+  // token_ranks [T, W]: rank p, or -1 if no slot goes to p; outgoing [W, local + 1]: per destination rank, the
+  // slots per local expert, then the token rows.
+  const auto [token_ranks, dest_counts] = ops::ep_route(topk_idx, local, world);
+  const torch::Tensor outgoing = dest_counts.view({world, local + 1});
   const ops::Plan rank_plan = ops::make_plan(token_ranks, world);
-  const torch::Tensor expert_counts =
-      torch::zeros({world * local}, idx_opts).scatter_add_(0, topk_idx.flatten().clamp_min(0), routed.flatten());
-  // Per destination rank: slots per local expert, then token rows.
-  const torch::Tensor outgoing =
-      torch::cat({expert_counts.view({world, local}), rank_plan.expert_counts.view({world, 1})}, 1);
   const torch::Tensor incoming = ops::exchange_counts(outgoing.flatten(), group).view({world, local + 1});
   const torch::Tensor both = torch::cat({outgoing, incoming}).cpu();
   const int64_t* out_h = both.const_data_ptr<int64_t>();
@@ -93,7 +85,8 @@ torch::Tensor expert_parallel(const torch::Tensor& x, const torch::Tensor& topk_
   const torch::Tensor send_order = rank_plan.sorted_pair.slice(0, 0, n_send);  // pair = token * world + rank
   const torch::Tensor tokens = send_order.div(world, "floor");
   const torch::Tensor x_in = ops::exchange(ops::permute(x, send_order, rank_plan.pair_pos), send, recv, group);
-  const torch::Tensor score_in = ops::exchange(topk_score.index_select(0, tokens), send, recv, group);
+  const torch::Tensor score_in =
+      ops::exchange(ops::permute(topk_score, send_order, rank_plan.pair_pos), send, recv, group);
   const torch::Tensor idx_in = ops::exchange(topk_idx.index_select(0, tokens), send, recv, group);
 
   const torch::Tensor mine = idx_in.div(local, "floor") == rank;

@@ -256,6 +256,43 @@ std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_kernel(
   return {grad_y_sorted, grad_score};
 }
 
+// ------------------------------------------------------------------------------------------------ ep_route
+
+void check_ep_route(const at::Tensor& topk_idx, int64_t num_local, int64_t world) {
+  check_int64(topk_idx, "topk_idx");
+  check_dim(topk_idx, 2, "topk_idx", "[num_tokens, k]");
+  TORCH_CHECK(num_local >= 1, "num_local must be >= 1, got ", num_local);
+  TORCH_CHECK(world >= 1, "world must be >= 1, got ", world);
+  TORCH_CHECK(num_local <= (int64_t{1} << 31) / world,
+              "num_local * world must be below 2^31, got num_local=", num_local, ", world=", world);
+}
+
+std::tuple<at::Tensor, at::Tensor> ep_route_meta(const at::Tensor& topk_idx, int64_t num_local, int64_t world) {
+  check_ep_route(topk_idx, num_local, world);
+  return {topk_idx.new_empty_symint({topk_idx.sym_size(0), c10::SymInt(world)}),
+          topk_idx.new_empty({world * (num_local + 1)})};
+}
+
+std::tuple<at::Tensor, at::Tensor> ep_route_kernel(const at::Tensor& topk_idx, int64_t num_local, int64_t world) {
+  check_ep_route(topk_idx, num_local, world);
+  const c10::OptionalDeviceGuard guard(topk_idx.device());
+  const at::Tensor idx = topk_idx.contiguous();
+  at::Tensor token_ranks = at::empty({idx.size(0), world}, idx.options());
+  at::Tensor dest_counts = at::empty({world * (num_local + 1)}, idx.options());
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (idx.is_cuda()) {
+      return ep_route_cuda(idx.const_data_ptr<int64_t>(), idx.size(0), idx.size(1), num_local, world,
+                           token_ranks.mutable_data_ptr<int64_t>(), dest_counts.mutable_data_ptr<int64_t>(),
+                           current_stream(idx));
+    }
+#endif
+    ep_route_ref(idx.const_data_ptr<int64_t>(), idx.size(0), idx.size(1), num_local, world,
+                 token_ranks.mutable_data_ptr<int64_t>(), dest_counts.mutable_data_ptr<int64_t>());
+  });
+  return {token_ranks, dest_counts};
+}
+
 // ------------------------------------------------------------------------------------------------ regroup
 
 void check_regroup(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks) {
@@ -333,6 +370,13 @@ std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward(const at::Tensor& 
   return op.call(grad_y, y_sorted, sorted_pair, pair_pos, topk_score, need_score_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor> ep_route(const at::Tensor& topk_idx, int64_t num_local, int64_t world) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmoe::ep_route", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t)>();
+  return op.call(topk_idx, num_local, world);
+}
+
 at::Tensor regroup(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks, bool inverse) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastmoe::regroup", "")
@@ -343,6 +387,7 @@ at::Tensor regroup(const at::Tensor& x, const at::Tensor& counts, int64_t num_ra
 }  // namespace ops
 
 TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
+  m.impl("ep_route", &ep_route_kernel);
   m.impl("regroup", &regroup_kernel);
   m.impl("make_plan", &make_plan_kernel);
   m.impl("permute", &permute_kernel);
@@ -352,6 +397,7 @@ TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
 
 #ifdef FASTMOE_WITH_CUDA_OPS
 TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
+  m.impl("ep_route", &ep_route_kernel);
   m.impl("regroup", &regroup_kernel);
   m.impl("make_plan", &make_plan_kernel);
   m.impl("permute", &permute_kernel);
@@ -361,6 +407,7 @@ TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
 #endif
 
 TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
+  m.impl("ep_route", &ep_route_meta);
   m.impl("regroup", &regroup_meta);
   m.impl("make_plan", &make_plan_meta);
   m.impl("permute", &permute_meta);

@@ -40,6 +40,9 @@ TORCH_LIBRARY(fastmoe, m) {
   // counts [W * E_local] int64 (rows this rank sends to each global expert) -> [W * E_local]: row s * E_local + e
   // holds what rank s sends to this rank's local expert e.
   m.def("exchange_counts(Tensor counts, str group_name) -> Tensor");
+  // Where a rank's tokens go: topk_idx [T, k] global ids -> token_ranks [T, W] (rank p once if a slot goes to p,
+  // else -1) and dest_counts [W * (E_local + 1)] (per rank p: slots per local expert, then token rows).
+  m.def("ep_route(Tensor topk_idx, int num_local, int world) -> (Tensor token_ranks, Tensor dest_counts)");
   // Rows [0, sum(send_splits)) of x go out, send_splits[p] of them to rank p, in order; recv_splits[p] rows come
   // in from rank p, stacked in rank order, then zero rows up to out_rows (default sum(recv_splits)). Its
   // backward is the same exchange with the splits swapped.

@@ -193,4 +193,29 @@ void regroup_index_ref(const int64_t* counts, int64_t num_ranks, int64_t num_loc
   for (int64_t r = total; r < num_rows; ++r) src_row[r] = -1;
 }
 
+void ep_route_ref(const int64_t* topk_idx, int64_t num_tokens, int64_t k, int64_t num_local, int64_t world,
+                  int64_t* token_ranks, int64_t* dest_counts) {
+  FMOE_CHECK(num_tokens >= 0 && k >= 0, "num_tokens and k must be >= 0, got ", num_tokens, " and ", k);
+  FMOE_CHECK(num_local >= 1, "num_local must be >= 1, got ", num_local);
+  FMOE_CHECK(world >= 1, "world must be >= 1, got ", world);
+  const int64_t num_experts = num_local * world;
+  for (int64_t i = 0; i < world * (num_local + 1); ++i) dest_counts[i] = 0;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    int64_t* row = token_ranks + t * world;
+    for (int64_t p = 0; p < world; ++p) row[p] = -1;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t id = topk_idx[t * k + j];
+      FMOE_CHECK(id >= -1 && id < num_experts, "topk_idx holds expert id ", id, " at [", t, ", ", j,
+                 "], outside [-1, num_local * world=", num_experts, ")");
+      if (id < 0) continue;
+      const int64_t p = id / num_local;
+      ++dest_counts[p * (num_local + 1) + id % num_local];
+      if (row[p] < 0) {
+        row[p] = p;
+        ++dest_counts[p * (num_local + 1) + num_local];
+      }
+    }
+  }
+}
+
 }  // namespace fastmoe

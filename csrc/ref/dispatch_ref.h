@@ -54,4 +54,14 @@ void combine_score_grad_ref(DType dtype, const void* grad_y, const void* y_sorte
 void regroup_index_ref(const int64_t* counts, int64_t num_ranks, int64_t num_local, bool inverse, int64_t num_rows,
                        int64_t* src_row);
 
+// Where the tokens of one rank go under expert parallelism (W ranks, num_local experts each; global expert g on
+// rank g / num_local). A token is sent once to every rank that owns one of its experts.
+// topk_idx:    [num_tokens, k] int64, global expert ids in [0, W * num_local) or -1 (dropped)
+// token_ranks: [num_tokens, W] int64, written: entry p is p when a slot of the token goes to rank p, else -1
+// dest_counts: [W, num_local + 1] int64, written: [p][e] slots for local expert e of rank p, [p][num_local] tokens
+//              sent to rank p
+// Throws fastmoe::Error naming the position and value of an id outside [-1, W * num_local).
+void ep_route_ref(const int64_t* topk_idx, int64_t num_tokens, int64_t k, int64_t num_local, int64_t world,
+                  int64_t* token_ranks, int64_t* dest_counts);
+
 }  // namespace fastmoe

@@ -50,6 +50,12 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets,
 
 // ---- expert parallelism (the ranks of the torch.distributed process group named group_name)
 
+// Where this rank's tokens go over W ranks of num_local experts (global expert g on rank g / num_local):
+// topk_idx [T, k] -> (token_ranks [T, W] int64: p when one of the token's slots goes to rank p, else -1;
+// dest_counts [W * (num_local + 1)] int64: per rank p, the slots for each of its local experts, then the number of
+// tokens sent to p). Deterministic, no host sync. Not differentiable.
+std::tuple<at::Tensor, at::Tensor> ep_route(const at::Tensor& topk_idx, int64_t num_local, int64_t world);
+
 // counts [W * E_local] int64, the rows this rank sends to each global expert -> [W * E_local]: entry
 // s * E_local + e is the number of rows rank s sends to this rank's local expert e. A collective.
 at::Tensor exchange_counts(const at::Tensor& counts, const std::string& group_name);

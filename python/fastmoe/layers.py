@@ -180,20 +180,20 @@ class FMoE(nn.Module):
         weighted by the scores; the partial sums travel back and add up per token. One host sync reads the
         counts, because the all-to-all takes its split sizes on the host."""
         world, local = self.world_size, self.num_expert
-        token_ranks = _token_ranks(topk_idx, world, local)  # [T, W]: rank p, or -1 if no slot goes to p
+        # token_ranks [T, W]: rank p, or -1 if no slot goes to p; outgoing [W, local + 1]: per destination rank,
+        # the slots per local expert, then the token rows.
+        token_ranks, outgoing = ops.ep_route(topk_idx, local, world)
+        outgoing = outgoing.view(world, local + 1)
+        self._record_balance(x.shape[0], topk_idx.numel(), outgoing[:, :local].flatten())
         rank_plan = ops.make_plan(token_ranks, world)
-        expert_counts = _expert_counts(topk_idx, self.num_experts_total)
-        self._record_balance(x.shape[0], topk_idx.numel(), expert_counts)
-        # Per destination rank: the slots it gets per local expert, and the token rows.
-        outgoing = torch.cat([expert_counts.view(world, local), rank_plan.expert_counts.view(world, 1)], dim=1)
         incoming = ops.exchange_counts(outgoing.flatten(), self.moe_group).view(world, local + 1)
         send, recv, local_bounds = _exchange_splits_sync(outgoing, incoming)
         n_send, n_slots = sum(send), local_bounds[-1]
 
         send_plan = rank_plan.first_rows(n_send)  # row r carries pair token * W + rank
-        tokens = torch.div(send_plan.sorted_pair, world, rounding_mode="floor")
         x_in = ops.exchange(ops.permute(x, send_plan), send, recv, self.moe_group)
-        score_in = ops.exchange(topk_score.index_select(0, tokens), send, recv, self.moe_group)
+        score_in = ops.exchange(ops.permute(topk_score, send_plan), send, recv, self.moe_group)
+        tokens = torch.div(send_plan.sorted_pair, world, rounding_mode="floor")
         idx_in = ops.exchange(topk_idx.index_select(0, tokens), send, recv, self.moe_group)
 
         mine = torch.div(idx_in, local, rounding_mode="floor") == self.moe_rank  # -1 // local < 0: never mine
@@ -242,22 +242,6 @@ class FMoE(nn.Module):
             device = param.device if param is not None else None
             return torch.zeros((), device=device)
         return loss
-
-
-def _token_ranks(topk_idx: torch.Tensor, world: int, local: int) -> torch.Tensor:
-    """``[T, world]`` int64: entry ``p`` is ``p`` when one of the token's slots goes to rank ``p``, else -1."""
-    owner = torch.div(topk_idx, local, rounding_mode="floor")
-    hits = torch.zeros(topk_idx.shape[0], world, dtype=torch.int64, device=topk_idx.device)
-    hits.scatter_add_(1, owner.clamp(min=0), (topk_idx >= 0).to(torch.int64))
-    ranks = torch.arange(world, device=topk_idx.device).expand(topk_idx.shape[0], world)
-    return torch.where(hits > 0, ranks, -1)
-
-
-def _expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Slots routed to each expert, ``[num_experts]`` int64, on the device (no sync)."""
-    flat = topk_idx.flatten()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=topk_idx.device)
-    return counts.scatter_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int64))
 
 
 def _exchange_splits_sync(outgoing: torch.Tensor, incoming: torch.Tensor):

@@ -121,6 +121,14 @@ def group_name(group=None) -> str:
     return group.group_name
 
 
+def ep_route(topk_idx: torch.Tensor, num_local: int, world: int):
+    """Where this rank's tokens go over ``world`` ranks of ``num_local`` experts each: ``topk_idx [T, k]`` ->
+    ``(token_ranks [T, world], dest_counts [world * (num_local + 1)])``; ``token_ranks[t, p]`` is ``p`` when one
+    of token ``t``'s slots goes to rank ``p`` (else -1), and ``dest_counts`` holds per rank the slots for each of
+    its local experts, then the number of tokens sent to it. Deterministic, no host sync."""
+    return _ops.ep_route(topk_idx, num_local, world)
+
+
 def exchange_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
     """``counts [W * E_local]`` int64 (rows this rank sends to each global expert) -> ``[W * E_local]``, entry
     ``s * E_local + e`` = rows rank ``s`` sends to this rank's local expert ``e``. A collective over ``group``."""

@@ -495,7 +495,10 @@ def capacity_limit_case(rng: random.Random, device: str) -> Case:
     if m == "negative-capacity":
         e, value = rng.randrange(E), rng.choice([-1, -(2**40)])
         bad = set_one(cap, e, value)
-        return Case(name, lambda: op(idx, score, bad), error=(R, f"expert_capacity[{e}]", str(value)))
+        # The CUDA kernel cannot raise on a device-side value without a host sync: it keeps nothing for a negative
+        # capacity (docs/ops.md); the CPU reference raises.
+        error = (R, f"expert_capacity[{e}]", str(value)) if device == "cpu" else None
+        return Case(name, lambda: op(idx, score, bad), error=error)
     if m == "bad-id" and T > 0:
         pos, value = rng.randrange(T * k), rng.choice([-2, E, 2**40])
         bad = set_one(idx, pos, value)
@@ -619,7 +622,60 @@ def regroup_case(rng: random.Random, device: str) -> Case:
     )
 
 
+def reference_ep_route(idx: list, num_local: int, world: int):
+    """(token_ranks, dest_counts) as lists, by the definition: rank p once per token, slots and tokens per rank."""
+    ranks, counts = [], [[0] * (num_local + 1) for _ in range(world)]
+    for row in idx:
+        mine = [-1] * world
+        for g in row:
+            if g < 0:
+                continue
+            p = g // num_local
+            counts[p][g % num_local] += 1
+            if mine[p] < 0:
+                mine[p] = p
+                counts[p][num_local] += 1
+        ranks.append(mine)
+    return ranks, [c for per_rank in counts for c in per_rank]
+
+
+def ep_route_case(rng: random.Random, device: str) -> Case:
+    world, num_local, T, k = rng.randint(1, 4), rng.randint(1, 3), rng.choice(SIZES), rng.randint(1, 4)
+    E = world * num_local
+    idx_list = [[rng.choice([-1] + list(range(E))) for _ in range(k)] for _ in range(T)]
+    idx = layout(rng, torch.tensor(idx_list, dtype=torch.int64, device=device).reshape(T, k))
+    via_ops = rng.random() < 0.5
+    op = ops.ep_route if via_ops else F.ep_route
+    m = pick(rng, ["idx-int32", "idx-1d", "num-local", "world", "bad-id", "valid"])
+    name = f"ep_route/{m}"
+    if m == "idx-int32":
+        return Case(name, lambda: op(idx.int(), num_local, world), error=(R, "topk_idx", "Int"))
+    if m == "idx-1d":
+        return Case(name, lambda: op(idx.reshape(-1), num_local, world), error=(R, "topk_idx", f"[{T * k}]"))
+    if m == "num-local":
+        bad = rng.choice([0, -1])
+        return Case(name, lambda: op(idx, bad, world), error=(R, "num_local", str(bad)))
+    if m == "world":
+        bad = rng.choice([0, -3])
+        return Case(name, lambda: op(idx, num_local, bad), error=(R, "world", str(bad)))
+    if m == "bad-id" and T > 0:
+        pos, value = rng.randrange(T * k), rng.choice([-2, E, 2**40])
+        bad = set_one(idx, pos, value)
+        error = (R, "topk_idx", str(value)) if device == "cpu" else None  # CUDA drops it (no host sync)
+        return Case(name, lambda: op(bad, num_local, world), error=error)
+
+    def check(out):
+        ranks, counts = reference_ep_route(idx_list, num_local, world)
+        assert out[0].tolist() == (ranks if T else []), "token_ranks"
+        assert out[1].tolist() == counts, "dest_counts"
+
+    return Case(
+        valid_name(name), lambda: op(idx, num_local, world), check, meta_call=lambda: op(to_meta(idx), num_local, world)
+    )
+
+
 GENERATORS = {
+    "ep_route": ep_route_case,
     "route_topk": route_topk_case,
     "route_topk_backward": route_topk_backward_case,
     "make_plan": make_plan_case,

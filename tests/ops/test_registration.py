@@ -22,6 +22,7 @@ KNOWN_OPS = {
     "grouped_linear_backward": False,
     "capacity_limit": False,
     "exchange_counts": False,
+    "ep_route": False,
     "exchange": True,
     "regroup": True,
 }
@@ -166,6 +167,8 @@ def _opcheck_cases():
             (dropped_idx, req(torch.rand(num_tokens, k, generator=gen)), torch.tensor([1, 2, 0, 3])),
             None,
         ),
+        ("ep_route", "ep_route", (dropped_idx, 2, 2), None),
+        ("ep_route-one-rank", "ep_route", (topk_idx, 4, 1), None),
         (
             "regroup",
             "regroup",

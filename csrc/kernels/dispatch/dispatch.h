@@ -39,4 +39,9 @@ constexpr int64_t kRegroupMaxBlocks = 4096;
 void regroup_index_cuda(const int64_t* counts, int64_t num_ranks, int64_t num_local, bool inverse, int64_t num_rows,
                         int64_t* src_row, cudaStream_t stream);
 
+// As ep_route_ref, without a host sync: an id outside [-1, W * num_local) is treated as dropped. Deterministic
+// (integer atomics). dest_counts is zeroed here.
+void ep_route_cuda(const int64_t* topk_idx, int64_t num_tokens, int64_t k, int64_t num_local, int64_t world,
+                   int64_t* token_ranks, int64_t* dest_counts, cudaStream_t stream);
+
 }  // namespace fastmoe
