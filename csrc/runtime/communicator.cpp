@@ -227,6 +227,12 @@ void all_to_all_rows_nccl(const at::Tensor& input, const at::Tensor& output, con
 void all_to_all_rows(const at::Tensor& input, const at::Tensor& output, const std::vector<int64_t>& send_rows,
                      const std::vector<int64_t>& recv_rows, const std::string& group_name) {
   TORCH_CHECK(input.is_contiguous() && output.is_contiguous(), "all_to_all_rows needs contiguous tensors");
+  if (send_rows.size() == 1) {  // a one-rank group exchanges with itself: a copy on the caller's stream
+    TORCH_CHECK(send_rows[0] == recv_rows[0], "a one-rank group sends ", send_rows[0], " rows to itself but expects ",
+                recv_rows[0]);
+    output.copy_(input);
+    return;
+  }
   if (input.is_cuda()) {
 #ifdef FASTMOE_WITH_NCCL
     return all_to_all_rows_nccl(input, output, send_rows, recv_rows, group_name);
