@@ -59,7 +59,7 @@ def save(
 def load(path: str | os.PathLike, *, model, optimizer, sampler, config: dict, map_location=None) -> dict:
     """Restores model, optimizer, sampler and RNG states from ``path`` and returns the payload (for ``step``,
     ``train_time`` and ``history``). Refuses a checkpoint made with a different model or data configuration."""
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    payload = torch.load(path, map_location=map_location or "cpu", weights_only=False)
     if payload.get("format_version") != FORMAT_VERSION:
         raise RuntimeError(f"{path}: checkpoint format {payload.get('format_version')!r}, expected {FORMAT_VERSION}")
     saved = payload["config"]

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="train the MoE model, its dense baseline, or both (default: both; see --schedule)",
     )
-    what.add_argument("--experts", type=int, default=8, help="experts per MoE layer, over all ranks (default: 8)")
+    what.add_argument("--experts", type=int, default=16, help="experts per MoE layer, over all ranks (default: 16)")
     what.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (default: 2)")
     what.add_argument(
         "--gate",
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--layers", type=int, default=4, help="transformer blocks (default: 4)")
     size.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
     size.add_argument("--d-ff", type=int, default=None, help="hidden width of dense FFN layers (default: 4 d_model)")
-    size.add_argument("--seq-len", type=int, default=128, help="context length in bytes (default: 128)")
+    size.add_argument("--seq-len", type=int, default=32, help="context length in bytes (default: 32)")
     run = p.add_argument_group("how long and how")
     run.add_argument(
         "--steps",
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="training seconds per model (evaluation excluded); with --steps, whichever ends first",
     )
-    run.add_argument("--batch", type=int, default=32, help="sequences per step (per rank under torchrun; default 32)")
+    run.add_argument("--batch", type=int, default=128, help="sequences per step (per rank under torchrun; default 128)")
     run.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW (default: 3e-3)")
     run.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default: 50)")
     run.add_argument(
@@ -276,12 +276,23 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     loop_cfg = LoopConfig(
-        steps=args.steps, time_budget=args.time_budget, batch_size=args.batch, lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, precision=args.precision, eval_every=args.eval_every,
-        eval_tokens=args.eval_tokens, log_every=args.log_every, ckpt_every=args.ckpt_every,
-        stop_after=args.stop_after, seed=args.seed, progress=not args.no_progress,
-    )  # fmt: skip
+        steps=args.steps,
+        time_budget=args.time_budget,
+        batch_size=args.batch,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        precision=args.precision,
+        eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens,
+        log_every=args.log_every,
+        ckpt_every=args.ckpt_every,
+        stop_after=args.stop_after,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     names = ["moe", "dense"] if args.model == "both" else [args.model]
     if dist.is_main:
         print(

@@ -145,9 +145,19 @@ class Trainer:
     ``run_dir/log.jsonl``; ``ddp_model`` is ``model`` or its data-parallel wrapper.
     """
 
-    def __init__(self, name: str, model: GPT, ddp_model: torch.nn.Module, corpus: Corpus, cfg: LoopConfig,
-                 device: torch.device, run_dir: Path, resume: bool, dist: Distributed | None = None,
-                 bar_position: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        model: GPT,
+        ddp_model: torch.nn.Module,
+        corpus: Corpus,
+        cfg: LoopConfig,
+        device: torch.device,
+        run_dir: Path,
+        resume: bool,
+        dist: Distributed | None = None,
+        bar_position: int = 0,
+    ):
         self.name, self.model, self.ddp_model, self.cfg, self.device = name, model, ddp_model, cfg, device
         self.dist = dist or Distributed()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,16 +169,27 @@ class Trainer:
             "checkpoint.pt" if self.dist.world_size == 1 else f"checkpoint.rank{self.dist.rank}.pt"
         )
         self.log_path = run_dir / "log.jsonl"
-        self.identity = {**model.config.to_dict(), "batch_size": cfg.batch_size, "seed": cfg.seed,
-                         "data": corpus.source, "world_size": self.dist.world_size}  # fmt: skip
+        self.identity = {
+            **model.config.to_dict(),
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "data": corpus.source,
+            "world_size": self.dist.world_size,
+        }
         self.tokens_per_step = cfg.batch_size * seq_len * self.dist.world_size
         self.step, self.train_time, self.history = 0, 0.0, []
         self.rng = checkpointing.rng_state()  # the caller seeded torch for this model just before
         self.last_loss = float("nan")
         self.stopped = False
         if resume and self.ckpt_path.exists():
-            payload = checkpointing.load(self.ckpt_path, model=model, optimizer=self.optimizer, sampler=self.sampler,
-                                         config=self.identity, map_location=device)  # fmt: skip
+            payload = checkpointing.load(
+                self.ckpt_path,
+                model=model,
+                optimizer=self.optimizer,
+                sampler=self.sampler,
+                config=self.identity,
+                map_location="cpu",
+            )
             self.step, self.train_time, self.history = payload["step"], payload["train_time"], payload["history"]
             self.rng = payload["rng"]
             self._write(f"{name}: resumed from {self.ckpt_path} at step {self.step} ({self.train_time:.1f} s trained)")
@@ -177,10 +198,18 @@ class Trainer:
         if not self.history:
             self.validate()
         steps_bar = cfg.steps is not None
-        self.bar = tqdm(total=cfg.steps if steps_bar else int(math.ceil(cfg.time_budget)),
-                        initial=self.step if steps_bar else int(self.train_time), desc=f"{name:5s}",
-                        unit="step" if steps_bar else "s", disable=not (cfg.progress and self.dist.is_main),
-                        dynamic_ncols=True, leave=True, position=bar_position)  # fmt: skip
+        self.bar = tqdm(
+            total=cfg.steps if steps_bar else int(math.ceil(cfg.time_budget)),
+            initial=self.step if steps_bar else int(self.train_time),
+            desc=f"{name:5s}",
+            unit="step",
+            # With a time budget the bar counts trained seconds, so tqdm's rate would read "s/s": leave it out.
+            bar_format=None if steps_bar else "{l_bar}{bar}| {n}/{total} s trained [{elapsed}<{remaining}{postfix}]",
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+            leave=True,
+            position=bar_position,
+        )
         self.postfix = {"val": f"{self.history[-1]['val_loss']:.3f}"}
         self.window_tokens, self.window_time = 0, 0.0
 
@@ -195,14 +224,28 @@ class Trainer:
 
     def save(self) -> None:
         with self._own_rng():
-            checkpointing.save(self.ckpt_path, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
-                               step=self.step, train_time=self.train_time, history=self.history,
-                               config=self.identity)  # fmt: skip
+            checkpointing.save(
+                self.ckpt_path,
+                model=self.model,
+                optimizer=self.optimizer,
+                sampler=self.sampler,
+                step=self.step,
+                train_time=self.train_time,
+                history=self.history,
+                config=self.identity,
+            )
 
     def validate(self) -> float:
-        val_loss = evaluate(self.ddp_model, self.val, self.cfg.batch_size, self.device, self.cfg.precision, self.dist)
-        point = {"step": self.step, "time": self.train_time, "tokens": self.step * self.tokens_per_step,
-                 "val_loss": val_loss}  # fmt: skip
+        with self._own_rng():  # evaluation draws no random numbers today; if a gate ever does, they stay ours
+            val_loss = evaluate(
+                self.ddp_model, self.val, self.cfg.batch_size, self.device, self.cfg.precision, self.dist
+            )
+        point = {
+            "step": self.step,
+            "time": self.train_time,
+            "tokens": self.step * self.tokens_per_step,
+            "val_loss": val_loss,
+        }
         self.history.append(point)
         self.log({"event": "eval", **point})
         return val_loss
@@ -248,14 +291,23 @@ class Trainer:
         self.window_tokens += self.tokens_per_step
         self.window_time += elapsed
         if not math.isfinite(self.last_loss):
-            raise FloatingPointError(f"{self.name}: the training loss is {self.last_loss} at step {self.step}; "
-                                     "lower --lr")  # fmt: skip
+            raise FloatingPointError(
+                f"{self.name}: the training loss is {self.last_loss} at step {self.step}; lower --lr"
+            )
         if self.step % cfg.log_every == 0:
             tokens_per_s = self.window_tokens / self.window_time
             self.postfix.update(loss=f"{self.last_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}")
             self.postfix.update(_balance_postfix(model))
-            self.log({"event": "train", "step": self.step, "time": self.train_time, "loss": self.last_loss, "lr": lr,
-                      "tokens_per_s": tokens_per_s})  # fmt: skip
+            self.log(
+                {
+                    "event": "train",
+                    "step": self.step,
+                    "time": self.train_time,
+                    "loss": self.last_loss,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_s,
+                }
+            )
             self.window_tokens, self.window_time = 0, 0.0
         if cfg.eval_every and self.step % cfg.eval_every == 0 and not self.done:
             self.postfix["val"] = f"{self.validate():.3f}"

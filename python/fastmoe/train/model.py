@@ -31,11 +31,11 @@ class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    seq_len: int = 128
+    seq_len: int = 32
     d_ff: int = 512  # hidden width of the dense FFN layers (the non-MoE layers of both models)
     moe: bool = True  # False: the dense baseline
     moe_every: int = 1  # layer i (from 0) is an MoE layer when (i + 1) % moe_every == 0
-    num_experts: int = 8  # total, over every rank of the expert-parallel group
+    num_experts: int = 16  # total, over every rank of the expert-parallel group
     top_k: int = 2
     expert_hidden: int = 256  # hidden width of one expert; the dense baseline uses top_k * expert_hidden there
     gate: str = "naive"

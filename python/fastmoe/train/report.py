@@ -116,7 +116,13 @@ def plot(results: list[RunResult], path: Path, title: str) -> Path | None:
     for r in results:
         times = [p["time"] for p in r.history]
         losses = [p["val_loss"] for p in r.history]
-        ax.plot(times, losses, marker="o", markersize=3, label=f"{r.name} ({r.params_active / 1e6:.2f} M active)")
+        ax.plot(
+            times,
+            losses,
+            marker="o",
+            markersize=3,
+            label=f"{r.name}: {r.params_total / 1e6:.2f} M parameters, {r.params_active / 1e6:.2f} M active",
+        )
     ax.set_xlabel("training wall-clock time (s)")
     ax.set_ylabel("validation loss (nats / byte)")
     ax.set_title(title, fontsize=9)
