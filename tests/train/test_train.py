@@ -18,8 +18,29 @@ from fastmoe.train.loop import Distributed, LoopConfig, learning_rate
 from fastmoe.train.model import GPT, parameter_counts
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch", "8", "--experts", "4",
-        "--top-k", "2", "--eval-tokens", "2048", "--warmup", "5", "--lr", "1e-2", "--no-progress"]  # fmt: skip
+TINY = [
+    "--d-model",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch",
+    "8",
+    "--experts",
+    "4",
+    "--top-k",
+    "2",
+    "--eval-tokens",
+    "2048",
+    "--warmup",
+    "5",
+    "--lr",
+    "1e-2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +62,20 @@ def summary(out: Path) -> dict:
 
 def test_tiny_demo_both_models_and_the_moe_loss_falls(tmp_path, corpus_file):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastmoe.train", *TINY, "--steps", "40", "--eval-every", "20",
-           "--data", str(corpus_file), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastmoe.train",
+        *TINY,
+        "--steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--data",
+        str(corpus_file),
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -83,9 +116,18 @@ def test_resume_continues_bitwise(tmp_path, corpus_file):
             assert torch.equal(state_a[key], state_b[key]), f"{name}: {key} differs after resume"
 
 
+def test_bf16_autocast_trains(tmp_path, corpus_file):
+    argv = [*TINY, "--model", "moe", "--steps", "6", "--eval-every", "0", "--precision", "bf16"]
+    assert cli.main([*argv, "--data", str(corpus_file), "--out", str(tmp_path)]) == 0
+    history = summary(tmp_path)["moe"]["history"]
+    assert [p["step"] for p in history] == [0, 6]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+
+
 def test_dense_baseline_matches_active_parameters():
-    args = cli.build_parser().parse_args(["--d-model", "64", "--experts", "8", "--top-k", "2", "--layers", "3",
-                                          "--moe-every", "2"])  # fmt: skip
+    args = cli.build_parser().parse_args(
+        ["--d-model", "64", "--experts", "8", "--top-k", "2", "--layers", "3", "--moe-every", "2"]
+    )
     moe, dense = GPT(cli.model_config(args, moe=True)), GPT(cli.model_config(args, moe=False))
     moe_total, moe_active = parameter_counts(moe)
     dense_total, dense_active = parameter_counts(dense)
@@ -157,7 +199,7 @@ def test_help_documents_every_flag(capsys):
     "argv,message",
     [
         (["--experts", "0"], "--experts must be >= 1, got 0"),
-        (["--top-k", "9"], "--top-k must be at most --experts=8, got 9"),
+        (["--experts", "8", "--top-k", "9"], "--top-k must be at most --experts=8, got 9"),
         (["--d-model", "30", "--heads", "4"], "--d-model must be divisible by --heads=4, got 30"),
         (["--time-budget", "0"], "--time-budget must be > 0 seconds, got 0.0"),
         (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
