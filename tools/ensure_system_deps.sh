@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the build needs when they are missing: GoogleTest and GoogleMock (for the C++
-# tests) and clang-format (for make lint). cmake and ninja come from PyPI through the venv.
+# tests), clang-format (for make lint) and Debian's fortunes (the English text fastmoe-train and make demo
+# train on, /usr/share/games/fortunes). cmake and ninja come from PyPI through the venv.
 set -euo pipefail
 missing=()
 if ! ls /usr/lib/*/cmake/GTest/GTestConfig.cmake /usr/lib/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1; then
@@ -11,6 +12,9 @@ if ! ls /usr/include/gmock/gmock.h >/dev/null 2>&1; then
 fi
 if ! command -v clang-format >/dev/null 2>&1; then
   missing+=(clang-format)
+fi
+if ! [[ -f /usr/share/games/fortunes/fortunes ]]; then
+  missing+=(fortunes)
 fi
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then

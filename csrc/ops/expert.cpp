@@ -72,6 +72,66 @@ at::Tensor grouped_linear_grouped_mm(const at::Tensor& in, const at::Tensor& off
 }
 #endif
 
+// CPU path: per-expert GEMMs through ATen's BLAS (at::mm / at::addmm) on the row slices of each expert. The
+// offsets live on the CPU, so reading them costs nothing; they are validated first with the reference's check.
+// Rows past offsets[E] get zeros, as in the reference (csrc/ref/expert_ref.cpp stays the ground truth of the
+// tests). Each output row block is a contiguous slice, so the GEMMs write in place without copies.
+void check_offsets_cpu(const at::Tensor& offsets, int64_t num_experts, int64_t num_rows) {
+  call_kernel([&] { check_expert_offsets_ref(offsets.const_data_ptr<int64_t>(), num_experts, num_rows); });
+}
+
+at::Tensor grouped_linear_cpu(const at::Tensor& in, const at::Tensor& offsets, const at::Tensor& w,
+                              const std::optional<at::Tensor>& b) {
+  const int64_t num_rows = in.size(0), num_experts = w.size(0);
+  check_offsets_cpu(offsets, num_experts, num_rows);
+  const int64_t* bounds = offsets.const_data_ptr<int64_t>();
+  at::Tensor y = at::empty({num_rows, w.size(1)}, in.options());
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t rows = bounds[e + 1] - bounds[e];
+    if (rows == 0) continue;
+    at::Tensor y_e = y.narrow(0, bounds[e], rows);
+    const at::Tensor x_e = in.narrow(0, bounds[e], rows), w_t = w.select(0, e).t();
+    if (b.has_value()) {
+      at::addmm_out(y_e, b->select(0, e), x_e, w_t);
+    } else {
+      at::mm_out(y_e, x_e, w_t);
+    }
+  }
+  y.narrow(0, bounds[num_experts], num_rows - bounds[num_experts]).zero_();
+  return y;
+}
+
+// grad_x[rows of e] = grad_y[rows of e] @ W[e]; grad_W[e] = grad_y[rows of e]^T @ x[rows of e]; grad_b[e] = the
+// column sums of grad_y[rows of e]. Experts without rows get exactly zero weight and bias gradients.
+void grouped_linear_backward_cpu(const at::Tensor& gy, const at::Tensor& in, const at::Tensor& offsets,
+                                 const at::Tensor& w, at::Tensor* grad_x, at::Tensor* grad_w, at::Tensor* grad_b) {
+  const int64_t num_rows = in.size(0), num_experts = w.size(0);
+  check_offsets_cpu(offsets, num_experts, num_rows);
+  const int64_t* bounds = offsets.const_data_ptr<int64_t>();
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t rows = bounds[e + 1] - bounds[e];
+    if (rows == 0) {
+      if (grad_w != nullptr) grad_w->select(0, e).zero_();
+      if (grad_b != nullptr) grad_b->select(0, e).zero_();
+      continue;
+    }
+    const at::Tensor gy_e = gy.narrow(0, bounds[e], rows), x_e = in.narrow(0, bounds[e], rows);
+    if (grad_x != nullptr) {
+      at::Tensor gx_e = grad_x->narrow(0, bounds[e], rows);
+      at::mm_out(gx_e, gy_e, w.select(0, e));
+    }
+    if (grad_w != nullptr) {
+      at::Tensor gw_e = grad_w->select(0, e);
+      at::mm_out(gw_e, gy_e.t(), x_e);
+    }
+    if (grad_b != nullptr) {
+      at::Tensor gb_e = grad_b->select(0, e);
+      at::sum_out(gb_e, gy_e, {0});
+    }
+  }
+  if (grad_x != nullptr) grad_x->narrow(0, bounds[num_experts], num_rows - bounds[num_experts]).zero_();
+}
+
 at::Tensor grouped_linear_kernel(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias) {
   check_grouped_linear(x, expert_offsets, weight, bias);
@@ -84,6 +144,7 @@ at::Tensor grouped_linear_kernel(const at::Tensor& x, const at::Tensor& expert_o
     return call_kernel([&] { return grouped_linear_grouped_mm(in, offsets, w, b); });
   }
 #endif
+  if (!in.is_cuda()) return grouped_linear_cpu(in, offsets, w, b);
   at::Tensor y = at::empty({in.size(0), w.size(1)}, in.options());
   call_kernel([&] {
 #ifdef FASTMOE_WITH_CUDA_OPS
@@ -139,6 +200,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
   at::Tensor grad_x = output_mask[0] ? at::empty_like(in) : in.new_empty({0});
   at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : w.new_empty({0});
   at::Tensor grad_b = output_mask[2] ? at::empty({num_experts, out_features}, w.options()) : w.new_empty({0});
+  if (!in.is_cuda()) {
+    grouped_linear_backward_cpu(gy, in, offsets, w, output_mask[0] ? &grad_x : nullptr,
+                                output_mask[1] ? &grad_w : nullptr, output_mask[2] ? &grad_b : nullptr);
+    return {grad_x, grad_w, grad_b};
+  }
   call_kernel([&] {
 #ifdef FASTMOE_WITH_CUDA_OPS
     if (in.is_cuda()) {

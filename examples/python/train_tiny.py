@@ -1,7 +1,8 @@
 """Train a tiny character-level language model whose feed-forward blocks are fastmoe MoE layers.
 
 Runs on the CPU in well under a minute on the embedded corpus below, printing the loss as it goes, and exits
-non-zero if the loss did not fall. `make demo` runs it; CI runs it with --steps 8.
+non-zero if the loss did not fall: the smallest complete example. The full training program with a dense
+baseline, plots and checkpoints is `python -m fastmoe.train` (`make demo`); CI runs this one with --steps 15.
 
     python examples/python/train_tiny.py [--steps 200] [--experts 4] [--top-k 2] [--device cpu]
 """

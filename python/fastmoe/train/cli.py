@@ -1,0 +1,337 @@
+"""fastmoe-train: train an MoE GPT and its dense baseline with the same active FLOPs per token, then compare them.
+
+fastmoe-train                                  # both models, default sizes, on the GPU if there is one
+fastmoe-train --time-budget 240 --out runs/x   # both models, 240 s of training each
+fastmoe-train --model moe --steps 2000 --experts 16 --top-k 2 --gate gshard
+fastmoe-train --resume --out runs/x            # continue both runs from their last checkpoints
+torchrun --nproc-per-node 8 -m fastmoe.train   # expert parallelism over every GPU (see docs/training.md)
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastmoe
+from fastmoe.train.data import CorpusError, load_corpus
+from fastmoe.train.loop import Distributed, LoopConfig, Trainer, run_interleaved, run_sequential
+from fastmoe.train.model import GATES, GPT, ModelConfig
+from fastmoe.train.report import plot, write_summary
+
+DEFAULT_STEPS = 500
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastmoe-train",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n".join(__doc__.split("\n\n")[1:]).rstrip()
+        + "\n\nOutputs in --out: summary.md and summary.json (the table), val_loss.png (validation loss against "
+        "training time), and per model <model>/checkpoint.pt and <model>/log.jsonl.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_argument_group("what to train")
+    what.add_argument(
+        "--model",
+        choices=["both", "moe", "dense"],
+        default="both",
+        help="train the MoE model, its dense baseline, or both (default: both; see --schedule)",
+    )
+    what.add_argument("--experts", type=int, default=16, help="experts per MoE layer, over all ranks (default: 16)")
+    what.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (default: 2)")
+    what.add_argument(
+        "--gate",
+        choices=sorted(GATES),
+        default="naive",
+        help="gate of the MoE layers, see docs/gates.md (default: naive)",
+    )
+    what.add_argument(
+        "--moe-every",
+        type=int,
+        default=1,
+        help="every N-th FFN layer is MoE: layer i (from 0) when (i + 1) %% N == 0 (default: 1, all)",
+    )
+    what.add_argument(
+        "--expert-hidden",
+        type=int,
+        default=None,
+        help="hidden width of one expert; the dense baseline uses top_k times it at the MoE layers "
+        "(default: d_ff / top_k, so both models match a dense d_ff model in FLOPs)",
+    )
+    size = p.add_argument_group("model size")
+    size.add_argument("--d-model", type=int, default=128, help="residual width (default: 128)")
+    size.add_argument("--layers", type=int, default=4, help="transformer blocks (default: 4)")
+    size.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
+    size.add_argument("--d-ff", type=int, default=None, help="hidden width of dense FFN layers (default: 4 d_model)")
+    size.add_argument("--seq-len", type=int, default=32, help="context length in bytes (default: 32)")
+    run = p.add_argument_group("how long and how")
+    run.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps per model (default: {DEFAULT_STEPS} unless --time-budget is given)",
+    )
+    run.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="training seconds per model (evaluation excluded); with --steps, whichever ends first",
+    )
+    run.add_argument("--batch", type=int, default=128, help="sequences per step (per rank under torchrun; default 128)")
+    run.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW (default: 3e-3)")
+    run.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default: 50)")
+    run.add_argument(
+        "--min-lr-ratio", type=float, default=0.1, help="the cosine decay ends at this fraction of --lr (default: 0.1)"
+    )
+    run.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices (default 0.1)")
+    run.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 for none (default: 1.0)")
+    run.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32, or bf16 autocast with fp32 weights (default: fp32)",
+    )
+    run.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the GPU when there is one, else the CPU; cuda:LOCAL_RANK under torchrun), cpu, "
+        "cuda or cuda:N (default: auto)",
+    )
+    run.add_argument(
+        "--schedule",
+        choices=["interleaved", "sequential"],
+        default="interleaved",
+        help="with --model both: take turns step by step, the model with less training time first, "
+        "so both see the same machine load (interleaved, default), or train one after the other",
+    )
+    run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch order (default: 0)")
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="a text file or a folder of text files (default: Debian's fortunes corpus in "
+        "/usr/share/games/fortunes, installed by make system-deps)",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of the corpus held out for validation, in 4 KiB blocks (default: 0.05)",
+    )
+    out = p.add_argument_group("evaluation, logging and checkpoints")
+    out.add_argument("--out", default="runs/fastmoe-train", help="output folder (default: runs/fastmoe-train)")
+    out.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each model from its checkpoint in --out (same flags); a finished run is kept",
+    )
+    out.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default: 50)")
+    out.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=16384,
+        help="validation tokens per evaluation, fixed windows (default: 16384)",
+    )
+    out.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="update the bar's loss, tokens/s and load-balance statistics every N steps (default 10)",
+    )
+    out.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=100,
+        help="write a checkpoint every N steps, 0 for the end only (default: 100)",
+    )
+    out.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="leave each model after this step with a checkpoint, as an interrupted run would (the "
+        "learning-rate schedule still follows --steps); --resume continues it",
+    )
+    out.add_argument("--no-progress", action="store_true", help="no progress bars (logs and the summary stay)")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = [
+        "experts",
+        "top_k",
+        "moe_every",
+        "d_model",
+        "layers",
+        "heads",
+        "seq_len",
+        "batch",
+        "eval_tokens",
+        "log_every",
+    ]
+    for name in positive + ["steps", "expert_hidden", "d_ff", "threads", "stop_after"]:
+        value = getattr(args, name)
+        if (name in positive or value is not None) and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("warmup", "eval_every", "ckpt_every"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        p.error(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.min_lr_ratio <= 1:
+        p.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    if not 0 < args.val_fraction < 1:
+        p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.top_k > args.experts:
+        p.error(f"--top-k must be at most --experts={args.experts}, got {args.top_k}")
+    if args.d_model % args.heads:
+        p.error(f"--d-model must be divisible by --heads={args.heads}, got {args.d_model}")
+
+
+def setup_distributed(device_arg: str) -> tuple[Distributed, torch.device]:
+    """The device and, under torchrun (WORLD_SIZE > 1), the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        if device_arg == "auto":
+            return Distributed(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(device_arg)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"fastmoe-train: --device {device_arg} was asked for, but torch sees no CUDA device")
+        return Distributed(), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dist = Distributed(rank=torch.distributed.get_rank(), world_size=world_size, group=torch.distributed.group.WORLD)
+    return dist, device
+
+
+def build_model(config: ModelConfig, dist: Distributed, device: torch.device) -> tuple[GPT, torch.nn.Module]:
+    """``(model, wrapped)``: the model, and what the loop calls (a data-parallel wrapper under torchrun)."""
+    if dist.world_size == 1:
+        model = GPT(config).to(device)
+        return model, model
+    if not config.moe:
+        model = GPT(config).to(device)
+        ids = [device.index] if device.type == "cuda" else None
+        return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # Expert parallelism: each rank holds num_experts / W experts of every MoE layer; the tokens travel to their
+    # experts through the all-to-all inside FMoE, and DistributedGroupedDataParallel averages the gradients of
+    # everything but the experts over the data-parallel ranks.
+    wrapper = getattr(fastmoe, "DistributedGroupedDataParallel", None)
+    try:
+        if wrapper is None:
+            raise NotImplementedError("fastmoe.DistributedGroupedDataParallel is missing")
+        model = GPT(config, world_size=dist.world_size, moe_group=dist.group).to(device)
+    except NotImplementedError as error:
+        raise SystemExit(
+            f"fastmoe-train: expert-parallel training under torchrun (WORLD_SIZE={dist.world_size}) needs "
+            "FMoE(world_size=W, moe_group=...) and fastmoe.DistributedGroupedDataParallel, which this build of "
+            f"fastmoe does not provide yet ({error}). Run without torchrun, or train the dense baseline with "
+            "--model dense."
+        ) from error
+    return model, wrapper(model)
+
+
+def model_config(args, moe: bool) -> ModelConfig:
+    d_ff = args.d_ff or 4 * args.d_model
+    return ModelConfig(
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        seq_len=args.seq_len,
+        d_ff=d_ff,
+        moe=moe,
+        moe_every=args.moe_every,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        expert_hidden=args.expert_hidden or max(1, d_ff // args.top_k),
+        gate=args.gate,
+    )
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.steps is None and args.time_budget is None:
+        args.steps = DEFAULT_STEPS
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist, device = setup_distributed(args.device)
+    try:
+        corpus = load_corpus(args.data, args.val_fraction)
+    except CorpusError as error:
+        raise SystemExit(f"fastmoe-train: {error}") from error
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loop_cfg = LoopConfig(
+        steps=args.steps,
+        time_budget=args.time_budget,
+        batch_size=args.batch,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        precision=args.precision,
+        eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens,
+        log_every=args.log_every,
+        ckpt_every=args.ckpt_every,
+        stop_after=args.stop_after,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    names = ["moe", "dense"] if args.model == "both" else [args.model]
+    if dist.is_main:
+        print(
+            f"fastmoe-train: {', '.join(names)} on {device} (x{dist.world_size}), {torch.get_num_threads()} CPU "
+            f"threads, corpus {corpus.source}: {corpus.train.numel():,} train / {corpus.val.numel():,} validation "
+            f"bytes; {args.batch} x {args.seq_len} tokens per step per rank",
+            flush=True,
+        )
+    trainers = []
+    for position, name in enumerate(names):
+        config = model_config(args, moe=name == "moe")
+        torch.manual_seed(args.seed)  # both models start from the same RNG state, and resume reproduces it
+        model, wrapped = build_model(config, dist, device)
+        if dist.is_main:
+            print(f"{name}: {describe(config)}", flush=True)
+        trainers.append(
+            Trainer(name, model, wrapped, corpus, loop_cfg, device, out_dir / name, args.resume, dist, position)
+        )
+    results = (run_interleaved if args.schedule == "interleaved" else run_sequential)(trainers)
+    if dist.is_main:
+        header = (
+            f"fastmoe-train {' '.join(sys.argv[1:] if argv is None else argv)} | device {device} x{dist.world_size}, "
+            f"{torch.get_num_threads()} threads | {time.strftime('%Y-%m-%d')}"
+        )
+        print(write_summary(results, out_dir, header))
+        if args.stop_after is None:
+            path = plot(results, out_dir / "val_loss.png", describe(model_config(args, True)))
+            if path is not None:
+                print(f"plot: {path}")
+    if dist.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def describe(config: ModelConfig) -> str:
+    text = f"{config.n_layers} layers, d_model {config.d_model}, seq {config.seq_len}"
+    if config.moe:
+        return (
+            f"{text}, MoE every {config.moe_every}: {config.num_experts} experts x {config.expert_hidden} "
+            f"top-{config.top_k} ({config.gate} gate)"
+        )
+    return f"{text}, dense FFN {config.top_k * config.expert_hidden} at the MoE positions, {config.d_ff} elsewhere"

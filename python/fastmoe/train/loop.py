@@ -1,0 +1,363 @@
+"""The training loop of one model: AdamW, warm-up then cosine learning rate, validation at intervals, a tqdm
+bar with loss, tokens/s and load-balance statistics, atomic checkpoints and resume."""
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastmoe import balance
+from fastmoe.train import checkpointing
+from fastmoe.train.data import Corpus, WindowSampler, validation_windows
+from fastmoe.train.model import GPT, parameter_counts
+
+
+@dataclass
+class LoopConfig:
+    steps: int | None = None  # stop after this many optimizer steps (None: only the time budget)
+    time_budget: float | None = None  # stop once this many seconds of training (evaluation excluded) have run
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    eval_every: int = 50
+    eval_tokens: int = 16384
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only at the end
+    stop_after: int | None = None  # leave after this step as an interrupted run would (checkpoint, no final eval)
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Distributed:
+    """The process's place in a torchrun job (world_size 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class RunResult:
+    name: str
+    steps: int
+    train_time: float
+    tokens: int
+    final_val_loss: float
+    final_train_loss: float
+    params_total: int
+    params_active: int
+    history: list = field(default_factory=list)  # [{"step", "time", "tokens", "val_loss"}]
+    balance: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_time if self.train_time > 0 else float("nan")
+
+
+def learning_rate(cfg: LoopConfig, step: int, train_time: float) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to ``min_lr_ratio * lr`` over the rest of the
+    run, whose progress is ``(step - warmup) / (steps - warmup)`` or ``train_time / time_budget`` (the larger,
+    when both are set)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = 0.0
+    if cfg.steps:
+        progress = max(progress, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    if cfg.time_budget:
+        progress = max(progress, train_time / cfg.time_budget)
+    progress = min(progress, 1.0)
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * ratio
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, batch_size: int, device, precision: str, dist: Distributed) -> float:
+    """Mean next-byte cross-entropy (nats) over the fixed validation windows (averaged over ranks)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, windows.shape[0], batch_size):
+        chunk = windows[start : start + batch_size].to(device)
+        with autocast(device, precision):
+            logits = model(chunk[:, :-1])
+        total += lm_loss(logits, chunk[:, 1:]).double() * chunk.shape[0]
+    model.train(was_training)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(total, group=None)
+        total /= dist.world_size
+    return float(total) / windows.shape[0]
+
+
+def _balance_postfix(model) -> dict:
+    stats = balance.collect(model)  # one host sync for every MoE layer
+    if not stats:
+        return {}
+    return {
+        "max/mean": f"{stats['moe/all/max_over_mean']:.2f}",
+        "cv": f"{stats['moe/all/load_cv']:.2f}",
+        "drop": f"{stats['moe/all/drop_rate']:.3f}",
+    }
+
+
+def _done(cfg: LoopConfig, step: int, train_time: float) -> bool:
+    if cfg.steps is not None and step >= cfg.steps:
+        return True
+    return cfg.time_budget is not None and train_time >= cfg.time_budget
+
+
+class Trainer:
+    """Trains one model a step at a time, so that two trainers can take turns (see :func:`run_interleaved`).
+
+    Each trainer keeps its own torch RNG state and swaps it in for its steps, so its results do not depend on
+    what else runs in the process. Writes ``run_dir/checkpoint.pt`` (one per rank under torchrun) and
+    ``run_dir/log.jsonl``; ``ddp_model`` is ``model`` or its data-parallel wrapper.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: GPT,
+        ddp_model: torch.nn.Module,
+        corpus: Corpus,
+        cfg: LoopConfig,
+        device: torch.device,
+        run_dir: Path,
+        resume: bool,
+        dist: Distributed | None = None,
+        bar_position: int = 0,
+    ):
+        self.name, self.model, self.ddp_model, self.cfg, self.device = name, model, ddp_model, cfg, device
+        self.dist = dist or Distributed()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        seq_len = model.config.seq_len
+        self.optimizer = make_optimizer(model, cfg)
+        self.sampler = WindowSampler(corpus.train, cfg.batch_size, seq_len, seed=cfg.seed + self.dist.rank)
+        self.val = validation_windows(corpus.val, seq_len, cfg.eval_tokens)
+        self.ckpt_path = run_dir / (
+            "checkpoint.pt" if self.dist.world_size == 1 else f"checkpoint.rank{self.dist.rank}.pt"
+        )
+        self.log_path = run_dir / "log.jsonl"
+        self.identity = {
+            **model.config.to_dict(),
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "data": corpus.source,
+            "world_size": self.dist.world_size,
+        }
+        self.tokens_per_step = cfg.batch_size * seq_len * self.dist.world_size
+        self.step, self.train_time, self.history = 0, 0.0, []
+        self.rng = checkpointing.rng_state()  # the caller seeded torch for this model just before
+        self.last_loss = float("nan")
+        self.stopped = False
+        if resume and self.ckpt_path.exists():
+            payload = checkpointing.load(
+                self.ckpt_path,
+                model=model,
+                optimizer=self.optimizer,
+                sampler=self.sampler,
+                config=self.identity,
+                map_location="cpu",
+            )
+            self.step, self.train_time, self.history = payload["step"], payload["train_time"], payload["history"]
+            self.rng = payload["rng"]
+            self._write(f"{name}: resumed from {self.ckpt_path} at step {self.step} ({self.train_time:.1f} s trained)")
+        elif self.dist.is_main and self.log_path.exists():
+            self.log_path.unlink()
+        if not self.history:
+            self.validate()
+        steps_bar = cfg.steps is not None
+        self.bar = tqdm(
+            total=cfg.steps if steps_bar else int(math.ceil(cfg.time_budget)),
+            initial=self.step if steps_bar else int(self.train_time),
+            desc=f"{name:5s}",
+            unit="step",
+            # With a time budget the bar counts trained seconds, so tqdm's rate would read "s/s": leave it out.
+            bar_format=None if steps_bar else "{l_bar}{bar}| {n}/{total} s trained [{elapsed}<{remaining}{postfix}]",
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+            leave=True,
+            position=bar_position,
+        )
+        self.postfix = {"val": f"{self.history[-1]['val_loss']:.3f}"}
+        self.window_tokens, self.window_time = 0, 0.0
+
+    def _write(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(message)
+
+    def log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.log_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        with self._own_rng():
+            checkpointing.save(
+                self.ckpt_path,
+                model=self.model,
+                optimizer=self.optimizer,
+                sampler=self.sampler,
+                step=self.step,
+                train_time=self.train_time,
+                history=self.history,
+                config=self.identity,
+            )
+
+    def validate(self) -> float:
+        with self._own_rng():  # evaluation draws no random numbers today; if a gate ever does, they stay ours
+            val_loss = evaluate(
+                self.ddp_model, self.val, self.cfg.batch_size, self.device, self.cfg.precision, self.dist
+            )
+        point = {
+            "step": self.step,
+            "time": self.train_time,
+            "tokens": self.step * self.tokens_per_step,
+            "val_loss": val_loss,
+        }
+        self.history.append(point)
+        self.log({"event": "eval", **point})
+        return val_loss
+
+    @contextlib.contextmanager
+    def _own_rng(self):
+        checkpointing.set_rng_state(self.rng)
+        try:
+            yield
+        finally:
+            self.rng = checkpointing.rng_state()
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or _done(self.cfg, self.step, self.train_time)
+
+    def train_step(self) -> None:
+        cfg, model = self.cfg, self.model
+        lr = learning_rate(cfg, self.step, self.train_time)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self._own_rng():
+            inputs, targets = self.sampler.next_batch()
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            start = time.perf_counter()
+            with autocast(self.device, cfg.precision):
+                logits = self.ddp_model(inputs)
+            loss = lm_loss(logits, targets)
+            aux = model.balance_loss()
+            objective = loss if aux is None else loss + aux
+            self.optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            if hasattr(self.ddp_model, "allreduce_params"):  # FastMoE's DistributedGroupedDataParallel convention
+                self.ddp_model.allreduce_params()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.last_loss = loss.item()  # the one host sync of a step, so the step time below is real
+            elapsed = time.perf_counter() - start
+        self.train_time += elapsed
+        self.step += 1
+        self.window_tokens += self.tokens_per_step
+        self.window_time += elapsed
+        if not math.isfinite(self.last_loss):
+            raise FloatingPointError(
+                f"{self.name}: the training loss is {self.last_loss} at step {self.step}; lower --lr"
+            )
+        if self.step % cfg.log_every == 0:
+            tokens_per_s = self.window_tokens / self.window_time
+            self.postfix.update(loss=f"{self.last_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}")
+            self.postfix.update(_balance_postfix(model))
+            self.log(
+                {
+                    "event": "train",
+                    "step": self.step,
+                    "time": self.train_time,
+                    "loss": self.last_loss,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_s,
+                }
+            )
+            self.window_tokens, self.window_time = 0, 0.0
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and not self.done:
+            self.postfix["val"] = f"{self.validate():.3f}"
+        self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.update(
+            (self.step if cfg.steps is not None else min(int(self.train_time), self.bar.total)) - self.bar.n
+        )
+        if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+            self.save()
+        if cfg.stop_after is not None and self.step >= cfg.stop_after:
+            self.stopped = True
+
+    def finish(self) -> RunResult:
+        """Final validation (unless interrupted by ``stop_after``), a last checkpoint, and the result."""
+        if not self.stopped and self.history[-1]["step"] != self.step:
+            self.postfix["val"] = f"{self.validate():.3f}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.close()
+        self.save()
+        total, active = parameter_counts(self.model)
+        stats = balance.collect(self.model) if self.model.moe_layers() and self.step > 0 else {}
+        return RunResult(
+            name=self.name,
+            steps=self.step,
+            train_time=self.train_time,
+            tokens=self.step * self.tokens_per_step,
+            final_val_loss=self.history[-1]["val_loss"],
+            final_train_loss=self.last_loss,
+            params_total=total,
+            params_active=active,
+            history=self.history,
+            balance=stats,
+        )
+
+
+def run_sequential(trainers: list[Trainer]) -> list[RunResult]:
+    """Each model trains to its end before the next starts."""
+    results = []
+    for trainer in trainers:
+        while not trainer.done:
+            trainer.train_step()
+        results.append(trainer.finish())
+    return results
+
+
+def run_interleaved(trainers: list[Trainer]) -> list[RunResult]:
+    """The models take turns, one step at a time, always the one with the least training time so far, so that
+    they see the same machine (other load, clock boosts, thermal state) at the same point of their training time,
+    which is what an equal-wall-time comparison needs on a shared machine. Results do not depend on the order:
+    every trainer has its own data sampler and RNG state."""
+    while any(not t.done for t in trainers):
+        min(trainers, key=lambda t: (t.done, t.train_time)).train_step()
+    return [t.finish() for t in trainers]

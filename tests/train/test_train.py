@@ -1,0 +1,226 @@
+"""fastmoe-train end to end at tiny sizes: the MoE validation loss falls, --resume continues bit for bit, the
+two models match in active parameters, checkpoints are atomic, and the command line documents and checks its
+flags."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmoe
+from fastmoe.train import checkpointing, cli
+from fastmoe.train.data import DEFAULT_CORPUS
+from fastmoe.train.loop import Distributed, LoopConfig, learning_rate
+from fastmoe.train.model import GPT, parameter_counts
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "--d-model",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch",
+    "8",
+    "--experts",
+    "4",
+    "--top-k",
+    "2",
+    "--eval-tokens",
+    "2048",
+    "--warmup",
+    "5",
+    "--lr",
+    "1e-2",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    """The default corpus when it is installed, else a generated English-like text (so the test runs anywhere)."""
+    if DEFAULT_CORPUS.exists():
+        return DEFAULT_CORPUS
+    words = "the of and to in is that it for as with was on be by this are from or an at which not have".split()
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(words), (60_000,), generator=gen).tolist()
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(" ".join(words[i] for i in picks))
+    return path
+
+
+def summary(out: Path) -> dict:
+    return {m["name"]: m for m in json.loads((out / "summary.json").read_text())["models"]}
+
+
+def test_tiny_demo_both_models_and_the_moe_loss_falls(tmp_path, corpus_file):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastmoe.train",
+        *TINY,
+        "--steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--data",
+        str(corpus_file),
+        "--out",
+        str(out),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    models = summary(out)
+    assert set(models) == {"moe", "dense"}
+    moe = models["moe"]
+    assert [p["step"] for p in moe["history"]] == [0, 20, 40]
+    assert moe["history"][0]["val_loss"] > 5.0  # about ln 256 untrained
+    assert moe["history"][-1]["val_loss"] < moe["history"][0]["val_loss"] - 1.5
+    assert moe["balance"]["moe/all/max_over_mean"] >= 1.0
+    for name in ("moe", "dense"):
+        assert "val loss" in result.stdout and name in result.stdout
+        assert (out / name / "checkpoint.pt").is_file()
+        events = [json.loads(line)["event"] for line in (out / name / "log.jsonl").read_text().splitlines()]
+        assert events.count("eval") == 3 and "train" in events
+    assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| moe |" in (out / "summary.md").read_text()
+
+
+def test_resume_continues_bitwise(tmp_path, corpus_file):
+    """12 steps in one go equal 5 steps, an interruption, and a resume to 12: same losses, same weights."""
+    common = [*TINY, "--steps", "12", "--eval-every", "4", "--gate", "gshard", "--data", str(corpus_file)]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli.main([*common, "--out", str(whole)]) == 0
+    assert cli.main([*common, "--out", str(split), "--stop-after", "5"]) == 0
+    assert summary(split)["moe"]["steps"] == 5
+    assert cli.main([*common, "--out", str(split), "--resume"]) == 0
+    a, b = summary(whole), summary(split)
+    for name in ("moe", "dense"):
+        assert b[name]["steps"] == 12
+        assert a[name]["final_train_loss"] == b[name]["final_train_loss"]
+        assert a[name]["final_val_loss"] == b[name]["final_val_loss"]
+        assert [p["val_loss"] for p in a[name]["history"]] == [p["val_loss"] for p in b[name]["history"]]
+        state_a = torch.load(whole / name / "checkpoint.pt", weights_only=False)["model"]
+        state_b = torch.load(split / name / "checkpoint.pt", weights_only=False)["model"]
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), f"{name}: {key} differs after resume"
+
+
+def test_bf16_autocast_trains(tmp_path, corpus_file):
+    argv = [*TINY, "--model", "moe", "--steps", "6", "--eval-every", "0", "--precision", "bf16"]
+    assert cli.main([*argv, "--data", str(corpus_file), "--out", str(tmp_path)]) == 0
+    history = summary(tmp_path)["moe"]["history"]
+    assert [p["step"] for p in history] == [0, 6]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+
+
+def test_dense_baseline_matches_active_parameters():
+    args = cli.build_parser().parse_args(
+        ["--d-model", "64", "--experts", "8", "--top-k", "2", "--layers", "3", "--moe-every", "2"]
+    )
+    moe, dense = GPT(cli.model_config(args, moe=True)), GPT(cli.model_config(args, moe=False))
+    moe_total, moe_active = parameter_counts(moe)
+    dense_total, dense_active = parameter_counts(dense)
+    assert dense_total == dense_active
+    assert [b.is_moe for b in moe.blocks] == [False, True, False]
+    layer = moe.moe_layers()[0]
+    expert_params = sum(p.numel() for p in layer.experts.parameters())
+    gate_params = sum(p.numel() for p in layer.gate.parameters())
+    # One expert (top-2 of 8 at width 128) is a quarter of the dense FFN (256) in weights, so the active count
+    # is the dense count plus the gate and the extra expert biases (k copies of the output bias).
+    assert moe_total == moe_active + expert_params * 6 // 8
+    assert moe_active == dense_active + gate_params + (2 - 1) * 64
+    # A forward of each gives logits over the 256 bytes.
+    tokens = torch.randint(0, 256, (2, 16))
+    assert moe(tokens).shape == dense(tokens).shape == (2, 16, 256)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = LoopConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 9, 0.0) == pytest.approx(1.0)
+    assert learning_rate(cfg, 55, 0.0) == pytest.approx(0.55)
+    assert learning_rate(cfg, 100, 0.0) == pytest.approx(0.1)
+    timed = LoopConfig(time_budget=60.0, lr=1.0, warmup=0, min_lr_ratio=0.0)
+    assert learning_rate(timed, 5, 30.0) == pytest.approx(0.5)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    sampler = type("S", (), {"state_dict": lambda self: {"generator": torch.Generator().get_state()}})()
+    path = tmp_path / "checkpoint.pt"
+    kwargs = dict(model=model, optimizer=optimizer, sampler=sampler, train_time=1.0, history=[], config={"a": 1})
+    checkpointing.save(path, step=1, **kwargs)
+    before = path.read_bytes()
+
+    def failing_save(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointing.save(path, step=2, **kwargs)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_resume_refuses_other_flags(tmp_path, corpus_file):
+    common = [*TINY, "--model", "moe", "--steps", "2", "--eval-every", "0", "--data", str(corpus_file)]
+    assert cli.main([*common, "--out", str(tmp_path)]) == 0
+    with pytest.raises(RuntimeError, match="num_experts: checkpoint 4 vs now 8"):
+        cli.main([*common[:-2], "--experts", "8", "--data", str(corpus_file), "--out", str(tmp_path), "--resume"])
+
+
+def test_help_documents_every_flag(capsys):
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    assert len(flags) > 30
+    for flag in flags:
+        assert flag in text
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--experts", "0"], "--experts must be >= 1, got 0"),
+        (["--experts", "8", "--top-k", "9"], "--top-k must be at most --experts=8, got 9"),
+        (["--d-model", "30", "--heads", "4"], "--d-model must be divisible by --heads=4, got 30"),
+        (["--time-budget", "0"], "--time-budget must be > 0 seconds, got 0.0"),
+        (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
+    ],
+)
+def test_bad_flags_are_named(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=f"corpus not found: {tmp_path / 'none'} does not exist"):
+        cli.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.skipif(
+    hasattr(fastmoe, "DistributedGroupedDataParallel"),
+    reason="fastmoe.DistributedGroupedDataParallel exists: the torchrun path runs instead of the guard",
+)
+def test_torchrun_without_expert_parallelism_says_what_is_missing():
+    args = cli.build_parser().parse_args(["--d-model", "32", "--heads", "2"])
+    with pytest.raises(SystemExit, match="needs FMoE\\(world_size=W, moe_group=...\\) and fastmoe.Distributed"):
+        cli.build_model(cli.model_config(args, moe=True), Distributed(rank=0, world_size=2), torch.device("cpu"))
