@@ -2,6 +2,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "fastmoe/determinism.h"
 #include "fastmoe/ops.h"
 #include "ops/common.h"
 #include "ops/internal.h"
@@ -144,7 +145,9 @@ at::Tensor grouped_linear_kernel(const at::Tensor& x, const at::Tensor& expert_o
     return call_kernel([&] { return grouped_linear_grouped_mm(in, offsets, w, b); });
   }
 #endif
-  if (!in.is_cuda()) return grouped_linear_cpu(in, offsets, w, b);
+  // Deterministic mode takes the reference on the CPU: its rows do not depend on how many rows an expert has,
+  // while a BLAS GEMM's blocking (and so its rounding) can.
+  if (!in.is_cuda() && !fastmoe::deterministic()) return grouped_linear_cpu(in, offsets, w, b);
   at::Tensor y = at::empty({in.size(0), w.size(1)}, in.options());
   call_kernel([&] {
 #ifdef FASTMOE_WITH_CUDA_OPS
@@ -200,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
   at::Tensor grad_x = output_mask[0] ? at::empty_like(in) : in.new_empty({0});
   at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : w.new_empty({0});
   at::Tensor grad_b = output_mask[2] ? at::empty({num_experts, out_features}, w.options()) : w.new_empty({0});
-  if (!in.is_cuda()) {
+  if (!in.is_cuda() && !fastmoe::deterministic()) {
     grouped_linear_backward_cpu(gy, in, offsets, w, output_mask[0] ? &grad_x : nullptr,
                                 output_mask[1] ? &grad_w : nullptr, output_mask[2] ? &grad_b : nullptr);
     return {grad_x, grad_w, grad_b};
