@@ -236,3 +236,19 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor):
     """The gradients of ``inputs`` for ``output.backward(grad_output)`` (zeros for unused inputs)."""
     return torch.autograd.grad(output, inputs, grad_output, allow_unused=True, materialize_grads=True)
+
+
+# ----------------------------------------------------------------------------------------------- process groups
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo process group for the collective ops, torn down after the test."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "a test left a torch.distributed group initialised"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD.group_name
+    finally:
+        dist.destroy_process_group()

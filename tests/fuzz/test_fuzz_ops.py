@@ -88,19 +88,6 @@ def test_generators_are_reproducible():
         assert a.name == b.name and a.error == b.error, op_name
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-rank gloo process group for the collective ops, torn down after the test."""
-    import torch.distributed as dist
-
-    assert not dist.is_initialized(), "a test left a torch.distributed group initialised"
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD.group_name
-    finally:
-        dist.destroy_process_group()
-
-
 def test_exchange_rejects_bad_input(one_rank_group):
     """The collectives' argument checks on one rank: each bad call raises naming the argument and the value."""
     F, g = torch.ops.fastmoe, one_rank_group

@@ -205,19 +205,6 @@ def _exchange_cases(group_name: str):
     ]
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-rank gloo process group for the collective ops, torn down after the test."""
-    import torch.distributed as dist
-
-    assert not dist.is_initialized(), "a test left a torch.distributed group initialised"
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD.group_name
-    finally:
-        dist.destroy_process_group()
-
-
 def test_opcheck_exchange_ops(one_rank_group):
     for case_id, op_name, args, _ in _exchange_cases(one_rank_group):
         results = opcheck(getattr(torch.ops.fastmoe, op_name).default, args)
