@@ -47,6 +47,17 @@ int group_size(const std::string& group_name) {
   return resolve_group(group_name)->getSize();
 }
 
+// True when the group can run collectives on CPU tensors (gloo, alone or beside NCCL); a NCCL-only group needs
+// its small control messages (the NCCL id, configuration checks) on a CUDA device instead.
+namespace {
+bool has_cpu_backend(const c10d::ProcessGroup& group) {
+  for (const auto& device : group.getDeviceTypes()) {
+    if (device.is_cpu()) return true;
+  }
+  return false;
+}
+}  // namespace
+
 std::chrono::milliseconds exchange_timeout() {
   static const std::chrono::milliseconds timeout = [] {
     const char* value = std::getenv("FASTMOE_COMM_TIMEOUT");
@@ -159,8 +170,7 @@ NcclState& nccl_state(const std::string& group_name, int device) {
   auto group = resolve_group(group_name);
   // Rank 0 makes the id; the group broadcasts it, on the CPU when the group has a CPU backend (gloo), else on
   // this device (a NCCL-only group).
-  bool has_cpu = false;
-  for (const auto& d : group->getDeviceTypes()) has_cpu = has_cpu || d.is_cpu();
+  const bool has_cpu = has_cpu_backend(*group);
   at::Tensor id = at::zeros({static_cast<int64_t>(comm::kNcclUniqueIdBytes)}, at::kByte);
   if (group->getRank() == 0) comm::nccl_unique_id(id.mutable_data_ptr<uint8_t>());
   std::vector<at::Tensor> bcast{has_cpu ? id : id.to(at::Device(at::kCUDA, device))};
@@ -248,8 +258,7 @@ void check_same_config(const std::string& group_name, const std::vector<std::str
   TORCH_CHECK(names.size() == values.size(), "check_same_config: ", names.size(), " names for ", values.size(),
               " values");
   auto group = resolve_group(group_name);
-  bool has_cpu = false;
-  for (const auto& d : group->getDeviceTypes()) has_cpu = has_cpu || d.is_cpu();
+  const bool has_cpu = has_cpu_backend(*group);
   at::Tensor mine = at::tensor(values, at::kLong);
   if (!has_cpu) mine = mine.cuda();
   std::vector<at::Tensor> input{mine};

@@ -19,6 +19,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def nccl_skip_reason(world_size: int):
+    """Why a NCCL run of ``world_size`` ranks cannot happen here (one GPU per rank), or None when it can."""
+    import fastmoe
+
+    if not torch.cuda.is_available():
+        return "NCCL runs need CUDA devices; none here"
+    if torch.cuda.device_count() < world_size:
+        return f"NCCL at world size {world_size} needs {world_size} GPUs, found {torch.cuda.device_count()}"
+    if not fastmoe.with_cuda:
+        return "this fastmoe build has no CUDA ops"
+    return None
+
+
 class WorkerError(RuntimeError):
     """One or more ranks failed; ``failures`` maps rank -> traceback text (or 'hung' / 'exit code N')."""
 

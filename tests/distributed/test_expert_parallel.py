@@ -5,24 +5,11 @@ expert-parallel layer with a single-process layer holding every expert with the 
 
 import ep_cases
 import pytest
-import torch
-from dist_harness import run_workers
-
-import fastmoe
-
-
-def _nccl_skip_reason(world: int):
-    if not torch.cuda.is_available():
-        return "NCCL runs need CUDA devices; none here"
-    if torch.cuda.device_count() < world:
-        return f"NCCL at world size {world} needs {world} GPUs, found {torch.cuda.device_count()}"
-    if not fastmoe.with_cuda:
-        return "this fastmoe build has no CUDA ops"
-    return None
+from dist_harness import nccl_skip_reason, run_workers
 
 
 def backends(world: int):
-    reason = _nccl_skip_reason(world)
+    reason = nccl_skip_reason(world)
     return [
         pytest.param("gloo", id="gloo"),
         pytest.param("nccl", id="nccl", marks=pytest.mark.skipif(reason is not None, reason=reason or "")),
@@ -36,8 +23,8 @@ def run(world, backend, body, *args, timeout=180.0):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend", backends(2))
 def test_exchange_moves_rows_bitwise(world, backend):
-    if backend == "nccl" and _nccl_skip_reason(world):
-        pytest.skip(_nccl_skip_reason(world))
+    if backend == "nccl" and nccl_skip_reason(world):
+        pytest.skip(nccl_skip_reason(world))
     received = run(world, backend, ep_cases.exchange_bitwise)
     assert received[world - 1] == 0  # the last rank received nothing, by construction
     assert sum(received) >= 23  # at least the one very uneven split
@@ -46,8 +33,8 @@ def test_exchange_moves_rows_bitwise(world, backend):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend", backends(2))
 def test_ep_matches_single_process(world, backend):
-    if backend == "nccl" and _nccl_skip_reason(world):
-        pytest.skip(_nccl_skip_reason(world))
+    if backend == "nccl" and nccl_skip_reason(world):
+        pytest.skip(nccl_skip_reason(world))
     tokens = [7, 0, 13, 4][:world]  # rank 1 has no tokens
     got = run(world, backend, ep_cases.equivalence, tokens, "naive", True)
     assert got == tokens
@@ -83,8 +70,8 @@ def test_config_mismatch_raises_on_every_rank(backend):
 )
 @pytest.mark.parametrize("backend", backends(2))
 def test_dp_ep_gradients_after_optimizer_steps(world, ep_size, backend):
-    if backend == "nccl" and _nccl_skip_reason(world):
-        pytest.skip(_nccl_skip_reason(world))
+    if backend == "nccl" and nccl_skip_reason(world):
+        pytest.skip(nccl_skip_reason(world))
     losses = run(world, backend, ep_cases.dp_ep_training, ep_size)
     assert len(losses) == world and all(loss == loss for loss in losses)  # finite, one per rank
 

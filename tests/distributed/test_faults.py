@@ -3,20 +3,9 @@ dies, every other rank raises a clear error within FASTMOE_COMM_TIMEOUT instead 
 
 import fault_cases
 import pytest
-import torch
-from dist_harness import run_workers
-
-import fastmoe
+from dist_harness import nccl_skip_reason, run_workers
 
 TIMEOUT_S = 5
-
-
-def _nccl_skip_reason():
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        return "the NCCL fault tests need 2 GPUs"
-    if not fastmoe.with_cuda:
-        return "this fastmoe build has no CUDA ops"
-    return None
 
 
 @pytest.mark.parametrize(
@@ -26,7 +15,7 @@ def _nccl_skip_reason():
         pytest.param(
             "nccl",
             id="nccl",
-            marks=pytest.mark.skipif(_nccl_skip_reason() is not None, reason=_nccl_skip_reason() or ""),
+            marks=pytest.mark.skipif(nccl_skip_reason(2) is not None, reason=nccl_skip_reason(2) or ""),
         ),
     ],
 )
