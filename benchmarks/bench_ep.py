@@ -228,10 +228,34 @@ def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
                 "peak_gib": round(peak_max, 2) if device.type == "cuda" else None,
             }
         )
+    if args.profile is not None:
+        profile_steps(fm, x, grad_out, device, args.profile / f"{name}-W{world}-rank{rank}.json")
     speedup = round(results[1]["ms"] / results[0]["ms"], 3)
     for r in results:
         r["fastmoe_speedup"] = speedup
     return results
+
+
+def profile_steps(layer, x, grad_out, device, trace: Path) -> None:
+    """Five fwd+bwd steps of ``layer`` under torch.profiler: rank 0 prints the operators and kernels by device
+    time, each rank writes its trace (chrome://tracing, Perfetto)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    _sync(device)
+    dist.barrier()
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+            layer(x).backward(grad_out)
+        _sync(device)
+    prof.export_chrome_trace(str(trace))
+    if dist.get_rank() == 0:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70), flush=True)
 
 
 def main(argv=None) -> int:
@@ -243,6 +267,13 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench_ep.jsonl"), help="JSON lines appended here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="after timing, profile 5 fastmoe steps per config with torch.profiler; rank 0 prints the kernel "
+        "table and every rank writes a Chrome trace into this folder",
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got --iters {args.iters} --warmup {args.warmup}")

@@ -9,6 +9,7 @@
 #   bench     benchmarks/bench_moe_layer.py (all configurations)
 #   dist      the multi-process tests (tests/distributed) on gloo and on NCCL with the local GPUs
 #   bench_ep  benchmarks/run_ep_scaling.sh: expert-parallel weak scaling at W = 1, 2, 4, 8 up to the GPU count
+#             (EP_SIZES="1 2" picks the W, EP_ARGS="--config fine --profile $OUT/prof" passes flags to bench_ep.py)
 # Usage: OUT=/tmp/out tools/gpu_check.sh [stage ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +82,11 @@ dist_tests() {
   PYTHONPATH=python "$PY" -m pytest tests/distributed -v -p no:cacheprovider -rs
 }
 
-bench_ep() { OUT="$OUT" PYTHON="$PY" bash benchmarks/run_ep_scaling.sh ${EP_SIZES:-}; }
+# EP_SIZES: the W to run (default 1 2 4 8 up to the GPU count); EP_ARGS: flags for bench_ep.py (e.g. --profile DIR)
+bench_ep() {
+  # shellcheck disable=SC2086
+  OUT="$OUT" PYTHON="$PY" bash benchmarks/run_ep_scaling.sh ${EP_SIZES:-} ${EP_ARGS:+-- $EP_ARGS}
+}
 
 for stage in "${stages[@]}"; do
   case $stage in

@@ -12,7 +12,16 @@ if ! ls python/fastmoe/_C*.so >/dev/null 2>&1 || [ ! -d /tmp/pk ]; then
   python3 -m pip install -q --no-index --find-links .deps/wheels --target /tmp/pk --no-deps $pk
   OUT=$OUT bash tools/gpu_check.sh build
 fi
-PYTHONPATH=python:/tmp/pk timeout "${TRAIN_TIMEOUT:-560}" python3 -m fastmoe.train --device cuda --precision bf16 --time-budget 100 \
-  --data .deps/fortunes --d-model 512 --layers 6 --heads 8 --seq-len 256 --batch 32 --experts 16 --top-k 2 \
-  --eval-every 200 --no-progress --out $OUT/train > $OUT/train.log 2>&1; echo "rc=$?"
-tail -30 $OUT/train.log
+# DATA: the corpus; the default is the larger GPU corpus of tools/make_gpu_corpus.sh when .deps has it.
+if [ -z "${DATA:-}" ] && [ -f .deps/corpus-gpu.tar.xz ]; then
+  tar -C /tmp -xJf .deps/corpus-gpu.tar.xz && DATA=/tmp/corpus-gpu
+fi
+DATA=${DATA:-.deps/fortunes}
+# TRAIN_ARGS replaces the model and schedule flags below; TIME_BUDGET is the training time per model in seconds.
+TRAIN_ARGS=${TRAIN_ARGS:---d-model 1024 --layers 8 --heads 16 --seq-len 256 --batch 64 --experts 16 --top-k 2 --lr 1e-3 --warmup 200 --eval-every 200}
+# shellcheck disable=SC2086
+PYTHONPATH=python:/tmp/pk timeout "${TRAIN_TIMEOUT:-560}" python3 -m fastmoe.train --device cuda --precision bf16 \
+  --time-budget "${TIME_BUDGET:-120}" --data "$DATA" $TRAIN_ARGS --no-progress --out "$OUT/train" \
+  > "$OUT/train.log" 2>&1
+echo "rc=$?"
+tail -30 "$OUT/train.log"
