@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node W benchmarks/bench_ep.py [--config mixtral fine paper] [--out F]
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_ep.py --device cpu --tiny     # gloo, for tests
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_ep.py --config fine --profile /tmp/prof  # where time goes
 
 Every rank holds T tokens and E_local experts, the same at every W (weak scaling), so the layer has
 W * E_local experts and each token's k slots go to any rank. Both methods run the expert-parallel code path at

@@ -25,7 +25,7 @@ def test_bench_ep_tiny_cpu_two_ranks(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         str(ROOT / "benchmarks" / "bench_ep.py"), "--device", "cpu", "--tiny", "--dtype", "fp32",
-        "--iters", "2", "--warmup", "1", "--config", *CONFIGS, "--out", str(out),
+        "--iters", "2", "--warmup", "1", "--config", *CONFIGS, "--out", str(out), "--profile", str(tmp_path / "prof"),
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"bench_ep failed:\n{proc.stdout}\n{proc.stderr}"
@@ -41,6 +41,14 @@ def test_bench_ep_tiny_cpu_two_ranks(tmp_path):
         assert r["grad_rel_err_vs_fastmoe"] < 1e-5, r
         assert r["routing_agreement"] > 0.9, r
         assert r["ms"] > 0 and len(r["ms_per_rank"]) == 2 and r["ms"] == max(r["ms_per_rank"])
+
+    # --profile: rank 0 prints the operator table, every rank writes a trace per config with fastmoe's exchange in it
+    assert "fastmoe::exchange" in proc.stdout
+    for config in CONFIGS:
+        for rank in range(2):
+            trace = json.loads((tmp_path / "prof" / f"{config}-W2-rank{rank}.json").read_text())
+            names = {event.get("name") for event in trace["traceEvents"]}
+            assert "fastmoe::exchange" in names and "fastmoe::ep_route" in names, sorted(n for n in names if n)[:20]
 
     table = render(load([out]))
     assert "### fine-tiny fp32 on cpu" in table and "### paper-tiny fp32 on cpu" in table
