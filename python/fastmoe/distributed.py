@@ -153,8 +153,11 @@ class DistributedGroupedDataParallel(nn.Module):
             for param in layer.experts.parameters():
                 expert_params[id(param)] = kind
         sharded_group = None
-        if "sharded" in expert_params.values():
+        self._sharded = [p for p in self.module.parameters() if expert_params.get(id(p)) == "sharded"]
+        if self._sharded:
             sharded_group = expert_dp_group if expert_dp_group is not None else self._replica_group()
+        # how many ranks hold each expert shard (its replicas over the data-parallel ranks)
+        self._shard_replicas = dist.get_world_size(sharded_group) if sharded_group is not None else 1
         buckets = {"dp": (self.dp_group, []), "expert_dp": (sharded_group, [])}
         for param in self.module.parameters():
             if not param.requires_grad:
@@ -215,6 +218,37 @@ class DistributedGroupedDataParallel(nn.Module):
                         param.grad.div_(self.dp_size)
 
     allreduce_params = allreduce_gradients  # FastMoE's alias
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` (2-norm) over the model as one process holding all of it would
+        compute it: the parameters every rank holds count once, and every expert shard of the expert-parallel
+        group counts once. Call it after :meth:`allreduce_gradients`. Every rank gets the same total norm and the
+        same scale, so replicated parameters stay equal; clipping each rank's gradients by its own local norm
+        would scale them differently on each rank. A collective over the world group. Returns the total norm."""
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        sharded_ids = {id(p) for p in self._sharded}
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        shard_grads = [p.grad for p in self._sharded if p.grad is not None]
+        rest_grads = [p.grad for p in self.module.parameters() if p.grad is not None and id(p) not in sharded_ids]
+        device = next(self.module.parameters()).device
+
+        def squares(tensors):
+            if not tensors:
+                return torch.zeros((), dtype=torch.float64, device=device)
+            return torch.stack([g.detach().double().square().sum() for g in tensors]).sum()
+
+        total = squares(rest_grads)
+        if self._sharded:  # the same on every rank: the layers' configuration is checked at construction
+            shard_sq = squares(shard_grads)
+            dist.all_reduce(shard_sq)
+            total = total + shard_sq / self._shard_replicas
+        total = total.sqrt()
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
+        return total
 
     def _queue_allreduce(self, _param):
         if self._queued:

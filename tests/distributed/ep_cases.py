@@ -178,8 +178,9 @@ def config_mismatch(rank, world, backend):
 
 
 def dp_ep_training(rank, world, backend, ep_size, steps=2):
-    """A small model (embedding linear + EP MoE layer + head) trained with DistributedGroupedDataParallel and SGD
-    for ``steps`` steps equals one process training the same model on the union of the ranks' batches."""
+    """A small model (embedding linear + EP MoE layer + head) trained with DistributedGroupedDataParallel, gradient
+    clipping (``clip_grad_norm_``, small enough to clip every step) and SGD for ``steps`` steps equals one process
+    training the same model on the union of the ranks' batches with torch's clipping."""
     device = device_for(rank, backend)
     dtype = torch.float64
     d_model, d_hidden, num_local, top_k, tokens = 6, 10, 2, 2, 5
@@ -224,6 +225,7 @@ def dp_ep_training(rank, world, backend, ep_size, steps=2):
         opt.zero_grad()
         loss.backward()
         ddp.allreduce_gradients()
+        norm = ddp.clip_grad_norm_(0.05)
         opt.step()
         per_rank = [
             ((forward(ref, x_all[r * tokens : (r + 1) * tokens]) - target[r * tokens : (r + 1) * tokens]) ** 2).mean()
@@ -231,6 +233,9 @@ def dp_ep_training(rank, world, backend, ep_size, steps=2):
         ]
         opt_ref.zero_grad()
         (sum(per_rank) / world).backward()
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        assert norm_ref > 0.05, f"the clip threshold should clip: the gradient norm is {float(norm_ref)}"
+        torch.testing.assert_close(norm.to(norm_ref), norm_ref, rtol=1e-10, atol=0, msg=f"rank {rank} step {step}")
         opt_ref.step()
     tol = {"rtol": 1e-10, "atol": 1e-10}
     for name, param in local.named_parameters():

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastmoe
 from fastmoe.train import checkpointing, cli
 from fastmoe.train.data import DEFAULT_CORPUS
-from fastmoe.train.loop import Distributed, LoopConfig, learning_rate
+from fastmoe.train.loop import LoopConfig, learning_rate
 from fastmoe.train.model import GPT, parameter_counts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,11 +215,37 @@ def test_missing_data_is_named(tmp_path):
         cli.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
 
 
-@pytest.mark.skipif(
-    hasattr(fastmoe, "DistributedGroupedDataParallel"),
-    reason="fastmoe.DistributedGroupedDataParallel exists: the torchrun path runs instead of the guard",
-)
-def test_torchrun_without_expert_parallelism_says_what_is_missing():
-    args = cli.build_parser().parse_args(["--d-model", "32", "--heads", "2"])
-    with pytest.raises(SystemExit, match="needs FMoE\\(world_size=W, moe_group=...\\) and fastmoe.Distributed"):
-        cli.build_model(cli.model_config(args, moe=True), Distributed(rank=0, world_size=2), torch.device("cpu"))
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_torchrun_trains_both_models_expert_parallel_with_replicas_in_step(tmp_path, corpus_file):
+    """Two ranks under torchrun on gloo: the MoE model expert-parallel (2 of its 4 experts per rank) under
+    DistributedGroupedDataParallel, the dense one under torch DDP, taking turns by training time with a time
+    budget. Every rank must make the same choices (whose turn, the learning rate, when to stop), or the ranks
+    call different collectives and hang; and the clipping must scale every rank alike (--grad-clip 0.01 clips
+    every step), or the replicated parameters drift apart. At the end both ranks hold bitwise-equal copies of
+    everything but the experts, and different experts."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS="1", FASTMOE_COMM_TIMEOUT="60")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastmoe.train",
+        "--device", "cpu", "--model", "both", "--time-budget", "4", "--grad-clip", "0.01", "--eval-every", "20",
+        "--data", str(corpus_file), "--out", str(out), *TINY,
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = summary(out)
+    assert set(results) == {"moe", "dense"}
+    for name, result in results.items():
+        assert result["steps"] > 0 and 4.0 <= result["train_time_s"] < 8.0, result
+        states = [torch.load(out / name / f"checkpoint.rank{r}.pt", weights_only=False) for r in range(2)]
+        assert states[0]["step"] == states[1]["step"] == result["steps"]
+        assert states[0]["train_time"] == states[1]["train_time"]
+        models = [state["model"] for state in states]
+        assert models[0].keys() == models[1].keys()
+        experts = [key for key in models[0] if ".experts." in key]
+        assert bool(experts) == (name == "moe")
+        for key in models[0]:
+            if key in experts:
+                assert not torch.equal(models[0][key], models[1][key]), f"{name}: {key} is the same on both ranks"
+            else:
+                assert torch.equal(models[0][key], models[1][key]), f"{name}: replicas of {key} differ"

@@ -228,19 +228,8 @@ def build_model(config: ModelConfig, dist: Distributed, device: torch.device) ->
     # Expert parallelism: each rank holds num_experts / W experts of every MoE layer; the tokens travel to their
     # experts through the all-to-all inside FMoE, and DistributedGroupedDataParallel averages the gradients of
     # everything but the experts over the data-parallel ranks.
-    wrapper = getattr(fastmoe, "DistributedGroupedDataParallel", None)
-    try:
-        if wrapper is None:
-            raise NotImplementedError("fastmoe.DistributedGroupedDataParallel is missing")
-        model = GPT(config, world_size=dist.world_size, moe_group=dist.group).to(device)
-    except NotImplementedError as error:
-        raise SystemExit(
-            f"fastmoe-train: expert-parallel training under torchrun (WORLD_SIZE={dist.world_size}) needs "
-            "FMoE(world_size=W, moe_group=...) and fastmoe.DistributedGroupedDataParallel, which this build of "
-            f"fastmoe does not provide yet ({error}). Run without torchrun, or train the dense baseline with "
-            "--model dense."
-        ) from error
-    return model, wrapper(model)
+    model = GPT(config, world_size=dist.world_size, moe_group=dist.group).to(device)
+    return model, fastmoe.DistributedGroupedDataParallel(model)
 
 
 def model_config(args, moe: bool) -> ModelConfig:

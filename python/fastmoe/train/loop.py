@@ -282,10 +282,20 @@ class Trainer:
             if hasattr(self.ddp_model, "allreduce_params"):  # FastMoE's DistributedGroupedDataParallel convention
                 self.ddp_model.allreduce_params()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                # expert-parallel: the norm over every rank's experts, the same scale on every rank
+                clip = getattr(self.ddp_model, "clip_grad_norm_", None)
+                if clip is not None:
+                    clip(cfg.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.last_loss = loss.item()  # the one host sync of a step, so the step time below is real
             elapsed = time.perf_counter() - start
+            if self.dist.world_size > 1:
+                # Every rank must see the same training time: it sets the learning rate, the end of a
+                # --time-budget run and which model takes the next turn, and ranks that disagree on any of
+                # those call different collectives (or train replicas apart). The slowest rank's time counts.
+                elapsed = _max_over_ranks(elapsed, self.device)
         self.train_time += elapsed
         self.step += 1
         self.window_tokens += self.tokens_per_step
@@ -341,6 +351,12 @@ class Trainer:
             history=self.history,
             balance=stats,
         )
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
 
 
 def run_sequential(trainers: list[Trainer]) -> list[RunResult]:
