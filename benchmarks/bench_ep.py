@@ -110,7 +110,7 @@ def _gather_floats(value: float) -> list:
 _COMM_DEVICE = torch.device("cpu")
 
 
-def build_layers(cfg: dict, world: int, device, dtype):
+def build_layers(cfg: dict, world: int, device, dtype, ep_chunks: int = 1):
     """fastmoe's EP layer and the baseline with the same weights: the gate from a fixed seed (the same on every
     rank), each rank's experts from a seed of its own."""
     rank = dist.get_rank()
@@ -123,6 +123,7 @@ def build_layers(cfg: dict, world: int, device, dtype):
         bias=False,
         world_size=world,
         moe_group=dist.group.WORLD,
+        ep_chunks=ep_chunks,
     )
     torch.manual_seed(5678 + rank)
     fm.experts.htoh4.reset_parameters()
@@ -171,7 +172,7 @@ def check_agreement(fm, base, x, grad_out, dtype) -> dict:
 
 def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
     world, rank = dist.get_world_size(), dist.get_rank()
-    fm, base = build_layers(cfg, world, device, dtype)
+    fm, base = build_layers(cfg, world, device, dtype, args.ep_chunks)
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(cfg["T"], cfg["d"], generator=gen).to(device=device, dtype=dtype).requires_grad_()
     grad_out = torch.randn(cfg["T"], cfg["d"], generator=gen).to(device=device, dtype=dtype)
@@ -183,6 +184,7 @@ def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
         "W": world,
         **cfg,
         "dtype": args.dtype,
+        "ep_chunks": args.ep_chunks,
         "backend": dist.get_backend(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -269,6 +271,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench_ep.jsonl"), help="JSON lines appended here")
     parser.add_argument(
+        "--ep-chunks",
+        type=int,
+        default=1,
+        help="fastmoe's ep_chunks: token chunks whose exchanges overlap each other's experts (default 1)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -276,6 +284,8 @@ def main(argv=None) -> int:
         "table and every rank writes a Chrome trace into this folder",
     )
     args = parser.parse_args(argv)
+    if args.ep_chunks < 1:
+        parser.error(f"--ep-chunks must be >= 1, got {args.ep_chunks}")
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got --iters {args.iters} --warmup {args.warmup}")
 

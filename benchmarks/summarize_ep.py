@@ -17,8 +17,8 @@ IMPLS = ("fastmoe", "ep_baseline")
 
 
 def load(paths) -> dict:
-    """``{"config dtype on device": {W: {impl: record}}}`` from the JSON lines in ``paths`` (later lines replace
-    earlier ones)."""
+    """``{"config dtype on device[, ep_chunks=n]": {W: {impl: record}}}`` from the JSON lines in ``paths`` (later
+    lines replace earlier ones; runs with fastmoe's ep_chunks > 1 get tables of their own)."""
     table: dict = {}
     for path in paths:
         for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -28,7 +28,8 @@ def load(paths) -> dict:
                 r = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"summarize_ep: {path}:{number} is not a JSON line: {error}") from None
-            key = f"{r['config']} {r['dtype']} on {r['device']}"
+            chunks = r.get("ep_chunks", 1)
+            key = f"{r['config']} {r['dtype']} on {r['device']}" + (f", ep_chunks={chunks}" if chunks != 1 else "")
             table.setdefault(key, {}).setdefault(int(r["W"]), {})[r["impl"]] = r
     return table
 

@@ -1,3 +1,5 @@
+import contextlib
+
 import torch
 from torch import nn
 
@@ -34,6 +36,9 @@ class FMoE(nn.Module):
             called as ``self.experts(x_sorted, fwd_expert_count)``.
         gate_hook: called as ``gate_hook(topk_idx, topk_score, None)`` after gating.
         gate_bias: passed to NaiveGate-family gates.
+        ep_chunks: with expert parallelism, split the tokens into this many chunks whose exchanges and expert
+            GEMMs run on their own CUDA streams, so one chunk's all-to-all overlaps another chunk's experts
+            (docs/distributed.md). 1 (the default) runs the layer as one piece. The result does not depend on it.
 
     The per-expert loop reads the expert counts on the host once per forward (one device sync); fused experts
     (``FMoETransformerMLP``) do not.
@@ -57,6 +62,7 @@ class FMoE(nn.Module):
         mask=None,
         mask_dict=None,
         gate_bias: bool = True,
+        ep_chunks: int = 1,
     ):
         super().__init__()
         self.num_expert = _checks.positive_int("num_expert", num_expert)
@@ -76,6 +82,8 @@ class FMoE(nn.Module):
         self.num_experts_total = self.num_expert * self.world_size
         self.top_k = _checks.top_k_in_range(top_k, self.num_experts_total)
         self.gate_hook = gate_hook
+        self.ep_chunks = _checks.positive_int("ep_chunks", ep_chunks)
+        self._side_streams: list = []
         self.balance_record: BalanceRecord | None = None
 
         if isinstance(gate, nn.Module):
@@ -178,34 +186,83 @@ class FMoE(nn.Module):
         """Expert parallelism (docs/distributed.md): each token row travels once to every rank that owns one of
         its experts, with its routing row; that rank runs its experts on the token's slots and adds them up,
         weighted by the scores; the partial sums travel back and add up per token. One host sync reads the
-        counts, because the all-to-all takes its split sizes on the host."""
-        world, local = self.world_size, self.num_expert
-        # token_ranks [T, W]: rank p, or -1 if no slot goes to p; outgoing [W, local + 1]: per destination rank,
-        # the slots per local expert, then the token rows.
-        token_ranks, outgoing = ops.ep_route(topk_idx, local, world)
-        outgoing = outgoing.view(world, local + 1)
-        self._record_balance(x.shape[0], topk_idx.numel(), outgoing[:, :local].flatten())
-        rank_plan = ops.make_plan(token_ranks, world)
-        incoming = ops.exchange_counts(outgoing.flatten(), self.moe_group).view(world, local + 1)
-        send, recv, local_bounds = _exchange_splits_sync(outgoing, incoming)
-        n_send, n_slots = sum(send), local_bounds[-1]
+        counts, because the all-to-all takes its split sizes on the host.
 
-        send_plan = rank_plan.first_rows(n_send)  # row r carries pair token * W + rank
+        With ``ep_chunks = n > 1`` the tokens are cut into n chunks. The counts of all chunks travel in one
+        exchange (still one host sync); then every chunk's dispatch is issued before any chunk's experts, each
+        chunk on its own CUDA stream, so that while one chunk's rows travel another chunk's experts run, in the
+        forward and (autograd runs each op's backward on its forward's stream) in the backward. On the CPU the
+        chunks run one after the other."""
+        world, local = self.world_size, self.num_expert
+        n = self.ep_chunks
+        cuts = [x.shape[0] * c // n for c in range(n + 1)]
+        # token_ranks [T_c, W]: rank p, or -1 if no slot goes to p; outgoing [W, local + 1]: per destination
+        # rank, the slots per local expert, then the token rows.
+        routes = [ops.ep_route(topk_idx[cuts[c] : cuts[c + 1]], local, world) for c in range(n)]
+        if n == 1:
+            outgoing = routes[0][1].view(world, 1, local + 1)
+            per_expert = outgoing[:, 0, :local].flatten()
+        else:
+            outgoing = torch.stack([counts.view(world, local + 1) for _, counts in routes], dim=1)  # [W, n, local+1]
+            per_expert = outgoing[..., :local].sum(1).flatten()
+        self._record_balance(x.shape[0], topk_idx.numel(), per_expert)
+        rank_plans = [ops.make_plan(token_ranks, world) for token_ranks, _ in routes]
+        incoming = ops.exchange_counts(outgoing.flatten(), self.moe_group).view(world, n, local + 1)
+        splits = _exchange_splits_sync(outgoing, incoming)
+
+        streams = self._chunk_streams(x, n)
+        if streams[0] is not None:
+            for stream in streams[1:]:
+                _enter_stream(stream, (x, topk_idx, topk_score, *(t for plan in rank_plans for t in plan)))
+        pieces = []
+        for c in range(n):  # every chunk's dispatch first: its exchange overlaps the experts of the chunks before
+            with _on(streams[c]):
+                part = slice(cuts[c], cuts[c + 1])
+                pieces.append(self._ep_dispatch(x[part], topk_idx[part], topk_score[part], rank_plans[c], *splits[c]))
+        returned = []
+        for c in range(n):
+            with _on(streams[c]):
+                returned.append(self._ep_experts_and_return(*pieces[c]))
+        ys = []
+        for c in range(n):
+            y_back, send_plan = returned[c]
+            if streams[0] is not None and c > 0:
+                _leave_stream(streams[c], y_back)
+            ys.append(ops.unpermute_combine(y_back, send_plan))
+        return ys[0] if n == 1 else torch.cat(ys)
+
+    def _ep_dispatch(self, x, topk_idx, topk_score, rank_plan, send, recv, local_bounds):
+        """Sends a chunk's token rows, scores and routing ids to the ranks owning its experts."""
+        world = self.world_size
+        send_plan = rank_plan.first_rows(sum(send))  # row r carries pair token * W + rank
         x_in = ops.exchange(ops.permute(x, send_plan), send, recv, self.moe_group)
         score_in = ops.exchange(ops.permute(topk_score, send_plan), send, recv, self.moe_group)
         tokens = torch.div(send_plan.sorted_pair, world, rounding_mode="floor")
         idx_in = ops.exchange(topk_idx.index_select(0, tokens), send, recv, self.moe_group)
+        return x_in, score_in, idx_in, send_plan, send, recv, local_bounds
 
+    def _ep_experts_and_return(self, x_in, score_in, idx_in, send_plan, send, recv, local_bounds):
+        """Runs this rank's experts on the rows it received and sends each row's weighted sum back."""
+        local = self.num_expert
         mine = torch.div(idx_in, local, rounding_mode="floor") == self.moe_rank  # -1 // local < 0: never mine
         local_plan = ops.make_plan(torch.where(mine, idx_in - self.moe_rank * local, -1), local)
-        slot_plan = local_plan.first_rows(n_slots)
+        slot_plan = local_plan.first_rows(local_bounds[-1])
         x_local = ops.permute(x_in, slot_plan)  # [n_slots, d], grouped by local expert
         offsets = ops.counts_to_offsets(local_plan.expert_counts) if self.experts_fused else local_bounds
         y_local = self.expert_fn(x_local, local_plan.expert_counts, offsets)
         debug.check_finite(self, "expert outputs (y_sorted)", y_local)
         partial = ops.unpermute_combine(y_local, slot_plan, score_in)  # [rows in, d]: this rank's share per token
-        y_back = ops.exchange(partial, recv, send, self.moe_group)
-        return ops.unpermute_combine(y_back, send_plan)
+        return ops.exchange(partial, recv, send, self.moe_group), send_plan
+
+    def _chunk_streams(self, x: torch.Tensor, n: int) -> list:
+        """The stream of each chunk: the current one for the first, side streams (made once per device) for the
+        others; ``None`` for all off CUDA or with one chunk."""
+        if n == 1 or x.device.type != "cuda":
+            return [None] * n
+        self._side_streams = [s for s in self._side_streams if s.device == x.device]
+        while len(self._side_streams) < n - 1:
+            self._side_streams.append(torch.cuda.Stream(device=x.device))
+        return [torch.cuda.current_stream(x.device), *self._side_streams[: n - 1]]
 
     def _record_balance(self, num_tokens: int, num_slots: int, expert_counts: torch.Tensor) -> None:
         """Keeps what balance_stats() needs, as device tensors (no host read here)."""
@@ -244,16 +301,45 @@ class FMoE(nn.Module):
         return loss
 
 
-def _exchange_splits_sync(outgoing: torch.Tensor, incoming: torch.Tensor):
-    """Reads both ``[world, local + 1]`` count tables on the host (one sync): column ``local`` holds token rows,
-    the others slots per local expert. Returns the rows sent to each rank, the rows received from each rank,
-    and the local experts' slot bounds (``[local + 1]`` prefix sum over all sources)."""
-    world, width = outgoing.shape
-    both = torch.cat([outgoing, incoming]).tolist()
-    out_rows, in_rows = both[:world], both[world:]
-    send = [row[width - 1] for row in out_rows]
-    recv = [row[width - 1] for row in in_rows]
-    bounds = [0]
-    for e in range(width - 1):
-        bounds.append(bounds[-1] + sum(row[e] for row in in_rows))
-    return send, recv, bounds
+def _exchange_splits_sync(outgoing: torch.Tensor, incoming: torch.Tensor) -> list:
+    """Reads both ``[world, chunks, local + 1]`` count tables on the host (one sync): column ``local`` holds
+    token rows, the others slots per local expert. Returns, per chunk, the rows sent to each rank, the rows
+    received from each rank, and the local experts' slot bounds (``[local + 1]`` prefix sum over all sources)."""
+    world, chunks, width = outgoing.shape
+    both = torch.stack([outgoing, incoming]).tolist()
+    result = []
+    for c in range(chunks):
+        out_rows = [both[0][p][c] for p in range(world)]
+        in_rows = [both[1][p][c] for p in range(world)]
+        send = [row[width - 1] for row in out_rows]
+        recv = [row[width - 1] for row in in_rows]
+        bounds = [0]
+        for e in range(width - 1):
+            bounds.append(bounds[-1] + sum(row[e] for row in in_rows))
+        result.append((send, recv, bounds))
+    return result
+
+
+@contextlib.contextmanager
+def _on(stream):
+    """Makes ``stream`` current inside the block (nothing for ``None``)."""
+    if stream is None:
+        yield
+    else:
+        with torch.cuda.stream(stream):
+            yield
+
+
+def _enter_stream(stream, tensors) -> None:
+    """``stream`` waits for the work queued so far on the current stream, and the caching allocator keeps
+    ``tensors`` (made on the current stream) alive until ``stream``'s work on them is done."""
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    for t in tensors:
+        t.record_stream(stream)
+
+
+def _leave_stream(stream, tensor: torch.Tensor) -> None:
+    """The current stream waits for ``stream``, whose ``tensor`` it is about to read."""
+    current = torch.cuda.current_stream(stream.device)
+    current.wait_stream(stream)
+    tensor.record_stream(current)

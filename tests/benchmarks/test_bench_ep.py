@@ -27,8 +27,12 @@ def test_bench_ep_tiny_cpu_two_ranks(tmp_path):
         str(ROOT / "benchmarks" / "bench_ep.py"), "--device", "cpu", "--tiny", "--dtype", "fp32",
         "--iters", "2", "--warmup", "1", "--config", *CONFIGS, "--out", str(out), "--profile", str(tmp_path / "prof"),
     ]  # fmt: skip
+    # the same with fastmoe's layer in 2 chunks: it must still agree with the baseline (checked before timing)
+    chunked = [*command[: command.index("--out")], "--out", str(tmp_path / "chunked.jsonl"), "--ep-chunks", "2"]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"bench_ep failed:\n{proc.stdout}\n{proc.stderr}"
+    proc_chunked = subprocess.run(chunked, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc_chunked.returncode == 0, f"bench_ep --ep-chunks 2 failed:\n{proc_chunked.stdout}\n{proc_chunked.stderr}"
 
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["config"], r["impl"]) for r in records] == [
@@ -50,8 +54,13 @@ def test_bench_ep_tiny_cpu_two_ranks(tmp_path):
             names = {event.get("name") for event in trace["traceEvents"]}
             assert "fastmoe::exchange" in names and "fastmoe::ep_route" in names, sorted(n for n in names if n)[:20]
 
-    table = render(load([out]))
+    chunked_records = [json.loads(line) for line in (tmp_path / "chunked.jsonl").read_text().splitlines()]
+    assert [r["ep_chunks"] for r in chunked_records] == [2] * 4
+    assert all(r["rel_err_vs_fastmoe"] < 1e-5 for r in chunked_records), chunked_records
+
+    table = render(load([out, tmp_path / "chunked.jsonl"]))
     assert "### fine-tiny fp32 on cpu" in table and "### paper-tiny fp32 on cpu" in table
+    assert "### fine-tiny fp32 on cpu, ep_chunks=2" in table
     assert "| 2 | " in table
 
 

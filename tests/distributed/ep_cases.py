@@ -36,15 +36,18 @@ def _shared_inputs(tokens_per_rank, d_model, dtype, seed):
     return x, grad
 
 
-def _build_pair(world, num_local, d_model, d_hidden, top_k, dtype, device, gate, fused, moe_group=None):
+def _build_pair(world, num_local, d_model, d_hidden, top_k, dtype, device, gate, fused, moe_group=None, ep_chunks=1):
     """A world_size=1 reference holding every expert and this rank's EP layer, with the same weights."""
     torch.manual_seed(1234)
     total = num_local * world
+    if world == 1 and moe_group is None:
+        moe_group = dist.group.WORLD  # a one-rank expert-parallel group: the exchanges are local copies
     if fused:
         ref = fastmoe.FMoETransformerMLP(total, d_model, d_hidden, top_k=top_k, gate=gate)
         ep = fastmoe.FMoETransformerMLP(
-            num_local, d_model, d_hidden, top_k=top_k, gate=gate, world_size=world, moe_group=moe_group
-        )
+            num_local, d_model, d_hidden, top_k=top_k, gate=gate, world_size=world, moe_group=moe_group,
+            ep_chunks=ep_chunks,
+        )  # fmt: skip
     else:
 
         def expert(d):
@@ -52,8 +55,9 @@ def _build_pair(world, num_local, d_model, d_hidden, top_k, dtype, device, gate,
 
         ref = fastmoe.FMoE(total, d_model, top_k=top_k, gate=gate, expert=expert)
         ep = fastmoe.FMoE(
-            num_local, d_model, top_k=top_k, gate=gate, expert=expert, world_size=world, moe_group=moe_group
-        )
+            num_local, d_model, top_k=top_k, gate=gate, expert=expert, world_size=world, moe_group=moe_group,
+            ep_chunks=ep_chunks,
+        )  # fmt: skip
     ref = ref.to(device=device, dtype=dtype)
     ep = ep.to(device=device, dtype=dtype)
     rank = ep.moe_rank
@@ -77,9 +81,12 @@ def _expert_slice(ref, ep, name, rank, num_local, fused):
     return ref_params[f"{rank * num_local + int(i)}.{rest}"]
 
 
-def equivalence(rank, world, backend, tokens_per_rank, gate_name, fused, top_k=2, num_local=2, dtype=torch.float64):
+def equivalence(
+    rank, world, backend, tokens_per_rank, gate_name, fused, top_k=2, num_local=2, dtype=torch.float64, ep_chunks=1
+):
     """EP layer on this rank's tokens vs the single-process layer on everyone's tokens: outputs, input
-    gradients, expert gradients and the (all-reduced) gate gradients."""
+    gradients, expert gradients and the (all-reduced) gate gradients. ``ep_chunks`` > 1 runs the EP layer in
+    chunks (on CUDA, each on its own stream)."""
     device = device_for(rank, backend)
     d_model, d_hidden = 8, 12
     if gate_name == "naive":
@@ -92,7 +99,7 @@ def equivalence(rank, world, backend, tokens_per_rank, gate_name, fused, top_k=2
         def gate(d, e, w, k):
             return FixedGate(d, e, w, k, targets=[target] * k)
 
-    ref, ep = _build_pair(world, num_local, d_model, d_hidden, top_k, dtype, device, gate, fused)
+    ref, ep = _build_pair(world, num_local, d_model, d_hidden, top_k, dtype, device, gate, fused, ep_chunks=ep_chunks)
     x_all, g_all = _shared_inputs(tokens_per_rank, d_model, dtype, seed=99)
     x_all, g_all = x_all.to(device), g_all.to(device)
     start = sum(tokens_per_rank[:rank])

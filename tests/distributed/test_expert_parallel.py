@@ -40,6 +40,21 @@ def test_ep_matches_single_process(world, backend):
     assert got == tokens
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "modules"])
+@pytest.mark.parametrize("backend", backends(2))
+def test_ep_chunks_match_single_process(backend, fused):
+    """ep_chunks=3: the tokens in three chunks, each on its own CUDA stream on GPUs. Rank 1 has two tokens, so
+    one of its chunks is empty while rank 0's are not."""
+    got = run(2, backend, ep_cases.equivalence, [11, 2], "naive", fused, 2, 2, ep_cases.torch.float64, 3)
+    assert got == [11, 2]
+
+
+@pytest.mark.parametrize("backend", backends(1))
+def test_ep_chunks_on_a_one_rank_group(backend):
+    """The same on a one-rank group (the exchanges are copies): on one GPU this runs the chunks' streams."""
+    assert run(1, backend, ep_cases.equivalence, [37], "naive", True, 2, 4, ep_cases.torch.float64, 2) == [37]
+
+
 @pytest.mark.parametrize("backend", backends(2))
 def test_ep_all_tokens_to_one_remote_expert(backend):
     got = run(2, backend, ep_cases.equivalence, [9, 6], "fixed", True)
