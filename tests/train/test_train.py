@@ -14,7 +14,7 @@ import torch
 import fastmoe
 from fastmoe.train import checkpointing, cli
 from fastmoe.train.data import DEFAULT_CORPUS
-from fastmoe.train.loop import Distributed, LoopConfig, learning_rate
+from fastmoe.train.loop import Distributed, LoopConfig, learning_rate, make_optimizer
 from fastmoe.train.model import GPT, parameter_counts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,6 +143,14 @@ def test_dense_baseline_matches_active_parameters():
     # A forward of each gives logits over the 256 bytes.
     tokens = torch.randint(0, 256, (2, 16))
     assert moe(tokens).shape == dense(tokens).shape == (2, 16, 256)
+
+
+def test_optimizer_is_fused_on_the_cpu():
+    model = GPT(cli.model_config(cli.build_parser().parse_args(["--d-model", "32", "--heads", "2"]), moe=True))
+    optimizer = make_optimizer(model, LoopConfig())
+    assert optimizer.defaults["fused"] is True
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
