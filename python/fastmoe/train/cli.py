@@ -352,7 +352,7 @@ def main(argv=None) -> int:
 def describe(config: ModelConfig) -> str:
     text = f"{config.n_layers} layers, d_model {config.d_model}, seq {config.seq_len}"
     if config.moe:
-        balance = f", balance loss {config.balance_coef:g}" if config.balance_coef > 0 else ""
+        balance = f" + balance loss {config.balance_coef:g}" if config.balance_coef > 0 else ""
         return (
             f"{text}, MoE every {config.moe_every}: {config.num_experts} experts x {config.expert_hidden} "
             f"top-{config.top_k} ({config.gate} gate{balance})"
