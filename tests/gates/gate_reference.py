@@ -108,6 +108,16 @@ def gshard_gate(x, weight, bias, uniform=None, capacity=None, aux_loss_coef=1.0)
     return idx, score, {"balance": loss}, logits
 
 
+def naive_balance_loss(logits, idx, coef):
+    """The Switch Transformer's loss over every top-k slot: coef * E * sum_e f_e P_e, f_e = share of the T*k
+    slots on expert e, P_e = mean_t softmax(logits)[t, e]."""
+    num_tokens, num_experts = logits.shape
+    f = torch.zeros(num_experts, dtype=logits.dtype)
+    for e in idx.flatten().tolist():
+        f[e] += 1.0 / idx.numel()
+    return coef * num_experts * (f * softmax_rows(logits).mean(0)).sum()
+
+
 def switch_gate(x, weight, bias, jitter=None, capacity=None, aux_loss_coef=1e-2):
     """Switch Transformer: x * jitter (training), top-1 of softmax, score p, capacity, alpha * E * sum f P."""
     if jitter is not None:

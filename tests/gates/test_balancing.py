@@ -3,6 +3,8 @@ gate's expert 0 likes) through a trainable FMoETransformerMLP (E=8, k=2, T=256, 
 regression task.
 
 - SigmoidGate with its bias balancing (the paper's rate 1e-3): max/mean expert load falls to <= 1.2.
+- NaiveGate with its Switch-style balance loss (balance_coef=0.1): max/mean load ends below the same run
+  without the loss, with no dropped token.
 - GShardGate (default capacity and random routing) with its aux loss added to the objective: max/mean load ends
   below where it started, and below the same run without the aux loss.
 
@@ -17,7 +19,7 @@ import torch
 
 from conftest import make_generator
 from fastmoe import FMoETransformerMLP
-from fastmoe.gates import GShardGate, SigmoidGate
+from fastmoe.gates import GShardGate, NaiveGate, SigmoidGate
 
 D_MODEL, D_HIDDEN, NUM_EXPERT, TOP_K, NUM_TOKENS = 16, 32, 8, 2, 256
 STEPS, WINDOW = 200, 20
@@ -86,3 +88,15 @@ def test_gshard_aux_loss_lowers_the_load_imbalance():
     assert with_aux["end"] < with_aux["start"]
     assert with_aux["end"] < without_aux["end"]
     assert with_aux["end_drop_rate"] < with_aux["start_drop_rate"]
+
+
+def test_naive_gate_balance_loss_lowers_the_load_imbalance():
+    with_loss = train_on_skewed_stream(functools.partial(NaiveGate, balance_coef=0.1), aux_weight=1.0)
+    without_loss = train_on_skewed_stream(NaiveGate)
+    print(
+        f"\nNaiveGate + balance loss 0.1: max/mean load {with_loss['start']:.3f} -> {with_loss['end']:.3f}; "
+        f"without it: {without_loss['start']:.3f} -> {without_loss['end']:.3f}"
+    )
+    assert with_loss["start"] >= 2.0
+    assert with_loss["end"] < 0.8 * without_loss["end"]
+    assert with_loss["end_drop_rate"] == 0.0

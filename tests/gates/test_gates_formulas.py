@@ -114,6 +114,38 @@ def test_naive_gate_z_loss_matches_formula(device):
     assert_matches(run_gate(gate, x), run_reference(naive, x, p))
 
 
+def test_naive_gate_balance_loss_matches_formula(device):
+    gate = skewed_(make_gate(NaiveGate, device=device, balance_coef=0.05, z_loss_coef=0.3), amount=1.0)
+    x = tokens(device)
+    p = leaves(gate)
+
+    def naive(xr):
+        logits = xr @ p["gate.weight"].t() + p["gate.bias"]
+        idx = ref.topk_rows(logits, 2)
+        losses = {"balance": ref.naive_balance_loss(logits, idx, 0.05), "z": 0.3 * ref.z_loss(logits)}
+        return idx, ref.softmax_rows(logits.gather(1, idx)), losses
+
+    got = run_gate(gate, x)
+    assert set(got[2]) == {"balance", "z"}
+    assert_matches(got, run_reference(naive, x, p))
+
+
+def test_naive_gate_balance_loss_is_coef_when_uniform_and_grows_with_skew():
+    """Uniform probabilities and an even load give exactly coef; every slot on 2 of E experts with those experts
+    holding most of the probability gives more."""
+    num_expert, coef = 4, 0.01
+    gate = NaiveGate(D_MODEL, num_expert, 1, 2, balance_coef=coef).double()
+    with torch.no_grad():
+        gate.gate.weight.zero_()
+        gate.gate.bias.zero_()
+    gate(tokens("cpu"))  # ties: every token on experts 0 and 1, but P is uniform
+    torch.testing.assert_close(gate.get_loss(), torch.tensor(coef, dtype=torch.float64), rtol=0, atol=1e-15)
+    with torch.no_grad():
+        gate.gate.bias[:2] = 3.0
+    gate(tokens("cpu"))
+    assert gate.get_loss().item() > 1.5 * coef
+
+
 def test_naive_gate_has_no_loss_by_default():
     gate = make_gate(NaiveGate)
     gate(tokens("cpu"))
@@ -586,6 +618,7 @@ def _bad(cls, **kwargs):
 
 BAD_CONSTRUCTIONS = [
     ("naive-z", _bad(NaiveGate, z_loss_coef=-1.0), ValueError, ("z_loss_coef", "-1.0")),
+    ("naive-balance", _bad(NaiveGate, balance_coef=-0.1), ValueError, ("balance_coef", "-0.1")),
     ("noisy-eps", _bad(NoisyGate, noise_epsilon=0.0), ValueError, ("noise_epsilon", "0.0")),
     ("noisy-w-load", _bad(NoisyGate, w_load=float("nan")), ValueError, ("w_load", "nan")),
     ("noisy-top-k", _bad(NoisyGate, top_k=7), ValueError, ("top_k", "7")),

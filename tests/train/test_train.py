@@ -13,7 +13,7 @@ import torch
 
 from fastmoe.train import checkpointing, cli
 from fastmoe.train.data import DEFAULT_CORPUS
-from fastmoe.train.loop import LoopConfig, learning_rate
+from fastmoe.train.loop import LoopConfig, learning_rate, make_optimizer
 from fastmoe.train.model import GPT, parameter_counts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,6 +144,29 @@ def test_dense_baseline_matches_active_parameters():
     assert moe(tokens).shape == dense(tokens).shape == (2, 16, 256)
 
 
+def test_naive_gate_balance_loss_is_on_by_default_and_reaches_the_objective():
+    parser = cli.build_parser()
+    config = cli.model_config(parser.parse_args(["--d-model", "32", "--heads", "2", "--layers", "2"]), moe=True)
+    assert config.balance_coef == cli.DEFAULT_BALANCE_COEF > 0
+    model = GPT(config)
+    assert all(layer.gate.balance_coef == config.balance_coef for layer in model.moe_layers())
+    model(torch.randint(0, 256, (4, 16)))
+    # Two layers, each coef * E * sum_e f_e P_e >= coef (the minimum is at an even load).
+    assert model.balance_loss().item() >= 2 * config.balance_coef * (1 - 1e-6)
+    off = cli.model_config(parser.parse_args(["--balance-coef", "0"]), moe=True)
+    assert off.balance_coef == 0 and GPT(off).moe_layers()[0].gate.balance_coef == 0
+    gshard = cli.model_config(parser.parse_args(["--gate", "gshard"]), moe=True)
+    assert gshard.balance_coef == 0  # the GShard gate keeps its own loss
+
+
+def test_optimizer_is_fused_on_the_cpu():
+    model = GPT(cli.model_config(cli.build_parser().parse_args(["--d-model", "32", "--heads", "2"]), moe=True))
+    optimizer = make_optimizer(model, LoopConfig())
+    assert optimizer.defaults["fused"] is True
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor():
     cfg = LoopConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
     assert learning_rate(cfg, 0, 0.0) == pytest.approx(0.1)
@@ -202,6 +225,8 @@ def test_help_documents_every_flag(capsys):
         (["--d-model", "30", "--heads", "4"], "--d-model must be divisible by --heads=4, got 30"),
         (["--time-budget", "0"], "--time-budget must be > 0 seconds, got 0.0"),
         (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
+        (["--balance-coef", "-1"], "--balance-coef must be >= 0, got -1.0"),
+        (["--gate", "gshard", "--balance-coef", "0.01"], "--balance-coef applies to --gate naive"),
     ],
 )
 def test_bad_flags_are_named(capsys, argv, message):

@@ -88,6 +88,25 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return z.square().mean()
 
 
+def slot_balance_term(logits: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """The Switch Transformer's load-balancing term over every routed slot: ``E * sum_e f_e * P_e``, with ``f_e``
+    the fraction of the routed (token, slot) pairs of ``topk_idx [T, k]`` that go to expert e (-1 slots are not
+    counted) and ``P_e`` the mean over the T tokens of the softmax probability of e (``logits [T, E]``).
+
+    It is 1 when the routing is uniform and grows to E when one expert takes everything; the gradient reaches
+    the logits through ``P_e`` only (``f`` is a count). For k = 1 it is Switch's loss; for k > 1 it counts every
+    slot, so it balances the rows each expert really processes (GShard's form counts first choices only).
+    Computed in at least fp32; 0 for 0 tokens."""
+    dtype = loss_dtype(logits)
+    num_tokens, num_experts = logits.shape
+    routed = topk_idx[topk_idx >= 0]
+    counts = torch.zeros(num_experts, dtype=dtype, device=logits.device)
+    counts = counts.scatter_add(0, routed, torch.ones(routed.shape, dtype=dtype, device=logits.device))
+    fraction = counts / max(routed.numel(), 1)
+    mean_prob = torch.softmax(logits.to(dtype), dim=-1).sum(0) / max(num_tokens, 1)
+    return num_experts * (fraction * mean_prob).sum()
+
+
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int, device) -> torch.Tensor:
     """``[E]`` int64 on ``device``, every entry ``ceil(capacity_factor * T * k / E)``.
 

@@ -22,6 +22,7 @@ from fastmoe.train.model import GATES, GPT, ModelConfig
 from fastmoe.train.report import plot, write_summary
 
 DEFAULT_STEPS = 500
+DEFAULT_BALANCE_COEF = 0.01
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(GATES),
         default="naive",
         help="gate of the MoE layers, see docs/gates.md (default: naive)",
+    )
+    what.add_argument(
+        "--balance-coef",
+        type=float,
+        default=None,
+        metavar="C",
+        help="coefficient of the naive gate's load-balancing loss (the Switch Transformer's E * sum_e f_e P_e "
+        f"over all top-k slots, no capacity, no dropped tokens), added to the MoE model's training loss "
+        f"(default: {DEFAULT_BALANCE_COEF} with --gate naive; the other gates keep their own balancing)",
     )
     what.add_argument(
         "--moe-every",
@@ -192,6 +202,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.top_k > args.experts:
         p.error(f"--top-k must be at most --experts={args.experts}, got {args.top_k}")
+    if args.balance_coef is not None:
+        if not args.balance_coef >= 0:
+            p.error(f"--balance-coef must be >= 0, got {args.balance_coef}")
+        if args.gate != "naive":
+            p.error(f"--balance-coef applies to --gate naive; the {args.gate} gate has its own balancing")
     if args.d_model % args.heads:
         p.error(f"--d-model must be divisible by --heads={args.heads}, got {args.d_model}")
 
@@ -246,7 +261,14 @@ def model_config(args, moe: bool) -> ModelConfig:
         top_k=args.top_k,
         expert_hidden=args.expert_hidden or max(1, d_ff // args.top_k),
         gate=args.gate,
+        balance_coef=balance_coef(args),
     )
+
+
+def balance_coef(args) -> float:
+    if args.balance_coef is not None:
+        return args.balance_coef
+    return DEFAULT_BALANCE_COEF if args.gate == "naive" else 0.0
 
 
 def main(argv=None) -> int:
@@ -319,8 +341,9 @@ def main(argv=None) -> int:
 def describe(config: ModelConfig) -> str:
     text = f"{config.n_layers} layers, d_model {config.d_model}, seq {config.seq_len}"
     if config.moe:
+        balance = f" + balance loss {config.balance_coef:g}" if config.balance_coef > 0 else ""
         return (
             f"{text}, MoE every {config.moe_every}: {config.num_experts} experts x {config.expert_hidden} "
-            f"top-{config.top_k} ({config.gate} gate)"
+            f"top-{config.top_k} ({config.gate} gate{balance})"
         )
     return f"{text}, dense FFN {config.top_k * config.expert_hidden} at the MoE positions, {config.d_ff} elsewhere"

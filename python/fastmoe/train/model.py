@@ -5,6 +5,7 @@ of width ``expert_hidden`` with top-``k`` routing, and the dense baseline one FF
 ``top_k * expert_hidden``, so both spend the same FFN FLOPs per token (the gate adds ``d_model * E`` more).
 """
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -39,6 +40,7 @@ class ModelConfig:
     top_k: int = 2
     expert_hidden: int = 256  # hidden width of one expert; the dense baseline uses top_k * expert_hidden there
     gate: str = "naive"
+    balance_coef: float = 0.0  # the naive gate's Switch-style load-balancing loss coefficient (0: none)
 
     def is_moe_layer(self, index: int) -> bool:
         return (index + 1) % self.moe_every == 0
@@ -89,7 +91,7 @@ class Block(nn.Module):
                 d_model=config.d_model,
                 d_hidden=config.expert_hidden,
                 top_k=config.top_k,
-                gate=GATES[config.gate],
+                gate=gate_factory(config),
                 **kwargs,
             )
         elif moe_layer:
@@ -150,6 +152,13 @@ class GPT(nn.Module):
         return sum(losses) if losses else None
 
 
+def gate_factory(config: ModelConfig):
+    """The gate class of ``config.gate``, with the naive gate's balance-loss coefficient bound to it."""
+    if config.gate == "naive" and config.balance_coef > 0:
+        return functools.partial(gates.NaiveGate, balance_coef=config.balance_coef)
+    return GATES[config.gate]
+
+
 def check_config(config: ModelConfig, world_size: int = 1) -> None:
     for name in ("d_model", "n_layers", "n_heads", "seq_len", "d_ff", "moe_every", "num_experts", "top_k"):
         value = getattr(config, name)
@@ -161,6 +170,13 @@ def check_config(config: ModelConfig, world_size: int = 1) -> None:
         raise ValueError(f"top_k must be at most num_experts={config.num_experts}, got {config.top_k}")
     if config.gate not in GATES:
         raise ValueError(f"gate must be one of {sorted(GATES)}, got {config.gate!r}")
+    if not config.balance_coef >= 0:
+        raise ValueError(f"balance_coef must be >= 0, got {config.balance_coef}")
+    if config.balance_coef > 0 and config.gate != "naive":
+        raise ValueError(
+            f"balance_coef applies to the naive gate; the {config.gate} gate has its own balancing, got "
+            f"balance_coef={config.balance_coef}"
+        )
     if config.gate == "switch" and config.top_k != 1:
         raise ValueError(f"the switch gate routes to one expert: top_k must be 1, got {config.top_k}")
     if config.num_experts % world_size != 0:

@@ -2,6 +2,7 @@
 validation loss against training wall-clock time."""
 
 import json
+import textwrap
 from pathlib import Path
 
 from fastmoe.train.loop import RunResult
@@ -125,7 +126,7 @@ def plot(results: list[RunResult], path: Path, title: str) -> Path | None:
         )
     ax.set_xlabel("training wall-clock time (s)")
     ax.set_ylabel("validation loss (nats / byte)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)  # a long model description takes two lines
     losses = [p["val_loss"] for r in results for p in r.history[1:]] or [1.0]
     ax.set_ylim(min(losses) * 0.97, max(losses) * 1.05)  # the first point (untrained, ln 256) squeezes the rest
     ax.grid(alpha=0.3)

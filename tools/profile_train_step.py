@@ -1,0 +1,127 @@
+"""Where one training step of fastmoe-train's MoE model and of its dense baseline spends its time on the CPU.
+
+Builds both models exactly as fastmoe-train does (the same flags, the same defaults), trains each for
+--warmup-steps steps, then times --timed-steps more, the two models taking turns step by step (as fastmoe-train
+does, so both see the same machine load): the forward (with the loss), the backward, the gradient clipping and
+the AdamW step, median milliseconds per step. --ops adds torch.profiler's self time per step of fastmoe's ops,
+the optimizer kernels and everything that differs between the two models by more than 0.5 ms.
+
+    PYTHONPATH=python .venv/bin/python tools/profile_train_step.py --threads 1 [--ops] [--adamw foreach]
+        [any fastmoe-train model flag: --experts 32, --balance-coef 0, ...]
+
+The profiler's own overhead inflates some element-wise ops (GELU most of all), so use the phase table for
+totals and the op table for shares between ops of the same kind.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from fastmoe.train import cli
+from fastmoe.train.data import WindowSampler, load_corpus
+from fastmoe.train.loop import LoopConfig, lm_loss, make_optimizer
+from fastmoe.train.model import GPT
+
+PHASES = ("forward", "backward", "clip", "adamw", "step")
+
+
+def build(args, moe: bool, adamw: str):
+    torch.manual_seed(args.seed)
+    model = GPT(cli.model_config(args, moe=moe))
+    cfg = LoopConfig(batch_size=args.batch, lr=args.lr, weight_decay=args.weight_decay)
+    if adamw == "fused":
+        optimizer = make_optimizer(model, cfg)
+    else:  # torch's default multi-tensor AdamW, for comparison
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), foreach=True)
+    return model, optimizer
+
+
+def make_step(model, optimizer, sampler, grad_clip: float):
+    def step(times=None):
+        t0 = time.perf_counter()
+        inputs, targets = sampler.next_batch()
+        loss = lm_loss(model(inputs), targets)
+        aux = model.balance_loss()
+        objective = loss if aux is None else loss + aux
+        t1 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        t2 = time.perf_counter()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        t3 = time.perf_counter()
+        optimizer.step()
+        loss.item()
+        t4 = time.perf_counter()
+        if times is not None:
+            for name, value in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
+                times[name].append(value * 1e3)
+
+    return step
+
+
+def main() -> None:
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--warmup-steps", type=int, default=30, help="untimed steps first (default 30)")
+    extra.add_argument("--timed-steps", type=int, default=40, help="timed steps (default 40)")
+    extra.add_argument("--ops", action="store_true", help="also profile --timed-steps steps op by op")
+    extra.add_argument("--adamw", choices=["fused", "foreach"], default="fused", help="optimizer implementation")
+    own, rest = extra.parse_known_args()
+    parser = cli.build_parser()
+    args = parser.parse_args(rest)
+    cli.check_args(parser, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    corpus = load_corpus(args.data, args.val_fraction)
+    print(f"{torch.get_num_threads()} threads, batch {args.batch} x {args.seq_len}, AdamW {own.adamw}")
+    steps, times, op_tables = {}, {}, {}
+    for name in ("moe", "dense"):
+        model, optimizer = build(args, name == "moe", own.adamw)
+        sampler = WindowSampler(corpus.train, args.batch, args.seq_len, seed=args.seed)
+        steps[name] = make_step(model, optimizer, sampler, args.grad_clip)
+        times[name] = {phase: [] for phase in PHASES}
+    # The two models take turns step by step, as in fastmoe-train, so both see the same machine load.
+    for _ in range(own.warmup_steps):
+        for step in steps.values():
+            step()
+    for _ in range(own.timed_steps):
+        for name, step in steps.items():
+            step(times[name])
+    for name in steps:
+        cells = "  ".join(f"{phase} {statistics.median(values):6.1f}" for phase, values in times[name].items())
+        print(f"{name:5s} ms/step (median of {own.timed_steps}):  {cells}")
+    if own.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, step in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(own.timed_steps):
+                    step()
+            op_tables[name] = {
+                e.key: (e.self_cpu_time_total / 1e3 / own.timed_steps, e.count / own.timed_steps)
+                for e in prof.key_averages()
+            }
+    if op_tables:
+        moe, dense = op_tables["moe"], op_tables["dense"]
+        total = sum(v[0] for v in moe.values())
+        print(f"\nprofiled self time per step: moe {total:.1f} ms, dense {sum(v[0] for v in dense.values()):.1f} ms")
+        print("   moe ms  calls  dense ms  calls  op")
+        keys = [
+            k
+            for k in set(moe) | set(dense)
+            if k.startswith("fastmoe::")
+            or "adamw" in k.lower()
+            or abs(moe.get(k, (0, 0))[0] - dense.get(k, (0, 0))[0]) > 0.5
+        ]
+        for key in sorted(keys, key=lambda k: -moe.get(k, (0, 0))[0]):
+            m, d = moe.get(key, (0.0, 0)), dense.get(key, (0.0, 0))
+            print(f"  {m[0]:7.2f} {m[1]:6.0f}  {d[0]:8.2f} {d[1]:6.0f}  {key[:70]}")
+
+
+if __name__ == "__main__":
+    main()
