@@ -18,7 +18,7 @@ if [ -z "${DATA:-}" ] && [ -f .deps/corpus-gpu.tar.xz ]; then
 fi
 DATA=${DATA:-.deps/fortunes}
 # TRAIN_ARGS replaces the model and schedule flags below; TIME_BUDGET is the training time per model in seconds.
-TRAIN_ARGS=${TRAIN_ARGS:---d-model 1024 --layers 8 --heads 16 --seq-len 256 --batch 64 --experts 16 --top-k 2 --lr 1e-3 --warmup 200 --eval-every 200 --ckpt-every 0}
+TRAIN_ARGS=${TRAIN_ARGS:---d-model 1024 --layers 8 --heads 16 --seq-len 256 --batch 64 --experts 8 --top-k 2 --lr 1e-3 --warmup 200 --eval-every 200 --ckpt-every 0}
 # shellcheck disable=SC2086
 PYTHONPATH=python:/tmp/pk timeout "${TRAIN_TIMEOUT:-560}" python3 -m fastmoe.train --device cuda --precision bf16 \
   --time-budget "${TIME_BUDGET:-120}" --data "$DATA" $TRAIN_ARGS --no-progress --out "$OUT/train" \
