@@ -83,7 +83,6 @@ class FMoE(nn.Module):
         self.top_k = _checks.top_k_in_range(top_k, self.num_experts_total)
         self.gate_hook = gate_hook
         self.ep_chunks = _checks.positive_int("ep_chunks", ep_chunks)
-        self._side_streams: list = []
         self.balance_record: BalanceRecord | None = None
 
         if isinstance(gate, nn.Module):
@@ -255,14 +254,15 @@ class FMoE(nn.Module):
         return ops.exchange(partial, recv, send, self.moe_group), send_plan
 
     def _chunk_streams(self, x: torch.Tensor, n: int) -> list:
-        """The stream of each chunk: the current one for the first, side streams (made once per device) for the
-        others; ``None`` for all off CUDA or with one chunk."""
+        """The stream of each chunk: the current one for the first, side streams (made once per device and
+        shared by all layers, which run one after another) for the others; ``None`` for all off CUDA or with one
+        chunk. The streams live outside the module, so it still copies and pickles."""
         if n == 1 or x.device.type != "cuda":
             return [None] * n
-        self._side_streams = [s for s in self._side_streams if s.device == x.device]
-        while len(self._side_streams) < n - 1:
-            self._side_streams.append(torch.cuda.Stream(device=x.device))
-        return [torch.cuda.current_stream(x.device), *self._side_streams[: n - 1]]
+        side = _SIDE_STREAMS.setdefault(x.device.index, [])
+        while len(side) < n - 1:
+            side.append(torch.cuda.Stream(device=x.device))
+        return [torch.cuda.current_stream(x.device), *side[: n - 1]]
 
     def _record_balance(self, num_tokens: int, num_slots: int, expert_counts: torch.Tensor) -> None:
         """Keeps what balance_stats() needs, as device tensors (no host read here)."""
@@ -299,6 +299,10 @@ class FMoE(nn.Module):
             device = param.device if param is not None else None
             return torch.zeros((), device=device)
         return loss
+
+
+# CUDA device index -> the side streams of ep_chunks (FMoE._chunk_streams)
+_SIDE_STREAMS: dict = {}
 
 
 def _exchange_splits_sync(outgoing: torch.Tensor, incoming: torch.Tensor) -> list:
