@@ -207,6 +207,8 @@ def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
             clear_grads()
             layer(x).backward(grad_out)
 
+        if impl == "fastmoe":
+            fastmoe_step = step  # what --profile runs
         clear_grads()
         _sync(device)
         if device.type == "cuda":
@@ -232,16 +234,16 @@ def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
             }
         )
     if args.profile is not None:
-        profile_steps(fm, x, grad_out, device, args.profile / f"{name}-W{world}-rank{rank}.json")
+        profile_steps(fastmoe_step, device, args.profile / f"{name}-W{world}-rank{rank}.json")
     speedup = round(results[1]["ms"] / results[0]["ms"], 3)
     for r in results:
         r["fastmoe_speedup"] = speedup
     return results
 
 
-def profile_steps(layer, x, grad_out, device, trace: Path) -> None:
-    """Five fwd+bwd steps of ``layer`` under torch.profiler: rank 0 prints the operators and kernels by device
-    time, each rank writes its trace (chrome://tracing, Perfetto)."""
+def profile_steps(step, device, trace: Path) -> None:
+    """Five runs of ``step`` (a fwd+bwd step, as timed) under torch.profiler: rank 0 prints the operators and
+    kernels by device time, each rank writes its trace (chrome://tracing, Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -250,10 +252,7 @@ def profile_steps(layer, x, grad_out, device, trace: Path) -> None:
     dist.barrier()
     with profile(activities=activities) as prof:
         for _ in range(5):
-            x.grad = None
-            for p in layer.parameters():
-                p.grad = None
-            layer(x).backward(grad_out)
+            step()
         _sync(device)
     prof.export_chrome_trace(str(trace))
     if dist.get_rank() == 0:

@@ -229,7 +229,6 @@ class DistributedGroupedDataParallel(nn.Module):
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         sharded_ids = {id(p) for p in self._sharded}
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         shard_grads = [p.grad for p in self._sharded if p.grad is not None]
         rest_grads = [p.grad for p in self.module.parameters() if p.grad is not None and id(p) not in sharded_ids]
         device = next(self.module.parameters()).device
@@ -245,9 +244,7 @@ class DistributedGroupedDataParallel(nn.Module):
             dist.all_reduce(shard_sq)
             total = total + shard_sq / self._shard_replicas
         total = total.sqrt()
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for grad in grads:
-            grad.mul_(scale.to(grad.dtype))
+        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), max_norm, total)
         return total
 
     def _queue_allreduce(self, _param):
