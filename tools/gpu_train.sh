@@ -19,6 +19,15 @@ fi
 DATA=${DATA:-.deps/fortunes}
 # TRAIN_ARGS replaces the model and schedule flags below; TIME_BUDGET is the training time per model in seconds.
 TRAIN_ARGS=${TRAIN_ARGS:---d-model 1024 --layers 8 --heads 16 --seq-len 256 --batch 64 --experts 8 --top-k 2 --lr 1e-3 --warmup 200 --eval-every 200 --ckpt-every 0}
+# PROFILE=1: first tools/profile_train_step.py on the same flags (phase times and CUDA kernels per step of both
+# models) into $OUT/profile.log.
+if [ "${PROFILE:-0}" = 1 ]; then
+  # shellcheck disable=SC2086
+  PYTHONPATH=python:/tmp/pk timeout 120 python3 tools/profile_train_step.py --device cuda --precision bf16 \
+    --data "$DATA" $TRAIN_ARGS --ops --warmup-steps 20 --timed-steps 20 > "$OUT/profile.log" 2>&1
+  echo "profile rc=$?"
+  head -4 "$OUT/profile.log"
+fi
 # shellcheck disable=SC2086
 PYTHONPATH=python:/tmp/pk timeout "${TRAIN_TIMEOUT:-560}" python3 -m fastmoe.train --device cuda --precision bf16 \
   --time-budget "${TIME_BUDGET:-120}" --data "$DATA" $TRAIN_ARGS --no-progress --out "$OUT/train" \

@@ -170,6 +170,7 @@ class FMoE(nn.Module):
         debug.check_routing(self, topk_idx, topk_score, self.num_experts_total)
         if self.gate_hook is not None:
             self.gate_hook(topk_idx, topk_score, None)
+        x = self._expert_input(x)
         if self.moe_group is None:
             plan = ops.make_plan(topk_idx, self.num_experts_total)
             self._record_balance(x.shape[0], topk_idx.numel(), plan.expert_counts)
@@ -180,6 +181,20 @@ class FMoE(nn.Module):
         else:
             y = self._global_forward(x, topk_idx, topk_score)
         return y.reshape(*inp.shape[:-1], y.shape[-1])
+
+    # True where the experts' first op follows autocast (FMoETransformerMLP: a grouped GEMM), so the rows may be
+    # cast to the autocast dtype before they are permuted or exchanged.
+    expert_input_follows_autocast = False
+
+    def _expert_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Under autocast, rows headed for experts that would cast them anyway are cast once here, before the
+        permute (and the exchange): the permute, the combine of the backward and the all-to-all then move
+        half the bytes, and the GEMM sees the same bf16 input."""
+        if not self.expert_input_follows_autocast or not torch.is_autocast_enabled(x.device.type):
+            return x
+        if x.dtype == torch.float64:  # autocast leaves fp64 alone
+            return x
+        return x.to(torch.get_autocast_dtype(x.device.type))
 
     def _global_forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_score: torch.Tensor) -> torch.Tensor:
         """Expert parallelism (docs/distributed.md): each token row travels once to every rank that owns one of

@@ -78,5 +78,7 @@ class FMoETransformerMLP(FMoE):
         self.expert_dp_comm = expert_dp_comm
         self.mark_parallel_comm(expert_dp_comm)
 
+    expert_input_follows_autocast = True  # the experts start with a grouped GEMM, which follows autocast
+
     def expert_fn(self, inp, fwd_expert_count, expert_offsets=None):
         return self.experts(inp, fwd_expert_count, expert_offsets)

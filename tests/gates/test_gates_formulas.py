@@ -146,6 +146,20 @@ def test_naive_gate_balance_loss_is_coef_when_uniform_and_grows_with_skew():
     assert gate.get_loss().item() > 1.5 * coef
 
 
+def test_slot_balance_term_skips_unrouted_slots():
+    """-1 slots (dropped by a capacity) count for no expert and are left out of the slot total."""
+    from fastmoe.gates.base_gate import slot_balance_term
+
+    logits = torch.randn(5, 4, dtype=torch.float64, generator=make_generator(3))
+    idx = torch.tensor([[0, 1], [2, -1], [0, 3], [-1, -1], [1, 0]])
+    routed = [e for e in idx.flatten().tolist() if e >= 0]
+    f = torch.tensor([routed.count(e) / len(routed) for e in range(4)], dtype=torch.float64)
+    want = 4 * (f * ref.softmax_rows(logits).mean(0)).sum()
+    torch.testing.assert_close(slot_balance_term(logits, idx), want, rtol=1e-14, atol=0)
+    everything_dropped = slot_balance_term(logits, torch.full((5, 2), -1))
+    assert everything_dropped.item() == 0.0
+
+
 def test_naive_gate_has_no_loss_by_default():
     gate = make_gate(NaiveGate)
     gate(tokens("cpu"))
@@ -588,10 +602,14 @@ def test_fmoe_gate_extra_arguments_through_partial():
     assert ((idx // 2)[:, 0] == (idx // 2)[:, 1]).all()  # both experts from the one kept group
 
 
+# every gate with its defaults, and the naive gate with both of its optional losses
+SYNC_CASES = [(cls, {}) for cls in GATES] + [(NaiveGate, {"balance_coef": 0.01, "z_loss_coef": 1e-3})]
+
+
 @pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_REASON or "")
-@pytest.mark.parametrize("cls", GATES, ids=lambda c: c.__name__)
-def test_gate_forward_has_no_host_sync_on_cuda(cls):
-    gate = cls(64, 8, 1, TOP_K.get(cls, 2)).cuda().train()
+@pytest.mark.parametrize(("cls", "kwargs"), SYNC_CASES, ids=lambda c: getattr(c, "__name__", None) or str(c))
+def test_gate_forward_has_no_host_sync_on_cuda(cls, kwargs):
+    gate = cls(64, 8, 1, TOP_K.get(cls, 2), **kwargs).cuda().train()
     x = torch.randn(256, 64, device="cuda")
     gate(x)  # warm-up (lazy initialisation may sync)
     torch.cuda.synchronize()
@@ -602,6 +620,29 @@ def test_gate_forward_has_no_host_sync_on_cuda(cls):
         gate(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_REASON or "")
+def test_transformer_mlp_training_step_has_no_host_sync_on_cuda():
+    """Forward, balance loss and backward of the layer fastmoe-train uses, under bf16 autocast: a host sync in
+    any of them stalls the GPU once per layer and step."""
+    gate = functools.partial(NaiveGate, balance_coef=0.01)
+    layer = FMoETransformerMLP(8, d_model=64, d_hidden=128, top_k=2, gate=gate).cuda()
+    x = torch.randn(256, 64, device="cuda", requires_grad=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        (y.float().square().mean() + layer.get_loss()).backward()
+
+    step()  # warm-up (lazy initialisation may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -44,3 +44,41 @@ def test_autocast_leaves_fp64_alone():
 def test_no_autocast_keeps_fp32():
     x, offsets, weight, bias = make("cpu")
     assert ops.grouped_linear(x, offsets, weight, bias).dtype == torch.float32
+
+
+def test_transformer_mlp_casts_rows_before_the_permute_with_the_same_result(device):
+    """FMoETransformerMLP casts its rows to bf16 before the permute under autocast (half the bytes moved). The
+    expert GEMMs see the same bf16 input as when grouped_linear casts after the permute, so the output is
+    bitwise the same; the input gradient is now summed over the k slots in bf16, so it matches to bf16
+    rounding."""
+    from fastmoe import FMoETransformerMLP
+
+    torch.manual_seed(0)
+    layer = FMoETransformerMLP(4, d_model=16, d_hidden=32, top_k=2).to(device)
+    x = randn(24, 16, gen=make_generator(6), dtype=torch.float32, device=device)
+    results = []
+    for early_cast in (True, False):
+        layer.expert_input_follows_autocast = early_cast
+        layer.zero_grad(set_to_none=True)
+        inp = leaf(x)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            y = layer(inp)
+        y.float().square().sum().backward()
+        results.append((y, inp.grad, [p.grad for p in layer.parameters()]))
+    (y_early, gx_early, gp_early), (y_late, gx_late, gp_late) = results
+    assert y_early.dtype == torch.bfloat16 and gx_early.dtype == torch.float32
+    assert_bitwise_equal(y_early, y_late, "y")
+    torch.testing.assert_close(gx_early, gx_late, rtol=2e-2, atol=1e-3)
+    for a, b in zip(gp_early, gp_late, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
+def test_transformer_mlp_under_autocast_leaves_fp64_alone():
+    from fastmoe import FMoETransformerMLP
+
+    layer = FMoETransformerMLP(4, d_model=16, d_hidden=32, top_k=2).double()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    assert_bitwise_equal(y, layer(x), "y")

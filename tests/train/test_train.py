@@ -144,6 +144,19 @@ def test_dense_baseline_matches_active_parameters():
     assert moe(tokens).shape == dense(tokens).shape == (2, 16, 256)
 
 
+def test_no_ffn_bias_drops_the_biases_of_both_models_ffns():
+    args = cli.build_parser().parse_args(["--d-model", "64", "--experts", "8", "--layers", "2", "--no-ffn-bias"])
+    moe, dense = GPT(cli.model_config(args, moe=True)), GPT(cli.model_config(args, moe=False))
+    for model in (moe, dense):
+        ffn_names = [n for n, _ in model.named_parameters() if ".ffn." in n and ".gate." not in n]
+        assert ffn_names and not [n for n in ffn_names if n.endswith("bias")], ffn_names
+    # Without the experts' output biases the active count is exactly dense's plus the gates.
+    gates = sum(p.numel() for layer in moe.moe_layers() for p in layer.gate.parameters())
+    assert parameter_counts(moe)[1] == parameter_counts(dense)[1] + gates
+    with_bias = cli.model_config(cli.build_parser().parse_args([]), moe=True)
+    assert with_bias.ffn_bias and GPT(with_bias).moe_layers()[0].experts.htoh4.bias is not None
+
+
 def test_naive_gate_balance_loss_is_on_by_default_and_reaches_the_objective():
     parser = cli.build_parser()
     config = cli.model_config(parser.parse_args(["--d-model", "32", "--heads", "2", "--layers", "2"]), moe=True)

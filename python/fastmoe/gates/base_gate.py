@@ -99,10 +99,13 @@ def slot_balance_term(logits: torch.Tensor, topk_idx: torch.Tensor) -> torch.Ten
     Computed in at least fp32; 0 for 0 tokens."""
     dtype = loss_dtype(logits)
     num_tokens, num_experts = logits.shape
-    routed = topk_idx[topk_idx >= 0]
+    # No boolean indexing: its output size would be read on the host, a device sync in every layer's forward.
+    # A -1 slot adds 0 to expert 0 instead.
+    flat = topk_idx.reshape(-1)
+    is_routed = (flat >= 0).to(dtype)
     counts = torch.zeros(num_experts, dtype=dtype, device=logits.device)
-    counts = counts.scatter_add(0, routed, torch.ones(routed.shape, dtype=dtype, device=logits.device))
-    fraction = counts / max(routed.numel(), 1)
+    counts = counts.scatter_add(0, flat.clamp(min=0), is_routed)
+    fraction = counts / counts.sum().clamp(min=1)
     mean_prob = torch.softmax(logits.to(dtype), dim=-1).sum(0) / max(num_tokens, 1)
     return num_experts * (fraction * mean_prob).sum()
 

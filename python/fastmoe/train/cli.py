@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="every N-th FFN layer is MoE: layer i (from 0) when (i + 1) %% N == 0 (default: 1, all)",
     )
     what.add_argument(
+        "--ffn-bias",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="biases in the feed-forward layers of both models, the experts' and the dense FFNs' (default: on; "
+        "--no-ffn-bias drops them, as most recent MoE models do, and saves the experts' bias passes)",
+    )
+    what.add_argument(
         "--expert-hidden",
         type=int,
         default=None,
@@ -262,6 +269,7 @@ def model_config(args, moe: bool) -> ModelConfig:
         expert_hidden=args.expert_hidden or max(1, d_ff // args.top_k),
         gate=args.gate,
         balance_coef=balance_coef(args),
+        ffn_bias=args.ffn_bias,
     )
 
 

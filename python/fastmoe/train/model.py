@@ -41,6 +41,7 @@ class ModelConfig:
     expert_hidden: int = 256  # hidden width of one expert; the dense baseline uses top_k * expert_hidden there
     gate: str = "naive"
     balance_coef: float = 0.0  # the naive gate's Switch-style load-balancing loss coefficient (0: none)
+    ffn_bias: bool = True  # biases in every feed-forward layer (experts and dense FFNs) of both models
 
     def is_moe_layer(self, index: int) -> bool:
         return (index + 1) % self.moe_every == 0
@@ -50,10 +51,10 @@ class ModelConfig:
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, d_model: int, d_hidden: int):
+    def __init__(self, d_model: int, d_hidden: int, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_hidden)
-        self.fc2 = nn.Linear(d_hidden, d_model)
+        self.fc1 = nn.Linear(d_model, d_hidden, bias=bias)
+        self.fc2 = nn.Linear(d_hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -92,12 +93,13 @@ class Block(nn.Module):
                 d_hidden=config.expert_hidden,
                 top_k=config.top_k,
                 gate=gate_factory(config),
+                bias=config.ffn_bias,
                 **kwargs,
             )
         elif moe_layer:
-            self.ffn = DenseFFN(config.d_model, config.top_k * config.expert_hidden)
+            self.ffn = DenseFFN(config.d_model, config.top_k * config.expert_hidden, config.ffn_bias)
         else:
-            self.ffn = DenseFFN(config.d_model, config.d_ff)
+            self.ffn = DenseFFN(config.d_model, config.d_ff, config.ffn_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
