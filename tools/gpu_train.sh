@@ -4,6 +4,7 @@
 # Usage: OUT=/tmp/out tools/gpu_train.sh
 set -u
 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
 if ! ls python/fastmoe/_C*.so >/dev/null 2>&1 || [ ! -d /tmp/pk ]; then
   echo "fresh machine: building and installing the training extras again"
@@ -18,7 +19,7 @@ if [ -z "${DATA:-}" ] && [ -f .deps/corpus-gpu.tar.xz ]; then
 fi
 DATA=${DATA:-.deps/fortunes}
 # TRAIN_ARGS replaces the model and schedule flags below; TIME_BUDGET is the training time per model in seconds.
-TRAIN_ARGS=${TRAIN_ARGS:---d-model 1024 --layers 8 --heads 16 --seq-len 256 --batch 64 --experts 8 --top-k 2 --lr 1e-3 --warmup 200 --eval-every 200 --ckpt-every 0}
+TRAIN_ARGS=${TRAIN_ARGS:---d-model 1024 --layers 8 --heads 16 --seq-len 32 --batch 512 --experts 8 --top-k 2 --lr 1e-3 --warmup 200 --eval-every 250 --ckpt-every 0 --no-ffn-bias}
 # PROFILE=1: first tools/profile_train_step.py on the same flags (phase times and CUDA kernels per step of both
 # models) into $OUT/profile.log.
 if [ "${PROFILE:-0}" = 1 ]; then
@@ -30,7 +31,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 # shellcheck disable=SC2086
 PYTHONPATH=python:/tmp/pk timeout "${TRAIN_TIMEOUT:-560}" python3 -m fastmoe.train --device cuda --precision bf16 \
-  --time-budget "${TIME_BUDGET:-120}" --data "$DATA" $TRAIN_ARGS --no-progress --out "$OUT/train" \
+  --time-budget "${TIME_BUDGET:-230}" --data "$DATA" $TRAIN_ARGS --no-progress --out "$OUT/train" \
   > "$OUT/train.log" 2>&1
 echo "rc=$?"
 tail -30 "$OUT/train.log"

@@ -112,6 +112,7 @@ def main() -> None:
         tokens_per_s = args.batch * args.seq_len / statistics.median(times[name]["step"]) * 1e3
         print(f"{name:5s} ms/step (median of {own.timed_steps}):  {cells}  ({tokens_per_s:,.0f} tokens/s)")
     if own.ops:
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
@@ -119,18 +120,21 @@ def main() -> None:
             with profile(activities=activities) as prof:
                 for _ in range(own.timed_steps):
                     step()
+            # On CUDA an op's self device time is the time of the kernels it launched, which are listed too:
+            # the totals count the kernels (device-side events) only.
             op_tables[name] = {
                 e.key: (
                     (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / own.timed_steps,
                     e.count / own.timed_steps,
+                    not cuda or e.device_type == DeviceType.CUDA,
                 )
                 for e in prof.key_averages()
             }
     if op_tables:
         moe, dense = op_tables["moe"], op_tables["dense"]
-        total = sum(v[0] for v in moe.values())
+        total = sum(v[0] for v in moe.values() if v[2])
         kind = "CUDA kernel" if cuda else "CPU"
-        dense_total = sum(v[0] for v in dense.values())
+        dense_total = sum(v[0] for v in dense.values() if v[2])
         print(f"\nprofiled {kind} self time per step: moe {total:.1f} ms, dense {dense_total:.1f} ms")
         print("   moe ms  calls  dense ms  calls  op")
         keys = [
@@ -138,10 +142,10 @@ def main() -> None:
             for k in set(moe) | set(dense)
             if k.startswith("fastmoe::")
             or "adamw" in k.lower()
-            or abs(moe.get(k, (0, 0))[0] - dense.get(k, (0, 0))[0]) > (0.1 if cuda else 0.5)
+            or abs(moe.get(k, (0, 0, True))[0] - dense.get(k, (0, 0, True))[0]) > (0.1 if cuda else 0.5)
         ]
-        for key in sorted(keys, key=lambda k: -moe.get(k, (0, 0))[0]):
-            m, d = moe.get(key, (0.0, 0)), dense.get(key, (0.0, 0))
+        for key in sorted(keys, key=lambda k: -moe.get(k, (0, 0, True))[0]):
+            m, d = moe.get(key, (0.0, 0, True)), dense.get(key, (0.0, 0, True))
             print(f"  {m[0]:7.2f} {m[1]:6.0f}  {d[0]:8.2f} {d[1]:6.0f}  {key[:110]}")
 
 
