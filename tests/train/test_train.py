@@ -217,6 +217,23 @@ def test_resume_refuses_other_flags(tmp_path, corpus_file):
         cli.main([*common[:-2], "--experts", "8", "--data", str(corpus_file), "--out", str(tmp_path), "--resume"])
 
 
+def test_resume_reads_a_checkpoint_older_than_the_balance_and_bias_flags(tmp_path, corpus_file):
+    """A checkpoint written before balance_coef and ffn_bias existed had no balance loss and FFN biases: it
+    resumes with --balance-coef 0 and is refused with the balance loss on."""
+    common = [*TINY, "--model", "moe", "--steps", "2", "--eval-every", "0", "--data", str(corpus_file)]
+    assert cli.main([*common, "--balance-coef", "0", "--out", str(tmp_path), "--stop-after", "1"]) == 0
+    path = tmp_path / "moe" / "checkpoint.pt"
+    payload = torch.load(path, weights_only=False)
+    assert payload["config"]["balance_coef"] == 0.0 and payload["config"]["ffn_bias"] is True
+    for field in ("balance_coef", "ffn_bias"):
+        del payload["config"][field]
+    torch.save(payload, path)
+    with pytest.raises(RuntimeError, match="balance_coef: checkpoint 0.0 vs now 0.01"):
+        cli.main([*common, "--out", str(tmp_path), "--resume"])
+    assert cli.main([*common, "--balance-coef", "0", "--out", str(tmp_path), "--resume"]) == 0
+    assert summary(tmp_path)["moe"]["steps"] == 2
+
+
 def test_help_documents_every_flag(capsys):
     parser = cli.build_parser()
     with pytest.raises(SystemExit):

@@ -56,13 +56,19 @@ def save(
             tmp.unlink()
 
 
+# configuration field -> its value in checkpoints written before the field existed
+ADDED_CONFIG_FIELDS = {"balance_coef": 0.0, "ffn_bias": True}
+
+
 def load(path: str | os.PathLike, *, model, optimizer, sampler, config: dict, map_location=None) -> dict:
     """Restores model, optimizer, sampler and RNG states from ``path`` and returns the payload (for ``step``,
     ``train_time`` and ``history``). Refuses a checkpoint made with a different model or data configuration."""
     payload = torch.load(path, map_location=map_location or "cpu", weights_only=False)
     if payload.get("format_version") != FORMAT_VERSION:
         raise RuntimeError(f"{path}: checkpoint format {payload.get('format_version')!r}, expected {FORMAT_VERSION}")
-    saved = payload["config"]
+    # Fields added to the configuration after a checkpoint was written take the value that checkpoint's model
+    # had, so an older checkpoint resumes with the flags that reproduce it (e.g. --balance-coef 0).
+    saved = {**ADDED_CONFIG_FIELDS, **payload["config"]}
     diffs = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
     if diffs:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diffs.items()))
