@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The MoE-vs-dense training comparison on one GPU (docs/training.md). Needs the corpus in .deps/fortunes (a copy of
-# Debian's /usr/share/games/fortunes without the *.u8 links) and the extras of tools/gpu_targeted.sh.
+# The MoE-vs-dense training comparison on a GPU machine (docs/training.md). It needs, carried in .deps: the
+# corpus .deps/corpus-gpu.tar.xz of tools/make_gpu_corpus.sh (or .deps/fortunes, a copy of Debian's
+# /usr/share/games/fortunes), the wheels of tqdm and matplotlib for the machine's Python in .deps/wheels, and a
+# GoogleTest source tree in .deps/googletest for the build.
 # Usage: OUT=/tmp/out tools/gpu_train.sh
+#   TIME_BUDGET=s   training time per model (default 230)    TRAIN_ARGS="..."  replaces the model flags below
+#   DATA=path       another corpus                             PROFILE=1         tools/profile_train_step.py first
+#   NPROC=n         n GPUs under torchrun: the MoE model expert-parallel over them, the rest data-parallel
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -29,8 +34,12 @@ if [ "${PROFILE:-0}" = 1 ]; then
   echo "profile rc=$?"
   head -4 "$OUT/profile.log"
 fi
+launcher=(python3)
+if [ "${NPROC:-1}" -gt 1 ]; then
+  launcher=(torchrun --standalone --nproc-per-node "$NPROC")
+fi
 # shellcheck disable=SC2086
-PYTHONPATH=python:/tmp/pk timeout "${TRAIN_TIMEOUT:-560}" python3 -m fastmoe.train --device cuda --precision bf16 \
+PYTHONPATH=python:/tmp/pk timeout "${TRAIN_TIMEOUT:-560}" "${launcher[@]}" -m fastmoe.train --device cuda --precision bf16 \
   --time-budget "${TIME_BUDGET:-230}" --data "$DATA" $TRAIN_ARGS --no-progress --out "$OUT/train" \
   > "$OUT/train.log" 2>&1
 echo "rc=$?"
