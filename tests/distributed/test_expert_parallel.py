@@ -40,6 +40,11 @@ def test_ep_matches_single_process(world, backend):
     assert got == tokens
 
 
+@pytest.mark.parametrize("backend", backends(2))
+def test_ep_rows_cast_before_the_exchange_under_autocast(backend):
+    assert run(2, backend, ep_cases.autocast_early_cast) == [9, 13]
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "modules"])
 @pytest.mark.parametrize("backend", backends(2))
 def test_ep_chunks_match_single_process(backend, fused):
