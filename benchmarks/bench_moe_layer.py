@@ -8,6 +8,10 @@ Per case it prints one JSON line and, at the end, a table: median time of a forw
 events, after warm-up), expert TFLOP/s (fwd+bwd = 3x the forward's expert FLOPs), that rate as a % of a dense
 bf16 matmul measured in the same process, peak memory above the parameters, and the speed-up of fastmoe over
 each baseline. Every method gets the same parameters and inputs, and its output is checked against fastmoe's.
+
+Each case also times ``dense_ffn``: a dense GELU MLP of width k * h, the same FLOPs as the experts, which is what
+an MoE model is compared with at equal FLOPs per token (fastmoe-train's dense baseline). ``vs_dense_ffn`` is
+fastmoe's time over that one: the cost of the MoE layer's routing and grouped GEMMs relative to a dense FFN.
 """
 
 import argparse
@@ -21,14 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fastmoe  # noqa: E402
-from baselines.moe_baselines import grouped_mm_moe, loop_moe  # noqa: E402
+from baselines.moe_baselines import dense_ffn, grouped_mm_moe, loop_moe  # noqa: E402
 
 CONFIGS = {
     "mixtral": [dict(T=8192, d=4096, h=14336, E=8, k=2)],
     "fine": [dict(T=16384, d=2048, h=1408, E=64, k=6)],
     "paper": [dict(T=4096, d=1024, h=4096, E=64, k=2)],
     "escan": [dict(T=8192, d=1024, h=4096, E=e, k=2) for e in (2, 8, 32, 128)],
+    # an MoE layer of the GPU training comparison (docs/training.md): 64 x 256 tokens, d_model 1024
+    "train": [dict(T=16384, d=1024, h=2048, E=8, k=2)],
 }
+DENSE = "dense_ffn"  # the equal-FLOPs dense FFN: timed, but not a baseline of the same function
 
 
 def time_step(step, iters: int, warmup: int) -> float:
@@ -71,6 +78,11 @@ def run_case(name: str, cfg: dict, iters: int, warmup: int, dense_tflops: float,
     }
     if not skip_loop:
         methods["loop"] = lambda: loop_moe(x, *params, k)
+    dense_weights = tuple(
+        (torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * cols**-0.5).requires_grad_()
+        for rows, cols in ((k * h, d), (d, k * h))
+    )
+    methods[DENSE] = lambda: dense_ffn(x, *dense_weights)
 
     with torch.no_grad():
         reference = methods["fastmoe"]().float()
@@ -78,12 +90,14 @@ def run_case(name: str, cfg: dict, iters: int, warmup: int, dense_tflops: float,
     result = {"config": name, **cfg, "dtype": "bf16", "dense_bf16_tflops": round(dense_tflops, 1)}
     result["methods"] = {}
     for method, forward in methods.items():
-        with torch.no_grad():
-            out = forward().float()
-        rel_err = ((out - reference).norm() / reference.norm()).item()
+        rel_err = None
+        if method != DENSE:  # another function: nothing to compare
+            with torch.no_grad():
+                out = forward().float()
+            rel_err = float(f"{((out - reference).norm() / reference.norm()).item():.2e}")
 
         def clear_grads():
-            for p in (x, *params):
+            for p in (x, *params, *dense_weights):
                 p.grad = None
 
         def step(forward=forward):
@@ -104,16 +118,17 @@ def run_case(name: str, cfg: dict, iters: int, warmup: int, dense_tflops: float,
             "tflops": round(tflops, 1),
             "pct_dense": round(100 * tflops / dense_tflops, 1),
             "peak_gib": round(peak_gib, 2),
-            "rel_err_vs_fastmoe": float(f"{rel_err:.2e}"),
+            "rel_err_vs_fastmoe": rel_err,
         }
     fm = result["methods"]["fastmoe"]["ms"]
-    result["speedup"] = {m: round(v["ms"] / fm, 2) for m, v in result["methods"].items() if m != "fastmoe"}
+    result["speedup"] = {m: round(v["ms"] / fm, 2) for m, v in result["methods"].items() if m not in ("fastmoe", DENSE)}
+    result["vs_dense_ffn"] = round(fm / result["methods"][DENSE]["ms"], 2)
     return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="mixtral,fine,paper,escan")
+    parser.add_argument("--configs", default="mixtral,fine,paper,escan,train")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--skip-loop", action="store_true", help="leave out the (slow) plain-loop baseline")
@@ -152,7 +167,9 @@ def main(argv=None) -> int:
     print("-" * len(header))
     for r in rows:
         for method, m in r["methods"].items():
-            speed = "" if method == "fastmoe" else f"{r['speedup'][method]:.2f}"
+            speed = f"{r['speedup'][method]:.2f}" if method in r["speedup"] else ""
+            if method == DENSE:
+                speed = f"1/{r['vs_dense_ffn']:.2f}"  # fastmoe takes vs_dense_ffn times the dense FFN's time
             print(
                 f"{r['config']:8} {r['E']:>4} {method:15} {m['ms']:>9.3f} {m['tflops']:>8.1f} "
                 f"{m['pct_dense']:>7.1f} {m['peak_gib']:>9.2f} {speed:>10}"

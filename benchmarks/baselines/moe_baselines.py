@@ -1,4 +1,5 @@
-"""Two plain-PyTorch MoE FFN layers with fastmoe's parameter layout, for benchmarking against.
+"""Two plain-PyTorch MoE FFN layers with fastmoe's parameter layout, for benchmarking against, and the dense FFN
+of the same FLOPs.
 
 Both take the same parameters as ``fastmoe.FMoETransformerMLP(bias=False)``: ``gate_weight [E, d]``,
 ``gate_bias [E]``, ``w1 [E, h, d]`` (htoh4) and ``w2 [E, d, h]`` (h4toh); top-k of the gate logits, softmax
@@ -43,3 +44,10 @@ def grouped_mm_moe(x, gate_weight, gate_bias, w1, w2, top_k):
     y_sorted = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
     weighted = y_sorted * score.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
     return torch.zeros_like(x).index_add(0, token, weighted)
+
+
+def dense_ffn(x, w1, w2):
+    """The dense FFN that a top-k MoE layer of experts of width h matches in FLOPs: one GELU MLP of width k * h
+    (``w1 [k*h, d]``, ``w2 [d, k*h]``), no bias, no routing. It is not the same function as the MoE layer; it
+    measures what routing, permutes and grouped GEMMs cost on top of the same expert FLOPs."""
+    return F.linear(F.gelu(F.linear(x, w1)), w2)

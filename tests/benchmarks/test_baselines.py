@@ -9,7 +9,7 @@ import torch
 import fastmoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from baselines.moe_baselines import grouped_mm_moe, loop_moe  # noqa: E402
+from baselines.moe_baselines import dense_ffn, grouped_mm_moe, loop_moe  # noqa: E402
 
 
 def _layer_and_params(dtype):
@@ -34,3 +34,14 @@ def test_grouped_mm_baseline_matches_fastmoe():
         pytest.skip(f"torch._grouped_mm does not run here for bf16 on CPU: {str(error).splitlines()[0]}")
     expected = layer(x).float()
     assert ((out.float() - expected).norm() / expected.norm()).item() < 2e-2
+
+
+def test_dense_ffn_is_the_expert_mlp_of_a_one_expert_layer():
+    """With one expert and k = 1 every token goes to that expert with score 1, so the MoE layer is exactly the
+    dense FFN of width k * h that the benchmark times as the equal-FLOPs reference."""
+    torch.manual_seed(1)
+    layer = fastmoe.FMoETransformerMLP(num_expert=1, d_model=16, d_hidden=24, top_k=1, bias=False).double()
+    x = torch.randn(30, 16, dtype=torch.float64)
+    w1, w2 = layer.experts.htoh4.weight[0], layer.experts.h4toh.weight[0]
+    assert w1.shape == (24, 16) and w2.shape == (16, 24)
+    torch.testing.assert_close(dense_ffn(x, w1, w2), layer(x), rtol=0, atol=1e-12)
