@@ -341,7 +341,8 @@ def _exchange_splits_sync(outgoing: torch.Tensor, incoming: torch.Tensor) -> lis
 
 @contextlib.contextmanager
 def _on(stream):
-    """Makes ``stream`` current inside the block (nothing for ``None``)."""
+    """Makes ``stream`` current inside the block (nothing for ``None``). Not ``torch.cuda.stream(None)``: that
+    reads the current CUDA device, which initialises CUDA even on the CPU path."""
     if stream is None:
         yield
     else:
