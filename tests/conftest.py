@@ -233,6 +233,28 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(True)
 
 
+def assert_early_cast_matches_late(layer, x: torch.Tensor, label: str = "") -> None:
+    """Under bf16 autocast ``layer`` (an FMoETransformerMLP) casts its rows before the permute and the exchange;
+    it is run that way and again with grouped_linear casting after them. The expert GEMMs see the same bf16
+    rows, so the output is bitwise the same; the input gradient is summed over the k slots in bf16 in the first
+    run, so it and the weight gradients match to bf16 rounding."""
+    results = []
+    for early in (True, False):
+        layer.expert_input_follows_autocast = early
+        layer.zero_grad(set_to_none=True)
+        inp = leaf(x)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            y = layer(inp)
+        y.float().square().sum().backward()
+        results.append((y, inp.grad, [p.grad for p in layer.parameters()]))
+    (y_early, gx_early, gp_early), (y_late, gx_late, gp_late) = results
+    assert y_early.dtype == torch.bfloat16 and gx_early.dtype == torch.float32, (y_early.dtype, gx_early.dtype)
+    assert_bitwise_equal(y_early, y_late, f"{label}y")
+    torch.testing.assert_close(gx_early, gx_late, rtol=2e-2, atol=1e-3)
+    for a, b in zip(gp_early, gp_late, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
 def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor):
     """The gradients of ``inputs`` for ``output.backward(grad_output)`` (zeros for unused inputs)."""
     return torch.autograd.grad(output, inputs, grad_output, allow_unused=True, materialize_grads=True)

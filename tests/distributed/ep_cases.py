@@ -6,6 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fastmoe
+from conftest import assert_early_cast_matches_late
 from fastmoe import ops
 
 
@@ -139,27 +140,12 @@ def equivalence(
 
 def autocast_early_cast(rank, world, backend):
     """Under bf16 autocast the expert-parallel FMoETransformerMLP casts its rows before they are exchanged (half
-    the bytes). The experts see the same bf16 rows as when grouped_linear casts after the exchange, so the
-    output is bitwise the same and the gradients match to bf16 rounding."""
+    the bytes), with the same output as casting inside grouped_linear (conftest.assert_early_cast_matches_late)."""
     device = device_for(rank, backend)
     torch.manual_seed(5)  # the same weights on every rank: each holds its own slice of the experts
     layer = fastmoe.FMoETransformerMLP(2, d_model=16, d_hidden=32, top_k=2, world_size=world).to(device)
     x = torch.randn(9 + 4 * rank, 16, generator=torch.Generator().manual_seed(rank)).to(device)
-    results = []
-    for early in (True, False):
-        layer.expert_input_follows_autocast = early
-        layer.zero_grad(set_to_none=True)
-        inp = x.clone().requires_grad_(True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            y = layer(inp)
-        y.float().square().sum().backward()
-        results.append((y, inp.grad, [p.grad for p in layer.parameters()]))
-    (y_early, gx_early, gp_early), (y_late, gx_late, gp_late) = results
-    assert y_early.dtype == torch.bfloat16, y_early.dtype
-    assert torch.equal(y_early, y_late), f"rank {rank}: output differs with the early cast"
-    torch.testing.assert_close(gx_early, gx_late, rtol=2e-2, atol=1e-3)
-    for a, b in zip(gp_early, gp_late, strict=True):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+    assert_early_cast_matches_late(layer, x, f"rank {rank} ")
     return x.shape[0]
 
 
