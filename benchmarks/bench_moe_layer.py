@@ -32,7 +32,7 @@ CONFIGS = {
     "fine": [dict(T=16384, d=2048, h=1408, E=64, k=6)],
     "paper": [dict(T=4096, d=1024, h=4096, E=64, k=2)],
     "escan": [dict(T=8192, d=1024, h=4096, E=e, k=2) for e in (2, 8, 32, 128)],
-    # an MoE layer of the GPU training comparison (docs/training.md): 64 x 256 tokens, d_model 1024
+    # an MoE layer of the GPU training comparison (docs/training.md): 16,384 tokens a step, d_model 1024
     "train": [dict(T=16384, d=1024, h=2048, E=8, k=2)],
 }
 DENSE = "dense_ffn"  # the equal-FLOPs dense FFN: timed, but not a baseline of the same function
