@@ -47,6 +47,27 @@ TEST_F(CudaEpilogue, BiasAndTailMatchReferenceBitwiseForEveryDtype) {
   }
 }
 
+// Without a bias a small grid strides over the tail alone: a tail longer than the grid, an empty tail, and an
+// all-tail output (offsets[E] = 0) must each zero exactly the rows past offsets[E].
+TEST_F(CudaEpilogue, TailWithoutBiasCoversLongEmptyAndWholeTails) {
+  const int64_t num_rows = 2500, out_features = 136, num_experts = 3;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> uniform(-2.0f, 2.0f);
+  for (int64_t routed : {int64_t{700}, num_rows, int64_t{0}}) {
+    const std::vector<int64_t> offsets = {0, routed / 3, routed / 2, routed};
+    std::vector<float> y(num_rows * out_features);
+    for (auto& v : y) v = uniform(rng);
+    std::vector<float> want = y;
+    grouped_bias_epilogue_ref(DType::kFloat32, want.data(), num_rows, out_features, offsets.data(), num_experts,
+                              nullptr);
+    DeviceBuffer d_y(y, stream_), d_offsets(offsets, stream_);
+    grouped_bias_epilogue_cuda(DType::kFloat32, d_y.get(), num_rows, out_features, d_offsets.as<int64_t>(), num_experts,
+                               nullptr, stream_);
+    const std::vector<float> got = d_y.download<float>(y.size());
+    ASSERT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float))) << "routed=" << routed;
+  }
+}
+
 TEST_F(CudaEpilogue, ZeroEmptyGroupsTouchesOnlyEmptyExperts) {
   const std::vector<int64_t> offsets = offsets_with_gaps();
   const int64_t num_groups = 5;

@@ -49,6 +49,18 @@ __global__ void grouped_bias_epilogue_kernel(T* __restrict__ y, int64_t num_rows
   }
 }
 
+// Without a bias only the tail rows [offsets[E], num_rows) change, and in training the tail is usually empty: a
+// small grid strides over the tail's elements alone instead of giving every row a block and a binary search.
+template <typename T>
+__global__ void zero_tail_rows_kernel(T* __restrict__ y, int64_t num_rows, int64_t out_features,
+                                      const int64_t* __restrict__ offsets, int64_t num_experts) {
+  const int64_t begin = offsets[num_experts] * out_features, end = num_rows * out_features;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride) {
+    y[i] = cuda::from_acc<T>(cuda::dacc_t<T>(0));
+  }
+}
+
 // groups: [num_groups, group_bytes]; blockIdx.y is the group, which is zeroed only when it has no rows.
 __global__ void zero_empty_groups_kernel(char* groups, int64_t group_bytes, const int64_t* expert_offsets) {
   const int64_t g = blockIdx.y;
@@ -74,6 +86,17 @@ void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t 
              "grouped_bias_epilogue_cuda: bad sizes num_rows=", num_rows, " out_features=", out_features,
              " num_experts=", num_experts);
   if (num_rows == 0 || out_features == 0) return;
+  if (bias == nullptr) {
+    const int64_t elements = num_rows * out_features;
+    const unsigned int blocks =
+        static_cast<unsigned int>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 1024));
+    FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "grouped_bias_epilogue_cuda", scalar_t, [&] {
+      zero_tail_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(static_cast<scalar_t*>(y), num_rows,
+                                                                       out_features, expert_offsets, num_experts);
+    });
+    FMOE_CHECK_LAUNCH();
+    return;
+  }
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(num_rows, 65535 * 4));
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((out_features + 31) / 32) * 32));
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "grouped_bias_epilogue_cuda", scalar_t, [&] {
