@@ -2,7 +2,8 @@
 # The MoE-vs-dense training comparison on a GPU machine (docs/training.md). It needs, carried in .deps: the
 # corpus .deps/corpus-gpu.tar.xz of tools/make_gpu_corpus.sh (or .deps/fortunes, a copy of Debian's
 # /usr/share/games/fortunes), the wheels of tqdm and matplotlib for the machine's Python in .deps/wheels, and a
-# GoogleTest source tree in .deps/googletest for the build.
+# GoogleTest source tree in .deps/googletest for the build. Those three (.deps/corpus-gpu.tar.xz, .deps/wheels,
+# .deps/googletest) come to about 60 MB.
 # Usage: OUT=/tmp/out tools/gpu_train.sh
 #   TIME_BUDGET=s   training time per model (default 230)    TRAIN_ARGS="..."  replaces the model flags below
 #   DATA=path       another corpus                             PROFILE=1         tools/profile_train_step.py first
@@ -15,6 +16,7 @@ if ! ls python/fastmoe/_C*.so >/dev/null 2>&1 || [ ! -d /tmp/pk ]; then
   echo "fresh machine: building and installing the training extras again"
   pk="tqdm matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil packaging tzdata"
   python3 -c "import numpy" 2>/dev/null || pk="$pk numpy"
+  # shellcheck disable=SC2086  # $pk is a list of names
   python3 -m pip install -q --no-index --find-links .deps/wheels --target /tmp/pk --no-deps $pk
   OUT=$OUT bash tools/gpu_check.sh build
 fi
@@ -24,7 +26,7 @@ if [ -z "${DATA:-}" ] && [ -f .deps/corpus-gpu.tar.xz ]; then
 fi
 DATA=${DATA:-.deps/fortunes}
 # TRAIN_ARGS replaces the model and schedule flags below; TIME_BUDGET is the training time per model in seconds.
-TRAIN_ARGS=${TRAIN_ARGS:---d-model 1024 --layers 8 --heads 16 --seq-len 32 --batch 512 --experts 8 --top-k 2 --lr 1e-3 --warmup 200 --eval-every 250 --ckpt-every 0 --no-ffn-bias}
+TRAIN_ARGS=${TRAIN_ARGS:---d-model 1024 --layers 8 --heads 16 --seq-len 32 --batch 1024 --experts 16 --moe-every 2 --top-k 2 --lr 1e-3 --warmup 200 --eval-every 250 --ckpt-every 0 --no-ffn-bias}
 # PROFILE=1: first tools/profile_train_step.py on the same flags (phase times and CUDA kernels per step of both
 # models) into $OUT/profile.log.
 if [ "${PROFILE:-0}" = 1 ]; then
