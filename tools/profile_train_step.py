@@ -35,14 +35,7 @@ def build(args, moe: bool, adamw: str, device: torch.device):
     torch.manual_seed(args.seed)
     model = GPT(cli.model_config(args, moe=moe)).to(device)
     cfg = LoopConfig(batch_size=args.batch, lr=args.lr, weight_decay=args.weight_decay)
-    if adamw == "fused":
-        optimizer = make_optimizer(model, cfg)
-    else:  # torch's default multi-tensor AdamW, for comparison
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), foreach=True)
-    return model, optimizer
+    return model, make_optimizer(model, cfg, fused=adamw == "fused")
 
 
 def make_step(model, optimizer, sampler, grad_clip: float, device: torch.device, precision: str):

@@ -178,6 +178,9 @@ def test_optimizer_is_fused_on_the_cpu():
     assert optimizer.defaults["fused"] is True
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    foreach = make_optimizer(model, LoopConfig(), fused=False)  # what profile_train_step --adamw foreach times
+    assert foreach.defaults["foreach"] is True and not foreach.defaults["fused"]
+    assert [g["weight_decay"] for g in foreach.param_groups] == [0.1, 0.0]
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

@@ -85,17 +85,21 @@ def learning_rate(cfg: LoopConfig, step: int, train_time: float) -> float:
     return cfg.lr * ratio
 
 
-def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW with weight decay on the matrices only. On the CPU and on CUDA it is torch's fused implementation
     (one kernel over all parameters, the same update as the default multi-tensor one): the step costs time in
     proportion to the parameter count, which is 5.4x larger for the MoE model at the defaults (all experts are
-    updated every step), and the fused step is 4x faster there (18 -> 4 ms on one CPU thread)."""
+    updated every step), and the fused step is 4x faster there (18 -> 4 ms on one CPU thread). ``fused=False``
+    takes torch's multi-tensor (foreach) implementation instead, for comparison (tools/profile_train_step.py)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device = next(model.parameters()).device
-    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), **fused)
+    if not fused:
+        implementation = {"foreach": True}
+    else:
+        implementation = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), **implementation)
 
 
 def autocast(device: torch.device, precision: str):
