@@ -9,17 +9,18 @@ import fastmoe
 from conftest import assert_bitwise_equal, distinct_logits, make_generator, random_topk_idx
 from fastmoe import ops
 
-# Every op of the library, classified: True = differentiable (must have an Autograd kernel). A new op makes
+# Every op of the library, classified: True = differentiable (must have an Autograd kernel; the backward ops are
+# differentiable too, for gradients of gradients). A new op makes
 # test_every_registered_op_is_classified fail until it is added here, with opcheck cases below.
 KNOWN_OPS = {
     "route_topk": True,
-    "route_topk_backward": False,
+    "route_topk_backward": True,
     "make_plan": False,
     "permute": True,
     "unpermute_combine": True,
-    "unpermute_combine_backward": False,
+    "unpermute_combine_backward": True,
     "grouped_linear": True,
-    "grouped_linear_backward": False,
+    "grouped_linear_backward": True,
     "capacity_limit": False,
     "exchange_counts": False,
     "ep_route": False,

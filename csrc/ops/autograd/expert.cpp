@@ -1,5 +1,8 @@
-// Autograd of grouped_linear: dx, dW and db from one grouped_linear_backward call, each computed only when an
-// input needs it.
+// Autograd of grouped_linear and of its backward: dx, dW and db from one grouped_linear_backward call, each
+// computed only when an input needs it. grouped_linear_backward is differentiable too (written with the same two
+// ops), so gradients of gradients (create_graph=True) are exact to any order.
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -34,15 +37,75 @@ class GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFunc
   }
 };
 
+// grouped_linear_backward(gy [N, out], x [N, in], offsets, W [E, out, in]) -> (gx, gW, gb) with, for a row r of
+// expert e: gx[r] = W[e]^T gy[r], gW[e] = sum_r gy[r] x[r]^T, gb[e] = sum_r gy[r]. Each is bilinear in (gy, x) or
+// (gy, W), so for upstream (Ax [N, in], AW [E, out, in], Ab [E, out]):
+//   d gy[r] = W[e] Ax[r] + AW[e] x[r] + Ab[e],   d x[r] = AW[e]^T gy[r],   d W[e] = sum_r gy[r] Ax[r]^T,
+// which are grouped_linear and grouped_linear_backward again. Rows past the last offset belong to no expert.
+class GroupedLinearBackwardFunction : public torch::autograd::Function<GroupedLinearBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_y, const at::Tensor& x,
+                               const at::Tensor& expert_offsets, const at::Tensor& weight,
+                               std::array<bool, 3> output_mask) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({grad_y, x, expert_offsets, weight});
+    auto [grad_x, grad_w, grad_b] = ops::grouped_linear_backward(grad_y, x, expert_offsets, weight, output_mask);
+    const std::array<at::Tensor, 3> outputs = {grad_x, grad_w, grad_b};
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      if (!output_mask[i]) ctx->mark_non_differentiable({outputs[i]});  // an empty placeholder
+    }
+    ctx->saved_data["output_mask"] = std::vector<bool>(output_mask.begin(), output_mask.end());
+    return {grad_x, grad_w, grad_b};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &gy = saved[0], &x = saved[1], &offsets = saved[2], &weight = saved[3];
+    const auto output_mask = ctx->saved_data["output_mask"].toBoolList();
+    auto upstream = [&](size_t i) { return output_mask.get(i) && grads[i].defined() ? grads[i] : at::Tensor(); };
+    const at::Tensor up_x = upstream(0), up_w = upstream(1), up_b = upstream(2);
+    at::Tensor d_gy, d_x, d_w;
+    auto add = [](at::Tensor& sum, const at::Tensor& term) { sum = sum.defined() ? sum + term : term; };
+    if (ctx->needs_input_grad(0)) {
+      if (up_x.defined()) add(d_gy, ops::grouped_linear(up_x, offsets, weight, std::nullopt));
+      if (up_w.defined()) add(d_gy, ops::grouped_linear(x, offsets, up_w, std::nullopt));
+      if (up_b.defined()) {
+        // Ab[e] on every row of expert e, zero on the tail rows: a gather from Ab with one zero row appended.
+        const at::Tensor rows = at::arange(gy.size(0), offsets.options());
+        const at::Tensor expert_of_row = at::searchsorted(offsets.slice(0, 1), rows, /*out_int32=*/false,
+                                                          /*right=*/true);
+        add(d_gy, at::cat({up_b, at::zeros({1, up_b.size(1)}, up_b.options())}).index_select(0, expert_of_row));
+      }
+    }
+    if (ctx->needs_input_grad(1) && up_w.defined()) {
+      d_x = ops::grouped_linear(gy, offsets, up_w.transpose(1, 2), std::nullopt);
+    }
+    if (ctx->needs_input_grad(3) && up_x.defined()) {
+      d_w = std::get<1>(ops::grouped_linear_backward(gy, up_x, offsets, weight, {false, true, false}));
+    }
+    return {d_gy, d_x, at::Tensor(), d_w, at::Tensor()};
+  }
+};
+
 at::Tensor grouped_linear_autograd(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias) {
   return GroupedLinearFunction::apply(x, expert_offsets, weight, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_autograd(const at::Tensor& grad_y,
+                                                                                const at::Tensor& x,
+                                                                                const at::Tensor& expert_offsets,
+                                                                                const at::Tensor& weight,
+                                                                                std::array<bool, 3> output_mask) {
+  auto outputs = GroupedLinearBackwardFunction::apply(grad_y, x, expert_offsets, weight, output_mask);
+  return {outputs[0], outputs[1], outputs[2]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
   m.impl("grouped_linear", &grouped_linear_autograd);
+  m.impl("grouped_linear_backward", &grouped_linear_backward_autograd);
 }
 
 }  // namespace fastmoe

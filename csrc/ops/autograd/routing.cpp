@@ -1,4 +1,8 @@
-// Autograd of route_topk: the gradient of the scores flows into the logits through route_topk_backward.
+// Autograd of route_topk and of its backward. The gradient of the scores flows into the logits through
+// route_topk_backward; route_topk_backward is differentiable too, so a gradient penalty (create_graph=True) gets
+// exact second and higher derivatives.
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -26,9 +30,51 @@ class RouteTopkFunction : public torch::autograd::Function<RouteTopkFunction> {
     const at::Tensor& grad_score = grads[1];
     if (!grad_score.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto saved = ctx->get_saved_variables();
+    // Under create_graph the saved scores carry this node as their grad_fn, so a second derivative that goes
+    // through them (topk_softmax) reaches the logits through this function again.
     at::Tensor grad_logits =
         ops::route_topk_backward(grad_score, saved[0], saved[1], saved[2], ctx->saved_data["score_fn"].toStringRef());
     return {grad_logits, at::Tensor(), at::Tensor()};
+  }
+};
+
+// route_topk_backward(g [T, k], logits [T, E], idx [T, k], s [T, k]) -> R [T, E], and its vector-Jacobian
+// product for an upstream A [T, E]. Written with ATen ops (and, for the scores, route_topk's own autograd), so
+// every derivative of it is differentiable again.
+//   topk_softmax: R[idx_j] = s_j (g_j - <g, s>), no other dependence on the logits. With a = A[idx]:
+//     dg_j = s_j (a_j - <a, s>),   ds_m = a_m (g_m - <g, s>) - <a, s> g_m.
+//   softmax_topk: R = p (G - <G, p>), p = softmax(logits) over all E (recomputed, not read from s), G = g
+//     scattered to idx. With v = p (A - <A, p>) and u = A (G - <G, p>) - <A, p> G:
+//     dg_j = v[idx_j],   dlogits = p (u - <u, p>).
+class RouteTopkBackwardFunction : public torch::autograd::Function<RouteTopkBackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_score, const at::Tensor& logits,
+                            const at::Tensor& topk_idx, const at::Tensor& topk_score, const std::string& score_fn) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({grad_score, logits, topk_idx, topk_score});
+    ctx->saved_data["score_fn"] = score_fn;
+    return ops::route_topk_backward(grad_score, logits, topk_idx, topk_score, score_fn);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& upstream = grads[0];
+    if (!upstream.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &g = saved[0], &logits = saved[1], &idx = saved[2], &s = saved[3];
+    if (ctx->saved_data["score_fn"].toStringRef() == "topk_softmax") {
+      const at::Tensor a = upstream.gather(1, idx);
+      const at::Tensor a_dot_s = (a * s).sum(-1, true), g_dot_s = (g * s).sum(-1, true);
+      at::Tensor grad_g = s * (a - a_dot_s);
+      at::Tensor grad_s = a * (g - g_dot_s) - a_dot_s * g;
+      return {grad_g, at::Tensor(), at::Tensor(), grad_s, at::Tensor()};
+    }
+    const at::Tensor p = at::softmax(logits, -1);
+    const at::Tensor scattered = at::zeros_like(logits).scatter(1, idx, g);
+    const at::Tensor a_dot_p = (upstream * p).sum(-1, true), g_dot_p = (scattered * p).sum(-1, true);
+    at::Tensor grad_g = (p * (upstream - a_dot_p)).gather(1, idx);
+    const at::Tensor u = upstream * (scattered - g_dot_p) - a_dot_p * scattered;
+    at::Tensor grad_logits = p * (u - (u * p).sum(-1, true));
+    return {grad_g, grad_logits, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -37,10 +83,17 @@ std::tuple<at::Tensor, at::Tensor> route_topk_autograd(const at::Tensor& logits,
   return {outputs[0], outputs[1]};
 }
 
+at::Tensor route_topk_backward_autograd(const at::Tensor& grad_score, const at::Tensor& logits,
+                                        const at::Tensor& topk_idx, const at::Tensor& topk_score,
+                                        c10::string_view score_fn) {
+  return RouteTopkBackwardFunction::apply(grad_score, logits, topk_idx, topk_score, std::string(score_fn));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
   m.impl("route_topk", &route_topk_autograd);
+  m.impl("route_topk_backward", &route_topk_backward_autograd);
 }
 
 }  // namespace fastmoe
