@@ -119,6 +119,21 @@ void check_scores(const std::optional<at::Tensor>& topk_score, const at::Tensor&
 }
 
 // ------------------------------------------------------------------------------------------------ permute
+// The ops read sorted_pair one way and pair_pos the other (permute's backward is a combine), so a plan whose two
+// halves disagree would give gradients that belong to another forward. On the CPU every call checks them (O(T k),
+// beside O(T k d) of data movement); on CUDA that needs a host sync, so FASTMOE_CHECK_IDS=1 turns it on there.
+void check_plan_inverse(const at::Tensor& sorted_pair, const at::Tensor& pair_pos) {
+  if (sorted_pair.is_meta()) return;
+#ifdef FASTMOE_WITH_CUDA_OPS
+  if (sorted_pair.is_cuda() && !check_ids_on_cuda()) return;
+#endif
+  if (!sorted_pair.is_cpu() && !sorted_pair.is_cuda()) return;
+  const at::Tensor order = sorted_pair.to(at::kCPU).contiguous(), pos = pair_pos.to(at::kCPU).contiguous();
+  call_kernel([&] {
+    check_plan_ref(order.const_data_ptr<int64_t>(), order.numel(), pos.const_data_ptr<int64_t>(), pos.numel(),
+                   pos.size(1));
+  });
+}
 
 void check_permute(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos) {
   check_float(x, "x");
@@ -159,6 +174,7 @@ at::Tensor permute_scaled(const at::Tensor& x, const at::Tensor& sorted_pair, in
 
 at::Tensor permute_kernel(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos) {
   check_permute(x, sorted_pair, pair_pos);
+  check_plan_inverse(sorted_pair, pair_pos);
   return permute_scaled(x, sorted_pair, pair_pos.size(1), std::nullopt);
 }
 
@@ -180,6 +196,7 @@ at::Tensor unpermute_combine_meta(const at::Tensor& y_sorted, const at::Tensor& 
 at::Tensor unpermute_combine_kernel(const at::Tensor& y_sorted, const at::Tensor& sorted_pair,
                                     const at::Tensor& pair_pos, const std::optional<at::Tensor>& topk_score) {
   check_combine(y_sorted, sorted_pair, pair_pos, topk_score);
+  check_plan_inverse(sorted_pair, pair_pos);
   const c10::OptionalDeviceGuard guard(y_sorted.device());
   const at::Tensor rows = y_sorted.contiguous(), pos = pair_pos.contiguous();
   std::optional<at::Tensor> score;
@@ -234,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_kernel(
   // 1. grad_y_sorted[r] = score[p] * grad_y[p / k] for p = sorted_pair[r]: a permute scaled by the scores.
   // 2. grad_score[t, j] = <grad_y[t], y_sorted[pair_pos[t, j]]>, only when asked for.
   check_combine_backward(grad_y, y_sorted, sorted_pair, pair_pos, topk_score, need_score_grad);
+  check_plan_inverse(sorted_pair, pair_pos);
   const c10::OptionalDeviceGuard guard(grad_y.device());
   const int64_t k = pair_pos.size(1);
   at::Tensor grad_y_sorted = permute_scaled(grad_y, sorted_pair, k, topk_score);

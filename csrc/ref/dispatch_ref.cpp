@@ -121,6 +121,31 @@ void combine_score_grad_impl(const T* grad_y, const T* y_sorted, int64_t num_row
 
 }  // namespace
 
+void check_plan_ref(const int64_t* sorted_pair, int64_t num_rows, const int64_t* pair_pos, int64_t num_pairs,
+                    int64_t k) {
+  FMOE_CHECK(num_pairs == 0 || (k >= 1 && num_pairs % k == 0), "num_pairs=", num_pairs, " is not a multiple of k=", k);
+  FMOE_CHECK(num_rows >= 0 && num_rows <= num_pairs, "sorted_pair has ", num_rows, " entries but pair_pos has ",
+             num_pairs);
+  // 1. Pairs -> rows: each placed pair is the one its row names.
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    const int64_t r = pair_pos[p];
+    if (r == -1) continue;
+    FMOE_CHECK(r >= 0 && r < num_rows, "pair_pos[", p / k, ", ", p % k, "] = ", r,
+               " is outside [-1, num_rows=", num_rows, ")");
+    FMOE_CHECK(sorted_pair[r] == p, "sorted_pair and pair_pos are not inverses: pair_pos[", p / k, ", ", p % k,
+               "] = ", r, " but sorted_pair[", r, "] = ", sorted_pair[r], " (pair ", p,
+               " expected); pass a plan made by make_plan");
+  }
+  // 2. Rows -> pairs: each named pair points back at its row (so no pair is named twice).
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const int64_t p = sorted_pair[r];
+    if (p == -1) continue;
+    FMOE_CHECK(p >= 0 && p < num_pairs, "sorted_pair[", r, "] = ", p, " is outside [-1, num_pairs=", num_pairs, ")");
+    FMOE_CHECK(pair_pos[p] == r, "sorted_pair and pair_pos are not inverses: sorted_pair[", r, "] = ", p,
+               " but pair_pos[", p / k, ", ", p % k, "] = ", pair_pos[p], "; pass a plan made by make_plan");
+  }
+}
+
 void permute_ref(DType dtype, const void* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair,
                  int64_t num_rows, int64_t k, const void* pair_scale, DType scale_dtype, void* x_sorted) {
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "permute_ref", [&] {

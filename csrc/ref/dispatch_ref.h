@@ -19,6 +19,17 @@ namespace fastmoe {
 void make_plan_ref(const int64_t* topk_idx, int64_t num_pairs, int64_t num_experts, int64_t* expert_counts,
                    int64_t* expert_offsets, int64_t* sorted_pair, int64_t* pair_pos);
 
+// Checks that sorted_pair and pair_pos describe one plan, as make_plan writes them: permute reads sorted_pair and
+// its backward reads pair_pos (the combine the other way round), so a hand-made pair that disagrees would give a
+// forward from one and a backward from the other. sorted_pair may be cut to its first num_rows entries (expert
+// parallelism keeps the routed rows only).
+// sorted_pair: [num_rows] int64, each a pair id in [0, num_pairs) or -1, no pair twice
+// pair_pos:    [num_pairs / k, k] int64, each a row in [0, num_rows) or -1
+// Holds when: pair_pos[sorted_pair[r]] == r for every r with sorted_pair[r] >= 0, and sorted_pair[pair_pos[p]] == p
+// for every p with pair_pos[p] >= 0. Throws fastmoe::Error naming the first row or pair where it does not.
+void check_plan_ref(const int64_t* sorted_pair, int64_t num_rows, const int64_t* pair_pos, int64_t num_pairs,
+                    int64_t k);
+
 // Gathers token rows into plan order, optionally scaled per pair.
 // x:          [num_tokens, d], dtype
 // sorted_pair:[num_rows] int64 (pair ids or -1)

@@ -578,6 +578,49 @@ TEST(DispatchArgsTest, RejectsRowIndicesOutOfRange) {
   EXPECT_THAT(error_text(bad_score_grad), HasSubstr("pair_pos[1, 0] = 7 is outside [-1, num_rows=4)"));
 }
 
+TEST(CheckPlanTest, AcceptsEveryPlanMakePlanWritesAndItsRoutedPrefix) {
+  std::mt19937_64 rng(21);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int64_t num_tokens = 1 + trial, k = 1 + trial % 3, num_experts = 4, num_pairs = num_tokens * k;
+    std::vector<int64_t> idx(num_pairs), counts(num_experts), offsets(num_experts + 1), sorted_pair(num_pairs),
+        pair_pos(num_pairs);
+    for (auto& id : idx) id = static_cast<int64_t>(rng() % (num_experts + 1)) - 1;  // -1 = dropped
+    make_plan_ref(idx.data(), num_pairs, num_experts, counts.data(), offsets.data(), sorted_pair.data(),
+                  pair_pos.data());
+    EXPECT_NO_THROW(check_plan_ref(sorted_pair.data(), num_pairs, pair_pos.data(), num_pairs, k));
+    // Expert parallelism keeps only the routed rows: still one plan.
+    EXPECT_NO_THROW(check_plan_ref(sorted_pair.data(), offsets[num_experts], pair_pos.data(), num_pairs, k));
+  }
+}
+
+TEST(CheckPlanTest, RejectsHalvesThatAreNotInverses) {
+  const int64_t k = 2, num_pairs = 4;
+  // Tokens 0 and 1, two slots each; pair 3 dropped. A consistent plan: rows 0..2 hold pairs 2, 0, 1.
+  const std::vector<int64_t> sorted_pair = {2, 0, 1, -1}, pair_pos = {1, 2, 0, -1};
+  EXPECT_NO_THROW(check_plan_ref(sorted_pair.data(), num_pairs, pair_pos.data(), num_pairs, k));
+
+  const std::vector<int64_t> swapped_rows = {0, 2, 1, -1};  // rows 0 and 1 swapped in sorted_pair only
+  auto swapped = [&] { check_plan_ref(swapped_rows.data(), num_pairs, pair_pos.data(), num_pairs, k); };
+  EXPECT_THROW(swapped(), Error);
+  EXPECT_THAT(error_text(swapped),
+              AllOf(HasSubstr("not inverses"), HasSubstr("pair_pos[0, 0] = 1 but sorted_pair[1] = 2")));
+
+  const std::vector<int64_t> twice = {2, 0, 0, -1}, pos_twice = {1, -1, 0, -1};  // pair 0 on two rows
+  auto duplicate = [&] { check_plan_ref(twice.data(), num_pairs, pos_twice.data(), num_pairs, k); };
+  EXPECT_THROW(duplicate(), Error);
+  EXPECT_THAT(error_text(duplicate), HasSubstr("sorted_pair[2] = 0 but pair_pos[0, 0] = 1"));
+
+  const std::vector<int64_t> lost = {2, 0, -1, -1};  // pair 1 has a row that does not name it
+  auto unnamed = [&] { check_plan_ref(lost.data(), num_pairs, pair_pos.data(), num_pairs, k); };
+  EXPECT_THROW(unnamed(), Error);
+  EXPECT_THAT(error_text(unnamed), HasSubstr("pair_pos[0, 1] = 2 but sorted_pair[2] = -1"));
+
+  const std::vector<int64_t> far = {1, 2, 9, -1};  // a row past the cut
+  auto outside = [&] { check_plan_ref(sorted_pair.data(), 2, far.data(), num_pairs, k); };
+  EXPECT_THROW(outside(), Error);
+  EXPECT_THAT(error_text(outside), HasSubstr("pair_pos[0, 1] = 2 is outside [-1, num_rows=2)"));
+}
+
 }  // namespace
 }  // namespace test
 }  // namespace fastmoe

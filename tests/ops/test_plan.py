@@ -125,3 +125,24 @@ def test_counts_to_offsets(device, counts):
 def test_counts_to_offsets_matches_make_plan():
     plan = ops.make_plan(random_topk_idx(33, 2, 5, make_generator(7), drop_prob=0.2), 5)
     assert_bitwise_equal(ops.counts_to_offsets(plan.expert_counts), plan.expert_offsets)
+
+
+@pytest.mark.parametrize("op", ["permute", "unpermute_combine", "unpermute_combine_backward"])
+def test_ops_reject_a_plan_whose_halves_are_not_inverses(op):
+    """permute reads sorted_pair and its backward pair_pos (the combine the other way round): a hand-made plan
+    whose halves disagree would give a forward from one and a backward from the other, so the ops refuse it."""
+    topk_idx = torch.tensor([[0, 1], [1, 0], [0, -1]])
+    plan = ops.make_plan(topk_idx, 2)
+    swapped = plan.sorted_pair.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # rows 0 and 1 exchange pairs in sorted_pair only
+    x, rows, score = torch.randn(3, 4), torch.randn(6, 4), torch.rand(3, 2)
+    calls = {
+        "permute": lambda sp: torch.ops.fastmoe.permute(x, sp, plan.pair_pos),
+        "unpermute_combine": lambda sp: torch.ops.fastmoe.unpermute_combine(rows, sp, plan.pair_pos, score),
+        "unpermute_combine_backward": lambda sp: torch.ops.fastmoe.unpermute_combine_backward(
+            x, rows, sp, plan.pair_pos, score, True
+        ),
+    }
+    calls[op](plan.sorted_pair)  # the plan make_plan wrote is accepted
+    with pytest.raises(RuntimeError, match=r"sorted_pair and pair_pos are not inverses: pair_pos\[\d, \d\] = \d"):
+        calls[op](swapped)
