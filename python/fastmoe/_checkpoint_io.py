@@ -1,13 +1,23 @@
-"""Files, process-group coordination and fault injection for :mod:`fastmoe.checkpoint`.
+"""Files, metadata validation, the folder lock, process-group coordination and fault injection for
+:mod:`fastmoe.checkpoint`.
 
 Every file of a checkpoint is written to ``<path>.tmp``, flushed and fsync'ed, then renamed over ``<path>`` with
-``os.replace`` and the folder fsync'ed, so a reader sees either the old file, or the new one complete.
+``os.replace`` and the folder fsync'ed, so a reader sees either the old file, or the new one complete. The sha256
+of the bytes is computed as they are written and recorded in meta.json, so a reader can tell a file whose bytes
+changed afterwards (disk, copy or transfer corruption) from the one that was saved.
 """
 
+import errno
+import fcntl
+import hashlib
 import json
+import math
 import os
 import re
+import secrets
 import shutil
+import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -17,6 +27,7 @@ VERSION = 1
 META = "meta.json"
 COMMON = "common.pt"
 LATEST = "latest"
+LOCK = ".lock"
 STAGING_PREFIX = ".partial-"
 TRASH_PREFIX = ".deleting-"
 
@@ -35,7 +46,10 @@ FAULT_POINTS = (
     "before_rotate",  # rank 0: ``latest`` names the new checkpoint, old ones (keep=N) not yet deleted
 )
 
+# A tag, and every file name meta.json lists, is a plain name inside the checkpoint folder: no separator, no
+# leading '.' (so never '..', a staging or trash folder, or the lock file).
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(RuntimeError):
@@ -54,13 +68,25 @@ def fault_point(point: str, rank: int) -> None:
             os._exit(FAULT_EXIT_CODE)
 
 
+def is_tag(tag) -> bool:
+    return isinstance(tag, str) and bool(_TAG_RE.match(tag)) and tag != LATEST and len(tag) <= 200
+
+
 def check_tag(tag) -> str:
-    if not isinstance(tag, str) or not _TAG_RE.match(tag) or tag == LATEST or len(tag) > 200:
+    if not is_tag(tag):
         raise ValueError(
             f"tag must be a folder name of letters, digits and _.+=- (not starting with '.' or '-', not "
             f"{LATEST!r}), got {tag!r}"
         )
     return tag
+
+
+def shard_file(rank: int) -> str:
+    return f"shard-{rank:05d}.pt"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -74,23 +100,50 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, write, *, rank: int = 0, torn_fault: str | None = None) -> int:
+class _HashingWriter:
+    """A write-only file object that hashes the bytes on their way to ``f`` (torch.save writes its zip
+    sequentially through ``write``), so a file is not read back to checksum it."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.count = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.count += memoryview(data).nbytes
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomic(path: str, write, *, rank: int = 0, torn_fault: str | None = None) -> dict:
     """Writes ``path`` through ``write(fileobj)`` into ``path.tmp``, fsyncs it and renames it into place.
-    Returns the file's size. With ``torn_fault`` set, that fault point truncates the temporary file to half
-    and kills the process before the rename (a torn write)."""
+    Returns ``{"size", "sha256"}`` of the file. With ``torn_fault`` set, that fault point truncates the temporary
+    file to half and kills the process before the rename (a torn write)."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        write(f)
+        writer = _HashingWriter(f)
+        write(writer)
         f.flush()
         os.fsync(f.fileno())
         size = f.tell()
+    # A writer that seeked back would make the streamed hash differ from the file's bytes; hash the file then.
+    digest = writer.sha256.hexdigest() if writer.count == size else file_sha256(tmp)
     if torn_fault is not None and _fault_armed(torn_fault, rank):
         with open(tmp, "r+b") as f:
             f.truncate(size // 2)
         fault_point(torn_fault, rank)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
-    return size
+    return {"size": size, "sha256": digest}
 
 
 def _fault_armed(point: str, rank: int) -> bool:
@@ -102,24 +155,35 @@ def _fault_armed(point: str, rank: int) -> bool:
     return False
 
 
-def torch_save_atomic(obj, path: str, *, rank: int = 0, torn_fault: str | None = None) -> int:
+def torch_save_atomic(obj, path: str, *, rank: int = 0, torn_fault: str | None = None) -> dict:
     return write_atomic(path, lambda f: torch.save(obj, f), rank=rank, torn_fault=torn_fault)
 
 
-def json_save_atomic(obj, path: str) -> int:
+def json_save_atomic(obj, path: str) -> dict:
     data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
     return write_atomic(path, lambda f: f.write(data))
 
 
-def torch_load(path: str, expected_size: int | None, weights_only: bool):
+def torch_load(directory: str, meta: dict, fname: str, weights_only: bool):
+    """``torch.load`` of file ``fname`` of the checkpoint in ``directory`` after checking its size and (when
+    meta.json has checksums: checkpoints written before them have none) its sha256 against ``meta``."""
+    path = os.path.join(directory, fname)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
-    size = os.path.getsize(path)
+    size, expected_size = os.path.getsize(path), meta["files"].get(fname)
     if expected_size is not None and size != expected_size:
         raise CheckpointError(
             f"checkpoint file {path} has {size} bytes but meta.json recorded {expected_size}: it was truncated or "
             f"replaced after the checkpoint was written"
         )
+    expected_sha256 = meta.get("sha256", {}).get(fname)
+    if expected_sha256 is not None:
+        actual = file_sha256(path)
+        if actual != expected_sha256:
+            raise CheckpointError(
+                f"checkpoint file {path} is corrupt: its sha256 is {actual}, meta.json recorded {expected_sha256} "
+                f"(its bytes changed after the checkpoint was written)"
+            )
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
     except Exception as exc:
@@ -128,14 +192,105 @@ def torch_load(path: str, expected_size: int | None, weights_only: bool):
 
 
 def read_json(path: str) -> dict:
+    """meta.json at ``path``, parsed and checked against the schema (:func:`validate_meta`)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: that folder is not a complete fastmoe checkpoint")
-    with open(path) as f:
-        meta = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"cannot read checkpoint metadata {path}: {type(exc).__name__}: {exc}") from exc
+    return validate_meta(meta, path)
+
+
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def validate_meta(meta, path: str) -> dict:
+    """Checks every field :mod:`fastmoe.checkpoint` reads from meta.json, so a malformed file raises one
+    CheckpointError naming ``path`` here, not a KeyError or IndexError deep inside a load. Unknown fields are
+    allowed (newer writers may add some); ``sha256`` is optional (checkpoints written before checksums)."""
+
+    def bad(what: str):
+        raise CheckpointError(f"{path} is not valid fastmoe checkpoint metadata: {what}")
+
+    if not isinstance(meta, dict):
+        bad(f"the top level must be a JSON object, got a JSON {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not fastmoe checkpoint metadata (format={meta.get('format')!r})")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has format version {meta.get('version')!r}; this fastmoe reads {VERSION}")
+    for key in ("tag", "sequence", "world_size", "has_optimizer", "layers", "files", "rank_extra"):
+        if key not in meta:
+            bad(f"{key!r} is missing")
+    if not isinstance(meta["tag"], str):
+        bad(f"'tag' must be a string, got {meta['tag']!r}")
+    if not _is_int(meta["sequence"], 0):
+        bad(f"'sequence' must be an int >= 0, got {meta['sequence']!r}")
+    if not _is_int(meta["world_size"], 1):
+        bad(f"'world_size' must be an int >= 1, got {meta['world_size']!r}")
+    if not isinstance(meta["has_optimizer"], bool):
+        bad(f"'has_optimizer' must be true or false, got {meta['has_optimizer']!r}")
+
+    files = meta["files"]
+    if not isinstance(files, dict):
+        bad(f"'files' must be an object of file name -> size, got {files!r}")
+    for fname, size in files.items():
+        if not is_tag(fname):
+            bad(f"'files' names {fname!r}, which is not a plain file name inside the checkpoint folder")
+        if not _is_int(size, 0):
+            bad(f"'files'[{fname!r}] must be a size in bytes (an int >= 0), got {size!r}")
+    if COMMON not in files:
+        bad(f"'files' does not list {COMMON}")
+    if "sha256" in meta:
+        sums = meta["sha256"]
+        if not isinstance(sums, dict) or set(sums) != set(files):
+            got = f"checksums of {sorted(sums)}" if isinstance(sums, dict) else repr(sums)
+            bad(f"'sha256' must hold one checksum for each file of 'files' {sorted(files)}, got {got}")
+        for fname, digest in sums.items():
+            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+                bad(f"'sha256'[{fname!r}] must be 64 lowercase hex digits, got {digest!r}")
+
+    rank_extra = meta["rank_extra"]
+    if not isinstance(rank_extra, list):
+        bad(f"'rank_extra' must be a list of ranks, got {rank_extra!r}")
+    for r in rank_extra:
+        if not _is_int(r, 0) or r >= meta["world_size"] or rank_file(r) not in files:
+            bad(f"'rank_extra' holds {r!r}, not a rank in [0, {meta['world_size']}) whose rank file 'files' lists")
+
+    layers = meta["layers"]
+    if not isinstance(layers, dict):
+        bad(f"'layers' must be an object of layer name -> layer, got {layers!r}")
+    for name, info in layers.items():
+        where = f"layers[{name!r}]"
+        if not isinstance(info, dict):
+            bad(f"{where} must be an object, got {info!r}")
+        for key in ("fused", "num_experts_total", "ep_size", "expert_params", "shards"):
+            if key not in info:
+                bad(f"{where}[{key!r}] is missing")
+        if not isinstance(info["fused"], bool):
+            bad(f"{where}['fused'] must be true or false, got {info['fused']!r}")
+        total, ep_size = info["num_experts_total"], info["ep_size"]
+        if not _is_int(total, 1):
+            bad(f"{where}['num_experts_total'] must be an int >= 1, got {total!r}")
+        if not _is_int(ep_size, 1) or total % ep_size:
+            bad(f"{where}['ep_size'] must be an int >= 1 that divides num_experts_total={total}, got {ep_size!r}")
+        params = info["expert_params"]
+        if not isinstance(params, dict):
+            bad(f"{where}['expert_params'] must be an object, got {params!r}")
+        for suffix, desc in params.items():
+            shape = desc.get("shape", ()) if isinstance(desc, dict) else ()
+            shape_ok = shape is None or (isinstance(shape, list) and all(_is_int(d, 0) for d in shape))
+            if not shape_ok or not isinstance(desc.get("dtype"), str):
+                bad(f"{where}['expert_params'][{suffix!r}] must be {{'shape': [ints] or null, 'dtype': str}}: {desc!r}")
+        shards = info["shards"]
+        if not isinstance(shards, list) or len(shards) != total:
+            size = len(shards) if isinstance(shards, list) else type(shards).__name__
+            bad(f"{where}['shards'] must list a file for each of the {total} experts, got {size} entries")
+        for g, fname in enumerate(shards):
+            if not isinstance(fname, str) or fname not in files:
+                bad(f"{where}['shards'][{g}] is {fname!r}, which 'files' does not list")
     return meta
 
 
@@ -152,19 +307,32 @@ def list_checkpoints(directory: str) -> list[str]:
             continue
         try:
             meta = read_json(path)
-        except (CheckpointError, ValueError):
+        except CheckpointError:  # unreadable metadata: not a complete checkpoint; load(tag=...) says why
             continue
-        found.append((meta.get("sequence", 0), name))
+        found.append((meta["sequence"], name))
     return [name for _, name in sorted(found)]
 
 
 def read_latest(directory: str) -> str | None:
-    """The tag named by ``directory/latest``, or None when there is no such file."""
+    """The tag named by ``directory/latest``, or None when there is no such file. A file that does not hold a
+    tag (a plain folder name inside ``directory``) is an error: it never comes from a save, which writes it
+    atomically, so it was edited or corrupted."""
     path = os.path.join(directory, LATEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return f.read().strip()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1024)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+    text = data.decode("utf-8", errors="backslashreplace")  # undecodable bytes are not a tag; show them
+    tag = text.strip()
+    if not is_tag(tag):
+        raise CheckpointError(
+            f"{path} holds {text[:100]!r}, which is not a checkpoint tag (a folder name inside {directory} of "
+            f"letters, digits and _.+=-, not starting with '.' or '-', not {LATEST!r})"
+        )
+    return tag
 
 
 def write_latest(directory: str, tag: str) -> None:
@@ -182,10 +350,86 @@ def remove_checkpoint(directory: str, tag: str) -> None:
 
 
 def clean_leftovers(directory: str) -> None:
-    """Deletes staging and trash folders that a crashed save or rotation left behind."""
+    """Deletes staging and trash folders that a crashed save or rotation left behind. Called only while holding
+    the folder's :class:`SaveLock`: every live save holds it from before its staging folder exists until after
+    its commit, so no folder deleted here belongs to a save that can still commit."""
     for name in os.listdir(directory):
         if name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def new_staging(directory: str, tag: str) -> str:
+    """Creates the staging folder of a save. Its name is unique per save, so a rank of a crashed job that is
+    still writing can never put a file into the staging folder of a later save of the same tag."""
+    staging = os.path.join(directory, f"{STAGING_PREFIX}{tag}.{secrets.token_hex(4)}")
+    os.makedirs(staging)
+    return staging
+
+
+# ----------------------------------------------------------------------------------------------- the folder lock
+
+
+class SaveLock:
+    """An exclusive ``flock`` on ``directory/.lock``, taken by the process that chooses a save's tag (rank 0 of
+    its job) before it cleans leftovers, held while every rank writes and until ``latest`` and rotation are
+    done. Two jobs saving into one folder thus take turns instead of choosing the same tag and deleting or
+    committing each other's staging folder. The kernel drops the lock when the holder dies, so a crashed save
+    never blocks the next one. The file stays (deleting a lock file races with a process about to lock it)."""
+
+    def __init__(self, directory: str, timeout: float | None):
+        self.path = os.path.join(directory, LOCK)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._acquire(directory, timeout)
+            holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, holder.encode(), 0)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _acquire(self, directory: str, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise CheckpointError(
+                        f"cannot lock {self.path} ({exc}): the checkpoint folder must be on a filesystem that "
+                        f"supports flock (local disks and NFS do; Lustre needs the 'flock' mount option)"
+                    ) from exc
+            if deadline is not None and time.monotonic() >= deadline:
+                try:
+                    holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+                except OSError:
+                    holder = "another process"
+                raise CheckpointError(
+                    f"cannot save into {directory}: the lock file {self.path} is held by {holder} (another save "
+                    f"of this folder is in progress; waited {timeout} s, see save(lock_timeout=...))"
+                )
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.1)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # a save that times out later must not name this process as the holder
+            fcntl.flock(self.fd, fcntl.LOCK_UN)  # explicit: a forked child holding the descriptor keeps no lock
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_lock_timeout(value) -> None:
+    ok = value is None or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    )
+    if not ok:
+        raise ValueError(f"lock_timeout must be None or a finite number >= 0, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------- process group

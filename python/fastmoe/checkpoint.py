@@ -8,7 +8,9 @@ Layout: ``ckpt/<tag>/meta.json``, ``common.pt`` (everything replicated: gate, at
 state; written by rank 0), ``shard-<rank>.pt`` (the experts one rank holds, one entry per global expert id, with
 their optimizer state; each global expert written once), ``rank-<rank>.pt`` (optional per-rank payload), and
 ``ckpt/latest`` naming the newest tag. A checkpoint is written into a staging folder and renamed to its tag only
-when complete; ``latest`` is replaced after that, so a crash never leaves a broken ``latest``.
+when complete; ``latest`` is replaced after that, so a crash never leaves a broken ``latest``. The saving job's
+rank 0 holds ``ckpt/.lock`` from choosing the tag until ``latest`` is replaced, so concurrent saves into one folder
+take turns. meta.json records the sha256 of every file; load and consolidate check it.
 """
 
 import os
@@ -43,19 +45,16 @@ __all__ = [
 ]
 
 
-def _shard_file(rank: int) -> str:
-    return f"shard-{rank:05d}.pt"
-
-
-def _rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.pt"
+_shard_file = io.shard_file
+_rank_file = io.rank_file
 
 
 # ----------------------------------------------------------------------------------------------- save
 
 
 def _prepare(directory: str, tag):
-    os.makedirs(directory, exist_ok=True)
+    """Rank 0, holding the folder's lock: clean up after crashed saves, choose the tag, create the staging
+    folder."""
     io.clean_leftovers(directory)
     existing = list_checkpoints(directory)
     sequence = 1 + (read_meta(directory, existing[-1])["sequence"] if existing else 0)
@@ -66,8 +65,7 @@ def _prepare(directory: str, tag):
             tag = f"ckpt-{sequence:06d}"
     if os.path.exists(os.path.join(directory, tag)):
         raise CheckpointError(f"checkpoint {os.path.join(directory, tag)} already exists; save under a new tag")
-    staging = os.path.join(directory, io.STAGING_PREFIX + tag)
-    os.makedirs(staging)
+    staging = io.new_staging(directory, tag)
     io.fsync_dir(directory)
     return tag, sequence, staging
 
@@ -153,13 +151,18 @@ def _commit(directory, tag, sequence, staging, layers_info, reports, world_size,
         "has_optimizer": has_optimizer,
         "layers": layers_meta,
         "common_keys": {k: {"shape": d[0], "dtype": d[1]} for k, d in reports[0]["common_keys"].items()},
-        "files": {f: size for report in reports for f, size in report["files"].items()},
+        "files": {f: record["size"] for report in reports for f, record in report["files"].items()},
+        "sha256": {f: record["sha256"] for report in reports for f, record in report["files"].items()},
         "rank_extra": [r for r, report in enumerate(reports) if _rank_file(r) in report["files"]],
     }
     io.fault_point("before_meta", 0)
     io.json_save_atomic(meta, os.path.join(staging, io.META))
     io.fault_point("before_commit", 0)
     final = os.path.join(directory, tag)
+    # The lock makes this impossible for saves that take it; an existing (even empty) folder would otherwise be
+    # replaced by the rename, or hold another save's files.
+    if os.path.exists(final):
+        raise CheckpointError(f"checkpoint {final} appeared while this save was writing; nothing was committed")
     os.rename(staging, final)
     io.fsync_dir(directory)
     io.fault_point("before_latest", 0)
@@ -172,37 +175,65 @@ def _commit(directory, tag, sequence, staging, layers_info, reports, world_size,
     return final
 
 
-def save(model, optimizer, directory: str, *, tag: str | None = None, extra=None, rank_extra=None, keep=None) -> str:
+def save(
+    model,
+    optimizer,
+    directory: str,
+    *,
+    tag: str | None = None,
+    extra=None,
+    rank_extra=None,
+    keep=None,
+    lock_timeout: float | None = 300.0,
+) -> str:
     """Writes a checkpoint of ``model`` (and ``optimizer``, or None) under ``directory/<tag>``; call it on every
-    rank of the default process group (or without one). Returns the checkpoint's path.
+    rank of the default process group (or without one). Returns the checkpoint's path, complete when returned.
 
     ``tag`` defaults to ``ckpt-<sequence>``; an existing tag is an error. ``extra`` (rank 0's value) and
     ``rank_extra`` (each rank's own value, e.g. :func:`rng_state`) are returned by :func:`load`. ``keep=N``
-    deletes the oldest complete checkpoints beyond the newest N, after ``latest`` names the new one."""
+    deletes the oldest complete checkpoints beyond the newest N, after ``latest`` names the new one.
+
+    Rank 0 holds the lock ``directory/.lock`` for the whole save; a save that finds it held (another job saving
+    into the same folder) waits up to ``lock_timeout`` seconds (None: no limit), then raises CheckpointError."""
     model = layout.unwrap(model)
     if tag is not None:
         io.check_tag(tag)
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise ValueError(f"keep must be None or a positive int, got {keep!r}")
+    io.check_lock_timeout(lock_timeout)
     rank, world_size = io.rank_and_world()
     layers = layout.moe_layers(model)
     layers_info = {n: [x.moe_rank, x.ep_size, x.num_expert, x.fused] for n, x in layers.items()}
     everyone = io.all_gather({"layers": layers_info, "optimizer": optimizer is not None})
     plan = layout.plan_writers(everyone)
-    tag, sequence, staging = io.on_rank0(lambda: _prepare(directory, tag), "fastmoe.checkpoint.save")
-    io.fault_point("after_staging", rank)
-    report, exc = None, None
+    lock = None
+
+    def locked_prepare():
+        nonlocal lock
+        os.makedirs(directory, exist_ok=True)
+        lock = io.SaveLock(directory, lock_timeout)
+        return _prepare(directory, tag)
+
+    # One lock per job: rank 0 takes it and the other ranks follow its tag and staging folder. It is released
+    # on rank 0 after the commit, or after any rank's failure (every rank learns of it in the collectives).
     try:
-        report = _write_rank(model, optimizer, layers, plan, staging, rank, extra, rank_extra)
-    except Exception as e:  # noqa: BLE001 - every rank learns of it in gather_checked
-        exc = e
-    reports = io.gather_checked(report, exc, "fastmoe.checkpoint.save")
-    return io.on_rank0(
-        lambda: _commit(
-            directory, tag, sequence, staging, layers_info, reports, world_size, optimizer is not None, keep
-        ),
-        "fastmoe.checkpoint.save",
-    )
+        tag, sequence, staging = io.on_rank0(locked_prepare, "fastmoe.checkpoint.save")
+        io.fault_point("after_staging", rank)
+        report, exc = None, None
+        try:
+            report = _write_rank(model, optimizer, layers, plan, staging, rank, extra, rank_extra)
+        except Exception as e:  # noqa: BLE001 - every rank learns of it in gather_checked
+            exc = e
+        reports = io.gather_checked(report, exc, "fastmoe.checkpoint.save")
+        return io.on_rank0(
+            lambda: _commit(
+                directory, tag, sequence, staging, layers_info, reports, world_size, optimizer is not None, keep
+            ),
+            "fastmoe.checkpoint.save",
+        )
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -219,34 +250,67 @@ def latest(directory: str) -> str | None:
 
 
 def read_meta(directory: str, tag: str | None = None) -> dict:
-    """The metadata of checkpoint ``tag`` (default: :func:`latest`)."""
-    if tag is None:
-        tag = latest(directory)
-        if tag is None:
-            raise CheckpointError(f"no checkpoint in {directory!r} (no 'latest' file and no complete checkpoint)")
-    io.check_tag(tag)
-    meta_path = os.path.join(directory, tag, io.META)
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"checkpoint {tag!r} is not complete or does not exist: {meta_path} is missing")
-    return io.read_json(meta_path)
+    """The metadata of checkpoint ``tag`` (default: :func:`latest`), checked against the meta.json schema: a
+    malformed file raises a CheckpointError that names it."""
+    return _resolve(directory, tag)[1]
 
 
 class _Shards:
-    """Opens each shard once (memory-mapped) and hands out per-expert entries."""
+    """Opens each shard once (memory-mapped, after checking its size and checksum) and hands out per-expert
+    entries."""
 
     def __init__(self, path: str, meta: dict, weights_only: bool):
         self.path, self.meta, self.weights_only, self.open = path, meta, weights_only, {}
 
     def expert(self, layer: str, g: int) -> dict:
         fname = self.meta["layers"][layer]["shards"][g]
+        path = os.path.join(self.path, fname)
         if fname not in self.open:
-            data = io.torch_load(os.path.join(self.path, fname), self.meta["files"].get(fname), self.weights_only)
+            data = io.torch_load(self.path, self.meta, fname, self.weights_only)
+            if not isinstance(data, dict) or not isinstance(data.get("experts"), dict):
+                raise CheckpointError(f"{path} is not a fastmoe expert shard (no 'experts' mapping)")
             self.open[fname] = data["experts"]
-        try:
-            return self.open[fname][layer][g]
-        except KeyError:
-            path = os.path.join(self.path, fname)
-            raise CheckpointError(f"{path} holds no entry for layer {layer!r} expert {g}") from None
+        entries = self.open[fname].get(layer)
+        entry = entries.get(g) if isinstance(entries, dict) else None
+        if entry is None:
+            raise CheckpointError(f"{path} holds no entry for layer {layer!r} expert {g}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), dict):
+            raise CheckpointError(f"{path}: the entry of layer {layer!r} expert {g} has no 'model' mapping")
+        return entry
+
+    def param(self, layer: str, g: int, suffix: str):
+        value = self.expert(layer, g)["model"].get(suffix)
+        if value is None:
+            path = os.path.join(self.path, self.meta["layers"][layer]["shards"][g])
+            raise CheckpointError(f"{path} holds no {suffix!r} for layer {layer!r} expert {g}")
+        return value
+
+    def optim(self, layer: str, g: int) -> dict:
+        optim = self.expert(layer, g).get("optim", {})
+        if not isinstance(optim, dict):
+            path = os.path.join(self.path, self.meta["layers"][layer]["shards"][g])
+            raise CheckpointError(f"{path}: the optimizer entry of layer {layer!r} expert {g} is not a mapping")
+        return optim
+
+
+def _load_common(path: str, meta: dict, weights_only: bool) -> dict:
+    common = io.torch_load(path, meta, io.COMMON, weights_only)
+    optim = common.get("optim") if isinstance(common, dict) else None
+    ok = (
+        isinstance(common, dict)
+        and isinstance(common.get("model"), dict)
+        and (
+            optim is None
+            or isinstance(optim, dict)
+            and isinstance(optim.get("state"), dict)
+            and isinstance(optim.get("groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optim["groups"])
+            and all(isinstance(g.get("hyper"), dict) for g in optim["groups"])
+        )
+    )
+    if not ok:
+        raise CheckpointError(f"{os.path.join(path, io.COMMON)} is not fastmoe common state ('model', 'optim')")
+    return common
 
 
 def _check_layers(layers: dict[str, layout.Layer], meta: dict, path: str) -> None:
@@ -297,9 +361,9 @@ def _model_target(model, layers, meta, common, shards: _Shards, path: str, stric
             missing.append(key)
             continue
         if local is None:
-            saved = torch.stack([shards.expert(layer.name, g)["model"][suffix] for g in layer.global_ids()])
+            saved = torch.stack([shards.param(layer.name, g, suffix) for g in layer.global_ids()])
         else:
-            saved = shards.expert(layer.name, layer.first_expert + local)["model"][suffix]
+            saved = shards.param(layer.name, layer.first_expert + local, suffix)
         _check_shape(key, saved, value, f"{path}, {layer.num_expert} experts of layer {layer.name!r}")
         target[key] = saved
     unexpected = [k for k in common["model"] if k not in current]
@@ -312,9 +376,9 @@ def _model_target(model, layers, meta, common, shards: _Shards, path: str, stric
 
 def _expert_optim_state(layer, suffix: str, name: str, shards: _Shards, local):
     if local is not None:
-        entry = shards.expert(layer.name, layer.first_expert + local)["optim"].get(suffix)
+        entry = shards.optim(layer.name, layer.first_expert + local).get(suffix)
         return None if entry is None else {**entry["shared"], **entry["split"]}
-    entries = {g: shards.expert(layer.name, g)["optim"].get(suffix) for g in layer.global_ids()}
+    entries = {g: shards.optim(layer.name, g).get(suffix) for g in layer.global_ids()}
     return layout.merge_fused_state(entries, name)
 
 
@@ -368,7 +432,7 @@ def load(model, optimizer, directory: str, *, tag: str | None = None, strict: bo
     try:
         layers = layout.moe_layers(model)
         _check_layers(layers, meta, path)
-        common = io.torch_load(os.path.join(path, io.COMMON), meta["files"].get(io.COMMON), weights_only)
+        common = _load_common(path, meta, weights_only)
         shards = _Shards(path, meta, weights_only)
         model_target = _model_target(model, layers, meta, common, shards, path, strict)
         optim_target = None
@@ -376,8 +440,7 @@ def load(model, optimizer, directory: str, *, tag: str | None = None, strict: bo
             optim_target = _optimizer_target(model, optimizer, layers, meta, common, shards, path)
         rank_extra = None
         if meta["world_size"] == world_size and rank in meta["rank_extra"]:
-            fname = _rank_file(rank)
-            rank_extra = io.torch_load(os.path.join(path, fname), meta["files"].get(fname), weights_only)
+            rank_extra = io.torch_load(path, meta, _rank_file(rank), weights_only)
         model.load_state_dict(model_target, strict=strict)
         if optim_target is not None:
             optimizer.load_state_dict(optim_target)
@@ -388,9 +451,21 @@ def load(model, optimizer, directory: str, *, tag: str | None = None, strict: bo
     return result
 
 
-def _resolve(directory: str, tag):
-    meta = read_meta(directory, tag)
-    return meta["tag"], meta
+def _resolve(directory: str, tag) -> tuple[str, dict]:
+    """``(tag, meta)`` of checkpoint ``tag`` (default: :func:`latest`). The tag is the folder's name, which
+    locates the files (meta.json's own ``tag`` field is informational)."""
+    if tag is None:
+        tag = latest(directory)
+        if tag is None:
+            raise CheckpointError(f"no checkpoint in {directory!r} (no 'latest' file and no complete checkpoint)")
+        named_by = f"{os.path.join(directory, io.LATEST)} names {tag!r}, but "
+    else:
+        io.check_tag(tag)
+        named_by = ""
+    meta_path = os.path.join(directory, tag, io.META)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{named_by}checkpoint {tag!r} is not complete or does not exist: {meta_path} is missing")
+    return tag, io.read_json(meta_path)
 
 
 def consolidate(directory: str, tag: str | None = None, *, weights_only: bool = True) -> dict:
@@ -398,13 +473,13 @@ def consolidate(directory: str, tag: str | None = None, *, weights_only: bool = 
     the total expert count) from checkpoint ``tag`` (default: :func:`latest`), whatever EP size saved it."""
     tag, meta = _resolve(directory, tag)
     path = os.path.join(directory, tag)
-    common = io.torch_load(os.path.join(path, io.COMMON), meta["files"].get(io.COMMON), weights_only)
+    common = _load_common(path, meta, weights_only)
     state_dict = dict(common["model"])
     shards = _Shards(path, meta, weights_only)
     for name, info in meta["layers"].items():
         prefix = f"{name}.experts." if name else "experts."
         for suffix in info["expert_params"]:
-            pieces = [shards.expert(name, g)["model"][suffix] for g in range(info["num_experts_total"])]
+            pieces = [shards.param(name, g, suffix) for g in range(info["num_experts_total"])]
             if info["fused"]:
                 state_dict[prefix + suffix] = torch.stack(pieces)
             else:

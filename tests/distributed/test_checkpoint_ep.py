@@ -242,6 +242,7 @@ def test_resharding_round_trips_across_ep_sizes(tmp_path):
     # The killed save left the previous checkpoints as they were.
     assert "crashed" not in checkpoint.list_checkpoints(directory)
     assert checkpoint.latest(directory) == "ep2-from-single-next"
-    staged = sorted(os.listdir(os.path.join(directory, ".partial-crashed")))
+    (staging,) = [name for name in os.listdir(directory) if name.startswith(".partial-crashed.")]
+    staged = sorted(os.listdir(os.path.join(directory, staging)))
     assert staged == ["shard-00000.pt", "shard-00001.pt.tmp"], staged
     load_single(directory, checkpoint.latest(directory))

@@ -1,0 +1,372 @@
+"""fastmoe.checkpoint against concurrent writers, corrupted bytes and malformed metadata.
+
+- Concurrent saves: independent processes and a two-rank expert-parallel job save into one folder at the same
+  time; every path a save returned must load with what that save wrote, ``latest`` must name a complete
+  checkpoint, and no save may fail or lose another's checkpoint (the folder's lock serialises them).
+- Corruption: bytes flipped inside the tensor records of a shard, ``common.pt`` or a rank file (same size, so
+  the size check cannot see it) make ``load`` and ``consolidate`` raise a CheckpointError naming the file.
+- Malformed ``meta.json`` or ``latest``: a CheckpointError naming the file, never a JSON, key or index error.
+"""
+
+import hashlib
+import json
+import os
+import re
+import struct
+import threading
+import traceback
+import zipfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from ckpt_models import TinyMoEModel, make_model, make_optimizer, train_step
+from dist_harness import run_workers
+
+import fastmoe
+from conftest import assert_bitwise_equal
+from fastmoe import checkpoint
+from fastmoe.checkpoint import CheckpointError
+
+# ----------------------------------------------------------------------------------------------- concurrent saves
+
+# Independent single-process savers, each saving SAVES checkpoints, plus one two-rank EP job doing the same.
+# Without a lock, savers that start together pick the same tag and delete or commit each other's staging folder
+# within the first few saves.
+WRITERS, SAVES = 2, 10
+EP_JOB = WRITERS  # the writer id of the EP job
+
+
+def stamp(writer: int, i: int) -> float:
+    return float(1000 * writer + i)
+
+
+def save_stamped(model, directory: str, writer: int, count: int) -> list:
+    """``count`` saves, each with embed.bias and ``extra`` naming (writer, i); ``(i, path, None)`` for a save that
+    returned, ``(i, None, error)`` for one that raised."""
+    records = []
+    for i in range(count):
+        with torch.no_grad():
+            model.embed.bias.fill_(stamp(writer, i))
+        try:
+            path = checkpoint.save(model, None, directory, extra={"writer": writer, "i": i})
+            records.append((i, path, None))
+        except Exception as exc:  # noqa: BLE001 - every failed save is reported by the test
+            records.append((i, None, f"{type(exc).__name__}: {exc}"))
+    return records
+
+
+def independent_saver(directory: str, writer: int, count: int, barrier, results) -> None:
+    """A process with no process group (a job of its own) that saves ``count`` times."""
+    try:
+        torch.set_num_threads(1)
+        model = make_model(seed=writer)
+        barrier.wait(timeout=180)
+        results.put((writer, save_stamped(model, directory, writer, count)))
+    except BaseException:  # noqa: BLE001 - sent back to the test with its traceback
+        results.put((writer, traceback.format_exc()))
+
+
+def ep_job_saver(rank: int, world_size: int, directory: str, count: int, barrier) -> list:
+    """One rank of a two-rank EP job that saves ``count`` times (both ranks write shards into one staging folder;
+    rank 0 chooses the tag and commits)."""
+    moe_group, _ = fastmoe.distributed.expert_parallel_groups(world_size)
+    model = TinyMoEModel(world_size=world_size, moe_group=moe_group)
+    barrier.wait(timeout=180)
+    return save_stamped(model, directory, EP_JOB, count)
+
+
+def test_concurrent_saves_into_one_folder_each_commit_a_complete_checkpoint(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(WRITERS + 2)  # every saver starts its first save together
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=independent_saver, args=(directory, w, SAVES, barrier, results), daemon=True)
+        for w in range(WRITERS)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        ep_records = run_workers(2, ep_job_saver, directory, SAVES, barrier, timeout=240)
+        by_writer = dict(results.get(timeout=240) for _ in range(WRITERS))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    by_writer[EP_JOB] = ep_records[0]
+    crashed = {w: r for w, r in by_writer.items() if isinstance(r, str)}
+    assert not crashed, crashed
+    assert [p for _, p, _ in ep_records[0]] == [p for _, p, _ in ep_records[1]], "the ranks of one job disagree"
+    paths = [(path, w, i) for w, records in by_writer.items() for i, path, _ in records if path is not None]
+    returned = {path: (w, i) for path, w, i in paths}
+    assert len(returned) == len(paths), "two saves returned the same path"
+
+    # Every path a save returned holds what that save wrote (a returned checkpoint is never empty or another's).
+    wrong = []
+    for path, (writer, i) in sorted(returned.items()):
+        model = make_model(seed=99)
+        try:
+            info = checkpoint.load(model, None, directory, tag=os.path.basename(path))
+        except Exception as exc:  # noqa: BLE001 - collected so the message lists every broken checkpoint
+            wrong.append(f"{path} (writer {writer}, save {i}): {type(exc).__name__}: {exc}")
+            continue
+        if info["extra"] != {"writer": writer, "i": i} or not torch.all(model.embed.bias == stamp(writer, i)):
+            wrong.append(f"{path} (writer {writer}, save {i}) holds {info['extra']}")
+    assert not wrong, f"{len(wrong)} returned checkpoints do not load as saved:\n" + "\n".join(wrong[:5])
+    # latest names the checkpoint committed last, which is complete.
+    complete = checkpoint.list_checkpoints(directory)
+    assert checkpoint.latest(directory) == complete[-1]
+    assert checkpoint.load(make_model(seed=99), None, directory)["tag"] == complete[-1]
+
+    # With the lock, the saves take turns: none fails, each commits its own checkpoint, nothing is left over.
+    failed = [(w, i, error) for w, records in by_writer.items() for i, _, error in records if error is not None]
+    assert not failed, f"{len(failed)} saves failed, e.g. {failed[:3]}"
+    assert len(returned) == (WRITERS + 1) * SAVES
+    assert sorted(complete) == sorted(os.path.basename(p) for p in returned)
+    assert not [n for n in os.listdir(directory) if n.startswith((".partial-", ".deleting-"))]
+
+
+def test_a_save_that_finds_the_folder_locked_leaves_the_live_save_alone(tmp_path):
+    directory = str(tmp_path)
+    model = make_model()
+    checkpoint.save(model, None, directory, tag="before")
+
+    # A save paused while it writes (it holds the lock, its staging folder exists): model.state_dict() waits.
+    live = make_model(seed=1)
+    entered, release = threading.Event(), threading.Event()
+
+    def pause(*_):
+        if not entered.is_set():
+            entered.set()
+            release.wait(timeout=120)
+
+    live.register_state_dict_post_hook(pause)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(path=checkpoint.save(live, None, directory, tag="live")))
+    thread.start()
+    try:
+        assert entered.wait(timeout=120), "the live save did not start writing"
+        staging = [n for n in os.listdir(directory) if n.startswith(".partial-live")]
+        assert len(staging) == 1, os.listdir(directory)
+        lock = re.escape(os.path.join(directory, ".lock"))
+        with pytest.raises(CheckpointError, match=rf"{lock} .*held by pid {os.getpid()}"):
+            checkpoint.save(model, None, directory, lock_timeout=0)
+        assert os.path.isdir(os.path.join(directory, staging[0])), "the staging folder of the live save is gone"
+        assert checkpoint.latest(directory) == "before"
+    finally:
+        release.set()
+        thread.join(timeout=120)
+    assert result["path"] == os.path.join(directory, "live")
+    loaded = make_model(seed=2)
+    assert checkpoint.load(loaded, None, directory)["tag"] == "live"
+    for key, value in live.state_dict().items():
+        assert_bitwise_equal(loaded.state_dict()[key], value, key)
+    assert checkpoint.save(model, None, directory, lock_timeout=0) == os.path.join(directory, "ckpt-000003")
+
+
+@pytest.mark.parametrize("bad", [-1, "5", True, float("nan"), float("inf")])
+def test_lock_timeout_must_be_a_finite_non_negative_number(tmp_path, bad):
+    with pytest.raises(ValueError, match=re.escape(f"lock_timeout must be None or a finite number >= 0, got {bad!r}")):
+        checkpoint.save(make_model(), None, str(tmp_path), lock_timeout=bad)
+
+
+# ----------------------------------------------------------------------------------------------- corrupted bytes
+
+
+def flip_tensor_bytes(path: str, count: int = 16) -> int:
+    """XORs the first ``count`` bytes of every tensor record of a torch.save file (stored, uncompressed zip
+    entries ``<archive>/data/<n>``) with 0xFF; the file keeps its size and stays a readable zip. Returns how many
+    records were changed."""
+    with zipfile.ZipFile(path) as archive:
+        records = [i for i in archive.infolist() if re.search(r"/data/\d+$", i.filename) and i.file_size > 0]
+    assert all(r.compress_type == zipfile.ZIP_STORED for r in records)
+    with open(path, "r+b") as f:
+        for record in records:
+            f.seek(record.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            start = record.header_offset + 30 + name_len + extra_len
+            f.seek(start)
+            data = f.read(min(count, record.file_size))
+            f.seek(start)
+            f.write(bytes(b ^ 0xFF for b in data))
+    return len(records)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A folder with checkpoints 'a' and 'b' (model, Adam, a rank_extra with a tensor) and the model state of 'b'."""
+    directory = str(tmp_path / "ckpt")
+    model = make_model()
+    optimizer = make_optimizer(model)
+    train_step(model, optimizer, 0)
+    checkpoint.save(model, optimizer, directory, tag="a", rank_extra={"rng": torch.get_rng_state()})
+    train_step(model, optimizer, 1)
+    checkpoint.save(model, optimizer, directory, tag="b", rank_extra={"rng": torch.get_rng_state()})
+    return directory, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def load_b(directory: str) -> dict:
+    model = make_model(seed=5)
+    optimizer = make_optimizer(model)
+    checkpoint.load(model, optimizer, directory, tag="b")
+    return model.state_dict()
+
+
+# consolidate reads no rank file.
+@pytest.mark.parametrize(
+    "fname, how",
+    [(f, "load") for f in ("shard-00000.pt", "common.pt", "rank-00000.pt")]
+    + [(f, "consolidate") for f in ("shard-00000.pt", "common.pt")],
+)
+def test_flipped_bytes_raise_a_checkpoint_error_naming_the_file(saved, fname, how):
+    directory, state_b = saved
+    path = os.path.join(directory, "b", fname)
+    with open(path, "rb") as f:
+        original = f.read()
+    assert flip_tensor_bytes(path) > 0
+    assert os.path.getsize(path) == len(original)
+
+    with pytest.raises(CheckpointError, match=rf"{re.escape(path)} is corrupt: its sha256 is [0-9a-f]{{64}}"):
+        if how == "load":
+            load_b(directory)
+        else:
+            checkpoint.consolidate(directory, "b")
+
+    # The other checkpoint is untouched and loads; with its bytes back, 'b' loads as saved.
+    model_a = make_model(seed=5)
+    assert checkpoint.load(model_a, make_optimizer(model_a), directory, tag="a")["tag"] == "a"
+    with open(path, "wb") as f:
+        f.write(original)
+    for key, value in load_b(directory).items():
+        assert_bitwise_equal(value, state_b[key], key)
+
+
+def test_meta_json_records_a_sha256_of_every_file(saved):
+    directory, _ = saved
+    meta = checkpoint.read_meta(directory, "b")
+    assert sorted(meta["sha256"]) == sorted(meta["files"]) == ["common.pt", "rank-00000.pt", "shard-00000.pt"]
+    for fname, digest in meta["sha256"].items():
+        with open(os.path.join(directory, "b", fname), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, fname
+
+
+def test_a_checkpoint_written_before_checksums_still_loads(saved):
+    directory, state_b = saved
+    meta_path = os.path.join(directory, "b", "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["sha256"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    for key, value in load_b(directory).items():
+        assert_bitwise_equal(value, state_b[key], key)
+    assert sorted(checkpoint.consolidate(directory, "b")) == sorted(state_b)
+
+
+# ----------------------------------------------------------------------------------------------- malformed metadata
+
+
+def edit_meta(change):
+    def apply(text: str) -> str:
+        meta = json.loads(text)
+        change(meta)
+        return json.dumps(meta)
+
+    return apply
+
+
+META_CASES = {
+    "invalid-json": lambda text: text[: len(text) // 2],
+    "not-utf8": lambda text: b"\xff\xfe\x00{",
+    "json-list": lambda text: "[1, 2, 3]",
+    "shards-shorter-than-experts": edit_meta(lambda m: m["layers"]["mlp"]["shards"].pop()),
+    "layers-missing": edit_meta(lambda m: m.pop("layers")),
+    "layer-not-an-object": edit_meta(lambda m: m["layers"].update(mlp=[1])),
+    "shard-outside-the-folder": edit_meta(lambda m: m["layers"]["moe"]["shards"].__setitem__(0, "../../x.pt")),
+    "shard-not-in-files": edit_meta(lambda m: m["layers"]["moe"]["shards"].__setitem__(0, "shard-00009.pt")),
+    "sequence-not-an-int": edit_meta(lambda m: m.update(sequence="7")),
+    "world-size-zero": edit_meta(lambda m: m.update(world_size=0)),
+    "file-size-negative": edit_meta(lambda m: m["files"].update({"common.pt": -1})),
+    "checksum-not-hex": edit_meta(lambda m: m["sha256"].update({"common.pt": "abc"})),
+    "checksum-of-an-unknown-file": edit_meta(lambda m: m["sha256"].update({"other.pt": "0" * 64})),
+    "rank-extra-out-of-range": edit_meta(lambda m: m.update(rank_extra=[5])),
+    "expert-params-shape": edit_meta(lambda m: m["layers"]["mlp"]["expert_params"]["htoh4.weight"].update(shape=7)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(META_CASES))
+def test_malformed_meta_json_raises_a_checkpoint_error_naming_it(tmp_path, case):
+    directory = str(tmp_path)
+    model = make_model()
+    checkpoint.save(model, None, directory, tag="good")
+    checkpoint.save(model, None, directory, tag="bad")
+    meta_path = os.path.join(directory, "bad", "meta.json")
+    with open(meta_path) as f:
+        edited = META_CASES[case](f.read())
+    with open(meta_path, "wb") as f:
+        f.write(edited if isinstance(edited, bytes) else edited.encode())
+
+    named = re.escape(meta_path)
+    with pytest.raises(CheckpointError, match=named):
+        checkpoint.read_meta(directory)  # 'latest' names 'bad'
+    with pytest.raises(CheckpointError, match=named):
+        checkpoint.load(make_model(), None, directory)
+    with pytest.raises(CheckpointError, match=named):
+        checkpoint.consolidate(directory, "bad")
+    # A folder with unreadable metadata is not a complete checkpoint; the next save goes on from the good one.
+    assert checkpoint.list_checkpoints(directory) == ["good"]
+    assert checkpoint.load(make_model(seed=3), None, directory, tag="good")["tag"] == "good"
+    assert checkpoint.save(model, None, directory) == os.path.join(directory, "ckpt-000002")
+
+
+LATEST_CASES = {
+    "parent-path": b"../../etc\n",
+    "absolute-path": b"/etc\n",
+    "separator": b"good/../good\n",
+    "empty": b"",
+    "staging-folder": b".partial-good\n",
+    "not-utf8": b"\xff\xfe\n",
+    "itself": b"latest\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATEST_CASES))
+def test_malformed_latest_raises_a_checkpoint_error_naming_it(tmp_path, case):
+    directory = str(tmp_path)
+    model = make_model()
+    checkpoint.save(model, None, directory, tag="good")
+    latest_path = os.path.join(directory, "latest")
+    with open(latest_path, "wb") as f:
+        f.write(LATEST_CASES[case])
+
+    named = rf"{re.escape(latest_path)} .*not a checkpoint tag"
+    for call in (
+        lambda: checkpoint.latest(directory),
+        lambda: checkpoint.read_meta(directory),
+        lambda: checkpoint.load(make_model(), None, directory),
+        lambda: checkpoint.consolidate(directory),
+    ):
+        with pytest.raises(CheckpointError, match=named):
+            call()
+    # An explicit tag does not read 'latest'; a save replaces it.
+    assert checkpoint.load(make_model(seed=3), None, directory, tag="good")["tag"] == "good"
+    checkpoint.save(model, None, directory, tag="next")
+    assert checkpoint.latest(directory) == "next"
+
+
+@pytest.mark.parametrize("bad", ["../escape", "..", "a/b", "/abs", "a\\b", ""])
+def test_a_tag_argument_outside_the_folder_is_rejected_naming_it(tmp_path, bad):
+    directory = str(tmp_path)
+    model = make_model()
+    checkpoint.save(model, None, directory, tag="good")
+    message = re.escape(f"got {bad!r}")
+    with pytest.raises(ValueError, match=message):
+        checkpoint.save(model, None, directory, tag=bad)
+    for call in (checkpoint.read_meta, checkpoint.consolidate):
+        with pytest.raises(ValueError, match=message):
+            call(directory, bad)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load(model, None, directory, tag=bad)
+    assert sorted(n for n in os.listdir(directory) if not n.startswith(".")) == ["good", "latest"]
