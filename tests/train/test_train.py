@@ -1,62 +1,25 @@
-"""fastmoe-train end to end at tiny sizes: the MoE validation loss falls, --resume continues bit for bit, the
-two models match in active parameters, checkpoints are atomic, and the command line documents and checks its
-flags."""
+"""fastmoe-train end to end at tiny sizes: the MoE validation loss falls, --resume continues bit for bit (also
+after a save killed midway), the two models match in active parameters, and under torchrun the MoE model trains
+expert-parallel, reports the balance of every rank's tokens and resumes with another number of processes."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from train_cases import TINY, make_corpus, subprocess_env, summary
 
-from fastmoe.train import checkpointing, cli
-from fastmoe.train.data import DEFAULT_CORPUS
+from fastmoe import checkpoint as fmoe_checkpoint
+from fastmoe.train import cli
 from fastmoe.train.loop import LoopConfig, learning_rate, make_optimizer
 from fastmoe.train.model import GPT, parameter_counts
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "--d-model",
-    "32",
-    "--layers",
-    "2",
-    "--heads",
-    "2",
-    "--seq-len",
-    "32",
-    "--batch",
-    "8",
-    "--experts",
-    "4",
-    "--top-k",
-    "2",
-    "--eval-tokens",
-    "2048",
-    "--warmup",
-    "5",
-    "--lr",
-    "1e-2",
-    "--no-progress",
-]
 
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory) -> Path:
-    """The default corpus when it is installed, else a generated English-like text (so the test runs anywhere)."""
-    if DEFAULT_CORPUS.exists():
-        return DEFAULT_CORPUS
-    words = "the of and to in is that it for as with was on be by this are from or an at which not have".split()
-    gen = torch.Generator().manual_seed(0)
-    picks = torch.randint(0, len(words), (60_000,), generator=gen).tolist()
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(" ".join(words[i] for i in picks))
-    return path
-
-
-def summary(out: Path) -> dict:
-    return {m["name"]: m for m in json.loads((out / "summary.json").read_text())["models"]}
+    return make_corpus(tmp_path_factory)
 
 
 def test_tiny_demo_both_models_and_the_moe_loss_falls(tmp_path, corpus_file):
@@ -75,8 +38,7 @@ def test_tiny_demo_both_models_and_the_moe_loss_falls(tmp_path, corpus_file):
         "--out",
         str(out),
     ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert result.returncode == 0, result.stdout + result.stderr
     models = summary(out)
     assert set(models) == {"moe", "dense"}
@@ -87,11 +49,33 @@ def test_tiny_demo_both_models_and_the_moe_loss_falls(tmp_path, corpus_file):
     assert moe["balance"]["moe/all/max_over_mean"] >= 1.0
     for name in ("moe", "dense"):
         assert "val loss" in result.stdout and name in result.stdout
-        assert (out / name / "checkpoint.pt").is_file()
+        assert fmoe_checkpoint.latest(str(out / name / "checkpoint")) is not None
         events = [json.loads(line)["event"] for line in (out / name / "log.jsonl").read_text().splitlines()]
         assert events.count("eval") == 3 and "train" in events
     assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| moe |" in (out / "summary.md").read_text()
+
+
+def log_events(path: Path) -> list:
+    return [(r["event"], r["step"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def assert_same_run(whole: Path, split: Path, names=("moe", "dense")) -> None:
+    """The run in ``split`` (interrupted and resumed) is bitwise the one in ``whole``: losses, the validation
+    history, every weight of the last checkpoint, and the log's records."""
+    a, b = summary(whole), summary(split)
+    for name in names:
+        assert b[name]["steps"] == a[name]["steps"]
+        assert a[name]["final_train_loss"] == b[name]["final_train_loss"]
+        assert a[name]["final_val_loss"] == b[name]["final_val_loss"]
+        assert [p["val_loss"] for p in a[name]["history"]] == [p["val_loss"] for p in b[name]["history"]]
+        assert [p["tokens"] for p in a[name]["history"]] == [p["tokens"] for p in b[name]["history"]]
+        state_a = fmoe_checkpoint.consolidate(str(whole / name / "checkpoint"))
+        state_b = fmoe_checkpoint.consolidate(str(split / name / "checkpoint"))
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), f"{name}: {key} differs after resume"
+        assert log_events(whole / name / "log.jsonl") == log_events(split / name / "log.jsonl")
 
 
 def test_resume_continues_bitwise(tmp_path, corpus_file):
@@ -102,17 +86,25 @@ def test_resume_continues_bitwise(tmp_path, corpus_file):
     assert cli.main([*common, "--out", str(split), "--stop-after", "5"]) == 0
     assert summary(split)["moe"]["steps"] == 5
     assert cli.main([*common, "--out", str(split), "--resume"]) == 0
-    a, b = summary(whole), summary(split)
-    for name in ("moe", "dense"):
-        assert b[name]["steps"] == 12
-        assert a[name]["final_train_loss"] == b[name]["final_train_loss"]
-        assert a[name]["final_val_loss"] == b[name]["final_val_loss"]
-        assert [p["val_loss"] for p in a[name]["history"]] == [p["val_loss"] for p in b[name]["history"]]
-        state_a = torch.load(whole / name / "checkpoint.pt", weights_only=False)["model"]
-        state_b = torch.load(split / name / "checkpoint.pt", weights_only=False)["model"]
-        assert state_a.keys() == state_b.keys()
-        for key in state_a:
-            assert torch.equal(state_a[key], state_b[key]), f"{name}: {key} differs after resume"
+    assert summary(split)["moe"]["steps"] == 12
+    assert_same_run(whole, split)
+
+
+def test_a_save_killed_midway_resumes_from_the_previous_checkpoint(tmp_path, corpus_file):
+    """A process killed while writing its step-4 checkpoint (fastmoe.checkpoint's fault point in the middle of the
+    expert shard) leaves the step-2 checkpoint whole: --resume continues from it, bitwise."""
+    common = [*TINY, "--model", "moe", "--steps", "6", "--eval-every", "2", "--ckpt-every", "2"]
+    common += ["--data", str(corpus_file)]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli.main([*common, "--out", str(whole)]) == 0
+    assert cli.main([*common, "--out", str(split), "--stop-after", "2"]) == 0
+    command = [sys.executable, "-m", "fastmoe.train", *common, "--out", str(split), "--resume"]
+    env = subprocess_env() | {fmoe_checkpoint.FAULT_ENV: "during_shard"}
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert killed.returncode == fmoe_checkpoint.FAULT_EXIT_CODE, killed.stdout + killed.stderr
+    assert log_events(split / "moe" / "log.jsonl")[-1] == ("eval", 4)  # it had got past the last checkpoint
+    assert cli.main([*common, "--out", str(split), "--resume"]) == 0
+    assert_same_run(whole, split, names=("moe",))
 
 
 def test_bf16_autocast_trains(tmp_path, corpus_file):
@@ -193,50 +185,6 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert learning_rate(timed, 5, 30.0) == pytest.approx(0.5)
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    sampler = type("S", (), {"state_dict": lambda self: {"generator": torch.Generator().get_state()}})()
-    path = tmp_path / "checkpoint.pt"
-    kwargs = dict(model=model, optimizer=optimizer, sampler=sampler, train_time=1.0, history=[], config={"a": 1})
-    checkpointing.save(path, step=1, **kwargs)
-    before = path.read_bytes()
-
-    def failing_save(obj, handle):
-        handle.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpointing.torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        checkpointing.save(path, step=2, **kwargs)
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
-
-
-def test_resume_refuses_other_flags(tmp_path, corpus_file):
-    common = [*TINY, "--model", "moe", "--steps", "2", "--eval-every", "0", "--data", str(corpus_file)]
-    assert cli.main([*common, "--out", str(tmp_path)]) == 0
-    with pytest.raises(RuntimeError, match="num_experts: checkpoint 4 vs now 8"):
-        cli.main([*common[:-2], "--experts", "8", "--data", str(corpus_file), "--out", str(tmp_path), "--resume"])
-
-
-def test_resume_reads_a_checkpoint_older_than_the_balance_and_bias_flags(tmp_path, corpus_file):
-    """A checkpoint written before balance_coef and ffn_bias existed had no balance loss and FFN biases: it
-    resumes with --balance-coef 0 and is refused with the balance loss on."""
-    common = [*TINY, "--model", "moe", "--steps", "2", "--eval-every", "0", "--data", str(corpus_file)]
-    assert cli.main([*common, "--balance-coef", "0", "--out", str(tmp_path), "--stop-after", "1"]) == 0
-    path = tmp_path / "moe" / "checkpoint.pt"
-    payload = torch.load(path, weights_only=False)
-    assert payload["config"]["balance_coef"] == 0.0 and payload["config"]["ffn_bias"] is True
-    for field in ("balance_coef", "ffn_bias"):
-        del payload["config"][field]
-    torch.save(payload, path)
-    with pytest.raises(RuntimeError, match="balance_coef: checkpoint 0.0 vs now 0.01"):
-        cli.main([*common, "--out", str(tmp_path), "--resume"])
-    assert cli.main([*common, "--balance-coef", "0", "--out", str(tmp_path), "--resume"]) == 0
-    assert summary(tmp_path)["moe"]["steps"] == 2
-
-
 def test_help_documents_every_flag(capsys):
     parser = cli.build_parser()
     with pytest.raises(SystemExit):
@@ -274,36 +222,76 @@ def test_missing_data_is_named(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_torchrun_trains_both_models_expert_parallel_with_replicas_in_step(tmp_path, corpus_file):
+def test_torchrun_trains_expert_parallel_then_resumes_with_one_process(tmp_path, corpus_file, capsys):
     """Two ranks under torchrun on gloo: the MoE model expert-parallel (2 of its 4 experts per rank) under
     DistributedGroupedDataParallel, the dense one under torch DDP, taking turns by training time with a time
     budget. Every rank must make the same choices (whose turn, the learning rate, when to stop), or the ranks
     call different collectives and hang; and the clipping must scale every rank alike (--grad-clip 0.01 clips
-    every step), or the replicated parameters drift apart. At the end both ranks hold bitwise-equal copies of
-    everything but the experts, and different experts."""
+    every step), or the replicated parameters drift apart: the run checks at the end that both ranks hold
+    bitwise-equal copies of everything but the experts. Each rank draws its own batches, and the summary's
+    load-balance statistics count the tokens of both ranks.
+
+    Then one process (no torchrun) resumes the run with a longer time budget: it continues from the step the two
+    ranks reached, with all four experts, and appends to each log after the resumed step."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
-    env.update(OMP_NUM_THREADS="1", FASTMOE_COMM_TIMEOUT="60")
+    env = subprocess_env() | {"OMP_NUM_THREADS": "1", "FASTMOE_COMM_TIMEOUT": "60"}
+    flags = [*TINY, "--device", "cpu", "--model", "both", "--grad-clip", "0.01", "--eval-every", "20"]
+    flags += ["--data", str(corpus_file), "--out", str(out)]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastmoe.train",
-        "--device", "cpu", "--model", "both", "--time-budget", "4", "--grad-clip", "0.01", "--eval-every", "20",
-        "--data", str(corpus_file), "--out", str(out), *TINY,
+        *flags, "--time-budget", "4",
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    tokens_per_rank_step = 8 * 32  # --batch x --seq-len
     results = summary(out)
     assert set(results) == {"moe", "dense"}
     for name, result in results.items():
         assert result["steps"] > 0 and 4.0 <= result["train_time_s"] < 8.0, result
-        states = [torch.load(out / name / f"checkpoint.rank{r}.pt", weights_only=False) for r in range(2)]
-        assert states[0]["step"] == states[1]["step"] == result["steps"]
-        assert states[0]["train_time"] == states[1]["train_time"]
-        models = [state["model"] for state in states]
-        assert models[0].keys() == models[1].keys()
-        experts = [key for key in models[0] if ".experts." in key]
+        assert result["replicas_equal"] is True
+        assert result["history"][-1]["tokens"] == result["steps"] * 2 * tokens_per_rank_step
+        folder = out / name / "checkpoint"
+        meta = fmoe_checkpoint.read_meta(str(folder))
+        assert meta["world_size"] == 2
+        samplers = [torch.load(folder / meta["tag"] / f"rank-0000{r}.pt")["sampler"]["generator"] for r in range(2)]
+        assert not torch.equal(samplers[0], samplers[1]), "both ranks drew the same batches"
+        state = fmoe_checkpoint.consolidate(str(folder))
+        experts = [key for key in state if ".experts." in key]
         assert bool(experts) == (name == "moe")
-        for key in models[0]:
-            if key in experts:
-                assert not torch.equal(models[0][key], models[1][key]), f"{name}: {key} is the same on both ranks"
-            else:
-                assert torch.equal(models[0][key], models[1][key]), f"{name}: replicas of {key} differ"
+        for key in experts:  # [4, ...]: global experts 0 and 1 lived on rank 0, 2 and 3 on rank 1
+            assert not torch.equal(state[key][:2], state[key][2:]), f"{name}: {key} is the same on both ranks"
+    balance = results["moe"]["balance"]
+    for layer in ("layer0", "layer1"):  # the last forward (a validation batch) of both ranks
+        assert balance[f"moe/{layer}/num_tokens"] == 2 * tokens_per_rank_step
+    logs = {name: (out / name / "log.jsonl").read_text() for name in results}
+
+    capsys.readouterr()
+    assert cli.main([*flags, "--time-budget", "6", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    resumed = summary(out)
+    for name, before in results.items():
+        after = resumed[name]
+        assert f"{name}: resumed from {out / name / 'checkpoint'}" in printed
+        assert f"at step {before['steps']} " in printed and "saved by 2 process(es), this run has 1" in printed
+        assert after["steps"] > before["steps"] and after["train_time_s"] >= 6.0
+        assert after["history"][: len(before["history"])] == before["history"]
+        more_tokens = (after["steps"] - before["steps"]) * tokens_per_rank_step
+        assert after["history"][-1]["tokens"] == before["history"][-1]["tokens"] + more_tokens
+        log = (out / name / "log.jsonl").read_text()
+        assert log.startswith(logs[name])
+        appended = [json.loads(line) for line in log[len(logs[name]) :].splitlines()]
+        assert appended and all(record["step"] > before["steps"] for record in appended)
+        assert after["replicas_equal"] is None  # one process: nothing to compare
+    assert resumed["moe"]["balance"]["moe/layer0/num_tokens"] == tokens_per_rank_step
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_the_replica_check_names_a_parameter_that_differs_between_ranks():
+    """The end-of-run check that the test above relies on finds a replicated parameter one rank changed, on every
+    rank, and nothing when the ranks agree."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+    from dist_harness import run_workers
+    from train_cases import replica_check_body
+
+    assert run_workers(2, replica_check_body, False) == [[], []]
+    assert run_workers(2, replica_check_body, True) == [["norm.weight"], ["norm.weight"]]

@@ -8,6 +8,7 @@ torchrun --nproc-per-node 8 -m fastmoe.train   # expert parallelism over every G
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -16,13 +17,16 @@ from pathlib import Path
 import torch
 
 import fastmoe
-from fastmoe.train.data import CorpusError, load_corpus
+from fastmoe.train import checkpointing
+from fastmoe.train.data import Corpus, CorpusError, load_corpus
 from fastmoe.train.loop import Distributed, LoopConfig, Trainer, run_interleaved, run_sequential
-from fastmoe.train.model import GATES, GPT, ModelConfig
+from fastmoe.train.model import GATES, GPT, ModelConfig, check_config, gate_factory
 from fastmoe.train.report import plot, write_summary
 
 DEFAULT_STEPS = 500
 DEFAULT_BALANCE_COEF = 0.01
+# Gates whose routing fixes k: --top-k must be this for them.
+GATE_TOP_K = {"switch": 1, "gshard": 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="\n".join(__doc__.split("\n\n")[1:]).rstrip()
         + "\n\nOutputs in --out: summary.md and summary.json (the table), val_loss.png (validation loss against "
-        "training time), and per model <model>/checkpoint.pt and <model>/log.jsonl.",
+        "training time), and per model <model>/checkpoint/ (a fastmoe.checkpoint folder), <model>/config.json and "
+        "<model>/log.jsonl.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = p.add_argument_group("what to train")
@@ -42,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the MoE model, its dense baseline, or both (default: both; see --schedule)",
     )
     what.add_argument("--experts", type=int, default=16, help="experts per MoE layer, over all ranks (default: 16)")
-    what.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (default: 2)")
+    what.add_argument(
+        "--top-k",
+        type=int,
+        default=2,
+        help="experts each token is routed to (default: 2; --gate switch needs 1, --gate gshard 2)",
+    )
     what.add_argument(
         "--gate",
         choices=sorted(GATES),
@@ -62,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--moe-every",
         type=int,
         default=1,
-        help="every N-th FFN layer is MoE: layer i (from 0) when (i + 1) %% N == 0 (default: 1, all)",
+        help="every N-th FFN layer is MoE: layer i (from 0) when (i + 1) %% N == 0 (default: 1, all); at most --layers",
     )
     what.add_argument(
         "--ffn-bias",
@@ -83,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--layers", type=int, default=4, help="transformer blocks (default: 4)")
     size.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
     size.add_argument("--d-ff", type=int, default=None, help="hidden width of dense FFN layers (default: 4 d_model)")
-    size.add_argument("--seq-len", type=int, default=32, help="context length in bytes (default: 32)")
+    size.add_argument(
+        "--seq-len",
+        type=int,
+        default=32,
+        help="context length in bytes (default: 32); at most the validation split's length less one",
+    )
     run = p.add_argument_group("how long and how")
     run.add_argument(
         "--steps",
@@ -104,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--min-lr-ratio", type=float, default=0.1, help="the cosine decay ends at this fraction of --lr (default: 0.1)"
     )
-    run.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices (default 0.1)")
+    run.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.1,
+        help="AdamW weight decay of matrices, >= 0 with --lr times it below 1 (default 0.1)",
+    )
     run.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 for none (default: 1.0)")
     run.add_argument(
         "--precision",
@@ -126,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "so both see the same machine load (interleaved, default), or train one after the other",
     )
     run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch order (default: 0)")
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the weights and of the batch order, 0 to 2**63 - 1 (default: 0; rank r of a torchrun job "
+        "draws its batches with seed + r)",
+    )
     data = p.add_argument_group("data")
     data.add_argument(
         "--data",
@@ -146,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--resume",
         action="store_true",
-        help="continue each model from its checkpoint in --out (same flags); a finished run is kept",
+        help="continue each model from its checkpoint in --out (same model and data flags; the number of processes "
+        "may differ, the experts are then resharded); a finished run is kept; an error when --out holds no "
+        "checkpoint",
     )
     out.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default: 50)")
     out.add_argument(
@@ -180,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag's range, and the combinations the model cannot take, as usage errors (exit code 2) naming the
+    flag and its value. What needs the corpus is checked by :func:`check_corpus_fits` once it is read."""
+    for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "val_fraction", "balance_coef", "time_budget"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     positive = [
         "experts",
         "top_k",
@@ -203,12 +237,35 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
+    if not args.weight_decay >= 0:
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.lr * args.weight_decay >= 1:
+        # AdamW multiplies the weights by 1 - lr * weight_decay every step: at 1 or more that zeroes or flips them.
+        p.error(
+            f"--weight-decay times --lr must be below 1 (AdamW scales the weights by 1 - lr * weight_decay each "
+            f"step), got --weight-decay {args.weight_decay} with --lr {args.lr}"
+        )
+    if not args.grad_clip >= 0:
+        p.error(f"--grad-clip must be >= 0 (0 turns clipping off), got {args.grad_clip}")
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
     if not 0 <= args.min_lr_ratio <= 1:
         p.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.top_k > args.experts:
         p.error(f"--top-k must be at most --experts={args.experts}, got {args.top_k}")
+    if args.gate in GATE_TOP_K and args.top_k != GATE_TOP_K[args.gate]:
+        k = GATE_TOP_K[args.gate]
+        p.error(
+            f"--gate {args.gate} routes each token to {k} expert{'s' if k > 1 else ''}: --top-k must be {k}, "
+            f"got {args.top_k}"
+        )
+    if args.model != "dense" and args.moe_every > args.layers:
+        p.error(
+            f"--moe-every {args.moe_every} leaves no MoE layer among --layers {args.layers} (layer i is an MoE "
+            f"layer when (i + 1) % N == 0): --moe-every must be at most {args.layers}"
+        )
     if args.balance_coef is not None:
         if not args.balance_coef >= 0:
             p.error(f"--balance-coef must be >= 0, got {args.balance_coef}")
@@ -216,6 +273,50 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--balance-coef applies to --gate naive; the {args.gate} gate has its own balancing")
     if args.d_model % args.heads:
         p.error(f"--d-model must be divisible by --heads={args.heads}, got {args.d_model}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.model != "dense" and args.experts % world_size:
+        p.error(f"--experts must be divisible by the {world_size} processes of this torchrun job, got {args.experts}")
+    check_device(p, args.device)
+    if args.model != "dense":
+        # Whatever else the model or the chosen gate refuses (a gate's own limits on k or the expert count), as a
+        # usage error; the checks above name the common cases in terms of the flags.
+        config = model_config(args, moe=True)
+        try:
+            check_config(config)
+            gate_factory(config)(config.d_model, config.num_experts, 1, config.top_k)
+        except (ValueError, TypeError) as error:
+            p.error(f"--gate {args.gate} with --experts {args.experts} and --top-k {args.top_k}: {error}")
+
+
+def check_device(p: argparse.ArgumentParser, value: str) -> None:
+    """``--device``: auto, cpu, cuda or cuda:N, where CUDA is only accepted when torch sees the device."""
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        p.error(f"--device must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error(f"--device {value}: torch sees no CUDA device (use --device cpu or auto)")
+        count = torch.cuda.device_count()
+        # Under torchrun each rank takes cuda:LOCAL_RANK whatever the index, so only one process checks it.
+        if device.index is not None and device.index >= count and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            p.error(f"--device {value}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def check_corpus_fits(p: argparse.ArgumentParser, args: argparse.Namespace, corpus: Corpus) -> None:
+    """``--seq-len`` against the corpus: a training window takes seq_len + 1 bytes of the training split (and
+    its random start needs one more), a validation window seq_len + 1 bytes of the validation split."""
+    limit = min(corpus.train.numel() - 2, corpus.val.numel() - 1)
+    if args.seq_len > limit:
+        p.error(
+            f"--seq-len {args.seq_len} is longer than the corpus allows: {corpus.source} splits into "
+            f"{corpus.train.numel():,} training and {corpus.val.numel():,} validation bytes (--val-fraction "
+            f"{args.val_fraction}), so --seq-len can be at most {limit:,}"
+        )
 
 
 def setup_distributed(device_arg: str) -> tuple[Distributed, torch.device]:
@@ -287,12 +388,15 @@ def main(argv=None) -> int:
         args.steps = DEFAULT_STEPS
     if args.threads:
         torch.set_num_threads(args.threads)
-    dist, device = setup_distributed(args.device)
     try:
         corpus = load_corpus(args.data, args.val_fraction)
     except CorpusError as error:
         raise SystemExit(f"fastmoe-train: {error}") from error
+    check_corpus_fits(parser, args, corpus)
     out_dir = Path(args.out)
+    names = ["moe", "dense"] if args.model == "both" else [args.model]
+    resume = resume_plan(out_dir, names) if args.resume else dict.fromkeys(names, False)
+    dist, device = setup_distributed(args.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     loop_cfg = LoopConfig(
         steps=args.steps,
@@ -312,7 +416,6 @@ def main(argv=None) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    names = ["moe", "dense"] if args.model == "both" else [args.model]
     if dist.is_main:
         print(
             f"fastmoe-train: {', '.join(names)} on {device} (x{dist.world_size}), {torch.get_num_threads()} CPU "
@@ -327,9 +430,12 @@ def main(argv=None) -> int:
         model, wrapped = build_model(config, dist, device)
         if dist.is_main:
             print(f"{name}: {describe(config)}", flush=True)
-        trainers.append(
-            Trainer(name, model, wrapped, corpus, loop_cfg, device, out_dir / name, args.resume, dist, position)
-        )
+        try:
+            run_dir = out_dir / name
+            trainer = Trainer(name, model, wrapped, corpus, loop_cfg, device, run_dir, resume[name], dist, position)
+        except checkpointing.ResumeError as error:
+            raise SystemExit(f"fastmoe-train: --resume: {error}") from error
+        trainers.append(trainer)
     results = (run_interleaved if args.schedule == "interleaved" else run_sequential)(trainers)
     if dist.is_main:
         header = (
@@ -344,6 +450,23 @@ def main(argv=None) -> int:
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def resume_plan(out_dir: Path, names: list[str]) -> dict[str, bool]:
+    """Which models ``--resume`` continues: those with a checkpoint in ``out_dir/<model>``. A model without one
+    (an interrupted ``--schedule sequential`` run that had not reached it) starts from step 0, which is said;
+    with no checkpoint at all there is nothing to resume, and that is an error naming the folder."""
+    plan = {name: checkpointing.has_checkpoint(out_dir / name) for name in names}
+    if not any(plan.values()):
+        folders = " or ".join(str(out_dir / name / checkpointing.CHECKPOINT_DIR) for name in names)
+        raise SystemExit(
+            f"fastmoe-train: --resume: {out_dir} holds no checkpoint to resume (none in {folders}); leave out "
+            "--resume to start a new run there"
+        )
+    for name, found in plan.items():
+        if not found and int(os.environ.get("RANK", "0")) == 0:
+            print(f"fastmoe-train: --resume: {name} has no checkpoint in {out_dir / name}; it starts from step 0")
+    return plan
 
 
 def describe(config: ModelConfig) -> str:

@@ -132,6 +132,11 @@ class WindowSampler:
         window = self.tokens[starts[:, None] + self._offsets]
         return window[:, :-1], window[:, 1:]
 
+    def reseed(self, seed: int) -> None:
+        """Restarts the draws from ``seed`` (a run resumed with another number of processes, whose ranks have no
+        saved sampler state)."""
+        self.generator.manual_seed(seed)
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 

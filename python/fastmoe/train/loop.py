@@ -4,6 +4,7 @@ bar with loss, tokens/s and load-balance statistics, atomic checkpoints and resu
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,8 @@ class RunResult:
     params_total: int
     params_active: int
     history: list = field(default_factory=list)  # [{"step", "time", "tokens", "val_loss"}]
-    balance: dict = field(default_factory=dict)
+    balance: dict = field(default_factory=dict)  # fastmoe.balance.collect keys, over every rank's tokens
+    replicas_equal: bool | None = None  # under torchrun: every rank ends with the same replicated parameters
 
     @property
     def tokens_per_s(self) -> float:
@@ -130,6 +132,97 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device, precision: s
     return float(total) / windows.shape[0]
 
 
+@contextlib.contextmanager
+def _global_balance_records(model, dist: Distributed):
+    """Within it, every MoE layer's ``balance_record`` counts the tokens of every rank, so that
+    ``balance.collect`` reports the whole expert-parallel step rather than this rank's share: the token, slot,
+    expert and drop counts are summed over the ranks and the gate's loss terms averaged (each rank's is a mean
+    over its own tokens). One all-reduce for all layers; the layers' own records come back on exit."""
+    layers = [layer for _, layer in balance.moe_layers(model) if layer.balance_record is not None]
+    if dist.world_size == 1 or not layers:
+        yield
+        return
+    records = [layer.balance_record for layer in layers]
+    device = records[0].expert_counts.device
+    parts = []
+    for record in records:
+        dropped = record.num_dropped if record.num_dropped is not None else torch.zeros((), device=device)
+        parts += [
+            torch.tensor([record.num_tokens, record.num_slots], dtype=torch.float64, device=device),
+            record.expert_counts.to(device=device, dtype=torch.float64),
+            dropped.to(device=device, dtype=torch.float64).reshape(1),
+            *(loss.to(device=device, dtype=torch.float64).sum().reshape(1) for loss in record.losses.values()),
+        ]
+    flat = torch.cat(parts)
+    torch.distributed.all_reduce(flat, group=dist.group)
+    values, start = flat.tolist(), 0  # float64 holds counts exactly up to 2**53
+    for layer, record in zip(layers, records, strict=True):
+        num_experts = record.expert_counts.numel()
+        num_tokens, num_slots = (int(round(v)) for v in values[start : start + 2])
+        counts = values[start + 2 : start + 2 + num_experts]
+        dropped = values[start + 2 + num_experts]
+        losses = values[start + 3 + num_experts : start + 3 + num_experts + len(record.losses)]
+        start += 3 + num_experts + len(record.losses)
+        layer.balance_record = balance.BalanceRecord(
+            num_tokens=num_tokens,
+            num_slots=num_slots,
+            expert_counts=torch.tensor([round(c) for c in counts], dtype=torch.int64),
+            num_dropped=None if record.num_dropped is None else torch.tensor(round(dropped), dtype=torch.int64),
+            losses={name: torch.tensor(v / dist.world_size) for name, v in zip(record.losses, losses, strict=True)},
+        )
+    try:
+        yield
+    finally:
+        for layer, record in zip(layers, records, strict=True):
+            layer.balance_record = record
+
+
+def replica_mismatches(model: GPT, dist: Distributed) -> list[str]:
+    """The names of the replicated parameters (all but the experts) whose value on some rank differs bitwise
+    from rank 0's. Gradient averaging keeps the replicas equal, so a name here means a parameter whose gradient
+    was not averaged. One broadcast per parameter: for the end of a run, not for every step."""
+    experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    names, differs = [], []
+    for name, param in model.named_parameters():
+        if id(param) in experts:
+            continue
+        reference = param.detach().clone()
+        torch.distributed.broadcast(reference, src=0, group=dist.group)
+        names.append(name)
+        differs.append(0.0 if torch.equal(reference, param.detach()) else 1.0)
+    flags = torch.tensor(differs, dtype=torch.float64, device=next(model.parameters()).device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=dist.group)
+    return [name for name, flag in zip(names, flags.tolist(), strict=True) if flag]
+
+
+def trim_log(path: Path, step: int, history: list) -> int:
+    """Keeps the records of ``path`` (log.jsonl) that the checkpoint of ``step`` covers: every record before
+    ``step``, its training record, and its evaluation only when ``history`` ends with it (a run stopped after
+    the final evaluation but before the checkpoint that followed evaluates again). Returns how many records it
+    dropped (a torn last line counts)."""
+    if not path.exists():
+        return 0
+    evaluated_at_step = bool(history) and history[-1]["step"] == step
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = record["step"] < step or (
+                record["step"] == step and (record["event"] != "eval" or evaluated_at_step)
+            )
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 def _balance_postfix(model) -> dict:
     stats = balance.collect(model)  # one host sync for every MoE layer
     if not stats:
@@ -151,8 +244,11 @@ class Trainer:
     """Trains one model a step at a time, so that two trainers can take turns (see :func:`run_interleaved`).
 
     Each trainer keeps its own torch RNG state and swaps it in for its steps, so its results do not depend on
-    what else runs in the process. Writes ``run_dir/checkpoint.pt`` (one per rank under torchrun) and
-    ``run_dir/log.jsonl``; ``ddp_model`` is ``model`` or its data-parallel wrapper.
+    what else runs in the process. Writes ``run_dir/checkpoint/`` (see :mod:`fastmoe.train.checkpointing`),
+    ``run_dir/config.json`` and ``run_dir/log.jsonl``; ``ddp_model`` is ``model`` or its data-parallel wrapper.
+    With ``resume`` it continues from the checkpoint in ``run_dir`` (an error when there is none, see
+    :class:`checkpointing.ResumeError`) and keeps the log up to the resumed step; without, it removes what a
+    previous run left in ``run_dir``.
     """
 
     def __init__(
@@ -175,9 +271,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg)
         self.sampler = WindowSampler(corpus.train, cfg.batch_size, seq_len, seed=cfg.seed + self.dist.rank)
         self.val = validation_windows(corpus.val, seq_len, cfg.eval_tokens)
-        self.ckpt_path = run_dir / (
-            "checkpoint.pt" if self.dist.world_size == 1 else f"checkpoint.rank{self.dist.rank}.pt"
-        )
+        self.run_dir = run_dir
         self.log_path = run_dir / "log.jsonl"
         self.identity = {
             **model.config.to_dict(),
@@ -187,24 +281,18 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
         self.tokens_per_step = cfg.batch_size * seq_len * self.dist.world_size
-        self.step, self.train_time, self.history = 0, 0.0, []
+        self.step, self.train_time, self.tokens, self.history = 0, 0.0, 0, []
         self.rng = checkpointing.rng_state()  # the caller seeded torch for this model just before
         self.last_loss = float("nan")
         self.stopped = False
-        if resume and self.ckpt_path.exists():
-            payload = checkpointing.load(
-                self.ckpt_path,
-                model=model,
-                optimizer=self.optimizer,
-                sampler=self.sampler,
-                config=self.identity,
-                map_location="cpu",
-            )
-            self.step, self.train_time, self.history = payload["step"], payload["train_time"], payload["history"]
-            self.rng = payload["rng"]
-            self._write(f"{name}: resumed from {self.ckpt_path} at step {self.step} ({self.train_time:.1f} s trained)")
-        elif self.dist.is_main and self.log_path.exists():
-            self.log_path.unlink()
+        self.saved = None  # (step, evaluations) of the newest checkpoint, so that finish() does not repeat it
+        if resume:
+            self._resume()
+        elif self.dist.is_main:
+            removed = checkpointing.remove(run_dir)
+            if removed:
+                listed = ", ".join(p.name for p in removed)
+                self._write(f"{name}: a new run in {run_dir} (without --resume): removed the previous {listed}")
         if not self.history:
             self.validate()
         steps_bar = cfg.steps is not None
@@ -223,6 +311,46 @@ class Trainer:
         self.postfix = {"val": f"{self.history[-1]['val_loss']:.3f}"}
         self.window_tokens, self.window_time = 0, 0.0
 
+    def _resume(self) -> None:
+        state, error = None, None
+        try:
+            state = checkpointing.load(
+                self.run_dir,
+                model=self.model,
+                optimizer=self.optimizer,
+                sampler=self.sampler,
+                config=self.identity,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
+        except checkpointing.ResumeError as exc:
+            error = exc
+        if self.dist.world_size > 1:
+            # A rank whose own part failed (its RNG state, its file of the earlier format) must stop the others
+            # too: they would wait for it in the first collective of the run.
+            messages = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(messages, None if error is None else str(error), group=self.dist.group)
+            failed = [f"rank {rank}: {message}" for rank, message in enumerate(messages) if message is not None]
+            if failed and error is None:
+                error = checkpointing.ResumeError("; ".join(failed))
+        if error is not None:
+            raise error
+        self.step, self.train_time, self.tokens = state["step"], state["train_time"], state["tokens"]
+        self.history, self.rng = state["history"], state["rng"]
+        self.saved = (self.step, len(self.history))
+        message = f"{self.name}: resumed from {state['where']} at step {self.step} ({self.train_time:.1f} s trained)"
+        saved_by = state["saved_world_size"]
+        if saved_by != self.dist.world_size:
+            message += (
+                f"; it was saved by {saved_by} process(es), this run has {self.dist.world_size}: the experts are "
+                "resharded, and the data order and random state restart from --seed and the step"
+            )
+        if self.dist.is_main:
+            dropped = trim_log(self.log_path, self.step, self.history)
+            if dropped:
+                message += f"; {self.log_path} keeps its records up to step {self.step} ({dropped} later dropped)"
+        self._write(message)
+
     def _write(self, message: str) -> None:
         if self.dist.is_main:
             tqdm.write(message)
@@ -233,17 +361,25 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
 
     def save(self) -> None:
+        if self.saved == (self.step, len(self.history)):
+            return
         with self._own_rng():
             checkpointing.save(
-                self.ckpt_path,
+                self.run_dir,
                 model=self.model,
                 optimizer=self.optimizer,
                 sampler=self.sampler,
-                step=self.step,
-                train_time=self.train_time,
-                history=self.history,
-                config=self.identity,
+                extra={
+                    "step": self.step,
+                    "train_time": self.train_time,
+                    "tokens": self.tokens,
+                    "history": self.history,
+                    "config": self.identity,
+                    "world_size": self.dist.world_size,
+                },
+                is_main=self.dist.is_main,
             )
+        self.saved = (self.step, len(self.history))
 
     def validate(self) -> float:
         with self._own_rng():  # evaluation draws no random numbers today; if a gate ever does, they stay ours
@@ -253,7 +389,7 @@ class Trainer:
         point = {
             "step": self.step,
             "time": self.train_time,
-            "tokens": self.step * self.tokens_per_step,
+            "tokens": self.tokens,
             "val_loss": val_loss,
         }
         self.history.append(point)
@@ -308,6 +444,7 @@ class Trainer:
                 elapsed = _max_over_ranks(elapsed, self.device)
         self.train_time += elapsed
         self.step += 1
+        self.tokens += self.tokens_per_step
         self.window_tokens += self.tokens_per_step
         self.window_time += elapsed
         if not math.isfinite(self.last_loss):
@@ -348,18 +485,31 @@ class Trainer:
         self.bar.close()
         self.save()
         total, active = parameter_counts(self.model)
-        stats = balance.collect(self.model) if self.model.moe_layers() and self.step > 0 else {}
+        stats = {}
+        if self.model.moe_layers() and self.step > 0:
+            with _global_balance_records(self.model, self.dist):
+                stats = balance.collect(self.model)
+        replicas_equal = None
+        if self.dist.world_size > 1:
+            mismatches = replica_mismatches(self.model, self.dist)
+            replicas_equal = not mismatches
+            if mismatches:
+                self._write(
+                    f"{self.name}: WARNING: the ranks' copies of {', '.join(mismatches)} differ at the end: their "
+                    "gradients were not averaged over the ranks"
+                )
         return RunResult(
             name=self.name,
             steps=self.step,
             train_time=self.train_time,
-            tokens=self.step * self.tokens_per_step,
+            tokens=self.tokens,
             final_val_loss=self.history[-1]["val_loss"],
             final_train_loss=self.last_loss,
             params_total=total,
             params_active=active,
             history=self.history,
             balance=stats,
+            replicas_equal=replicas_equal,
         )
 
 

@@ -92,6 +92,7 @@ def write_summary(results: list[RunResult], out_dir: Path, header: str) -> str:
                 "train_time_s": r.train_time,
                 "history": r.history,
                 "balance": r.balance,
+                "replicas_equal": r.replicas_equal,
             }
             for r in results
         ],
