@@ -2,6 +2,9 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <mutex>
 #include <numeric>
 
 #include "fastmoe/nn/gates.h"
@@ -27,6 +30,52 @@ torch::Tensor apply_activation(const torch::Tensor& h, Activation activation) {
     }
   }
   TORCH_CHECK(false, "unknown activation ", static_cast<int>(activation));
+}
+
+// One random stream per global expert (docs/distributed.md, "Initialisation"; python/fastmoe/_rng.py is the same
+// rule and must give the same numbers). Every rank of an expert-parallel group is usually seeded alike, so experts
+// drawn from the default generator would repeat on every rank. Instead a layer draws one base seed from the CPU
+// default generator (the same draw on every rank, and one draw whatever the number of experts, so the modules built
+// after the layer are unchanged too) and gives global expert g a generator seeded with expert_seed(base, g).
+uint64_t draw_base_seed() {
+  // The op fastmoe._rng.draw_base_seed calls, with the same bounds: the same number for the same generator state.
+  return static_cast<uint64_t>(
+      torch::randint(0, std::numeric_limits<int64_t>::max(), {}, torch::TensorOptions(torch::kInt64)).item<int64_t>());
+}
+
+// SplitMix64 of the base seed advanced by the expert id: neighbouring experts, and layers whose base seeds are
+// close, get unrelated streams (mt19937 keeps only a seed's low 32 bits, which this mixes too).
+uint64_t expert_seed(uint64_t base_seed, int64_t global_expert) {
+  uint64_t z = base_seed + (static_cast<uint64_t>(global_expert) + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Seeds the CPU default generator for its lifetime and then gives it back its state: the experts built meanwhile
+// draw nothing from the caller's stream.
+class DefaultCPUGeneratorSeeded {
+ public:
+  explicit DefaultCPUGeneratorSeeded(uint64_t seed) : generator_(at::detail::getDefaultCPUGenerator()) {
+    std::lock_guard<std::mutex> lock(generator_.mutex());
+    state_ = generator_.get_state();
+    generator_.set_current_seed(seed);
+  }
+  ~DefaultCPUGeneratorSeeded() {
+    std::lock_guard<std::mutex> lock(generator_.mutex());
+    generator_.set_state(state_);
+  }
+  DefaultCPUGeneratorSeeded(const DefaultCPUGeneratorSeeded&) = delete;
+  DefaultCPUGeneratorSeeded& operator=(const DefaultCPUGeneratorSeeded&) = delete;
+
+ private:
+  at::Generator generator_;
+  torch::Tensor state_;
+};
+
+// The rank of this process in the expert-parallel group, 0 without expert parallelism.
+int64_t expert_parallel_rank(int64_t world_size, const std::string& group_name) {
+  return world_size > 1 ? runtime::group_rank(group_name) : 0;
 }
 
 // The layer's gate: the one the options carry, checked against the layer's sizes, or FastMoE's default NaiveGate.
@@ -130,13 +179,33 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
 
 }  // namespace
 
-GroupedLinearImpl::GroupedLinearImpl(int64_t num_experts, int64_t in_features, int64_t out_features, bool with_bias) {
+GroupedLinearImpl::GroupedLinearImpl(int64_t num_experts, int64_t in_features, int64_t out_features, bool with_bias,
+                                     int64_t rank_)
+    : rank(rank_) {
   check_positive(num_experts, "num_experts");
   check_positive(in_features, "in_features");
   check_positive(out_features, "out_features");
-  const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
-  weight = register_parameter("weight", torch::empty({num_experts, out_features, in_features}).uniform_(-bound, bound));
+  TORCH_CHECK(rank >= 0, "rank must be >= 0, got ", rank);
+  weight = register_parameter("weight", torch::empty({num_experts, out_features, in_features}));
   if (with_bias) bias = register_parameter("bias", torch::zeros({num_experts, out_features}));
+  reset_parameters();
+}
+
+void GroupedLinearImpl::reset_parameters() {
+  const uint64_t base_seed = draw_base_seed();
+  const int64_t num_experts = weight.size(0);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(weight.size(2)));
+  torch::NoGradGuard no_grad;
+  if (!weight.is_meta()) {  // a meta tensor has no values to draw
+    for (int64_t e = 0; e < num_experts; ++e) {
+      // A fresh generator of the weight's device type (a clone of its default one, then reseeded), as
+      // torch.Generator(device).manual_seed(seed) makes in Python.
+      at::Generator generator = at::globalContext().defaultGenerator(weight.device()).clone();
+      generator.set_current_seed(expert_seed(base_seed, rank * num_experts + e));
+      weight[e].uniform_(-bound, bound, generator);
+    }
+  }
+  if (bias.defined()) bias.zero_();
 }
 
 torch::Tensor GroupedLinearImpl::forward(const torch::Tensor& x, const torch::Tensor& expert_offsets) {
@@ -147,15 +216,39 @@ torch::Tensor GroupedLinearImpl::forward(const torch::Tensor& x, const torch::Te
 MoEImpl::MoEImpl(const MoEOptions& options_, std::vector<torch::nn::AnyModule> experts_)
     : options(options_), experts(std::move(experts_)) {
   check_positive(options.num_experts(), "num_experts");
-  check_positive(options.world_size(), "world_size");
   TORCH_CHECK(static_cast<int64_t>(experts.size()) == options.num_experts(), "MoE got ", experts.size(),
               " expert modules but num_experts=", options.num_experts());
+  make_gate_and_check();
+  register_experts();
+}
+
+MoEImpl::MoEImpl(const MoEOptions& options_, const std::function<torch::nn::AnyModule(int64_t)>& make_expert)
+    : options(options_) {
+  check_positive(options.num_experts(), "num_experts");
+  TORCH_CHECK(static_cast<bool>(make_expert), "MoE got an empty make_expert function");
+  // The gate first, then the experts, as fastmoe.FMoE: the same draws in the same order for the same seed.
+  make_gate_and_check();
+  // Global expert rank * num_experts + e is made inside its own stream (draw_base_seed).
+  const int64_t first = expert_parallel_rank(options.world_size(), options.group_name()) * options.num_experts();
+  const uint64_t base_seed = draw_base_seed();
+  for (int64_t e = 0; e < options.num_experts(); ++e) {
+    DefaultCPUGeneratorSeeded seeded(expert_seed(base_seed, first + e));
+    experts.push_back(make_expert(options.d_model()));
+  }
+  register_experts();
+}
+
+void MoEImpl::make_gate_and_check() {
+  check_positive(options.world_size(), "world_size");
   gate = register_module("gate", make_gate(options.gate(), options.num_experts() * options.world_size(),
                                            options.d_model(), options.top_k(), options.gate_bias()));
   options.top_k(gate->top_k());
   check_expert_parallel(options.world_size(), options.group_name(), "MoE",
                         {"num_experts", "d_model", "top_k", "slots_per_token"},
                         {options.num_experts(), options.d_model(), options.top_k(), gate->slots_per_token()});
+}
+
+void MoEImpl::register_experts() {
   for (size_t e = 0; e < experts.size(); ++e) {
     TORCH_CHECK(!experts[e].is_empty(), "expert ", e, " is an empty AnyModule");
     register_module("expert" + std::to_string(e), experts[e].ptr());
@@ -208,10 +301,12 @@ TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : 
                          gate->slots_per_token(), static_cast<int64_t>(options.activation()), options.bias()});
   auto experts = register_module("experts", std::make_shared<torch::nn::Module>());
   const int64_t hidden_rows = options.activation() == Activation::kSwiGLU ? 2 * options.d_hidden() : options.d_hidden();
+  // Global expert ids pick the experts' streams: the ranks' experts differ and equal the one-rank layer's.
+  const int64_t rank = expert_parallel_rank(options.world_size(), options.group_name());
   htoh4 = experts->register_module(
-      "htoh4", GroupedLinear(options.num_experts(), options.d_model(), hidden_rows, options.bias()));
+      "htoh4", GroupedLinear(options.num_experts(), options.d_model(), hidden_rows, options.bias(), rank));
   h4toh = experts->register_module(
-      "h4toh", GroupedLinear(options.num_experts(), options.d_hidden(), options.d_model(), options.bias()));
+      "h4toh", GroupedLinear(options.num_experts(), options.d_hidden(), options.d_model(), options.bias(), rank));
 }
 
 torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {

@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from fastmoe import _checks, ops
+from fastmoe import _checks, _rng, ops
 
 
 class FMoELinear(nn.Module):
@@ -11,7 +11,10 @@ class FMoELinear(nn.Module):
 
     Parameters: ``weight [num_expert, out_feat, in_feat]`` and ``bias [num_expert, out_feat]`` (FastMoE's
     layout). Each expert's weight is initialised like ``nn.Linear`` (uniform in ±1/sqrt(in_feat)); biases start
-    at zero, as in FastMoE.
+    at zero, as in FastMoE. ``rank`` is the layer's rank in its expert-parallel group: local expert ``e`` is global
+    expert ``rank * num_expert + e``, and its weight is drawn from that global expert's own stream (one base seed
+    drawn from the CPU default generator, see ``fastmoe._rng``), so every rank's experts differ and equal the
+    matching experts of a one-rank layer built from the same seed.
 
     ``forward(inp, fwd_expert_count)``: ``inp [N, in_feat]`` holds the rows of expert 0, then expert 1, ...;
     ``fwd_expert_count [num_expert]`` int64 gives how many (on any device; it is moved, not read on the host).
@@ -23,16 +26,22 @@ class FMoELinear(nn.Module):
         self.num_expert = _checks.positive_int("num_expert", num_expert)
         self.in_feat = _checks.positive_int("in_feat", in_feat)
         self.out_feat = _checks.positive_int("out_feat", out_feat)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank must be a non-negative int, got {rank!r}")
         self.rank = rank
         self.weight = nn.Parameter(torch.empty(num_expert, out_feat, in_feat))
         self.bias = nn.Parameter(torch.zeros(num_expert, out_feat)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Draws a new base seed (one draw of the CPU default generator, whatever ``num_expert`` and ``rank``)
+        and fills each expert's weight from its global expert's stream; biases become zero."""
         bound = 1.0 / math.sqrt(self.in_feat)
-        with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
-            if self.bias is not None:
+        _rng.fill_per_expert_(
+            self.weight, self.rank * self.num_expert, lambda w, gen: w.uniform_(-bound, bound, generator=gen)
+        )
+        if self.bias is not None:
+            with torch.no_grad():
                 self.bias.zero_()
 
     def forward(self, inp, fwd_expert_count=None, *, expert_offsets=None):
@@ -50,5 +59,5 @@ class FMoELinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_expert={self.num_expert}, in_features={self.in_feat}, out_features={self.out_feat}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}, rank={self.rank}"
         )

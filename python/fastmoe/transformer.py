@@ -19,9 +19,11 @@ class _Expert(nn.Module):
     """All experts of one rank fused: ``h4toh(act(htoh4(x)))`` as two grouped GEMMs.
 
     With ``activation="swiglu"`` ``htoh4`` is ``[E, 2 * d_hidden, d_model]`` (gate rows first, then up rows).
+    ``rank`` (the rank in the expert-parallel group) makes local expert ``e`` global expert ``rank * E + e`` for
+    the initialisation (``FMoELinear``).
     """
 
-    def __init__(self, num_expert: int, d_model: int, d_hidden: int, activation, bias: bool = True):
+    def __init__(self, num_expert: int, d_model: int, d_hidden: int, activation, bias: bool = True, rank: int = 0):
         super().__init__()
         self.gated = activation == "swiglu"
         if isinstance(activation, str):
@@ -39,8 +41,8 @@ class _Expert(nn.Module):
         else:
             raise TypeError(f"activation must be a callable or a name, got {activation!r}")
         hidden_out = 2 * d_hidden if self.gated else d_hidden
-        self.htoh4 = FMoELinear(num_expert, d_model, hidden_out, bias=bias)
-        self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=bias)
+        self.htoh4 = FMoELinear(num_expert, d_model, hidden_out, bias=bias, rank=rank)
+        self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=bias, rank=rank)
 
     def forward(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor, expert_offsets=None) -> torch.Tensor:
         if expert_offsets is None:
@@ -56,7 +58,9 @@ class FMoETransformerMLP(FMoE):
     Input ``[..., d_model]``, output of the same shape. Parameters live in ``self.experts.htoh4`` (weight
     ``[E, d_hidden, d_model]``) and ``self.experts.h4toh`` (weight ``[E, d_model, d_hidden]``), each an
     ``FMoELinear``. ``activation`` is a callable (default GELU), ``"gelu"``, ``"relu"``, ``"silu"`` or
-    ``"swiglu"`` (gated: ``htoh4`` then has ``2 * d_hidden`` rows per expert). Other keyword arguments
+    ``"swiglu"`` (gated: ``htoh4`` then has ``2 * d_hidden`` rows per expert). Each global expert's weights come
+    from its own random stream (``FMoELinear``), so with ``world_size=W`` the ranks' experts together equal those
+    of the one-rank layer with ``num_expert * W`` experts built from the same seed. Other keyword arguments
     (``top_k``, ``gate``, ``world_size``, ``gate_hook``, ...) go to :class:`fastmoe.FMoE`.
     """
 
@@ -73,7 +77,11 @@ class FMoETransformerMLP(FMoE):
     ):
         super().__init__(num_expert=num_expert, d_model=d_model, **kwargs)
         self.d_hidden = _checks.positive_int("d_hidden", d_hidden)
-        self.experts = _Expert(num_expert, d_model, d_hidden, activation if activation is not None else F.gelu, bias)
+        # Global expert ids, not local ones, pick the experts' random streams: every rank's experts differ and the
+        # layer starts equal to the one-rank layer of num_expert * world_size experts built from the same seed.
+        self.experts = _Expert(
+            num_expert, d_model, d_hidden, activation if activation is not None else F.gelu, bias, rank=self.moe_rank
+        )
         self.experts_fused = True
         self.expert_dp_comm = expert_dp_comm
         self.mark_parallel_comm(expert_dp_comm)

@@ -39,7 +39,45 @@ std::vector<at::Tensor> transformer_mlp(const at::Tensor& x, const at::Tensor& g
   return out;
 }
 
+// Linear(d, h) -> GELU -> Linear(h, d), its linears registered as "0" and "2" like the children of the Python
+// experts' nn.Sequential (an nn::Sequential cannot be stored in an AnyModule).
+struct MlpExpertImpl : torch::nn::Module {
+  MlpExpertImpl(int64_t d, int64_t h)
+      : first(register_module("0", torch::nn::Linear(d, h))), second(register_module("2", torch::nn::Linear(h, d))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return second->forward(torch::gelu(first->forward(x))); }
+  torch::nn::Linear first, second;
+};
+TORCH_MODULE(MlpExpert);
+
+// A C++ layer built as it is, with world_size experts parallel on group_name: its parameters in named_parameters()
+// order. layer: "transformer_mlp" (GELU), "transformer_mlp_swiglu", or "moe" (the factory constructor; every expert
+// Linear(d_model, d_hidden) -> GELU -> Linear(d_hidden, d_model)).
+std::vector<at::Tensor> initial_parameters(const std::string& layer, int64_t num_experts, int64_t d_model,
+                                           int64_t d_hidden, int64_t world_size, const std::string& group_name) {
+  std::shared_ptr<torch::nn::Module> module;
+  if (layer == "moe") {
+    auto options = fastmoe::nn::MoEOptions(num_experts, d_model).world_size(world_size).group_name(group_name);
+    module =
+        fastmoe::nn::MoE(options, [d_hidden](int64_t d) { return torch::nn::AnyModule(MlpExpert(d, d_hidden)); }).ptr();
+  } else {
+    TORCH_CHECK(layer == "transformer_mlp" || layer == "transformer_mlp_swiglu", "unknown layer ", layer);
+    auto options =
+        fastmoe::nn::TransformerMLPOptions(num_experts, d_model, d_hidden)
+            .activation(layer == "transformer_mlp" ? fastmoe::nn::Activation::kGELU : fastmoe::nn::Activation::kSwiGLU)
+            .world_size(world_size)
+            .group_name(group_name);
+    module = fastmoe::nn::TransformerMLP(options).ptr();
+  }
+  std::vector<at::Tensor> out;
+  for (const auto& p : module->parameters()) out.push_back(p.detach());
+  return out;
+}
+
 TORCH_LIBRARY(fastmoe_testing, m) {
+  m.def(
+      "initial_parameters(str layer, int num_experts, int d_model, int d_hidden, int world_size, str group_name) -> "
+      "Tensor[]",
+      initial_parameters);
   m.def(
       "transformer_mlp(Tensor x, Tensor grad_y, str[] names, Tensor[] params, int num_experts, int d_hidden, "
       "int top_k, int world_size, str group_name) -> Tensor[]");

@@ -138,6 +138,83 @@ TEST(MoE, AnyModuleExpertsMatchAPlainLoop) {
   EXPECT_THAT(names, ::testing::Contains("expert4.weight"));
 }
 
+// Expert initialisation (docs/distributed.md, "Initialisation"): one base seed per layer, then one stream per global
+// expert, so a rank's experts equal the matching experts of a one-rank layer built from the same seed.
+TEST(GroupedLinear, RankHoldsTheMatchingExpertsOfTheOneRankLayer) {
+  for (int64_t rank = 0; rank < 3; ++rank) {
+    torch::manual_seed(5);
+    fastmoe::nn::GroupedLinear part(2, 7, 3, true, rank);
+    torch::manual_seed(5);
+    fastmoe::nn::GroupedLinear whole(6, 7, 3);
+    EXPECT_TRUE(torch::equal(part->weight, whole->weight.slice(0, 2 * rank, 2 * rank + 2))) << "rank " << rank;
+    EXPECT_TRUE(torch::equal(part->bias, torch::zeros({2, 3})));
+  }
+}
+
+TEST(GroupedLinear, RanksSeededAlikeHoldDifferentExperts) {
+  torch::manual_seed(5);
+  fastmoe::nn::GroupedLinear rank0(2, 7, 3, true, 0);
+  torch::manual_seed(5);
+  fastmoe::nn::GroupedLinear rank1(2, 7, 3, true, 1);
+  const torch::Tensor all = torch::cat({rank0->weight, rank1->weight});
+  for (int64_t i = 0; i < 4; ++i) {
+    for (int64_t j = i + 1; j < 4; ++j) EXPECT_FALSE(torch::equal(all[i], all[j])) << "experts " << i << ", " << j;
+  }
+}
+
+TEST(GroupedLinear, MovesTheDefaultGeneratorAlikeWhateverItsExperts) {
+  std::vector<torch::Tensor> states;
+  for (const auto& [num_experts, rank] : std::vector<std::pair<int64_t, int64_t>>{{1, 0}, {4, 0}, {2, 3}}) {
+    torch::manual_seed(9);
+    fastmoe::nn::GroupedLinear layer(num_experts, 7, 3, true, rank);
+    states.push_back(at::detail::getDefaultCPUGenerator().get_state());
+  }
+  EXPECT_TRUE(torch::equal(states[1], states[0]));
+  EXPECT_TRUE(torch::equal(states[2], states[0]));
+}
+
+TEST(GroupedLinear, KeepsTheUniformInitialisationAndRejectsANegativeRank) {
+  torch::manual_seed(1);
+  fastmoe::nn::GroupedLinear layer(4, 64, 48);
+  const double bound = 1.0 / 8.0;
+  EXPECT_LE(layer->weight.abs().max().item<double>(), bound);
+  for (int64_t e = 0; e < 4; ++e) {
+    EXPECT_GT(layer->weight[e].max().item<double>(), 0.99 * bound) << "expert " << e;
+    // 3072 draws of U(-b, b): the variance is b^2 / 3 to within 5 standard errors (8%)
+    EXPECT_NEAR(layer->weight[e].to(torch::kFloat64).var().item<double>() / (bound * bound / 3), 1.0, 0.08);
+  }
+  try {
+    fastmoe::nn::GroupedLinear bad(2, 4, 4, true, -1);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("rank must be >= 0, got -1"));
+  }
+}
+
+TEST(MoE, FactoryExpertsDifferAndMoveTheDefaultGeneratorAlikeWhateverTheirNumber) {
+  std::vector<torch::Tensor> states;
+  for (int64_t num_experts : {1, 3}) {
+    fastmoe::nn::NaiveGate gate(fastmoe::nn::NaiveGateOptions(6, num_experts).top_k(1));
+    torch::manual_seed(9);
+    int64_t calls = 0;
+    fastmoe::nn::MoE moe(fastmoe::nn::MoEOptions(num_experts, 6, gate), [&calls](int64_t d_model) {
+      ++calls;
+      return torch::nn::AnyModule(torch::nn::Linear(d_model, 4));
+    });
+    states.push_back(at::detail::getDefaultCPUGenerator().get_state());
+    ASSERT_EQ(calls, num_experts);
+    ASSERT_EQ(moe->experts.size(), static_cast<size_t>(num_experts));
+    for (int64_t i = 0; i < num_experts; ++i) {
+      for (int64_t j = i + 1; j < num_experts; ++j) {
+        EXPECT_FALSE(torch::equal(moe->experts[i].ptr()->parameters()[0], moe->experts[j].ptr()->parameters()[0]));
+      }
+    }
+    const torch::Tensor y = moe->forward(torch::randn({5, 6}));
+    EXPECT_EQ(y.sizes(), (std::vector<int64_t>{5, 4}));
+  }
+  EXPECT_TRUE(torch::equal(states[1], states[0]));
+}
+
 TEST(MoE, RejectsAWrongNumberOfExperts) {
   std::vector<torch::nn::AnyModule> experts{torch::nn::AnyModule(torch::nn::Linear(4, 4))};
   try {

@@ -6,6 +6,7 @@
 #include <torch/nn/modules/container/any.h>
 #include <torch/nn/pimpl.h>
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,15 +15,21 @@
 
 namespace fastmoe::nn {
 
-// Experts' linear layers fused into one grouped GEMM: weight [E, out, in], bias [E, out].
+// Experts' linear layers fused into one grouped GEMM: weight [E, out, in], bias [E, out]. `rank` is the layer's rank
+// in its expert-parallel group: local expert e is global expert rank * E + e, which picks its initial values.
 class GroupedLinearImpl : public torch::nn::Module {
  public:
-  GroupedLinearImpl(int64_t num_experts, int64_t in_features, int64_t out_features, bool bias = true);
+  GroupedLinearImpl(int64_t num_experts, int64_t in_features, int64_t out_features, bool bias = true, int64_t rank = 0);
   // x [N, in] with rows grouped by expert as expert_offsets [E + 1] says -> [N, out].
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& expert_offsets);
+  // Draws one base seed from the CPU default generator (one draw, whatever E and rank), then fills each expert's
+  // weight uniformly in +-1/sqrt(in_features) from its global expert's own generator; biases become zero. The
+  // same values as fastmoe.FMoELinear's for the same seed (docs/distributed.md, "Initialisation").
+  void reset_parameters();
 
   torch::Tensor weight;
   torch::Tensor bias;
+  int64_t rank = 0;
 };
 TORCH_MODULE(GroupedLinear);
 
@@ -53,7 +60,15 @@ struct MoEOptions {
 // The loop over experts reads the expert counts on the host once per forward.
 class MoEImpl : public torch::nn::Module {
  public:
+  // Takes the experts as they are: their initial values are the caller's (with expert parallelism, seed each rank's
+  // experts differently, or use the factory constructor).
   MoEImpl(const MoEOptions& options, std::vector<torch::nn::AnyModule> experts);
+  // Builds the num_experts local experts with make_expert(d_model), as fastmoe.FMoE(expert=callable) does: after one
+  // base-seed draw from the CPU default generator, global expert g is made with that generator seeded for g alone,
+  // and the generator gets its state back afterwards. So the ranks' experts differ and equal the experts of a
+  // one-rank layer built from the same seed. The factory should make its parameters on the CPU (libtorch's
+  // default); other devices' generators are not seeded.
+  MoEImpl(const MoEOptions& options, const std::function<torch::nn::AnyModule(int64_t d_model)>& make_expert);
   // x [..., d_model] -> [..., d_out]
   torch::Tensor forward(const torch::Tensor& x);
   // The gate's balance loss of the last forward (a zero scalar for gates without one): add it to the task loss.
@@ -64,6 +79,8 @@ class MoEImpl : public torch::nn::Module {
   std::vector<torch::nn::AnyModule> experts;
 
  private:
+  void make_gate_and_check();
+  void register_experts();
   torch::Tensor run_experts(const torch::Tensor& rows, const std::vector<int64_t>& bounds);
 };
 TORCH_MODULE(MoE);
@@ -96,6 +113,9 @@ struct TransformerMLPOptions {
 
 // The Transformer FFN with fused experts: h4toh(act(htoh4(x))) as grouped GEMMs. Parameter names match
 // fastmoe.FMoETransformerMLP: gate.gate.{weight,bias}, experts.htoh4.{weight,bias}, experts.h4toh.{weight,bias}.
+// Each global expert's weights come from its own generator (GroupedLinear), so for the same seed the layer starts
+// with fastmoe.FMoETransformerMLP's values, and a rank of a world_size=W layer with the matching experts of the
+// one-rank layer of num_experts * W experts.
 class TransformerMLPImpl : public torch::nn::Module {
  public:
   explicit TransformerMLPImpl(const TransformerMLPOptions& options);

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmoe
-from fastmoe import gates
+from fastmoe import _rng, gates
 
 GATES = {
     "naive": gates.NaiveGate,
@@ -133,7 +133,12 @@ class GPT(nn.Module):
             if isinstance(ffn, DenseFFN):
                 nn.init.normal_(ffn.fc2.weight, std=scale)
             else:
-                nn.init.normal_(ffn.experts.h4toh.weight, std=scale)
+                # Per global expert, from its own stream (fastmoe._rng): expert-parallel ranks must not repeat
+                # each other's experts, and the draws must not depend on the number of ranks.
+                h4toh = ffn.experts.h4toh
+                _rng.fill_per_expert_(
+                    h4toh.weight, h4toh.rank * h4toh.num_expert, lambda w, gen: w.normal_(0.0, scale, generator=gen)
+                )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [batch, seq]`` -> logits ``[batch, seq, vocab]``."""
