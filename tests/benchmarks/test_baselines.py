@@ -25,9 +25,26 @@ def test_loop_baseline_matches_fastmoe_in_float64():
     torch.testing.assert_close(loop_moe(x, *params, 2), layer(x), rtol=0, atol=1e-12)
 
 
+def _tokens_with_clear_routing(layer, num_tokens: int, top_k: int) -> torch.Tensor:
+    """bf16 tokens whose k-th and (k+1)-th gate logits are more than 4 bf16 steps apart in exact arithmetic.
+    Both sides route on the same bf16 logits, but torch.topk and fastmoe break an exact tie differently, and
+    which logits tie depends on how the CPU's bf16 GEMM rounds; with this gap no CPU makes a tie."""
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = layer.gate.gate.weight.double(), layer.gate.gate.bias.double()
+    step = torch.finfo(torch.bfloat16).eps
+    kept = []
+    while len(kept) < num_tokens:
+        x = torch.randn(1, weight.shape[1], generator=gen, dtype=torch.float64).to(torch.bfloat16)
+        logits = (x.double() @ weight.t() + bias)[0]  # products of bf16 values: exact in fp64
+        ranked = logits.sort(descending=True).values
+        if ranked[top_k - 1] - ranked[top_k] > 4 * step * logits.abs().max():
+            kept.append(x)
+    return torch.cat(kept)
+
+
 def test_grouped_mm_baseline_matches_fastmoe():
     layer, params = _layer_and_params(torch.bfloat16)
-    x = torch.randn(40, 16, dtype=torch.bfloat16)
+    x = _tokens_with_clear_routing(layer, 40, 2)
     try:
         out = grouped_mm_moe(x, *params, 2)
     except (RuntimeError, NotImplementedError) as error:
