@@ -141,7 +141,8 @@ def assert_within_policy(actual, expected_fp64, torch_same_precision, name: str 
 
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str = "output") -> None:
-    """Exact equality of shape, dtype and every bit (NaN-aware through the raw bytes)."""
+    """Exact equality of shape, dtype and every bit (NaN-aware through the raw bytes). Only for results that are
+    bitwise on any CPU (docs/numerics.md, "What is bitwise on any CPU, and what is not")."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
     a, e = actual.detach().cpu().contiguous(), expected.detach().cpu().contiguous()
@@ -236,8 +237,8 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 def assert_early_cast_matches_late(layer, x: torch.Tensor, label: str = "") -> None:
     """Under bf16 autocast ``layer`` (an FMoETransformerMLP) casts its rows before the permute and the exchange;
     it is run that way and again with grouped_linear casting after them. The expert GEMMs see the same bf16
-    rows, so the output is bitwise the same; the input gradient is summed over the k slots in bf16 in the first
-    run, so it and the weight gradients match to bf16 rounding."""
+    rows in the same shapes, so the output is bitwise the same; the input gradient is summed over the k slots in
+    bf16 in the first run, so it and the weight gradients match to bf16 rounding."""
     results = []
     for early in (True, False):
         layer.expert_input_follows_autocast = early

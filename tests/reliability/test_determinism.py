@@ -60,6 +60,8 @@ def test_two_runs_bitwise_equal(device, switch, gate):
         torch.use_deterministic_algorithms(True)
     assert fastmoe.is_deterministic()
     for dtype in dtypes_for(device):
+        # Run to run in one process: fastmoe's sums have a fixed order, and the torch GEMMs (gates, optimizer)
+        # see the same shapes and thread count. Nothing here promises the same bits on another machine.
         first, second = train(device, dtype, gate), train(device, dtype, gate)
         for name in first:
             assert_bitwise_equal(second[name], first[name], f"{name} ({dtype})")
