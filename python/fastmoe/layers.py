@@ -3,7 +3,7 @@ import contextlib
 import torch
 from torch import nn
 
-from fastmoe import _checks, debug, distributed, ops
+from fastmoe import _checks, _rng, debug, distributed, ops
 from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
 
@@ -32,8 +32,11 @@ class FMoE(nn.Module):
             ``slots_per_token`` attribute.
         expert: a callable ``expert(d_model) -> nn.Module`` instantiated ``num_expert`` times, or a list of such
             callables (one per expert). Each expert module is called as ``module(x_rows)`` with the
-            ``[rows, d_model]`` block routed to it. ``None`` means the subclass sets a fused ``self.experts``
-            called as ``self.experts(x_sorted, fwd_expert_count)``.
+            ``[rows, d_model]`` block routed to it. Global expert ``g`` is built with the default generators seeded
+            for ``g`` alone (one base seed drawn from the CPU default generator, then a stream per expert), so
+            experts differ across ranks and each equals the same expert of a one-rank layer built from the same
+            seed; the default generators are left as one draw moved them, whatever ``num_expert``. ``None`` means
+            the subclass sets a fused ``self.experts`` called as ``self.experts(x_sorted, fwd_expert_count)``.
         gate_hook: called as ``gate_hook(topk_idx, topk_score, None)`` after gating.
         gate_bias: passed to NaiveGate-family gates.
         ep_chunks: with expert parallelism, split the tokens into this many chunks whose exchanges and expert
@@ -102,11 +105,13 @@ class FMoE(nn.Module):
         if isinstance(expert, (list, tuple)):
             if len(expert) != num_expert:
                 raise ValueError(f"expert is a list of {len(expert)} callables but num_expert={num_expert}")
-            self.experts = nn.ModuleList([make(d_model) for make in expert])
+            self.experts = nn.ModuleList(_rng.build_experts(expert, d_model, self.moe_rank * num_expert))
         elif expert is not None:
             if not callable(expert):
                 raise TypeError(f"expert must be a callable expert(d_model) -> nn.Module, got {expert!r}")
-            self.experts = nn.ModuleList([expert(d_model) for _ in range(num_expert)])
+            # Each global expert is built inside its own random stream (fastmoe._rng), so the ranks' experts differ
+            # and together equal the experts of a one-rank layer of num_expert * world_size built from the same seed.
+            self.experts = nn.ModuleList(_rng.build_experts([expert] * num_expert, d_model, self.moe_rank * num_expert))
         if self.moe_group is not None:
             distributed.check_same_config(
                 self.moe_group,
