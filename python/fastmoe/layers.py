@@ -96,6 +96,7 @@ class FMoE(nn.Module):
             self.gate = gate(d_model, num_expert, world_size, top_k)
         else:
             raise TypeError(f"gate must be a gate class, a callable or an nn.Module, got {gate!r}")
+        _check_gate_matches(self.gate, self.num_experts_total, self.d_model)
         slots = getattr(self.gate, "slots_per_token", self.top_k)
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"the gate's slots_per_token must be a positive int, got {slots!r}")
@@ -195,7 +196,7 @@ class FMoE(nn.Module):
         """Under autocast, rows headed for experts that would cast them anyway are cast once here, before the
         permute (and the exchange): the permute, the combine of the backward and the all-to-all then move
         half the bytes, and the GEMM sees the same bf16 input."""
-        if not self.expert_input_follows_autocast or not torch.is_autocast_enabled(x.device.type):
+        if not self.expert_input_follows_autocast or not _autocast_enabled(x.device.type):
             return x
         if x.dtype == torch.float64:  # autocast leaves fp64 alone
             return x
@@ -319,6 +320,30 @@ class FMoE(nn.Module):
             device = param.device if param is not None else None
             return torch.zeros((), device=device)
         return loss
+
+
+def _check_gate_matches(gate, num_experts_total: int, d_model: int) -> None:
+    """A gate built for another layer would route over the wrong experts (some never used, or ids past the end):
+    a gate that says how many experts it routes over (``tot_expert``, as every fastmoe gate does) or its width
+    (``d_model``) must agree with the layer."""
+    gate_experts = getattr(gate, "tot_expert", None)
+    if isinstance(gate_experts, int) and gate_experts != num_experts_total:
+        raise ValueError(
+            f"the gate routes over {gate_experts} experts (gate.tot_expert) but the layer has {num_experts_total} "
+            f"(num_expert * world_size); build the gate with the layer's num_expert and world_size"
+        )
+    gate_width = getattr(gate, "d_model", None)
+    if isinstance(gate_width, int) and gate_width != d_model:
+        raise ValueError(f"the gate was built for d_model={gate_width} but the layer has d_model={d_model}")
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for device types autocast does not know (``meta``, on
+    which torch raises): a forward on the meta device only derives shapes."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 # CUDA device index -> the side streams of ep_chunks (FMoE._chunk_streams)

@@ -49,6 +49,10 @@ CONSTRUCTOR_CASES = [
     ("MLP-activation-name", lambda: mlp(activation="gleu"), ValueError, ("activation", "'gleu'")),
     ("MLP-activation-type", lambda: mlp(activation=3), TypeError, ("activation", "3")),
     ("MLP-world_size-4", lambda: mlp(world_size=4), RuntimeError, ("world_size=4", "init_process_group")),
+    # A gate built for another layer: expert 3 of 4 would never be used, or ids would run past the experts.
+    ("MLP-gate-fewer-experts", lambda: mlp(gate=NaiveGate(D, 3)), ValueError, ("3 experts", "has 4")),
+    ("FMoE-gate-more-experts", lambda: fmoe(gate=NaiveGate(D, 8)), ValueError, ("8 experts", "has 4")),
+    ("FMoE-gate-other-width", lambda: fmoe(gate=NaiveGate(D + 1, 4)), ValueError, ("d_model=7", "d_model=6")),
     # FMoELinear
     ("FMoELinear-num_expert-0", lambda: FMoELinear(0, 4, 4), ValueError, ("num_expert", "0")),
     ("FMoELinear-in_feat-0", lambda: FMoELinear(2, 0, 4), ValueError, ("in_feat", "0")),
@@ -142,3 +146,18 @@ def test_forward_rejects(case_id):
     ((_, call, exc_type, (arg, value)),) = [case for case in _forward_cases() if case[0] == case_id]
     with pytest.raises(exc_type, match=mentions(arg, value)):
         call()
+
+
+def test_a_gate_built_for_the_layer_is_accepted():
+    gate = NaiveGate(D, 2, 1, 2)
+    layer = mlp(num_expert=2, gate=gate)
+    assert layer.gate is gate
+
+
+def test_forward_on_the_meta_device_derives_the_shape():
+    """A layer built on the meta device runs its forward there (shape inference, deferred initialisation): every
+    op has a Meta kernel, and the autocast query must not ask torch about a device type autocast does not know."""
+    with torch.device("meta"):
+        layer = mlp()
+        y = layer(torch.empty(3, 5, D))
+    assert y.device.type == "meta" and y.shape == (3, 5, D)
