@@ -118,7 +118,10 @@ torch::Tensor expert_parallel(const torch::Tensor& x, const torch::Tensor& topk_
   const auto [token_ranks, dest_counts] = ops::ep_route(topk_idx, local, world);
   const torch::Tensor outgoing = dest_counts.view({world, local + 1});
   const ops::Plan rank_plan = ops::make_plan(token_ranks, world);
-  const torch::Tensor incoming = ops::exchange_counts(outgoing.flatten(), group).view({world, local + 1});
+  // The rows' dtype and width travel with the counts: ranks whose layers differ in them raise here, on every rank.
+  const torch::Tensor incoming =
+      ops::exchange_counts(outgoing.flatten(), group, x.scalar_type(), x.size(1), /*chunks=*/1)
+          .view({world, local + 1});
   const torch::Tensor both = torch::cat({outgoing, incoming}).cpu();
   const int64_t* out_h = both.const_data_ptr<int64_t>();
   const int64_t* in_h = out_h + world * (local + 1);

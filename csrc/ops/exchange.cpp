@@ -1,6 +1,7 @@
 // Expert-parallel exchange: CPU (the group's gloo backend), CUDA (fastmoe's NCCL communicator, see
 // csrc/runtime/communicator.h) and Meta kernels of exchange_counts and exchange. Both are collectives over the
-// ranks of the process group named group_name; every rank must call them in the same order.
+// ranks of the process group named group_name; every rank must call them in the same order, which the headers
+// that travel ahead of them check (csrc/runtime/communicator.h).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -18,28 +19,42 @@ using namespace ops_detail;
 
 // ------------------------------------------------------------------------------------------------ exchange_counts
 
-void check_exchange_counts(const at::Tensor& counts) {
+void check_exchange_counts(const at::Tensor& counts, std::optional<int64_t> row_width, std::optional<int64_t> chunks) {
   check_int64(counts, "counts");
   check_dim(counts, 1, "counts", "[world_size * num_local_experts]");
+  TORCH_CHECK(!row_width.has_value() || *row_width >= 0, "row_width must be >= 0, got ", *row_width);
+  TORCH_CHECK(!chunks.has_value() || *chunks >= 1, "chunks must be >= 1, got ", *chunks);
 }
 
-at::Tensor exchange_counts_meta(const at::Tensor& counts, c10::string_view group_name) {
-  check_exchange_counts(counts);
+at::Tensor exchange_counts_meta(const at::Tensor& counts, c10::string_view group_name,
+                                std::optional<at::ScalarType> row_dtype, std::optional<int64_t> row_width,
+                                std::optional<int64_t> chunks) {
+  check_exchange_counts(counts, row_width, chunks);
   return at::empty_like(counts, at::MemoryFormat::Contiguous);
 }
 
-at::Tensor exchange_counts_kernel(const at::Tensor& counts, c10::string_view group_name) {
-  check_exchange_counts(counts);
+// The counts exchange of a forward. row_dtype, row_width and chunks say what the row exchanges after it will move;
+// they travel in the exchange's header with the counts (csrc/runtime/communicator.h), so ranks whose layers
+// disagree on them raise here, on every rank, before a row of a different size is sent.
+at::Tensor exchange_counts_kernel(const at::Tensor& counts, c10::string_view group_name,
+                                  std::optional<at::ScalarType> row_dtype, std::optional<int64_t> row_width,
+                                  std::optional<int64_t> chunks) {
+  check_exchange_counts(counts, row_width, chunks);
   const std::string group(group_name);
   const int64_t world = runtime::group_size(group);
   TORCH_CHECK(counts.size(0) >= world && counts.size(0) % world == 0, "counts has ", counts.size(0),
               " entries, which is not world_size=", world, " (the size of group '", group,
               "') times a local expert count");
+  TORCH_CHECK(!chunks.has_value() || (counts.size(0) / world) % *chunks == 0, "counts has ", counts.size(0) / world,
+              " entries per rank, which is not a multiple of chunks=", chunks.value_or(1));
   const c10::OptionalDeviceGuard guard(counts.device());
   const at::Tensor in = counts.contiguous().view({world, -1});
   at::Tensor out = at::empty_like(in);
-  const std::vector<int64_t> ones(world, 1);
-  runtime::all_to_all_rows(in, out, ones, ones, group);
+  runtime::RowsInfo rows;
+  rows.dtype = row_dtype.has_value() ? static_cast<int64_t>(*row_dtype) : -1;
+  rows.width = row_width.value_or(-1);
+  rows.chunks = chunks.value_or(-1);
+  runtime::all_to_all_counts(in, out, rows, group);
   return out.view({-1});
 }
 
@@ -105,11 +120,14 @@ at::Tensor exchange_kernel(const at::Tensor& x, c10::IntArrayRef send_splits, c1
 
 namespace ops {
 
-at::Tensor exchange_counts(const at::Tensor& counts, const std::string& group_name) {
+at::Tensor exchange_counts(const at::Tensor& counts, const std::string& group_name,
+                           std::optional<at::ScalarType> row_dtype, std::optional<int64_t> row_width,
+                           std::optional<int64_t> chunks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastmoe::exchange_counts", "")
-                       .typed<at::Tensor(const at::Tensor&, c10::string_view)>();
-  return op.call(counts, group_name);
+                       .typed<at::Tensor(const at::Tensor&, c10::string_view, std::optional<at::ScalarType>,
+                                         std::optional<int64_t>, std::optional<int64_t>)>();
+  return op.call(counts, group_name, row_dtype, row_width, chunks);
 }
 
 at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send_splits,

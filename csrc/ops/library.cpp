@@ -38,8 +38,11 @@ TORCH_LIBRARY(fastmoe, m) {
 
   // Expert parallelism over the ranks of the process group named group_name (torch's group_name).
   // counts [W * E_local] int64 (rows this rank sends to each global expert) -> [W * E_local]: row s * E_local + e
-  // holds what rank s sends to this rank's local expert e.
-  m.def("exchange_counts(Tensor counts, str group_name) -> Tensor");
+  // holds what rank s sends to this rank's local expert e. row_dtype, row_width and chunks describe the row
+  // exchanges that follow; ranks that disagree on them raise (csrc/runtime/communicator.h).
+  m.def(
+      "exchange_counts(Tensor counts, str group_name, ScalarType? row_dtype=None, int? row_width=None, "
+      "int? chunks=None) -> Tensor");
   // Where a rank's tokens go: topk_idx [T, k] global ids -> token_ranks [T, W] (rank p once if a slot goes to p,
   // else -1) and dest_counts [W * (E_local + 1)] (per rank p: slots per local expert, then token rows).
   m.def("ep_route(Tensor topk_idx, int num_local, int world) -> (Tensor token_ranks, Tensor dest_counts)");

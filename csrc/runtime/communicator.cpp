@@ -6,6 +6,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <sstream>
 #include <thread>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -75,15 +77,210 @@ std::chrono::milliseconds exchange_timeout() {
 
 namespace {
 
-void all_to_all_rows_pg(const at::Tensor& input, const at::Tensor& output, const std::vector<int64_t>& send_rows,
-                        const std::vector<int64_t>& recv_rows, const std::string& group_name) {
-  auto group = resolve_group(group_name);
+// "5 s", "0.5 s": the timeout as the user wrote it.
+std::string timeout_text() {
+  std::ostringstream text;
+  text << static_cast<double>(exchange_timeout().count()) / 1000.0 << " s";
+  return text.str();
+}
+
+// Waits for `work` at most exchange_timeout(); on a timeout or a failure raises an error that names the
+// collective, the group and the timeout (a gloo error alone names neither).
+void wait_for(c10d::Work& work, const std::string& what, const std::string& group_name,
+              const c10d::ProcessGroup& group) {
+  std::string cause;
+  try {
+    if (work.wait(exchange_timeout())) return;
+    cause = "the wait returned without completing";
+  } catch (const c10::Error& error) {
+    cause = error.what_without_backtrace();
+  } catch (const std::exception& error) {
+    cause = error.what();
+  }
+  TORCH_CHECK(false, "fastmoe: the ", what, " on group '", group_name, "' (rank ", group.getRank(), " of ",
+              group.getSize(), ") failed or did not complete within ", timeout_text(),
+              " (FASTMOE_COMM_TIMEOUT): a peer failed, exited, or is not calling the same collectives: ", cause);
+}
+
+// ------------------------------------------------------------------------------------------------ headers
+
+constexpr int64_t kHeaderMagic = 0x464d4f4501;  // "FMOE", then the header's version
+
+// The words of one header (what this rank tells one peer about the exchange both are about to run).
+enum HeaderField : int64_t {
+  kMagic,
+  kPhase,
+  kSequence,  // exchanges this process issued on the group before this one
+  kDtype,     // of the payload (c10::ScalarType)
+  kWidth,     // elements per payload row
+  kSendRows,  // rows this rank sends the peer
+  kRecvRows,  // rows this rank expects from the peer
+  kRowDtype,  // counts exchanges: RowsInfo
+  kRowWidth,
+  kChunks,
+  kHeaderWords
+};
+
+thread_local ExchangePhase current_phase = ExchangePhase::kForwardRows;
+
+// The sequence number of the next exchange on `group`. Keyed by name, with the group itself held weakly so that
+// a new group that reuses a destroyed one's name starts again from 0 on every rank.
+int64_t next_sequence(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const std::string& group_name) {
+  static auto* mutex = new std::mutex();
+  static auto* counters = new std::map<std::string, std::pair<c10::weak_intrusive_ptr<c10d::ProcessGroup>, int64_t>>();
+  std::lock_guard<std::mutex> lock(*mutex);
+  auto found = counters->find(group_name);
+  if (found == counters->end() || found->second.first.lock().get() != group.get()) {
+    found = counters
+                ->insert_or_assign(group_name,
+                                   std::make_pair(c10::weak_intrusive_ptr<c10d::ProcessGroup>(group), int64_t{0}))
+                .first;
+  }
+  return found->second.second++;
+}
+
+int64_t row_width(const at::Tensor& t) {
+  int64_t width = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) width *= t.size(d);
+  return width;
+}
+
+// headers [world, kHeaderWords]: row p is what this rank tells rank p.
+std::vector<int64_t> make_headers(ExchangePhase phase, int64_t sequence, at::ScalarType dtype, int64_t width,
+                                  const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows,
+                                  const RowsInfo& rows) {
+  std::vector<int64_t> headers(send_rows.size() * kHeaderWords);
+  for (size_t p = 0; p < send_rows.size(); ++p) {
+    int64_t* h = headers.data() + p * kHeaderWords;
+    h[kMagic] = kHeaderMagic;
+    h[kPhase] = static_cast<int64_t>(phase);
+    h[kSequence] = sequence;
+    h[kDtype] = static_cast<int64_t>(dtype);
+    h[kWidth] = width;
+    h[kSendRows] = send_rows[p];
+    h[kRecvRows] = recv_rows[p];
+    h[kRowDtype] = rows.dtype;
+    h[kRowWidth] = rows.width;
+    h[kChunks] = rows.chunks;
+  }
+  return headers;
+}
+
+std::string phase_name(int64_t phase) {
+  switch (phase) {
+    case static_cast<int64_t>(ExchangePhase::kForwardCounts): return "forward counts";
+    case static_cast<int64_t>(ExchangePhase::kForwardRows): return "forward row";
+    case static_cast<int64_t>(ExchangePhase::kBackwardRows): return "backward row";
+    default: return "unknown (" + std::to_string(phase) + ")";
+  }
+}
+
+std::string dtype_name(int64_t code) {
+  if (code < 0) return "unstated";
+  if (code >= static_cast<int64_t>(at::ScalarType::NumOptions)) return "unknown (" + std::to_string(code) + ")";
+  switch (static_cast<at::ScalarType>(code)) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    default: return c10::toString(static_cast<at::ScalarType>(code));
+  }
+}
+
+// Compares what this rank told each peer (`sent`, [world, kHeaderWords]) with what each peer told it
+// (`received`, row p from rank p), and raises naming every field that differs, with both values. Every rank runs
+// this on the same headers, so a difference between two ranks raises on both.
+void check_headers(const int64_t* sent, const int64_t* received, int world, int rank, const std::string& group_name,
+                   ExchangePhase phase) {
+  std::ostringstream problems;
+  for (int p = 0; p < world; ++p) {
+    if (p == rank) continue;
+    const int64_t* mine = sent + static_cast<int64_t>(p) * kHeaderWords;
+    const int64_t* theirs = received + static_cast<int64_t>(p) * kHeaderWords;
+    std::vector<std::string> diffs;
+    const auto differ = [&](HeaderField field) { return mine[field] != theirs[field]; };
+    if (theirs[kMagic] != kHeaderMagic) {
+      diffs.push_back("sent no fastmoe exchange header (it is in another collective, or runs another fastmoe)");
+    } else {
+      if (differ(kPhase)) {
+        diffs.push_back("is in a " + phase_name(theirs[kPhase]) + " exchange but this rank is in a " +
+                        phase_name(mine[kPhase]) + " exchange");
+      }
+      if (differ(kSequence)) {
+        diffs.push_back("is at exchange #" + std::to_string(theirs[kSequence]) + " of the group but this rank at #" +
+                        std::to_string(mine[kSequence]));
+      }
+      if (!differ(kPhase)) {
+        const bool counts = mine[kPhase] == static_cast<int64_t>(ExchangePhase::kForwardCounts);
+        if (differ(kDtype)) {
+          diffs.push_back("sends " + dtype_name(theirs[kDtype]) + " rows but this rank " + dtype_name(mine[kDtype]));
+        }
+        if (differ(kWidth)) {
+          diffs.push_back(counts ? "sends " + std::to_string(theirs[kWidth]) + " counts per rank but this rank " +
+                                       std::to_string(mine[kWidth])
+                                 : "sends rows of width " + std::to_string(theirs[kWidth]) +
+                                       " but this rank of width " + std::to_string(mine[kWidth]));
+        }
+        if (theirs[kSendRows] != mine[kRecvRows]) {
+          diffs.push_back("sends this rank " + std::to_string(theirs[kSendRows]) + " rows but this rank expects " +
+                          std::to_string(mine[kRecvRows]));
+        }
+        if (theirs[kRecvRows] != mine[kSendRows]) {
+          diffs.push_back("expects " + std::to_string(theirs[kRecvRows]) + " rows from this rank but this rank sends " +
+                          std::to_string(mine[kSendRows]));
+        }
+        if (differ(kRowDtype)) {
+          diffs.push_back("exchanges " + dtype_name(theirs[kRowDtype]) + " token rows but this rank " +
+                          dtype_name(mine[kRowDtype]) + " (the layer's parameters differ in dtype)");
+        }
+        if (differ(kRowWidth)) {
+          diffs.push_back("exchanges token rows of width " + std::to_string(theirs[kRowWidth]) +
+                          " but this rank of width " + std::to_string(mine[kRowWidth]));
+        }
+        if (differ(kChunks)) {
+          diffs.push_back("cuts its tokens into ep_chunks=" + std::to_string(theirs[kChunks]) +
+                          " but this rank into ep_chunks=" + std::to_string(mine[kChunks]));
+        }
+      }
+    }
+    if (diffs.empty()) continue;
+    problems << (problems.tellp() > 0 ? "; " : "") << "rank " << p << " ";
+    for (size_t i = 0; i < diffs.size(); ++i) problems << (i > 0 ? ", " : "") << diffs[i];
+  }
+  const std::string text = problems.str();
+  TORCH_CHECK(text.empty(), "fastmoe: exchange #", sent[kSequence], " on group '", group_name, "' (rank ", rank, " of ",
+              world, ", a ", phase_name(static_cast<int64_t>(phase)),
+              " exchange) does not match its peers, so nothing was exchanged: ", text,
+              ". Every rank of the group must issue the same exchanges in the same order: the same forward and "
+              "backward passes, through layers of the same configuration and parameter dtype (a rank that skipped "
+              "a backward or ran an extra forward is out of step with the others)");
+}
+
+void all_to_all_rows_pg(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const at::Tensor& input,
+                        const at::Tensor& output, const std::vector<int64_t>& send_rows,
+                        const std::vector<int64_t>& recv_rows, const std::string& group_name, const std::string& what) {
   at::Tensor in = input, out = output;
   std::vector<int64_t> in_splits = send_rows, out_splits = recv_rows;
   c10d::AllToAllOptions options;
   options.timeout = exchange_timeout();
   auto work = group->alltoall_base(out, in, out_splits, in_splits, options);
-  work->wait(exchange_timeout());
+  wait_for(*work, what, group_name, *group);
+}
+
+// gloo: the headers travel in an all-to-all of their own, kHeaderWords int64 per peer whatever the exchange,
+// so two ranks that are out of step still meet with equal sizes; then both compare them.
+void check_with_peers_pg(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const std::string& group_name,
+                         std::vector<int64_t> sent, ExchangePhase phase) {
+  const int64_t world = group->getSize();
+  const at::Tensor in = at::from_blob(sent.data(), {world, kHeaderWords}, at::kLong).clone();
+  const at::Tensor out = at::empty_like(in);
+  const std::vector<int64_t> ones(world, 1);
+  all_to_all_rows_pg(group, in, out, ones, ones, group_name,
+                     "header all-to-all of a " + phase_name(static_cast<int64_t>(phase)) + " exchange");
+  check_headers(sent.data(), out.const_data_ptr<int64_t>(), static_cast<int>(world), group->getRank(), group_name,
+                phase);
 }
 
 #ifdef FASTMOE_WITH_NCCL
@@ -100,6 +297,14 @@ struct Pending {
   std::chrono::steady_clock::time_point deadline;
 };
 
+// The header of the group's last counts exchange, not compared yet: its received copy lands in pinned host memory
+// when `done` completes on the caller's stream.
+struct HeaderCheck {
+  std::vector<int64_t> sent;  // [world, kHeaderWords]
+  at::Tensor received;        // [world, kHeaderWords] int64, pinned
+  cudaEvent_t done = nullptr;
+};
+
 struct NcclState {
   std::string group;
   int device = 0, rank = 0, world = 1;
@@ -109,6 +314,7 @@ struct NcclState {
   std::mutex mutex;  // guards the fields below (the watchdog runs on another thread)
   std::deque<Pending> pending;
   std::string error;
+  std::optional<HeaderCheck> header_check;
 };
 
 // Never destroyed: the detached watchdog thread may still read them while the process exits.
@@ -174,7 +380,7 @@ NcclState& nccl_state(const std::string& group_name, int device) {
   at::Tensor id = at::zeros({static_cast<int64_t>(comm::kNcclUniqueIdBytes)}, at::kByte);
   if (group->getRank() == 0) comm::nccl_unique_id(id.mutable_data_ptr<uint8_t>());
   std::vector<at::Tensor> bcast{has_cpu ? id : id.to(at::Device(at::kCUDA, device))};
-  group->broadcast(bcast)->wait();
+  wait_for(*group->broadcast(bcast), "broadcast of the NCCL id", group_name, *group);
   id = bcast[0].cpu();
   auto state = std::make_unique<NcclState>();
   state->group = group_name;
@@ -193,11 +399,34 @@ NcclState& nccl_state(const std::string& group_name, int device) {
   return *slot;
 }
 
+// Compares the header of the group's last counts exchange with the peers' (see communicator.h). The layers read
+// the counts on the host right after that exchange, so by the next exchange the copy has landed and this does not
+// wait; called before anything else is sent, so a mismatch raises before mismatched sizes meet in NCCL.
+void check_pending_header(NcclState& state) {
+  std::optional<HeaderCheck> check;
+  {
+    std::lock_guard<std::mutex> lock(state.mutex);
+    check.swap(state.header_check);
+  }
+  if (!check.has_value()) return;
+  // Not under the state's lock: if the counts exchange stalled, this waits until the watchdog aborts it.
+  const cudaError_t waited = cudaEventSynchronize(check->done);
+  cudaEventDestroy(check->done);
+  {
+    std::lock_guard<std::mutex> lock(state.mutex);
+    TORCH_CHECK(state.error.empty(), state.error);
+  }
+  C10_CUDA_CHECK(waited);
+  check_headers(check->sent.data(), check->received.const_data_ptr<int64_t>(), state.world, state.rank, state.group,
+                ExchangePhase::kForwardCounts);
+}
+
 void all_to_all_rows_nccl(const at::Tensor& input, const at::Tensor& output, const std::vector<int64_t>& send_rows,
                           const std::vector<int64_t>& recv_rows, const std::string& group_name) {
   const int device = input.device().index();
   const c10::cuda::CUDAGuard guard(input.device());
   NcclState& state = nccl_state(group_name, device);
+  check_pending_header(state);
   std::lock_guard<std::mutex> lock(state.mutex);
   TORCH_CHECK(state.error.empty(), state.error);
   int64_t row_bytes = input.element_size();
@@ -230,9 +459,46 @@ void all_to_all_rows_nccl(const at::Tensor& input, const at::Tensor& output, con
   C10_CUDA_CHECK(cudaStreamWaitEvent(caller, done, 0));
   state.pending.push_back({done, std::chrono::steady_clock::now() + exchange_timeout()});
 }
+
+// NCCL: the header rides in front of the counts ([world, kHeaderWords + per_rank] per exchange, one message as
+// before) and is compared at the group's next exchange (check_pending_header): no extra message, no host sync.
+void all_to_all_counts_nccl(const at::Tensor& input, const at::Tensor& output, const RowsInfo& rows,
+                            const std::string& group_name, int64_t sequence) {
+  const int64_t world = input.size(0), per_rank = input.size(1);
+  const std::vector<int64_t> ones(world, 1);
+  const c10::cuda::CUDAGuard guard(input.device());
+  HeaderCheck check;
+  check.sent = make_headers(ExchangePhase::kForwardCounts, sequence, at::kLong, per_rank, ones, ones, rows);
+  // Through pinned memory, so the copy to the device does not wait for the stream.
+  const auto pinned = at::TensorOptions().dtype(at::kLong).pinned_memory(true);
+  at::Tensor headers = at::empty({world, kHeaderWords}, pinned);
+  std::copy(check.sent.begin(), check.sent.end(), headers.mutable_data_ptr<int64_t>());
+  const at::Tensor send = at::cat({headers.to(input.device(), /*non_blocking=*/true), input}, 1);
+  const at::Tensor recv = at::empty_like(send);
+  all_to_all_rows_nccl(send, recv, ones, ones, group_name);
+  output.copy_(recv.narrow(1, kHeaderWords, per_rank));
+  check.received = at::empty({world, kHeaderWords}, pinned);
+  check.received.copy_(recv.narrow(1, 0, kHeaderWords), /*non_blocking=*/true);
+  const int device = input.device().index();
+  const cudaStream_t caller = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&check.done, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(check.done, caller));
+  NcclState& state = nccl_state(group_name, device);
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.header_check.has_value()) cudaEventDestroy(state.header_check->done);  // checked at the exchange above
+  state.header_check = std::move(check);
+}
 #endif
 
 }  // namespace
+
+ExchangePhaseGuard::ExchangePhaseGuard(ExchangePhase phase) : previous_(current_phase) {
+  current_phase = phase;
+}
+
+ExchangePhaseGuard::~ExchangePhaseGuard() {
+  current_phase = previous_;
+}
 
 void all_to_all_rows(const at::Tensor& input, const at::Tensor& output, const std::vector<int64_t>& send_rows,
                      const std::vector<int64_t>& recv_rows, const std::string& group_name) {
@@ -243,14 +509,47 @@ void all_to_all_rows(const at::Tensor& input, const at::Tensor& output, const st
     output.copy_(input);
     return;
   }
+  auto group = resolve_group(group_name);
+  const int64_t sequence = next_sequence(group, group_name);
   if (input.is_cuda()) {
 #ifdef FASTMOE_WITH_NCCL
+    // No header of its own (communicator.h); the sequence number counts it for the next counts header.
     return all_to_all_rows_nccl(input, output, send_rows, recv_rows, group_name);
 #else
     TORCH_CHECK(false, "this fastmoe build has no NCCL, so it cannot exchange CUDA tensors (rebuild with NCCL found)");
 #endif
   }
-  all_to_all_rows_pg(input, output, send_rows, recv_rows, group_name);
+  const ExchangePhase phase = current_phase;
+  check_with_peers_pg(
+      group, group_name,
+      make_headers(phase, sequence, input.scalar_type(), row_width(input), send_rows, recv_rows, RowsInfo{}), phase);
+  all_to_all_rows_pg(group, input, output, send_rows, recv_rows, group_name,
+                     phase_name(static_cast<int64_t>(phase)) + " exchange (all-to-all)");
+}
+
+void all_to_all_counts(const at::Tensor& input, const at::Tensor& output, const RowsInfo& rows,
+                       const std::string& group_name) {
+  TORCH_CHECK(input.dim() == 2 && input.is_contiguous() && output.is_contiguous() && input.scalar_type() == at::kLong,
+              "all_to_all_counts needs contiguous [world, per_rank] int64 tensors, got ", input.sizes());
+  const int64_t world = input.size(0);
+  if (world == 1) {  // a one-rank group: nothing to agree on
+    output.copy_(input);
+    return;
+  }
+  auto group = resolve_group(group_name);
+  const int64_t sequence = next_sequence(group, group_name);
+  if (input.is_cuda()) {
+#ifdef FASTMOE_WITH_NCCL
+    return all_to_all_counts_nccl(input, output, rows, group_name, sequence);
+#else
+    TORCH_CHECK(false, "this fastmoe build has no NCCL, so it cannot exchange CUDA tensors (rebuild with NCCL found)");
+#endif
+  }
+  const std::vector<int64_t> ones(world, 1);
+  check_with_peers_pg(group, group_name,
+                      make_headers(ExchangePhase::kForwardCounts, sequence, at::kLong, input.size(1), ones, ones, rows),
+                      ExchangePhase::kForwardCounts);
+  all_to_all_rows_pg(group, input, output, ones, ones, group_name, "forward counts exchange (all-to-all)");
 }
 
 void check_same_config(const std::string& group_name, const std::vector<std::string>& names,
@@ -264,7 +563,7 @@ void check_same_config(const std::string& group_name, const std::vector<std::str
   std::vector<at::Tensor> input{mine};
   std::vector<std::vector<at::Tensor>> output(1);
   for (int r = 0; r < group->getSize(); ++r) output[0].push_back(at::empty_like(mine));
-  group->allgather(output, input)->wait();
+  wait_for(*group->allgather(output, input), "configuration check of " + what + " (all-gather)", group_name, *group);
   std::string problems;
   const at::Tensor reference = output[0][0].cpu();
   for (int r = 1; r < group->getSize(); ++r) {

@@ -57,8 +57,13 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets,
 std::tuple<at::Tensor, at::Tensor> ep_route(const at::Tensor& topk_idx, int64_t num_local, int64_t world);
 
 // counts [W * E_local] int64, the rows this rank sends to each global expert -> [W * E_local]: entry
-// s * E_local + e is the number of rows rank s sends to this rank's local expert e. A collective.
-at::Tensor exchange_counts(const at::Tensor& counts, const std::string& group_name);
+// s * E_local + e is the number of rows rank s sends to this rank's local expert e. A collective. row_dtype,
+// row_width and chunks (how many chunks the counts describe) say what the row exchanges after it will move: ranks
+// that disagree on them raise on every rank instead of exchanging rows of different sizes.
+at::Tensor exchange_counts(const at::Tensor& counts, const std::string& group_name,
+                           std::optional<at::ScalarType> row_dtype = std::nullopt,
+                           std::optional<int64_t> row_width = std::nullopt,
+                           std::optional<int64_t> chunks = std::nullopt);
 
 // All-to-all of rows: rows [0, sum(send_splits)) of x [N, d] go out in order, send_splits[p] to rank p; the
 // result stacks recv_splits[p] rows from each rank p in rank order, then zero rows up to out_rows (default

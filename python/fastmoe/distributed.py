@@ -9,10 +9,20 @@
   experts), which is empty when EP spans the whole world.
 - :func:`expert_parallel_groups` builds the groups of the usual "EP inside DP" layout.
 
+Every collective issued here waits at most ``FASTMOE_COMM_TIMEOUT`` seconds (:func:`comm_timeout`) for its peers
+and then raises ``RuntimeError`` naming the collective, the group and the timeout, as the exchanges do in C++: a
+rank that never joins (it built its layer with another ``world_size``, it skipped ``allreduce_gradients``) makes
+the others raise instead of wait.
+
 docs/distributed.md has the launch recipes (torchrun, several nodes) and the layouts.
 """
 
 from __future__ import annotations
+
+import datetime
+import math
+import os
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -23,7 +33,70 @@ __all__ = [
     "expert_parallel_groups",
     "resolve_moe_group",
     "check_same_config",
+    "comm_timeout",
 ]
+
+
+def comm_timeout() -> float:
+    """``FASTMOE_COMM_TIMEOUT`` in seconds (default 60): how long a fastmoe collective waits for its peers before
+    it raises. The C++ exchanges read the same variable (once per process)."""
+    value = os.environ.get("FASTMOE_COMM_TIMEOUT", "")
+    if value == "":
+        return 60.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"FASTMOE_COMM_TIMEOUT must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _describe(group) -> str:
+    return f"group '{group.group_name}' (rank {dist.get_rank(group)} of {dist.get_world_size(group)})"
+
+
+def _wait(work, what: str, group) -> None:
+    """Waits for the async collective ``work`` at most :func:`comm_timeout`. ``Work.wait(timeout)`` raises on gloo
+    when the time is up (the blocking form would wait for the process group's own timeout, 30 minutes by
+    default); on NCCL it raises as well, and torch's watchdog then aborts the communicator."""
+    timeout = comm_timeout()
+    try:
+        if work.wait(timeout=datetime.timedelta(seconds=timeout)) is not False:
+            return
+        cause = "the wait returned without completing"
+    except RuntimeError as error:
+        cause = str(error)
+    raise RuntimeError(
+        f"fastmoe: the {what} on {_describe(group)} failed or did not complete within {timeout:g} s "
+        f"(FASTMOE_COMM_TIMEOUT): a peer failed, exited, or is not calling the same collectives: {cause}"
+    )
+
+
+def _object_device(group) -> torch.device:
+    """Where a byte tensor must live for a collective on ``group``: its CPU backend (gloo) if it has one, else
+    the current CUDA device (a NCCL-only group)."""
+    backend = str(dist.get_backend(group))
+    if "gloo" not in backend and "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_object(obj, group, what: str) -> list:
+    """``dist.all_gather_object`` with each of its two collectives (the sizes, then the pickled bytes) bounded by
+    :func:`comm_timeout`."""
+    device = _object_device(group)
+    world = dist.get_world_size(group)
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    _wait(dist.all_gather(sizes, size, group=group, async_op=True), f"{what} (all_gather of the sizes)", group)
+    lengths = [int(s) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    _wait(dist.all_gather(gathered, padded, group=group, async_op=True), f"{what} (all_gather)", group)
+    return [pickle.loads(g[:n].cpu().numpy().tobytes()) for g, n in zip(gathered, lengths, strict=True)]
 
 
 def _require_initialized(what: str) -> None:
@@ -47,9 +120,10 @@ def resolve_moe_group(world_size: int, moe_group):
 
 def check_same_config(group, config: dict, what: str = "FMoE") -> None:
     """Raises ``ValueError`` on every rank of ``group`` when ``config`` (a dict of plain values) differs between
-    ranks, naming each rank, field and value that differs from rank 0's."""
-    configs = [None] * dist.get_world_size(group)
-    dist.all_gather_object(configs, config, group=group)
+    ranks, naming each rank, field and value that differs from rank 0's. A collective: a rank that does not join
+    (it built ``what`` with another ``world_size`` or group) makes the others raise ``RuntimeError`` after
+    :func:`comm_timeout`."""
+    configs = _all_gather_object(config, group, f"configuration check of {what}")
     reference = configs[0]
     problems = []
     for rank, other in enumerate(configs[1:], start=1):
@@ -172,8 +246,9 @@ class DistributedGroupedDataParallel(nn.Module):
         layers = [layer for layer in _moe_layers(self.module) if layer.world_size > 1]
         signature = tuple((layer.world_size, layer.moe_rank) for layer in layers)
         world = dist.get_world_size()
-        signatures = [None] * world
-        dist.all_gather_object(signatures, signature)
+        signatures = _all_gather_object(
+            signature, dist.group.WORLD, "replica-group discovery of DistributedGroupedDataParallel"
+        )
         mine = None
         for sig in sorted(set(signatures)):
             ranks = [r for r in range(world) if signatures[r] == sig]
@@ -188,8 +263,9 @@ class DistributedGroupedDataParallel(nn.Module):
     def _sync_params(self):
         for group, params in self._buckets.values():
             src = dist.get_global_rank(group, 0)
-            for param in params:
-                dist.broadcast(param.data, src=src, group=group)
+            works = [dist.broadcast(param.data, src=src, group=group, async_op=True) for param in params]
+            for work in works:
+                _wait(work, "broadcast of the parameters of DistributedGroupedDataParallel", group)
 
     @torch.no_grad()
     def allreduce_gradients(self):
@@ -202,7 +278,11 @@ class DistributedGroupedDataParallel(nn.Module):
             for same_dtype in by_dtype.values():
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in same_dtype]
                 flat = torch._utils._flatten_dense_tensors(grads)
-                dist.all_reduce(flat, group=group)
+                _wait(
+                    dist.all_reduce(flat, group=group, async_op=True),
+                    "all_reduce of the gradients (DistributedGroupedDataParallel.allreduce_gradients)",
+                    group,
+                )
                 flat.div_(self.dp_size)
                 for param, reduced in zip(same_dtype, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
                     if param.grad is None:
@@ -241,7 +321,11 @@ class DistributedGroupedDataParallel(nn.Module):
         total = squares(rest_grads)
         if self._sharded:  # the same on every rank: the layers' configuration is checked at construction
             shard_sq = squares(shard_grads)
-            dist.all_reduce(shard_sq)
+            _wait(
+                dist.all_reduce(shard_sq, async_op=True),
+                "all_reduce of the expert gradient norms (DistributedGroupedDataParallel.clip_grad_norm_)",
+                dist.group.WORLD,
+            )
             total = total + shard_sq / self._shard_replicas
         total = total.sqrt()
         torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), max_norm, total)

@@ -124,6 +124,10 @@ class FMoE(nn.Module):
                     "gate": type(self.gate).__qualname__,
                     "slots_per_token": self.slots_per_token,
                     "experts_fused": self.experts_fused,
+                    # ranks that cut their tokens differently exchange count tables of different sizes
+                    "ep_chunks": self.ep_chunks,
+                    # the rows would differ in size; a later .to() on one rank is caught by the exchange headers
+                    "param_dtype": ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in self.parameters()})),
                 },
                 what=f"{type(self).__name__}(world_size={self.world_size})",
             )
@@ -227,7 +231,11 @@ class FMoE(nn.Module):
             per_expert = outgoing[..., :local].sum(1).flatten()
         self._record_balance(x.shape[0], topk_idx.numel(), per_expert)
         rank_plans = [ops.make_plan(token_ranks, world) for token_ranks, _ in routes]
-        incoming = ops.exchange_counts(outgoing.flatten(), self.moe_group).view(world, n, local + 1)
+        # The rows' dtype, width and the chunk count travel with the counts, so ranks whose layers differ in them
+        # (a .to() on one rank) raise on every rank here instead of exchanging rows of different sizes.
+        incoming = ops.exchange_counts(
+            outgoing.flatten(), self.moe_group, row_dtype=x.dtype, row_width=x.shape[1], chunks=n
+        ).view(world, n, local + 1)
         splits = _exchange_splits_sync(outgoing, incoming)
 
         streams = self._chunk_streams(x, n)

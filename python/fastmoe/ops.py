@@ -129,10 +129,20 @@ def ep_route(topk_idx: torch.Tensor, num_local: int, world: int):
     return _ops.ep_route(topk_idx, num_local, world)
 
 
-def exchange_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
+def exchange_counts(
+    counts: torch.Tensor,
+    group=None,
+    row_dtype: torch.dtype | None = None,
+    row_width: int | None = None,
+    chunks: int | None = None,
+) -> torch.Tensor:
     """``counts [W * E_local]`` int64 (rows this rank sends to each global expert) -> ``[W * E_local]``, entry
-    ``s * E_local + e`` = rows rank ``s`` sends to this rank's local expert ``e``. A collective over ``group``."""
-    return _ops.exchange_counts(counts, group_name(group))
+    ``s * E_local + e`` = rows rank ``s`` sends to this rank's local expert ``e``. A collective over ``group``.
+
+    ``row_dtype``, ``row_width`` and ``chunks`` (how many chunks the counts describe) say what the row exchanges
+    after this one will move. They travel with the counts, so ranks that disagree on them raise ``RuntimeError``
+    on every rank, naming both values, instead of exchanging rows of different sizes (docs/distributed.md)."""
+    return _ops.exchange_counts(counts, group_name(group), row_dtype, row_width, chunks)
 
 
 def exchange(x: torch.Tensor, send_splits, recv_splits, group=None, out_rows: int | None = None) -> torch.Tensor:

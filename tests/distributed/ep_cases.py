@@ -183,6 +183,19 @@ def exchange_bitwise(rank, world, backend):
     got = ops.exchange_counts(counts)
     want = torch.cat([torch.arange(rank * 3, rank * 3 + 3) + 10 * s for s in range(world)]).to(device)
     assert torch.equal(got, want), f"rank {rank}: exchange_counts {got.tolist()} != {want.tolist()}"
+    # What the header carries is checked before anything is sent (the same on every rank, so no rank is left in a
+    # collective alone).
+    for kwargs, named in (
+        ({"row_width": -2}, "row_width must be >= 0, got -2"),
+        ({"chunks": 0}, "chunks must be >= 1, got 0"),
+        ({"chunks": 2}, "3 entries per rank, which is not a multiple of chunks=2"),
+    ):
+        try:
+            ops.exchange_counts(counts, row_dtype=torch.float32, **kwargs)
+        except RuntimeError as error:
+            assert named in str(error), f"rank {rank}: {kwargs}: {error}"
+        else:
+            raise AssertionError(f"rank {rank}: exchange_counts accepted {kwargs}")
     return sum(recv)
 
 

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "fastmoe/ops.h"
+#include "runtime/communicator.h"
 
 namespace fastmoe {
 namespace {
@@ -38,6 +39,8 @@ class ExchangeFunction : public torch::autograd::Function<ExchangeFunction> {
       grad = at::zeros({ctx->saved_data["out_rows"].toInt(), like.size(1)}, like.options());
     }
     const int64_t rows = ctx->saved_data["rows"].toInt();
+    // Marked as a backward exchange, so a peer still in a forward (it skipped this backward) raises on both ranks.
+    const runtime::ExchangePhaseGuard phase(runtime::ExchangePhase::kBackwardRows);
     return {ops::exchange(grad.contiguous(), recv, send, ctx->saved_data["group"].toStringRef(), rows), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
   }
