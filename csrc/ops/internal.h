@@ -2,13 +2,26 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 
 #include <array>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
 
 namespace fastmoe::ops {
+
+// True when autograd would record a call on these inputs (grad mode on and one of them requiring grad). The
+// backward ops' Autograd kernels take the plain kernel otherwise: a first-order backward runs with grad mode
+// off, and building an autograd node there would only cost host time.
+inline bool records_graph(std::initializer_list<at::Tensor> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor& t : inputs) {
+    if (t.defined() && t.requires_grad()) return true;
+  }
+  return false;
+}
 
 at::Tensor route_topk_backward(const at::Tensor& grad_score, const at::Tensor& logits, const at::Tensor& topk_idx,
                                const at::Tensor& topk_score, const std::string& score_fn);

@@ -117,6 +117,10 @@ at::Tensor unpermute_combine_autograd(const at::Tensor& y_sorted, const at::Tens
 std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_autograd(
     const at::Tensor& grad_y, const at::Tensor& y_sorted, const at::Tensor& sorted_pair, const at::Tensor& pair_pos,
     const std::optional<at::Tensor>& topk_score, bool need_score_grad) {
+  if (!ops::records_graph({grad_y, y_sorted, topk_score.value_or(at::Tensor())})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::unpermute_combine_backward(grad_y, y_sorted, sorted_pair, pair_pos, topk_score, need_score_grad);
+  }
   auto outputs =
       UnpermuteCombineBackwardFunction::apply(grad_y, y_sorted, sorted_pair, pair_pos, topk_score, need_score_grad);
   return {outputs[0], outputs[1]};

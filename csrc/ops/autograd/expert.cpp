@@ -97,6 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_autograd(
                                                                                 const at::Tensor& expert_offsets,
                                                                                 const at::Tensor& weight,
                                                                                 std::array<bool, 3> output_mask) {
+  if (!ops::records_graph({grad_y, x, weight})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::grouped_linear_backward(grad_y, x, expert_offsets, weight, output_mask);
+  }
   auto outputs = GroupedLinearBackwardFunction::apply(grad_y, x, expert_offsets, weight, output_mask);
   return {outputs[0], outputs[1], outputs[2]};
 }

@@ -86,6 +86,10 @@ std::tuple<at::Tensor, at::Tensor> route_topk_autograd(const at::Tensor& logits,
 at::Tensor route_topk_backward_autograd(const at::Tensor& grad_score, const at::Tensor& logits,
                                         const at::Tensor& topk_idx, const at::Tensor& topk_score,
                                         c10::string_view score_fn) {
+  if (!ops::records_graph({grad_score, logits, topk_score})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::route_topk_backward(grad_score, logits, topk_idx, topk_score, std::string(score_fn));
+  }
   return RouteTopkBackwardFunction::apply(grad_score, logits, topk_idx, topk_score, std::string(score_fn));
 }
 
