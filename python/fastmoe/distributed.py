@@ -268,28 +268,43 @@ class DistributedGroupedDataParallel(nn.Module):
                 _wait(work, "broadcast of the parameters of DistributedGroupedDataParallel", group)
 
     @torch.no_grad()
-    def allreduce_gradients(self):
+    def allreduce_gradients(self, no_scale: bool = False, reduce_after: bool = False, fp32_allreduce: bool = False):
         """Averages the gradients as described in the class docstring. Parameters without a gradient on this
-        rank count as zeros, so every rank joins every reduction with the same buffer sizes."""
+        rank count as zeros, so every rank joins every reduction with the same buffer sizes.
+
+        FastMoE's options: ``no_scale=True`` leaves the sums (no division by the ``dp_group`` size);
+        ``reduce_after=True`` divides after the all-reduce instead of before it (before, the default, keeps fp16
+        sums from overflowing; after rounds once); ``fp32_allreduce=True`` reduces fp16 and bf16 gradients in
+        fp32 and rounds the result back once (fp32 and fp64 are reduced as they are)."""
+        for name, value in (("no_scale", no_scale), ("reduce_after", reduce_after), ("fp32_allreduce", fp32_allreduce)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {name}={value!r}")
         for group, params in self._buckets.values():
             by_dtype = {}
             for param in params:
                 by_dtype.setdefault(param.dtype, []).append(param)
-            for same_dtype in by_dtype.values():
+            for dtype, same_dtype in by_dtype.items():
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in same_dtype]
                 flat = torch._utils._flatten_dense_tensors(grads)
+                if fp32_allreduce and dtype in (torch.float16, torch.bfloat16):
+                    flat = flat.float()
+                if not no_scale and not reduce_after:
+                    flat.div_(self.dp_size)
                 _wait(
                     dist.all_reduce(flat, group=group, async_op=True),
                     "all_reduce of the gradients (DistributedGroupedDataParallel.allreduce_gradients)",
                     group,
                 )
-                flat.div_(self.dp_size)
+                if not no_scale and reduce_after:
+                    flat.div_(self.dp_size)
                 for param, reduced in zip(same_dtype, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
                     if param.grad is None:
-                        param.grad = reduced.clone()
+                        param.grad = reduced.to(dtype, copy=True)
                     else:
                         param.grad.copy_(reduced)
         # Parameters reduced over no group (sharded experts with no replicas) still need the 1/dp_size scale.
+        if no_scale:
+            return
         reduced_ids = {id(p) for _, params in self._buckets.values() for p in params}
         for layer in _moe_layers(self.module):
             if layer.world_size > 1 and hasattr(layer, "experts"):
@@ -297,7 +312,7 @@ class DistributedGroupedDataParallel(nn.Module):
                     if id(param) not in reduced_ids and param.grad is not None:
                         param.grad.div_(self.dp_size)
 
-    allreduce_params = allreduce_gradients  # FastMoE's alias
+    allreduce_params = allreduce_gradients  # FastMoE's alias, same arguments
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

@@ -1,11 +1,37 @@
 import contextlib
+import functools
+import inspect
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from fastmoe import _checks, _rng, debug, distributed, ops
 from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
+
+
+def mark_module_parallel_comm(module: nn.Module, comm: str) -> None:
+    """Sets ``p.dp_comm = comm`` on every parameter of ``module`` (FastMoE's tag: ``"dp"``, ``"world"``,
+    ``"none"``, ``"gate"``, ...). fastmoe's :class:`~fastmoe.DistributedGroupedDataParallel` decides what to
+    reduce from the model's layout, not from these tags, so they are informational here."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(comm, str):
+        raise TypeError(f"comm must be a str such as 'dp', 'world' or 'none', got comm={comm!r}")
+    for param in module.parameters():
+        param.dp_comm = comm
+
+
+class _DefaultNumExpert(int):
+    """FMoE's default ``num_expert`` (32): an int that FMoE can tell from an explicit 32, so that a list of
+    experts with the default left alone sets the count, as in FastMoE."""
+
+    def __repr__(self) -> str:
+        return str(int(self))
+
+
+_DEFAULT_NUM_EXPERT = _DefaultNumExpert(32)
 
 
 class FMoE(nn.Module):
@@ -19,7 +45,9 @@ class FMoE(nn.Module):
       5. ``unpermute_combine`` adds each token's k expert outputs weighted by its scores.
 
     Args:
-        num_expert: experts on this rank (the global count is ``num_expert * world_size``).
+        num_expert: experts on this rank (the global count is ``num_expert * world_size``). With a list of
+            experts (``expert=[...]``) it may be ``None`` or left at its default, and then is the list's length
+            (FastMoE's rule); an explicit value that differs from the length is an error.
         d_model: feature width of the input.
         world_size: size of the expert-parallel group: the layer holds ``num_expert`` of the
             ``num_expert * world_size`` experts, global expert ``e`` on rank ``e // num_expert`` of ``moe_group``.
@@ -29,10 +57,17 @@ class FMoE(nn.Module):
         top_k: experts per token.
         gate: a gate class built as ``gate(d_model, num_expert, world_size, top_k)``, or a gate instance (see
             ``fastmoe.gates``). A gate whose routing is wider than ``top_k`` (expert choice) says so in its
-            ``slots_per_token`` attribute.
+            ``slots_per_token`` attribute. A gate with a ``moe_group`` attribute left ``None`` (``DCGate``) gets
+            the layer's group.
         expert: a callable ``expert(d_model) -> nn.Module`` instantiated ``num_expert`` times, or a list of such
-            callables (one per expert). Each expert module is called as ``module(x_rows)`` with the
-            ``[rows, d_model]`` block routed to it. Global expert ``g`` is built with the default generators seeded
+            callables (one per expert, possibly of different classes). Each expert module gets the
+            ``[rows, d_model]`` block routed to it (experts with no rows are not called, but for expert 0 on an
+            empty block when a multi-input forward routes no row here). How it is called
+            follows its ``forward`` signature, read when the layer is built (and again if ``self.experts`` is
+            replaced): ``forward(inp)`` is called as ``module(rows)``; a ``forward`` whose second positional
+            parameter is required, or is named ``fwd_expert_count``, is called as FastMoE calls experts,
+            ``module(rows, count)`` with ``count`` a 1-element int64 CPU tensor holding the number of rows.
+            Global expert ``g`` is built with the default generators seeded
             for ``g`` alone (one base seed drawn from the CPU default generator, then a stream per expert), so
             experts differ across ranks and each equals the same expert of a one-rank layer built from the same
             seed; the default generators are left as one draw moved them, whatever ``num_expert``. ``None`` means
@@ -46,13 +81,27 @@ class FMoE(nn.Module):
     The per-expert loop reads the expert counts on the host once per forward (one device sync); fused experts
     (``FMoETransformerMLP``) do not.
 
+    ``expert_fn(inp, fwd_expert_count, expert_offsets)`` runs the local experts; a subclass may override it. An
+    override with FastMoE's two parameters, ``expert_fn(self, inp, fwd_expert_count)``, is called as FastMoE
+    calls it: ``inp`` holds only the routed rows (``fwd_expert_count.sum()`` of them, grouped by local expert;
+    finding that number is one host sync) and ``fwd_expert_count [num_expert]`` int64 is on the rows' device.
+
+    The input may be a tensor ``[..., d_model]`` or, as FastMoE's multi-input layers, a tuple, list or dict
+    (any ``torch.utils._pytree`` structure) of tensors ``[..., d_i]`` that share their leading dimensions, dtype
+    and device. As in FastMoE, the gate is called with the whole structure (so it must pick what it routes on;
+    fastmoe's own gates take a tensor only), every tensor is routed the same way, the experts (``expert_fn``,
+    fused experts or each expert module) get the same structure holding their rows of each tensor and return a
+    structure of ``[rows, d_out_j]`` tensors of one dtype, and the layer returns that structure with each tensor
+    combined over the k slots and shaped ``[..., d_out_j]``. It works with expert parallelism too (the tensors
+    travel side by side in one exchange).
+
     Each forward keeps ``balance_record`` (device tensors: the plan's expert counts, the gate's capacity-drop
     count and loss terms); :meth:`balance_stats` and ``fastmoe.balance.collect`` read them on the host.
     """
 
     def __init__(
         self,
-        num_expert: int = 32,
+        num_expert: int | None = _DEFAULT_NUM_EXPERT,
         d_model: int = 1024,
         world_size: int = 1,
         mp_group=None,
@@ -68,6 +117,7 @@ class FMoE(nn.Module):
         ep_chunks: int = 1,
     ):
         super().__init__()
+        num_expert = _num_expert_for(num_expert, expert)
         self.num_expert = _checks.positive_int("num_expert", num_expert)
         self.d_model = _checks.positive_int("d_model", d_model)
         self.world_size = _checks.positive_int("world_size", world_size)
@@ -90,12 +140,15 @@ class FMoE(nn.Module):
 
         if isinstance(gate, nn.Module):
             self.gate = gate
-        elif isinstance(gate, type) and issubclass(gate, NaiveGate):
+        elif _builds_naive_gate(gate):
             self.gate = gate(d_model, num_expert, world_size, top_k, gate_bias=gate_bias)
         elif callable(gate):
             self.gate = gate(d_model, num_expert, world_size, top_k)
         else:
             raise TypeError(f"gate must be a gate class, a callable or an nn.Module, got {gate!r}")
+        if getattr(self.gate, "moe_group", False) is None and self.moe_group is not None:
+            # a gate that needs the expert-parallel group (DCGate) and was not given one gets the layer's
+            self.gate.moe_group = self.moe_group
         _check_gate_matches(self.gate, self.num_experts_total, self.d_model)
         slots = getattr(self.gate, "slots_per_token", self.top_k)
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
@@ -104,8 +157,9 @@ class FMoE(nn.Module):
 
         self.experts_fused = expert is None
         if isinstance(expert, (list, tuple)):
-            if len(expert) != num_expert:
-                raise ValueError(f"expert is a list of {len(expert)} callables but num_expert={num_expert}")
+            for i, make in enumerate(expert):
+                if not callable(make):
+                    raise TypeError(f"expert[{i}] must be a callable expert(d_model) -> nn.Module, got {make!r}")
             self.experts = nn.ModuleList(_rng.build_experts(expert, d_model, self.moe_rank * num_expert))
         elif expert is not None:
             if not callable(expert):
@@ -131,6 +185,12 @@ class FMoE(nn.Module):
                 },
                 what=f"{type(self).__name__}(world_size={self.world_size})",
             )
+        # Decided once: whether expert_fn takes fastmoe's third argument (expert_offsets) or is an override with
+        # FastMoE's two (inp, fwd_expert_count), which _run_experts then calls the FastMoE way.
+        self._expert_fn_takes_offsets = _expert_fn_takes_offsets(self)
+        self._io_structure = None  # set during a forward whose input is a tuple/list/dict of tensors
+        if not self.experts_fused:
+            self._expert_call_modes()
 
     def mark_parallel_comm(self, expert_dp_comm: str = "none"):
         """Tags parameters as FastMoE does (``p.dp_comm``): experts with ``expert_dp_comm``, the gate with
@@ -142,18 +202,27 @@ class FMoE(nn.Module):
         for param in self.gate.parameters():
             param.dp_comm = "gate"
 
-    def expert_fn(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor, expert_offsets=None):
-        """Runs the local experts on ``inp [N, d_model]`` (rows grouped by expert, zero rows at the tail).
-        ``expert_offsets`` is the ``[num_expert + 1]`` prefix sum, a tensor or (for the module loop) a list."""
+    def expert_fn(self, inp, fwd_expert_count: torch.Tensor, expert_offsets=None):
+        """Runs the local experts on ``inp [N, d_model]`` (rows grouped by expert, zero rows at the tail), or on a
+        structure of such tensors in a multi-input forward. ``expert_offsets`` is the ``[num_expert + 1]`` prefix
+        sum, a tensor or (for the module loop) a list."""
         if self.experts_fused:
             return self.experts(inp, fwd_expert_count)
         if expert_offsets is None:
             expert_offsets = ops.counts_to_offsets(fwd_expert_count)
         # host sync (unless given as a list): a Python loop over modules needs the row ranges
         bounds = expert_offsets.tolist() if isinstance(expert_offsets, torch.Tensor) else list(expert_offsets)
-        outputs = [
-            self.experts[e](inp[bounds[e] : bounds[e + 1]]) for e in range(self.num_expert) if bounds[e + 1] > bounds[e]
-        ]
+        if not isinstance(inp, torch.Tensor):
+            return self._expert_loop_structure(inp, bounds)
+        modes = self._expert_call_modes()
+        experts = self.experts
+        outputs = []
+        for e in range(self.num_expert):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                rows = inp[lo:hi]
+                # FastMoE's experts take forward(rows, count), the count a 1-element int64 CPU tensor
+                outputs.append(experts[e](rows, torch.tensor([hi - lo])) if modes[e] else experts[e](rows))
         routed = bounds[self.num_expert]
         width = outputs[0].shape[-1] if outputs else self.d_model
         tail = inp.new_zeros(inp.shape[0] - routed, width)
@@ -163,14 +232,119 @@ class FMoE(nn.Module):
             return tail + inp.sum() * 0 if inp.requires_grad else tail
         return torch.cat(outputs + [tail.to(outputs[0].dtype)], dim=0)
 
-    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+    def _expert_loop_structure(self, inp, bounds: list):
+        """The module loop of a multi-input forward: each expert gets the structure of its rows of every tensor
+        and returns a structure of ``[rows, d_out_j]`` tensors; returns that structure over all rows (zero rows
+        for the unrouted tail)."""
+        modes = self._expert_call_modes()
+        num_rows = pytree.tree_leaves(inp)[0].shape[0]
+        outputs = []
+        for e in range(self.num_expert):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                rows = pytree.tree_map(lambda t, lo=lo, hi=hi: t[lo:hi], inp)
+                outputs.append(self.experts[e](rows, torch.tensor([hi - lo])) if modes[e] else self.experts[e](rows))
+        if not outputs:
+            # Expert 0 on no rows gives the output structure and keeps the output on the input's autograd graph
+            # (with expert parallelism the backward of the exchange is a collective every rank must reach).
+            rows = pytree.tree_map(lambda t: t[:0], inp)
+            outputs.append(self.experts[0](rows, torch.tensor([0])) if modes[0] else self.experts[0](rows))
+        flat = [pytree.tree_flatten(out) for out in outputs]
+        spec = flat[0][1]
+        for e, (_, other) in enumerate(flat):
+            if other != spec:
+                raise ValueError(f"the experts returned different structures: {spec} and {other} (expert output {e})")
+        columns = []
+        for j in range(len(flat[0][0])):
+            pieces = [leaves[j] for leaves, _ in flat]
+            routed = sum(piece.shape[0] for piece in pieces)
+            tail = pieces[0].new_zeros(num_rows - routed, *pieces[0].shape[1:])
+            columns.append(torch.cat(pieces + [tail], dim=0))
+        return pytree.tree_unflatten(columns, spec)
+
+    def _expert_call_modes(self) -> tuple:
+        """Per local expert module, whether it is called with FastMoE's ``(rows, count)`` (``_takes_count``).
+        Read from the signatures once, and again only if ``self.experts`` was replaced by another object."""
+        cached = getattr(self, "_expert_modes_cache", None)
+        if cached is None or cached[0] is not self.experts or len(cached[1]) != len(self.experts):
+            cached = (self.experts, tuple(_takes_count(module) for module in self.experts))
+            self._expert_modes_cache = cached
+        return cached[1]
+
+    def _run_experts(self, x: torch.Tensor, counts: torch.Tensor, offsets) -> torch.Tensor:
+        """``expert_fn`` on the permuted rows ``x [N, width]``, returning ``[N, width_out]``. For a multi-input
+        forward, ``x`` holds the tensors' columns side by side and expert_fn sees the structure. A two-argument
+        ``expert_fn`` (FastMoE's) gets the routed rows only, and its output gets zero rows for the tail."""
+        structure = self._io_structure
+        if structure is None and self._expert_fn_takes_offsets:
+            return self.expert_fn(x, counts, offsets)
+        num_rows = x.shape[0]
+        if not self._expert_fn_takes_offsets:
+            routed = offsets[-1] if isinstance(offsets, list) else int(offsets[-1])  # host sync (FastMoE: several)
+            x = x[:routed]
+        inp = x if structure is None else structure.split_input(x)
+        y = self.expert_fn(inp, counts, offsets) if self._expert_fn_takes_offsets else self.expert_fn(inp, counts)
+        if structure is not None:
+            y = structure.join_output(y, x.shape[0])
+        elif not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"expert_fn must return a [{x.shape[0]}, d_out] tensor (one row per input row), got {got}")
+        if y.shape[0] < num_rows:
+            y = torch.cat([y, y.new_zeros(num_rows - y.shape[0], y.shape[1])])
+        return y
+
+    def forward(self, inp):
         if self.experts_fused and not hasattr(self, "experts"):
             raise AttributeError(
                 "FMoE was built with expert=None, which means a subclass must assign self.experts (fused experts "
                 "called as experts(x_sorted, fwd_expert_count)); pass expert=callable to use per-expert modules"
             )
+        if not isinstance(inp, torch.Tensor):
+            return self._forward_structure(inp)
         x = _checks.token_matrix("inp", inp, self.d_model, like=_checks.first_parameter(self.gate))
-        topk_idx, topk_score = self.gate(x)
+        y = self._moe(x, x)
+        return y.reshape(*inp.shape[:-1], y.shape[-1])
+
+    def _forward_structure(self, inp):
+        """A tuple, list or dict (any pytree) of tensors: routed together, as described in the class docstring."""
+        paths_leaves, spec = pytree.tree_flatten_with_path(inp)
+        if not paths_leaves:
+            raise ValueError(
+                f"inp must be a tensor or a tuple/list/dict of tensors, got a {type(inp).__name__} holding none"
+            )
+        like = _checks.first_parameter(self.gate)
+        lead, matrices = None, []
+        for path, leaf in paths_leaves:
+            name = "inp" + pytree.keystr(path)
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(
+                    f"inp must be a tensor or a tuple/list/dict of tensors, got a {type(inp).__name__} holding "
+                    f"{type(leaf).__name__} at {name}"
+                )
+            if leaf.dim() < 1:
+                raise ValueError(f"{name} must have shape [..., d], got {tuple(leaf.shape)}")
+            if lead is None:
+                lead, first = leaf.shape[:-1], name
+            elif leaf.shape[:-1] != lead:
+                raise ValueError(
+                    f"the tensors of inp must share their leading dimensions: {first} has {tuple(lead)} but {name} "
+                    f"has {tuple(leaf.shape[:-1])}"
+                )
+            matrices.append(_checks.token_matrix(name, leaf, leaf.shape[-1], like=like))
+        dtypes = {m.dtype for m in matrices}
+        if len(dtypes) > 1:
+            raise TypeError(f"the tensors of inp must have one dtype, got {sorted(str(d) for d in dtypes)}")
+        structure = _IOStructure(spec, [m.shape[1] for m in matrices])
+        self._io_structure = structure
+        try:
+            y = self._moe(matrices[0] if len(matrices) == 1 else torch.cat(matrices, dim=1), inp)
+        finally:
+            self._io_structure = None
+        return structure.split_output(y, lead)
+
+    def _moe(self, x: torch.Tensor, gate_input) -> torch.Tensor:
+        """Gate on ``gate_input``, then the token path on ``x [T, width]``; returns ``[T, width_out]``."""
+        topk_idx, topk_score = self.gate(gate_input)
         if topk_idx.shape != (x.shape[0], self.slots_per_token):
             expected = "top_k" if self.slots_per_token == self.top_k else "gate.slots_per_token"
             raise ValueError(
@@ -185,12 +359,10 @@ class FMoE(nn.Module):
             plan = ops.make_plan(topk_idx, self.num_experts_total)
             self._record_balance(x.shape[0], topk_idx.numel(), plan.expert_counts)
             x_sorted = ops.permute(x, plan)
-            y_sorted = self.expert_fn(x_sorted, plan.expert_counts, plan.expert_offsets)
+            y_sorted = self._run_experts(x_sorted, plan.expert_counts, plan.expert_offsets)
             debug.check_finite(self, "expert outputs (y_sorted)", y_sorted)
-            y = ops.unpermute_combine(y_sorted, plan, topk_score)
-        else:
-            y = self._global_forward(x, topk_idx, topk_score)
-        return y.reshape(*inp.shape[:-1], y.shape[-1])
+            return ops.unpermute_combine(y_sorted, plan, topk_score)
+        return self._global_forward(x, topk_idx, topk_score)
 
     # True where the experts' first op follows autocast (FMoETransformerMLP: a grouped GEMM), so the rows may be
     # cast to the autocast dtype before they are permuted or exchanged.
@@ -277,7 +449,7 @@ class FMoE(nn.Module):
         slot_plan = local_plan.first_rows(local_bounds[-1])
         x_local = ops.permute(x_in, slot_plan)  # [n_slots, d], grouped by local expert
         offsets = ops.counts_to_offsets(local_plan.expert_counts) if self.experts_fused else local_bounds
-        y_local = self.expert_fn(x_local, local_plan.expert_counts, offsets)
+        y_local = self._run_experts(x_local, local_plan.expert_counts, offsets)
         debug.check_finite(self, "expert outputs (y_sorted)", y_local)
         partial = ops.unpermute_combine(y_local, slot_plan, score_in)  # [rows in, d]: this rank's share per token
         return ops.exchange(partial, recv, send, self.moe_group), send_plan
@@ -328,6 +500,112 @@ class FMoE(nn.Module):
             device = param.device if param is not None else None
             return torch.zeros((), device=device)
         return loss
+
+
+def _num_expert_for(num_expert, expert):
+    """FMoE's ``num_expert``: with a list of experts, ``None`` or the default means the list's length (FastMoE
+    sets it so); an explicit count must equal it."""
+    if isinstance(expert, (list, tuple)):
+        if not expert:
+            raise ValueError(f"expert is an empty {type(expert).__name__}; give one callable per expert")
+        if num_expert is None or num_expert is _DEFAULT_NUM_EXPERT:
+            return len(expert)
+        if num_expert != len(expert):
+            raise ValueError(
+                f"expert is a list of {len(expert)} callables but num_expert={num_expert!r}; they must be equal "
+                "(leave num_expert out, or pass None, to take the list's length)"
+            )
+        return num_expert
+    if num_expert is None:
+        raise ValueError(
+            "num_expert must be a positive int, got None (None is allowed only with expert=[...], a list of "
+            "experts, whose length it then takes)"
+        )
+    return int(num_expert) if num_expert is _DEFAULT_NUM_EXPERT else num_expert
+
+
+def _builds_naive_gate(gate) -> bool:
+    """A NaiveGate-family class, or a ``functools.partial`` of one that leaves ``gate_bias`` free: FMoE passes
+    its ``gate_bias`` to those."""
+    if isinstance(gate, functools.partial):
+        return "gate_bias" not in gate.keywords and _builds_naive_gate(gate.func)
+    return isinstance(gate, type) and issubclass(gate, NaiveGate)
+
+
+def _positional_parameters(fn) -> list | None:
+    """The positional parameters of ``fn``'s signature (bound methods without self), ``None`` when it has
+    ``*args`` or no signature can be read."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p for p in parameters if p.kind in kinds]
+
+
+def _takes_count(module: nn.Module) -> bool:
+    """Whether an expert module is called with FastMoE's ``(rows, count)``: its ``forward`` has a second
+    positional parameter that is required or named ``fwd_expert_count``. ``forward(x)`` and ``forward(*args)``
+    get the rows only."""
+    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: read the compiled module's forward
+    positional = _positional_parameters(module.forward)
+    if positional is None or len(positional) < 2:
+        return False
+    second = positional[1]
+    return second.default is inspect.Parameter.empty or second.name == "fwd_expert_count"
+
+
+def _expert_fn_takes_offsets(layer: FMoE) -> bool:
+    """Whether ``layer.expert_fn`` takes fastmoe's third argument (``expert_offsets``): FMoE's own does, and so
+    does any override with three positional parameters or ``*args``; FastMoE's ``(inp, fwd_expert_count)``
+    does not."""
+    if type(layer).expert_fn is FMoE.expert_fn:
+        return True
+    positional = _positional_parameters(layer.expert_fn)
+    return positional is None or len(positional) >= 3
+
+
+class _IOStructure:
+    """The tuple/list/dict of tensors of a multi-input forward, carried through the token path as one matrix
+    with the tensors' columns side by side: one permute and one exchange move every tensor's rows, and the
+    weighted combine, which works column by column, gives each tensor's result."""
+
+    def __init__(self, spec, widths: list):
+        self.spec, self.widths = spec, widths
+        self.out_spec, self.out_widths = None, None
+
+    def split_input(self, x: torch.Tensor):
+        return pytree.tree_unflatten(list(torch.split(x, self.widths, dim=1)), self.spec)
+
+    def join_output(self, y, num_rows: int) -> torch.Tensor:
+        """The experts' output structure as one ``[num_rows, sum(d_out_j)]`` matrix."""
+        leaves, spec = pytree.tree_flatten(y)
+        for path, leaf in pytree.tree_flatten_with_path(y)[0]:
+            if not isinstance(leaf, torch.Tensor) or leaf.dim() != 2 or leaf.shape[0] != num_rows:
+                got = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+                raise ValueError(
+                    f"the experts must return tensors [{num_rows}, d_out] (one row per input row), got {got} at "
+                    f"output{pytree.keystr(path)}"
+                )
+        if not leaves:
+            raise ValueError(f"the experts returned no tensor: {spec}")
+        dtypes = {leaf.dtype for leaf in leaves}
+        if len(dtypes) > 1:
+            raise TypeError(f"the experts' output tensors must have one dtype, got {sorted(str(d) for d in dtypes)}")
+        widths = [leaf.shape[1] for leaf in leaves]
+        if self.out_spec is None:
+            self.out_spec, self.out_widths = spec, widths
+        elif spec != self.out_spec or widths != self.out_widths:
+            raise ValueError(
+                f"the experts returned {spec} of widths {widths}, earlier {self.out_spec} of widths {self.out_widths}"
+            )
+        return leaves[0] if len(leaves) == 1 else torch.cat(leaves, dim=1)
+
+    def split_output(self, y: torch.Tensor, lead: torch.Size):
+        pieces = torch.split(y, self.out_widths, dim=1)
+        return pytree.tree_unflatten([p.reshape(*lead, p.shape[1]) for p in pieces], self.out_spec)
 
 
 def _check_gate_matches(gate, num_experts_total: int, d_model: int) -> None:

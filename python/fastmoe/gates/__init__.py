@@ -1,9 +1,11 @@
 """Gates: ``Gate(d_model, num_expert, world_size, top_k, ...)``, ``forward(x) -> (topk_idx, topk_score)``.
 
-``GATES`` lists every gate class; docs/gates.md compares them.
+``GATES`` lists the routing gates docs/gates.md compares. FastMoE's ``ZeroGate`` (everything to expert 0) and
+``DCGate`` (GShardGate with the capacity counted over the expert-parallel group) are here too.
 """
 
 from fastmoe.gates.base_gate import BaseGate
+from fastmoe.gates.dc_gate import DCGate
 from fastmoe.gates.expert_choice_gate import ExpertChoiceGate
 from fastmoe.gates.gshard_gate import GShardGate
 from fastmoe.gates.naive_gate import NaiveGate
@@ -11,11 +13,13 @@ from fastmoe.gates.noisy_gate import NoisyGate
 from fastmoe.gates.sigmoid_gate import SigmoidGate
 from fastmoe.gates.swipe_gate import SwipeGate
 from fastmoe.gates.switch_gate import SwitchGate
+from fastmoe.gates.zero_gate import ZeroGate
 
 GATES = (NaiveGate, NoisyGate, GShardGate, SwitchGate, SwipeGate, ExpertChoiceGate, SigmoidGate)
 
 __all__ = [
     "BaseGate",
+    "DCGate",
     "ExpertChoiceGate",
     "GATES",
     "GShardGate",
@@ -24,4 +28,5 @@ __all__ = [
     "SigmoidGate",
     "SwipeGate",
     "SwitchGate",
+    "ZeroGate",
 ]

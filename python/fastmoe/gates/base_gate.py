@@ -131,6 +131,21 @@ def positive_float(name: str, value) -> float:
     return float(value)
 
 
+def top_k_or_topk(gate: str, top_k, topk, default: int):
+    """The ``top_k`` of a gate that also accepts FastMoE's spelling ``topk`` (GShardGate, SwitchGate, DCGate).
+
+    Giving both is accepted only when they agree: FMoE passes its ``top_k`` as the fourth positional argument,
+    so a ``functools.partial(GShardGate, topk=2)`` handed to a layer gets both."""
+    if topk is None:
+        return default if top_k is None else top_k
+    if top_k is None or (top_k == topk and type(top_k) is type(topk)):
+        return topk
+    raise ValueError(
+        f"{gate} got top_k={top_k!r} and topk={topk!r}: topk is FastMoE's spelling of top_k, give one of them "
+        "(or the same value to both)"
+    )
+
+
 def capacity_pair(name: str, value) -> tuple[float, float]:
     """``capacity`` as FastMoE takes it: ``(train_factor, eval_factor)``, or one factor for both."""
     if isinstance(value, (tuple, list)):

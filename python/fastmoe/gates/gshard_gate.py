@@ -1,7 +1,7 @@
 import torch
 
 from fastmoe import ops
-from fastmoe.gates.base_gate import capacity_pair, expert_capacity, loss_dtype, non_negative_float
+from fastmoe.gates.base_gate import capacity_pair, expert_capacity, loss_dtype, non_negative_float, top_k_or_topk
 from fastmoe.gates.naive_gate import NaiveGate
 
 
@@ -66,7 +66,7 @@ class GShardGate(CapacityMixin, NaiveGate):
 
     Defaults (FastMoE's): ``capacity=(1.2, 2.4)``, ``random_routing=True``, ``aux_loss_coef=1.0`` (the paper
     weights the loss in the objective; add ``k * layer.get_loss()`` yourself), ``z_loss_coef=0.0``.
-    ``top_k`` must be 2. No host sync.
+    ``top_k`` (or FastMoE's spelling ``topk``; both only if equal) must be 2. No host sync.
     """
 
     def __init__(
@@ -74,13 +74,15 @@ class GShardGate(CapacityMixin, NaiveGate):
         d_model: int,
         num_expert: int,
         world_size: int = 1,
-        top_k: int = 2,
+        top_k: int | None = None,
         capacity=(1.2, 2.4),
         random_routing: bool = True,
         gate_bias: bool = True,
         aux_loss_coef: float = 1.0,
         z_loss_coef: float = 0.0,
+        topk: int | None = None,
     ):
+        top_k = top_k_or_topk(type(self).__name__, top_k, topk, default=2)
         if top_k != 2 or isinstance(top_k, bool):
             raise ValueError(f"GShardGate routes each token to 2 experts: top_k must be 2, got {top_k!r}")
         super().__init__(d_model, num_expert, world_size, top_k, gate_bias=gate_bias, z_loss_coef=z_loss_coef)
@@ -111,7 +113,11 @@ class GShardGate(CapacityMixin, NaiveGate):
             second = torch.where(keep_second, topk_idx[:, 1], torch.full_like(topk_idx[:, 1], -1))
             topk_idx = torch.stack([topk_idx[:, 0], second], dim=1)
 
-        topk_idx, topk_score = drop_by_capacity(self, topk_idx, topk_score, self.capacity_factor())
+        topk_idx, topk_score = self._limit_capacity(topk_idx, topk_score)
         if return_all_scores:
             return topk_idx, topk_score, logits
         return topk_idx, topk_score
+
+    def _limit_capacity(self, topk_idx, topk_score):
+        """Step 4: this rank's tokens against the capacity of the current mode (DCGate counts the whole group)."""
+        return drop_by_capacity(self, topk_idx, topk_score, self.capacity_factor())

@@ -3,7 +3,7 @@ import math
 import torch
 
 from fastmoe import _checks, debug, ops
-from fastmoe.gates.base_gate import capacity_pair, loss_dtype, non_negative_float
+from fastmoe.gates.base_gate import capacity_pair, loss_dtype, non_negative_float, top_k_or_topk
 from fastmoe.gates.gshard_gate import CapacityMixin, drop_by_capacity, load_balance_term
 from fastmoe.gates.naive_gate import NaiveGate
 
@@ -28,7 +28,8 @@ class SwitchGate(CapacityMixin, NaiveGate):
     - optional router z-loss ``"z"`` = ``z_loss_coef * mean_t logsumexp(logits[t])^2``.
 
     Defaults: ``switch_eps=0.1`` (FastMoE's value; the paper used 1e-2), ``capacity=(1.2, 2.4)`` (FastMoE's),
-    ``aux_loss_coef=1e-2`` (the paper's alpha), ``z_loss_coef=0.0``. ``top_k`` must be 1. No host sync.
+    ``aux_loss_coef=1e-2`` (the paper's alpha), ``z_loss_coef=0.0``. ``top_k`` (or FastMoE's spelling ``topk``;
+    both only if equal) must be 1. No host sync.
     """
 
     def __init__(
@@ -36,13 +37,15 @@ class SwitchGate(CapacityMixin, NaiveGate):
         d_model: int,
         num_expert: int,
         world_size: int = 1,
-        top_k: int = 1,
+        top_k: int | None = None,
         switch_eps: float = 0.1,
         capacity=(1.2, 2.4),
         gate_bias: bool = True,
         aux_loss_coef: float = 1e-2,
         z_loss_coef: float = 0.0,
+        topk: int | None = None,
     ):
+        top_k = top_k_or_topk(type(self).__name__, top_k, topk, default=1)
         if top_k != 1 or isinstance(top_k, bool):
             raise ValueError(f"SwitchGate routes each token to 1 expert: top_k must be 1, got {top_k!r}")
         super().__init__(d_model, num_expert, world_size, top_k, gate_bias=gate_bias, z_loss_coef=z_loss_coef)
