@@ -7,6 +7,8 @@ code.
 
 import torch  # noqa: F401  (loads libtorch before fastmoe's library, which links against it)
 
+# Before _C: an ImportError naming both versions when torch is not the release the library was built against.
+import fastmoe._torch_abi as _torch_abi  # noqa: F401
 from fastmoe import (
     _C,  # noqa: F401  (registers the ops)
     balance,

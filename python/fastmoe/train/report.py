@@ -108,7 +108,11 @@ def plot(results: list[RunResult], path: Path, title: str) -> Path | None:
     try:
         import matplotlib
     except ImportError:
-        print('fastmoe-train: no plot, matplotlib is not installed (pip install "fastmoe[train]")')
+        # The extra "train" installs only matplotlib, and the distribution is not on PyPI: name the package.
+        print(
+            "fastmoe-train: no plot, matplotlib is not installed (pip install matplotlib, or in fastmoe's source "
+            'tree pip install --no-build-isolation ".[train]")'
+        )
         return None
 
     matplotlib.use("Agg")
