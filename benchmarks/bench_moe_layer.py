@@ -1,6 +1,6 @@
 """Benchmark one MoE FFN layer (fwd+bwd) of fastmoe against the in-tree baselines, in one process.
 
-Configurations (DESIGN.md §7): 2-layer GELU MLP experts without bias, bf16, NaiveGate top-k routing.
+Configurations (docs/benchmarks.md): 2-layer GELU MLP experts without bias, bf16, NaiveGate top-k routing.
 
     python benchmarks/bench_moe_layer.py [--configs mixtral,fine,paper,escan] [--iters 30] [--json out.jsonl]
 

@@ -1,7 +1,7 @@
 """Shared fixtures and helpers of the fastmoe test suite.
 
 Helpers are imported by the test modules with ``from conftest import ...`` (pytest puts this folder on
-sys.path). They hold the device list, the tolerance policy of DESIGN.md §6 and plain-PyTorch references of the
+sys.path). They hold the device list, the tolerance policy of docs/numerics.md and plain-PyTorch references of the
 dispatch and expert ops (no fastmoe op is used in a reference).
 """
 

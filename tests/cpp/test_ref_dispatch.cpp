@@ -377,7 +377,7 @@ TYPED_TEST(DispatchTest, PermuteThenUnpermuteWithTopOneIsTheIdentity) {
   }
 }
 
-// Unpermute without weights is data movement, so it must be bitwise (DESIGN.md section 6) for every value,
+// Unpermute without weights is data movement, so it must be bitwise (docs/numerics.md) for every value,
 // including -0.
 TYPED_TEST(DispatchTest, PermuteThenUnpermuteWithTopOneKeepsNegativeZero) {
   using T = TypeParam;
