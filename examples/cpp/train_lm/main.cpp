@@ -1,7 +1,7 @@
 // Trains a small byte-level language model whose feed-forward blocks are fastmoe::nn::TransformerMLP layers,
 // with the libtorch C++ API and the installed fastmoe package only (find_package(fastmoe)).
 //
-//   train_lm [--steps N] [--data FILE] [--experts E] [--top-k K] [--seed S]
+//   train_lm [--steps N] [--data FILE] [--experts E] [--top-k K] [--seed S]   (train_lm --help: the flags)
 //
 // The text is FILE, else Debian's fortunes file when it is installed, else a paragraph built in. Every 4 KiB
 // block whose index is a multiple of 20 is held out for validation. Prints the training loss as it goes and
@@ -9,6 +9,7 @@
 #include <fastmoe/fastmoe.h>
 #include <torch/torch.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -34,14 +35,35 @@ struct Options {
   std::string data;
 };
 
+const char* kUsage =
+    "usage: train_lm [--steps N] [--data FILE] [--experts E] [--top-k K] [--seed S]\n"
+    "\n"
+    "Trains a byte-level language model whose feed-forward blocks are fastmoe::nn::TransformerMLP layers, then\n"
+    "prints the validation loss before and after; exits non-zero unless it fell.\n"
+    "\n"
+    "  --steps N      optimizer steps (default 100)\n"
+    "  --data FILE    the text to train on (default: Debian's fortunes file when installed, else a built-in\n"
+    "                 paragraph); every 20th 4 KiB block is held out for validation\n"
+    "  --experts E    experts per MoE layer (default 4)\n"
+    "  --top-k K      experts per token, at most E (default 2)\n"
+    "  --seed S       seed of the weights and the batches, >= 0 (default 0)\n"
+    "  -h, --help     this text\n";
+
+// A usage error: exits with status 2 and a message that names the flag and its value.
+[[noreturn]] void usage_error(const std::string& message) {
+  std::cerr << "train_lm: " << message << " (train_lm --help lists the flags)\n";
+  std::exit(2);
+}
+
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
-    if (i + 1 >= argc) {
-      std::cerr << "train_lm: " << flag << " needs a value\n";
-      std::exit(2);
+    if (flag == "--help" || flag == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
     }
+    if (i + 1 >= argc) usage_error(flag + " needs a value");
     const std::string value = argv[++i];
     if (flag == "--data") {
       o.data = value;
@@ -52,19 +74,18 @@ Options parse(int argc, char** argv) {
                       : flag == "--top-k"   ? &o.top_k
                       : flag == "--seed"    ? &o.seed
                                             : nullptr;
-    if (target == nullptr) {
-      std::cerr << "train_lm: unknown flag " << flag << " (use --steps, --data, --experts, --top-k, --seed)\n";
-      std::exit(2);
-    }
-    *target = std::atoll(value.c_str());
+    if (target == nullptr) usage_error("unknown flag " + flag);
+    // The whole value must be an integer: atoll would read "5x" as 5 and "x" as 0.
+    char* end = nullptr;
+    errno = 0;
+    *target = std::strtoll(value.c_str(), &end, 10);
+    if (value.empty() || *end != '\0' || errno == ERANGE) usage_error(flag + " must be an integer, got " + value);
     if (*target < (target == &o.seed ? 0 : 1)) {
-      std::cerr << "train_lm: " << flag << " must be positive, got " << value << "\n";
-      std::exit(2);
+      usage_error(flag + (target == &o.seed ? " must be >= 0" : " must be positive") + ", got " + value);
     }
   }
   if (o.top_k > o.experts) {
-    std::cerr << "train_lm: --top-k must be at most --experts=" << o.experts << ", got " << o.top_k << "\n";
-    std::exit(2);
+    usage_error("--top-k must be at most --experts=" + std::to_string(o.experts) + ", got " + std::to_string(o.top_k));
   }
   return o;
 }

@@ -24,6 +24,7 @@ from fastmoe.train.model import GATES, GPT, ModelConfig, check_config, gate_fact
 from fastmoe.train.report import plot, write_summary
 
 DEFAULT_STEPS = 500
+DEFAULT_THREADS = 1
 DEFAULT_BALANCE_COEF = 0.01
 # Gates whose routing fixes k: --top-k must be this for them.
 GATE_TOP_K = {"switch": 1, "gshard": 2}
@@ -111,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="training seconds per model (evaluation excluded); with --steps, whichever ends first",
+        help="training seconds per model, measured around its optimizer steps (the last step may end past it); "
+        "with --steps, whichever ends first. Evaluation, checkpoints and the start are not counted, so with "
+        "--model both the run takes a little over twice this",
     )
     run.add_argument("--batch", type=int, default=128, help="sequences per step (per rank under torchrun; default 128)")
     run.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW (default: 3e-3)")
@@ -145,7 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --model both: take turns step by step, the model with less training time first, "
         "so both see the same machine load (interleaved, default), or train one after the other",
     )
-    run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"CPU threads of torch in each process (default: {DEFAULT_THREADS}; 0 leaves torch's choice, one per "
+        "core). One thread keeps the step time steady: fastmoe's CPU routing and permutation kernels are "
+        "single-threaded, and on a machine that runs other work too, torch's threads made the tokens/s swing "
+        "several-fold and evaluation take 4x longer (docs/training.md)",
+    )
     run.add_argument(
         "--seed",
         type=int,
@@ -226,11 +237,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "eval_tokens",
         "log_every",
     ]
-    for name in positive + ["steps", "expert_hidden", "d_ff", "threads", "stop_after"]:
+    for name in positive + ["steps", "expert_hidden", "d_ff", "stop_after"]:
         value = getattr(args, name)
         if (name in positive or value is not None) and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("warmup", "eval_every", "ckpt_every"):
+    for name in ("warmup", "eval_every", "ckpt_every", "threads"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.time_budget is not None and not args.time_budget > 0:
@@ -386,8 +397,19 @@ def main(argv=None) -> int:
     check_args(parser, args)
     if args.steps is None and args.time_budget is None:
         args.steps = DEFAULT_STEPS
+    # The thread count belongs to the run: a caller in the same process (a test, a notebook) gets its own back.
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return run(parser, args, sys.argv[1:] if argv is None else argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """Trains and compares the models that the checked ``args`` (parsed from ``argv``) ask for; returns the exit
+    code."""
     try:
         corpus = load_corpus(args.data, args.val_fraction)
     except CorpusError as error:
@@ -439,7 +461,7 @@ def main(argv=None) -> int:
     results = (run_interleaved if args.schedule == "interleaved" else run_sequential)(trainers)
     if dist.is_main:
         header = (
-            f"fastmoe-train {' '.join(sys.argv[1:] if argv is None else argv)} | device {device} x{dist.world_size}, "
+            f"fastmoe-train {' '.join(argv)} | device {device} x{dist.world_size}, "
             f"{torch.get_num_threads()} threads | {time.strftime('%Y-%m-%d')}"
         )
         print(write_summary(results, out_dir, header))
