@@ -83,6 +83,21 @@ def _mine(tokens_per_rank, rank):
     return slice(start, start + tokens_per_rank[rank])
 
 
+def _compare_with_one_process(ref, ep, tokens, num_local, rank, seed):
+    """Forward and backward of this rank's tokens through the EP layer equal the one-process layer's on every
+    rank's tokens: outputs, input gradients and this rank's expert gradients."""
+    (x_all, g_all) = _shared(tokens, D_MODEL, D_MODEL, seed=seed)
+    x_ref = x_all.clone().requires_grad_(True)
+    (ref(x_ref) * g_all).sum().backward()
+    rows = _mine(tokens, rank)
+    x = x_all[rows].clone().requires_grad_(True)
+    y = ep(x)
+    (y * g_all[rows]).sum().backward()
+    torch.testing.assert_close(y, ref(x_all)[rows], **TOL, msg=lambda m: f"rank {rank} output: {m}")
+    torch.testing.assert_close(x.grad, x_ref.grad[rows], **TOL, msg=lambda m: f"rank {rank} input grad: {m}")
+    _check_expert_grads(ref, ep, num_local, rank, "expert")
+
+
 def _check_expert_grads(ref, ep, num_local, rank, what):
     for i in range(num_local):
         got = dict(ep.experts[i].named_parameters())
@@ -102,16 +117,7 @@ def custom_expert_signature(rank, world):
         return fmoe.FMoE(num_expert=num_expert, d_model=D_MODEL, world_size=world_size, top_k=2, expert=CountingExpert)
 
     ref, ep = _pair(world, num_local, make)
-    (x_all, g_all) = _shared(tokens, D_MODEL, D_MODEL)
-    x_ref = x_all.clone().requires_grad_(True)
-    (ref(x_ref) * g_all).sum().backward()
-    rows = _mine(tokens, rank)
-    x = x_all[rows].clone().requires_grad_(True)
-    y = ep(x)
-    (y * g_all[rows]).sum().backward()
-    torch.testing.assert_close(y, ref(x_all)[rows], **TOL, msg=lambda m: f"rank {rank} output: {m}")
-    torch.testing.assert_close(x.grad, x_ref.grad[rows], **TOL, msg=lambda m: f"rank {rank} input grad: {m}")
-    _check_expert_grads(ref, ep, num_local, rank, "expert")
+    _compare_with_one_process(ref, ep, tokens, num_local, rank, seed=99)
     calls = [seen for expert in ep.experts for seen in expert.seen]
     assert calls, f"rank {rank}: no expert was called"
     for num_rows, count in calls:
@@ -131,16 +137,7 @@ def expert_fn_override(rank, world):
         )
 
     ref, ep = _pair(world, num_local, make)
-    (x_all, g_all) = _shared(tokens, D_MODEL, D_MODEL, seed=5)
-    x_ref = x_all.clone().requires_grad_(True)
-    (ref(x_ref) * g_all).sum().backward()
-    rows = _mine(tokens, rank)
-    x = x_all[rows].clone().requires_grad_(True)
-    y = ep(x)
-    (y * g_all[rows]).sum().backward()
-    torch.testing.assert_close(y, ref(x_all)[rows], **TOL, msg=lambda m: f"rank {rank} output: {m}")
-    torch.testing.assert_close(x.grad, x_ref.grad[rows], **TOL, msg=lambda m: f"rank {rank} input grad: {m}")
-    _check_expert_grads(ref, ep, num_local, rank, "expert")
+    _compare_with_one_process(ref, ep, tokens, num_local, rank, seed=5)
     return tokens[rank]
 
 
