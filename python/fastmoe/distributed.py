@@ -19,10 +19,12 @@ docs/distributed.md has the launch recipes (torchrun, several nodes) and the lay
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import math
 import os
 import pickle
+import time
 
 import torch
 import torch.distributed as dist
@@ -60,6 +62,8 @@ def _wait(work, what: str, group) -> None:
     """Waits for the async collective ``work`` at most :func:`comm_timeout`. ``Work.wait(timeout)`` raises on gloo
     when the time is up (the blocking form would wait for the process group's own timeout, 30 minutes by
     default); on NCCL it raises as well, and torch's watchdog then aborts the communicator."""
+    global _collectives_issued
+    _collectives_issued = True
     timeout = comm_timeout()
     try:
         if work.wait(timeout=datetime.timedelta(seconds=timeout)) is not False:
@@ -99,6 +103,21 @@ def _all_gather_object(obj, group, what: str) -> list:
     return [pickle.loads(g[:n].cpu().numpy().tobytes()) for g, n in zip(gathered, lengths, strict=True)]
 
 
+def _let_collective_threads_finish() -> None:
+    """At interpreter exit, before Python finalises: a gloo work releases its tensors on the process group's own
+    thread after the waiting rank has moved on, and releasing a tensor that Python wrapped takes the GIL. When the
+    process group outlives ``destroy_process_group`` (a model still holds it, as an expert-parallel layer does)
+    and that release comes while Python is finalising, the thread is killed mid-release and the process aborts
+    ("terminate called without an active exception"). Giving up the GIL for a moment here lets those releases
+    finish first."""
+    if dist.is_available() and _collectives_issued:
+        time.sleep(0.05)
+
+
+_collectives_issued = False
+atexit.register(_let_collective_threads_finish)
+
+
 def _require_initialized(what: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{what} needs torch.distributed: call torch.distributed.init_process_group first")
@@ -107,6 +126,8 @@ def _require_initialized(what: str) -> None:
 def resolve_moe_group(world_size: int, moe_group):
     """``(group, rank in group)`` for an FMoE layer with ``world_size`` expert-parallel ranks. ``moe_group=None``
     means the default (world) group, whose size must then be ``world_size``."""
+    global _collectives_issued
+    _collectives_issued = True  # the layer's exchanges are collectives too
     _require_initialized(f"expert parallelism (world_size={world_size}, moe_group={moe_group!r})")
     if moe_group is not None and not isinstance(moe_group, dist.ProcessGroup):
         raise TypeError(f"moe_group must be a torch.distributed ProcessGroup or None, got moe_group={moe_group!r}")

@@ -78,7 +78,10 @@ def _break_one(rng: random.Random, target: str, args: dict):
         extra.append("world_size")
     name = rng.choice(ints + floats + extra)
     if name in ints:
-        value = rng.choice(BAD_INTS + ([args["num_expert"] + rng.randint(1, 4)] if name == "top_k" else []))
+        bad = BAD_INTS + ([args["num_expert"] + rng.randint(1, 4)] if name == "top_k" else [])
+        if name == "top_k" and target in GATES and GATES[target][1] is not None:
+            bad = [v for v in bad if v is not None]  # a gate of fixed k takes top_k=None as its default
+        value = rng.choice(bad)
     elif name in floats:
         value = rng.choice(BAD_FLOATS)
     elif name == "activation":
