@@ -7,6 +7,7 @@
 #include <mutex>
 #include <numeric>
 
+#include "fastmoe/expert_seed.h"
 #include "fastmoe/nn/gates.h"
 #include "fastmoe/nn/moe.h"
 #include "fastmoe/ops.h"
@@ -32,24 +33,16 @@ torch::Tensor apply_activation(const torch::Tensor& h, Activation activation) {
   TORCH_CHECK(false, "unknown activation ", static_cast<int>(activation));
 }
 
-// One random stream per global expert (docs/distributed.md, "Initialisation"; python/fastmoe/_rng.py is the same
-// rule and must give the same numbers). Every rank of an expert-parallel group is usually seeded alike, so experts
-// drawn from the default generator would repeat on every rank. Instead a layer draws one base seed from the CPU
-// default generator (the same draw on every rank, and one draw whatever the number of experts, so the modules built
-// after the layer are unchanged too) and gives global expert g a generator seeded with expert_seed(base, g).
+// One random stream per global expert (docs/distributed.md, "Initialisation"; python/fastmoe/_rng.py follows the
+// same rule, with the same expert_seed through fastmoe._C). Every rank of an expert-parallel group is usually seeded
+// alike, so experts drawn from the default generator would repeat on every rank. Instead a layer draws one base seed
+// from the CPU default generator (the same draw on every rank, and one draw whatever the number of experts, so the
+// modules built after the layer are unchanged too) and gives global expert g a generator seeded with expert_seed(base,
+// g).
 uint64_t draw_base_seed() {
   // The op fastmoe._rng.draw_base_seed calls, with the same bounds: the same number for the same generator state.
   return static_cast<uint64_t>(
       torch::randint(0, std::numeric_limits<int64_t>::max(), {}, torch::TensorOptions(torch::kInt64)).item<int64_t>());
-}
-
-// SplitMix64 of the base seed advanced by the expert id: neighbouring experts, and layers whose base seeds are
-// close, get unrelated streams (mt19937 keeps only a seed's low 32 bits, which this mixes too).
-uint64_t expert_seed(uint64_t base_seed, int64_t global_expert) {
-  uint64_t z = base_seed + (static_cast<uint64_t>(global_expert) + 1) * 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
 }
 
 // Seeds the CPU default generator for its lifetime and then gives it back its state: the experts built meanwhile

@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include "fastmoe/determinism.h"
+#include "fastmoe/expert_seed.h"
 
 namespace {
 
@@ -23,11 +24,20 @@ PyObject* deterministic(PyObject*, PyObject*) {
   return PyBool_FromLong(fastmoe::deterministic() ? 1 : 0);
 }
 
+PyObject* expert_seed(PyObject*, PyObject* args) {
+  unsigned long long base_seed = 0;
+  long long global_expert = 0;
+  if (!PyArg_ParseTuple(args, "KL:expert_seed", &base_seed, &global_expert)) return nullptr;
+  return PyLong_FromUnsignedLongLong(fastmoe::expert_seed(base_seed, global_expert));
+}
+
 PyMethodDef methods[] = {
     {"set_deterministic", set_deterministic, METH_O, "Sets fastmoe's deterministic-mode switch."},
     {"deterministic_flag", deterministic_flag, METH_NOARGS, "fastmoe's own deterministic-mode switch."},
     {"deterministic", deterministic, METH_NOARGS,
      "True when fastmoe's switch or torch.use_deterministic_algorithms is on: what the ops read."},
+    {"expert_seed", expert_seed, METH_VARARGS,
+     "expert_seed(base_seed, global_expert): the seed of one global expert's initialisation stream."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fastmoe._C",

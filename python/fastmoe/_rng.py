@@ -7,14 +7,14 @@ expert ``g`` from a generator seeded with ``expert_seed(base_seed, g)``. A model
 equal, parameter for parameter and bit for bit, to the one-process model with every expert built from the same
 seed, and the modules built after the layer (which draw from the default generators) stay equal too.
 
-``expert_seed`` is also written in C++ (``csrc/nn/modules.cpp``); both must give the same numbers.
+``expert_seed`` is written once, in C++ (``include/fastmoe/expert_seed.h``), for both front ends.
 """
 
 import contextlib
 
 import torch
 
-_MASK64 = (1 << 64) - 1
+from fastmoe import _C
 
 
 def draw_base_seed() -> int:
@@ -25,12 +25,9 @@ def draw_base_seed() -> int:
 
 def expert_seed(base_seed: int, global_expert: int) -> int:
     """The seed of global expert ``global_expert``'s stream: SplitMix64 of the base seed advanced by the expert
-    id, so neighbouring experts (and layers whose base seeds are close) get unrelated streams. The CPU generator
-    (mt19937) keeps only the low 32 bits of a seed, which this mixes as well as the high ones."""
-    z = (base_seed + (global_expert + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+    id (``include/fastmoe/expert_seed.h``, the function the C++ modules use), so neighbouring experts (and layers
+    whose base seeds are close) get unrelated streams."""
+    return _C.expert_seed(base_seed, global_expert)
 
 
 def expert_generator(base_seed: int, global_expert: int, device: torch.device) -> torch.Generator:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conftest import DEVICE_PARAMS, assert_bitwise_equal
-from fastmoe import FMoE, FMoELinear, FMoETransformerMLP
+from fastmoe import FMoE, FMoELinear, FMoETransformerMLP, _rng
 from fastmoe.gates import NaiveGate
 
 D_MODEL, D_HIDDEN = 6, 10
@@ -155,3 +155,19 @@ def test_a_layer_built_on_meta_and_reset_gets_the_values_of_one_built_on_the_cpu
 def test_linear_rejects_a_bad_rank(rank):
     with pytest.raises(ValueError, match=f"rank must be a non-negative int, got {rank!r}"):
         FMoELinear(2, 4, 4, rank=rank)
+
+
+def test_expert_seed_is_splitmix64():
+    """The one expert_seed both front ends use (include/fastmoe/expert_seed.h through fastmoe._C): SplitMix64's
+    published first output for seed 0, and a plain-Python SplitMix64 where the 64-bit sums wrap."""
+
+    def splitmix64(state: int) -> int:
+        mask = (1 << 64) - 1
+        z = (state + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    assert _rng.expert_seed(0, 0) == 0xE220A8397B1DCDAF
+    for base, expert in [(2**63 - 2, 10**6), (12345, 0), (2**62, 7)]:
+        assert _rng.expert_seed(base, expert) == splitmix64((base + expert * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
