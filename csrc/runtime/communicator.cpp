@@ -429,8 +429,7 @@ void all_to_all_rows_nccl(const at::Tensor& input, const at::Tensor& output, con
   check_pending_header(state);
   std::lock_guard<std::mutex> lock(state.mutex);
   TORCH_CHECK(state.error.empty(), state.error);
-  int64_t row_bytes = input.element_size();
-  for (int64_t d = 1; d < input.dim(); ++d) row_bytes *= input.size(d);
+  const int64_t row_bytes = row_width(input) * static_cast<int64_t>(input.element_size());
   const size_t world = send_rows.size();
   std::vector<int64_t> send_offset(world), send_bytes(world), recv_offset(world), recv_bytes(world);
   int64_t send_at = 0, recv_at = 0;
