@@ -20,12 +20,12 @@ wrote them, and replaced by the folder at the next save.
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from fastmoe import _checkpoint_io
 from fastmoe import checkpoint as fmoe_checkpoint
 
 CHECKPOINT_DIR = "checkpoint"
@@ -96,21 +96,11 @@ def _check_config(where, saved: dict, current: dict) -> None:
         raise ResumeError(f"{where} was written by a different configuration ({listed}); resume with the same flags")
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save(run_dir: Path, *, model, optimizer, sampler, extra: dict, is_main: bool) -> str:
     """Writes a checkpoint of the run into ``run_dir/checkpoint`` (every rank calls it) and keeps only the newest.
     ``extra`` holds :data:`EXTRA_KEYS`; the configuration also goes to ``run_dir/config.json`` (rank 0)."""
     if is_main:
-        _write_json_atomic(run_dir / CONFIG_FILE, {"format": FORMAT, "config": extra["config"]})
+        _checkpoint_io.json_save_atomic({"format": FORMAT, "config": extra["config"]}, str(run_dir / CONFIG_FILE))
     path = fmoe_checkpoint.save(
         model,
         optimizer,
