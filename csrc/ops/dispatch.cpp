@@ -1,5 +1,5 @@
 // Dispatch stage: CPU, CUDA and Meta kernels of make_plan, permute, unpermute_combine and its backward, and
-// regroup (the row order change at an expert-parallel exchange, a permute by a computed index).
+// ep_route.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -311,43 +311,6 @@ std::tuple<at::Tensor, at::Tensor> ep_route_kernel(const at::Tensor& topk_idx, i
   return {token_ranks, dest_counts};
 }
 
-// ------------------------------------------------------------------------------------------------ regroup
-
-void check_regroup(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks) {
-  check_float(x, "x");
-  check_dim(x, 2, "x", "[num_rows, d]");
-  check_int64(counts, "counts");
-  check_dim(counts, 1, "counts", "[num_ranks * num_local_experts]");
-  TORCH_CHECK(num_ranks >= 1, "num_ranks must be >= 1, got ", num_ranks);
-  TORCH_CHECK(counts.sym_size(0) >= num_ranks && counts.sym_size(0) % num_ranks == 0, "counts has ", counts.sym_size(0),
-              " entries, which is not num_ranks=", num_ranks, " times a local expert count");
-  check_same_device(x, "x", counts, "counts");
-}
-
-at::Tensor regroup_meta(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks, bool inverse) {
-  check_regroup(x, counts, num_ranks);
-  return at::empty_like(x, at::MemoryFormat::Contiguous);
-}
-
-at::Tensor regroup_kernel(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks, bool inverse) {
-  check_regroup(x, counts, num_ranks);
-  const c10::OptionalDeviceGuard guard(x.device());
-  const at::Tensor c = counts.contiguous();
-  const int64_t num_local = c.size(0) / num_ranks;
-  at::Tensor src_row = at::empty({x.size(0)}, c.options());
-  call_kernel([&] {
-#ifdef FASTMOE_WITH_CUDA_OPS
-    if (c.is_cuda()) {
-      return regroup_index_cuda(c.const_data_ptr<int64_t>(), num_ranks, num_local, inverse, x.size(0),
-                                src_row.mutable_data_ptr<int64_t>(), current_stream(c));
-    }
-#endif
-    regroup_index_ref(c.const_data_ptr<int64_t>(), num_ranks, num_local, inverse, x.size(0),
-                      src_row.mutable_data_ptr<int64_t>());
-  });
-  return permute_scaled(x, src_row, 1, std::nullopt);
-}
-
 }  // namespace
 
 namespace ops {
@@ -395,18 +358,10 @@ std::tuple<at::Tensor, at::Tensor> ep_route(const at::Tensor& topk_idx, int64_t 
   return op.call(topk_idx, num_local, world);
 }
 
-at::Tensor regroup(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks, bool inverse) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmoe::regroup", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
-  return op.call(x, counts, num_ranks, inverse);
-}
-
 }  // namespace ops
 
 TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
   m.impl("ep_route", &ep_route_kernel);
-  m.impl("regroup", &regroup_kernel);
   m.impl("make_plan", &make_plan_kernel);
   m.impl("permute", &permute_kernel);
   m.impl("unpermute_combine", &unpermute_combine_kernel);
@@ -416,7 +371,6 @@ TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
 #ifdef FASTMOE_WITH_CUDA_OPS
 TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
   m.impl("ep_route", &ep_route_kernel);
-  m.impl("regroup", &regroup_kernel);
   m.impl("make_plan", &make_plan_kernel);
   m.impl("permute", &permute_kernel);
   m.impl("unpermute_combine", &unpermute_combine_kernel);
@@ -426,7 +380,6 @@ TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
   m.impl("ep_route", &ep_route_meta);
-  m.impl("regroup", &regroup_meta);
   m.impl("make_plan", &make_plan_meta);
   m.impl("permute", &permute_meta);
   m.impl("unpermute_combine", &unpermute_combine_meta);

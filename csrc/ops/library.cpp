@@ -50,7 +50,4 @@ TORCH_LIBRARY(fastmoe, m) {
   // in from rank p, stacked in rank order, then zero rows up to out_rows (default sum(recv_splits)). Its
   // backward is the same exchange with the splits swapped.
   m.def("exchange(Tensor x, int[] send_splits, int[] recv_splits, str group_name, int? out_rows=None) -> Tensor");
-  // Reorders rows between the rank-major layout an exchange delivers (per source rank, per local expert) and
-  // the expert-major layout the experts use; counts [num_ranks * E_local] int64 as exchange_counts returns.
-  m.def("regroup(Tensor x, Tensor counts, int num_ranks, bool inverse=False) -> Tensor");
 }

@@ -1,6 +1,5 @@
 #include "ref/dispatch_ref.h"
 
-#include <limits>
 #include <vector>
 
 namespace fastmoe {
@@ -178,44 +177,6 @@ void combine_score_grad_ref(DType dtype, const void* grad_y, const void* y_sorte
                               pair_pos, num_tokens, k, static_cast<scalar_t*>(grad_score));
     });
   });
-}
-
-void regroup_index_ref(const int64_t* counts, int64_t num_ranks, int64_t num_local, bool inverse, int64_t num_rows,
-                       int64_t* src_row) {
-  FMOE_CHECK(num_ranks >= 1, "num_ranks must be >= 1, got ", num_ranks);
-  FMOE_CHECK(num_local >= 1, "num_local must be >= 1, got ", num_local);
-  FMOE_CHECK(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
-  const int64_t blocks = num_ranks * num_local;
-  // Start of block (s, e) in each layout.
-  std::vector<int64_t> rank_major(blocks), expert_major(blocks);
-  // The sum saturates instead of overflowing: counts near 2^63 would otherwise wrap to a small total that passes
-  // the check below and then index far outside src_row.
-  int64_t total = 0;
-  bool saturated = false;
-  for (int64_t s = 0; s < num_ranks; ++s) {
-    for (int64_t e = 0; e < num_local; ++e) {
-      const int64_t c = counts[s * num_local + e];
-      FMOE_CHECK(c >= 0, "counts[", s * num_local + e, "] = ", c, " is negative");
-      rank_major[s * num_local + e] = total;
-      saturated = saturated || c > std::numeric_limits<int64_t>::max() - total;
-      total = saturated ? std::numeric_limits<int64_t>::max() : total + c;
-    }
-  }
-  FMOE_CHECK(!saturated && total <= num_rows, "the counts sum to ", saturated ? "more than " : "", total,
-             " rows but the input has only ", num_rows);
-  int64_t start = 0;
-  for (int64_t e = 0; e < num_local; ++e) {
-    for (int64_t s = 0; s < num_ranks; ++s) {
-      expert_major[s * num_local + e] = start;
-      start += counts[s * num_local + e];
-    }
-  }
-  const std::vector<int64_t>& out_start = inverse ? rank_major : expert_major;
-  const std::vector<int64_t>& in_start = inverse ? expert_major : rank_major;
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int64_t i = 0; i < counts[b]; ++i) src_row[out_start[b] + i] = in_start[b] + i;
-  }
-  for (int64_t r = total; r < num_rows; ++r) src_row[r] = -1;
 }
 
 void ep_route_ref(const int64_t* topk_idx, int64_t num_tokens, int64_t k, int64_t num_local, int64_t world,

@@ -54,17 +54,6 @@ void combine_score_grad_ref(DType dtype, const void* grad_y, const void* y_sorte
                             const int64_t* pair_pos, int64_t num_tokens, int64_t k, DType score_dtype,
                             void* grad_score);
 
-// The row order change at an expert-parallel exchange. A receiving rank gets its rows rank-major: from each
-// source rank s (0..num_ranks-1) a block holding, for each local expert e (0..num_local-1), counts[s * num_local +
-// e] rows. The experts need them expert-major: for each e, the blocks of every s in order. This computes the
-// gather that reorders one layout into the other.
-// counts:  [num_ranks * num_local] int64 (>= 0), laid out [source rank][local expert]
-// inverse: false maps rank-major rows to expert-major, true maps expert-major back to rank-major
-// src_row: [num_rows] int64, written: output row r is input row src_row[r]; -1 for r >= sum(counts)
-// Throws fastmoe::Error for a negative count or sum(counts) > num_rows.
-void regroup_index_ref(const int64_t* counts, int64_t num_ranks, int64_t num_local, bool inverse, int64_t num_rows,
-                       int64_t* src_row);
-
 // Where the tokens of one rank go under expert parallelism (W ranks, num_local experts each; global expert g on
 // rank g / num_local). A token is sent once to every rank that owns one of its experts.
 // topk_idx:    [num_tokens, k] int64, global expert ids in [0, W * num_local) or -1 (dropped)

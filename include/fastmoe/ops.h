@@ -73,9 +73,4 @@ at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send_splits
                     const std::vector<int64_t>& recv_splits, const std::string& group_name,
                     std::optional<int64_t> out_rows = std::nullopt);
 
-// Reorders rows of x [N, d] between the rank-major layout an exchange delivers (per source rank, then per local
-// expert, counts [num_ranks * E_local] as exchange_counts returns) and the expert-major layout the experts need
-// (inverse = true goes back). Rows past sum(counts) come out zero. Differentiable with respect to x.
-at::Tensor regroup(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks, bool inverse = false);
-
 }  // namespace fastmoe::ops

@@ -150,9 +150,3 @@ def exchange(x: torch.Tensor, send_splits, recv_splits, group=None, out_rows: in
     ``recv_splits[p]`` rows come in from each rank ``p``, stacked in rank order, then zero rows up to
     ``out_rows``. Differentiable (the backward is the reverse exchange). A collective over ``group``."""
     return _ops.exchange(x, list(send_splits), list(recv_splits), group_name(group), out_rows)
-
-
-def regroup(x: torch.Tensor, counts: torch.Tensor, num_ranks: int, inverse: bool = False) -> torch.Tensor:
-    """Reorders the rows of ``x`` from the rank-major layout an exchange delivers (per source rank, then per
-    local expert, sizes ``counts [num_ranks * E_local]``) to expert-major (``inverse=True``: back)."""
-    return _ops.regroup(x, counts, num_ranks, inverse)

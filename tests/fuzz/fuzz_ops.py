@@ -530,98 +530,6 @@ def capacity_limit_case(rng: random.Random, device: str) -> Case:
 # ----------------------------------------------------------------------------------------------- exchange
 
 
-def reference_regroup(x: torch.Tensor, counts: list, num_ranks: int, inverse: bool) -> torch.Tensor:
-    """Rows in blocks (source rank s, local expert e) of sizes counts[s * L + e]: rank-major (s outer) to
-    expert-major (e outer), or back with ``inverse``; rows past the blocks become zero."""
-    num_local = len(counts) // num_ranks
-    rank_major = [(s, e) for s in range(num_ranks) for e in range(num_local)]
-    expert_major = [(s, e) for e in range(num_local) for s in range(num_ranks)]
-    source, target = (expert_major, rank_major) if inverse else (rank_major, expert_major)
-    start, offset = {}, 0
-    for block in source:
-        start[block] = offset
-        offset += counts[block[0] * num_local + block[1]]
-    rows = [x[start[b] : start[b] + counts[b[0] * num_local + b[1]]] for b in target]
-    return torch.cat(rows + [torch.zeros_like(x[offset:])], dim=0)
-
-
-def regroup_case(rng: random.Random, device: str) -> Case:
-    num_ranks, num_local, d = rng.randint(1, 4), rng.randint(1, 3), rng.choice([1, 3, 8])
-    N, dtype, inverse = rng.choice(SIZES), rng.choice(FLOATS), rng.random() < 0.5
-    cuts = sorted(rng.randint(0, N) for _ in range(num_ranks * num_local))
-    counts_list = [b - a for a, b in zip([0] + cuts[:-1], cuts, strict=True)]
-    counts = layout(rng, torch.tensor(counts_list, dtype=torch.int64, device=device))
-    x = randn(rng, N, d, dtype=dtype, device=device)
-    via_ops = rng.random() < 0.5
-    op = ops.regroup if via_ops else F.regroup
-    n = num_ranks * num_local
-    m = pick(
-        rng,
-        [
-            "x-int",
-            "x-1d",
-            "counts-int32",
-            "counts-2d",
-            "num-ranks",
-            "counts-len",
-            "negative",
-            "too-many",
-            "overflow",
-            "device",
-        ],
-    )
-    name = f"regroup/{m}"
-    cpu_only = device == "cpu"  # the CUDA index kernel clamps counts instead of raising
-    if m == "x-int":
-        return Case(name, lambda: op(x.long(), counts, num_ranks, inverse), error=(R, "x", "Long"))
-    if m == "x-1d":
-        return Case(name, lambda: op(x.reshape(-1), counts, num_ranks, inverse), error=(R, "x", f"[{N * d}]"))
-    if m == "counts-int32":
-        return Case(name, lambda: op(x, counts.int(), num_ranks, inverse), error=(R, "counts", "Int"))
-    if m == "counts-2d":
-        return Case(name, lambda: op(x, counts[None], num_ranks, inverse), error=(R, "counts", f"[1, {n}]"))
-    if m == "num-ranks":
-        bad = rng.choice([0, -1, -(2**40)])
-        return Case(name, lambda: op(x, counts, bad, inverse), error=(R, "num_ranks", str(bad)))
-    if m == "counts-len" and num_ranks > 1:
-        longer = torch.cat([counts, counts.new_zeros(1)])
-        return Case(name, lambda: op(x, longer, num_ranks, inverse), error=(R, "counts", str(n + 1)))
-    if m == "negative":
-        i, value = rng.randrange(n), rng.choice([-1, -(2**62)])
-        bad = set_one(counts, i, value)
-        return Case(
-            name, lambda: op(x, bad, num_ranks, inverse), error=(R, f"counts[{i}]", str(value)) if cpu_only else None
-        )
-    if m == "too-many":
-        bad = set_one(counts, rng.randrange(n), N + 1)
-        return Case(
-            name, lambda: op(x, bad, num_ranks, inverse), error=(R, "counts", f"only {N}") if cpu_only else None
-        )
-    if m == "overflow" and n >= 2:
-        # Counts whose int64 sum wraps around to a small number.
-        huge = torch.full((n,), 2**62, dtype=torch.int64, device=device)
-        huge[0] = 2**63 - 1
-        return Case(
-            name, lambda: op(x, huge, num_ranks, inverse), error=(R, "counts", "more than") if cpu_only else None
-        )
-    if m == "device":
-        return Case(
-            name,
-            lambda: op(x.to(other_device(device)), counts, num_ranks, inverse),
-            error=(R, "x", other_device(device)),
-        )
-
-    def check(out):
-        assert_equal(out, reference_regroup(x.cpu(), counts_list, num_ranks, inverse).to(dtype), "regrouped rows")
-
-    return Case(
-        valid_name(name),
-        lambda: op(x, counts, num_ranks, inverse),
-        check,
-        meta_call=lambda: op(to_meta(x), to_meta(counts), num_ranks, inverse),
-    )
-
-
 def reference_ep_route(idx: list, num_local: int, world: int):
     """(token_ranks, dest_counts) as lists, by the definition: rank p once per token, slots and tokens per rank."""
     ranks, counts = [], [[0] * (num_local + 1) for _ in range(world)]
@@ -685,5 +593,4 @@ GENERATORS = {
     "grouped_linear": grouped_linear_case,
     "grouped_linear_backward": grouped_linear_backward_case,
     "capacity_limit": capacity_limit_case,
-    "regroup": regroup_case,
 }

@@ -427,12 +427,10 @@ def _cases():
         ("exchange_counts-int32", lambda: F.exchange_counts(i["counts"].int(), "unused"), R, ("counts", "Int")),
         ("exchange-int32-x", lambda: F.exchange(x.int(), [T], [T], "unused", None), R, ("x", "Int")),
         ("exchange-negative-split", lambda: F.exchange(x, [-1], [T], "unused", None), R, ("send_splits[0]", "-1")),
-        ("regroup-int-x", lambda: F.regroup(x.long(), i["counts"], 2, False), R, ("x", "Long")),
         ("ep_route-int32-idx", lambda: F.ep_route(idx.int(), 2, 2), R, ("topk_idx", "Int")),
         ("ep_route-num-local", lambda: F.ep_route(idx, 0, 2), R, ("num_local", "0")),
         ("ep_route-world", lambda: F.ep_route(idx, 2, -1), R, ("world", "-1")),
         ("ep_route-bad-id", lambda: F.ep_route(with_value(idx, (3, 0), 4), 2, 2), R, ("topk_idx", "expert id 4")),
-        ("regroup-num-ranks", lambda: F.regroup(x, i["counts"], 0, False), R, ("num_ranks", "0")),
         (
             "ops.counts_to_offsets-2d",
             lambda: ops.counts_to_offsets(i["counts"][None]),

@@ -25,7 +25,6 @@ KNOWN_OPS = {
     "exchange_counts": False,
     "ep_route": False,
     "exchange": True,
-    "regroup": True,
 }
 
 # fastmoe.with_cuda is True exactly when the ops have CUDA kernels (nvcc found and torch built with CUDA); such a
@@ -170,18 +169,6 @@ def _opcheck_cases():
         ),
         ("ep_route", "ep_route", (dropped_idx, 2, 2), None),
         ("ep_route-one-rank", "ep_route", (topk_idx, 4, 1), None),
-        (
-            "regroup",
-            "regroup",
-            (req(torch.randn(9, d, generator=gen)), torch.tensor([2, 0, 1, 3, 1, 1]), 2, False),
-            None,
-        ),
-        (
-            "regroup-inverse",
-            "regroup",
-            (req(torch.randn(9, d, generator=gen)), torch.tensor([2, 0, 1, 3, 1, 1]), 3, True),
-            None,
-        ),
         (
             "grouped_linear_backward-x-only",
             "grouped_linear_backward",

@@ -32,13 +32,6 @@ void combine_score_grad_cuda(DType dtype, const void* grad_y, const void* y_sort
                              const int64_t* pair_pos, int64_t num_tokens, int64_t k, DType score_dtype,
                              void* grad_score, cudaStream_t stream);
 
-// As regroup_index_ref, for at most kRegroupMaxBlocks = num_ranks * num_local blocks. The counts live on the
-// device and are not validated (that would need a host sync): a negative count is read as 0, and output rows
-// whose source would lie at or past num_rows get -1 (so the gather that follows reads nothing out of bounds).
-constexpr int64_t kRegroupMaxBlocks = 4096;
-void regroup_index_cuda(const int64_t* counts, int64_t num_ranks, int64_t num_local, bool inverse, int64_t num_rows,
-                        int64_t* src_row, cudaStream_t stream);
-
 // As ep_route_ref, without a host sync: an id outside [-1, W * num_local) is treated as dropped. Deterministic
 // (integer atomics). dest_counts is zeroed here.
 void ep_route_cuda(const int64_t* topk_idx, int64_t num_tokens, int64_t k, int64_t num_local, int64_t world,

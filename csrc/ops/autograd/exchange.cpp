@@ -1,6 +1,5 @@
-// Autograd of the expert-parallel ops. exchange's backward is the reverse exchange (splits swapped, back to the
-// input's row count), and regroup's backward is the inverse regroup: both move rows without arithmetic, so the
-// gradient rows arrive bit for bit.
+// Autograd of the expert-parallel exchange. Its backward is the reverse exchange (splits swapped, back to the
+// input's row count): it moves rows without arithmetic, so the gradient rows arrive bit for bit.
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -46,40 +45,15 @@ class ExchangeFunction : public torch::autograd::Function<ExchangeFunction> {
   }
 };
 
-class RegroupFunction : public torch::autograd::Function<RegroupFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks,
-                            bool inverse) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({counts});
-    ctx->saved_data["num_ranks"] = num_ranks;
-    ctx->saved_data["inverse"] = inverse;
-    return ops::regroup(x, counts, num_ranks, inverse);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    const auto saved = ctx->get_saved_variables();
-    return {
-        ops::regroup(grads[0], saved[0], ctx->saved_data["num_ranks"].toInt(), !ctx->saved_data["inverse"].toBool()),
-        at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
 at::Tensor exchange_autograd(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
                              c10::string_view group_name, std::optional<int64_t> out_rows) {
   return ExchangeFunction::apply(x, send_splits, recv_splits, group_name, out_rows);
-}
-
-at::Tensor regroup_autograd(const at::Tensor& x, const at::Tensor& counts, int64_t num_ranks, bool inverse) {
-  return RegroupFunction::apply(x, counts, num_ranks, inverse);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
   m.impl("exchange", &exchange_autograd);
-  m.impl("regroup", &regroup_autograd);
 }
 
 }  // namespace fastmoe
