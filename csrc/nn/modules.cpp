@@ -11,6 +11,7 @@
 #include "fastmoe/nn/gates.h"
 #include "fastmoe/nn/moe.h"
 #include "fastmoe/ops.h"
+#include "fastmoe/token_dispatch.h"
 #include "nn/checks.h"
 #include "runtime/communicator.h"
 
@@ -97,59 +98,13 @@ void check_expert_parallel(int64_t world_size, const std::string& group_name, co
                              std::string(layer) + "(world_size=" + std::to_string(world_size) + ")");
 }
 
-// Expert parallelism (docs/distributed.md): each token row travels once to every rank owning one of its experts,
-// with its routing row; that rank runs its local experts on the token's slots through run_local(rows grouped by
-// local expert, offsets [local + 1] on the device, the same bounds on the host) and adds the slots up weighted by
-// the scores; the partial sums travel back and add up per token. One host read of the counts: the all-to-all
-// takes its split sizes on the host.
-template <typename RunLocal>
-torch::Tensor expert_parallel(const torch::Tensor& x, const torch::Tensor& topk_idx, const torch::Tensor& topk_score,
-                              int64_t world, int64_t local, const std::string& group, RunLocal&& run_local) {
-  const int64_t rank = runtime::group_rank(group);
-  // token_ranks [T, W]: rank p, or -1 if no slot goes to p; outgoing [W, local + 1]: per destination rank, the
-  // slots per local expert, then the token rows.
-  const auto [token_ranks, dest_counts] = ops::ep_route(topk_idx, local, world);
-  const torch::Tensor outgoing = dest_counts.view({world, local + 1});
-  const ops::Plan rank_plan = ops::make_plan(token_ranks, world);
-  // The rows' dtype and width travel with the counts: ranks whose layers differ in them raise here, on every rank.
-  const torch::Tensor incoming =
-      ops::exchange_counts(outgoing.flatten(), group, x.scalar_type(), x.size(1), /*chunks=*/1)
-          .view({world, local + 1});
-  const torch::Tensor both = torch::cat({outgoing, incoming}).cpu();
-  const int64_t* out_h = both.const_data_ptr<int64_t>();
-  const int64_t* in_h = out_h + world * (local + 1);
-  std::vector<int64_t> send(world), recv(world), bounds(local + 1, 0);
-  for (int64_t p = 0; p < world; ++p) {
-    send[p] = out_h[p * (local + 1) + local];
-    recv[p] = in_h[p * (local + 1) + local];
-    for (int64_t e = 0; e < local; ++e) bounds[e + 1] += in_h[p * (local + 1) + e];
-  }
-  for (int64_t e = 0; e < local; ++e) bounds[e + 1] += bounds[e];
-  const int64_t n_send = std::accumulate(send.begin(), send.end(), int64_t{0});
-
-  const torch::Tensor send_order = rank_plan.sorted_pair.slice(0, 0, n_send);  // pair = token * world + rank
-  const torch::Tensor tokens = send_order.div(world, "floor");
-  const torch::Tensor x_in = ops::exchange(ops::permute(x, send_order, rank_plan.pair_pos), send, recv, group);
-  const torch::Tensor score_in =
-      ops::exchange(ops::permute(topk_score, send_order, rank_plan.pair_pos), send, recv, group);
-  const torch::Tensor idx_in = ops::exchange(topk_idx.index_select(0, tokens), send, recv, group);
-
-  const torch::Tensor mine = idx_in.div(local, "floor") == rank;
-  const ops::Plan local_plan = ops::make_plan(torch::where(mine, idx_in - rank * local, -1), local);
-  const torch::Tensor slot_order = local_plan.sorted_pair.slice(0, 0, bounds[local]);
-  const torch::Tensor y_local =
-      run_local(ops::permute(x_in, slot_order, local_plan.pair_pos), local_plan.expert_offsets, bounds);
-  const torch::Tensor partial = ops::unpermute_combine(y_local, slot_order, local_plan.pair_pos, score_in);
-  const torch::Tensor y_back = ops::exchange(partial, recv, send, group);
-  return ops::unpermute_combine(y_back, send_order, rank_plan.pair_pos, std::nullopt);
-}
-
-// The routed output of one layer: gate, then either plan, permute, run the experts and combine (one rank), or the
-// expert-parallel exchange around them. `run_experts(rows, offsets, host_bounds)` maps rows grouped by expert
-// (offsets [E + 1] on the device; host_bounds the same on the host, or empty when not read) to [rows, d_out].
+// The routed output of one layer: the gate, then the token path (fastmoe::TokenDispatch, the same object the Python
+// layer uses) around `run_experts(rows, offsets [E_local + 1] on the device, dispatch, chunk)`, which maps the rows
+// of a chunk, grouped by local expert, to [rows, d_out]. Keeps the forward's balance record.
 template <typename RunExperts>
 torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int64_t num_local, int64_t world,
-                                const std::string& group, GateImpl& gate, RunExperts&& run_experts) {
+                                const std::string& group, int64_t chunks, bool cast_to_autocast, const char* name,
+                                GateImpl& gate, BalanceRecord& record, RunExperts&& run_experts) {
   const torch::Tensor x = token_matrix(input, d_model);
   auto [topk_idx, topk_score] = gate.forward(x);
   // A user-written gate is only known through the interface: its outputs are checked before they index anything.
@@ -157,17 +112,25 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
   TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == x.size(0) && topk_idx.size(1) == slots,
               "the gate returned topk_idx of shape ", topk_idx.sizes(), ", expected [tokens, ",
               slots == gate.top_k() ? "top_k" : "gate.slots_per_token()", "] = [", x.size(0), ", ", slots, "]");
-  TORCH_CHECK(topk_score.sizes() == topk_idx.sizes(), "the gate returned topk_score of shape ", topk_score.sizes(),
-              ", expected the shape of topk_idx ", topk_idx.sizes());
-  torch::Tensor y;
-  if (world > 1) {
-    y = expert_parallel(x, topk_idx, topk_score, world, num_local, group, run_experts);
-  } else {
-    const ops::Plan plan = ops::make_plan(topk_idx, num_local);
-    const torch::Tensor y_sorted =
-        run_experts(ops::permute(x, plan.sorted_pair, plan.pair_pos), plan.expert_offsets, std::vector<int64_t>{});
-    y = ops::unpermute_combine(y_sorted, plan.sorted_pair, plan.pair_pos, topk_score);
+  auto tokens = c10::make_intrusive<TokenDispatch>(x, topk_idx, topk_score, num_local, world,
+                                                   world > 1 ? group : std::string(), chunks, cast_to_autocast,
+                                                   debug_enabled() ? std::string(name) : std::string());
+  record = BalanceRecord{x.size(0), topk_idx.numel(), tokens->routed_counts().detach(),
+                         gate.num_dropped().defined() ? gate.num_dropped().detach() : torch::Tensor(), {}};
+  for (const auto& term : gate.losses()) record.losses.insert(term.key(), term.value().detach());
+  for (int64_t c = 0; c < tokens->num_chunks(); ++c) {
+    tokens->enter(c);  // the chunk's CUDA stream (expert parallelism with chunks > 1)
+    torch::Tensor y;
+    try {
+      y = run_experts(tokens->rows(c), tokens->expert_offsets(c), *tokens, c);
+    } catch (...) {
+      tokens->leave(c);
+      throw;
+    }
+    tokens->leave(c);
+    tokens->give(c, y);
   }
+  const torch::Tensor y = tokens->combine();
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = y.size(1);
   return y.reshape(shape);
@@ -236,12 +199,14 @@ MoEImpl::MoEImpl(const MoEOptions& options_, const std::function<torch::nn::AnyM
 
 void MoEImpl::make_gate_and_check() {
   check_positive(options.world_size(), "world_size");
+  check_positive(options.ep_chunks(), "ep_chunks");
   gate = register_module("gate", make_gate(options.gate(), options.num_experts() * options.world_size(),
                                            options.d_model(), options.top_k(), options.gate_bias()));
   options.top_k(gate->top_k());
   check_expert_parallel(options.world_size(), options.group_name(), "MoE",
-                        {"num_experts", "d_model", "top_k", "slots_per_token"},
-                        {options.num_experts(), options.d_model(), options.top_k(), gate->slots_per_token()});
+                        {"num_experts", "d_model", "top_k", "slots_per_token", "ep_chunks"},
+                        {options.num_experts(), options.d_model(), options.top_k(), gate->slots_per_token(),
+                         options.ep_chunks()});
 }
 
 void MoEImpl::register_experts() {
@@ -273,28 +238,27 @@ torch::Tensor MoEImpl::run_experts(const torch::Tensor& rows, const std::vector<
 
 torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
   return route_and_combine(x, options.d_model(), options.num_experts(), options.world_size(), options.group_name(),
-                           *gate,
-                           [&](const torch::Tensor& rows, const torch::Tensor& offsets, std::vector<int64_t> bounds) {
-                             if (bounds.empty()) {
-                               // One host read of the offsets: a loop over arbitrary modules needs the row ranges.
-                               const torch::Tensor host = offsets.cpu();
-                               const int64_t* b = host.const_data_ptr<int64_t>();
-                               bounds.assign(b, b + options.num_experts() + 1);
-                             }
-                             return run_experts(rows, bounds);
+                           options.ep_chunks(), /*cast_to_autocast=*/false, "MoE", *gate, record_,
+                           [&](const torch::Tensor& rows, const torch::Tensor&, TokenDispatch& tokens, int64_t c) {
+                             // The loop over arbitrary modules needs the row ranges on the host (one read on one
+                             // process; known already under expert parallelism).
+                             return run_experts(rows, tokens.expert_bounds(c));
                            });
 }
 
 TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : options(options_) {
   check_positive(options.d_hidden(), "d_hidden");
   check_positive(options.world_size(), "world_size");
+  check_positive(options.ep_chunks(), "ep_chunks");
   gate = register_module("gate", make_gate(options.gate(), options.num_experts() * options.world_size(),
                                            options.d_model(), options.top_k(), options.gate_bias()));
   options.top_k(gate->top_k());
   check_expert_parallel(options.world_size(), options.group_name(), "TransformerMLP",
-                        {"num_experts", "d_model", "d_hidden", "top_k", "slots_per_token", "activation", "bias"},
+                        {"num_experts", "d_model", "d_hidden", "top_k", "slots_per_token", "activation", "bias",
+                         "ep_chunks"},
                         {options.num_experts(), options.d_model(), options.d_hidden(), options.top_k(),
-                         gate->slots_per_token(), static_cast<int64_t>(options.activation()), options.bias()});
+                         gate->slots_per_token(), static_cast<int64_t>(options.activation()), options.bias(),
+                         options.ep_chunks()});
   auto experts = register_module("experts", std::make_shared<torch::nn::Module>());
   const int64_t hidden_rows = options.activation() == Activation::kSwiGLU ? 2 * options.d_hidden() : options.d_hidden();
   // Global expert ids pick the experts' streams: the ranks' experts differ and equal the one-rank layer's.
@@ -306,9 +270,10 @@ TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : 
 }
 
 torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {
+  // Under autocast the rows are cast before they move: the first grouped GEMM would cast them anyway.
   return route_and_combine(x, options.d_model(), options.num_experts(), options.world_size(), options.group_name(),
-                           *gate,
-                           [&](const torch::Tensor& rows, const torch::Tensor& offsets, const std::vector<int64_t>&) {
+                           options.ep_chunks(), /*cast_to_autocast=*/true, "TransformerMLP", *gate, record_,
+                           [&](const torch::Tensor& rows, const torch::Tensor& offsets, TokenDispatch&, int64_t) {
                              torch::Tensor h = htoh4->forward(rows, offsets);
                              return h4toh->forward(apply_activation(h, options.activation()), offsets);
                            });

@@ -154,6 +154,14 @@ TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
 }
 #endif
 
+// No tensor arguments: one kernel for every backend.
+TORCH_LIBRARY_IMPL(fastmoe, CompositeImplicitAutograd, m) {
+  m.impl("check_same_config", [](c10::string_view group_name, const std::vector<std::string>& names,
+                                 const std::vector<std::string>& values, c10::string_view what) {
+    runtime::check_same_config(std::string(group_name), names, values, std::string(what));
+  });
+}
+
 TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
   m.impl("exchange_counts", &exchange_counts_meta);
   m.impl("exchange", &exchange_meta);

@@ -50,4 +50,7 @@ TORCH_LIBRARY(fastmoe, m) {
   // in from rank p, stacked in rank order, then zero rows up to out_rows (default sum(recv_splits)). Its
   // backward is the same exchange with the splits swapped.
   m.def("exchange(Tensor x, int[] send_splits, int[] recv_splits, str group_name, int? out_rows=None) -> Tensor");
+  // Raises ValueError on every rank of the group when the configuration (values named by names) differs between
+  // ranks, naming each difference (csrc/runtime/communicator.h). A collective, bounded by FASTMOE_COMM_TIMEOUT.
+  m.def("check_same_config(str group_name, str[] names, str[] values, str what) -> ()");
 }

@@ -4,6 +4,7 @@
 // ops read (fastmoe.use_deterministic). Torch-free, so it compiles in a second.
 #include <Python.h>
 
+#include "fastmoe/debug.h"
 #include "fastmoe/determinism.h"
 #include "fastmoe/expert_seed.h"
 
@@ -24,6 +25,13 @@ PyObject* deterministic(PyObject*, PyObject*) {
   return PyBool_FromLong(fastmoe::deterministic() ? 1 : 0);
 }
 
+PyObject* set_debug(PyObject*, PyObject* flag) {
+  const int enabled = PyObject_IsTrue(flag);
+  if (enabled < 0) return nullptr;
+  fastmoe::set_debug(enabled != 0);
+  Py_RETURN_NONE;
+}
+
 PyObject* expert_seed(PyObject*, PyObject* args) {
   unsigned long long base_seed = 0;
   long long global_expert = 0;
@@ -36,6 +44,7 @@ PyMethodDef methods[] = {
     {"deterministic_flag", deterministic_flag, METH_NOARGS, "fastmoe's own deterministic-mode switch."},
     {"deterministic", deterministic, METH_NOARGS,
      "True when fastmoe's switch or torch.use_deterministic_algorithms is on: what the ops read."},
+    {"set_debug", set_debug, METH_O, "Sets the debug-mode switch of the C++ token path (fastmoe.set_debug)."},
     {"expert_seed", expert_seed, METH_VARARGS,
      "expert_seed(base_seed, global_expert): the seed of one global expert's initialisation stream."},
     {nullptr, nullptr, 0, nullptr}};

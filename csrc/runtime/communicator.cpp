@@ -1,5 +1,6 @@
 #include "runtime/communicator.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <deque>
@@ -7,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
@@ -551,33 +553,92 @@ void all_to_all_counts(const at::Tensor& input, const at::Tensor& output, const 
   all_to_all_rows_pg(group, input, output, ones, ones, group_name, "forward counts exchange (all-to-all)");
 }
 
+namespace {
+
+// All-gathers one byte string per rank (lengths first, then the strings padded to the longest).
+std::vector<std::string> all_gather_strings(const std::string& mine, const std::string& what,
+                                            const std::string& group_name) {
+  auto group = resolve_group(group_name);
+  const int world = group->getSize();
+  const at::TensorOptions options = has_cpu_backend(*group) ? at::TensorOptions() : at::TensorOptions(at::kCUDA);
+  auto gather = [&](const at::Tensor& input, const char* step) {
+    std::vector<std::vector<at::Tensor>> output(1);
+    for (int r = 0; r < world; ++r) output[0].push_back(at::empty_like(input));
+    std::vector<at::Tensor> inputs{input};
+    wait_for(*group->allgather(output, inputs), what + " (" + step + ")", group_name, *group);
+    return output[0];
+  };
+  const auto lengths = gather(at::full({1}, static_cast<int64_t>(mine.size()), options.dtype(at::kLong)), "sizes");
+  int64_t longest = 0;
+  std::vector<int64_t> length(world);
+  for (int r = 0; r < world; ++r) longest = std::max(longest, length[r] = lengths[r].cpu().item<int64_t>());
+  at::Tensor bytes = at::zeros({std::max<int64_t>(longest, 1)}, at::kByte);
+  std::copy(mine.begin(), mine.end(), bytes.data_ptr<uint8_t>());
+  const auto gathered = gather(bytes.to(options.device()), "all-gather");
+  std::vector<std::string> result;
+  for (int r = 0; r < world; ++r) {
+    const at::Tensor host = gathered[r].cpu();
+    const auto* data = host.const_data_ptr<uint8_t>();
+    result.emplace_back(data, data + length[r]);
+  }
+  return result;
+}
+
+// "name\x1fvalue\x1e" per entry, and back.
+constexpr char kField = '\x1f', kEntry = '\x1e';
+std::map<std::string, std::string> parse_config(const std::string& text) {
+  std::map<std::string, std::string> entries;
+  size_t start = 0;
+  while (start < text.size()) {
+    const size_t field = text.find(kField, start), end = text.find(kEntry, start);
+    entries[text.substr(start, field - start)] = text.substr(field + 1, end - field - 1);
+    start = end + 1;
+  }
+  return entries;
+}
+
+}  // namespace
+
 void check_same_config(const std::string& group_name, const std::vector<std::string>& names,
-                       const std::vector<int64_t>& values, const std::string& what) {
+                       const std::vector<std::string>& values, const std::string& what) {
   TORCH_CHECK(names.size() == values.size(), "check_same_config: ", names.size(), " names for ", values.size(),
               " values");
-  auto group = resolve_group(group_name);
-  const bool has_cpu = has_cpu_backend(*group);
-  at::Tensor mine = at::tensor(values, at::kLong);
-  if (!has_cpu) mine = mine.cuda();
-  std::vector<at::Tensor> input{mine};
-  std::vector<std::vector<at::Tensor>> output(1);
-  for (int r = 0; r < group->getSize(); ++r) output[0].push_back(at::empty_like(mine));
-  wait_for(*group->allgather(output, input), "configuration check of " + what + " (all-gather)", group_name, *group);
+  std::string mine;
+  for (size_t i = 0; i < names.size(); ++i) {
+    for (const std::string* text : {&names[i], &values[i]}) {
+      TORCH_CHECK(text->find(kField) == std::string::npos && text->find(kEntry) == std::string::npos,
+                  "check_same_config: names and values may not hold the bytes 0x1e or 0x1f, got '", *text, "'");
+    }
+    mine += names[i] + kField + values[i] + kEntry;
+  }
+  const std::vector<std::string> configs =
+      all_gather_strings(mine, "configuration check of " + what, group_name);
+  const auto reference = parse_config(configs[0]);
   std::string problems;
-  const at::Tensor reference = output[0][0].cpu();
-  for (int r = 1; r < group->getSize(); ++r) {
-    const at::Tensor other = output[0][r].cpu();
-    for (size_t i = 0; i < names.size(); ++i) {
-      const int64_t a = reference[i].item<int64_t>(), b = other[i].item<int64_t>();
-      if (a != b) {
-        problems += (problems.empty() ? "" : "; ") + std::string("rank ") + std::to_string(r) + " has " + names[i] +
-                    "=" + std::to_string(b) + " but rank 0 has " + names[i] + "=" + std::to_string(a);
+  for (size_t r = 1; r < configs.size(); ++r) {
+    const auto other = parse_config(configs[r]);
+    std::set<std::string> keys;
+    for (const auto& entry : reference) keys.insert(entry.first);
+    for (const auto& entry : other) keys.insert(entry.first);
+    for (const std::string& key : keys) {
+      const auto a = reference.find(key), b = other.find(key);
+      const std::string va = a == reference.end() ? "None" : a->second, vb = b == other.end() ? "None" : b->second;
+      if (va != vb) {
+        problems += (problems.empty() ? "" : "; ") + std::string("rank ") + std::to_string(r) + " has " + key + "=" +
+                    vb + " but rank 0 has " + key + "=" + va;
       }
     }
   }
-  TORCH_CHECK_VALUE(
-      problems.empty(), what,
-      " must be built with the same configuration on every rank of its expert-parallel group: ", problems);
+  TORCH_CHECK_VALUE(problems.empty(), what,
+                    " must be built with the same configuration on every rank of its expert-parallel group: ",
+                    problems);
+}
+
+void check_same_config(const std::string& group_name, const std::vector<std::string>& names,
+                       const std::vector<int64_t>& values, const std::string& what) {
+  std::vector<std::string> text;
+  for (int64_t value : values) text.push_back(std::to_string(value));
+  check_same_config(group_name, names, text, what);
 }
 
 bool has_nccl() {

@@ -86,10 +86,15 @@ void all_to_all_counts(const at::Tensor& input, const at::Tensor& output, const 
 // True when this build has the NCCL path for CUDA tensors.
 bool has_nccl();
 
-// Raises on every rank of the group when `values` (named by `names`) differ between ranks, naming each rank, field
-// and value that differs from rank 0's. `what` names the thing being checked (e.g. "TransformerMLP(world_size=2)").
-// A collective over the group; raises after exchange_timeout() when a rank does not join it (for example one
-// built its layer with a different world_size).
+// Raises ValueError on every rank of the group when the configuration (`values` named by `names`) differs between
+// ranks, naming each rank, field and value that differs from rank 0's (a name missing on a rank reads "None").
+// `what` names the thing being checked (e.g. "TransformerMLP(world_size=2)"). The one check of both front ends
+// (Python: fastmoe.distributed.check_same_config, through the op of the same name). A collective over the group;
+// raises after exchange_timeout() when a rank does not join it (for example one built its layer with a different
+// world_size).
+void check_same_config(const std::string& group_name, const std::vector<std::string>& names,
+                       const std::vector<std::string>& values, const std::string& what);
+// The same with integer values.
 void check_same_config(const std::string& group_name, const std::vector<std::string>& names,
                        const std::vector<int64_t>& values, const std::string& what);
 

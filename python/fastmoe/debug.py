@@ -10,12 +10,15 @@ Outside debug mode nothing is checked and non-finite values follow the policy of
 in the rows of the tokens that produced them in the forward pass.
 """
 
+import contextlib
 import os
 
 import torch
 from torch import nn
 
-__all__ = ["NonFiniteError", "set_debug", "is_debug", "name_modules", "check_finite", "check_routing"]
+from fastmoe import _C
+
+__all__ = ["NonFiniteError", "set_debug", "is_debug", "name_modules", "check_finite"]
 
 
 def _env_flag(name: str) -> bool:
@@ -23,6 +26,7 @@ def _env_flag(name: str) -> bool:
 
 
 _enabled = _env_flag("FASTMOE_DEBUG")
+_C.set_debug(_enabled)  # the C++ token path (fastmoe::TokenDispatch) checks the routing and the experts' outputs
 
 
 class NonFiniteError(RuntimeError):
@@ -35,6 +39,7 @@ def set_debug(enabled: bool = True) -> bool:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     previous, _enabled = _enabled, enabled
+    _C.set_debug(enabled)
     return previous
 
 
@@ -50,7 +55,7 @@ def name_modules(model: nn.Module, prefix: str = "") -> nn.Module:
     return model
 
 
-def _describe(owner) -> str:
+def name_of(owner) -> str:
     if owner is None:
         return "fastmoe"
     cls = type(owner).__name__
@@ -72,24 +77,19 @@ def check_finite(owner, what: str, tensor: torch.Tensor) -> None:
     num_inf = int(torch.isinf(values).sum())
     first = tuple(int(i) for i in (~finite).nonzero()[0].tolist())
     raise NonFiniteError(
-        f"{_describe(owner)}: {what} of shape {list(tensor.shape)} hold {num_nan} NaN and {num_inf} Inf values "
+        f"{name_of(owner)}: {what} of shape {list(tensor.shape)} hold {num_nan} NaN and {num_inf} Inf values "
         f"(first at index {list(first)}, value {values[first].item()}); fastmoe debug mode is on "
         f"(fastmoe.set_debug(False) lets them propagate, see docs/reliability.md)"
     )
 
 
-def check_routing(owner, topk_idx: torch.Tensor, topk_score: torch.Tensor, num_experts: int) -> None:
-    """In debug mode: the gate's scores are finite and every expert id is in ``[-1, num_experts)`` (the CUDA
-    plan drops ids outside it without a sync; debug mode reports them instead)."""
-    if not _enabled:
-        return
-    check_finite(owner, "gate scores (topk_score)", topk_score)
-    if not isinstance(topk_idx, torch.Tensor) or topk_idx.device.type == "meta" or topk_idx.numel() == 0:
-        return
-    bad = (topk_idx < -1) | (topk_idx >= num_experts)
-    if bool(bad.any()):
-        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
-        raise ValueError(
-            f"{_describe(owner)}: the gate's topk_idx holds {int(bad.sum())} expert ids outside "
-            f"[-1, num_experts={num_experts}) (first at index {list(first)}, value {int(topk_idx[first])})"
-        )
+@contextlib.contextmanager
+def raising_non_finite():
+    """Turns the C++ token path's debug-mode report of NaN or Inf values (a RuntimeError carrying the message of
+    :func:`check_finite`) into :class:`NonFiniteError`."""
+    try:
+        yield
+    except RuntimeError as error:
+        if _enabled and "fastmoe debug mode is on" in str(error) and not isinstance(error, NonFiniteError):
+            raise NonFiniteError(str(error).split("\nException raised from")[0]) from None
+        raise

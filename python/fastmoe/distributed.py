@@ -140,22 +140,15 @@ def resolve_moe_group(world_size: int, moe_group):
 
 
 def check_same_config(group, config: dict, what: str = "FMoE") -> None:
-    """Raises ``ValueError`` on every rank of ``group`` when ``config`` (a dict of plain values) differs between
-    ranks, naming each rank, field and value that differs from rank 0's. A collective: a rank that does not join
-    (it built ``what`` with another ``world_size`` or group) makes the others raise ``RuntimeError`` after
-    :func:`comm_timeout`."""
-    configs = _all_gather_object(config, group, f"configuration check of {what}")
-    reference = configs[0]
-    problems = []
-    for rank, other in enumerate(configs[1:], start=1):
-        for key in sorted(set(reference) | set(other)):
-            if reference.get(key) != other.get(key):
-                problems.append(f"rank {rank} has {key}={other.get(key)!r} but rank 0 has {key}={reference.get(key)!r}")
-    if problems:
-        raise ValueError(
-            f"{what} must be built with the same configuration on every rank of its expert-parallel group: "
-            + "; ".join(problems)
-        )
+    """Raises ``ValueError`` on every rank of ``group`` when ``config`` (a dict of plain values, compared by their
+    ``repr``) differs between ranks, naming each rank, field and value that differs from rank 0's. A collective: a
+    rank that does not join (it built ``what`` with another ``world_size`` or group) makes the others raise
+    ``RuntimeError`` after :func:`comm_timeout`. The check is the one the C++ modules run
+    (``fastmoe::runtime::check_same_config``)."""
+    _require_initialized(f"the configuration check of {what}")
+    group = dist.group.WORLD if group is None else group
+    names = sorted(config)
+    torch.ops.fastmoe.check_same_config(group.group_name, names, [repr(config[name]) for name in names], what)
 
 
 def expert_parallel_groups(ep_size: int):

@@ -1,4 +1,3 @@
-import contextlib
 import functools
 import inspect
 
@@ -9,6 +8,9 @@ from torch import nn
 from fastmoe import _checks, _rng, debug, distributed, ops
 from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
+
+# The token path (fastmoe::TokenDispatch, include/fastmoe/token_dispatch.h), registered when fastmoe._C loads.
+_TokenDispatch = torch.classes.fastmoe.TokenDispatch
 
 
 def mark_module_parallel_comm(module: nn.Module, comm: str) -> None:
@@ -343,7 +345,9 @@ class FMoE(nn.Module):
         return structure.split_output(y, lead)
 
     def _moe(self, x: torch.Tensor, gate_input) -> torch.Tensor:
-        """Gate on ``gate_input``, then the token path on ``x [T, width]``; returns ``[T, width_out]``."""
+        """Gate on ``gate_input``, then the token path on ``x [T, width]``; returns ``[T, width_out]``. The path
+        between the gate and the experts and back is one C++ object (``fastmoe::TokenDispatch``, docs/ops.md): this
+        layer only runs its experts on each chunk of rows it hands out."""
         topk_idx, topk_score = self.gate(gate_input)
         if topk_idx.shape != (x.shape[0], self.slots_per_token):
             expected = "top_k" if self.slots_per_token == self.top_k else "gate.slots_per_token"
@@ -351,119 +355,37 @@ class FMoE(nn.Module):
                 f"the gate returned topk_idx of shape {tuple(topk_idx.shape)}, expected [tokens, {expected}] = "
                 f"{[x.shape[0], self.slots_per_token]}"
             )
-        debug.check_routing(self, topk_idx, topk_score, self.num_experts_total)
         if self.gate_hook is not None:
             self.gate_hook(topk_idx, topk_score, None)
-        x = self._expert_input(x)
-        if self.moe_group is None:
-            plan = ops.make_plan(topk_idx, self.num_experts_total)
-            self._record_balance(x.shape[0], topk_idx.numel(), plan.expert_counts)
-            x_sorted = ops.permute(x, plan)
-            y_sorted = self._run_experts(x_sorted, plan.expert_counts, plan.expert_offsets)
-            debug.check_finite(self, "expert outputs (y_sorted)", y_sorted)
-            return ops.unpermute_combine(y_sorted, plan, topk_score)
-        return self._global_forward(x, topk_idx, topk_score)
+        with debug.raising_non_finite():
+            tokens = _TokenDispatch(
+                x,
+                topk_idx,
+                topk_score,
+                self.num_expert,
+                self.world_size,
+                "" if self.moe_group is None else self.moe_group.group_name,
+                self.ep_chunks,
+                self.expert_input_follows_autocast,
+                debug.name_of(self) if debug.is_debug() else "",
+            )
+            self._record_balance(x.shape[0], topk_idx.numel(), tokens.routed_counts())
+            for c in range(tokens.num_chunks()):
+                tokens.enter(c)  # the chunk's CUDA stream (expert parallelism with ep_chunks > 1)
+                try:
+                    # expert_fn's offsets: on the device, but a host list for module experts under expert
+                    # parallelism, where the bounds come with the exchanged counts at no cost
+                    host = not self.experts_fused and self.moe_group is not None
+                    offsets = tokens.expert_bounds(c) if host else tokens.expert_offsets(c)
+                    y = self._run_experts(tokens.rows(c), tokens.expert_counts(c), offsets)
+                finally:
+                    tokens.leave(c)
+                tokens.give(c, y)
+            return tokens.combine()
 
     # True where the experts' first op follows autocast (FMoETransformerMLP: a grouped GEMM), so the rows may be
     # cast to the autocast dtype before they are permuted or exchanged.
     expert_input_follows_autocast = False
-
-    def _expert_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Under autocast, rows headed for experts that would cast them anyway are cast once here, before the
-        permute (and the exchange): the permute, the combine of the backward and the all-to-all then move
-        half the bytes, and the GEMM sees the same bf16 input."""
-        if not self.expert_input_follows_autocast or not _autocast_enabled(x.device.type):
-            return x
-        if x.dtype == torch.float64:  # autocast leaves fp64 alone
-            return x
-        return x.to(torch.get_autocast_dtype(x.device.type))
-
-    def _global_forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_score: torch.Tensor) -> torch.Tensor:
-        """Expert parallelism (docs/distributed.md): each token row travels once to every rank that owns one of
-        its experts, with its routing row; that rank runs its experts on the token's slots and adds them up,
-        weighted by the scores; the partial sums travel back and add up per token. One host sync reads the
-        counts, because the all-to-all takes its split sizes on the host.
-
-        With ``ep_chunks = n > 1`` the tokens are cut into n chunks. The counts of all chunks travel in one
-        exchange (still one host sync); then every chunk's dispatch is issued before any chunk's experts, each
-        chunk on its own CUDA stream, so that while one chunk's rows travel another chunk's experts run, in the
-        forward and (autograd runs each op's backward on its forward's stream) in the backward. On the CPU the
-        chunks run one after the other."""
-        world, local = self.world_size, self.num_expert
-        n = self.ep_chunks
-        cuts = [x.shape[0] * c // n for c in range(n + 1)]
-        # token_ranks [T_c, W]: rank p, or -1 if no slot goes to p; outgoing [W, local + 1]: per destination
-        # rank, the slots per local expert, then the token rows.
-        routes = [ops.ep_route(topk_idx[cuts[c] : cuts[c + 1]], local, world) for c in range(n)]
-        if n == 1:
-            outgoing = routes[0][1].view(world, 1, local + 1)
-            per_expert = outgoing[:, 0, :local].flatten()
-        else:
-            outgoing = torch.stack([counts.view(world, local + 1) for _, counts in routes], dim=1)  # [W, n, local+1]
-            per_expert = outgoing[..., :local].sum(1).flatten()
-        self._record_balance(x.shape[0], topk_idx.numel(), per_expert)
-        rank_plans = [ops.make_plan(token_ranks, world) for token_ranks, _ in routes]
-        # The rows' dtype, width and the chunk count travel with the counts, so ranks whose layers differ in them
-        # (a .to() on one rank) raise on every rank here instead of exchanging rows of different sizes.
-        incoming = ops.exchange_counts(
-            outgoing.flatten(), self.moe_group, row_dtype=x.dtype, row_width=x.shape[1], chunks=n
-        ).view(world, n, local + 1)
-        splits = _exchange_splits_sync(outgoing, incoming)
-
-        streams = self._chunk_streams(x, n)
-        if streams[0] is not None:
-            for stream in streams[1:]:
-                _enter_stream(stream, (x, topk_idx, topk_score, *(t for plan in rank_plans for t in plan)))
-        pieces = []
-        for c in range(n):  # every chunk's dispatch first: its exchange overlaps the experts of the chunks before
-            with _on(streams[c]):
-                part = slice(cuts[c], cuts[c + 1])
-                pieces.append(self._ep_dispatch(x[part], topk_idx[part], topk_score[part], rank_plans[c], *splits[c]))
-        returned = []
-        for c in range(n):
-            with _on(streams[c]):
-                returned.append(self._ep_experts_and_return(*pieces[c]))
-        ys = []
-        for c in range(n):
-            y_back, send_plan = returned[c]
-            if streams[0] is not None and c > 0:
-                _leave_stream(streams[c], y_back)
-            ys.append(ops.unpermute_combine(y_back, send_plan))
-        return ys[0] if n == 1 else torch.cat(ys)
-
-    def _ep_dispatch(self, x, topk_idx, topk_score, rank_plan, send, recv, local_bounds):
-        """Sends a chunk's token rows, scores and routing ids to the ranks owning its experts."""
-        world = self.world_size
-        send_plan = rank_plan.first_rows(sum(send))  # row r carries pair token * W + rank
-        x_in = ops.exchange(ops.permute(x, send_plan), send, recv, self.moe_group)
-        score_in = ops.exchange(ops.permute(topk_score, send_plan), send, recv, self.moe_group)
-        tokens = torch.div(send_plan.sorted_pair, world, rounding_mode="floor")
-        idx_in = ops.exchange(topk_idx.index_select(0, tokens), send, recv, self.moe_group)
-        return x_in, score_in, idx_in, send_plan, send, recv, local_bounds
-
-    def _ep_experts_and_return(self, x_in, score_in, idx_in, send_plan, send, recv, local_bounds):
-        """Runs this rank's experts on the rows it received and sends each row's weighted sum back."""
-        local = self.num_expert
-        mine = torch.div(idx_in, local, rounding_mode="floor") == self.moe_rank  # -1 // local < 0: never mine
-        local_plan = ops.make_plan(torch.where(mine, idx_in - self.moe_rank * local, -1), local)
-        slot_plan = local_plan.first_rows(local_bounds[-1])
-        x_local = ops.permute(x_in, slot_plan)  # [n_slots, d], grouped by local expert
-        offsets = ops.counts_to_offsets(local_plan.expert_counts) if self.experts_fused else local_bounds
-        y_local = self._run_experts(x_local, local_plan.expert_counts, offsets)
-        debug.check_finite(self, "expert outputs (y_sorted)", y_local)
-        partial = ops.unpermute_combine(y_local, slot_plan, score_in)  # [rows in, d]: this rank's share per token
-        return ops.exchange(partial, recv, send, self.moe_group), send_plan
-
-    def _chunk_streams(self, x: torch.Tensor, n: int) -> list:
-        """The stream of each chunk: the current one for the first, side streams (made once per device and
-        shared by all layers, which run one after another) for the others; ``None`` for all off CUDA or with one
-        chunk. The streams live outside the module, so it still copies and pickles."""
-        if n == 1 or x.device.type != "cuda":
-            return [None] * n
-        side = _SIDE_STREAMS.setdefault(x.device.index, [])
-        while len(side) < n - 1:
-            side.append(torch.cuda.Stream(device=x.device))
-        return [torch.cuda.current_stream(x.device), *side[: n - 1]]
 
     def _record_balance(self, num_tokens: int, num_slots: int, expert_counts: torch.Tensor) -> None:
         """Keeps what balance_stats() needs, as device tensors (no host read here)."""
@@ -621,61 +543,3 @@ def _check_gate_matches(gate, num_experts_total: int, d_model: int) -> None:
     gate_width = getattr(gate, "d_model", None)
     if isinstance(gate_width, int) and gate_width != d_model:
         raise ValueError(f"the gate was built for d_model={gate_width} but the layer has d_model={d_model}")
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    """``torch.is_autocast_enabled(device_type)``, False for device types autocast does not know (``meta``, on
-    which torch raises): a forward on the meta device only derives shapes."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
-
-
-# CUDA device index -> the side streams of ep_chunks (FMoE._chunk_streams)
-_SIDE_STREAMS: dict = {}
-
-
-def _exchange_splits_sync(outgoing: torch.Tensor, incoming: torch.Tensor) -> list:
-    """Reads both ``[world, chunks, local + 1]`` count tables on the host (one sync): column ``local`` holds
-    token rows, the others slots per local expert. Returns, per chunk, the rows sent to each rank, the rows
-    received from each rank, and the local experts' slot bounds (``[local + 1]`` prefix sum over all sources)."""
-    world, chunks, width = outgoing.shape
-    both = torch.stack([outgoing, incoming]).tolist()
-    result = []
-    for c in range(chunks):
-        out_rows = [both[0][p][c] for p in range(world)]
-        in_rows = [both[1][p][c] for p in range(world)]
-        send = [row[width - 1] for row in out_rows]
-        recv = [row[width - 1] for row in in_rows]
-        bounds = [0]
-        for e in range(width - 1):
-            bounds.append(bounds[-1] + sum(row[e] for row in in_rows))
-        result.append((send, recv, bounds))
-    return result
-
-
-@contextlib.contextmanager
-def _on(stream):
-    """Makes ``stream`` current inside the block (nothing for ``None``). Not ``torch.cuda.stream(None)``: that
-    reads the current CUDA device, which initialises CUDA even on the CPU path."""
-    if stream is None:
-        yield
-    else:
-        with torch.cuda.stream(stream):
-            yield
-
-
-def _enter_stream(stream, tensors) -> None:
-    """``stream`` waits for the work queued so far on the current stream, and the caching allocator keeps
-    ``tensors`` (made on the current stream) alive until ``stream``'s work on them is done."""
-    stream.wait_stream(torch.cuda.current_stream(stream.device))
-    for t in tensors:
-        t.record_stream(stream)
-
-
-def _leave_stream(stream, tensor: torch.Tensor) -> None:
-    """The current stream waits for ``stream``, whose ``tensor`` it is about to read."""
-    current = torch.cuda.current_stream(stream.device)
-    current.wait_stream(stream)
-    tensor.record_stream(current)

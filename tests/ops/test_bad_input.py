@@ -427,6 +427,18 @@ def _cases():
         ("exchange_counts-int32", lambda: F.exchange_counts(i["counts"].int(), "unused"), R, ("counts", "Int")),
         ("exchange-int32-x", lambda: F.exchange(x.int(), [T], [T], "unused", None), R, ("x", "Int")),
         ("exchange-negative-split", lambda: F.exchange(x, [-1], [T], "unused", None), R, ("send_splits[0]", "-1")),
+        (
+            "check_same_config-lengths",
+            lambda: F.check_same_config("unused", ["a", "b"], ["1"], "layer"),
+            R,
+            ("2 names", "1 values"),
+        ),
+        (
+            "check_same_config-unknown-group",
+            lambda: F.check_same_config("no-such-group", ["a"], ["1"], "layer"),
+            R,
+            ("no-such-group", "names no torch.distributed process group"),
+        ),
         ("ep_route-int32-idx", lambda: F.ep_route(idx.int(), 2, 2), R, ("topk_idx", "Int")),
         ("ep_route-num-local", lambda: F.ep_route(idx, 0, 2), R, ("num_local", "0")),
         ("ep_route-world", lambda: F.ep_route(idx, 2, -1), R, ("world", "-1")),

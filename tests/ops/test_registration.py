@@ -25,6 +25,7 @@ KNOWN_OPS = {
     "exchange_counts": False,
     "ep_route": False,
     "exchange": True,
+    "check_same_config": False,
 }
 
 # fastmoe.with_cuda is True exactly when the ops have CUDA kernels (nvcc found and torch built with CUDA); such a

@@ -5,6 +5,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/any.h>
 #include <torch/nn/pimpl.h>
+#include <torch/ordered_dict.h>
 
 #include <functional>
 #include <string>
@@ -14,6 +15,16 @@
 #include "fastmoe/nn/gates.h"
 
 namespace fastmoe::nn {
+
+// What one forward of an MoE layer leaves for load statistics, as device tensors that nothing in the forward reads
+// on the host (fastmoe.balance.BalanceRecord in Python).
+struct BalanceRecord {
+  int64_t num_tokens = 0;      // T
+  int64_t num_slots = 0;       // T * k (k = slots per token of the routing)
+  torch::Tensor expert_counts;  // [E] int64: slots of this rank's tokens per global expert
+  torch::Tensor num_dropped;    // [] int64: slots the gate dropped for capacity (undefined if it reports none)
+  torch::OrderedDict<std::string, torch::Tensor> losses;  // the gate's loss terms (detached)
+};
 
 // Experts' linear layers fused into one grouped GEMM: weight [E, out, in], bias [E, out]. `rank` is the layer's rank
 // in its expert-parallel group: local expert e is global expert rank * E + e, which picks its initial values.
@@ -52,6 +63,10 @@ struct MoEOptions {
   // that every rank has the same configuration (a collective).
   TORCH_ARG(int64_t, world_size) = 1;
   TORCH_ARG(std::string, group_name) = "";
+  // Expert parallelism: cut the tokens into this many chunks whose exchanges and experts run on their own CUDA
+  // streams, so one chunk's all-to-all overlaps another chunk's experts (fastmoe.FMoE's ep_chunks). The result does
+  // not depend on it.
+  TORCH_ARG(int64_t, ep_chunks) = 1;
 };
 
 // An MoE layer over arbitrary expert modules: each expert is any module whose forward takes the [rows, d_model]
@@ -73,6 +88,8 @@ class MoEImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
   // The gate's balance loss of the last forward (a zero scalar for gates without one): add it to the task loss.
   torch::Tensor loss() const { return gate->loss(); }
+  // The balance record of the last forward (empty counts before the first).
+  const BalanceRecord& balance_record() const { return record_; }
 
   MoEOptions options;
   Gate gate{nullptr};
@@ -82,6 +99,7 @@ class MoEImpl : public torch::nn::Module {
   void make_gate_and_check();
   void register_experts();
   torch::Tensor run_experts(const torch::Tensor& rows, const std::vector<int64_t>& bounds);
+  BalanceRecord record_;
 };
 TORCH_MODULE(MoE);
 
@@ -109,6 +127,10 @@ struct TransformerMLPOptions {
   // that every rank has the same configuration (a collective).
   TORCH_ARG(int64_t, world_size) = 1;
   TORCH_ARG(std::string, group_name) = "";
+  // Expert parallelism: cut the tokens into this many chunks whose exchanges and experts run on their own CUDA
+  // streams, so one chunk's all-to-all overlaps another chunk's experts (fastmoe.FMoE's ep_chunks). The result does
+  // not depend on it.
+  TORCH_ARG(int64_t, ep_chunks) = 1;
 };
 
 // The Transformer FFN with fused experts: h4toh(act(htoh4(x))) as grouped GEMMs. Parameter names match
@@ -123,11 +145,16 @@ class TransformerMLPImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
   // The gate's balance loss of the last forward (a zero scalar for gates without one): add it to the task loss.
   torch::Tensor loss() const { return gate->loss(); }
+  // The balance record of the last forward (empty counts before the first).
+  const BalanceRecord& balance_record() const { return record_; }
 
   TransformerMLPOptions options;
   Gate gate{nullptr};
   GroupedLinear htoh4{nullptr};
   GroupedLinear h4toh{nullptr};
+
+ private:
+  BalanceRecord record_;
 };
 TORCH_MODULE(TransformerMLP);
 

@@ -1,0 +1,94 @@
+// The token path of an MoE layer, composed once, in C++: both front ends (fastmoe.FMoE in Python, fastmoe::nn::MoE
+// and TransformerMLP in libtorch) build a TokenDispatch from the gate's routing, run their experts on each chunk of
+// rows it hands out, give the outputs back and call combine. Everything between the gate and the experts, and
+// between the experts and the layer's output, happens here:
+//
+//   one process:      plan -> permute                  | experts |  weighted combine
+//   expert parallel:  route to ranks -> counts exchange (one host read) -> per chunk: permute, row exchange,
+//                     plan by local expert, permute    | experts |  weighted combine of this rank's slots,
+//                     exchange back; then the per-token sum of what came back
+//
+// Every step is a registered op (include/fastmoe/ops.h) with its C++ autograd, so gradients flow through the
+// object to the input rows and the scores. With chunks > 1 on CUDA, chunk c > 0 runs on a side stream from the
+// device's stream pool, so one chunk's exchange overlaps another chunk's experts; the object orders the streams by
+// events and keeps the tensors alive for the streams that use them (docs/distributed.md, "Overlap").
+//
+// Python: torch.classes.fastmoe.TokenDispatch(x, topk_idx, topk_score, num_local, world, group_name, chunks,
+// cast_to_autocast, debug_name), with the methods below (docs/ops.md, "Token path").
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Stream.h>
+#include <torch/custom_class.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fastmoe/debug.h"
+
+namespace fastmoe {
+
+class TokenDispatch : public torch::CustomClassHolder {
+ public:
+  // x [T, width] (the rows the experts get), topk_idx [T, k] int64 global expert ids (-1 = empty slot), topk_score
+  // [T, k]. The layer holds num_local experts of num_local * world; global expert g lives on rank g / num_local of
+  // the process group registered as group_name ("" = no expert parallelism, then world must be 1). chunks >= 1
+  // cuts the tokens into that many pieces for overlap (expert parallelism only; the result does not depend on it).
+  // cast_to_autocast: under autocast the rows are cast to the autocast dtype before they move (the experts' first
+  // op would cast them anyway; fp64 rows stay). debug_name: with debug mode on (fastmoe/debug.h), the routing
+  // and the experts' outputs are checked and errors name this layer.
+  TokenDispatch(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_score, int64_t num_local,
+                int64_t world = 1, std::string group_name = "", int64_t chunks = 1, bool cast_to_autocast = false,
+                std::string debug_name = "");
+
+  int64_t num_chunks() const { return static_cast<int64_t>(chunks_.size()); }
+  // The rows chunk c's local experts must process, grouped by local expert: [N_c, width]. On one process N_c is
+  // T * k and the rows past the routed ones are zero; with expert parallelism N_c is exactly the routed slots.
+  at::Tensor rows(int64_t chunk) const;
+  // Rows per local expert [num_local] and their exclusive prefix sum [num_local + 1] (int64, on the rows' device).
+  at::Tensor expert_counts(int64_t chunk) const;
+  at::Tensor expert_offsets(int64_t chunk) const;
+  // The same offsets on the host: known without a device read under expert parallelism; on one process the first
+  // call reads them (one sync).
+  std::vector<int64_t> expert_bounds(int64_t chunk);
+  // [num_local * world] int64: the slots of this rank's tokens per global expert (the load the gate asked for).
+  at::Tensor routed_counts() const { return routed_counts_; }
+
+  // Make chunk c's stream current for its experts, and give the caller's stream back afterwards. Nothing happens
+  // off CUDA or with one chunk.
+  void enter(int64_t chunk);
+  void leave(int64_t chunk);
+  // The experts' output for chunk c: [N_c, width_out] in the order of rows(c). Under expert parallelism this sends
+  // the weighted partial sums back right away (on the chunk's stream).
+  void give(int64_t chunk, const at::Tensor& y);
+  // y [T, width_out]: each token's slots summed, weighted by its scores. Needs every chunk's output.
+  at::Tensor combine();
+
+ private:
+  struct Chunk {
+    int64_t begin = 0, end = 0;          // the chunk's tokens
+    std::optional<c10::Stream> stream;   // side stream (chunk > 0, CUDA, chunks > 1)
+    at::Tensor sorted_pair, pair_pos;    // one process: the plan; expert parallel: the plan by destination rank
+    std::vector<int64_t> send, recv;     // rows sent to / received from each rank
+    at::Tensor score_in, slot_order, slot_pos;  // expert parallel: received scores, plan by local expert
+    at::Tensor rows, counts, offsets;
+    std::vector<int64_t> bounds;         // empty until known
+    at::Tensor output;                   // give(): experts' output (one process) or what came back (expert parallel)
+  };
+  const Chunk& chunk_at(int64_t chunk) const;
+  void check_finite(const at::Tensor& t, const char* what) const;
+  void check_routing(const at::Tensor& topk_idx, const at::Tensor& topk_score) const;
+  void expert_parallel(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_score);
+
+  int64_t num_tokens_ = 0, num_local_ = 0, world_ = 1, rank_ = 0;
+  std::string group_;
+  std::string debug_name_;
+  at::Tensor topk_score_;  // one process: the combine's weights
+  at::Tensor routed_counts_;
+  std::vector<Chunk> chunks_;
+  std::optional<c10::Stream> caller_stream_;  // the stream current at construction (CUDA, chunks > 1)
+  std::optional<c10::Stream> entered_from_;   // the stream enter() replaced
+};
+
+}  // namespace fastmoe
