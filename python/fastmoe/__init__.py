@@ -21,6 +21,7 @@ from fastmoe import (
 from fastmoe.debug import NonFiniteError, is_debug, set_debug
 from fastmoe.determinism import is_deterministic, use_deterministic
 from fastmoe.distributed import DistributedGroupedDataParallel
+from fastmoe.integrations import fmoefy, moefy
 from fastmoe.layers import FMoE
 from fastmoe.linear import FMoELinear
 from fastmoe.transformer import FMoETransformerMLP
@@ -38,9 +39,11 @@ __all__ = [
     "checkpoint",
     "debug",
     "distributed",
+    "fmoefy",
     "gates",
     "is_debug",
     "is_deterministic",
+    "moefy",
     "set_debug",
     "use_deterministic",
     "ops",

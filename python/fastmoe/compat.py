@@ -426,6 +426,15 @@ def split_ep_state_dict(state_dict, world_size: int) -> list:
 # ----------------------------------------------------------------------------------------------- the fmoe alias
 
 
+# FastMoE modules whose fastmoe counterpart is not fastmoe.<the same name>.
+_RENAMED_MODULES = {"fmoe.megatron": "fastmoe.integrations.megatron"}
+
+
+def _real_name(fullname: str) -> str:
+    """The fastmoe module that the alias ``fullname`` (``fmoe`` or ``fmoe.X``) stands for."""
+    return _RENAMED_MODULES.get(fullname, "fastmoe" + fullname[len("fmoe") :])
+
+
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Resolves ``fmoe.<name>`` to the module ``fastmoe.<name>`` itself (one module object under two names), so
     classes imported either way are the same classes. Without it, ``import fmoe.gates`` would find
@@ -434,7 +443,7 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):
         if not fullname.startswith("fmoe."):
             return None
-        real_name = "fastmoe." + fullname[len("fmoe.") :]
+        real_name = _real_name(fullname)
         try:
             module = importlib.import_module(real_name)
         except ModuleNotFoundError as error:
@@ -452,7 +461,7 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self._real_specs = {}
 
     def create_module(self, spec):
-        module = importlib.import_module("fastmoe." + spec.name[len("fmoe.") :])
+        module = importlib.import_module(_real_name(spec.name))
         self._real_specs[spec.name] = module.__spec__
         return module
 
@@ -472,8 +481,9 @@ def install_fmoe_alias():
 
     Refuses (``RuntimeError`` naming where it is) when a real ``fmoe`` is importable or already imported: code that
     asks for FastMoE must not silently get fastmoe, nor the reverse. Calling it again is a no-op. Returns the
-    ``fmoe`` module (which is ``fastmoe``). Names FastMoE has and fastmoe lacks (``fmoe.megatron``,
-    ``fmoe.functions``) still fail with ``ModuleNotFoundError``, saying so.
+    ``fmoe`` module (which is ``fastmoe``). ``fmoe.megatron`` is ``fastmoe.integrations.megatron`` (its ``fmoefy``
+    upcycles non-Megatron models and refuses Megatron-LM ones, saying what to do). Names FastMoE has and fastmoe
+    lacks (``fmoe.functions``) still fail with ``ModuleNotFoundError``, saying so.
     """
     import fastmoe
 
@@ -508,5 +518,5 @@ def uninstall_fmoe_alias() -> None:
         sys.meta_path.remove(finder)
     for name in [n for n in sys.modules if n == "fmoe" or n.startswith("fmoe.")]:
         module = sys.modules[name]
-        if getattr(module, "__name__", "") == "fastmoe" + name[len("fmoe") :]:
+        if getattr(module, "__name__", "") == _real_name(name):
             del sys.modules[name]

@@ -45,12 +45,15 @@ def test_fastmoe_code_runs_unchanged_in_a_fresh_process():
         assert sys.modules["fmoe.gates.naive_gate"].__spec__.name == "fastmoe.gates.naive_gate"
         layer = FMoETransformerMLP(num_expert=2, d_model=4, d_hidden=8, gate=NaiveGate, top_k=1)
         assert layer(torch.randn(3, 4)).shape == (3, 4)
+        from fmoe.megatron import fmoefy
+
+        assert fmoefy is fastmoe.fmoefy
         try:
-            import fmoe.megatron
+            import fmoe.functions
         except ModuleNotFoundError as error:
-            assert error.name == "fmoe.megatron" and "fastmoe has no 'fastmoe.megatron'" in str(error), error
+            assert error.name == "fmoe.functions" and "fastmoe has no 'fastmoe.functions'" in str(error), error
         else:
-            raise AssertionError("fmoe.megatron imported")
+            raise AssertionError("fmoe.functions imported")
         print("ok")
         """
     )
