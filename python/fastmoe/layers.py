@@ -5,7 +5,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fastmoe import _checks, _rng, debug, distributed, ops
+from fastmoe import _checks, _groups, _rng, debug, ops
 from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
 
@@ -39,66 +39,40 @@ _DEFAULT_NUM_EXPERT = _DefaultNumExpert(32)
 class FMoE(nn.Module):
     """A Mixture-of-Experts layer with any expert modules (FastMoE's ``FMoE``).
 
-    Forward, for ``inp [..., d_model]`` viewed as ``x [T, d_model]``:
-      1. the gate gives ``topk_idx [T, k]`` and ``topk_score [T, k]``;
-      2. ``make_plan`` orders the T*k (token, slot) pairs by expert;
-      3. ``permute`` gathers the rows in that order;
-      4. ``expert_fn`` runs each expert on its contiguous block of rows;
-      5. ``unpermute_combine`` adds each token's k expert outputs weighted by its scores.
+    Forward, for ``inp [..., d_model]`` viewed as ``x [T, d_model]``: the gate gives ``topk_idx [T, k]`` and
+    ``topk_score [T, k]``; the C++ token path (``fastmoe::TokenDispatch``, docs/architecture.md) groups the rows by
+    expert (and, with expert parallelism, sends them to the experts' ranks); ``expert_fn`` runs each local expert
+    on its block of rows; the token path adds each token's k outputs weighted by its scores.
 
     Args:
-        num_expert: experts on this rank (the global count is ``num_expert * world_size``). With a list of
-            experts (``expert=[...]``) it may be ``None`` or left at its default, and then is the list's length
-            (FastMoE's rule); an explicit value that differs from the length is an error.
+        num_expert: experts on this rank (``num_expert * world_size`` in all). With ``expert=[...]`` it may be
+            ``None`` or left at its default and is then the list's length (FastMoE's rule).
         d_model: feature width of the input.
-        world_size: size of the expert-parallel group: the layer holds ``num_expert`` of the
-            ``num_expert * world_size`` experts, global expert ``e`` on rank ``e // num_expert`` of ``moe_group``.
-            Needs torch.distributed; the configuration is checked to be the same on every rank at construction.
-        moe_group: the expert-parallel process group (``None``: the default group, which must then have
-            ``world_size`` ranks).
+        world_size, moe_group: expert parallelism over the ``world_size`` ranks of ``moe_group`` (``None``: the
+            default group): global expert ``e`` lives on rank ``e // num_expert``. Construction checks that every
+            rank has the same configuration (a collective).
         top_k: experts per token.
-        gate: a gate class built as ``gate(d_model, num_expert, world_size, top_k)``, or a gate instance (see
-            ``fastmoe.gates``). A gate whose routing is wider than ``top_k`` (expert choice) says so in its
-            ``slots_per_token`` attribute. A gate with a ``moe_group`` attribute left ``None`` (``DCGate``) gets
-            the layer's group.
-        expert: a callable ``expert(d_model) -> nn.Module`` instantiated ``num_expert`` times, or a list of such
-            callables (one per expert, possibly of different classes). Each expert module gets the
-            ``[rows, d_model]`` block routed to it (experts with no rows are not called, but for expert 0 on an
-            empty block when a multi-input forward routes no row here). How it is called
-            follows its ``forward`` signature, read when the layer is built (and again if ``self.experts`` is
-            replaced): ``forward(inp)`` is called as ``module(rows)``; a ``forward`` whose second positional
-            parameter is required, or is named ``fwd_expert_count``, is called as FastMoE calls experts,
-            ``module(rows, count)`` with ``count`` a 1-element int64 CPU tensor holding the number of rows.
-            Global expert ``g`` is built with the default generators seeded
-            for ``g`` alone (one base seed drawn from the CPU default generator, then a stream per expert), so
-            experts differ across ranks and each equals the same expert of a one-rank layer built from the same
-            seed; the default generators are left as one draw moved them, whatever ``num_expert``. ``None`` means
-            the subclass sets a fused ``self.experts`` called as ``self.experts(x_sorted, fwd_expert_count)``.
+        gate: a gate class built as ``gate(d_model, num_expert, world_size, top_k)``, or a gate instance
+            (``fastmoe.gates``; a gate routing wider than ``top_k`` says so in ``slots_per_token``; a gate whose
+            ``moe_group`` is ``None``, such as ``DCGate``, gets the layer's group).
+        expert: a callable ``expert(d_model) -> nn.Module`` built ``num_expert`` times, or a list of such
+            callables, one per expert. Each module gets its ``[rows, d_model]`` block (experts without rows are not
+            called, except expert 0 on an empty block when no row is routed here at all), as ``module(rows)``, or
+            as ``module(rows, count)`` (``count`` a 1-element int64 CPU tensor) when its ``forward`` has a required
+            second parameter or one named ``fwd_expert_count``. Global expert ``g`` is built in its own random
+            stream (docs/distributed.md, "Initialisation"). ``None``: a subclass sets fused ``self.experts``,
+            called as ``self.experts(x_sorted, fwd_expert_count)``.
         gate_hook: called as ``gate_hook(topk_idx, topk_score, None)`` after gating.
         gate_bias: passed to NaiveGate-family gates.
-        ep_chunks: with expert parallelism, split the tokens into this many chunks whose exchanges and expert
-            GEMMs run on their own CUDA streams, so one chunk's all-to-all overlaps another chunk's experts
-            (docs/distributed.md). 1 (the default) runs the layer as one piece. The result does not depend on it.
+        ep_chunks: with expert parallelism, cut the tokens into this many chunks, each chunk's exchanges and
+            experts on its own CUDA stream, so they overlap (docs/distributed.md). The result does not depend on it.
 
-    The per-expert loop reads the expert counts on the host once per forward (one device sync); fused experts
-    (``FMoETransformerMLP``) do not.
-
-    ``expert_fn(inp, fwd_expert_count, expert_offsets)`` runs the local experts; a subclass may override it. An
-    override with FastMoE's two parameters, ``expert_fn(self, inp, fwd_expert_count)``, is called as FastMoE
-    calls it: ``inp`` holds only the routed rows (``fwd_expert_count.sum()`` of them, grouped by local expert;
-    finding that number is one host sync) and ``fwd_expert_count [num_expert]`` int64 is on the rows' device.
-
-    The input may be a tensor ``[..., d_model]`` or, as FastMoE's multi-input layers, a tuple, list or dict
-    (any ``torch.utils._pytree`` structure) of tensors ``[..., d_i]`` that share their leading dimensions, dtype
-    and device. As in FastMoE, the gate is called with the whole structure (so it must pick what it routes on;
-    fastmoe's own gates take a tensor only), every tensor is routed the same way, the experts (``expert_fn``,
-    fused experts or each expert module) get the same structure holding their rows of each tensor and return a
-    structure of ``[rows, d_out_j]`` tensors of one dtype, and the layer returns that structure with each tensor
-    combined over the k slots and shaped ``[..., d_out_j]``. It works with expert parallelism too (the tensors
-    travel side by side in one exchange).
-
-    Each forward keeps ``balance_record`` (device tensors: the plan's expert counts, the gate's capacity-drop
-    count and loss terms); :meth:`balance_stats` and ``fastmoe.balance.collect`` read them on the host.
+    The per-expert module loop reads the expert counts on the host once per forward; fused experts do not. A
+    subclass may override ``expert_fn(inp, fwd_expert_count, expert_offsets)``, or FastMoE's two-parameter form,
+    which gets the routed rows only. The input may also be a tuple, list or dict of tensors ``[..., d_i]`` (any
+    pytree; FastMoE's multi-input layers): routed together, each expert gets and returns such a structure, and so
+    does the layer (docs/porting-from-fastmoe.md). Each forward keeps ``balance_record`` (device tensors), read by
+    :meth:`balance_stats` and ``fastmoe.balance.collect``.
     """
 
     def __init__(
@@ -125,7 +99,7 @@ class FMoE(nn.Module):
         self.world_size = _checks.positive_int("world_size", world_size)
         self.moe_group, self.moe_rank = None, 0
         if world_size != 1 or moe_group is not None:
-            self.moe_group, self.moe_rank = distributed.resolve_moe_group(world_size, moe_group)
+            self.moe_group, self.moe_rank = _groups.resolve_moe_group(world_size, moe_group)
         for name, value in (
             ("mp_group", mp_group),
             ("slice_group", slice_group),
@@ -170,7 +144,7 @@ class FMoE(nn.Module):
             # and together equal the experts of a one-rank layer of num_expert * world_size built from the same seed.
             self.experts = nn.ModuleList(_rng.build_experts([expert] * num_expert, d_model, self.moe_rank * num_expert))
         if self.moe_group is not None:
-            distributed.check_same_config(
+            _groups.check_same_config(
                 self.moe_group,
                 {
                     "layer": type(self).__name__,
@@ -207,60 +181,34 @@ class FMoE(nn.Module):
     def expert_fn(self, inp, fwd_expert_count: torch.Tensor, expert_offsets=None):
         """Runs the local experts on ``inp [N, d_model]`` (rows grouped by expert, zero rows at the tail), or on a
         structure of such tensors in a multi-input forward. ``expert_offsets`` is the ``[num_expert + 1]`` prefix
-        sum, a tensor or (for the module loop) a list."""
+        sum, a tensor or (for the module loop) a list. Each expert module gets (the structure of) its rows and
+        returns (a structure of) ``[rows, d_out_j]`` tensors; the result holds zero rows for the unrouted tail."""
         if self.experts_fused:
             return self.experts(inp, fwd_expert_count)
         if expert_offsets is None:
             expert_offsets = ops.counts_to_offsets(fwd_expert_count)
         # host sync (unless given as a list): a Python loop over modules needs the row ranges
         bounds = expert_offsets.tolist() if isinstance(expert_offsets, torch.Tensor) else list(expert_offsets)
-        if not isinstance(inp, torch.Tensor):
-            return self._expert_loop_structure(inp, bounds)
         modes = self._expert_call_modes()
-        experts = self.experts
         outputs = []
         for e in range(self.num_expert):
             lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                rows = inp[lo:hi]
-                # FastMoE's experts take forward(rows, count), the count a 1-element int64 CPU tensor
-                outputs.append(experts[e](rows, torch.tensor([hi - lo])) if modes[e] else experts[e](rows))
-        routed = bounds[self.num_expert]
-        width = outputs[0].shape[-1] if outputs else self.d_model
-        tail = inp.new_zeros(inp.shape[0] - routed, width)
-        if not outputs:
-            # Keep the output on the input's autograd graph: with expert parallelism the backward of the
-            # exchange that delivered `inp` is a collective, and every rank must reach it.
-            return tail + inp.sum() * 0 if inp.requires_grad else tail
-        return torch.cat(outputs + [tail.to(outputs[0].dtype)], dim=0)
-
-    def _expert_loop_structure(self, inp, bounds: list):
-        """The module loop of a multi-input forward: each expert gets the structure of its rows of every tensor
-        and returns a structure of ``[rows, d_out_j]`` tensors; returns that structure over all rows (zero rows
-        for the unrouted tail)."""
-        modes = self._expert_call_modes()
-        num_rows = pytree.tree_leaves(inp)[0].shape[0]
-        outputs = []
-        for e in range(self.num_expert):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
+            if hi > lo or (e == 0 and bounds[self.num_expert] == 0):
+                # With no row here at all, expert 0 runs on an empty block: that gives the output's shape
+                # and keeps it on the input's autograd graph (with expert parallelism the backward of the exchange
+                # that delivered the rows is a collective every rank must reach).
                 rows = pytree.tree_map(lambda t, lo=lo, hi=hi: t[lo:hi], inp)
+                # FastMoE's experts take forward(rows, count), the count a 1-element int64 CPU tensor
                 outputs.append(self.experts[e](rows, torch.tensor([hi - lo])) if modes[e] else self.experts[e](rows))
-        if not outputs:
-            # Expert 0 on no rows gives the output structure and keeps the output on the input's autograd graph
-            # (with expert parallelism the backward of the exchange is a collective every rank must reach).
-            rows = pytree.tree_map(lambda t: t[:0], inp)
-            outputs.append(self.experts[0](rows, torch.tensor([0])) if modes[0] else self.experts[0](rows))
         flat = [pytree.tree_flatten(out) for out in outputs]
         spec = flat[0][1]
         for e, (_, other) in enumerate(flat):
             if other != spec:
                 raise ValueError(f"the experts returned different structures: {spec} and {other} (expert output {e})")
-        columns = []
+        num_rows, columns = pytree.tree_leaves(inp)[0].shape[0], []
         for j in range(len(flat[0][0])):
             pieces = [leaves[j] for leaves, _ in flat]
-            routed = sum(piece.shape[0] for piece in pieces)
-            tail = pieces[0].new_zeros(num_rows - routed, *pieces[0].shape[1:])
+            tail = pieces[0].new_zeros(num_rows - sum(piece.shape[0] for piece in pieces), *pieces[0].shape[1:])
             columns.append(torch.cat(pieces + [tail], dim=0))
         return pytree.tree_unflatten(columns, spec)
 
