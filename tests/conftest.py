@@ -275,3 +275,23 @@ def one_rank_group(tmp_path):
         yield dist.group.WORLD.group_name
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- C++ modules
+
+
+def _nn_testing_lib():
+    """The test-only op library that runs the C++ fastmoe::nn modules (tests/cpp/nn_testing_ops.cpp), newest build
+    first, or None when it is not built."""
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = glob.glob(os.path.join(root, "build*", "tests", "cpp", "libfastmoe_nn_testing.so"))
+    return max(found, key=os.path.getmtime) if found else None
+
+
+NN_TESTING_LIB = _nn_testing_lib()
+needs_nn_testing_lib = pytest.mark.skipif(
+    NN_TESTING_LIB is None,
+    reason="libfastmoe_nn_testing.so is not built (cmake --build build --target fastmoe_nn_testing)",
+)

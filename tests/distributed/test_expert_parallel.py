@@ -5,6 +5,8 @@ expert-parallel layer with a single-process layer holding every expert with the 
 
 import ep_cases
 import pytest
+from conftest import NN_TESTING_LIB as NN_LIB
+from conftest import needs_nn_testing_lib as needs_nn_lib
 from dist_harness import nccl_skip_reason, run_workers
 
 
@@ -94,22 +96,6 @@ def test_dp_ep_gradients_after_optimizer_steps(world, ep_size, backend):
         pytest.skip(nccl_skip_reason(world))
     losses = run(world, backend, ep_cases.dp_ep_training, ep_size)
     assert len(losses) == world and all(loss == loss for loss in losses)  # finite, one per rank
-
-
-def _nn_testing_lib():
-    """The test-only op library of the C++ modules (tests/cpp/nn_testing_ops.cpp), newest build first."""
-    import glob
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    found = glob.glob(os.path.join(root, "build*", "tests", "cpp", "libfastmoe_nn_testing.so"))
-    return max(found, key=os.path.getmtime) if found else None
-
-
-NN_LIB = _nn_testing_lib()
-needs_nn_lib = pytest.mark.skipif(
-    NN_LIB is None, reason="libfastmoe_nn_testing.so is not built (cmake --build build --target fastmoe_nn_testing)"
-)
 
 
 @needs_nn_lib

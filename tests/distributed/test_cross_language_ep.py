@@ -1,0 +1,32 @@
+"""Expert parallelism across languages: on each of 2 ranks the Python layer (world_size=2) and the C++ fastmoe::nn
+module on the same process group, with the same parameters and inputs, give bitwise-equal outputs and gradients
+(input and every parameter), for FMoETransformerMLP (GELU, SwiGLU) and FMoE with nn.Sequential experts, in fp64
+and fp32, with ep_chunks 1 and 2 and a rank with fewer tokens. gloo on the CPU always; NCCL when there are 2 GPUs.
+
+Bitwise holds as on one process (tests/distributed/cross_language_cases.py says why): both layers run on the same
+rank, thread count and device, and call the same kernels, including the same exchanges, on the same shapes."""
+
+import cross_language_cases
+import pytest
+import torch
+from test_expert_parallel import backends, run
+
+from conftest import NN_TESTING_LIB, needs_nn_testing_lib
+
+pytestmark = needs_nn_testing_lib
+
+# (dtype, ep_chunks, tokens per rank): rank 1 has fewer tokens; with 2 chunks one of its chunks is empty
+CASES = [
+    (dtype, ep_chunks, tokens)
+    for dtype in (torch.float64, torch.float32)
+    for ep_chunks, tokens in ((1, [10, 3]), (2, [10, 3]), (2, [7, 1]))
+]
+
+
+@pytest.mark.parametrize("layer", cross_language_cases.LAYERS)
+@pytest.mark.parametrize("backend", backends(2))
+def test_expert_parallel_python_layer_equals_cpp_module_bitwise(backend, layer):
+    compared = run(2, backend, cross_language_cases.expert_parallel, NN_TESTING_LIB, layer, CASES)
+    # y, grad_x and every parameter's gradient (TransformerMLP: 6 parameters; MoE: the gate's 2, 4 per expert)
+    per_case = 2 + (6 if layer != "moe" else 2 + 2 * 4)
+    assert compared == [len(CASES) * per_case] * 2
