@@ -1,0 +1,88 @@
+"""Host time to issue one forward + backward of fastmoe-train's MoE layer against its dense FFN.
+
+Builds both models exactly as fastmoe-train does (tools/profile_train_step.py's way: the same flags and
+defaults), takes the first MoE layer of the MoE model and the dense FFN at the same place of the dense twin,
+and times on the host ``y = ffn(x); y.backward(g)`` for ``x [batch * seq_len, d_model]``. Before each timed call
+the device is synchronised, and the timed region itself does not synchronise, so on CUDA the time is what the
+host spends issuing the work (Python, the dispatcher, autograd, kernel launches), not the GPU's time, as long as
+the GPU keeps up (small layers; the default size does). ``--device meta`` runs the same calls on meta tensors:
+no kernel runs at all, so it measures the host path alone on any machine.
+
+    PYTHONPATH=python .venv/bin/python tools/host_issue_time.py --device cuda [--precision bf16]
+        [--repeats 200] [any fastmoe-train model flag: --experts 32, --batch 64, ...]
+
+Prints the median microseconds per forward + backward of each layer and their ratio (MoE / dense).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from fastmoe.train import cli
+from fastmoe.train.loop import autocast
+from fastmoe.train.model import GPT
+
+
+def first_ffn(model: GPT, moe_model: GPT):
+    """The FFN of ``model`` at the place of ``moe_model``'s first MoE layer."""
+    for block, moe_block in zip(model.blocks, moe_model.blocks, strict=True):
+        if moe_block.is_moe:
+            return block.ffn
+    raise SystemExit("the model has no MoE layer; check --moe-every")
+
+
+def time_layer(ffn, x, grad, device, precision, repeats: int, warmup: int) -> float:
+    times = []
+    for step in range(warmup + repeats):
+        ffn.zero_grad(set_to_none=True)
+        inp = x.detach().requires_grad_(True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with autocast(device, precision):
+            y = ffn(inp)
+        y.backward(grad.to(y.dtype))
+        elapsed = time.perf_counter() - start
+        if step >= warmup:
+            times.append(elapsed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(times) * 1e6
+
+
+def main(argv=None) -> int:
+    parser = cli.build_parser()
+    parser.description = __doc__
+    tool = parser.add_argument_group("host_issue_time")
+    tool.add_argument("--repeats", type=int, default=200, help="timed forward + backward calls per layer")
+    tool.add_argument("--warmup-calls", type=int, default=20, help="untimed calls first")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    rows = args.batch * args.seq_len
+    torch.manual_seed(args.seed)
+    moe_model = GPT(cli.model_config(args, moe=True))
+    results = {}
+    for moe in (True, False):
+        torch.manual_seed(args.seed)
+        model = moe_model if moe else GPT(cli.model_config(args, moe=False))
+        ffn = first_ffn(model, moe_model).to(device)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, args.d_model, generator=gen).to(device)
+        grad = torch.randn(rows, args.d_model, generator=gen).to(device)
+        results["moe" if moe else "dense"] = time_layer(
+            ffn, x, grad, device, args.precision, args.repeats, args.warmup_calls
+        )
+    print(f"device {device}, precision {args.precision}, x [{rows}, {args.d_model}], {args.repeats} calls")
+    print(f"MoE layer (FMoETransformerMLP, {args.experts} experts, top-{args.top_k}): {results['moe']:9.1f} us")
+    print(f"dense FFN:                                    {results['dense']:9.1f} us")
+    print(f"ratio MoE / dense: {results['moe'] / results['dense']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
