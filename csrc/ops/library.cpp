@@ -53,4 +53,44 @@ TORCH_LIBRARY(fastmoe, m) {
   // Raises ValueError on every rank of the group when the configuration (values named by names) differs between
   // ranks, naming each difference (csrc/runtime/communicator.h). A collective, bounded by FASTMOE_COMM_TIMEOUT.
   m.def("check_same_config(str group_name, str[] names, str[] values, str what) -> ()");
+
+  // Gates: each gate's routing and loss terms from its logits [T, E] (csrc/ops/gates.cpp, docs/gates.md). They
+  // return (topk_idx [T, k] int64, -1 = empty slot; topk_score [T, k]; balance_loss, z_loss: 0-dim, or [0] where the
+  // gate records no such term; num_dropped: [] int64, or [0] for a gate that never drops). Composites of route_topk,
+  // capacity_limit and ATen ops; random draws use the default generator.
+  m.def(
+      "naive_gate(Tensor logits, int k, float balance_coef=0.0, float z_loss_coef=0.0) -> (Tensor topk_idx, "
+      "Tensor topk_score, Tensor balance_loss, Tensor z_loss, Tensor num_dropped)");
+  // Noise (and the smooth load estimator) when noise_logits, the pre-softplus noise scale [T, E], is given.
+  m.def(
+      "noisy_gate(Tensor clean_logits, Tensor? noise_logits, int k, float noise_epsilon=0.01, float w_importance=1.0, "
+      "float w_load=1.0, float z_loss_coef=0.0) -> (Tensor topk_idx, Tensor topk_score, Tensor balance_loss, "
+      "Tensor z_loss, Tensor num_dropped)");
+  m.def(
+      "gshard_gate(Tensor logits, bool training, float? capacity_factor=None, bool random_routing=True, "
+      "float aux_loss_coef=1.0, float z_loss_coef=0.0) -> (Tensor topk_idx, Tensor topk_score, Tensor balance_loss, "
+      "Tensor z_loss, Tensor num_dropped)");
+  m.def(
+      "switch_gate(Tensor logits, float? capacity_factor=None, float aux_loss_coef=0.01, float z_loss_coef=0.0) -> "
+      "(Tensor topk_idx, Tensor topk_score, Tensor balance_loss, Tensor z_loss, Tensor num_dropped)");
+  // The Switch Transformer's router input in training: x * U[1 - eps, 1 + eps], one draw per element.
+  m.def("switch_jitter(Tensor x, float eps) -> Tensor");
+  m.def(
+      "swipe_gate(Tensor logits, int k, bool training, float z_loss_coef=0.0) -> (Tensor topk_idx, "
+      "Tensor topk_score, Tensor balance_loss, Tensor z_loss, Tensor num_dropped)");
+  m.def(
+      "expert_choice_gate(Tensor logits, int k, float capacity_factor, int slots_per_token, float z_loss_coef=0.0) "
+      "-> (Tensor topk_idx, Tensor topk_score, Tensor balance_loss, Tensor z_loss, Tensor num_dropped)");
+  // expert_bias_update [E] fp32 (training with bias_update_rate > 0, else [0]) is for the caller to add to its bias.
+  m.def(
+      "sigmoid_gate(Tensor logits, Tensor expert_bias, int k, int n_groups=1, int topk_groups=1, bool normalize=True, "
+      "float routed_scaling_factor=1.0, float aux_loss_coef=0.0, bool training=False, float bias_update_rate=0.0) -> "
+      "(Tensor topk_idx, Tensor topk_score, Tensor balance_loss, Tensor z_loss, Tensor num_dropped, "
+      "Tensor expert_bias_update)");
+  // Capacity ceil(capacity_factor * T * k / E) per expert, the highest-scored kept; T counts group_idx's rows when
+  // given (the expert-parallel group's routing, with topk_idx at rows [group_offset, group_offset + T)).
+  m.def(
+      "gate_capacity(Tensor topk_idx, Tensor topk_score, float? capacity_factor, int num_experts, "
+      "Tensor? group_idx=None, Tensor? group_score=None, int group_offset=0) -> (Tensor kept_idx, Tensor kept_score, "
+      "Tensor num_dropped)");
 }

@@ -73,4 +73,53 @@ at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send_splits
                     const std::vector<int64_t>& recv_splits, const std::string& group_name,
                     std::optional<int64_t> out_rows = std::nullopt);
 
+// ---- gates: each gate's routing and loss terms from its logits (docs/gates.md has the formulas)
+
+// What a gate op returns. balance_loss and z_loss are 0-dim (at least fp32, coefficients applied, with gradients
+// into the logits), or [0] where the gate records no such term; num_dropped is [] int64 on the device, or [0] for a
+// gate that never drops. expert_bias_update is sigmoid_gate's alone (undefined for the others).
+struct GateRouting {
+  at::Tensor topk_idx;    // [T, k] int64, -1 = empty slot
+  at::Tensor topk_score;  // [T, k] in the logits' dtype, 0 in an empty slot
+  at::Tensor balance_loss;
+  at::Tensor z_loss;
+  at::Tensor num_dropped;
+  at::Tensor expert_bias_update;
+};
+
+// FastMoE's NaiveGate: top-k logits, softmax over those k; Switch's balance term over every slot when
+// balance_coef > 0; ST-MoE's z-loss when z_loss_coef > 0.
+GateRouting naive_gate(const at::Tensor& logits, int64_t k, double balance_coef = 0.0, double z_loss_coef = 0.0);
+// Noisy top-k gating (Shazeer et al. 2017); noise_logits [T, E] (x w_noise) given means training: noise from
+// randn_like(clean_logits) and the smooth load estimator.
+GateRouting noisy_gate(const at::Tensor& clean_logits, const std::optional<at::Tensor>& noise_logits, int64_t k,
+                       double noise_epsilon = 1e-2, double w_importance = 1.0, double w_load = 1.0,
+                       double z_loss_coef = 0.0);
+// GShard's top-2 gate: random routing (training && random_routing, one torch::rand(T)) and capacity (no limit for
+// std::nullopt).
+GateRouting gshard_gate(const at::Tensor& logits, bool training, std::optional<double> capacity_factor,
+                        bool random_routing = true, double aux_loss_coef = 1.0, double z_loss_coef = 0.0);
+// The Switch Transformer's top-1 gate on the logits of the (jittered) router input.
+GateRouting switch_gate(const at::Tensor& logits, std::optional<double> capacity_factor, double aux_loss_coef = 1e-2,
+                        double z_loss_coef = 0.0);
+// x * U[1 - eps, 1 + eps] (one uniform_ draw of x's shape): the Switch router's input in training.
+at::Tensor switch_jitter(const at::Tensor& x, double eps);
+// The balanced assignment of SwipeGate in training, top-k with softmax over the k in eval.
+GateRouting swipe_gate(const at::Tensor& logits, int64_t k, bool training, double z_loss_coef = 0.0);
+// Expert-choice routing: each expert takes min(T, ceil(capacity_factor * T * k / E)) tokens; slots_per_token slots.
+GateRouting expert_choice_gate(const at::Tensor& logits, int64_t k, double capacity_factor, int64_t slots_per_token,
+                               double z_loss_coef = 0.0);
+// DeepSeek-V3's gate. expert_bias [E] steers the selection only; in training with bias_update_rate > 0,
+// expert_bias_update [E] fp32 is the update to add to it (else [0]).
+GateRouting sigmoid_gate(const at::Tensor& logits, const at::Tensor& expert_bias, int64_t k, int64_t n_groups = 1,
+                         int64_t topk_groups = 1, bool normalize = true, double routed_scaling_factor = 1.0,
+                         double aux_loss_coef = 0.0, bool training = false, double bias_update_rate = 0.0);
+// Capacity ceil(capacity_factor * T * k / E) per expert through capacity_limit, empty slots' scores zeroed; T counts
+// group_idx's rows when given (an expert-parallel group's routing, topk_idx at rows [group_offset, group_offset + T)).
+// Returns (kept_idx [T, k], kept_score [T, k], num_dropped [] int64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_capacity(
+    const at::Tensor& topk_idx, const at::Tensor& topk_score, std::optional<double> capacity_factor,
+    int64_t num_experts, const std::optional<at::Tensor>& group_idx = std::nullopt,
+    const std::optional<at::Tensor>& group_score = std::nullopt, int64_t group_offset = 0);
+
 }  // namespace fastmoe::ops

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastmoe._groups import (  # noqa: F401  (_wait, _all_gather_object: used by the gates and the checkpoints)
+from fastmoe._groups import (  # noqa: F401  (check_same_config, resolve_moe_group: public names here)
     _all_gather_object,
     _require_initialized,
     _wait,
@@ -31,6 +31,7 @@ from fastmoe._groups import (  # noqa: F401  (_wait, _all_gather_object: used by
     comm_timeout,
     resolve_moe_group,
 )
+from fastmoe.layers import FMoE
 
 __all__ = [
     "DistributedGroupedDataParallel",
@@ -68,8 +69,6 @@ def expert_parallel_groups(ep_size: int):
 
 
 def _moe_layers(module: nn.Module):
-    from fastmoe.layers import FMoE
-
     return [m for m in module.modules() if isinstance(m, FMoE)]
 
 

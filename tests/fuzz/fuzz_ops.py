@@ -9,6 +9,7 @@ Data-dependent checks (an expert id, a pair id, an offset) raise on the CPU; the
 without a host sync, so there such a case must only run to completion (docs/reliability.md).
 """
 
+import math
 import random
 
 import torch
@@ -582,6 +583,198 @@ def ep_route_case(rng: random.Random, device: str) -> Case:
     )
 
 
+# ----------------------------------------------------------------------------------------------- gates
+# The gate ops' formulas are tested
+# against the papers in tests/gates/test_gates_formulas.py; here random sizes (0 tokens included), dtypes and
+# layouts: a valid case must give the op's result on a contiguous copy of its input (seeded alike), a well-formed
+# routing and finite 0-dim or [0] loss terms, and a broken argument must be named with its value.
+
+
+def _gate_call(op_name: str, rng: random.Random, T: int, E: int, dtype, device):
+    """(call(logits, others) -> outputs, others (the op's other tensors), width of the routing, logits) for one
+    gate op with random valid arguments."""
+    logits = distinct_logits(rng, T, E, dtype, device)
+    coef, k, training = rng.choice([0.0, 0.01, 1.0]), rng.randint(1, E), rng.random() < 0.5
+    factor, random_routing, ec_factor = rng.choice([None, 0.5, 1.0, 2.0]), rng.random() < 0.5, rng.choice([0.5, 1, 2])
+    if op_name == "naive_gate":
+        return (lambda lg, o: F.naive_gate(lg, k, coef, coef)), {}, k, logits
+    if op_name == "noisy_gate":
+        others = {"noise": randn(rng, T, E, dtype=dtype, device=device) if training else None}
+        return (lambda lg, o: F.noisy_gate(lg, o["noise"], k, 1e-2, 1.0, coef, coef)), others, k, logits
+    if op_name == "gshard_gate":
+        logits = distinct_logits(rng, T, max(E, 2), dtype, device)
+        return (lambda lg, o: F.gshard_gate(lg, training, factor, random_routing, 1.0, coef)), {}, 2, logits
+    if op_name == "switch_gate":
+        return (lambda lg, o: F.switch_gate(lg, factor, 0.01, coef)), {}, 1, logits
+    if op_name == "swipe_gate":
+        return (lambda lg, o: F.swipe_gate(lg, k, training, coef)), {}, k, logits
+    if op_name == "expert_choice_gate":
+        slots = rng.randint(1, E)
+        return (lambda lg, o: F.expert_choice_gate(lg, k, ec_factor, slots, coef)), {}, slots, logits
+    groups = rng.choice([g for g in range(1, E + 1) if E % g == 0])
+    keep = rng.randint(1, groups)
+    k = rng.randint(1, keep * (E // groups)) if groups > 1 else k
+    others = {"bias": randn(rng, E, device=device)}
+    return (
+        (lambda lg, o: F.sigmoid_gate(lg, o["bias"], k, groups, keep, True, 1.0, coef, training, 1e-3)),
+        others,
+        k,
+        logits,
+    )
+
+
+def gate_case(op_name: str):
+    def generate(rng: random.Random, device: str) -> Case:
+        T, E, dtype = rng.choice(SIZES), rng.randint(1, 6), rng.choice(FLOATS)
+        call_with, others, width, logits = _gate_call(op_name, rng, T, E, dtype, device)
+
+        def call(lg):
+            return call_with(lg, others)
+
+        E = logits.shape[1]
+        m = pick(rng, ["int-logits", "1d", "coef", "k"])
+        name = f"{op_name}/{m}"
+        if m == "int-logits":
+            return Case(name, lambda: call(logits.long()), error=(R, "logits", "Long"))
+        if m == "1d":
+            return Case(name, lambda: call(logits.reshape(-1)), error=(R, "logits", f"[{T * E}]"))
+        if m == "coef":
+            bad = rng.choice([-1.0, float("nan"), float("inf")])
+            name_of = {"naive_gate": "z_loss_coef", "noisy_gate": "w_importance", "sigmoid_gate": "aux_loss_coef"}
+            arg = name_of.get(op_name, "z_loss_coef")
+            calls = {
+                "naive_gate": lambda: F.naive_gate(logits, 1, 0.0, bad),
+                "noisy_gate": lambda: F.noisy_gate(logits, None, 1, 1e-2, bad),
+                "gshard_gate": lambda: F.gshard_gate(logits, False, None, True, 1.0, bad),
+                "switch_gate": lambda: F.switch_gate(logits, None, 0.01, bad),
+                "swipe_gate": lambda: F.swipe_gate(logits, 1, False, bad),
+                "expert_choice_gate": lambda: F.expert_choice_gate(logits, 1, 1.0, 1, bad),
+                "sigmoid_gate": lambda: F.sigmoid_gate(logits, torch.zeros(E, device=device), 1, 1, 1, True, 1.0, bad),
+            }
+            if op_name == "gshard_gate" and E < 2:
+                return Case(valid_name(name), lambda: call(logits), None)
+            return Case(name, calls[op_name], error=(ValueError, arg, repr(bad)))
+        if m == "k" and op_name not in ("gshard_gate", "switch_gate"):
+            bad = rng.choice([0, E + 1])
+            calls = {
+                "naive_gate": lambda: F.naive_gate(logits, bad),
+                "noisy_gate": lambda: F.noisy_gate(logits, None, bad),
+                "swipe_gate": lambda: F.swipe_gate(logits, bad, False),
+                "expert_choice_gate": lambda: F.expert_choice_gate(logits, bad, 1.0, 1),
+                "sigmoid_gate": lambda: F.sigmoid_gate(logits, torch.zeros(E, device=device), bad),
+            }
+            return Case(name, calls[op_name], error=(ValueError, "k", str(bad)))
+        laid_out = layout(rng, logits)
+
+        def run(lg):
+            torch.manual_seed(11)
+            return call(lg)
+
+        def check(result):
+            idx, score, balance, z_loss, num_dropped, *rest = result
+            assert idx.shape == score.shape == (T, width) and idx.dtype == torch.int64, f"routing {idx.shape}"
+            assert score.dtype == dtype, f"topk_score dtype {score.dtype}"
+            assert ((idx >= -1) & (idx < E)).all(), "expert id out of range"
+            assert (score[idx < 0] == 0).all(), "an empty slot has a score"
+            for term_name, term in (("balance_loss", balance), ("z_loss", z_loss)):
+                assert term.shape in ((), (0,)) and torch.isfinite(term).all(), f"{term_name} {term}"
+            assert num_dropped.shape in ((), (0,)) and num_dropped.dtype == torch.int64, "num_dropped"
+            expected = run(logits.contiguous())
+            assert_equal(idx, expected[0], "topk_idx")
+            assert_close(score, expected[1], dtype, "topk_score")
+
+        meta_others = {key: to_meta(value) for key, value in others.items()}
+        return Case(
+            valid_name(name), lambda: run(laid_out), check, meta_call=lambda: call_with(to_meta(logits), meta_others)
+        )
+
+    return generate
+
+
+def switch_jitter_case(rng: random.Random, device: str) -> Case:
+    T, d, dtype = rng.choice(SIZES), rng.randint(1, 9), rng.choice(FLOATS)
+    eps = rng.choice([0.0, 0.1, 0.5])
+    x = randn(rng, T, d, dtype=dtype, device=device)
+    m = pick(rng, ["eps", "int-x"])
+    name = f"switch_jitter/{m}"
+    if m == "eps":
+        bad = rng.choice([-0.1, 1.0, float("nan")])
+        return Case(name, lambda: F.switch_jitter(x, bad), error=(ValueError, "switch_eps", repr(bad)))
+    if m == "int-x":
+        return Case(name, lambda: F.switch_jitter(x.long(), eps), error=(R, "x", "Long"))
+
+    def check(out):
+        ratio = (out.double() / x.double())[x != 0]
+        slack = 4 * torch.finfo(dtype).eps
+        assert ((ratio >= 1 - eps - slack) & (ratio <= 1 + eps + slack)).all(), "jitter outside [1 - eps, 1 + eps]"
+        assert (out[x == 0] == 0).all(), "a zero moved"
+
+    return Case(
+        valid_name(name), lambda: F.switch_jitter(x, eps), check, meta_call=lambda: F.switch_jitter(to_meta(x), eps)
+    )
+
+
+def gate_capacity_case(rng: random.Random, device: str) -> Case:
+    T, E = rng.choice(SIZES), rng.randint(1, 6)
+    k, dtype = rng.randint(1, E), rng.choice(FLOATS)
+    idx = random_idx(rng, T, k, E, device)
+    score = layout(
+        rng,
+        torch.rand(T, k, generator=torch.Generator().manual_seed(rng.getrandbits(31))).to(dtype=dtype, device=device),
+    )
+    factor = rng.choice([None, 0.25, 0.5, 1.0, 3.0])
+    m = pick(rng, ["factor", "offset", "shape"])
+    name = f"gate_capacity/{m}"
+    if m == "factor":
+        bad = rng.choice([0.0, -1.0, float("nan")])
+        return Case(name, lambda: F.gate_capacity(idx, score, bad, E), error=(ValueError, "capacity_factor", repr(bad)))
+    if m == "offset":
+        bad = rng.choice([-1, 1])
+        return Case(
+            name,
+            lambda: F.gate_capacity(idx, score, 1.0, E, idx, score, bad),
+            error=(ValueError, "group_offset", str(bad)),
+        )
+    if m == "shape":
+        return Case(name, lambda: F.gate_capacity(idx, score[:, :0], 1.0, E), error=(R, "topk_score", f"[{T}, 0]"))
+
+    def check(result):
+        kept, kept_score, num_dropped = result
+        if factor is None:
+            assert_equal(kept, idx.contiguous(), "kept_idx")
+        else:
+            cap = torch.full((E,), math.ceil(factor * T * k / E), dtype=torch.int64)
+            expected, dropped = reference_capacity(idx.cpu(), score.cpu(), cap)
+            assert_equal(kept, expected, "kept_idx")
+            assert int(num_dropped) == dropped, f"num_dropped {int(num_dropped)} != {dropped}"
+        assert torch.equal(kept_score.cpu(), torch.where(kept >= 0, score, torch.zeros_like(score)).cpu()), "kept_score"
+
+    return Case(
+        valid_name(name),
+        lambda: F.gate_capacity(idx, score, factor, E),
+        check,
+        meta_call=lambda: F.gate_capacity(to_meta(idx), to_meta(score), factor, E),
+    )
+
+
+GATE_GENERATORS = {
+    **{
+        name: gate_case(name)
+        for name in (
+            "naive_gate",
+            "noisy_gate",
+            "gshard_gate",
+            "switch_gate",
+            "swipe_gate",
+            "expert_choice_gate",
+            "sigmoid_gate",
+        )
+    },
+    "switch_jitter": switch_jitter_case,
+    "gate_capacity": gate_capacity_case,
+}
+
+
 GENERATORS = {
     "ep_route": ep_route_case,
     "route_topk": route_topk_case,
@@ -594,3 +787,4 @@ GENERATORS = {
     "grouped_linear_backward": grouped_linear_backward_case,
     "capacity_limit": capacity_limit_case,
 }
+GENERATORS.update(GATE_GENERATORS)

@@ -427,6 +427,37 @@ def _cases():
         ("exchange_counts-int32", lambda: F.exchange_counts(i["counts"].int(), "unused"), R, ("counts", "Int")),
         ("exchange-int32-x", lambda: F.exchange(x.int(), [T], [T], "unused", None), R, ("x", "Int")),
         ("exchange-negative-split", lambda: F.exchange(x, [-1], [T], "unused", None), R, ("send_splits[0]", "-1")),
+        # The gate ops (csrc/ops/gates.cpp); tests/gates/test_gates_formulas.py checks every option of each.
+        ("naive_gate-1d-logits", lambda: F.naive_gate(L[0], 2), R, ("logits", f"[{E}]")),
+        ("naive_gate-k0", lambda: F.naive_gate(L, 0), ValueError, ("k", "got 0")),
+        (
+            "noisy_gate-noise-shape",
+            lambda: F.noisy_gate(L, L[:, :2], 2),
+            R,
+            ("noise_logits", f"[{T}, 2]"),
+        ),
+        ("gshard_gate-capacity", lambda: F.gshard_gate(L, True, -1.0), ValueError, ("capacity_factor", "-1.0")),
+        ("switch_gate-coef", lambda: F.switch_gate(L, None, -0.5), ValueError, ("aux_loss_coef", "-0.5")),
+        ("switch_jitter-eps", lambda: F.switch_jitter(L, -1.0), ValueError, ("eps", "-1.0")),
+        ("swipe_gate-k", lambda: F.swipe_gate(L, E + 1, True), ValueError, ("k", f"got {E + 1}")),
+        (
+            "expert_choice_gate-capacity",
+            lambda: F.expert_choice_gate(L, 2, 0.0, 1),
+            ValueError,
+            ("capacity_factor", "0.0"),
+        ),
+        (
+            "sigmoid_gate-bias-shape",
+            lambda: F.sigmoid_gate(L, torch.zeros(E - 1), 2),
+            R,
+            ("expert_bias", f"[{E - 1}]"),
+        ),
+        (
+            "gate_capacity-num-experts",
+            lambda: F.gate_capacity(i["topk_idx"], i["topk_score"], 1.0, 0),
+            ValueError,
+            ("num_experts", "got 0"),
+        ),
         (
             "check_same_config-lengths",
             lambda: F.check_same_config("unused", ["a", "b"], ["1"], "layer"),

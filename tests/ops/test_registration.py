@@ -25,7 +25,24 @@ KNOWN_OPS = {
     "exchange_counts": False,
     "ep_route": False,
     "exchange": True,
-    "check_same_config": False,
+}
+
+# The gate ops (csrc/ops/gates.cpp) are compositions of the ops above and ATen, registered as
+# CompositeImplicitAutograd: every backend, Meta and autograd come from their components, so they have a
+# CompositeImplicitAutograd kernel instead of CPU/CUDA/Meta/Autograd ones. tests/gates/test_gates_formulas.py runs
+# opcheck, Meta and torch.compile on each of them. check_same_config takes no tensor, so one kernel serves every
+# backend (a collective; tests/distributed covers it).
+COMPOSITE_OPS = {
+    "check_same_config",
+    "naive_gate",
+    "noisy_gate",
+    "gshard_gate",
+    "switch_gate",
+    "switch_jitter",
+    "swipe_gate",
+    "expert_choice_gate",
+    "sigmoid_gate",
+    "gate_capacity",
 }
 
 # fastmoe.with_cuda is True exactly when the ops have CUDA kernels (nvcc found and torch built with CUDA); such a
@@ -45,15 +62,24 @@ def has_kernel(op_name: str, key: str) -> bool:
 
 def test_every_registered_op_is_classified():
     registered = set(registered_ops())
-    unknown = registered - set(KNOWN_OPS)
-    missing = set(KNOWN_OPS) - registered
+    unknown = registered - set(KNOWN_OPS) - COMPOSITE_OPS
+    missing = (set(KNOWN_OPS) | COMPOSITE_OPS) - registered
     assert not unknown, f"ops registered but unknown to this test (classify them in KNOWN_OPS): {sorted(unknown)}"
     assert not missing, f"ops this test expects but the library does not register: {sorted(missing)}"
 
 
 def test_ops_reachable_from_python():
-    for name in KNOWN_OPS:
+    for name in set(KNOWN_OPS) | COMPOSITE_OPS:
         assert callable(getattr(torch.ops.fastmoe, name))
+
+
+@pytest.mark.parametrize("op_name", sorted(COMPOSITE_OPS))
+def test_composite_ops_have_only_the_composite_kernel(op_name):
+    assert has_kernel(op_name, "CompositeImplicitAutograd"), (
+        f"fastmoe::{op_name} has no CompositeImplicitAutograd kernel"
+    )
+    for key in ("CPU", "CUDA", "Meta", "Autograd"):
+        assert not has_kernel(op_name, key), f"composite fastmoe::{op_name} also has a {key} kernel"
 
 
 @pytest.mark.parametrize("op_name", sorted(KNOWN_OPS))

@@ -3,10 +3,13 @@
 // and the weights the layer combines the expert outputs with (0 in an empty slot). A gate also keeps the loss
 // terms and the drop count of its last forward.
 //
-// Each gate computes the same function as its namesake in python/fastmoe/gates/ (same formulas, defaults, random
-// draws and parameter and buffer names, so state_dicts interchange). Differences of API: `num_experts` is the
-// global expert count (Python's num_expert * world_size), `bias` is Python's gate_bias, a capacity factor of
-// std::nullopt is Python's capacity=None (per mode here), and loss() does not clear the loss.
+// A gate holds its parameters and computes its logits; the routing rule and the loss terms are the registered gate
+// ops (fastmoe/ops.h, csrc/ops/gates.cpp), which python/fastmoe/gates/ calls too. So each gate computes the same
+// function as its Python namesake (same defaults, random draws and parameter and buffer names, so state_dicts
+// interchange). Differences of API: `num_experts` is the global expert count (Python's num_expert * world_size),
+// `bias` is Python's gate_bias, a capacity factor of std::nullopt is Python's capacity=None (per mode here), and
+// loss() does not clear the loss. The constructors check their options by running the gate's op on 0 tokens, so
+// the op's messages are the only ones.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -19,6 +22,8 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+
+#include "fastmoe/ops.h"
 
 namespace fastmoe::nn {
 
@@ -60,6 +65,9 @@ class GateImpl : public torch::nn::Module {
 
   // Each forward starts by forgetting the previous forward's losses and drop count.
   void reset_stats();
+  // What a gate op returned: replaces the recorded loss terms ("balance", "z") and the drop count by the ones it
+  // has (0-dim outputs; [0] means none), and returns (topk_idx, topk_score).
+  std::tuple<torch::Tensor, torch::Tensor> record(const ops::GateRouting& routing);
   // Records the loss term `name` of this forward, replacing a term of the same name.
   void add_loss(const std::string& name, torch::Tensor loss);
   void set_num_dropped(torch::Tensor num_dropped) { num_dropped_ = std::move(num_dropped); }
@@ -94,10 +102,12 @@ struct NaiveGateOptions {
   TORCH_ARG(bool, bias) = true;
   // > 0 records ST-MoE's router z-loss "z" = z_loss_coef * mean_t logsumexp(logits[t])^2.
   TORCH_ARG(double, z_loss_coef) = 0.0;
+  // > 0 records the Switch Transformer's balance loss over every slot, "balance" = balance_coef * E * sum_e f_e P_e.
+  TORCH_ARG(double, balance_coef) = 0.0;
 };
 
-// FastMoE's NaiveGate: logits = gate(x); keep the top-k logits; softmax over those k only. No balance loss.
-// Parameters: gate.weight [E, d_model], gate.bias [E].
+// FastMoE's NaiveGate: logits = gate(x); keep the top-k logits; softmax over those k only. No balance loss unless
+// balance_coef > 0. Parameters: gate.weight [E, d_model], gate.bias [E].
 class NaiveGateImpl : public GateImpl {
  public:
   explicit NaiveGateImpl(const NaiveGateOptions& options);

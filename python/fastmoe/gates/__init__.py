@@ -1,8 +1,5 @@
-"""Gates: ``Gate(d_model, num_expert, world_size, top_k, ...)``, ``forward(x) -> (topk_idx, topk_score)``.
-
-``GATES`` lists the routing gates docs/gates.md compares. FastMoE's ``ZeroGate`` (everything to expert 0) and
-``DCGate`` (GShardGate with the capacity counted over the expert-parallel group) are here too.
-"""
+"""Gates: ``Gate(d_model, num_expert, world_size, top_k, ...)``, ``forward(x) -> (topk_idx, topk_score)``; each
+computes its logits and calls its op of csrc/ops/gates.cpp. ``GATES`` lists those docs/gates.md compares."""
 
 from fastmoe.gates.base_gate import BaseGate
 from fastmoe.gates.dc_gate import DCGate
@@ -17,16 +14,4 @@ from fastmoe.gates.zero_gate import ZeroGate
 
 GATES = (NaiveGate, NoisyGate, GShardGate, SwitchGate, SwipeGate, ExpertChoiceGate, SigmoidGate)
 
-__all__ = [
-    "BaseGate",
-    "DCGate",
-    "ExpertChoiceGate",
-    "GATES",
-    "GShardGate",
-    "NaiveGate",
-    "NoisyGate",
-    "SigmoidGate",
-    "SwipeGate",
-    "SwitchGate",
-    "ZeroGate",
-]
+__all__ = ["BaseGate", "DCGate", "GATES", "ZeroGate", *(cls.__name__ for cls in GATES)]
