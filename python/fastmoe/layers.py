@@ -1,39 +1,15 @@
-import functools
-import inspect
-
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
 from fastmoe import _checks, _groups, _rng, debug, ops
+from fastmoe import _fastmoe_api as _api
+from fastmoe._fastmoe_api import mark_module_parallel_comm  # noqa: F401  (FastMoE's fmoe.layers has it)
 from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
 
 # The token path (fastmoe::TokenDispatch, include/fastmoe/token_dispatch.h), registered when fastmoe._C loads.
 _TokenDispatch = torch.classes.fastmoe.TokenDispatch
-
-
-def mark_module_parallel_comm(module: nn.Module, comm: str) -> None:
-    """Sets ``p.dp_comm = comm`` on every parameter of ``module`` (FastMoE's tag: ``"dp"``, ``"world"``,
-    ``"none"``, ``"gate"``, ...). fastmoe's :class:`~fastmoe.DistributedGroupedDataParallel` decides what to
-    reduce from the model's layout, not from these tags, so they are informational here."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if not isinstance(comm, str):
-        raise TypeError(f"comm must be a str such as 'dp', 'world' or 'none', got comm={comm!r}")
-    for param in module.parameters():
-        param.dp_comm = comm
-
-
-class _DefaultNumExpert(int):
-    """FMoE's default ``num_expert`` (32): an int that FMoE can tell from an explicit 32, so that a list of
-    experts with the default left alone sets the count, as in FastMoE."""
-
-    def __repr__(self) -> str:
-        return str(int(self))
-
-
-_DEFAULT_NUM_EXPERT = _DefaultNumExpert(32)
 
 
 class FMoE(nn.Module):
@@ -77,7 +53,7 @@ class FMoE(nn.Module):
 
     def __init__(
         self,
-        num_expert: int | None = _DEFAULT_NUM_EXPERT,
+        num_expert: int | None = _api.DEFAULT_NUM_EXPERT,
         d_model: int = 1024,
         world_size: int = 1,
         mp_group=None,
@@ -93,7 +69,7 @@ class FMoE(nn.Module):
         ep_chunks: int = 1,
     ):
         super().__init__()
-        num_expert = _num_expert_for(num_expert, expert)
+        num_expert = _api.num_expert_for(num_expert, expert)
         self.num_expert = _checks.positive_int("num_expert", num_expert)
         self.d_model = _checks.positive_int("d_model", d_model)
         self.world_size = _checks.positive_int("world_size", world_size)
@@ -116,7 +92,7 @@ class FMoE(nn.Module):
 
         if isinstance(gate, nn.Module):
             self.gate = gate
-        elif _builds_naive_gate(gate):
+        elif _api.builds_naive_gate(gate):
             self.gate = gate(d_model, num_expert, world_size, top_k, gate_bias=gate_bias)
         elif callable(gate):
             self.gate = gate(d_model, num_expert, world_size, top_k)
@@ -132,17 +108,15 @@ class FMoE(nn.Module):
         self.slots_per_token = slots
 
         self.experts_fused = expert is None
-        if isinstance(expert, (list, tuple)):
-            for i, make in enumerate(expert):
+        if expert is not None:
+            makers = list(expert) if isinstance(expert, (list, tuple)) else [expert] * self.num_expert
+            for i, make in enumerate(makers):
                 if not callable(make):
-                    raise TypeError(f"expert[{i}] must be a callable expert(d_model) -> nn.Module, got {make!r}")
-            self.experts = nn.ModuleList(_rng.build_experts(expert, d_model, self.moe_rank * num_expert))
-        elif expert is not None:
-            if not callable(expert):
-                raise TypeError(f"expert must be a callable expert(d_model) -> nn.Module, got {expert!r}")
+                    where = f"expert[{i}]" if isinstance(expert, (list, tuple)) else "expert"
+                    raise TypeError(f"{where} must be a callable expert(d_model) -> nn.Module, got {make!r}")
             # Each global expert is built inside its own random stream (fastmoe._rng), so the ranks' experts differ
             # and together equal the experts of a one-rank layer of num_expert * world_size built from the same seed.
-            self.experts = nn.ModuleList(_rng.build_experts([expert] * num_expert, d_model, self.moe_rank * num_expert))
+            self.experts = nn.ModuleList(_rng.build_experts(makers, d_model, self.moe_rank * self.num_expert))
         if self.moe_group is not None:
             _groups.check_same_config(
                 self.moe_group,
@@ -163,7 +137,7 @@ class FMoE(nn.Module):
             )
         # Decided once: whether expert_fn takes fastmoe's third argument (expert_offsets) or is an override with
         # FastMoE's two (inp, fwd_expert_count), which _run_experts then calls the FastMoE way.
-        self._expert_fn_takes_offsets = _expert_fn_takes_offsets(self)
+        self._expert_fn_takes_offsets = _api.expert_fn_takes_offsets(self, FMoE.expert_fn)
         self._io_structure = None  # set during a forward whose input is a tuple/list/dict of tensors
         if not self.experts_fused:
             self._expert_call_modes()
@@ -173,10 +147,8 @@ class FMoE(nn.Module):
         ``"gate"``. fastmoe's DistributedGroupedDataParallel decides from the layer layout instead, so the tags
         are informational."""
         if hasattr(self, "experts"):
-            for param in self.experts.parameters():
-                param.dp_comm = expert_dp_comm
-        for param in self.gate.parameters():
-            param.dp_comm = "gate"
+            mark_module_parallel_comm(self.experts, expert_dp_comm)
+        mark_module_parallel_comm(self.gate, "gate")
 
     def expert_fn(self, inp, fwd_expert_count: torch.Tensor, expert_offsets=None):
         """Runs the local experts on ``inp [N, d_model]`` (rows grouped by expert, zero rows at the tail), or on a
@@ -217,7 +189,7 @@ class FMoE(nn.Module):
         Read from the signatures once, and again only if ``self.experts`` was replaced by another object."""
         cached = getattr(self, "_expert_modes_cache", None)
         if cached is None or cached[0] is not self.experts or len(cached[1]) != len(self.experts):
-            cached = (self.experts, tuple(_takes_count(module) for module in self.experts))
+            cached = (self.experts, tuple(_api.takes_count(module) for module in self.experts))
             self._expert_modes_cache = cached
         return cached[1]
 
@@ -257,40 +229,13 @@ class FMoE(nn.Module):
 
     def _forward_structure(self, inp):
         """A tuple, list or dict (any pytree) of tensors: routed together, as described in the class docstring."""
-        paths_leaves, spec = pytree.tree_flatten_with_path(inp)
-        if not paths_leaves:
-            raise ValueError(
-                f"inp must be a tensor or a tuple/list/dict of tensors, got a {type(inp).__name__} holding none"
-            )
-        like = _checks.first_parameter(self.gate)
-        lead, matrices = None, []
-        for path, leaf in paths_leaves:
-            name = "inp" + pytree.keystr(path)
-            if not isinstance(leaf, torch.Tensor):
-                raise TypeError(
-                    f"inp must be a tensor or a tuple/list/dict of tensors, got a {type(inp).__name__} holding "
-                    f"{type(leaf).__name__} at {name}"
-                )
-            if leaf.dim() < 1:
-                raise ValueError(f"{name} must have shape [..., d], got {tuple(leaf.shape)}")
-            if lead is None:
-                lead, first = leaf.shape[:-1], name
-            elif leaf.shape[:-1] != lead:
-                raise ValueError(
-                    f"the tensors of inp must share their leading dimensions: {first} has {tuple(lead)} but {name} "
-                    f"has {tuple(leaf.shape[:-1])}"
-                )
-            matrices.append(_checks.token_matrix(name, leaf, leaf.shape[-1], like=like))
-        dtypes = {m.dtype for m in matrices}
-        if len(dtypes) > 1:
-            raise TypeError(f"the tensors of inp must have one dtype, got {sorted(str(d) for d in dtypes)}")
-        structure = _IOStructure(spec, [m.shape[1] for m in matrices])
+        x, structure = _api.IOStructure.of_input(inp, like=_checks.first_parameter(self.gate))
         self._io_structure = structure
         try:
-            y = self._moe(matrices[0] if len(matrices) == 1 else torch.cat(matrices, dim=1), inp)
+            y = self._moe(x, inp)
         finally:
             self._io_structure = None
-        return structure.split_output(y, lead)
+        return structure.split_output(y)
 
     def _moe(self, x: torch.Tensor, gate_input) -> torch.Tensor:
         """Gate on ``gate_input``, then the token path on ``x [T, width]``; returns ``[T, width_out]``. The path
@@ -370,112 +315,6 @@ class FMoE(nn.Module):
             device = param.device if param is not None else None
             return torch.zeros((), device=device)
         return loss
-
-
-def _num_expert_for(num_expert, expert):
-    """FMoE's ``num_expert``: with a list of experts, ``None`` or the default means the list's length (FastMoE
-    sets it so); an explicit count must equal it."""
-    if isinstance(expert, (list, tuple)):
-        if not expert:
-            raise ValueError(f"expert is an empty {type(expert).__name__}; give one callable per expert")
-        if num_expert is None or num_expert is _DEFAULT_NUM_EXPERT:
-            return len(expert)
-        if num_expert != len(expert):
-            raise ValueError(
-                f"expert is a list of {len(expert)} callables but num_expert={num_expert!r}; they must be equal "
-                "(leave num_expert out, or pass None, to take the list's length)"
-            )
-        return num_expert
-    if num_expert is None:
-        raise ValueError(
-            "num_expert must be a positive int, got None (None is allowed only with expert=[...], a list of "
-            "experts, whose length it then takes)"
-        )
-    return int(num_expert) if num_expert is _DEFAULT_NUM_EXPERT else num_expert
-
-
-def _builds_naive_gate(gate) -> bool:
-    """A NaiveGate-family class, or a ``functools.partial`` of one that leaves ``gate_bias`` free: FMoE passes
-    its ``gate_bias`` to those."""
-    if isinstance(gate, functools.partial):
-        return "gate_bias" not in gate.keywords and _builds_naive_gate(gate.func)
-    return isinstance(gate, type) and issubclass(gate, NaiveGate)
-
-
-def _positional_parameters(fn) -> list | None:
-    """The positional parameters of ``fn``'s signature (bound methods without self), ``None`` when it has
-    ``*args`` or no signature can be read."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
-        return None
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p for p in parameters if p.kind in kinds]
-
-
-def _takes_count(module: nn.Module) -> bool:
-    """Whether an expert module is called with FastMoE's ``(rows, count)``: its ``forward`` has a second
-    positional parameter that is required or named ``fwd_expert_count``. ``forward(x)`` and ``forward(*args)``
-    get the rows only."""
-    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: read the compiled module's forward
-    positional = _positional_parameters(module.forward)
-    if positional is None or len(positional) < 2:
-        return False
-    second = positional[1]
-    return second.default is inspect.Parameter.empty or second.name == "fwd_expert_count"
-
-
-def _expert_fn_takes_offsets(layer: FMoE) -> bool:
-    """Whether ``layer.expert_fn`` takes fastmoe's third argument (``expert_offsets``): FMoE's own does, and so
-    does any override with three positional parameters or ``*args``; FastMoE's ``(inp, fwd_expert_count)``
-    does not."""
-    if type(layer).expert_fn is FMoE.expert_fn:
-        return True
-    positional = _positional_parameters(layer.expert_fn)
-    return positional is None or len(positional) >= 3
-
-
-class _IOStructure:
-    """The tuple/list/dict of tensors of a multi-input forward, carried through the token path as one matrix
-    with the tensors' columns side by side: one permute and one exchange move every tensor's rows, and the
-    weighted combine, which works column by column, gives each tensor's result."""
-
-    def __init__(self, spec, widths: list):
-        self.spec, self.widths = spec, widths
-        self.out_spec, self.out_widths = None, None
-
-    def split_input(self, x: torch.Tensor):
-        return pytree.tree_unflatten(list(torch.split(x, self.widths, dim=1)), self.spec)
-
-    def join_output(self, y, num_rows: int) -> torch.Tensor:
-        """The experts' output structure as one ``[num_rows, sum(d_out_j)]`` matrix."""
-        leaves, spec = pytree.tree_flatten(y)
-        for path, leaf in pytree.tree_flatten_with_path(y)[0]:
-            if not isinstance(leaf, torch.Tensor) or leaf.dim() != 2 or leaf.shape[0] != num_rows:
-                got = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else type(leaf).__name__
-                raise ValueError(
-                    f"the experts must return tensors [{num_rows}, d_out] (one row per input row), got {got} at "
-                    f"output{pytree.keystr(path)}"
-                )
-        if not leaves:
-            raise ValueError(f"the experts returned no tensor: {spec}")
-        dtypes = {leaf.dtype for leaf in leaves}
-        if len(dtypes) > 1:
-            raise TypeError(f"the experts' output tensors must have one dtype, got {sorted(str(d) for d in dtypes)}")
-        widths = [leaf.shape[1] for leaf in leaves]
-        if self.out_spec is None:
-            self.out_spec, self.out_widths = spec, widths
-        elif spec != self.out_spec or widths != self.out_widths:
-            raise ValueError(
-                f"the experts returned {spec} of widths {widths}, earlier {self.out_spec} of widths {self.out_widths}"
-            )
-        return leaves[0] if len(leaves) == 1 else torch.cat(leaves, dim=1)
-
-    def split_output(self, y: torch.Tensor, lead: torch.Size):
-        pieces = torch.split(y, self.out_widths, dim=1)
-        return pytree.tree_unflatten([p.reshape(*lead, p.shape[1]) for p in pieces], self.out_spec)
 
 
 def _check_gate_matches(gate, num_experts_total: int, d_model: int) -> None:
