@@ -22,6 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from fastmoe import _groups
+
 FORMAT = "fastmoe-checkpoint"
 VERSION = 1
 META = "meta.json"
@@ -446,21 +448,20 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def all_gather(obj) -> list:
-    """``obj`` of every rank of the default group, in rank order (``[obj]`` without a process group)."""
+    """``obj`` of every rank of the default group, in rank order (``[obj]`` without a process group). Bounded by
+    ``FASTMOE_COMM_TIMEOUT``: a rank that never joins makes the others raise instead of wait."""
     if not dist_on():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    return _groups._all_gather_object(obj, dist.group.WORLD, "checkpoint exchange (all_gather)")
 
 
 def broadcast(obj):
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` on every rank (the objects are small: paths, checksums, messages), bounded as
+    :func:`all_gather` is."""
     if not dist_on():
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    mine = obj if dist.get_rank() == 0 else None
+    return _groups._all_gather_object(mine, dist.group.WORLD, "checkpoint exchange (broadcast from rank 0)")[0]
 
 
 def gather_checked(value, exc: BaseException | None, what: str) -> list:

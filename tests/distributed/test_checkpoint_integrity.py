@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import threading
+import time
 import traceback
 import zipfile
 
@@ -370,3 +371,27 @@ def test_a_tag_argument_outside_the_folder_is_rejected_naming_it(tmp_path, bad):
     with pytest.raises(ValueError, match=message):
         checkpoint.load(model, None, directory, tag=bad)
     assert sorted(n for n in os.listdir(directory) if not n.startswith(".")) == ["good", "latest"]
+
+
+# ------------------------------------------------------------------------------------------- a rank that never joins
+
+
+def save_without_rank_1(rank: int, world_size: int, directory: str) -> str:
+    """Rank 1 never calls save (it stays alive, busy elsewhere, for 20 s); rank 0's save must raise within
+    FASTMOE_COMM_TIMEOUT (3 s here) instead of waiting for the process group's own timeout (10 minutes here)."""
+    if rank == 1:
+        time.sleep(20)
+        return "skipped"
+    model = make_model(seed=3)
+    try:
+        checkpoint.save(model, None, directory)
+    except RuntimeError as error:
+        return str(error)
+    raise AssertionError("rank 0's save completed without rank 1")
+
+
+def test_a_save_that_a_rank_skips_raises_within_the_comm_timeout(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMOE_COMM_TIMEOUT", "3")
+    messages = run_workers(2, save_without_rank_1, str(tmp_path / "ckpt"), timeout=90, pg_timeout=600.0)
+    assert messages[1] == "skipped"
+    assert "FASTMOE_COMM_TIMEOUT" in messages[0] and "checkpoint exchange" in messages[0], messages[0]
