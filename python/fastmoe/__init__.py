@@ -21,7 +21,7 @@ from fastmoe import (
 from fastmoe.debug import NonFiniteError, is_debug, set_debug
 from fastmoe.determinism import is_deterministic, use_deterministic
 from fastmoe.distributed import DistributedGroupedDataParallel
-from fastmoe.integrations import fmoefy, moefy
+from fastmoe.integrations import fmoefy, moefy, restore_hf, use_fastmoe
 from fastmoe.layers import FMoE
 from fastmoe.linear import FMoELinear
 from fastmoe.transformer import FMoETransformerMLP
@@ -44,6 +44,8 @@ __all__ = [
     "is_debug",
     "is_deterministic",
     "moefy",
+    "restore_hf",
+    "use_fastmoe",
     "set_debug",
     "use_deterministic",
     "ops",

@@ -1,0 +1,381 @@
+"""fastmoe.use_fastmoe / restore_hf on Hugging Face MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3,
+GPT-OSS) with tiny random configurations built here (no weights are downloaded): in fp64 on the CPU the model
+on fastmoe's experts matches transformers' own (eager) experts in logits, loss, router logits, aux loss and the
+gradient of every parameter; the state dict is the same tensors before, during and after; a model trained on
+fastmoe saves a checkpoint that transformers loads unchanged."""
+
+import contextlib
+import copy
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip(
+    "transformers", reason="Hugging Face transformers is not installed (it is pinned in requirements-dev.txt)"
+)
+
+import fastmoe  # noqa: E402
+from fastmoe.integrations import hf_moe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-10  # docs/numerics.md: the layers in fp64 match their plain PyTorch counterpart within 1e-10
+VOCAB = 100
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+# name: (model class, config class, config, whether the model returns router logits and an aux loss)
+ARCHS = {
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(intermediate_size=48, num_local_experts=8), True),
+    "qwen2_moe": (
+        "Qwen2MoeForCausalLM",
+        "Qwen2MoeConfig",
+        dict(intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=8),
+        True,
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        dict(intermediate_size=48, moe_intermediate_size=24, num_experts=8, norm_topk_prob=True, head_dim=8),
+        True,
+    ),
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(intermediate_size=24, num_experts=8), True),
+    # sigmoid scores + e_score_correction_bias, 4 groups of 2 experts of which the best 2 groups compete, scaled
+    # by routed_scaling_factor, one shared expert, layer 0 dense (first_k_dense_replace)
+    "deepseek_v3": (
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+        ),
+        False,
+    ),
+    # experts stored [E, in, out] with biases, interleaved gate/up and a clamped gate of its own
+    "gpt_oss": (
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        dict(intermediate_size=24, num_local_experts=8, head_dim=8, sliding_window=8),
+        True,
+    ),
+}
+NUM_EXPERTS = 8
+TOP_K = 2
+FASTMOE_NODE = "GroupedLinearFunction"  # fastmoe's grouped GEMM in the autograd graph
+
+
+def build(arch: str, implementation: str = "eager") -> nn.Module:
+    model_class, config_class, config, _ = ARCHS[arch]
+    cfg = getattr(transformers, config_class)(
+        **SMALL, **config, num_experts_per_tok=TOP_K, experts_implementation=implementation
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(cfg).double()
+    # Weights far from transformers' 0.02 initialisation, so the routing and every gradient are of order one.
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+def token_ids(seed: int = 2) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model: nn.Module, arch: str, ids: torch.Tensor):
+    """Forward with labels (and router logits where the model has them), backward of loss + aux loss."""
+    kwargs = dict(output_router_logits=True) if ARCHS[arch][3] else {}
+    out = model(input_ids=ids, labels=ids, **kwargs)
+    loss = out.loss if getattr(out, "aux_loss", None) is None else out.loss + out.aux_loss
+    loss.backward()
+    return out
+
+
+def graph_names(tensor: torch.Tensor) -> set:
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack += [fn for fn, _ in node.next_functions]
+    return names
+
+
+def runs_on_fastmoe(out) -> bool:
+    return any(FASTMOE_NODE in name for name in graph_names(out.logits))
+
+
+def experts_paths(model) -> list:
+    return [path for path, _ in hf_moe.find_hf_experts(model)]
+
+
+def implementations(model) -> set:
+    return {module.config._experts_implementation for _, module in hf_moe.find_hf_experts(model)}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_matches_transformers_fp64(arch):
+    ref = build(arch)
+    model = fastmoe.use_fastmoe(copy.deepcopy(ref))
+    assert implementations(ref) == {"eager"} and implementations(model) == {"fastmoe"}
+    moe_layers = 1 if arch == "deepseek_v3" else 2  # DeepSeek-V3's first layer is dense
+    assert len(experts_paths(model)) == moe_layers
+
+    ids = token_ids()
+    want, got = run(ref, arch, ids), run(model, arch, ids)
+    assert runs_on_fastmoe(got) and not runs_on_fastmoe(want)
+    assert (got.logits - want.logits).abs().max() <= TOL
+    assert abs(got.loss.item() - want.loss.item()) <= TOL
+    if ARCHS[arch][3]:
+        assert len(got.router_logits) == len(want.router_logits) == 2
+        for g, w in zip(got.router_logits, want.router_logits, strict=True):
+            assert g.shape == w.shape == (ids.numel(), NUM_EXPERTS)
+            assert (g - w).abs().max() <= TOL
+        assert got.aux_loss is not None and abs(got.aux_loss.item() - want.aux_loss.item()) <= TOL
+    named_ref = dict(ref.named_parameters())
+    named = dict(model.named_parameters())
+    assert named.keys() == named_ref.keys()
+    for name, p in named_ref.items():
+        assert p.grad is not None, name
+        assert (named[name].grad - p.grad).abs().max() <= TOL, name
+    # the experts' gradients are of order one (a comparison of zeros would prove nothing)
+    experts_grad = max(float(p.grad.abs().max()) for n, p in named_ref.items() if ".experts." in n)
+    assert experts_grad > 1e-2
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_round_trip_and_save_pretrained(arch, tmp_path):
+    model = build(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    storage = {k: v.data_ptr() for k, v in model.state_dict().items()}
+
+    fastmoe.use_fastmoe(model)
+    fastmoe.use_fastmoe(model)  # again: harmless, and restore_hf still goes back to eager
+    during = model.state_dict()
+    assert during.keys() == before.keys()
+    for k, v in during.items():  # the same tensors, not copies
+        assert v.data_ptr() == storage[k] and torch.equal(v, before[k]), k
+
+    # One training step on fastmoe, then save: transformers loads the checkpoint without fastmoe.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert runs_on_fastmoe(run(model, arch, token_ids()))
+    optimizer.step()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(trained[k], before[k]) for k in trained if ".experts." in k)
+    model.save_pretrained(tmp_path)
+    assert "fastmoe" not in (tmp_path / "config.json").read_text()
+    fresh = type(model).from_pretrained(tmp_path, dtype=torch.float64, experts_implementation="eager")
+    assert implementations(fresh) == {"eager"}
+    loaded = fresh.state_dict()
+    assert loaded.keys() == trained.keys()
+    for k, v in loaded.items():
+        assert torch.equal(v, trained[k]), k
+    ids = token_ids(seed=3)
+    with torch.no_grad():
+        assert (fresh(ids).logits - model(ids).logits).abs().max() <= TOL
+
+    fastmoe.restore_hf(model)
+    assert implementations(model) == {"eager"}
+    after = model.state_dict()
+    for k, v in after.items():
+        assert v.data_ptr() == storage[k] and torch.equal(v, trained[k]), k
+
+
+def test_from_pretrained_names_fastmoe(tmp_path):
+    build("qwen3_moe").save_pretrained(tmp_path)
+    assert hf_moe.register_experts_implementation() == "fastmoe"
+    model = transformers.Qwen3MoeForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float64, experts_implementation="fastmoe"
+    )
+    assert implementations(model) == {"fastmoe"}
+    assert runs_on_fastmoe(run(model, "qwen3_moe", token_ids()))
+    fastmoe.restore_hf(model)  # nothing recorded before: transformers' default
+    assert implementations(model) == {"grouped_mm"}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_fp32_within_policy_of_transformers_grouped_mm(arch):
+    """docs/numerics.md: in fp32, fastmoe's error against the fp64 model is at most twice that of transformers'
+    fp32 grouped_mm (its default) against it, in logits and in every parameter's gradient."""
+    ref64 = build(arch)
+    hf32 = copy.deepcopy(ref64).float()
+    hf32.set_experts_implementation("grouped_mm")
+    fm32 = fastmoe.use_fastmoe(copy.deepcopy(hf32))
+    ids = token_ids()
+    outs = [run(m, arch, ids) for m in (ref64, hf32, fm32)]
+    assert runs_on_fastmoe(outs[2]) and not runs_on_fastmoe(outs[1])
+    floor = 1e-6  # a few fp32 ulps, for values both compute exactly
+    assert _rel(outs[2].logits, outs[0].logits) <= 2 * _rel(outs[1].logits, outs[0].logits) + floor
+    for (name, p64), p_hf, p_fm in zip(ref64.named_parameters(), hf32.parameters(), fm32.parameters(), strict=True):
+        assert _rel(p_fm.grad, p64.grad) <= 2 * _rel(p_hf.grad, p64.grad) + floor, name
+
+
+def test_bf16_and_autocast_within_policy():
+    """A bf16 model, and an fp32 model under CPU autocast to bf16: fastmoe returns what transformers returns (its
+    dtype, within twice transformers' own error against the fp64 model)."""
+    arch = "qwen3_moe"
+    ref64 = build(arch)
+    ids = token_ids()
+    want = run(ref64, arch, ids).logits
+    hf16 = copy.deepcopy(ref64).bfloat16()
+    hf16.set_experts_implementation("grouped_mm")
+    fm16 = fastmoe.use_fastmoe(copy.deepcopy(hf16))
+    hf32 = copy.deepcopy(ref64).float()
+    fm32 = fastmoe.use_fastmoe(copy.deepcopy(hf32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = [run(m, arch, ids) for m in (hf32, fm32)]
+    for hf, fm in ((run(hf16, arch, ids), run(fm16, arch, ids)), autocast):
+        assert runs_on_fastmoe(fm) and not runs_on_fastmoe(hf)
+        assert fm.logits.dtype == hf.logits.dtype == torch.bfloat16
+        assert _rel(fm.logits, want) <= 2 * _rel(hf.logits, want) + 1e-3
+
+
+def _experts(kind: str):
+    if kind == "no_gate":  # Nemotron-H: up_proj [E, I, H], relu^2, no gate
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+        cfg = transformers.NemotronHConfig(
+            hidden_size=32, moe_intermediate_size=24, n_routed_experts=6, experts_implementation="eager"
+        )
+        module = NemotronHExperts(cfg)
+    else:  # GPT-OSS: transposed weights with biases, interleaved gate/up
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+        cfg = transformers.GptOssConfig(
+            hidden_size=32, intermediate_size=24, num_local_experts=6, experts_implementation="eager"
+        )
+        module = GptOssExperts(cfg)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return module.double()
+
+
+@pytest.mark.parametrize("kind", ["no_gate", "transposed_bias"])
+def test_experts_module_layouts_and_ep_sentinels(kind):
+    """An experts module on its own against transformers' batched_mm, with ids at num_experts (the slots
+    transformers' expert parallelism sends to other ranks, with zero weight; its eager forward cannot take them):
+    fastmoe drops them, batched_mm multiplies them by zero."""
+    ref = _experts(kind)
+    ref.config._experts_implementation_internal = "batched_mm"
+    module = fastmoe.use_fastmoe(copy.deepcopy(ref))
+    assert experts_paths(module) == [""]
+    gen = torch.Generator().manual_seed(5)
+    tokens, num_experts = 10, ref.num_experts
+    x = torch.randn(tokens, 32, generator=gen, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(num_experts, generator=gen)[:3] for _ in range(tokens)])
+    weights = torch.rand(tokens, 3, generator=gen, dtype=torch.float64)
+    idx[::3, 1] = num_experts  # the sentinel
+    weights[::3, 1] = 0.0
+    outs = []
+    for m in (ref, module):
+        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        y = m(xi, idx, wi)
+        y.pow(2).sum().backward()
+        outs.append((y, xi.grad, wi.grad, [p.grad for p in m.parameters()]))
+    (y0, gx0, gw0, gp0), (y1, gx1, gw1, gp1) = outs
+    assert any(FASTMOE_NODE in n for n in graph_names(y1)) and not any(FASTMOE_NODE in n for n in graph_names(y0))
+    assert (y1 - y0).abs().max() <= TOL and y1.dtype == x.dtype
+    assert (gx1 - gx0).abs().max() <= TOL
+    mask = idx < num_experts  # a dropped slot's weight gets no gradient; batched_mm computes one for it
+    assert (gw1[mask] - gw0[mask]).abs().max() <= TOL
+    for a, b in zip(gp1, gp0, strict=True):
+        assert (a - b).abs().max() <= TOL
+
+
+def test_bad_input_errors_name_the_argument():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got model of type str"):
+        fastmoe.use_fastmoe("mixtral")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        fastmoe.restore_hf(None)
+    with pytest.raises(ValueError, match=r"model \(torch.nn.modules.linear.Linear\) has no experts module"):
+        fastmoe.use_fastmoe(nn.Linear(4, 4))
+    model = build("mixtral")
+    with pytest.raises(ValueError, match=r"model \(.*MixtralForCausalLM\) has no experts module running on fastmoe"):
+        fastmoe.restore_hf(model)
+
+    # a layout the grouped GEMM cannot take: named by its path, and nothing is switched
+    experts = model.model.layers[1].mlp.experts
+    experts.gate_up_proj = nn.Parameter(torch.zeros(NUM_EXPERTS, 48, 32, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts .*gate_up_proj has dtype torch\.int8"):
+        fastmoe.use_fastmoe(model)
+    assert implementations(model) == {"eager"}
+
+    module = fastmoe.use_fastmoe(build("mixtral").model.layers[0].mlp.experts)
+    x = torch.randn(4, 32, dtype=torch.float64)
+    idx = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    w = torch.full((4, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"hidden_states must be \[tokens, hidden\], got \(1, 4, 32\)"):
+        module(x[None], idx, w)
+    with pytest.raises(ValueError, match=r"top_k_index must be \[tokens, k\], got \(8,\)"):
+        module(x, idx.flatten(), w)
+    with pytest.raises(TypeError, match="top_k_index must hold integer expert ids, got dtype torch.float64"):
+        module(x, idx.double(), w)
+    with pytest.raises(ValueError, match=r"top_k_weights must be \[tokens, k\] = \[4, 2\] like top_k_index"):
+        module(x, idx, w[:, :1])
+    with pytest.raises(RuntimeError, match="topk_idx"):  # fastmoe's token path names the ids it got
+        module(x, idx - 3, w)
+
+
+def test_benchmark_tiny_runs():
+    """benchmarks/bench_hf_moe.py --tiny: every configuration and implementation runs a training step on the CPU,
+    and all implementations compute the same loss on the same weights."""
+    spec = importlib.util.spec_from_file_location("bench_hf_moe", ROOT / "benchmarks" / "bench_hf_moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        records = bench.main(["--tiny", "--iters", "1", "--warmup", "0"])
+    assert [(r["config"], r["impl"]) for r in records] == [
+        (f"{c}-tiny", impl) for c in ("qwen3_moe", "mixtral") for impl in ("eager", "grouped_mm", "fastmoe")
+    ]
+    for r in records:
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["tokens"] == 16
+        assert r["loss_rel_diff_vs_fastmoe"] < 1e-5, r
+        assert r["hf_fastest"] in ("eager", "grouped_mm")
+    text = printed.getvalue()
+    assert text.count("/ fastmoe = ") == 2, text
+    # --block: one MoE block on random hidden states
+    with contextlib.redirect_stdout(io.StringIO()):
+        block = bench.main(["--tiny", "--block", "--configs", "mixtral", "--iters", "1", "--warmup", "0"])
+    assert [(r["config"], r["impl"]) for r in block] == [
+        ("mixtral-tiny-block", impl) for impl in ("eager", "grouped_mm", "fastmoe")
+    ]
+    assert all(r["loss_rel_diff_vs_fastmoe"] < 1e-5 and r["shape"]["num_hidden_layers"] == 1 for r in block), block
+    json.dumps(records)  # the records are what --json writes
