@@ -99,6 +99,32 @@ def _require_initialized(what: str) -> None:
         raise RuntimeError(f"{what} needs torch.distributed: call torch.distributed.init_process_group first")
 
 
+def is_device_mesh(value) -> bool:
+    """Whether ``value`` is a ``torch.distributed.DeviceMesh`` (False where torch.distributed is not built)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return isinstance(value, DeviceMesh)
+
+
+def resolve_moe_mesh(world_size: int, mesh):
+    """``(mesh, group, rank in group)`` for an FMoE layer whose expert-parallel ranks are the 1-D ``mesh`` (a mesh
+    of its own or one dimension of a larger one, ``mesh["ep"]``). Its experts become DTensors sharded over the
+    expert dimension of ``mesh``; the exchanges run on the mesh's process group."""
+    _require_initialized(f"expert parallelism over a DeviceMesh (world_size={world_size}, moe_group={mesh!r})")
+    if mesh.ndim != 1:
+        names = f" with dimensions {mesh.mesh_dim_names}" if mesh.mesh_dim_names else ""
+        raise ValueError(
+            f"moe_group must be a 1-D DeviceMesh (the expert-parallel dimension, such as mesh['ep']), got a "
+            f"{mesh.ndim}-D mesh of shape {tuple(mesh.shape)}{names}"
+        )
+    if mesh.get_coordinate() is None:
+        raise ValueError(f"this rank ({dist.get_rank()}) is not in moe_group={mesh!r}")
+    group, rank = resolve_moe_group(world_size, mesh.get_group())
+    return mesh, group, rank
+
+
 def resolve_moe_group(world_size: int, moe_group):
     """``(group, rank in group)`` for an FMoE layer with ``world_size`` expert-parallel ranks. ``moe_group=None``
     means the default (world) group, whose size must then be ``world_size``."""
@@ -106,7 +132,9 @@ def resolve_moe_group(world_size: int, moe_group):
     _collectives_issued = True  # the layer's exchanges are collectives too
     _require_initialized(f"expert parallelism (world_size={world_size}, moe_group={moe_group!r})")
     if moe_group is not None and not isinstance(moe_group, dist.ProcessGroup):
-        raise TypeError(f"moe_group must be a torch.distributed ProcessGroup or None, got moe_group={moe_group!r}")
+        raise TypeError(
+            f"moe_group must be a torch.distributed ProcessGroup, a 1-D DeviceMesh or None, got moe_group={moe_group!r}"
+        )
     group = dist.group.WORLD if moe_group is None else moe_group
     size = dist.get_world_size(group)
     if size != world_size:

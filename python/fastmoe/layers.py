@@ -26,7 +26,10 @@ class FMoE(nn.Module):
         d_model: feature width of the input.
         world_size, moe_group: expert parallelism over the ``world_size`` ranks of ``moe_group`` (``None``: the
             default group): global expert ``e`` lives on rank ``e // num_expert``. Construction checks that every
-            rank has the same configuration (a collective).
+            rank has the same configuration (a collective). ``moe_group`` may be a 1-D ``DeviceMesh`` (or one
+            dimension of a larger mesh, ``mesh["ep"]``): the fused experts are then DTensors of the whole layer's
+            shape sharded over the expert dimension (``Shard(0)``), kept in ``self.moe_mesh``
+            (docs/distributed.md, "DeviceMesh and DTensor experts").
         top_k: experts per token.
         gate: a gate class built as ``gate(d_model, num_expert, world_size, top_k)``, or a gate instance
             (``fastmoe.gates``; a gate routing wider than ``top_k`` says so in ``slots_per_token``; a gate whose
@@ -73,8 +76,16 @@ class FMoE(nn.Module):
         self.num_expert = _checks.positive_int("num_expert", num_expert)
         self.d_model = _checks.positive_int("d_model", d_model)
         self.world_size = _checks.positive_int("world_size", world_size)
-        self.moe_group, self.moe_rank = None, 0
-        if world_size != 1 or moe_group is not None:
+        self.moe_group, self.moe_rank, self.moe_mesh = None, 0, None
+        if _groups.is_device_mesh(moe_group):
+            if expert is not None:
+                raise NotImplementedError(
+                    "expert= (a module per expert) with moe_group=<DeviceMesh> is not supported yet: only fused "
+                    "experts (FMoETransformerMLP) become DTensors; pass moe_group=mesh.get_group() to keep plain "
+                    f"per-rank experts, got expert={expert!r}"
+                )
+            self.moe_mesh, self.moe_group, self.moe_rank = _groups.resolve_moe_mesh(world_size, moe_group)
+        elif world_size != 1 or moe_group is not None:
             self.moe_group, self.moe_rank = _groups.resolve_moe_group(world_size, moe_group)
         for name, value in (
             ("mp_group", mp_group),

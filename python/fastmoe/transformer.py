@@ -23,7 +23,9 @@ class _Expert(nn.Module):
     the initialisation (``FMoELinear``).
     """
 
-    def __init__(self, num_expert: int, d_model: int, d_hidden: int, activation, bias: bool = True, rank: int = 0):
+    def __init__(
+        self, num_expert: int, d_model: int, d_hidden: int, activation, bias: bool = True, rank: int = 0, ep_mesh=None
+    ):
         super().__init__()
         self.gated = activation == "swiglu"
         if isinstance(activation, str):
@@ -41,8 +43,8 @@ class _Expert(nn.Module):
         else:
             raise TypeError(f"activation must be a callable or a name, got {activation!r}")
         hidden_out = 2 * d_hidden if self.gated else d_hidden
-        self.htoh4 = FMoELinear(num_expert, d_model, hidden_out, bias=bias, rank=rank)
-        self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=bias, rank=rank)
+        self.htoh4 = FMoELinear(num_expert, d_model, hidden_out, bias=bias, rank=rank, ep_mesh=ep_mesh)
+        self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=bias, rank=rank, ep_mesh=ep_mesh)
 
     def forward(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor, expert_offsets=None) -> torch.Tensor:
         if expert_offsets is None:
@@ -60,7 +62,9 @@ class FMoETransformerMLP(FMoE):
     ``FMoELinear``. ``activation`` is a callable (default GELU), ``"gelu"``, ``"relu"``, ``"silu"`` or
     ``"swiglu"`` (gated: ``htoh4`` then has ``2 * d_hidden`` rows per expert). Each global expert's weights come
     from its own random stream (``FMoELinear``), so with ``world_size=W`` the ranks' experts together equal those
-    of the one-rank layer with ``num_expert * W`` experts built from the same seed. Other keyword arguments
+    of the one-rank layer with ``num_expert * W`` experts built from the same seed. With ``moe_group`` a 1-D
+    ``DeviceMesh`` the expert weights are DTensors of global shape ``[num_expert * W, ...]`` sharded over the
+    experts (``FMoELinear``'s ``ep_mesh``). Other keyword arguments
     (``top_k``, ``gate``, ``world_size``, ``gate_hook``, ...) go to :class:`fastmoe.FMoE`.
     """
 
@@ -80,7 +84,13 @@ class FMoETransformerMLP(FMoE):
         # Global expert ids, not local ones, pick the experts' random streams: every rank's experts differ and the
         # layer starts equal to the one-rank layer of num_expert * world_size experts built from the same seed.
         self.experts = _Expert(
-            num_expert, d_model, d_hidden, activation if activation is not None else F.gelu, bias, rank=self.moe_rank
+            num_expert,
+            d_model,
+            d_hidden,
+            activation if activation is not None else F.gelu,
+            bias,
+            rank=self.moe_rank,
+            ep_mesh=self.moe_mesh,  # a DeviceMesh moe_group: the experts are DTensors sharded over it
         )
         self.experts_fused = True
         self.expert_dp_comm = expert_dp_comm
