@@ -14,7 +14,6 @@ no kernel runs at all, so it measures the host path alone on any machine.
 Prints the median microseconds per forward + backward of each layer and their ratio (MoE / dense).
 """
 
-import argparse
 import statistics
 import sys
 import time

@@ -112,11 +112,14 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
   TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == x.size(0) && topk_idx.size(1) == slots,
               "the gate returned topk_idx of shape ", topk_idx.sizes(), ", expected [tokens, ",
               slots == gate.top_k() ? "top_k" : "gate.slots_per_token()", "] = [", x.size(0), ", ", slots, "]");
-  auto tokens = c10::make_intrusive<TokenDispatch>(x, topk_idx, topk_score, num_local, world,
-                                                   world > 1 ? group : std::string(), chunks, cast_to_autocast,
-                                                   debug_enabled() ? std::string(name) : std::string());
-  record = BalanceRecord{x.size(0), topk_idx.numel(), tokens->routed_counts().detach(),
-                         gate.num_dropped().defined() ? gate.num_dropped().detach() : torch::Tensor(), {}};
+  auto tokens =
+      c10::make_intrusive<TokenDispatch>(x, topk_idx, topk_score, num_local, world, world > 1 ? group : std::string(),
+                                         chunks, cast_to_autocast, debug_enabled() ? std::string(name) : std::string());
+  record = BalanceRecord{x.size(0),
+                         topk_idx.numel(),
+                         tokens->routed_counts().detach(),
+                         gate.num_dropped().defined() ? gate.num_dropped().detach() : torch::Tensor(),
+                         {}};
   for (const auto& term : gate.losses()) record.losses.insert(term.key(), term.value().detach());
   for (int64_t c = 0; c < tokens->num_chunks(); ++c) {
     tokens->enter(c);  // the chunk's CUDA stream (expert parallelism with chunks > 1)
@@ -203,10 +206,10 @@ void MoEImpl::make_gate_and_check() {
   gate = register_module("gate", make_gate(options.gate(), options.num_experts() * options.world_size(),
                                            options.d_model(), options.top_k(), options.gate_bias()));
   options.top_k(gate->top_k());
-  check_expert_parallel(options.world_size(), options.group_name(), "MoE",
-                        {"num_experts", "d_model", "top_k", "slots_per_token", "ep_chunks"},
-                        {options.num_experts(), options.d_model(), options.top_k(), gate->slots_per_token(),
-                         options.ep_chunks()});
+  check_expert_parallel(
+      options.world_size(), options.group_name(), "MoE",
+      {"num_experts", "d_model", "top_k", "slots_per_token", "ep_chunks"},
+      {options.num_experts(), options.d_model(), options.top_k(), gate->slots_per_token(), options.ep_chunks()});
 }
 
 void MoEImpl::register_experts() {
@@ -253,12 +256,11 @@ TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : 
   gate = register_module("gate", make_gate(options.gate(), options.num_experts() * options.world_size(),
                                            options.d_model(), options.top_k(), options.gate_bias()));
   options.top_k(gate->top_k());
-  check_expert_parallel(options.world_size(), options.group_name(), "TransformerMLP",
-                        {"num_experts", "d_model", "d_hidden", "top_k", "slots_per_token", "activation", "bias",
-                         "ep_chunks"},
-                        {options.num_experts(), options.d_model(), options.d_hidden(), options.top_k(),
-                         gate->slots_per_token(), static_cast<int64_t>(options.activation()), options.bias(),
-                         options.ep_chunks()});
+  check_expert_parallel(
+      options.world_size(), options.group_name(), "TransformerMLP",
+      {"num_experts", "d_model", "d_hidden", "top_k", "slots_per_token", "activation", "bias", "ep_chunks"},
+      {options.num_experts(), options.d_model(), options.d_hidden(), options.top_k(), gate->slots_per_token(),
+       static_cast<int64_t>(options.activation()), options.bias(), options.ep_chunks()});
   auto experts = register_module("experts", std::make_shared<torch::nn::Module>());
   const int64_t hidden_rows = options.activation() == Activation::kSwiGLU ? 2 * options.d_hidden() : options.d_hidden();
   // Global expert ids pick the experts' streams: the ranks' experts differ and equal the one-rank layer's.

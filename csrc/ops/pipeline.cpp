@@ -1,8 +1,6 @@
 // fastmoe::TokenDispatch (include/fastmoe/token_dispatch.h): the token path between the gate and the experts and
 // back, composed once from the registered ops, for both front ends. Registered as the custom class
 // torch.classes.fastmoe.TokenDispatch.
-#include "fastmoe/token_dispatch.h"
-
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/Event.h>
@@ -14,6 +12,7 @@
 #include <sstream>
 
 #include "fastmoe/ops.h"
+#include "fastmoe/token_dispatch.h"
 #include "runtime/communicator.h"
 
 namespace fastmoe {
@@ -175,8 +174,8 @@ void TokenDispatch::expert_parallel(const at::Tensor& x, const at::Tensor& topk_
     chunk.sorted_pair = rank_plans[c].sorted_pair.slice(0, 0, n_send);  // row r carries pair token * W + rank
     chunk.pair_pos = rank_plans[c].pair_pos;
     const at::Tensor x_c = x.slice(0, chunk.begin, chunk.end);
-    const at::Tensor x_in = ops::exchange(ops::permute(x_c, chunk.sorted_pair, chunk.pair_pos), chunk.send,
-                                          chunk.recv, group_);
+    const at::Tensor x_in =
+        ops::exchange(ops::permute(x_c, chunk.sorted_pair, chunk.pair_pos), chunk.send, chunk.recv, group_);
     chunk.score_in =
         ops::exchange(ops::permute(topk_score.slice(0, chunk.begin, chunk.end), chunk.sorted_pair, chunk.pair_pos),
                       chunk.send, chunk.recv, group_);
@@ -214,7 +213,8 @@ std::vector<int64_t> TokenDispatch::expert_bounds(int64_t chunk) {
   chunk_at(chunk);  // checks the index
   Chunk& c = chunks_[chunk];
   if (c.bounds.empty()) {
-    TORCH_CHECK(!c.offsets.is_meta(), "expert_bounds reads the expert offsets on the host, which a meta tensor has "
+    TORCH_CHECK(!c.offsets.is_meta(),
+                "expert_bounds reads the expert offsets on the host, which a meta tensor has "
                 "not; per-expert modules need real tensors");
     const at::Tensor host = c.offsets.cpu();
     const int64_t* b = host.const_data_ptr<int64_t>();
@@ -308,8 +308,7 @@ void TokenDispatch::check_routing(const at::Tensor& topk_idx, const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(fastmoe, m) {
   m.class_<TokenDispatch>("TokenDispatch")
-      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, std::string, int64_t, bool,
-                       std::string>())
+      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, std::string, int64_t, bool, std::string>())
       .def("num_chunks", &TokenDispatch::num_chunks)
       .def("rows", &TokenDispatch::rows)
       .def("expert_counts", &TokenDispatch::expert_counts)

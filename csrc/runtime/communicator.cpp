@@ -611,8 +611,7 @@ void check_same_config(const std::string& group_name, const std::vector<std::str
     }
     mine += names[i] + kField + values[i] + kEntry;
   }
-  const std::vector<std::string> configs =
-      all_gather_strings(mine, "configuration check of " + what, group_name);
+  const std::vector<std::string> configs = all_gather_strings(mine, "configuration check of " + what, group_name);
   const auto reference = parse_config(configs[0]);
   std::string problems;
   for (size_t r = 1; r < configs.size(); ++r) {
@@ -629,9 +628,9 @@ void check_same_config(const std::string& group_name, const std::vector<std::str
       }
     }
   }
-  TORCH_CHECK_VALUE(problems.empty(), what,
-                    " must be built with the same configuration on every rank of its expert-parallel group: ",
-                    problems);
+  TORCH_CHECK_VALUE(
+      problems.empty(), what,
+      " must be built with the same configuration on every rank of its expert-parallel group: ", problems);
 }
 
 void check_same_config(const std::string& group_name, const std::vector<std::string>& names,

@@ -67,14 +67,14 @@ class TokenDispatch : public torch::CustomClassHolder {
 
  private:
   struct Chunk {
-    int64_t begin = 0, end = 0;          // the chunk's tokens
-    std::optional<c10::Stream> stream;   // side stream (chunk > 0, CUDA, chunks > 1)
-    at::Tensor sorted_pair, pair_pos;    // one process: the plan; expert parallel: the plan by destination rank
-    std::vector<int64_t> send, recv;     // rows sent to / received from each rank
+    int64_t begin = 0, end = 0;                 // the chunk's tokens
+    std::optional<c10::Stream> stream;          // side stream (chunk > 0, CUDA, chunks > 1)
+    at::Tensor sorted_pair, pair_pos;           // one process: the plan; expert parallel: the plan by destination rank
+    std::vector<int64_t> send, recv;            // rows sent to / received from each rank
     at::Tensor score_in, slot_order, slot_pos;  // expert parallel: received scores, plan by local expert
     at::Tensor rows, counts, offsets;
-    std::vector<int64_t> bounds;         // empty until known
-    at::Tensor output;                   // give(): experts' output (one process) or what came back (expert parallel)
+    std::vector<int64_t> bounds;  // empty until known
+    at::Tensor output;            // give(): experts' output (one process) or what came back (expert parallel)
   };
   const Chunk& chunk_at(int64_t chunk) const;
   void check_finite(const at::Tensor& t, const char* what) const;

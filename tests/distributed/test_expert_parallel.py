@@ -5,9 +5,10 @@ expert-parallel layer with a single-process layer holding every expert with the 
 
 import ep_cases
 import pytest
+from dist_harness import nccl_skip_reason, run_workers
+
 from conftest import NN_TESTING_LIB as NN_LIB
 from conftest import needs_nn_testing_lib as needs_nn_lib
-from dist_harness import nccl_skip_reason, run_workers
 
 
 def backends(world: int):

@@ -19,8 +19,8 @@ namespace fastmoe::nn {
 // What one forward of an MoE layer leaves for load statistics, as device tensors that nothing in the forward reads
 // on the host (fastmoe.balance.BalanceRecord in Python).
 struct BalanceRecord {
-  int64_t num_tokens = 0;      // T
-  int64_t num_slots = 0;       // T * k (k = slots per token of the routing)
+  int64_t num_tokens = 0;       // T
+  int64_t num_slots = 0;        // T * k (k = slots per token of the routing)
   torch::Tensor expert_counts;  // [E] int64: slots of this rank's tokens per global expert
   torch::Tensor num_dropped;    // [] int64: slots the gate dropped for capacity (undefined if it reports none)
   torch::OrderedDict<std::string, torch::Tensor> losses;  // the gate's loss terms (detached)
