@@ -20,6 +20,7 @@ class Layer:
     num_expert: int  # on this rank
     ep_size: int
     moe_rank: int
+    mesh: object = None  # the layer's moe_mesh: its fused experts are DTensors sharded (Shard(0),) over it
 
     @property
     def num_experts_total(self) -> int:
@@ -68,6 +69,7 @@ def moe_layers(model: nn.Module) -> dict[str, Layer]:
             raise CheckpointError(f"FMoE layer {name or '<model>'!r} has no experts module")
         layer = Layer(name, bool(module.experts_fused), int(module.num_expert), int(module.world_size), 0)
         layer.moe_rank = moe_rank(module)
+        layer.mesh = getattr(module, "moe_mesh", None)
         if not 0 <= layer.moe_rank < layer.ep_size:
             raise CheckpointError(f"FMoE layer {name!r}: moe_rank={layer.moe_rank} is outside [0, {layer.ep_size})")
         layers[name] = layer
@@ -108,6 +110,58 @@ def cpu(value):
     return t if whole else t.clone()
 
 
+_DCP_HINT = (
+    "save it with torch.distributed.checkpoint (DCP), which reads DTensor placements (docs/distributed.md, "
+    "'DeviceMesh and DTensor experts')"
+)
+
+
+def is_dtensor(value) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def local_experts(key: str, value, layer: Layer):
+    """This rank's experts of an expert entry: a DTensor of a mesh layer (``Shard(0)`` over its ``moe_mesh``) is
+    its local shard, ``[num_expert, ...]``, the layout a process-group layer holds; anything else as it is. A
+    DTensor placed otherwise (a layer that FSDP2 shards further) raises."""
+    if not is_dtensor(value):
+        return value
+    from torch.distributed.tensor import Shard
+
+    if layer.mesh is None or value.device_mesh != layer.mesh or tuple(value.placements) != (Shard(0),):
+        raise CheckpointError(
+            f"{key!r} of FMoE layer {layer.name or '<model>'!r} is a DTensor placed {tuple(value.placements)} on "
+            f"{value.device_mesh}; fastmoe.checkpoint reads expert DTensors sharded (Shard(0),) over the layer's "
+            f"moe_mesh only (FSDP2 shards them further): {_DCP_HINT}"
+        )
+    return value.to_local()
+
+
+def check_plain(key: str, value) -> None:
+    """Replicated entries must be plain tensors: a DTensor outside the experts (a model under FSDP2) is not one
+    value every rank holds."""
+    if is_dtensor(value):
+        raise CheckpointError(
+            f"{key!r} is a DTensor placed {tuple(value.placements)} on {value.device_mesh}, but fastmoe.checkpoint "
+            f"saves everything outside the experts once, as a value every rank holds: {_DCP_HINT}"
+        )
+
+
+def like(saved, current):
+    """``saved`` (this rank's experts, a plain tensor) as a DTensor placed like ``current`` when that is one."""
+    if not is_dtensor(current) or not isinstance(saved, torch.Tensor):
+        return saved
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        saved, current.device_mesh, current.placements, run_check=False, shape=current.shape, stride=current.stride()
+    )
+
+
 def describe(value) -> list:
     if isinstance(value, torch.Tensor):
         return [list(value.shape), str(value.dtype).removeprefix("torch.")]
@@ -123,10 +177,12 @@ def split_model(model, layers, want_common: bool, writers: set[str]):
     for key, value in model.state_dict().items():
         hit = expert_key(layers, key)
         if hit is None:
+            check_plain(key, value)
             if want_common:
                 common[key] = cpu(value)
             continue
         layer, local, suffix = hit
+        value = local_experts(key, value, layer)
         if layer.name not in writers:
             continue
         if local is not None:
@@ -159,9 +215,11 @@ def optimizer_params(model, optimizer):
 
 def split_fused_state(state: dict, param, layer: Layer, name: str) -> list:
     """One ``{"split": ..., "shared": ...}`` per local expert: state tensors with the parameter's leading expert
-    dim are sliced, 0-d tensors and plain values (``step``) are copied."""
+    dim are sliced, 0-d tensors and plain values (``step``) are copied. DTensors count by their local shards."""
     split, shared = {}, {}
+    param = local_experts(name, param, layer)
     for key, value in state.items():
+        value = local_experts(f"optimizer state {key!r} of {name}", value, layer)
         if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape[0] == layer.num_expert:
             split[key] = value
         elif not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -190,6 +248,8 @@ def split_optimizer(model, optimizer, layers, want_common: bool, writers: set[st
         state = optimizer.state.get(param) or {}
         hit = expert_key(layers, name)
         if hit is None:
+            for key, value in state.items():
+                check_plain(f"optimizer state {key!r} of {name}", value)
             if want_common and state:
                 common[name] = {k: cpu(v) for k, v in state.items()}
             continue

@@ -349,6 +349,7 @@ def _model_target(model, layers, meta, common, shards: _Shards, path: str, stric
     for key, value in current.items():
         hit = layout.expert_key(layers, key)
         if hit is None:
+            layout.check_plain(key, value)
             if key in common["model"]:
                 _check_shape(key, common["model"][key], value, common_path)
                 target[key] = common["model"][key]
@@ -364,8 +365,11 @@ def _model_target(model, layers, meta, common, shards: _Shards, path: str, stric
             saved = torch.stack([shards.param(layer.name, g, suffix) for g in layer.global_ids()])
         else:
             saved = shards.param(layer.name, layer.first_expert + local, suffix)
-        _check_shape(key, saved, value, f"{path}, {layer.num_expert} experts of layer {layer.name!r}")
-        target[key] = saved
+        # a mesh layer's DTensor is checked and filled through its local shard: this rank's experts
+        _check_shape(
+            key, saved, layout.local_experts(key, value, layer), f"{path}, {layer.num_expert} experts of {layer.name!r}"
+        )
+        target[key] = layout.like(saved, value)
     unexpected = [k for k in common["model"] if k not in current]
     for name, info in meta["layers"].items():
         unexpected += [f"{layers[name].prefix}{s}" for s in info["expert_params"] if s not in seen_suffixes[name]]
@@ -382,6 +386,14 @@ def _expert_optim_state(layer, suffix: str, name: str, shards: _Shards, local):
     return layout.merge_fused_state(entries, name)
 
 
+def _like_param(value, param):
+    """An expert's optimizer state tensor shaped like its local parameter shard, placed like the DTensor parameter
+    (``exp_avg``); anything else (``step``) as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.dim() > 0:
+        return layout.like(value, param)
+    return value
+
+
 def _optimizer_target(model, optimizer, layers, meta, common, shards: _Shards, path: str) -> dict:
     saved = common.get("optim")
     if saved is None:
@@ -395,7 +407,7 @@ def _optimizer_target(model, optimizer, layers, meta, common, shards: _Shards, p
     for gi, group in enumerate(optimizer.param_groups):
         saved_names = set(saved["groups"][gi]["params"])
         ids = []
-        for _, _, name in (e for e in entries if e[0] == gi):
+        for _, param, name in (e for e in entries if e[0] == gi):
             canonical = layout.canonical(layers, name)
             if canonical not in saved_names:
                 raise CheckpointError(
@@ -406,6 +418,8 @@ def _optimizer_target(model, optimizer, layers, meta, common, shards: _Shards, p
                 value = saved["state"].get(name)
             else:
                 value = _expert_optim_state(hit[0], hit[2], name, shards, hit[1])
+                if value and layout.is_dtensor(param):  # a mesh layer's state is placed like its parameter
+                    value = {k: _like_param(v, param) for k, v in value.items()}
             if value:
                 state[index] = value
             ids.append(index)

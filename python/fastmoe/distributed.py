@@ -8,6 +8,8 @@
   data-parallel group; sharded experts are reduced over their replica group (the ranks that hold the same
   experts), which is empty when EP spans the whole world.
 - :func:`expert_parallel_groups` builds the groups of the usual "EP inside DP" layout.
+- :func:`clip_grad_norm_` clips by the global gradient norm of a model whose experts are DTensors (layers built
+  with ``moe_group=<DeviceMesh>``) and whose other parameters are plain tensors.
 
 Every collective issued here waits at most ``FASTMOE_COMM_TIMEOUT`` seconds (:func:`comm_timeout`) for its peers
 and then raises ``RuntimeError`` naming the collective, the group and the timeout, as the exchanges do in C++: a
@@ -35,6 +37,7 @@ from fastmoe.layers import FMoE
 
 __all__ = [
     "DistributedGroupedDataParallel",
+    "clip_grad_norm_",
     "expert_parallel_groups",
     "resolve_moe_group",
     "check_same_config",
@@ -72,6 +75,35 @@ def _moe_layers(module: nn.Module):
     return [m for m in module.modules() if isinstance(m, FMoE)]
 
 
+def _dtensor_type():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _refuse_dtensors(module: nn.Module) -> None:
+    """DistributedGroupedDataParallel flattens plain per-rank tensors; a DTensor (the experts of a layer built with
+    ``moe_group=<DeviceMesh>``, or a model under FSDP2) is refused before anything is broadcast or reduced."""
+    hint = (
+        "use FSDP2 (fully_shard over the data-parallel mesh dimension) for DTensor experts, or build the layer with "
+        "moe_group=<ProcessGroup> to keep plain per-rank experts (docs/distributed.md, 'DeviceMesh and DTensor "
+        "experts')"
+    )
+    for name, layer in module.named_modules():
+        if isinstance(layer, FMoE) and getattr(layer, "moe_mesh", None) is not None:
+            raise TypeError(
+                f"DistributedGroupedDataParallel cannot reduce the DTensor experts of FMoE layer {name or '<model>'!r} "
+                f"(built with moe_group=<DeviceMesh>): {hint}"
+            )
+    dtensor = _dtensor_type()
+    for name, param in module.named_parameters():
+        if isinstance(param, dtensor):
+            raise TypeError(
+                f"DistributedGroupedDataParallel cannot reduce parameter {name!r}, a DTensor placed "
+                f"{tuple(param.placements)}: {hint}"
+            )
+
+
 class DistributedGroupedDataParallel(nn.Module):
     """Data parallelism for models with MoE layers (FastMoE's ``DistributedGroupedDataParallel``).
 
@@ -89,6 +121,9 @@ class DistributedGroupedDataParallel(nn.Module):
     from ``dp_comm`` tags, so replicated experts (``world_size=1``) are always reduced. With ``need_sync=True``
     the parameters are broadcast at construction from the first rank of the group that reduces them, so every
     replica starts equal.
+
+    A model with DTensor parameters (a layer built with ``moe_group=<DeviceMesh>``) is refused at construction with
+    a ``TypeError`` naming the layer: FSDP2 is the data-parallel wrapper for those (docs/distributed.md).
     """
 
     def __init__(
@@ -102,6 +137,7 @@ class DistributedGroupedDataParallel(nn.Module):
     ):
         super().__init__()
         _require_initialized("DistributedGroupedDataParallel")
+        _refuse_dtensors(module)
         for name in unused_groups:
             if not name.endswith("_group"):
                 raise TypeError(f"DistributedGroupedDataParallel got an unexpected argument {name!r}")
@@ -262,3 +298,47 @@ class DistributedGroupedDataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None
+):
+    """``torch.nn.utils.clip_grad_norm_`` for models that mix DTensor parameters (the experts of a layer built with
+    ``moe_group=<DeviceMesh>``, or parameters under FSDP2) and plain ones, which torch's own function refuses
+    ("got mixed torch.Tensor and DTensor").
+
+    The norm of the DTensor gradients is taken over all their shards (one collective per mesh and placement, so
+    every rank gets the same value), the norm of the plain gradients as they are, and the total ``norm_type``-norm
+    of the parts clips every gradient once, as one process holding the whole model would. The plain gradients
+    must already be equal on every rank (reduced over the data-parallel ranks: the gate's gradient summed or
+    averaged over the ranks' tokens), or the ranks clip by different norms. Every rank must call it with the same
+    parameters (it is a collective over the DTensors' meshes). Returns the total norm, a plain tensor.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    max_norm, norm_type = float(max_norm), float(norm_type)
+    if max_norm != max_norm or max_norm < 0:
+        raise ValueError(f"max_norm must be a number >= 0, got {max_norm}")
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    dtensor = _dtensor_type()
+    groups = {}  # (mesh, placements) of DTensor gradients, or None for plain ones -> parameters
+    for param in params:
+        key = (param.grad.device_mesh, tuple(param.grad.placements)) if isinstance(param.grad, dtensor) else None
+        groups.setdefault(key, []).append(param)
+    device = params[0].grad.device
+    norms = []
+    for key, group in groups.items():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type, False, foreach)
+        norms.append((norm.full_tensor() if key is not None else norm).to(device))
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite ({float(total)}), so they cannot be "
+            f"clipped; set error_if_nonfinite=False to clip anyway"
+        )
+    for group in groups.values():  # one call each: torch's foreach ops do not mix DTensors and tensors
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach)
+    return total
