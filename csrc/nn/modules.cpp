@@ -115,11 +115,11 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
   auto tokens =
       c10::make_intrusive<TokenDispatch>(x, topk_idx, topk_score, num_local, world, world > 1 ? group : std::string(),
                                          chunks, cast_to_autocast, debug_enabled() ? std::string(name) : std::string());
-  record = BalanceRecord{x.size(0),
-                         topk_idx.numel(),
-                         tokens->routed_counts().detach(),
-                         gate.num_dropped().defined() ? gate.num_dropped().detach() : torch::Tensor(),
-                         {}};
+  record = BalanceRecord();
+  record.num_tokens = x.size(0);
+  record.num_slots = topk_idx.numel();
+  record.expert_counts = tokens->routed_counts().detach();
+  if (gate.num_dropped().defined()) record.num_dropped = gate.num_dropped().detach();
   for (const auto& term : gate.losses()) record.losses.insert(term.key(), term.value().detach());
   for (int64_t c = 0; c < tokens->num_chunks(); ++c) {
     tokens->enter(c);  // the chunk's CUDA stream (expert parallelism with chunks > 1)

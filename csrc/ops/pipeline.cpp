@@ -284,7 +284,8 @@ void TokenDispatch::check_finite(const at::Tensor& t, const char* what) const {
   if (finite.all().item<bool>()) return;
   const int64_t num_nan = at::isnan(values).sum().item<int64_t>();
   const int64_t num_inf = at::isinf(values).sum().item<int64_t>();
-  const at::Tensor first = at::logical_not(finite).nonzero()[0].cpu();
+  // nonzero() may be column-major: contiguous before the index is read as an array
+  const at::Tensor first = at::logical_not(finite).nonzero()[0].cpu().contiguous();
   std::vector<int64_t> index(first.const_data_ptr<int64_t>(), first.const_data_ptr<int64_t>() + first.numel());
   at::Tensor value = values;
   for (int64_t i : index) value = value[i];

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <limits>
+
 #include "fastmoe/fastmoe.h"
 
 namespace {
@@ -113,6 +115,53 @@ TEST(TransformerMLP, ZeroTokensGiveAnEmptyOutputAndZeroGradients) {
   EXPECT_EQ(y.sizes(), (std::vector<int64_t>{0, 8}));
   y.sum().backward();
   EXPECT_EQ(moe->htoh4->weight.grad().abs().sum().item<float>(), 0.0f);
+}
+
+TEST(TransformerMLP, KeepsTheBalanceRecordOfItsLastForward) {
+  torch::manual_seed(3);
+  fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16));
+  EXPECT_FALSE(moe->balance_record().expert_counts.defined());
+  moe->forward(torch::randn({10, 8}));
+  const auto& record = moe->balance_record();
+  EXPECT_EQ(record.num_tokens, 10);
+  EXPECT_EQ(record.num_slots, 20);  // top-2
+  EXPECT_EQ(record.expert_counts.sizes(), (std::vector<int64_t>{4}));
+  EXPECT_EQ(record.expert_counts.sum().item<int64_t>(), 20);  // the naive gate drops nothing
+
+  // A gate with a capacity: every slot is either processed or counted as dropped, and the loss is recorded.
+  auto gate = fastmoe::nn::SwitchGate(fastmoe::nn::SwitchGateOptions(8, 4).capacity_factor_train(0.5));
+  fastmoe::nn::TransformerMLP switched(fastmoe::nn::TransformerMLPOptions(4, 8, 16, gate));
+  switched->forward(torch::randn({12, 8}));
+  const auto& capped = switched->balance_record();
+  ASSERT_TRUE(capped.num_dropped.defined());
+  EXPECT_GT(capped.num_dropped.item<int64_t>(), 0);  // 4 experts of capacity ceil(0.5 * 12 / 4) = 2 for 12 tokens
+  EXPECT_EQ(capped.expert_counts.sum().item<int64_t>() + capped.num_dropped.item<int64_t>(), 12);
+  EXPECT_TRUE(capped.losses.contains("balance"));
+}
+
+TEST(TransformerMLP, DebugModeNamesTheLayerAndTheNonFiniteScores) {
+  fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16));
+  torch::Tensor x = torch::randn({6, 8});
+  x[2][5] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_NO_THROW(moe->forward(x));  // off by default: NaN stays in its token's row
+  fastmoe::set_debug(true);
+  try {
+    moe->forward(x);
+    ADD_FAILURE() << "debug mode let a NaN score through";
+  } catch (const c10::Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("TransformerMLP: gate scores (topk_score)"));
+    EXPECT_THAT(error.what(), HasSubstr("2 NaN"));  // token 2's two slots
+  }
+  fastmoe::set_debug(false);
+}
+
+TEST(TransformerMLP, RejectsEpChunksBelowOne) {
+  try {
+    fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16).ep_chunks(0));
+    ADD_FAILURE() << "ep_chunks=0 was accepted";
+  } catch (const c10::Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("ep_chunks"));
+  }
 }
 
 TEST(MoE, AnyModuleExpertsMatchAPlainLoop) {
