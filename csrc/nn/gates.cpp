@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "fastmoe/ops.h"
+#include "fastmoe/token_dispatch.h"
 #include "nn/checks.h"
 
 namespace fastmoe::nn {
@@ -28,6 +29,18 @@ void check_capacity_factor(const std::optional<double>& factor, const char* name
 
 torch::nn::Linear make_logits_layer(int64_t d_model, int64_t num_experts, bool bias) {
   return torch::nn::Linear(torch::nn::LinearOptions(d_model, num_experts).bias(bias));
+}
+
+// Debug mode checks each gate's logits before its op, as fastmoe.debug does for the Python gates; the message names
+// the gate's class ("NaiveGate").
+torch::Tensor checked_logits(const GateImpl& gate, torch::Tensor logits) {
+  if (debug_enabled()) {
+    std::string name = gate.name();
+    if (const auto colon = name.rfind("::"); colon != std::string::npos) name.erase(0, colon + 2);
+    if (name.size() > 4 && name.compare(name.size() - 4, 4, "Impl") == 0) name.resize(name.size() - 4);
+    check_finite(logits, name, "gate logits");
+  }
+  return logits;
 }
 
 }  // namespace
@@ -98,7 +111,7 @@ NaiveGateImpl::NaiveGateImpl(const NaiveGateOptions& options_)
 }
 
 std::tuple<torch::Tensor, torch::Tensor> NaiveGateImpl::forward(const torch::Tensor& x) {
-  const torch::Tensor logits = gate->forward(token_matrix(x));
+  const torch::Tensor logits = checked_logits(*this, gate->forward(token_matrix(x)));
   return record(ops::naive_gate(logits, options.top_k(), options.balance_coef(), options.z_loss_coef()));
 }
 
@@ -115,7 +128,7 @@ NoisyGateImpl::NoisyGateImpl(const NoisyGateOptions& options_)
 // In training the op adds noise scaled by softplus(x w_noise) + noise_epsilon; eval routes on x w_gate alone.
 std::tuple<torch::Tensor, torch::Tensor> NoisyGateImpl::forward(const torch::Tensor& input) {
   const torch::Tensor x = token_matrix(input);
-  const torch::Tensor clean = torch::matmul(x, w_gate);
+  const torch::Tensor clean = checked_logits(*this, torch::matmul(x, w_gate));
   std::optional<torch::Tensor> noise_logits;
   if (is_training()) noise_logits = torch::matmul(x, w_noise);
   return record(ops::noisy_gate(clean, noise_logits, options.top_k(), options.noise_epsilon(), options.w_importance(),
@@ -136,7 +149,7 @@ GShardGateImpl::GShardGateImpl(const GShardGateOptions& options_)
 }
 
 std::tuple<torch::Tensor, torch::Tensor> GShardGateImpl::forward(const torch::Tensor& input) {
-  const torch::Tensor logits = gate->forward(token_matrix(input));
+  const torch::Tensor logits = checked_logits(*this, gate->forward(token_matrix(input)));
   const auto& factor = is_training() ? options.capacity_factor_train() : options.capacity_factor_eval();
   return record(ops::gshard_gate(logits, is_training(), factor, options.random_routing(), options.aux_loss_coef(),
                                  options.z_loss_coef()));
@@ -159,7 +172,8 @@ std::tuple<torch::Tensor, torch::Tensor> SwitchGateImpl::forward(const torch::Te
   torch::Tensor x = token_matrix(input);
   if (is_training() && options.switch_eps() > 0) x = ops::switch_jitter(x, options.switch_eps());
   const auto& factor = is_training() ? options.capacity_factor_train() : options.capacity_factor_eval();
-  return record(ops::switch_gate(gate->forward(x), factor, options.aux_loss_coef(), options.z_loss_coef()));
+  return record(ops::switch_gate(checked_logits(*this, gate->forward(x)), factor, options.aux_loss_coef(),
+                                 options.z_loss_coef()));
 }
 
 // ---------------------------------------------------------------- SwipeGate
@@ -171,7 +185,7 @@ SwipeGateImpl::SwipeGateImpl(const SwipeGateOptions& options_)
 }
 
 std::tuple<torch::Tensor, torch::Tensor> SwipeGateImpl::forward(const torch::Tensor& input) {
-  const torch::Tensor logits = gate->forward(token_matrix(input));
+  const torch::Tensor logits = checked_logits(*this, gate->forward(token_matrix(input)));
   return record(ops::swipe_gate(logits, options.top_k(), is_training(), options.z_loss_coef()));
 }
 
@@ -196,7 +210,7 @@ ExpertChoiceGateImpl::ExpertChoiceGateImpl(const ExpertChoiceGateOptions& option
 }
 
 std::tuple<torch::Tensor, torch::Tensor> ExpertChoiceGateImpl::forward(const torch::Tensor& input) {
-  const torch::Tensor logits = gate->forward(token_matrix(input));
+  const torch::Tensor logits = checked_logits(*this, gate->forward(token_matrix(input)));
   return record(ops::expert_choice_gate(logits, options.top_k(), options.capacity_factor(), slots_per_token(),
                                         options.z_loss_coef()));
 }
@@ -227,7 +241,7 @@ void SigmoidGateImpl::to(torch::Dtype dtype, bool non_blocking) {
 
 // The op returns the bias update of a training forward ([0] otherwise); it is applied here, outside autograd.
 std::tuple<torch::Tensor, torch::Tensor> SigmoidGateImpl::forward(const torch::Tensor& input) {
-  const torch::Tensor logits = gate->forward(token_matrix(input));
+  const torch::Tensor logits = checked_logits(*this, gate->forward(token_matrix(input)));
   const ops::GateRouting routing = ops::sigmoid_gate(
       logits, expert_bias, options.top_k(), options.n_groups(), options.topk_groups(), options.normalize(),
       options.routed_scaling_factor(), options.aux_loss_coef(), is_training(), options.bias_update_rate());

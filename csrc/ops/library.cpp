@@ -53,6 +53,8 @@ TORCH_LIBRARY(fastmoe, m) {
   // Raises ValueError on every rank of the group when the configuration (values named by names) differs between
   // ranks, naming each difference (csrc/runtime/communicator.h). A collective, bounded by FASTMOE_COMM_TIMEOUT.
   m.def("check_same_config(str group_name, str[] names, str[] values, str what) -> ()");
+  // Debug mode's check (include/fastmoe/token_dispatch.h): raises when t holds NaN or Inf, naming owner and what.
+  m.def("check_finite(Tensor t, str owner, str what) -> ()");
 
   // Gates: each gate's routing and loss terms from its logits [T, E] (csrc/ops/gates.cpp, docs/gates.md). They
   // return (topk_idx [T, k] int64, -1 = empty slot; topk_score [T, k]; balance_loss, z_loss: 0-dim, or [0] where the

@@ -244,7 +244,7 @@ void TokenDispatch::give(int64_t chunk, const at::Tensor& y) {
   TORCH_CHECK(y.defined() && y.dim() == 2 && y.size(0) == c.rows.size(0), "the experts' output of chunk ", chunk,
               " must be [", c.rows.size(0), ", d_out] (one row per input row), got ",
               y.defined() ? shape_of(y) : std::string("an undefined tensor"));
-  if (!debug_name_.empty() && debug_enabled()) check_finite(y, "expert outputs (y_sorted)");
+  if (!debug_name_.empty() && debug_enabled()) check_finite(y, debug_name_, "expert outputs (y_sorted)");
   if (group_.empty()) {
     c.output = y;
     return;
@@ -275,9 +275,9 @@ at::Tensor TokenDispatch::combine() {
   return ys.size() == 1 ? ys[0] : at::cat(ys);
 }
 
-// Debug mode: the messages are those of fastmoe.debug (python/fastmoe/debug.py), which turns them into
-// NonFiniteError.
-void TokenDispatch::check_finite(const at::Tensor& t, const char* what) const {
+// Debug mode. The message ends the way fastmoe.debug.raising_non_finite (python/fastmoe/debug.py) recognises to
+// raise NonFiniteError.
+void check_finite(const at::Tensor& t, const std::string& owner, const std::string& what) {
   if (!t.is_floating_point() || t.is_meta() || t.numel() == 0) return;
   const at::Tensor values = t.detach();
   const at::Tensor finite = at::isfinite(values);
@@ -289,13 +289,13 @@ void TokenDispatch::check_finite(const at::Tensor& t, const char* what) const {
   std::vector<int64_t> index(first.const_data_ptr<int64_t>(), first.const_data_ptr<int64_t>() + first.numel());
   at::Tensor value = values;
   for (int64_t i : index) value = value[i];
-  TORCH_CHECK(false, debug_name_, ": ", what, " of shape ", t.sizes(), " hold ", num_nan, " NaN and ", num_inf,
+  TORCH_CHECK(false, owner, ": ", what, " of shape ", t.sizes(), " hold ", num_nan, " NaN and ", num_inf,
               " Inf values (first at index ", c10::IntArrayRef(index), ", value ", value.item<double>(),
               "); fastmoe debug mode is on (fastmoe.set_debug(False) lets them propagate, see docs/reliability.md)");
 }
 
 void TokenDispatch::check_routing(const at::Tensor& topk_idx, const at::Tensor& topk_score) const {
-  check_finite(topk_score, "gate scores (topk_score)");
+  check_finite(topk_score, debug_name_, "gate scores (topk_score)");
   if (topk_idx.is_meta() || topk_idx.numel() == 0) return;
   const int64_t num_experts = num_local_ * world_;
   const at::Tensor bad = at::logical_or(topk_idx < -1, topk_idx >= num_experts);
@@ -320,6 +320,12 @@ TORCH_LIBRARY_FRAGMENT(fastmoe, m) {
       .def("leave", &TokenDispatch::leave)
       .def("give", &TokenDispatch::give)
       .def("combine", &TokenDispatch::combine);
+}
+
+TORCH_LIBRARY_IMPL(fastmoe, CompositeImplicitAutograd, m) {
+  m.impl("check_finite", [](const at::Tensor& t, c10::string_view owner, c10::string_view what) {
+    check_finite(t, std::string(owner), std::string(what));
+  });
 }
 
 }  // namespace fastmoe

@@ -29,6 +29,12 @@
 
 namespace fastmoe {
 
+// Debug mode's check of one tensor: raises (c10::Error) when floating-point `t` holds NaN or Inf, naming `owner`
+// (the layer or gate), `what`, the NaN and Inf counts and the first such index and value; returns for finite,
+// non-float, meta and empty tensors. One host read. Callers check debug_enabled() first. Python:
+// torch.ops.fastmoe.check_finite, which fastmoe.debug.check_finite turns into NonFiniteError.
+void check_finite(const at::Tensor& t, const std::string& owner, const std::string& what);
+
 class TokenDispatch : public torch::CustomClassHolder {
  public:
   // x [T, width] (the rows the experts get), topk_idx [T, k] int64 global expert ids (-1 = empty slot), topk_score
@@ -77,7 +83,6 @@ class TokenDispatch : public torch::CustomClassHolder {
     at::Tensor output;            // give(): experts' output (one process) or what came back (expert parallel)
   };
   const Chunk& chunk_at(int64_t chunk) const;
-  void check_finite(const at::Tensor& t, const char* what) const;
   void check_routing(const at::Tensor& topk_idx, const at::Tensor& topk_score) const;
   void expert_parallel(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_score);
 

@@ -64,23 +64,13 @@ def name_of(owner) -> str:
 
 
 def check_finite(owner, what: str, tensor: torch.Tensor) -> None:
-    """In debug mode, raises :class:`NonFiniteError` when ``tensor`` holds NaN or Inf; otherwise does nothing."""
-    if not _enabled or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+    """In debug mode, raises :class:`NonFiniteError` when ``tensor`` holds NaN or Inf; otherwise does nothing. The
+    check and its message are the C++ token path's (``torch.ops.fastmoe.check_finite``), so both front ends report
+    alike."""
+    if not _enabled or not isinstance(tensor, torch.Tensor):
         return
-    if tensor.device.type == "meta" or tensor.numel() == 0:
-        return
-    finite = torch.isfinite(tensor.detach())
-    if bool(finite.all()):
-        return
-    values = tensor.detach()
-    num_nan = int(torch.isnan(values).sum())
-    num_inf = int(torch.isinf(values).sum())
-    first = tuple(int(i) for i in (~finite).nonzero()[0].tolist())
-    raise NonFiniteError(
-        f"{name_of(owner)}: {what} of shape {list(tensor.shape)} hold {num_nan} NaN and {num_inf} Inf values "
-        f"(first at index {list(first)}, value {values[first].item()}); fastmoe debug mode is on "
-        f"(fastmoe.set_debug(False) lets them propagate, see docs/reliability.md)"
-    )
+    with raising_non_finite():
+        torch.ops.fastmoe.check_finite(tensor, name_of(owner), what)
 
 
 @contextlib.contextmanager

@@ -139,7 +139,8 @@ TEST(TransformerMLP, KeepsTheBalanceRecordOfItsLastForward) {
   EXPECT_TRUE(capped.losses.contains("balance"));
 }
 
-TEST(TransformerMLP, DebugModeNamesTheLayerAndTheNonFiniteScores) {
+// The gate's logits are checked first (as in Python), so a NaN input stops there, naming the gate.
+TEST(TransformerMLP, DebugModeStopsANonFiniteInputAtTheGatesLogits) {
   fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16));
   torch::Tensor x = torch::randn({6, 8});
   x[2][5] = std::numeric_limits<float>::quiet_NaN();
@@ -149,8 +150,8 @@ TEST(TransformerMLP, DebugModeNamesTheLayerAndTheNonFiniteScores) {
     moe->forward(x);
     ADD_FAILURE() << "debug mode let a NaN score through";
   } catch (const c10::Error& error) {
-    EXPECT_THAT(error.what(), HasSubstr("TransformerMLP: gate scores (topk_score)"));
-    EXPECT_THAT(error.what(), HasSubstr("2 NaN"));  // token 2's two slots
+    EXPECT_THAT(error.what(), HasSubstr("NaiveGate: gate logits of shape [6, 4]"));
+    EXPECT_THAT(error.what(), HasSubstr("4 NaN"));  // token 2's logits for the 4 experts
   }
   fastmoe::set_debug(false);
 }

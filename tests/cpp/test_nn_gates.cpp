@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -340,6 +341,21 @@ TEST_P(LayerWithGateTest, ZeroTokensGiveAnEmptyOutputAndAFiniteLoss) {
 
 INSTANTIATE_TEST_SUITE_P(Gates, LayerWithGateTest, ::testing::ValuesIn(gate_cases()),
                          [](const ::testing::TestParamInfo<GateCase>& info) { return info.param.name; });
+
+// Debug mode checks each gate's logits before its op, naming the gate, as the Python gates do; off, the NaN routes.
+TEST_P(LayerWithGateTest, DebugModeNamesTheGateAndTheNonFiniteLogits) {
+  const GateCase& gate_case = GetParam();
+  torch::manual_seed(23);
+  fnn::Gate gate = gate_case.make(4, 6);
+  torch::Tensor x = torch::randn({5, 4});
+  x[3][1] = std::numeric_limits<float>::infinity();
+  EXPECT_NO_THROW(gate->forward(x));
+  fastmoe::set_debug(true);
+  const std::string message = error_of([&] { gate->forward(x); });
+  fastmoe::set_debug(false);
+  EXPECT_THAT(message, AllOf(HasSubstr("Gate: gate logits of shape [5, 6]"), HasSubstr("first at index [3, "),
+                             HasSubstr("fastmoe debug mode is on")));
+}
 
 TEST(LayerWithGate, DefaultIsTheNaiveGate) {
   fnn::TransformerMLP moe(fnn::TransformerMLPOptions(4, 8, 16).top_k(3));

@@ -34,6 +34,7 @@ KNOWN_OPS = {
 # backend (a collective; tests/distributed covers it).
 COMPOSITE_OPS = {
     "check_same_config",
+    "check_finite",
     "naive_gate",
     "noisy_gate",
     "gshard_gate",
