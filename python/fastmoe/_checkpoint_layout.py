@@ -8,6 +8,7 @@ from torch import nn
 
 from fastmoe import _checkpoint_io as io
 from fastmoe._checkpoint_io import CheckpointError
+from fastmoe._groups import expert_shards
 from fastmoe.layers import FMoE
 
 # ----------------------------------------------------------------------------------------------- model layout
@@ -60,7 +61,8 @@ def moe_rank(layer: FMoE) -> int:
 
 
 def moe_layers(model: nn.Module) -> dict[str, Layer]:
-    """Every FMoE layer of ``model`` by module name (layers nested inside another layer's experts belong to it)."""
+    """Every FMoE layer of ``model`` by module name (layers nested inside another layer's experts belong to it), and
+    the parent of every experts module that records an ExpertShard."""
     layers: dict[str, Layer] = {}
     for name, module in model.named_modules():
         if not isinstance(module, FMoE) or any(name.startswith(outer.prefix) for outer in layers.values()):
@@ -73,6 +75,18 @@ def moe_layers(model: nn.Module) -> dict[str, Layer]:
         if not 0 <= layer.moe_rank < layer.ep_size:
             raise CheckpointError(f"FMoE layer {name!r}: moe_rank={layer.moe_rank} is outside [0, {layer.ep_size})")
         layers[name] = layer
+    for name, _, shard in expert_shards(model):
+        # An experts module that is not an FMoE layer (the Hugging Face experts that fastmoe.use_fastmoe runs) holds
+        # its experts as its own parameters: it counts as the fused experts of its parent, as an FMoE's do.
+        parent, _, attribute = name.rpartition(".")
+        if attribute != "experts":
+            raise CheckpointError(
+                f"the experts module {name!r} ({shard}) must be its parent's 'experts' attribute to be saved as the "
+                f"experts of layer {parent or '<model>'!r}"
+            )
+        if any(name.startswith(outer.prefix) for outer in layers.values()):
+            raise CheckpointError(f"the experts module {name!r} lies inside the experts of another MoE layer")
+        layers[parent] = Layer(parent, True, shard.num_expert, shard.world_size, shard.moe_rank)
     return layers
 
 

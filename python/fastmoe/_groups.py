@@ -5,6 +5,7 @@ so that fastmoe.layers needs nothing from fastmoe.distributed (which imports the
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import math
 import os
@@ -153,3 +154,36 @@ def check_same_config(group, config: dict, what: str = "FMoE") -> None:
     group = dist.group.WORLD if group is None else group
     names = sorted(config)
     torch.ops.fastmoe.check_same_config(group.group_name, names, [repr(config[name]) for name in names], what)
+
+
+# ----------------------------------------------------------------------------------------------- expert shards
+
+# The attribute of an experts module (not an FMoE layer) that holds its ExpertShard.
+EXPERT_SHARD = "_fastmoe_expert_shard"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertShard:
+    """Recorded on an experts module that is not an FMoE layer but whose own parameters are all experts, each with a
+    leading ``[num_expert]`` dim: global experts ``moe_rank * num_expert ...`` of ``num_expert * world_size``, the
+    others held by the ranks of ``group``. fastmoe.use_fastmoe records one on each Hugging Face experts module it
+    runs; DistributedGroupedDataParallel and fastmoe.checkpoint treat those parameters as the experts of an FMoE
+    layer with the same ``world_size`` and ``moe_rank``. Copies of the model share it (a process group cannot be
+    copied)."""
+
+    num_expert: int
+    world_size: int = 1
+    moe_rank: int = 0
+    group: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def expert_shards(model) -> list:
+    """``(path, module, ExpertShard)`` for every module of ``model`` that records one, in module order."""
+    return [
+        (path, module, shard)
+        for path, module in model.named_modules()
+        if isinstance(shard := getattr(module, EXPERT_SHARD, None), ExpertShard)
+    ]

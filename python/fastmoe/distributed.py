@@ -31,6 +31,7 @@ from fastmoe._groups import (  # noqa: F401  (check_same_config, resolve_moe_gro
     _wait,
     check_same_config,
     comm_timeout,
+    expert_shards,
     resolve_moe_group,
 )
 from fastmoe.layers import FMoE
@@ -72,7 +73,18 @@ def expert_parallel_groups(ep_size: int):
 
 
 def _moe_layers(module: nn.Module):
-    return [m for m in module.modules() if isinstance(m, FMoE)]
+    """The FMoE layers of ``module``, then its experts modules that record an ExpertShard (the Hugging Face experts
+    that fastmoe.use_fastmoe runs), each seen as such a layer."""
+    layers = [m for m in module.modules() if isinstance(m, FMoE)]
+    return layers + [_ShardedExperts(m, shard) for _, m, shard in expert_shards(module)]
+
+
+class _ShardedExperts:
+    """An experts module with an ExpertShard as the layer view used here: ``experts`` is the module itself, all of
+    whose parameters are experts."""
+
+    def __init__(self, module: nn.Module, shard):
+        self.experts, self.world_size, self.moe_rank = module, shard.world_size, shard.moe_rank
 
 
 def _dtensor_type():
@@ -117,10 +129,10 @@ class DistributedGroupedDataParallel(nn.Module):
       exchange brings the gradients home), so they are all-reduced over their replica group only
       (``expert_dp_group``, or built from the layers' groups when ``None``) and divided by the ``dp_group`` size.
 
-    Which parameters are experts follows from the layers (the parameters under an ``FMoE``'s ``experts``), not
-    from ``dp_comm`` tags, so replicated experts (``world_size=1``) are always reduced. With ``need_sync=True``
-    the parameters are broadcast at construction from the first rank of the group that reduces them, so every
-    replica starts equal.
+    Which parameters are experts follows from the layers (the parameters under an ``FMoE``'s ``experts``, or of a
+    Hugging Face experts module that :func:`fastmoe.use_fastmoe` runs), not from ``dp_comm`` tags, so replicated
+    experts (``world_size=1``) are always reduced. With ``need_sync=True`` the parameters are broadcast at
+    construction from the first rank of the group that reduces them, so every replica starts equal.
 
     A model with DTensor parameters (a layer built with ``moe_group=<DeviceMesh>``) is refused at construction with
     a ``TypeError`` naming the layer: FSDP2 is the data-parallel wrapper for those (docs/distributed.md).

@@ -14,13 +14,21 @@ experts, the aux loss and the state dict stay Hugging Face's, and only the exper
 ``grouped_linear`` takes ``weight [E, out, in]``, which is Hugging Face's layout, so the parameters are used as
 they are: nothing is copied and nothing converted, and :func:`restore_hf` only switches the name back.
 
+With ``use_fastmoe(model, moe_group=g)`` the experts are split over the W ranks of ``g`` (expert parallelism): each
+experts module keeps its rank's block of ``num_experts / W`` experts, and the token path sends each token to the
+ranks of its experts and back; :func:`restore_hf` gathers the full experts on every rank again.
+
 transformers is imported only when a function here is called, so ``import fastmoe`` does not need it.
 """
 
+import hashlib
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from fastmoe import debug, ops
+from fastmoe import _groups, debug, ops
+from fastmoe._groups import EXPERT_SHARD, ExpertShard
 
 __all__ = [
     "IMPLEMENTATION",
@@ -83,6 +91,11 @@ def experts_forward(
         got = tuple(top_k_weights.shape) if isinstance(top_k_weights, torch.Tensor) else type(top_k_weights).__name__
         raise ValueError(f"top_k_weights must be [tokens, k] = {list(top_k_index.shape)} like top_k_index, got {got}")
     num_experts = self.num_experts
+    shard = getattr(self, EXPERT_SHARD, None)
+    if shard is None or shard.world_size == 1:
+        num_local, world, group_name = num_experts, 1, ""
+    else:  # expert parallelism: this rank holds experts moe_rank * num_local ...; the token path exchanges the rows
+        num_local, world, group_name = shard.num_expert, shard.world_size, shard.group.group_name
     w_in, b_in, w_out, b_out = _expert_weights(self)
     x = hidden_states
     if x.dtype != w_in.dtype and not _autocast_on(x.device):
@@ -91,7 +104,7 @@ def experts_forward(
     idx = torch.where(idx >= num_experts, -1, idx)
     name = debug.name_of(self) if debug.is_debug() else ""
     with debug.raising_non_finite():
-        tokens = _TokenDispatch(x, idx, top_k_weights, num_experts, 1, "", 1, True, name)
+        tokens = _TokenDispatch(x, idx, top_k_weights, num_local, world, group_name, 1, True, name)
         offsets = tokens.expert_offsets(0)
         h = ops.grouped_linear(tokens.rows(0), offsets, w_in, b_in)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
@@ -128,21 +141,28 @@ def _is_experts_module(module: nn.Module) -> bool:
     )
 
 
+def _expert_names(module: nn.Module) -> list:
+    """The names of the expert tensors of an experts module: the weights, then the biases."""
+    names = ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
+    if module.has_bias:
+        names += ["gate_up_proj_bias" if module.has_gate else "up_proj_bias", "down_proj_bias"]
+    return names
+
+
 def _layout_problem(module: nn.Module) -> str | None:
     """Why fastmoe cannot run this experts module (None when it can)."""
     num_experts = getattr(module, "num_experts", None)
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         return f"it has no positive int num_experts (got {num_experts!r})"
-    names = ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
-    if module.has_bias:
-        names += ["gate_up_proj_bias" if module.has_gate else "up_proj_bias", "down_proj_bias"]
-    for name in names:
+    shard = getattr(module, EXPERT_SHARD, None)
+    held = num_experts if shard is None else shard.num_expert  # a block of them when split over ranks
+    for name in _expert_names(module):
         tensor = getattr(module, name, None)
         if not isinstance(tensor, torch.Tensor):
             return f"its {name} is {type(tensor).__name__}, not a tensor"
         want = 3 if not name.endswith("_bias") else 2
-        if tensor.dim() != want or tensor.shape[0] != num_experts:
-            return f"its {name} has shape {list(tensor.shape)}, not [num_experts={num_experts}, ...] with {want} dims"
+        if tensor.dim() != want or tensor.shape[0] != held:
+            return f"its {name} has shape {list(tensor.shape)}, not [num_experts={held}, ...] with {want} dims"
         if tensor.dtype not in _FLOAT_DTYPES:
             return f"its {name} has dtype {tensor.dtype} (fastmoe's grouped GEMM takes fp64, fp32, bf16 and fp16)"
     return None
@@ -162,19 +182,95 @@ def _describe(module) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def use_fastmoe(model: nn.Module) -> nn.Module:
+def _resolve_group(moe_group):
+    """``(group, world size, rank)`` for ``use_fastmoe(model, moe_group=...)``; ``(None, 1, 0)`` for None."""
+    if moe_group is None:
+        return None, 1, 0
+    if _groups.is_device_mesh(moe_group):
+        raise NotImplementedError(
+            "use_fastmoe(model, moe_group=<DeviceMesh>) is not supported: the experts of a Hugging Face model are "
+            "split as plain per-rank tensors over a process group; pass moe_group=mesh.get_group() (for a 2-D mesh, "
+            f"mesh['ep'].get_group()), got moe_group={moe_group!r}"
+        )
+    if dist.is_available() and moe_group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            f"this rank ({dist.get_rank()}) is not in moe_group (torch.distributed.new_group returned "
+            f"GroupMember.NON_GROUP_MEMBER, {moe_group!r}, here): call use_fastmoe on the ranks of the group only"
+        )
+    if not isinstance(moe_group, dist.ProcessGroup):
+        raise TypeError(f"moe_group must be a torch.distributed ProcessGroup or None, got moe_group={moe_group!r}")
+    world = dist.get_world_size(moe_group)
+    group, rank = _groups.resolve_moe_group(world, moe_group)
+    return group, world, rank
+
+
+def _values_digest(module: nn.Module) -> str:
+    """A short digest of 16 evenly spaced values of each expert tensor: ranks that built or loaded the model alike
+    have the same one (no reduction, so bitwise), and ranks seeded differently almost surely not."""
+    pieces = []
+    for name in _expert_names(module):
+        flat = getattr(module, name).detach().reshape(-1)
+        count = min(16, flat.numel())
+        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+        pieces.append(flat[index].double())
+    values = torch.cat(pieces).cpu().tolist()
+    return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
+
+
+def _check_same_experts(experts: list, group, world: int) -> None:
+    """Every rank of ``group`` holds the same experts modules, of the same shapes, dtypes and values (a collective,
+    bounded by FASTMOE_COMM_TIMEOUT): a rank with another model, or built from another seed, makes every rank raise
+    ``ValueError`` naming the module and the values."""
+    config = {"experts modules": len(experts)}
+    for path, module in experts:
+        where = path or "<model>"
+        config[f"{where}.num_experts"] = module.num_experts
+        for name in _expert_names(module):
+            tensor = getattr(module, name)
+            config[f"{where}.{name}"] = (list(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+        config[f"{where} expert values (digest)"] = _values_digest(module)
+    what = f"the model of fastmoe.use_fastmoe(model, moe_group=<group of {world} ranks>) (build or load it alike)"
+    _groups.check_same_config(group, config, what=what)
+
+
+@torch.no_grad()
+def _keep_block(module: nn.Module, group, world: int, rank: int) -> None:
+    """Keeps this rank's contiguous block of the experts of ``module`` as new parameters (the full tensors are
+    freed) and records the ExpertShard."""
+    num_local = module.num_experts // world
+    lo, hi = rank * num_local, (rank + 1) * num_local
+    for name in _expert_names(module):
+        full = getattr(module, name)
+        block = nn.Parameter(full[lo:hi].clone(), requires_grad=full.requires_grad)
+        block.dp_comm = "none"  # FastMoE's tag of experts that are not averaged over data-parallel ranks
+        setattr(module, name, block)
+    setattr(module, EXPERT_SHARD, ExpertShard(num_local, world, rank, group))
+
+
+def use_fastmoe(model: nn.Module, *, moe_group=None) -> nn.Module:
     """Runs the experts of a Hugging Face MoE model on fastmoe, in place, and returns ``model``.
 
     Every experts module that dispatches through transformers' experts interface (Mixtral, Qwen2-MoE, Qwen3-MoE,
     OLMoE, DeepSeek-V3, ...) switches its config's ``_experts_implementation`` to ``"fastmoe"``; the
-    implementation it had before is kept for :func:`restore_hf`. The parameters, buffers and state dict are left
-    as they are (the same tensors), the routers, shared experts and dense layers run Hugging Face's code, and
-    ``output_router_logits`` and the aux loss work as before. Calling it again is harmless.
+    implementation it had before is kept for :func:`restore_hf`. The routers, shared experts and dense layers run
+    Hugging Face's code, and ``output_router_logits`` and the aux loss work as before. Calling it again with the
+    same ``moe_group`` is harmless; calling it with a group after ``moe_group=None`` splits the experts.
 
-    Raises ``TypeError`` naming ``model`` for a non-module, ``ValueError`` naming the model's class when it has no
-    such experts module (a transformers 4 model, a dense model), or naming the module path when an experts module
-    stores its weights in a way fastmoe's grouped GEMM cannot take (quantized weights, for example); nothing is
-    changed then.
+    ``moe_group=None`` (one process): the parameters, buffers and state dict are left as they are (the same
+    tensors). ``moe_group=g``, a ``torch.distributed`` ProcessGroup of W ranks, splits the experts over them
+    (expert parallelism; a collective, every rank of ``g`` calls it on the same model): each experts module keeps
+    global experts ``rank * E / W ...`` of its ``E = num_experts`` as new parameters ``[E / W, ...]`` (the full
+    tensors are freed), and its forward sends each token to the ranks of its experts and back. Everything else stays
+    replicated; train with :class:`fastmoe.DistributedGroupedDataParallel`, which averages the replicated parameters
+    and knows these experts, as ``fastmoe.checkpoint`` does. The ranks must hold the same model before the call
+    (built from the same seed, or loaded from the same checkpoint); that is checked. Call it before making the
+    optimizer. :func:`restore_hf` gathers the experts back.
+
+    Raises ``TypeError`` naming ``model`` for a non-module, or ``moe_group`` when it is not a ProcessGroup,
+    ``NotImplementedError`` for a DeviceMesh, ``ValueError`` naming the model's class when it has no such experts
+    module (a transformers 4 model, a dense model), or naming the module path when an experts module stores its
+    weights in a way fastmoe's grouped GEMM cannot take (quantized weights, for example), when W does not divide its
+    expert count, or when it was split over another group; nothing is changed then.
     """
     experts = find_hf_experts(model)
     if not experts:
@@ -183,11 +279,45 @@ def use_fastmoe(model: nn.Module) -> nn.Module:
             "interface (a class decorated with transformers.integrations.moe.use_experts_implementation, as the MoE "
             "models of transformers >= 5 have); for a dense model see fastmoe.moefy"
         )
+    group, world, rank = _resolve_group(moe_group)
     for path, module in experts:
+        where = f"{path or '<model>'} ({_describe(module)})"
         problem = _layout_problem(module)
         if problem is not None:
-            raise ValueError(f"cannot run the experts {path or '<model>'} ({_describe(module)}) on fastmoe: {problem}")
+            raise ValueError(f"cannot run the experts {where} on fastmoe: {problem}")
+        shard = getattr(module, EXPERT_SHARD, None)
+        if shard is not None and shard.world_size > 1:  # already split: only the same group again is harmless
+            if world != shard.world_size or group.group_name != shard.group.group_name:
+                wanted = "one process" if world == 1 else f"a group of {world} ranks"
+                raise ValueError(
+                    f"the experts {where} are split over a group of {shard.world_size} ranks; call "
+                    f"fastmoe.restore_hf(model) before use_fastmoe with moe_group={moe_group!r} ({wanted})"
+                )
+    # the modules that hold all their experts (not yet on fastmoe, or on one process)
+    to_split = [(p, m) for p, m in experts if getattr(getattr(m, EXPERT_SHARD, None), "world_size", 1) == 1]
+    if world > 1 and to_split:
+        for path, module in to_split:
+            names = set(_expert_names(module))
+            others = [n for n, _ in module.named_parameters() if n not in names]
+            others += [n for n, _ in module.named_buffers() if n not in names]
+            if others:
+                raise ValueError(
+                    f"cannot split the experts {path or '<model>'} ({_describe(module)}) over moe_group: it holds "
+                    f"{others} besides its expert tensors {sorted(names)}"
+                )
+        _check_same_experts(to_split, group, world)
+        for path, module in to_split:
+            if module.num_experts % world:
+                raise ValueError(
+                    f"cannot split the experts {path or '<model>'} ({_describe(module)}) over moe_group: its "
+                    f"num_experts={module.num_experts} is not a multiple of the group's {world} ranks"
+                )
     register_experts_implementation()
+    for _, module in to_split:
+        if world > 1:
+            _keep_block(module, group, world, rank)
+        else:
+            setattr(module, EXPERT_SHARD, ExpertShard(module.num_experts))
     for _, module in experts:
         current = module.config._experts_implementation
         if current != IMPLEMENTATION:
@@ -199,23 +329,50 @@ def use_fastmoe(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def _gather_experts(path: str, module: nn.Module, shard: ExpertShard) -> None:
+    """Replaces the block of experts this rank holds by the full tensors, gathered from the ranks of the shard's
+    group (each all_gather bounded by FASTMOE_COMM_TIMEOUT)."""
+    device = _groups._object_device(shard.group)  # where the group's backend takes tensors (gloo: the CPU)
+    for name in _expert_names(module):
+        block = getattr(module, name)
+        local = block.detach().to(device).contiguous()
+        pieces = [torch.empty_like(local) for _ in range(shard.world_size)]
+        work = dist.all_gather(pieces, local, group=shard.group, async_op=True)
+        _groups._wait(work, f"all_gather of {path}.{name} (fastmoe.restore_hf)", shard.group)
+        full = torch.cat(pieces).to(block.device)
+        setattr(module, name, nn.Parameter(full, requires_grad=block.requires_grad))
+
+
 def restore_hf(model: nn.Module) -> nn.Module:
     """Undoes :func:`use_fastmoe`, in place, and returns ``model``: every experts module running on fastmoe goes
     back to the implementation it had before (transformers' default, ``"grouped_mm"``, for a model loaded with
-    ``experts_implementation="fastmoe"``). The weights were never copied, so the state dict is the one the model
-    has now, trained or not: ``save_pretrained`` writes a checkpoint that transformers loads without fastmoe.
+    ``experts_implementation="fastmoe"``). On one process the weights were never copied, so the state dict is the
+    one the model has now, trained or not: ``save_pretrained`` writes a checkpoint that transformers loads without
+    fastmoe. After ``use_fastmoe(model, moe_group=g)`` it is a collective over ``g``: every rank gets the full
+    experts back (all-gathered, as new parameters), so rank 0 can ``save_pretrained``.
 
     Raises ``TypeError`` naming ``model`` for a non-module and ``ValueError`` naming its class when none of its
     experts modules runs on fastmoe."""
-    converted = [(p, m) for p, m in find_hf_experts(model) if m.config._experts_implementation == IMPLEMENTATION]
+    converted = [
+        (p, m)
+        for p, m in find_hf_experts(model)
+        if m.config._experts_implementation == IMPLEMENTATION or hasattr(m, EXPERT_SHARD)
+    ]
     if not converted:
         raise ValueError(
             f"model ({_describe(model)}) has no experts module running on fastmoe (call fastmoe.use_fastmoe(model) "
             "first)"
         )
+    for path, module in converted:
+        shard = getattr(module, EXPERT_SHARD, None)
+        if shard is not None and shard.world_size > 1:
+            _gather_experts(path or "<model>", module, shard)
     previous = [getattr(module, _PREVIOUS, _HF_DEFAULT) for _, module in converted]
     for (_, module), implementation in zip(converted, previous, strict=True):
-        module.config._experts_implementation_internal = implementation
-        if hasattr(module, _PREVIOUS):
-            delattr(module, _PREVIOUS)
+        if module.config._experts_implementation == IMPLEMENTATION:
+            module.config._experts_implementation_internal = implementation
+        for attribute in (_PREVIOUS, EXPERT_SHARD):
+            if hasattr(module, attribute):
+                delattr(module, attribute)
     return model
