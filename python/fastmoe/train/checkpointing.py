@@ -16,11 +16,21 @@ the checkpoint by one rename, so a crash mid-write leaves the previous checkpoin
 flags before any weight is read. ``<run>/checkpoint.pt`` (one process) and ``checkpoint.rank<r>.pt`` (one per
 rank) are the single-file format of earlier versions: they are still read, at the number of processes that
 wrote them, and replaced by the folder at the next save.
+
+With ``--parallel fsdp2`` the checkpoints live in ``<run>/dcp/<tag>/`` instead: the model and AdamW state as
+torch.distributed.checkpoint (DCP) writes them (every rank its shards; DCP reshards them for any other number of
+processes), ``rank-<r>.pt`` per rank as above, and ``train.json`` (rank 0: the same ``extra``, and the size and
+sha256 of every file of the checkpoint). What DCP lacks is added as for the folder above: the files are written
+into a staging folder renamed to its tag when complete, ``<run>/dcp/latest`` names the newest, and a file whose
+size or checksum changed since is named when the run resumes.
 """
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +39,9 @@ from fastmoe import _checkpoint_io
 from fastmoe import checkpoint as fmoe_checkpoint
 
 CHECKPOINT_DIR = "checkpoint"
+DCP_DIR = "dcp"  # --parallel fsdp2
+DCP_STATE = "train.json"
+DCP_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 FORMAT = "fastmoe-train"
 FORMAT_VERSION = 2
@@ -70,8 +83,13 @@ def legacy_paths(run_dir: Path) -> list[Path]:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a checkpoint of either format: a complete one in the folder (or a folder whose
-    ``latest`` cannot be read: :func:`load` then says what is wrong with it), or a single file."""
+    """Whether ``run_dir`` holds a checkpoint of any format: a complete one in the folder (or a folder whose
+    ``latest`` cannot be read: :func:`load` then says what is wrong with it), a single file, or a DCP checkpoint
+    of ``--parallel fsdp2``."""
+    return _has_ddp_checkpoint(run_dir) or _has_dcp_checkpoint(run_dir)
+
+
+def _has_ddp_checkpoint(run_dir: Path) -> bool:
     ckpt_dir = run_dir / CHECKPOINT_DIR
     if ckpt_dir.is_dir():
         try:
@@ -96,9 +114,14 @@ def _check_config(where, saved: dict, current: dict) -> None:
         raise ResumeError(f"{where} was written by a different configuration ({listed}); resume with the same flags")
 
 
-def save(run_dir: Path, *, model, optimizer, sampler, extra: dict, is_main: bool) -> str:
-    """Writes a checkpoint of the run into ``run_dir/checkpoint`` (every rank calls it) and keeps only the newest.
-    ``extra`` holds :data:`EXTRA_KEYS`; the configuration also goes to ``run_dir/config.json`` (rank 0)."""
+def save(
+    run_dir: Path, *, model, optimizer, sampler, extra: dict, is_main: bool, rank: int = 0, parallel: str = "ddp"
+) -> str:
+    """Writes a checkpoint of the run into ``run_dir/checkpoint`` (``run_dir/dcp`` with ``parallel="fsdp2"``;
+    every rank calls it) and keeps only the newest. ``extra`` holds :data:`EXTRA_KEYS`; the configuration also
+    goes to ``run_dir/config.json`` (rank 0)."""
+    if parallel == "fsdp2":
+        return _save_dcp(run_dir, model, optimizer, sampler, extra, rank)
     if is_main:
         _checkpoint_io.json_save_atomic({"format": FORMAT, "config": extra["config"]}, str(run_dir / CONFIG_FILE))
     path = fmoe_checkpoint.save(
@@ -115,12 +138,27 @@ def save(run_dir: Path, *, model, optimizer, sampler, extra: dict, is_main: bool
     return path
 
 
-def load(run_dir: Path, *, model, optimizer, sampler, config: dict, rank: int, world_size: int) -> dict:
+def load(
+    run_dir: Path, *, model, optimizer, sampler, config: dict, rank: int, world_size: int, parallel: str = "ddp"
+) -> dict:
     """Restores model, optimizer, sampler and RNG states from the newest checkpoint in ``run_dir`` and returns
     ``{"step", "train_time", "tokens", "history", "rng", "saved_world_size", "where"}``, where ``rng`` is the RNG
     state to continue with. Raises :class:`ResumeError`, naming the file or folder, when there is no checkpoint,
-    when it was made with another configuration (``config``, compared without ``world_size``), or when it cannot
-    be read."""
+    when it was made with another configuration (``config``, compared without ``world_size``) or another
+    ``--parallel``, or when it cannot be read."""
+    if parallel == "fsdp2":
+        if _has_dcp_checkpoint(run_dir):
+            return _load_dcp(run_dir, model, optimizer, sampler, config, rank, world_size)
+        if _has_ddp_checkpoint(run_dir):
+            raise ResumeError(
+                f"{run_dir} holds a checkpoint of --parallel ddp (fastmoe.checkpoint, in {run_dir / CHECKPOINT_DIR}), "
+                "not of --parallel fsdp2: resume it with --parallel ddp"
+            )
+    elif not _has_ddp_checkpoint(run_dir) and _has_dcp_checkpoint(run_dir):
+        raise ResumeError(
+            f"{run_dir} holds a checkpoint of --parallel fsdp2 (torch.distributed.checkpoint, in {run_dir / DCP_DIR}), "
+            "not of --parallel ddp: resume it with --parallel fsdp2"
+        )
     ckpt_dir = run_dir / CHECKPOINT_DIR
     if ckpt_dir.is_dir():
         try:
@@ -230,7 +268,8 @@ def _load_legacy(run_dir, legacy, model, optimizer, sampler, config, rank, world
 def remove(run_dir: Path) -> list[Path]:
     """Deletes the checkpoints, configuration and log of a previous run in ``run_dir`` (rank 0, for a new run
     in the same folder) and returns what was there."""
-    found = [p for p in (run_dir / CHECKPOINT_DIR, run_dir / CONFIG_FILE, run_dir / "log.jsonl") if p.exists()]
+    names = (CHECKPOINT_DIR, DCP_DIR, CONFIG_FILE, "log.jsonl")
+    found = [run_dir / name for name in names if (run_dir / name).exists()]
     found += legacy_paths(run_dir)
     for path in found:
         if path.is_dir():
@@ -238,3 +277,213 @@ def remove(run_dir: Path) -> list[Path]:
         else:
             path.unlink()
     return found
+
+
+# ----------------------------------------------------------------------------------------------- --parallel fsdp2
+
+
+def _dcp_tags(directory: Path) -> list[str]:
+    """The complete checkpoints in ``directory`` (tag folders holding ``train.json``), oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("step-") and (p / DCP_STATE).is_file())
+
+
+def _dcp_latest(directory: Path) -> str | None:
+    """The tag ``directory/latest`` names, else the newest complete one (a save that died after its rename and
+    before ``latest`` left it complete), else None."""
+    tag = _checkpoint_io.read_latest(str(directory))
+    if tag is not None:
+        return tag
+    tags = _dcp_tags(directory)
+    return tags[-1] if tags else None
+
+
+def _has_dcp_checkpoint(run_dir: Path) -> bool:
+    directory = run_dir / DCP_DIR
+    if not directory.is_dir():
+        return False
+    try:
+        return _dcp_latest(directory) is not None
+    except fmoe_checkpoint.CheckpointError:
+        return True  # a damaged 'latest': the load names it
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every save and load without a process group that it assumes one process; that is the intent
+    of ``--parallel fsdp2`` in one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _dcp_state_dicts(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _save_dcp(run_dir: Path, model, optimizer, sampler, extra: dict, rank: int) -> str:
+    """A checkpoint of ``--parallel fsdp2``: every rank calls it.
+
+    1. Rank 0 writes ``config.json``, removes what a crashed save left, and makes the staging folder.
+    2. Every rank writes its RNG and sampler state, then DCP writes the model and AdamW state (a collective:
+       every rank its own shards, rank 0 the metadata).
+    3. Rank 0 records the size and sha256 of every file with ``extra`` in ``train.json``, renames the staging
+       folder to ``step-<step>``, points ``latest`` at it, and removes the older checkpoints.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    io = _checkpoint_io
+    directory = run_dir / DCP_DIR
+    tag = f"step-{extra['step']:08d}"
+
+    def prepare():
+        io.json_save_atomic({"format": FORMAT, "config": extra["config"]}, str(run_dir / CONFIG_FILE))
+        directory.mkdir(parents=True, exist_ok=True)
+        io.clean_leftovers(str(directory))
+        return io.new_staging(str(directory), tag)
+
+    staging = io.on_rank0(prepare, f"preparing the checkpoint in {directory}")
+    error = None
+    try:
+        state = {"rng": rng_state(), "sampler": sampler.state_dict()}
+        io.torch_save_atomic(state, os.path.join(staging, io.rank_file(rank)), rank=rank)
+    except Exception as exc:  # noqa: BLE001 - every rank learns of it before the collective save
+        error = exc
+    io.gather_checked(None, error, f"writing the per-rank state into {staging}")
+    with _single_process_quiet():
+        dcp.save(_dcp_state_dicts(model, optimizer), checkpoint_id=staging, no_dist=not io.dist_on())
+
+    def commit():
+        files = {
+            name: {
+                "bytes": os.path.getsize(os.path.join(staging, name)),
+                "sha256": io.file_sha256(os.path.join(staging, name)),
+            }
+            for name in sorted(os.listdir(staging))
+        }
+        payload = {"format": FORMAT, "format_version": DCP_FORMAT_VERSION, **extra, "files": files}
+        io.json_save_atomic(payload, os.path.join(staging, DCP_STATE))
+        final = directory / tag
+        if final.exists():  # a run resumed from an earlier checkpoint saves this step again
+            io.remove_checkpoint(str(directory), tag)
+        os.rename(staging, final)
+        io.fsync_dir(str(directory))
+        io.write_latest(str(directory), tag)
+        for old in _dcp_tags(directory):
+            if old != tag:
+                io.remove_checkpoint(str(directory), old)
+        for legacy in legacy_paths(run_dir):
+            legacy.unlink()
+        return str(final)
+
+    return io.on_rank0(commit, f"committing the checkpoint {directory / tag}")
+
+
+def _read_dcp_state(directory: Path, config: dict) -> tuple[Path, dict]:
+    """``(checkpoint folder, train.json)`` of the newest checkpoint in ``directory``, after checking the size and
+    sha256 of every file it lists and the configuration it was written with."""
+    try:
+        tag = _dcp_latest(directory)
+    except fmoe_checkpoint.CheckpointError as exc:
+        raise ResumeError(f"cannot resume from {directory}: {exc}") from exc
+    where = directory / tag
+    state_file = where / DCP_STATE
+    try:
+        state = json.loads(state_file.read_text())
+        files = state["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}")
+    except FileNotFoundError as exc:
+        raise ResumeError(f"cannot resume from {directory}: {state_file} is missing ('latest' names {tag})") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ResumeError(f"{state_file} cannot be read ({exc}); it is corrupted") from exc
+    if state.get("format") != FORMAT or any(k not in state for k in EXTRA_KEYS):
+        raise ResumeError(f"{state_file} is not a checkpoint of fastmoe-train (it lacks {list(EXTRA_KEYS)})")
+    if state.get("format_version") != DCP_FORMAT_VERSION:
+        raise ResumeError(f"{state_file}: format {state.get('format_version')!r}, expected {DCP_FORMAT_VERSION}")
+    for name, recorded in files.items():
+        path = where / name
+        if not path.is_file():
+            raise ResumeError(f"cannot resume from {where}: checkpoint file {path} is missing")
+        size = path.stat().st_size
+        if size != recorded["bytes"]:
+            raise ResumeError(
+                f"cannot resume from {where}: checkpoint file {path} has {size} bytes but {DCP_STATE} recorded "
+                f"{recorded['bytes']}: it was truncated or replaced after the checkpoint was written"
+            )
+        digest = _checkpoint_io.file_sha256(str(path))
+        if digest != recorded["sha256"]:
+            raise ResumeError(
+                f"cannot resume from {where}: checkpoint file {path} is corrupt: its sha256 is {digest}, "
+                f"{DCP_STATE} recorded {recorded['sha256']} (its bytes changed after the checkpoint was written)"
+            )
+    _check_config(state_file, state["config"], _comparable(config))
+    return where, state
+
+
+def _load_dcp(run_dir, model, optimizer, sampler, config, rank, world_size) -> dict:
+    """Rank 0 checks the checkpoint's files and configuration (every rank raises its ResumeError); then DCP
+    loads the model and AdamW state, resharded to this job's layout, and each rank restores its RNG and sampler
+    state (saved by as many processes) or restarts them from derived seeds (saved by another number)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    io = _checkpoint_io
+    config_file = run_dir / CONFIG_FILE
+
+    def check():
+        if config_file.exists():
+            try:
+                saved_config = json.loads(config_file.read_text())["config"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ResumeError(f"{config_file} cannot be read ({exc}); it is corrupted") from exc
+            _check_config(config_file, saved_config, _comparable(config))
+        where, state = _read_dcp_state(run_dir / DCP_DIR, config)
+        return str(where), state
+
+    found, message = None, None
+    if rank == 0:
+        try:
+            found = check()
+        except ResumeError as exc:
+            message = str(exc)
+    found, message = io.broadcast((found, message))  # every rank stops with rank 0's message
+    if message is not None:
+        raise ResumeError(message)
+    where, extra = found
+    targets = _dcp_state_dicts(model, optimizer)  # also creates the AdamW state that the load fills
+    try:
+        with _single_process_quiet():
+            dcp.load(targets, checkpoint_id=where, no_dist=not io.dist_on())
+        set_state_dict(model, optimizer, model_state_dict=targets["model"], optim_state_dict=targets["optim"])
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the message must name the checkpoint
+        raise ResumeError(f"cannot resume from {where}: {type(exc).__name__}: {exc}") from exc
+    state = {
+        "step": extra["step"],
+        "train_time": extra["train_time"],
+        "tokens": extra["tokens"],
+        "history": extra["history"],
+        "saved_world_size": extra["world_size"],
+        "where": where,
+    }
+    if extra["world_size"] != world_size:  # saved by another number of processes: this rank's streams restart
+        seed = config["seed"]
+        sampler.reseed(derived_seed(seed, "sampler", rank, world_size, extra["step"]))
+        torch.manual_seed(derived_seed(seed, "torch", world_size, extra["step"]))
+        state["rng"] = rng_state()
+        return state
+    path = os.path.join(where, io.rank_file(rank))
+    try:
+        rank_state = torch.load(path, map_location="cpu", weights_only=True)
+        sampler.load_state_dict(rank_state["sampler"])
+        set_rng_state(rank_state["rng"])
+    except Exception as exc:  # noqa: BLE001 - a torn RNG state raises from torch's internals
+        raise ResumeError(
+            f"{path}: the random state of rank {rank} cannot be restored ({exc}); it is corrupted"
+        ) from exc
+    state["rng"] = rank_state["rng"]
+    return state

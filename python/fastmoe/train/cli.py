@@ -5,6 +5,7 @@ fastmoe-train --time-budget 240 --out runs/x   # both models, 240 s of training 
 fastmoe-train --model moe --steps 2000 --experts 16 --top-k 2 --gate gshard
 fastmoe-train --resume --out runs/x            # continue both runs from their last checkpoints
 torchrun --nproc-per-node 8 -m fastmoe.train   # expert parallelism over every GPU (see docs/training.md)
+torchrun --nproc-per-node 8 -m fastmoe.train --parallel fsdp2 --ep-size 4   # DeviceMesh, FSDP2 and DCP
 """
 
 import argparse
@@ -36,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="\n".join(__doc__.split("\n\n")[1:]).rstrip()
         + "\n\nOutputs in --out: summary.md and summary.json (the table), val_loss.png (validation loss against "
-        "training time), and per model <model>/checkpoint/ (a fastmoe.checkpoint folder), <model>/config.json and "
-        "<model>/log.jsonl.",
+        "training time), and per model <model>/checkpoint/ (a fastmoe.checkpoint folder; <model>/dcp/, DCP "
+        "checkpoints, with --parallel fsdp2), <model>/config.json and <model>/log.jsonl.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = p.add_argument_group("what to train")
@@ -164,6 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the weights and of the batch order, 0 to 2**63 - 1 (default: 0; rank r of a torchrun job "
         "draws its batches with seed + r)",
     )
+    par = p.add_argument_group("parallelism (under torchrun)")
+    par.add_argument(
+        "--parallel",
+        choices=["ddp", "fsdp2"],
+        default="ddp",
+        help="ddp (default): the MoE model expert-parallel over every process with fastmoe's "
+        "DistributedGroupedDataParallel (the dense model under torch DDP), checkpoints by fastmoe.checkpoint; "
+        "fsdp2: PyTorch's stack, a ('dp', 'ep') DeviceMesh whose 'ep' dimension holds the experts as DTensors, "
+        "fully_shard (FSDP2) for the rest, checkpoints by torch.distributed.checkpoint (DCP), which reshards them "
+        "for another number of processes. In one process fsdp2 trains the plain model and keeps DCP checkpoints "
+        "(docs/training.md)",
+    )
+    par.add_argument(
+        "--ep-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --parallel fsdp2: the size of the mesh's 'ep' dimension, the processes that share one MoE "
+        "layer's experts; the 'dp' dimension is the number of processes / N (default: every process)",
+    )
     data = p.add_argument_group("data")
     data.add_argument(
         "--data",
@@ -237,7 +258,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "eval_tokens",
         "log_every",
     ]
-    for name in positive + ["steps", "expert_hidden", "d_ff", "stop_after"]:
+    for name in positive + ["steps", "expert_hidden", "d_ff", "stop_after", "ep_size"]:
         value = getattr(args, name)
         if (name in positive or value is not None) and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -285,8 +306,19 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.d_model % args.heads:
         p.error(f"--d-model must be divisible by --heads={args.heads}, got {args.d_model}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.model != "dense" and args.experts % world_size:
-        p.error(f"--experts must be divisible by the {world_size} processes of this torchrun job, got {args.experts}")
+    if args.ep_size is not None:
+        if args.parallel != "fsdp2":
+            p.error(
+                f"--ep-size applies to --parallel fsdp2, got --ep-size {args.ep_size} with --parallel {args.parallel} "
+                "(whose experts are spread over every process)"
+            )
+        if world_size % args.ep_size:
+            p.error(f"--ep-size must divide the {world_size} process(es) of this job, got {args.ep_size}")
+        if args.model != "dense" and args.experts % args.ep_size:
+            p.error(f"--experts must be divisible by --ep-size {args.ep_size}, got {args.experts}")
+    ep_size = expert_parallel_size(args, world_size)
+    if args.model != "dense" and args.experts % ep_size:
+        p.error(f"--experts must be divisible by the {ep_size} processes of this torchrun job, got {args.experts}")
     check_device(p, args.device)
     if args.model != "dense":
         # Whatever else the model or the chosen gate refuses (a gate's own limits on k or the expert count), as a
@@ -297,6 +329,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             gate_factory(config)(config.d_model, config.num_experts, 1, config.top_k)
         except (ValueError, TypeError) as error:
             p.error(f"--gate {args.gate} with --experts {args.experts} and --top-k {args.top_k}: {error}")
+
+
+def expert_parallel_size(args, world_size: int) -> int:
+    """The processes that share one MoE layer's experts: ``--ep-size`` (fsdp2), else every process."""
+    return args.ep_size if args.parallel == "fsdp2" and args.ep_size is not None else world_size
 
 
 def check_device(p: argparse.ArgumentParser, value: str) -> None:
@@ -330,28 +367,43 @@ def check_corpus_fits(p: argparse.ArgumentParser, args: argparse.Namespace, corp
         )
 
 
-def setup_distributed(device_arg: str) -> tuple[Distributed, torch.device]:
-    """The device and, under torchrun (WORLD_SIZE > 1), the process group."""
+def setup_distributed(device_arg: str, parallel: str = "ddp", ep_size: int | None = None):
+    """``(Distributed, device)``: the device and, under torchrun (WORLD_SIZE > 1), the process group, and with
+    ``parallel="fsdp2"`` the ("dp", "ep") DeviceMesh of shape ``(W / ep_size, ep_size)`` (``ep_size`` None: W)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         if device_arg == "auto":
-            return Distributed(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return Distributed(parallel=parallel), torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(device_arg)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"fastmoe-train: --device {device_arg} was asked for, but torch sees no CUDA device")
-        return Distributed(), device
+        return Distributed(parallel=parallel), device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_arg != "cpu"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    dist = Distributed(rank=torch.distributed.get_rank(), world_size=world_size, group=torch.distributed.group.WORLD)
+    dist = Distributed(
+        rank=torch.distributed.get_rank(),
+        world_size=world_size,
+        group=torch.distributed.group.WORLD,
+        parallel=parallel,
+    )
+    if parallel == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        ep = ep_size or world_size
+        dist.mesh = init_device_mesh(device.type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
+        dist.world_mesh = init_device_mesh(device.type, (world_size,))
     return dist, device
 
 
 def build_model(config: ModelConfig, dist: Distributed, device: torch.device) -> tuple[GPT, torch.nn.Module]:
     """``(model, wrapped)``: the model, and what the loop calls (a data-parallel wrapper under torchrun)."""
+    if dist.fsdp2 and dist.world_size > 1:
+        model = build_fsdp2_model(config, dist, device)
+        return model, model
     if dist.world_size == 1:
         model = GPT(config).to(device)
         return model, model
@@ -364,6 +416,39 @@ def build_model(config: ModelConfig, dist: Distributed, device: torch.device) ->
     # everything but the experts over the data-parallel ranks.
     model = GPT(config, world_size=dist.world_size, moe_group=dist.group).to(device)
     return model, fastmoe.DistributedGroupedDataParallel(model)
+
+
+def build_fsdp2_model(config: ModelConfig, dist: Distributed, device: torch.device) -> GPT:
+    """The model on PyTorch's stack (``--parallel fsdp2``), in place:
+
+    1. the MoE layers take ``dist.mesh["ep"]``: each holds ``num_experts / ep`` experts, DTensors of the whole
+       layer's shape sharded over the experts (docs/distributed.md, 'DeviceMesh and DTensor experts');
+    2. each MoE layer's experts go under ``fully_shard`` over ``dist.mesh["dp"]`` (the ranks holding the same
+       experts), each block and then the whole model under ``fully_shard`` over every rank;
+    3. every FSDP unit sums the gradients (divide factor 1; sums, not scaled sums, which gloo lacks). The loop
+       scales the loss by 1 / W, so each gradient is that of the mean over every rank's tokens: the experts'
+       already hold the sum over the 'ep' ranks, which FSDP2's own averaging over 'dp' would not account for
+       (and torch 2.11 divides twice over a one-rank 'dp', docs/distributed.md).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    ep_mesh = dist.mesh["ep"]
+    if config.moe:
+        model = GPT(config, world_size=ep_mesh.size(), moe_group=ep_mesh).to(device)
+    else:
+        model = GPT(config).to(device)
+    units = []
+    for layer in model.moe_layers():
+        fully_shard(layer.experts, mesh=dist.mesh["dp"])
+        units.append(layer.experts)
+    for block in model.blocks:
+        fully_shard(block, mesh=dist.world_mesh)
+        units.append(block)
+    fully_shard(model, mesh=dist.world_mesh)
+    for unit in [*units, model]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    return model
 
 
 def model_config(args, moe: bool) -> ModelConfig:
@@ -418,7 +503,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
     out_dir = Path(args.out)
     names = ["moe", "dense"] if args.model == "both" else [args.model]
     resume = resume_plan(out_dir, names) if args.resume else dict.fromkeys(names, False)
-    dist, device = setup_distributed(args.device)
+    dist, device = setup_distributed(args.device, args.parallel, args.ep_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     loop_cfg = LoopConfig(
         steps=args.steps,
@@ -442,7 +527,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
         print(
             f"fastmoe-train: {', '.join(names)} on {device} (x{dist.world_size}), {torch.get_num_threads()} CPU "
             f"threads, corpus {corpus.source}: {corpus.train.numel():,} train / {corpus.val.numel():,} validation "
-            f"bytes; {args.batch} x {args.seq_len} tokens per step per rank",
+            f"bytes; {args.batch} x {args.seq_len} tokens per step per rank{parallel_note(dist)}",
             flush=True,
         )
     trainers = []
@@ -472,6 +557,15 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def parallel_note(dist: Distributed) -> str:
+    if not dist.fsdp2:
+        return ""
+    if dist.mesh is None:
+        return "; --parallel fsdp2 in one process: the plain model, DCP checkpoints"
+    dp, ep = dist.mesh.shape
+    return f"; --parallel fsdp2: FSDP2 over a (dp={dp}, ep={ep}) DeviceMesh, DCP checkpoints"
 
 
 def resume_plan(out_dir: Path, names: list[str]) -> dict[str, bool]:

@@ -1,5 +1,8 @@
 """The training loop of one model: AdamW, warm-up then cosine learning rate, validation at intervals, a tqdm
-bar with loss, tokens/s and load-balance statistics, atomic checkpoints and resume."""
+bar with loss, tokens/s and load-balance statistics, atomic checkpoints and resume. Under torchrun the model is
+data-parallel in one of two ways (``Distributed.parallel``): ``ddp``, fastmoe's DistributedGroupedDataParallel (torch
+DDP for the dense model) with fastmoe.checkpoint folders, or ``fsdp2``, a DeviceMesh with DTensor experts under
+FSDP2 and torch.distributed.checkpoint (DCP) folders."""
 
 import contextlib
 import json
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import fastmoe.distributed
 from fastmoe import balance
 from fastmoe.train import checkpointing
 from fastmoe.train.data import Corpus, WindowSampler, validation_windows
@@ -41,15 +45,24 @@ class LoopConfig:
 
 @dataclass
 class Distributed:
-    """The process's place in a torchrun job (world_size 1 without one)."""
+    """The process's place in a torchrun job (world_size 1 without one) and how the job is parallel: ``parallel``
+    is ``"ddp"`` or ``"fsdp2"``; with ``fsdp2`` under torchrun, ``mesh`` is the ("dp", "ep") DeviceMesh and
+    ``world_mesh`` the 1-D mesh of every rank (both None in one process, which trains the plain model)."""
 
     rank: int = 0
     world_size: int = 1
     group: object = None
+    parallel: str = "ddp"
+    mesh: object = None
+    world_mesh: object = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def fsdp2(self) -> bool:
+        return self.parallel == "fsdp2"
 
 
 @dataclass
@@ -322,6 +335,7 @@ class Trainer:
                 config=self.identity,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
+                parallel=self.dist.parallel,
             )
         except checkpointing.ResumeError as exc:
             error = exc
@@ -341,9 +355,12 @@ class Trainer:
         message = f"{self.name}: resumed from {state['where']} at step {self.step} ({self.train_time:.1f} s trained)"
         saved_by = state["saved_world_size"]
         if saved_by != self.dist.world_size:
+            resharded = (
+                "the model and optimizer state are resharded by DCP" if self.dist.fsdp2 else "the experts are resharded"
+            )
             message += (
-                f"; it was saved by {saved_by} process(es), this run has {self.dist.world_size}: the experts are "
-                "resharded, and the data order and random state restart from --seed and the step"
+                f"; it was saved by {saved_by} process(es), this run has {self.dist.world_size}: {resharded}, and "
+                "the data order and random state restart from --seed and the step"
             )
         if self.dist.is_main:
             dropped = trim_log(self.log_path, self.step, self.history)
@@ -378,6 +395,8 @@ class Trainer:
                     "world_size": self.dist.world_size,
                 },
                 is_main=self.dist.is_main,
+                rank=self.dist.rank,
+                parallel=self.dist.parallel,
             )
         self.saved = (self.step, len(self.history))
 
@@ -423,6 +442,11 @@ class Trainer:
             loss = lm_loss(logits, targets)
             aux = model.balance_loss()
             objective = loss if aux is None else loss + aux
+            if self.dist.fsdp2 and self.dist.world_size > 1:
+                # FSDP2 sums the gradients over the ranks (divide factor 1, see cli.build_model) and the experts'
+                # already hold the sum over the "ep" ranks: scaled by 1/W, every gradient is that of the mean over
+                # every rank's tokens, as with the data-parallel average of the ddp path.
+                objective = objective / self.dist.world_size
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if hasattr(self.ddp_model, "allreduce_params"):  # FastMoE's DistributedGroupedDataParallel convention
@@ -432,6 +456,8 @@ class Trainer:
                 clip = getattr(self.ddp_model, "clip_grad_norm_", None)
                 if clip is not None:
                     clip(cfg.grad_clip)
+                elif self.dist.fsdp2:  # DTensor parameters: their norm over every shard
+                    fastmoe.distributed.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 else:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             self.optimizer.step()
@@ -490,7 +516,7 @@ class Trainer:
             with _global_balance_records(self.model, self.dist):
                 stats = balance.collect(self.model)
         replicas_equal = None
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1 and not self.dist.fsdp2:  # FSDP2 shards every parameter: no replicas
             mismatches = replica_mismatches(self.model, self.dist)
             replicas_equal = not mismatches
             if mismatches:

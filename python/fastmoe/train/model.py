@@ -135,10 +135,14 @@ class GPT(nn.Module):
             else:
                 # Per global expert, from its own stream (fastmoe._rng): expert-parallel ranks must not repeat
                 # each other's experts, and the draws must not depend on the number of ranks.
+                # The experts of a layer over a DeviceMesh are DTensors: fill this rank's shard (under no_grad,
+                # to_local() is the shard itself).
                 h4toh = ffn.experts.h4toh
-                _rng.fill_per_expert_(
-                    h4toh.weight, h4toh.rank * h4toh.num_expert, lambda w, gen: w.normal_(0.0, scale, generator=gen)
-                )
+                with torch.no_grad():
+                    weight = h4toh.weight.to_local() if hasattr(h4toh.weight, "to_local") else h4toh.weight
+                    _rng.fill_per_expert_(
+                        weight, h4toh.rank * h4toh.num_expert, lambda w, gen: w.normal_(0.0, scale, generator=gen)
+                    )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [batch, seq]`` -> logits ``[batch, seq, vocab]``."""
@@ -197,12 +201,14 @@ def check_config(config: ModelConfig, world_size: int = 1) -> None:
 def parameter_counts(model: GPT) -> tuple[int, int]:
     """``(total, active)`` over the whole model (experts of every rank included): every parameter, and the
     parameters one token uses, where each MoE layer's experts count ``top_k / num_experts`` of their size and the
-    gates count fully."""
+    gates count fully. A DTensor parameter (DeviceMesh experts, anything under FSDP2) counts its global size; the
+    plain experts of an expert-parallel layer are this rank's, so they count ``world_size`` times."""
     total = sum(p.numel() for p in model.parameters())
     active = total
     for layer in model.moe_layers():
-        local = sum(p.numel() for p in layer.experts.parameters())
-        everywhere = local * layer.world_size
-        total += everywhere - local
-        active += everywhere * layer.top_k // layer.num_experts_total - local
+        counted = sum(p.numel() for p in layer.experts.parameters())
+        dtensors = all(hasattr(p, "to_local") for p in layer.experts.parameters())
+        everywhere = counted if dtensors else counted * layer.world_size
+        total += everywhere - counted
+        active += everywhere * layer.top_k // layer.num_experts_total - counted
     return total, active
