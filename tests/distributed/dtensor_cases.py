@@ -216,24 +216,10 @@ def fsdp2_dp_ep(rank, world):
     return y.shape[0]
 
 
-def clip_grad_norm_parts(params, max_norm: float) -> torch.Tensor:
-    """The clipping recipe of docs/distributed.md: torch's norm of the DTensor gradients (a global norm, the same
-    on every rank), of the plain ones, and one clip by their combination."""
-    params = [p for p in params if p.grad is not None]
-    sharded = [p for p in params if isinstance(p.grad, DTensor)]
-    plain = [p for p in params if not isinstance(p.grad, DTensor)]
-    norms = [torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()] if sharded else []
-    norms += [torch.nn.utils.get_total_norm([p.grad for p in plain])] if plain else []
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for group in (sharded, plain):  # one call each: torch's foreach ops do not mix DTensors and tensors
-        if group:
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total
-
-
 def clip_global_norm(rank, world):
-    """torch.nn.utils.clip_grad_norm_ over the DTensor experts gives their global gradient norm, and the recipe
-    over the whole layer the one-process layer's norm, and the same clipped gradients."""
+    """torch.nn.utils.clip_grad_norm_ over the DTensor experts gives their global gradient norm, and
+    fastmoe.distributed.clip_grad_norm_ over the whole layer (DTensor experts and the plain gate) the norm torch
+    computes for the one-process layer, and the same clipped gradients."""
     _, ep_mesh = make_mesh(world, 1)
     layer, ref = mesh_layer(ep_mesh), single_layer()
     x_all, g_all, rows = tokens(rank, world)
@@ -249,7 +235,7 @@ def clip_global_norm(rank, world):
     torch.testing.assert_close(got_experts.full_tensor(), want_experts, **TOL)
     max_norm = 0.5
     want = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
-    got = clip_grad_norm_parts(list(layer.parameters()), max_norm)
+    got = fastmoe.distributed.clip_grad_norm_(layer.parameters(), max_norm)
     assert want > max_norm, f"the reference norm {want} must exceed max_norm for the clip to matter"
     torch.testing.assert_close(got, want, **TOL)
     for name, param in layer.named_parameters():
