@@ -1,8 +1,10 @@
 // Expert-parallel exchange: CPU (the group's gloo backend), CUDA (fastmoe's NCCL communicator, see
-// csrc/runtime/communicator.h) and Meta kernels of exchange_counts and exchange. Both are collectives over the
+// csrc/runtime/communicator.h) and Meta kernels of exchange_counts, exchange and exchange_hierarchical (with the
+// latter's autograd). Both are collectives over the
 // ranks of the process group named group_name; every rank must call them in the same order, which the headers
 // that travel ahead of them check (csrc/runtime/communicator.h).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -116,6 +118,98 @@ at::Tensor exchange_kernel(const at::Tensor& x, c10::IntArrayRef send_splits, c1
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------
+// exchange_hierarchical
+
+// The ranks of group_name laid out as nodes of node_group's size: rank r = node * L + local, with this rank at
+// `local` in node_group and at `node` in rail_group.
+void check_hierarchy(const std::string& group, const std::string& node_group, const std::string& rail_group,
+                     int64_t splits) {
+  TORCH_CHECK(!node_group.empty() && !rail_group.empty(), "exchange_hierarchical needs node_group and rail_group, ",
+              "got node_group='", node_group, "' and rail_group='", rail_group, "'");
+  const int64_t world = runtime::group_size(group), rank = runtime::group_rank(group);
+  const int64_t local_size = runtime::group_size(node_group), nodes = runtime::group_size(rail_group);
+  TORCH_CHECK(splits == world, "send_splits and recv_splits must have one entry per rank of group '", group,
+              "' (world_size=", world, "), got ", splits);
+  TORCH_CHECK(local_size * nodes == world, "node_group '", node_group, "' has ", local_size, " ranks and rail_group '",
+              rail_group, "' ", nodes, ", but their product must be the ", world, " ranks of group '", group, "'");
+  const int64_t local = runtime::group_rank(node_group), node = runtime::group_rank(rail_group);
+  TORCH_CHECK(rank == node * local_size + local, "rank ", rank, " of group '", group, "' is rank ", local,
+              " of node_group '", node_group, "' and rank ", node, " of rail_group '", rail_group,
+              "', but the hierarchical exchange needs rank = node * ", local_size,
+              " + local = ", node * local_size + local);
+}
+
+at::Tensor exchange_hierarchical_meta(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
+                                      c10::string_view group_name, c10::string_view node_group,
+                                      c10::string_view rail_group, std::optional<int64_t> out_rows) {
+  const int64_t rows = check_exchange(x, send_splits, recv_splits, out_rows);
+  return x.new_empty_symint({c10::SymInt(rows), x.sym_size(1)});
+}
+
+at::Tensor exchange_hierarchical_kernel(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
+                                        c10::string_view group_name, c10::string_view node_group,
+                                        c10::string_view rail_group, std::optional<int64_t> out_rows) {
+  const int64_t rows = check_exchange(x, send_splits, recv_splits, out_rows);
+  const std::string group(group_name), node(node_group), rail(rail_group);
+  check_hierarchy(group, node, rail, static_cast<int64_t>(send_splits.size()));
+  const int64_t sent = std::accumulate(send_splits.begin(), send_splits.end(), int64_t{0});
+  const int64_t received = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
+  const c10::OptionalDeviceGuard guard(x.device());
+  const at::Tensor in = x.narrow(0, 0, sent).contiguous();
+  at::Tensor out = at::empty({rows, x.size(1)}, x.options());
+  if (rows > received) out.narrow(0, received, rows - received).zero_();
+  runtime::all_to_all_rows_hierarchical(in, out.narrow(0, 0, received), send_splits.vec(), recv_splits.vec(), node,
+                                        rail);
+  return out;
+}
+
+// Autograd: the backward is the hierarchical exchange with the splits swapped, back to the input's row count. It
+// moves rows without arithmetic, so the gradient rows arrive bit for bit, as the flat exchange's do.
+class ExchangeHierarchicalFunction : public torch::autograd::Function<ExchangeHierarchicalFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, c10::IntArrayRef send_splits,
+                            c10::IntArrayRef recv_splits, c10::string_view group_name, c10::string_view node_group,
+                            c10::string_view rail_group, std::optional<int64_t> out_rows) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->saved_data["send"] = send_splits.vec();
+    ctx->saved_data["recv"] = recv_splits.vec();
+    ctx->saved_data["groups"] =
+        std::vector<std::string>{std::string(group_name), std::string(node_group), std::string(rail_group)};
+    ctx->saved_data["rows"] = x.size(0);
+    at::Tensor y = ops::exchange_hierarchical(x, send_splits.vec(), recv_splits.vec(), std::string(group_name),
+                                              std::string(node_group), std::string(rail_group), out_rows);
+    ctx->saved_data["out_like"] = at::empty({0, y.size(1)}, y.options());
+    ctx->saved_data["out_rows"] = y.size(0);
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    // Every rank must join the reverse exchange, so an undefined gradient is sent as zeros.
+    at::Tensor grad = grads[0];
+    if (!grad.defined()) {
+      const at::Tensor like = ctx->saved_data["out_like"].toTensor();
+      grad = at::zeros({ctx->saved_data["out_rows"].toInt(), like.size(1)}, like.options());
+    }
+    const auto groups = ctx->saved_data["groups"].toList();
+    // Marked as a backward exchange, so a peer still in a forward (it skipped this backward) raises on both ranks.
+    const runtime::ExchangePhaseGuard phase(runtime::ExchangePhase::kBackwardRows);
+    at::Tensor dx = ops::exchange_hierarchical(grad.contiguous(), ctx->saved_data["recv"].toIntVector(),
+                                               ctx->saved_data["send"].toIntVector(), groups.get(0).toStringRef(),
+                                               groups.get(1).toStringRef(), groups.get(2).toStringRef(),
+                                               ctx->saved_data["rows"].toInt());
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor exchange_hierarchical_autograd(const at::Tensor& x, c10::IntArrayRef send_splits,
+                                          c10::IntArrayRef recv_splits, c10::string_view group_name,
+                                          c10::string_view node_group, c10::string_view rail_group,
+                                          std::optional<int64_t> out_rows) {
+  return ExchangeHierarchicalFunction::apply(x, send_splits, recv_splits, group_name, node_group, rail_group, out_rows);
+}
+
 }  // namespace
 
 namespace ops {
@@ -140,19 +234,37 @@ at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send_splits
   return op.call(x, send_splits, recv_splits, group_name, out_rows);
 }
 
+at::Tensor exchange_hierarchical(const at::Tensor& x, const std::vector<int64_t>& send_splits,
+                                 const std::vector<int64_t>& recv_splits, const std::string& group_name,
+                                 const std::string& node_group, const std::string& rail_group,
+                                 std::optional<int64_t> out_rows) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmoe::exchange_hierarchical", "")
+                       .typed<at::Tensor(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::string_view,
+                                         c10::string_view, c10::string_view, std::optional<int64_t>)>();
+  return op.call(x, send_splits, recv_splits, group_name, node_group, rail_group, out_rows);
+}
+
 }  // namespace ops
 
 TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
   m.impl("exchange_counts", &exchange_counts_kernel);
   m.impl("exchange", &exchange_kernel);
+  m.impl("exchange_hierarchical", &exchange_hierarchical_kernel);
 }
 
 #ifdef FASTMOE_WITH_CUDA_OPS
 TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
   m.impl("exchange_counts", &exchange_counts_kernel);
   m.impl("exchange", &exchange_kernel);
+  m.impl("exchange_hierarchical", &exchange_hierarchical_kernel);
 }
 #endif
+
+// The hierarchical exchange's autograd lives beside its kernels (the flat exchange's is in autograd/exchange.cpp).
+TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
+  m.impl("exchange_hierarchical", &exchange_hierarchical_autograd);
+}
 
 // No tensor arguments: one kernel for every backend.
 TORCH_LIBRARY_IMPL(fastmoe, CompositeImplicitAutograd, m) {
@@ -165,6 +277,7 @@ TORCH_LIBRARY_IMPL(fastmoe, CompositeImplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
   m.impl("exchange_counts", &exchange_counts_meta);
   m.impl("exchange", &exchange_meta);
+  m.impl("exchange_hierarchical", &exchange_hierarchical_meta);
 }
 
 }  // namespace fastmoe

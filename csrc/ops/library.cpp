@@ -50,6 +50,11 @@ TORCH_LIBRARY(fastmoe, m) {
   // in from rank p, stacked in rank order, then zero rows up to out_rows (default sum(recv_splits)). Its
   // backward is the same exchange with the splits swapped.
   m.def("exchange(Tensor x, int[] send_splits, int[] recv_splits, str group_name, int? out_rows=None) -> Tensor");
+  // The same exchange in two levels over nodes of node_group's size (rank = node * L + local): within the node to
+  // the rank on the destination's rail, then across nodes over rail_group. Bit for bit the result of exchange.
+  m.def(
+      "exchange_hierarchical(Tensor x, int[] send_splits, int[] recv_splits, str group_name, str node_group, "
+      "str rail_group, int? out_rows=None) -> Tensor");
   // Raises ValueError on every rank of the group when the configuration (values named by names) differs between
   // ranks, naming each difference (csrc/runtime/communicator.h). A collective, bounded by FASTMOE_COMM_TIMEOUT.
   m.def("check_same_config(str group_name, str[] names, str[] values, str what) -> ()");

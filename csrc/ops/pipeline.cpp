@@ -70,12 +70,21 @@ bool debug_enabled() {
 
 TokenDispatch::TokenDispatch(const at::Tensor& x_in, const at::Tensor& topk_idx, const at::Tensor& topk_score,
                              int64_t num_local, int64_t world, std::string group_name, int64_t chunks,
-                             bool cast_to_autocast, std::string debug_name)
-    : num_local_(num_local), world_(world), group_(std::move(group_name)), debug_name_(std::move(debug_name)) {
+                             bool cast_to_autocast, std::string debug_name, std::string node_group,
+                             std::string rail_group)
+    : num_local_(num_local),
+      world_(world),
+      group_(std::move(group_name)),
+      node_group_(std::move(node_group)),
+      rail_group_(std::move(rail_group)),
+      debug_name_(std::move(debug_name)) {
   TORCH_CHECK(num_local >= 1, "num_local must be >= 1, got ", num_local);
   TORCH_CHECK(world >= 1, "world must be >= 1, got ", world);
   TORCH_CHECK(chunks >= 1, "chunks must be >= 1, got ", chunks);
   TORCH_CHECK(world == 1 || !group_.empty(), "world=", world, " needs group_name, the process group of the experts");
+  TORCH_CHECK(node_group_.empty() == rail_group_.empty() && (node_group_.empty() || !group_.empty()),
+              "the hierarchical exchange needs group_name, node_group and rail_group, got group_name='", group_,
+              "', node_group='", node_group_, "' and rail_group='", rail_group_, "'");
   TORCH_CHECK(x_in.defined() && x_in.dim() == 2, "x must be [tokens, width], got ",
               x_in.defined() ? shape_of(x_in) : std::string("an undefined tensor"));
   TORCH_CHECK(topk_idx.defined() && topk_idx.dim() == 2 && topk_idx.size(0) == x_in.size(0),
@@ -174,14 +183,13 @@ void TokenDispatch::expert_parallel(const at::Tensor& x, const at::Tensor& topk_
     chunk.sorted_pair = rank_plans[c].sorted_pair.slice(0, 0, n_send);  // row r carries pair token * W + rank
     chunk.pair_pos = rank_plans[c].pair_pos;
     const at::Tensor x_c = x.slice(0, chunk.begin, chunk.end);
-    const at::Tensor x_in =
-        ops::exchange(ops::permute(x_c, chunk.sorted_pair, chunk.pair_pos), chunk.send, chunk.recv, group_);
+    const at::Tensor x_in = exchange(ops::permute(x_c, chunk.sorted_pair, chunk.pair_pos), chunk.send, chunk.recv);
     chunk.score_in =
-        ops::exchange(ops::permute(topk_score.slice(0, chunk.begin, chunk.end), chunk.sorted_pair, chunk.pair_pos),
-                      chunk.send, chunk.recv, group_);
+        exchange(ops::permute(topk_score.slice(0, chunk.begin, chunk.end), chunk.sorted_pair, chunk.pair_pos),
+                 chunk.send, chunk.recv);
     const at::Tensor tokens = chunk.sorted_pair.div(world, "floor");
-    const at::Tensor idx_in = ops::exchange(topk_idx.slice(0, chunk.begin, chunk.end).index_select(0, tokens),
-                                            chunk.send, chunk.recv, group_);
+    const at::Tensor idx_in =
+        exchange(topk_idx.slice(0, chunk.begin, chunk.end).index_select(0, tokens), chunk.send, chunk.recv);
     const at::Tensor mine = idx_in.div(local, "floor") == rank_;  // -1 / local < 0: never mine
     const ops::Plan local_plan = ops::make_plan(at::where(mine, idx_in - rank_ * local, -1), local);
     chunk.slot_order = local_plan.sorted_pair.slice(0, 0, chunk.bounds[local]);
@@ -252,7 +260,13 @@ void TokenDispatch::give(int64_t chunk, const at::Tensor& y) {
   const StreamGuard on(c.stream);
   // This rank's share of each received token: its slots here, weighted by their scores; then back to the sender.
   const at::Tensor partial = ops::unpermute_combine(y, c.slot_order, c.slot_pos, c.score_in);
-  c.output = ops::exchange(partial, c.recv, c.send, group_);
+  c.output = exchange(partial, c.recv, c.send);
+}
+
+at::Tensor TokenDispatch::exchange(const at::Tensor& x, const std::vector<int64_t>& send,
+                                   const std::vector<int64_t>& recv) const {
+  if (node_group_.empty()) return ops::exchange(x, send, recv, group_);
+  return ops::exchange_hierarchical(x, send, recv, group_, node_group_, rail_group_);
 }
 
 at::Tensor TokenDispatch::combine() {
@@ -309,7 +323,12 @@ void TokenDispatch::check_routing(const at::Tensor& topk_idx, const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(fastmoe, m) {
   m.class_<TokenDispatch>("TokenDispatch")
-      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, std::string, int64_t, bool, std::string>())
+      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, std::string, int64_t, bool, std::string,
+                       std::string, std::string>(),
+           "",
+           {torch::arg("x"), torch::arg("topk_idx"), torch::arg("topk_score"), torch::arg("num_local"),
+            torch::arg("world"), torch::arg("group_name"), torch::arg("chunks"), torch::arg("cast_to_autocast"),
+            torch::arg("debug_name"), torch::arg("node_group") = "", torch::arg("rail_group") = ""})
       .def("num_chunks", &TokenDispatch::num_chunks)
       .def("rows", &TokenDispatch::rows)
       .def("expert_counts", &TokenDispatch::expert_counts)

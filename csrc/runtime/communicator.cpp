@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -551,6 +552,79 @@ void all_to_all_counts(const at::Tensor& input, const at::Tensor& output, const 
                       make_headers(ExchangePhase::kForwardCounts, sequence, at::kLong, input.size(1), ones, ones, rows),
                       ExchangePhase::kForwardCounts);
   all_to_all_rows_pg(group, input, output, ones, ones, group_name, "forward counts exchange (all-to-all)");
+}
+
+namespace {
+
+// The rows of `t`, stacked in blocks of sizes[i] rows (block i after block i - 1), restacked in the block order
+// `order`. A pure gather of rows: each row keeps its bits.
+at::Tensor restack(const at::Tensor& t, const std::vector<int64_t>& sizes, const std::vector<int64_t>& order) {
+  std::vector<int64_t> start(sizes.size() + 1, 0);
+  for (size_t i = 0; i < sizes.size(); ++i) start[i + 1] = start[i] + sizes[i];
+  std::vector<at::Tensor> pieces;
+  for (const int64_t i : order) {
+    if (sizes[i] > 0) pieces.push_back(t.narrow(0, start[i], sizes[i]));
+  }
+  if (pieces.empty()) return t.narrow(0, 0, 0);
+  if (pieces.size() == 1) return pieces[0].contiguous();
+  return at::cat(pieces);
+}
+
+}  // namespace
+
+void all_to_all_rows_hierarchical(const at::Tensor& input, const at::Tensor& output,
+                                  const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows,
+                                  const std::string& node_group, const std::string& rail_group) {
+  TORCH_CHECK(input.is_contiguous() && output.is_contiguous(), "all_to_all_rows_hierarchical needs contiguous tensors");
+  const auto node = resolve_group(node_group);
+  const int64_t local_size = node->getSize(), nodes = group_size(rail_group);
+  const int64_t world = static_cast<int64_t>(send_rows.size());
+  TORCH_CHECK(world == local_size * nodes && recv_rows.size() == send_rows.size(), "the hierarchical exchange over ",
+              nodes, " nodes (rail_group '", rail_group, "') of ", local_size, " ranks (node_group '", node_group,
+              "') needs ", local_size * nodes, " send and receive splits, got ", send_rows.size(), " and ",
+              recv_rows.size());
+  // mine[j, m]: the rows this rank sends to rank m * L + j, which pass through node peer j. What peer j tells this
+  // rank, theirs[j, m], is what it sends through this rank to node m.
+  at::Tensor mine = at::empty({local_size, nodes}, at::kLong);
+  int64_t* mine_h = mine.mutable_data_ptr<int64_t>();
+  for (int64_t j = 0; j < local_size; ++j) {
+    for (int64_t m = 0; m < nodes; ++m) mine_h[j * nodes + m] = send_rows[m * local_size + j];
+  }
+  const std::vector<int64_t> ones(local_size, 1);
+  at::Tensor theirs;
+  if (input.is_cuda() && local_size > 1 && !has_cpu_backend(*node)) {
+    // A node group without a CPU backend: the counts go through NCCL and are read back (one device sync).
+    const at::Tensor sent = mine.to(input.device());
+    const at::Tensor received = at::empty_like(sent);
+    all_to_all_rows(sent, received, ones, ones, node_group);
+    theirs = received.cpu();
+  } else {
+    theirs = at::empty_like(mine);
+    all_to_all_rows(mine, theirs, ones, ones, node_group);
+  }
+  const int64_t* theirs_h = theirs.const_data_ptr<int64_t>();
+  std::vector<int64_t> node_send(local_size, 0), node_recv(local_size, 0), rail_send(nodes, 0), rail_recv(nodes, 0);
+  std::vector<int64_t> to_peers(world), to_nodes(world);
+  for (int64_t j = 0; j < local_size; ++j) {
+    for (int64_t m = 0; m < nodes; ++m) {
+      node_send[j] += send_rows[m * local_size + j];
+      node_recv[j] += theirs_h[j * nodes + m];
+      rail_send[m] += theirs_h[j * nodes + m];
+      rail_recv[m] += recv_rows[m * local_size + j];
+      to_peers[j * nodes + m] = m * local_size + j;  // input blocks (by destination rank), by node peer first
+      to_nodes[m * local_size + j] = j * nodes + m;  // received blocks (by source peer), by destination node first
+    }
+  }
+  // The node step: to the node peer on each destination's rail, each peer's rows ordered by destination node.
+  const at::Tensor staged = restack(input, send_rows, to_peers);
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape[0] = std::accumulate(node_recv.begin(), node_recv.end(), int64_t{0});
+  const at::Tensor on_rail = at::empty(shape, input.options());
+  all_to_all_rows(staged, on_rail, node_send, node_recv, node_group);
+  // The rail step: to each destination node, its rows ordered by source peer, so that the destination stacks them by
+  // source node, then source peer: by source rank.
+  const at::Tensor across = restack(on_rail, std::vector<int64_t>(theirs_h, theirs_h + world), to_nodes);
+  all_to_all_rows(across, output, rail_send, rail_recv, rail_group);
 }
 
 namespace {

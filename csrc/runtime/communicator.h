@@ -78,6 +78,19 @@ struct RowsInfo {
 void all_to_all_rows(const at::Tensor& input, const at::Tensor& output, const std::vector<int64_t>& send_rows,
                      const std::vector<int64_t>& recv_rows, const std::string& group_name);
 
+// The same exchange in two levels, for W = N * L ranks on N nodes of L GPUs each, rank r = node * L + local:
+// - the node step, over `node_group` (this node's L ranks, rank `local` in it): each row goes to the rank of this
+//   node whose local index is its destination's (the destination's "rail");
+// - the rail step, over `rail_group` (the N ranks of this local index, one per node, rank `node` in it): each row
+//   crosses to its destination's node, so a row uses the links between nodes once, and only on its rail.
+// Before them, each rank tells its node peers how many rows it sends to each rank of their rail (a [L, N] int64
+// all-to-all over node_group, on the CPU where node_group has a CPU backend, so no device sync). The rows are
+// restacked between the steps so that `output` comes out exactly as all_to_all_rows orders it (rows stacked by
+// source rank, each source's rows in their send order): the result is the flat exchange's, bit for bit.
+void all_to_all_rows_hierarchical(const at::Tensor& input, const at::Tensor& output,
+                                  const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows,
+                                  const std::string& node_group, const std::string& rail_group);
+
 // The counts exchange of a forward: row p of `input` ([world, per_rank] int64, contiguous) goes to rank p, and
 // row p of `output` comes from rank p. Carries the header with `rows` (see above).
 void all_to_all_counts(const at::Tensor& input, const at::Tensor& output, const RowsInfo& rows,

@@ -73,6 +73,17 @@ at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send_splits
                     const std::vector<int64_t>& recv_splits, const std::string& group_name,
                     std::optional<int64_t> out_rows = std::nullopt);
 
+// exchange in two levels for W = N * L ranks on N nodes of L ranks, rank r = node * L + local (docs/distributed.md,
+// "Hierarchical exchange"): node_group holds this node's L ranks (this rank at `local`), rail_group the N ranks of
+// this local index (this rank at `node`). Rows first move within the node to the rank on their destination's rail,
+// then across nodes over the rail. The result equals exchange(x, send_splits, recv_splits, group_name, out_rows)
+// bit for bit. A collective over both groups. Differentiable with respect to x (the backward is the reverse
+// exchange, hierarchical too).
+at::Tensor exchange_hierarchical(const at::Tensor& x, const std::vector<int64_t>& send_splits,
+                                 const std::vector<int64_t>& recv_splits, const std::string& group_name,
+                                 const std::string& node_group, const std::string& rail_group,
+                                 std::optional<int64_t> out_rows = std::nullopt);
+
 // ---- gates: each gate's routing and loss terms from its logits (docs/gates.md has the formulas)
 
 // What a gate op returns. balance_loss and z_loss are 0-dim (at least fp32, coefficients applied, with gradients

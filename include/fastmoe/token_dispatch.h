@@ -14,7 +14,7 @@
 // events and keeps the tensors alive for the streams that use them (docs/distributed.md, "Overlap").
 //
 // Python: torch.classes.fastmoe.TokenDispatch(x, topk_idx, topk_score, num_local, world, group_name, chunks,
-// cast_to_autocast, debug_name), with the methods below (docs/ops.md, "Token path").
+// cast_to_autocast, debug_name, node_group="", rail_group=""), with the methods below (docs/ops.md, "Token path").
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -43,10 +43,12 @@ class TokenDispatch : public torch::CustomClassHolder {
   // cuts the tokens into that many pieces for overlap (expert parallelism only; the result does not depend on it).
   // cast_to_autocast: under autocast the rows are cast to the autocast dtype before they move (the experts' first
   // op would cast them anyway; fp64 rows stay). debug_name: with debug mode on (fastmoe/debug.h), the routing
-  // and the experts' outputs are checked and errors name this layer.
+  // and the experts' outputs are checked and errors name this layer. node_group and rail_group (both or neither):
+  // the row exchanges are hierarchical over these sub-groups of group_name (ops::exchange_hierarchical,
+  // docs/distributed.md), with results equal to the flat exchange's bit for bit.
   TokenDispatch(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_score, int64_t num_local,
                 int64_t world = 1, std::string group_name = "", int64_t chunks = 1, bool cast_to_autocast = false,
-                std::string debug_name = "");
+                std::string debug_name = "", std::string node_group = "", std::string rail_group = "");
 
   int64_t num_chunks() const { return static_cast<int64_t>(chunks_.size()); }
   // The rows chunk c's local experts must process, grouped by local expert: [N_c, width]. On one process N_c is
@@ -85,9 +87,12 @@ class TokenDispatch : public torch::CustomClassHolder {
   const Chunk& chunk_at(int64_t chunk) const;
   void check_routing(const at::Tensor& topk_idx, const at::Tensor& topk_score) const;
   void expert_parallel(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_score);
+  // The row exchange over group_ (ops::exchange), or its hierarchical form when node_group_ is set.
+  at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send, const std::vector<int64_t>& recv) const;
 
   int64_t num_tokens_ = 0, num_local_ = 0, world_ = 1, rank_ = 0;
   std::string group_;
+  std::string node_group_, rail_group_;  // both empty: the flat exchange
   std::string debug_name_;
   at::Tensor topk_score_;  // one process: the combine's weights
   at::Tensor routed_counts_;

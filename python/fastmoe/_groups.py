@@ -187,3 +187,91 @@ def expert_shards(model) -> list:
         for path, module in model.named_modules()
         if isinstance(shard := getattr(module, EXPERT_SHARD, None), ExpertShard)
     ]
+
+
+# ----------------------------------------------------------------------------------------------- hierarchical exchange
+
+EP_EXCHANGES = ("flat", "hierarchical", "auto")
+
+
+def launcher_local_size(group) -> int | None:
+    """How many consecutive ranks of ``group`` share a node, from the launcher's ``LOCAL_WORLD_SIZE`` (torchrun sets
+    it and numbers the ranks node by node, so global rank ``g`` is on node ``g // LOCAL_WORLD_SIZE``). ``None`` when
+    the variable is unset, or when the group's ranks are not laid out node by node in equal blocks."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if value == "":
+        return None
+    try:
+        per_node = int(value)
+    except ValueError:
+        per_node = 0
+    if per_node < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer, got {value!r}")
+    nodes = [g // per_node for g in dist.get_process_group_ranks(group)]
+    local = nodes.count(nodes[0])
+    blocks = [nodes[i : i + local] for i in range(0, len(nodes), local)]
+    node_by_node = len(nodes) % local == 0 and all(len(set(b)) == 1 for b in blocks)
+    return local if node_by_node and len({b[0] for b in blocks}) == len(blocks) else None
+
+
+def resolve_ep_exchange(group, ep_exchange: str, ep_local_size: int | None) -> int | None:
+    """The ranks per node of the hierarchical exchange an FMoE layer on ``group`` (``None``: no expert parallelism)
+    uses, or ``None`` for the flat exchange. ``ep_exchange``: ``"flat"``; ``"hierarchical"`` (over nodes of
+    ``ep_local_size`` consecutive ranks of the group, default the launcher's ``LOCAL_WORLD_SIZE``); ``"auto"``:
+    hierarchical when the group spans more than one node with more than one of its ranks on each."""
+    if ep_exchange not in EP_EXCHANGES:
+        raise ValueError(f"ep_exchange must be 'flat', 'hierarchical' or 'auto', got ep_exchange={ep_exchange!r}")
+    if ep_local_size is not None and (isinstance(ep_local_size, bool) or not isinstance(ep_local_size, int)):
+        raise TypeError(f"ep_local_size must be an int or None, got ep_local_size={ep_local_size!r}")
+    if ep_local_size is not None and ep_local_size < 1:
+        raise ValueError(f"ep_local_size must be >= 1, got ep_local_size={ep_local_size}")
+    if group is None:
+        if ep_exchange == "hierarchical":
+            raise ValueError(
+                "ep_exchange='hierarchical' needs expert parallelism (world_size > 1 or a moe_group), got one process"
+            )
+        return None
+    world = dist.get_world_size(group)
+    local = ep_local_size if ep_local_size is not None else launcher_local_size(group)
+    if ep_local_size is not None and world % ep_local_size != 0:
+        raise ValueError(
+            f"ep_local_size={ep_local_size} must divide the {world} ranks of the expert-parallel group (nodes of "
+            f"ep_local_size ranks each)"
+        )
+    if ep_exchange == "flat":
+        return None
+    if ep_exchange == "hierarchical":
+        if local is None:
+            raise ValueError(
+                "ep_exchange='hierarchical' needs ep_local_size (ranks per node), or LOCAL_WORLD_SIZE from a "
+                "launcher that numbers the ranks node by node; got neither"
+            )
+        return local if world > 1 else None
+    return local if local is not None and 1 < local < world else None
+
+
+_subgroups: dict = {}
+
+
+def _subgroup(ranks: list):
+    """The gloo group of these global ranks, created once per process (by its members only). gloo is enough: CPU
+    rows and the small counts go through it, and CUDA rows through fastmoe's own NCCL communicator, which the group
+    bootstraps."""
+    key = tuple(ranks)
+    if key not in _subgroups:
+        _subgroups[key] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    return _subgroups[key]
+
+
+def hierarchical_groups(group, local_size: int) -> tuple[str, str]:
+    """``(node_group, rail_group)``: the names of the two sub-groups of ``group``'s hierarchical exchange over nodes
+    of ``local_size`` consecutive ranks (``torch.ops.fastmoe.exchange_hierarchical``): this rank's node (its
+    ``local_size`` ranks) and its rail (the ranks of its local index, one per node). Every rank of ``group`` must
+    call it, in the same order as its other group creations (each sub-group is created by its members only)."""
+    ranks = dist.get_process_group_ranks(group)
+    if local_size < 1 or len(ranks) % local_size != 0:
+        raise ValueError(f"local_size={local_size} must divide the {len(ranks)} ranks of group '{group.group_name}'")
+    node, local = divmod(dist.get_rank(group), local_size)
+    node_group = _subgroup(ranks[node * local_size : (node + 1) * local_size])
+    rail_group = _subgroup(ranks[local::local_size])
+    return node_group.group_name, rail_group.group_name

@@ -45,6 +45,13 @@ class FMoE(nn.Module):
         gate_bias: passed to NaiveGate-family gates.
         ep_chunks: with expert parallelism, cut the tokens into this many chunks, each chunk's exchanges and
             experts on its own CUDA stream, so they overlap (docs/distributed.md). The result does not depend on it.
+        ep_exchange, ep_local_size: with expert parallelism, how rows travel: ``"flat"`` (one all-to-all over the
+            group), ``"hierarchical"`` (within each node of ``ep_local_size`` consecutive ranks of the group to the
+            rank on the destination's rail, then across nodes over the rail; ``ep_local_size`` defaults to the
+            launcher's ``LOCAL_WORLD_SIZE``) or ``"auto"`` (hierarchical when the group spans several nodes with
+            several of its ranks on each). Default ``"flat"``: the hierarchical exchange has not yet run over NCCL
+            on several nodes. The result is the same bit for bit (docs/distributed.md, "Hierarchical
+            exchange").
 
     The per-expert module loop reads the expert counts on the host once per forward; fused experts do not. A
     subclass may override ``expert_fn(inp, fwd_expert_count, expert_offsets)``, or FastMoE's two-parameter form,
@@ -70,6 +77,8 @@ class FMoE(nn.Module):
         mask_dict=None,
         gate_bias: bool = True,
         ep_chunks: int = 1,
+        ep_exchange: str = "flat",
+        ep_local_size: int | None = None,
     ):
         super().__init__()
         num_expert = _api.num_expert_for(num_expert, expert)
@@ -99,6 +108,10 @@ class FMoE(nn.Module):
         self.top_k = _checks.top_k_in_range(top_k, self.num_experts_total)
         self.gate_hook = gate_hook
         self.ep_chunks = _checks.positive_int("ep_chunks", ep_chunks)
+        # ranks per node of the hierarchical exchange, None for the flat one
+        self.ep_local_size = _groups.resolve_ep_exchange(self.moe_group, ep_exchange, ep_local_size)
+        self.ep_exchange = "flat" if self.ep_local_size is None else "hierarchical"
+        self._ep_subgroups = ("", "")  # names of the hierarchical exchange's node and rail groups
         self.balance_record: BalanceRecord | None = None
 
         if isinstance(gate, nn.Module):
@@ -141,11 +154,16 @@ class FMoE(nn.Module):
                     "experts_fused": self.experts_fused,
                     # ranks that cut their tokens differently exchange count tables of different sizes
                     "ep_chunks": self.ep_chunks,
+                    # ranks that disagree would join different sub-groups and exchanges
+                    "ep_exchange": self.ep_exchange,
+                    "ep_local_size": self.ep_local_size,
                     # the rows would differ in size; a later .to() on one rank is caught by the exchange headers
                     "param_dtype": ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in self.parameters()})),
                 },
                 what=f"{type(self).__name__}(world_size={self.world_size})",
             )
+        if self.ep_local_size is not None:
+            self._ep_subgroups = _groups.hierarchical_groups(self.moe_group, self.ep_local_size)
         # Decided once: whether expert_fn takes fastmoe's third argument (expert_offsets) or is an override with
         # FastMoE's two (inp, fwd_expert_count), which _run_experts then calls the FastMoE way.
         self._expert_fn_takes_offsets = _api.expert_fn_takes_offsets(self, FMoE.expert_fn)
@@ -272,6 +290,7 @@ class FMoE(nn.Module):
                 self.ep_chunks,
                 self.expert_input_follows_autocast,
                 debug.name_of(self) if debug.is_debug() else "",
+                *self._ep_subgroups,
             )
             self._record_balance(x.shape[0], topk_idx.numel(), tokens.routed_counts())
             for c in range(tokens.num_chunks()):

@@ -25,6 +25,7 @@ KNOWN_OPS = {
     "exchange_counts": False,
     "ep_route": False,
     "exchange": True,
+    "exchange_hierarchical": True,
 }
 
 # The gate ops (csrc/ops/gates.cpp) are compositions of the ops above and ATen, registered as
@@ -218,6 +219,8 @@ def _exchange_cases(group_name: str):
         ("exchange_counts", "exchange_counts", (torch.tensor([3, 0, 4]), group_name), None),
         ("exchange", "exchange", (x, [5], [5], group_name, None), None),
         ("exchange-out-rows", "exchange", (x, [5], [5], group_name, 9), None),
+        # one node of one rank: the node and rail groups are the one-rank group itself
+        ("exchange_hierarchical", "exchange_hierarchical", (x, [5], [5], group_name, group_name, group_name, 9), None),
     ]
 
 
