@@ -101,6 +101,21 @@ at::Tensor exchange_meta(const at::Tensor& x, c10::IntArrayRef send_splits, c10:
   return x.new_empty_symint({c10::SymInt(rows), x.sym_size(1)});
 }
 
+// What both exchanges share: rows [0, sum(send_splits)) of x go out, sum(recv_splits) rows come in through
+// all_to_all(in, out), and the output is padded with zero rows up to `rows`.
+template <typename AllToAll>
+at::Tensor exchange_frame(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits, int64_t rows,
+                          AllToAll&& all_to_all) {
+  const int64_t sent = std::accumulate(send_splits.begin(), send_splits.end(), int64_t{0});
+  const int64_t received = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
+  const c10::OptionalDeviceGuard guard(x.device());
+  const at::Tensor in = x.narrow(0, 0, sent).contiguous();
+  at::Tensor out = at::empty({rows, x.size(1)}, x.options());
+  if (rows > received) out.narrow(0, received, rows - received).zero_();
+  all_to_all(in, out.narrow(0, 0, received));
+  return out;
+}
+
 at::Tensor exchange_kernel(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
                            c10::string_view group_name, std::optional<int64_t> out_rows) {
   const int64_t rows = check_exchange(x, send_splits, recv_splits, out_rows);
@@ -108,14 +123,9 @@ at::Tensor exchange_kernel(const at::Tensor& x, c10::IntArrayRef send_splits, c1
   const int64_t world = runtime::group_size(group);
   TORCH_CHECK(static_cast<int64_t>(send_splits.size()) == world, "send_splits and recv_splits must have one entry ",
               "per rank of group '", group, "' (world_size=", world, "), got ", send_splits.size());
-  const int64_t sent = std::accumulate(send_splits.begin(), send_splits.end(), int64_t{0});
-  const int64_t received = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
-  const c10::OptionalDeviceGuard guard(x.device());
-  const at::Tensor in = x.narrow(0, 0, sent).contiguous();
-  at::Tensor out = at::empty({rows, x.size(1)}, x.options());
-  if (rows > received) out.narrow(0, received, rows - received).zero_();
-  runtime::all_to_all_rows(in, out.narrow(0, 0, received), send_splits.vec(), recv_splits.vec(), group);
-  return out;
+  return exchange_frame(x, send_splits, recv_splits, rows, [&](const at::Tensor& in, const at::Tensor& out) {
+    runtime::all_to_all_rows(in, out, send_splits.vec(), recv_splits.vec(), group);
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -153,15 +163,9 @@ at::Tensor exchange_hierarchical_kernel(const at::Tensor& x, c10::IntArrayRef se
   const int64_t rows = check_exchange(x, send_splits, recv_splits, out_rows);
   const std::string group(group_name), node(node_group), rail(rail_group);
   check_hierarchy(group, node, rail, static_cast<int64_t>(send_splits.size()));
-  const int64_t sent = std::accumulate(send_splits.begin(), send_splits.end(), int64_t{0});
-  const int64_t received = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
-  const c10::OptionalDeviceGuard guard(x.device());
-  const at::Tensor in = x.narrow(0, 0, sent).contiguous();
-  at::Tensor out = at::empty({rows, x.size(1)}, x.options());
-  if (rows > received) out.narrow(0, received, rows - received).zero_();
-  runtime::all_to_all_rows_hierarchical(in, out.narrow(0, 0, received), send_splits.vec(), recv_splits.vec(), node,
-                                        rail);
-  return out;
+  return exchange_frame(x, send_splits, recv_splits, rows, [&](const at::Tensor& in, const at::Tensor& out) {
+    runtime::all_to_all_rows_hierarchical(in, out, send_splits.vec(), recv_splits.vec(), node, rail);
+  });
 }
 
 // Autograd: the backward is the hierarchical exchange with the splits swapped, back to the input's row count. It

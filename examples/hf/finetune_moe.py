@@ -180,10 +180,9 @@ def count(model) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
 
 
-def run_mixtral(run: Run) -> bool:
-    args = run.args
-    torch.manual_seed(args.seed)
-    config = MixtralConfig(
+def model_shape(args) -> dict:
+    """The config fields both models share: the same width, depth and attention."""
+    return dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=args.d_model,
         intermediate_size=args.d_ffn,
@@ -191,6 +190,14 @@ def run_mixtral(run: Run) -> bool:
         num_attention_heads=args.heads,
         num_key_value_heads=max(1, args.heads // 2),
         max_position_embeddings=args.seq_len,
+    )
+
+
+def run_mixtral(run: Run) -> bool:
+    args = run.args
+    torch.manual_seed(args.seed)
+    config = MixtralConfig(
+        **model_shape(args),
         num_local_experts=args.experts,
         num_experts_per_tok=args.top_k,
         experts_implementation=args.hf_experts,
@@ -284,15 +291,7 @@ def compare_step_time(run: Run, model, total_loss) -> None:
 def run_llama(run: Run) -> bool:
     args = run.args
     torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=args.d_model,
-        intermediate_size=args.d_ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=max(1, args.heads // 2),
-        max_position_embeddings=args.seq_len,
-    )
+    config = LlamaConfig(**model_shape(args))
     model = LlamaForCausalLM(config).to(run.device)
     print(
         f"[llama] LlamaForCausalLM, {args.layers} layers, d_model {args.d_model}, FFN width {args.d_ffn}, "

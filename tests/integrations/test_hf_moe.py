@@ -19,23 +19,13 @@ transformers = pytest.importorskip(
     "transformers", reason="Hugging Face transformers is not installed (it is pinned in requirements-dev.txt)"
 )
 
+from hf_moe_ep_cases import SMALL, VOCAB  # noqa: E402  (the tiny config both files use)
+
 import fastmoe  # noqa: E402
 from fastmoe.integrations import hf_moe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-10  # docs/numerics.md: the layers in fp64 match their plain PyTorch counterpart within 1e-10
-VOCAB = 100
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-    pad_token_id=0,
-    bos_token_id=0,
-    eos_token_id=1,
-)
 # name: (model class, config class, config, whether the model returns router logits and an aux loss)
 ARCHS = {
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(intermediate_size=48, num_local_experts=8), True),

@@ -192,30 +192,8 @@ def _load_folder(run_dir, ckpt_dir, model, optimizer, sampler, config, rank, wor
     if extra.get("format_version") != FORMAT_VERSION:
         raise ResumeError(f"{where}: checkpoint format {extra.get('format_version')!r}, expected {FORMAT_VERSION}")
     _check_config(where, extra["config"], _comparable(config))
-    state = {
-        "step": extra["step"],
-        "train_time": extra["train_time"],
-        "tokens": extra["tokens"],
-        "history": extra["history"],
-        "saved_world_size": extra["world_size"],
-        "where": where,
-    }
-    rank_state = info["rank_extra"]
-    if rank_state is None:  # saved by another number of processes: this rank's streams restart
-        seed = config["seed"]
-        sampler.reseed(derived_seed(seed, "sampler", rank, world_size, extra["step"]))
-        torch.manual_seed(derived_seed(seed, "torch", world_size, extra["step"]))
-        state["rng"] = rng_state()
-        return state
-    try:
-        sampler.load_state_dict(rank_state["sampler"])
-        set_rng_state(rank_state["rng"])
-    except Exception as exc:  # noqa: BLE001 - a torn RNG state raises from torch's internals
-        raise ResumeError(
-            f"{where}: the random state of rank {rank} cannot be restored ({exc}); it is corrupted"
-        ) from exc
-    state["rng"] = rank_state["rng"]
-    return state
+    # None when saved by another number of processes
+    return _restore_streams(where, extra, info["rank_extra"], sampler, config, rank, world_size)
 
 
 def _comparable(config: dict) -> dict:
@@ -462,6 +440,18 @@ def _load_dcp(run_dir, model, optimizer, sampler, config, rank, world_size) -> d
         set_state_dict(model, optimizer, model_state_dict=targets["model"], optim_state_dict=targets["optim"])
     except Exception as exc:  # noqa: BLE001 - whatever failed, the message must name the checkpoint
         raise ResumeError(f"cannot resume from {where}: {type(exc).__name__}: {exc}") from exc
+    if extra["world_size"] != world_size:  # saved by another number of processes
+        return _restore_streams(where, extra, None, sampler, config, rank, world_size)
+    path = os.path.join(where, io.rank_file(rank))
+    read = lambda: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
+    return _restore_streams(where, extra, read, sampler, config, rank, world_size, label=path)
+
+
+def _restore_streams(where, extra: dict, rank_state, sampler, config: dict, rank: int, world_size: int, label=None):
+    """The resume state of a checkpoint's ``extra`` with this rank's sampler and RNG restored from ``rank_state``
+    (a dict, or a function that reads it); with ``rank_state`` None (saved by another number of processes) the
+    rank's streams restart from seeds derived from the step. A state that cannot be read or applied raises
+    ResumeError naming ``label`` (default ``where``)."""
     state = {
         "step": extra["step"],
         "train_time": extra["train_time"],
@@ -470,20 +460,20 @@ def _load_dcp(run_dir, model, optimizer, sampler, config, rank, world_size) -> d
         "saved_world_size": extra["world_size"],
         "where": where,
     }
-    if extra["world_size"] != world_size:  # saved by another number of processes: this rank's streams restart
+    if rank_state is None:
         seed = config["seed"]
         sampler.reseed(derived_seed(seed, "sampler", rank, world_size, extra["step"]))
         torch.manual_seed(derived_seed(seed, "torch", world_size, extra["step"]))
         state["rng"] = rng_state()
         return state
-    path = os.path.join(where, io.rank_file(rank))
     try:
-        rank_state = torch.load(path, map_location="cpu", weights_only=True)
+        if callable(rank_state):
+            rank_state = rank_state()
         sampler.load_state_dict(rank_state["sampler"])
         set_rng_state(rank_state["rng"])
     except Exception as exc:  # noqa: BLE001 - a torn RNG state raises from torch's internals
         raise ResumeError(
-            f"{path}: the random state of rank {rank} cannot be restored ({exc}); it is corrupted"
+            f"{label or where}: the random state of rank {rank} cannot be restored ({exc}); it is corrupted"
         ) from exc
     state["rng"] = rank_state["rng"]
     return state
