@@ -757,6 +757,29 @@ def gate_capacity_case(rng: random.Random, device: str) -> Case:
     )
 
 
+def check_finite_case(rng: random.Random, device: str) -> Case:
+    """Debug mode's check: finite and integer tensors pass, a NaN or Inf anywhere raises naming the owner, the
+    tensor and the first bad index."""
+    T, d, dtype = rng.choice(SIZES), rng.randint(1, 9), rng.choice(FLOATS)
+    x = randn(rng, max(T, 1), d, dtype=dtype, device=device)
+    m = pick(rng, ["finite", "integer", "nan", "inf"])
+    name = f"check_finite/{m}"
+    if m in ("nan", "inf"):
+        bad = x.clone()
+        row, col = rng.randrange(bad.shape[0]), rng.randrange(d)
+        bad[row, col] = float("nan") if m == "nan" else float("inf")
+        count = "1 NaN and 0 Inf" if m == "nan" else "0 NaN and 1 Inf"
+        return Case(name, lambda: F.check_finite(bad, "fuzz", "rows"), error=(R, "fuzz: rows", count))
+    t = x if m == "finite" else x.long()
+
+    def check(out):
+        assert out is None, f"check_finite returned {out!r}"
+        # it returns nothing, so the meta call is checked here: meta tensors are never read
+        assert F.check_finite(to_meta(t), "fuzz", "rows") is None
+
+    return Case(valid_name(name), lambda: F.check_finite(t, "fuzz", "rows"), check)
+
+
 GATE_GENERATORS = {
     **{
         name: gate_case(name)
@@ -771,6 +794,7 @@ GATE_GENERATORS = {
         )
     },
     "switch_jitter": switch_jitter_case,
+    "check_finite": check_finite_case,
     "gate_capacity": gate_capacity_case,
 }
 

@@ -77,7 +77,7 @@ def test_every_registered_op_is_fuzzed():
     names = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastmoe::")}
     # The collectives need a process group of several ranks: tests/distributed covers them, and
     # test_exchange_rejects_bad_input below their single-process argument checks.
-    collectives = ("exchange", "exchange_counts", "check_same_config")
+    collectives = ("exchange", "exchange_counts", "exchange_hierarchical", "check_same_config")
     missing = {name for name in names if name not in GENERATORS and name not in collectives}
     assert not missing, f"registered ops without a fuzz generator in tests/fuzz/fuzz_ops.py: {sorted(missing)}"
 

@@ -427,6 +427,12 @@ def _cases():
         ("exchange_counts-int32", lambda: F.exchange_counts(i["counts"].int(), "unused"), R, ("counts", "Int")),
         ("exchange-int32-x", lambda: F.exchange(x.int(), [T], [T], "unused", None), R, ("x", "Int")),
         ("exchange-negative-split", lambda: F.exchange(x, [-1], [T], "unused", None), R, ("send_splits[0]", "-1")),
+        (
+            "exchange_hierarchical-int32-x",
+            lambda: F.exchange_hierarchical(x.int(), [T], [T], "unused", "unused", "unused", None),
+            R,
+            ("x", "Int"),
+        ),
         # The gate ops (csrc/ops/gates.cpp); tests/gates/test_gates_formulas.py checks every option of each.
         ("naive_gate-1d-logits", lambda: F.naive_gate(L[0], 2), R, ("logits", f"[{E}]")),
         ("naive_gate-k0", lambda: F.naive_gate(L, 0), ValueError, ("k", "got 0")),
@@ -457,6 +463,12 @@ def _cases():
             lambda: F.gate_capacity(i["topk_idx"], i["topk_score"], 1.0, 0),
             ValueError,
             ("num_experts", "got 0"),
+        ),
+        (
+            "check_finite-nan",
+            lambda: F.check_finite(torch.tensor([[1.0, float("nan")]]), "owner", "logits"),
+            R,
+            ("owner: logits", "1 NaN and 0 Inf values (first at index [0, 1]"),
         ),
         (
             "check_same_config-lengths",
