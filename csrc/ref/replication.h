@@ -1,0 +1,40 @@
+// Hot-expert replication's policy: which experts to copy to every rank for one step of an expert-parallel layer.
+// Torch-free host code, the one policy of both front ends (fastmoe::TokenDispatch runs it on the gathered loads;
+// torch.ops.fastmoe.plan_replication exposes it). docs/distributed.md, "Hot-expert replication", gives the model.
+//
+// The cost model, for a set R of replicated experts, with load[s][e] the slots rank s routes to global expert e and
+// owner(e) = e / num_local:
+//   compute_r = slot_cost * (slots of r's own experts not in R, from every rank + slots r routes to experts in R)
+//   moved_r   = max(slots r sends to other ranks' experts not in R, slots r's experts not in R get from others)
+//   copied_r  = max(owned_r * (W - 1), |R| - owned_r), owned_r = |{e in R : owner(e) = r}|
+//   step(R)   = max_r compute_r + row_cost * max_r moved_r + expert_cost * max_r copied_r
+// slot_cost: one slot row through an expert, forward and backward; row_cost: one row to another rank and back,
+// forward and backward; expert_cost: one expert's weights over one link and their gradients back (an owner sends
+// each copy to the W - 1 other ranks, each rank receives the copies it does not own; the ranks' links work in
+// parallel, so the busiest counts). Greedy: starting from R = {}, add the expert whose copy lowers step(R) most
+// (the lower id on a tie), while that lowers it by more than 1% and R holds fewer than max_experts. Every rank
+// computes the same R from the same loads: the loads are integers and the arithmetic is done in one fixed order.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fastmoe {
+
+struct ReplicationCosts {
+  double slot_cost = 0.0;    // seconds per slot row of expert compute (forward + backward)
+  double row_cost = 0.0;     // seconds per row moved to another rank and back (forward + backward)
+  double expert_cost = 0.0;  // seconds to move one expert's weights over one link and its gradients back
+};
+
+// load: [world * num_experts] int64 row-major, load[s * num_experts + e] >= 0; num_experts = world * num_local.
+// Returns the replicated global expert ids in ascending order (empty when none helps or max_experts is 0).
+// Throws fastmoe::Error naming the argument on bad sizes, negative loads or negative costs.
+std::vector<int64_t> replication_plan(const int64_t* load, int64_t world, int64_t num_local,
+                                      const ReplicationCosts& costs, int64_t max_experts);
+
+// The modelled step time of replicating `replicated` (the policy's objective, for tests and tools).
+double replication_step_cost(const int64_t* load, int64_t world, int64_t num_local, const ReplicationCosts& costs,
+                             const std::vector<int64_t>& replicated);
+
+}  // namespace fastmoe
