@@ -55,6 +55,15 @@ TORCH_LIBRARY(fastmoe, m) {
   m.def(
       "exchange_hierarchical(Tensor x, int[] send_splits, int[] recv_splits, str group_name, str node_group, "
       "str rail_group, int? out_rows=None) -> Tensor");
+  // Hot-expert replication (docs/distributed.md): weight [num_local, ...] -> the weights of the global experts
+  // `experts` (ascending) on every rank, [len(experts), ...], each from its owner (rank id // num_local of the
+  // group; "" = one process). A collective; the backward sums each copy's gradient back into the owner's weight.
+  m.def("replicate_experts(Tensor weight, int[] experts, int num_local, str group_name) -> Tensor");
+  // The replication policy (csrc/ref/replication.h) on load [W, W * num_local] (slots per source rank and global
+  // expert) with its three costs in seconds: the experts to copy, ascending.
+  m.def(
+      "plan_replication(Tensor load, int num_local, float slot_cost, float row_cost, float expert_cost, "
+      "int max_experts) -> int[]");
   // Raises ValueError on every rank of the group when the configuration (values named by names) differs between
   // ranks, naming each difference (csrc/runtime/communicator.h). A collective, bounded by FASTMOE_COMM_TIMEOUT.
   m.def("check_same_config(str group_name, str[] names, str[] values, str what) -> ()");

@@ -71,7 +71,7 @@ bool debug_enabled() {
 TokenDispatch::TokenDispatch(const at::Tensor& x_in, const at::Tensor& topk_idx, const at::Tensor& topk_score,
                              int64_t num_local, int64_t world, std::string group_name, int64_t chunks,
                              bool cast_to_autocast, std::string debug_name, std::string node_group,
-                             std::string rail_group)
+                             std::string rail_group, Replication replication)
     : num_local_(num_local),
       world_(world),
       group_(std::move(group_name)),
@@ -93,6 +93,10 @@ TokenDispatch::TokenDispatch(const at::Tensor& x_in, const at::Tensor& topk_idx,
   TORCH_CHECK(topk_score.defined() && topk_score.sizes() == topk_idx.sizes(), "topk_score must have the shape of ",
               "topk_idx ", topk_idx.sizes(), ", got ",
               topk_score.defined() ? shape_of(topk_score) : std::string("an undefined tensor"));
+  TORCH_CHECK(replication.max_experts >= 0, "replicate_max must be >= 0, got ", replication.max_experts);
+  TORCH_CHECK(replication.max_experts == 0 || !group_.empty(),
+              "hot-expert replication needs expert parallelism (group_name), got replicate_max=",
+              replication.max_experts, " on one process");
   num_tokens_ = x_in.size(0);
   if (!debug_name_.empty() && debug_enabled()) check_routing(topk_idx, topk_score);
   const at::Tensor x = cast_to_autocast ? autocast_rows(x_in) : x_in;
@@ -119,7 +123,10 @@ TokenDispatch::TokenDispatch(const at::Tensor& x_in, const at::Tensor& topk_idx,
     chunks_[c].begin = num_tokens_ * c / chunks;
     chunks_[c].end = num_tokens_ * (c + 1) / chunks;
   }
-  expert_parallel(x, topk_idx, topk_score);
+  // With copies of hot experts, their slots stay here (replica_rows) and the exchanges carry the others.
+  const at::Tensor routed_idx = replication.max_experts > 0 ? replicate_hot(x, topk_idx, replication) : topk_idx;
+  if (!replicated_.empty()) topk_score_ = topk_score;
+  expert_parallel(x, routed_idx, topk_score);
 }
 
 // Expert parallelism (docs/distributed.md): each token row travels once to every rank that owns one of its experts,
@@ -140,7 +147,8 @@ void TokenDispatch::expert_parallel(const at::Tensor& x, const at::Tensor& topk_
     outgoing_per_chunk[c] = counts.view({world, local + 1});
   }
   const at::Tensor outgoing = at::stack(outgoing_per_chunk, 1);  // [W, n, local + 1]
-  routed_counts_ = outgoing.slice(2, 0, local).sum(1).flatten();
+  // the gate's load; replicate_hot set it from the full routing already
+  if (!routed_counts_.defined()) routed_counts_ = outgoing.slice(2, 0, local).sum(1).flatten();
   std::vector<ops::Plan> rank_plans;
   for (int64_t c = 0; c < n; ++c) rank_plans.push_back(ops::make_plan(token_ranks[c], world));
   // The rows' dtype, width and the chunk count travel with the counts, so ranks whose layers differ in them raise
@@ -286,7 +294,11 @@ at::Tensor TokenDispatch::combine() {
     }
     ys.push_back(ops::unpermute_combine(c.output, c.sorted_pair, c.pair_pos, std::nullopt));
   }
-  return ys.size() == 1 ? ys[0] : at::cat(ys);
+  const at::Tensor y = ys.size() == 1 ? ys[0] : at::cat(ys);
+  if (replicated_.empty()) return y;
+  TORCH_CHECK(replicas_.output.defined(), "combine() needs the copies' output (call give_replicas) for the ",
+              replicated_.size(), " replicated experts");
+  return y + ops::unpermute_combine(replicas_.output, replicas_.sorted_pair, replicas_.pair_pos, topk_score_);
 }
 
 // Debug mode. The message ends the way fastmoe.debug.raising_non_finite (python/fastmoe/debug.py) recognises to
@@ -323,12 +335,22 @@ void TokenDispatch::check_routing(const at::Tensor& topk_idx, const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(fastmoe, m) {
   m.class_<TokenDispatch>("TokenDispatch")
-      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, std::string, int64_t, bool, std::string,
-                       std::string, std::string>(),
+      .def(torch::init([](const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_score,
+                          int64_t num_local, int64_t world, std::string group_name, int64_t chunks,
+                          bool cast_to_autocast, std::string debug_name, std::string node_group, std::string rail_group,
+                          int64_t replicate_max, int64_t expert_params, int64_t param_bytes, double gemm_flops,
+                          double link_bytes) {
+             return c10::make_intrusive<TokenDispatch>(
+                 x, topk_idx, topk_score, num_local, world, std::move(group_name), chunks, cast_to_autocast,
+                 std::move(debug_name), std::move(node_group), std::move(rail_group),
+                 Replication{replicate_max, expert_params, param_bytes, gemm_flops, link_bytes});
+           }),
            "",
            {torch::arg("x"), torch::arg("topk_idx"), torch::arg("topk_score"), torch::arg("num_local"),
             torch::arg("world"), torch::arg("group_name"), torch::arg("chunks"), torch::arg("cast_to_autocast"),
-            torch::arg("debug_name"), torch::arg("node_group") = "", torch::arg("rail_group") = ""})
+            torch::arg("debug_name"), torch::arg("node_group") = "", torch::arg("rail_group") = "",
+            torch::arg("replicate_max") = 0, torch::arg("expert_params") = 0, torch::arg("param_bytes") = 4,
+            torch::arg("gemm_flops") = 0.0, torch::arg("link_bytes") = 0.0})
       .def("num_chunks", &TokenDispatch::num_chunks)
       .def("rows", &TokenDispatch::rows)
       .def("expert_counts", &TokenDispatch::expert_counts)
@@ -338,6 +360,12 @@ TORCH_LIBRARY_FRAGMENT(fastmoe, m) {
       .def("enter", &TokenDispatch::enter)
       .def("leave", &TokenDispatch::leave)
       .def("give", &TokenDispatch::give)
+      .def("replicated", &TokenDispatch::replicated)
+      .def("replica_rows", &TokenDispatch::replica_rows)
+      .def("replica_counts", &TokenDispatch::replica_counts)
+      .def("replica_offsets", &TokenDispatch::replica_offsets)
+      .def("replica_bounds", &TokenDispatch::replica_bounds)
+      .def("give_replicas", &TokenDispatch::give_replicas)
       .def("combine", &TokenDispatch::combine);
 }
 

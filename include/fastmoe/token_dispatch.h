@@ -14,7 +14,8 @@
 // events and keeps the tensors alive for the streams that use them (docs/distributed.md, "Overlap").
 //
 // Python: torch.classes.fastmoe.TokenDispatch(x, topk_idx, topk_score, num_local, world, group_name, chunks,
-// cast_to_autocast, debug_name, node_group="", rail_group=""), with the methods below (docs/ops.md, "Token path").
+// cast_to_autocast, debug_name, node_group="", rail_group="", replicate_max=0, expert_params=0, param_bytes=4,
+// gemm_flops=0.0, link_bytes=0.0), with the methods below (docs/ops.md, "Token path").
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -35,6 +36,19 @@ namespace fastmoe {
 // torch.ops.fastmoe.check_finite, which fastmoe.debug.check_finite turns into NonFiniteError.
 void check_finite(const at::Tensor& t, const std::string& owner, const std::string& what);
 
+// Hot-expert replication for one forward (docs/distributed.md, "Hot-expert replication"). With max_experts > 0
+// under expert parallelism the ranks gather each other's slots per global expert (one small exchange and a host
+// read), run the policy of csrc/ref/replication.h on them, and each rank then computes its own slots of the chosen
+// experts itself, with copies of their weights (ops::replicate_experts, whose backward sums the copies' gradients
+// back into the owner's), instead of sending those rows to the owners. The policy's costs come from these numbers.
+struct Replication {
+  int64_t max_experts = 0;    // experts copied per forward at most; 0: off
+  int64_t expert_params = 0;  // parameters of one expert: 6 * expert_params FLOPs per row, forward and backward
+  int64_t param_bytes = 4;    // bytes per parameter as copied
+  double gemm_flops = 0.0;    // the experts' GEMM rate, FLOP/s; 0: kDefaultGemmFlops for the rows' device
+  double link_bytes = 0.0;    // bytes/s from one rank to each other; 0: kDefaultLinkBytes for the rows' device
+};
+
 class TokenDispatch : public torch::CustomClassHolder {
  public:
   // x [T, width] (the rows the experts get), topk_idx [T, k] int64 global expert ids (-1 = empty slot), topk_score
@@ -45,10 +59,11 @@ class TokenDispatch : public torch::CustomClassHolder {
   // op would cast them anyway; fp64 rows stay). debug_name: with debug mode on (fastmoe/debug.h), the routing
   // and the experts' outputs are checked and errors name this layer. node_group and rail_group (both or neither):
   // the row exchanges are hierarchical over these sub-groups of group_name (ops::exchange_hierarchical,
-  // docs/distributed.md), with results equal to the flat exchange's bit for bit.
+  // docs/distributed.md), with results equal to the flat exchange's bit for bit. replication: see Replication.
   TokenDispatch(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_score, int64_t num_local,
                 int64_t world = 1, std::string group_name = "", int64_t chunks = 1, bool cast_to_autocast = false,
-                std::string debug_name = "", std::string node_group = "", std::string rail_group = "");
+                std::string debug_name = "", std::string node_group = "", std::string rail_group = "",
+                Replication replication = {});
 
   int64_t num_chunks() const { return static_cast<int64_t>(chunks_.size()); }
   // The rows chunk c's local experts must process, grouped by local expert: [N_c, width]. On one process N_c is
@@ -70,7 +85,19 @@ class TokenDispatch : public torch::CustomClassHolder {
   // The experts' output for chunk c: [N_c, width_out] in the order of rows(c). Under expert parallelism this sends
   // the weighted partial sums back right away (on the chunk's stream).
   void give(int64_t chunk, const at::Tensor& y);
-  // y [T, width_out]: each token's slots summed, weighted by its scores. Needs every chunk's output.
+  // Hot-expert replication: the global ids of the experts copied this forward (ascending; empty when replication
+  // is off or the policy copied none), the rows of this rank's slots that the copies must process, grouped by
+  // copy in the order of replicated() ([N_r, width], exactly the routed slots), their counts and offsets [m] and
+  // [m + 1] (device), the same offsets on the host, and give_replicas for the copies' output [N_r, width_out].
+  std::vector<int64_t> replicated() const { return replicated_; }
+  at::Tensor replica_rows() const;
+  at::Tensor replica_counts() const;
+  at::Tensor replica_offsets() const;
+  std::vector<int64_t> replica_bounds() const;
+  void give_replicas(const at::Tensor& y);
+
+  // y [T, width_out]: each token's slots summed, weighted by its scores. Needs every chunk's output (and the
+  // copies' output when replicated() is not empty).
   at::Tensor combine();
 
  private:
@@ -84,7 +111,16 @@ class TokenDispatch : public torch::CustomClassHolder {
     std::vector<int64_t> bounds;  // empty until known
     at::Tensor output;            // give(): experts' output (one process) or what came back (expert parallel)
   };
+  // The copies' share of the token path: their slots as one process runs them.
+  struct Replicas {
+    at::Tensor sorted_pair, pair_pos, rows, counts, offsets;
+    std::vector<int64_t> bounds;
+    at::Tensor output;
+  };
   const Chunk& chunk_at(int64_t chunk) const;
+  // Gathers the loads, runs the policy and plans the copies' rows; returns topk_idx without the copied slots.
+  at::Tensor replicate_hot(const at::Tensor& x, const at::Tensor& topk_idx, const Replication& replication);
+  const Replicas& replicas_checked() const;
   void check_routing(const at::Tensor& topk_idx, const at::Tensor& topk_score) const;
   void expert_parallel(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_score);
   // The row exchange over group_ (ops::exchange), or its hierarchical form when node_group_ is set.
@@ -94,9 +130,11 @@ class TokenDispatch : public torch::CustomClassHolder {
   std::string group_;
   std::string node_group_, rail_group_;  // both empty: the flat exchange
   std::string debug_name_;
-  at::Tensor topk_score_;  // one process: the combine's weights
+  at::Tensor topk_score_;  // one process, and the copies' slots: the combine's weights
   at::Tensor routed_counts_;
   std::vector<Chunk> chunks_;
+  std::vector<int64_t> replicated_;
+  Replicas replicas_;
   std::optional<c10::Stream> caller_stream_;  // the stream current at construction (CUDA, chunks > 1)
   std::optional<c10::Stream> entered_from_;   // the stream enter() replaced
 };

@@ -9,6 +9,12 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def non_negative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
 def top_k_in_range(top_k, num_experts_total: int) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts_total:
         raise ValueError(f"top_k must be an int in [1, num_expert * world_size = {num_experts_total}], got {top_k!r}")

@@ -7,6 +7,7 @@ from fastmoe import _fastmoe_api as _api
 from fastmoe._fastmoe_api import mark_module_parallel_comm  # noqa: F401  (FastMoE's fmoe.layers has it)
 from fastmoe.balance import BalanceRecord, read_records
 from fastmoe.gates import NaiveGate
+from fastmoe.linear import _local
 
 # The token path (fastmoe::TokenDispatch, include/fastmoe/token_dispatch.h), registered when fastmoe._C loads.
 _TokenDispatch = torch.classes.fastmoe.TokenDispatch
@@ -52,6 +53,14 @@ class FMoE(nn.Module):
             several of its ranks on each). Default ``"flat"``: the hierarchical exchange has not yet run over NCCL
             on several nodes. The result is the same bit for bit (docs/distributed.md, "Hierarchical
             exchange").
+        ep_replicate: with expert parallelism and fused experts, hot-expert replication: each forward, copy up to
+            this many experts to every rank where a cost model finds it cheaper than moving their tokens; each rank
+            then computes its own tokens' slots of a copied expert, and the copies' gradients are summed back into
+            the owner's weights (docs/distributed.md, "Hot-expert replication"). ``0`` (default): off. The result
+            equals the layer without copies within the numerics policy (the slots are added in another order).
+        ep_replicate_rates: ``(gemm_flops, link_bytes)``, the experts' GEMM rate in FLOP/s and the bytes/s a rank
+            sends to each other rank, for the cost model; ``None``: defaults for the device (H200 over NVLink on
+            CUDA).
 
     The per-expert module loop reads the expert counts on the host once per forward; fused experts do not. A
     subclass may override ``expert_fn(inp, fwd_expert_count, expert_offsets)``, or FastMoE's two-parameter form,
@@ -79,6 +88,8 @@ class FMoE(nn.Module):
         ep_chunks: int = 1,
         ep_exchange: str = "flat",
         ep_local_size: int | None = None,
+        ep_replicate: int = 0,
+        ep_replicate_rates: tuple | None = None,
     ):
         super().__init__()
         num_expert = _api.num_expert_for(num_expert, expert)
@@ -112,7 +123,15 @@ class FMoE(nn.Module):
         self.ep_local_size = _groups.resolve_ep_exchange(self.moe_group, ep_exchange, ep_local_size)
         self.ep_exchange = "flat" if self.ep_local_size is None else "hierarchical"
         self._ep_subgroups = ("", "")  # names of the hierarchical exchange's node and rail groups
+        self.ep_replicate = _checks.non_negative_int("ep_replicate", ep_replicate)
+        self.ep_replicate_rates = _replicate_rates(ep_replicate_rates)
+        if self.ep_replicate and self.moe_group is None:
+            raise ValueError(
+                f"ep_replicate={ep_replicate} copies experts between the ranks of expert parallelism, but this layer "
+                "has none (world_size=1 and no moe_group)"
+            )
         self.balance_record: BalanceRecord | None = None
+        self.replicated_experts: list = []  # the experts the last forward copied (ep_replicate)
 
         if isinstance(gate, nn.Module):
             self.gate = gate
@@ -132,6 +151,12 @@ class FMoE(nn.Module):
         self.slots_per_token = slots
 
         self.experts_fused = expert is None
+        if self.ep_replicate and not self.experts_fused:
+            raise NotImplementedError(
+                f"ep_replicate={ep_replicate} copies the weights of fused experts (FMoETransformerMLP, or a "
+                f"subclass's self.experts with a leading expert dimension); a module per expert is not supported, got "
+                f"expert={expert!r}"
+            )
         if expert is not None:
             makers = list(expert) if isinstance(expert, (list, tuple)) else [expert] * self.num_expert
             for i, make in enumerate(makers):
@@ -157,6 +182,8 @@ class FMoE(nn.Module):
                     # ranks that disagree would join different sub-groups and exchanges
                     "ep_exchange": self.ep_exchange,
                     "ep_local_size": self.ep_local_size,
+                    # ranks that disagree would gather loads on some ranks only
+                    "ep_replicate": self.ep_replicate,
                     # the rows would differ in size; a later .to() on one rank is caught by the exchange headers
                     "param_dtype": ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in self.parameters()})),
                 },
@@ -291,8 +318,13 @@ class FMoE(nn.Module):
                 self.expert_input_follows_autocast,
                 debug.name_of(self) if debug.is_debug() else "",
                 *self._ep_subgroups,
+                *self._replication_args(),
             )
             self._record_balance(x.shape[0], topk_idx.numel(), tokens.routed_counts())
+            replicated = tokens.replicated()
+            self.replicated_experts = replicated
+            if replicated:  # first, so the copies' GEMMs run while the chunks' rows travel
+                tokens.give_replicas(self._run_replicas(tokens, replicated))
             for c in range(tokens.num_chunks()):
                 tokens.enter(c)  # the chunk's CUDA stream (expert parallelism with ep_chunks > 1)
                 try:
@@ -305,6 +337,36 @@ class FMoE(nn.Module):
                     tokens.leave(c)
                 tokens.give(c, y)
             return tokens.combine()
+
+    def _replication_args(self) -> tuple:
+        """TokenDispatch's replicate_max, expert_params, param_bytes, gemm_flops, link_bytes."""
+        if not self.ep_replicate:
+            return ()
+        params = [_local(p) for p in self.experts.parameters()]
+        if not params:
+            raise ValueError("ep_replicate needs experts with parameters to copy; self.experts has none")
+        per_expert = sum(p.numel() for p in params) // self.num_expert
+        gemm_flops, link_bytes = self.ep_replicate_rates or (0.0, 0.0)
+        return (self.ep_replicate, per_expert, params[0].element_size(), gemm_flops, link_bytes)
+
+    def _run_replicas(self, tokens, replicated: list) -> torch.Tensor:
+        """The experts in ``replicated`` (global ids), run here on this rank's slots for them: the fused experts'
+        parameters (each ``[num_expert, ...]``) are swapped for copies of those experts' (``ops.replicate_experts``,
+        whose backward sums the gradients back into the owners' parameters) while ``expert_fn`` runs."""
+        group = self.moe_group.group_name
+        copies = {}
+        for name, param in self.experts.named_parameters():
+            local = _local(param)
+            if local.dim() == 0 or local.shape[0] != self.num_expert:
+                raise ValueError(
+                    f"ep_replicate copies experts along the first dimension of each expert parameter, but "
+                    f"experts.{name} has shape {tuple(local.shape)} (expected [num_expert={self.num_expert}, ...])"
+                )
+            copies[name] = ops.replicate_experts(local, replicated, self.num_expert, group)
+        # The parameters are swapped for the call only (torch.func.functional_call's mechanism), so expert_fn and
+        # any override of it run the copies unchanged.
+        with torch.nn.utils.stateless._reparametrize_module(self.experts, copies):
+            return self._run_experts(tokens.replica_rows(), tokens.replica_counts(), tokens.replica_offsets())
 
     # True where the experts' first op follows autocast (FMoETransformerMLP: a grouped GEMM), so the rows may be
     # cast to the autocast dtype before they are permuted or exchanged.
@@ -345,6 +407,18 @@ class FMoE(nn.Module):
             device = param.device if param is not None else None
             return torch.zeros((), device=device)
         return loss
+
+
+def _replicate_rates(rates) -> tuple | None:
+    if rates is None:
+        return None
+    if (
+        not isinstance(rates, (tuple, list))
+        or len(rates) != 2
+        or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates)
+    ):
+        raise ValueError(f"ep_replicate_rates must be (gemm_flops, link_bytes), two positive numbers, got {rates!r}")
+    return (float(rates[0]), float(rates[1]))
 
 
 def _check_gate_matches(gate, num_experts_total: int, d_model: int) -> None:

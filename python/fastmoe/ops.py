@@ -150,3 +150,21 @@ def exchange(x: torch.Tensor, send_splits, recv_splits, group=None, out_rows: in
     ``recv_splits[p]`` rows come in from each rank ``p``, stacked in rank order, then zero rows up to
     ``out_rows``. Differentiable (the backward is the reverse exchange). A collective over ``group``."""
     return _ops.exchange(x, list(send_splits), list(recv_splits), group_name(group), out_rows)
+
+
+def replicate_experts(weight: torch.Tensor, experts, num_local: int, group=None) -> torch.Tensor:
+    """Hot-expert replication's copies: ``weight [num_local, ...]`` holds this rank's experts; returns the weights
+    of the global experts ``experts`` (ascending ids, expert ``g`` owned by rank ``g // num_local`` of ``group``)
+    on every rank, ``[len(experts), ...]``. ``group`` may be a process group or its name. A collective;
+    differentiable: each copy's gradient is summed back into its owner's weight (docs/distributed.md)."""
+    name = group if isinstance(group, str) else group_name(group)
+    return _ops.replicate_experts(weight, list(experts), num_local, name)
+
+
+def plan_replication(
+    load: torch.Tensor, num_local: int, slot_cost: float, row_cost: float, expert_cost: float, max_experts: int
+) -> list:
+    """The replication policy (csrc/ref/replication.h) on ``load [W, W * num_local]``, the slots each rank routes
+    to each global expert, with its costs in seconds (a slot row through an expert, a row moved and back, an
+    expert's weights over one link and back): the experts to copy, ascending."""
+    return _ops.plan_replication(load, num_local, slot_cost, row_cost, expert_cost, max_experts)
