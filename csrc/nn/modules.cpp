@@ -101,10 +101,21 @@ void check_expert_parallel(int64_t world_size, const std::string& group_name, co
 // The routed output of one layer: the gate, then the token path (fastmoe::TokenDispatch, the same object the Python
 // layer uses) around `run_experts(rows, offsets [E_local + 1] on the device, dispatch, chunk)`, which maps the rows
 // of a chunk, grouped by local expert, to [rows, d_out]. Keeps the forward's balance record.
-template <typename RunExperts>
-torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int64_t num_local, int64_t world,
-                                const std::string& group, int64_t chunks, bool cast_to_autocast, const char* name,
-                                GateImpl& gate, BalanceRecord& record, RunExperts&& run_experts) {
+// How the rows travel under expert parallelism: the group, chunks, the hierarchical sub-groups and replication.
+struct Exchange {
+  int64_t world = 1;
+  std::string group;
+  int64_t chunks = 1;
+  std::string node_group, rail_group;
+  Replication replication;
+};
+
+// run_replicas(rows, offsets [m + 1], replicated ids) runs copies of the experts `replicated` (hot-expert
+// replication) on the rows grouped by copy.
+template <typename RunExperts, typename RunReplicas>
+torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int64_t num_local, const Exchange& ex,
+                                bool cast_to_autocast, const char* name, GateImpl& gate, BalanceRecord& record,
+                                RunExperts&& run_experts, RunReplicas&& run_replicas) {
   const torch::Tensor x = token_matrix(input, d_model);
   auto [topk_idx, topk_score] = gate.forward(x);
   // A user-written gate is only known through the interface: its outputs are checked before they index anything.
@@ -112,15 +123,21 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
   TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == x.size(0) && topk_idx.size(1) == slots,
               "the gate returned topk_idx of shape ", topk_idx.sizes(), ", expected [tokens, ",
               slots == gate.top_k() ? "top_k" : "gate.slots_per_token()", "] = [", x.size(0), ", ", slots, "]");
-  auto tokens =
-      c10::make_intrusive<TokenDispatch>(x, topk_idx, topk_score, num_local, world, world > 1 ? group : std::string(),
-                                         chunks, cast_to_autocast, debug_enabled() ? std::string(name) : std::string());
+  const bool parallel = ex.world > 1;
+  auto tokens = c10::make_intrusive<TokenDispatch>(
+      x, topk_idx, topk_score, num_local, ex.world, parallel ? ex.group : std::string(), ex.chunks, cast_to_autocast,
+      debug_enabled() ? std::string(name) : std::string(), parallel ? ex.node_group : std::string(),
+      parallel ? ex.rail_group : std::string(), parallel ? ex.replication : Replication{});
   record = BalanceRecord();
   record.num_tokens = x.size(0);
   record.num_slots = topk_idx.numel();
   record.expert_counts = tokens->routed_counts().detach();
   if (gate.num_dropped().defined()) record.num_dropped = gate.num_dropped().detach();
   for (const auto& term : gate.losses()) record.losses.insert(term.key(), term.value().detach());
+  // The copies first, so their GEMMs run while the chunks' rows travel.
+  if (!tokens->replicated().empty()) {
+    tokens->give_replicas(run_replicas(tokens->replica_rows(), tokens->replica_offsets(), tokens->replicated()));
+  }
   for (int64_t c = 0; c < tokens->num_chunks(); ++c) {
     tokens->enter(c);  // the chunk's CUDA stream (expert parallelism with chunks > 1)
     torch::Tensor y;
@@ -206,10 +223,10 @@ void MoEImpl::make_gate_and_check() {
   gate = register_module("gate", make_gate(options.gate(), options.num_experts() * options.world_size(),
                                            options.d_model(), options.top_k(), options.gate_bias()));
   options.top_k(gate->top_k());
-  check_expert_parallel(
-      options.world_size(), options.group_name(), "MoE",
-      {"num_experts", "d_model", "top_k", "slots_per_token", "ep_chunks"},
-      {options.num_experts(), options.d_model(), options.top_k(), gate->slots_per_token(), options.ep_chunks()});
+  check_expert_parallel(options.world_size(), options.group_name(), "MoE",
+                        {"num_experts", "d_model", "top_k", "slots_per_token", "ep_chunks", "hierarchical"},
+                        {options.num_experts(), options.d_model(), options.top_k(), gate->slots_per_token(),
+                         options.ep_chunks(), !options.node_group().empty()});
 }
 
 void MoEImpl::register_experts() {
@@ -240,13 +257,18 @@ torch::Tensor MoEImpl::run_experts(const torch::Tensor& rows, const std::vector<
 }
 
 torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
-  return route_and_combine(x, options.d_model(), options.num_experts(), options.world_size(), options.group_name(),
-                           options.ep_chunks(), /*cast_to_autocast=*/false, "MoE", *gate, record_,
-                           [&](const torch::Tensor& rows, const torch::Tensor&, TokenDispatch& tokens, int64_t c) {
-                             // The loop over arbitrary modules needs the row ranges on the host (one read on one
-                             // process; known already under expert parallelism).
-                             return run_experts(rows, tokens.expert_bounds(c));
-                           });
+  const Exchange ex{options.world_size(), options.group_name(), options.ep_chunks(),
+                    options.node_group(), options.rail_group(), Replication{}};
+  return route_and_combine(
+      x, options.d_model(), options.num_experts(), ex, /*cast_to_autocast=*/false, "MoE", *gate, record_,
+      [&](const torch::Tensor& rows, const torch::Tensor&, TokenDispatch& tokens, int64_t c) {
+        // The loop over arbitrary modules needs the row ranges on the host (one read on one process; known
+        // already under expert parallelism).
+        return run_experts(rows, tokens.expert_bounds(c));
+      },
+      [](const torch::Tensor&, const torch::Tensor&, const std::vector<int64_t>&) -> torch::Tensor {
+        TORCH_CHECK(false, "MoE copies no experts (hot-expert replication is TransformerMLP's)");
+      });
 }
 
 TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : options(options_) {
@@ -256,11 +278,18 @@ TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : 
   gate = register_module("gate", make_gate(options.gate(), options.num_experts() * options.world_size(),
                                            options.d_model(), options.top_k(), options.gate_bias()));
   options.top_k(gate->top_k());
-  check_expert_parallel(
-      options.world_size(), options.group_name(), "TransformerMLP",
-      {"num_experts", "d_model", "d_hidden", "top_k", "slots_per_token", "activation", "bias", "ep_chunks"},
-      {options.num_experts(), options.d_model(), options.d_hidden(), options.top_k(), gate->slots_per_token(),
-       static_cast<int64_t>(options.activation()), options.bias(), options.ep_chunks()});
+  TORCH_CHECK(options.ep_replicate() >= 0, "ep_replicate must be >= 0, got ", options.ep_replicate());
+  TORCH_CHECK(options.ep_replicate() == 0 || options.world_size() > 1, "ep_replicate=", options.ep_replicate(),
+              " copies experts between the ranks of expert parallelism, but world_size=1");
+  TORCH_CHECK(options.ep_gemm_flops() >= 0 && options.ep_link_bytes() >= 0,
+              "ep_gemm_flops and ep_link_bytes must be >= 0 (0: the device's defaults), got ep_gemm_flops=",
+              options.ep_gemm_flops(), ", ep_link_bytes=", options.ep_link_bytes());
+  check_expert_parallel(options.world_size(), options.group_name(), "TransformerMLP",
+                        {"num_experts", "d_model", "d_hidden", "top_k", "slots_per_token", "activation", "bias",
+                         "ep_chunks", "hierarchical", "ep_replicate"},
+                        {options.num_experts(), options.d_model(), options.d_hidden(), options.top_k(),
+                         gate->slots_per_token(), static_cast<int64_t>(options.activation()), options.bias(),
+                         options.ep_chunks(), !options.node_group().empty(), options.ep_replicate()});
   auto experts = register_module("experts", std::make_shared<torch::nn::Module>());
   const int64_t hidden_rows = options.activation() == Activation::kSwiGLU ? 2 * options.d_hidden() : options.d_hidden();
   // Global expert ids pick the experts' streams: the ranks' experts differ and equal the one-rank layer's.
@@ -272,13 +301,38 @@ TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : 
 }
 
 torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {
+  Replication replication;
+  if (options.ep_replicate() > 0) {
+    int64_t params = 0;
+    for (const torch::Tensor& p : {htoh4->weight, htoh4->bias, h4toh->weight, h4toh->bias}) {
+      if (p.defined()) params += p.numel();
+    }
+    replication = Replication{options.ep_replicate(), params / options.num_experts(),
+                              static_cast<int64_t>(htoh4->weight.element_size()), options.ep_gemm_flops(),
+                              options.ep_link_bytes()};
+  }
+  const Exchange ex{options.world_size(), options.group_name(), options.ep_chunks(),
+                    options.node_group(), options.rail_group(), replication};
+  const auto experts = [&](const torch::Tensor& rows, const torch::Tensor& offsets, const GroupedLinearImpl& in,
+                           const GroupedLinearImpl& out, const std::function<torch::Tensor(const torch::Tensor&)>& w) {
+    const auto bias = [&](const torch::Tensor& b) {
+      return b.defined() ? std::optional<torch::Tensor>(w(b)) : std::nullopt;
+    };
+    torch::Tensor h = ops::grouped_linear(rows, offsets, w(in.weight), bias(in.bias));
+    return ops::grouped_linear(apply_activation(h, options.activation()), offsets, w(out.weight), bias(out.bias));
+  };
   // Under autocast the rows are cast before they move: the first grouped GEMM would cast them anyway.
-  return route_and_combine(x, options.d_model(), options.num_experts(), options.world_size(), options.group_name(),
-                           options.ep_chunks(), /*cast_to_autocast=*/true, "TransformerMLP", *gate, record_,
-                           [&](const torch::Tensor& rows, const torch::Tensor& offsets, TokenDispatch&, int64_t) {
-                             torch::Tensor h = htoh4->forward(rows, offsets);
-                             return h4toh->forward(apply_activation(h, options.activation()), offsets);
-                           });
+  return route_and_combine(
+      x, options.d_model(), options.num_experts(), ex, /*cast_to_autocast=*/true, "TransformerMLP", *gate, record_,
+      [&](const torch::Tensor& rows, const torch::Tensor& offsets, TokenDispatch&, int64_t) {
+        return experts(rows, offsets, *htoh4, *h4toh, [](const torch::Tensor& t) { return t; });
+      },
+      [&](const torch::Tensor& rows, const torch::Tensor& offsets, const std::vector<int64_t>& replicated) {
+        // copies of the replicated experts' weights; their gradients flow back to the owners'
+        return experts(rows, offsets, *htoh4, *h4toh, [&](const torch::Tensor& t) {
+          return ops::replicate_experts(t, replicated, options.num_experts(), options.group_name());
+        });
+      });
 }
 
 }  // namespace fastmoe::nn

@@ -26,17 +26,29 @@ struct Layer {
   std::function<torch::Tensor(const torch::Tensor&)> forward;
 };
 
+// How an expert-parallel layer moves its rows beyond the group and the chunks: the hierarchical exchange's
+// sub-groups and hot-expert replication (TransformerMLP only).
+struct Travel {
+  std::string node_group, rail_group;
+  int64_t ep_replicate = 0;
+  double ep_gemm_flops = 0.0, ep_link_bytes = 0.0;
+};
+
 // layer: "transformer_mlp" (GELU), "transformer_mlp_swiglu", or "moe" (the factory constructor; every expert
 // Linear(d_model, d_hidden) -> GELU -> Linear(d_hidden, d_model)); each with the default NaiveGate (with bias) and
 // world_size experts parallel on group_name, cut into ep_chunks chunks.
 Layer build_layer(const std::string& layer, int64_t num_experts, int64_t d_model, int64_t d_hidden, int64_t top_k,
-                  int64_t world_size, const std::string& group_name, int64_t ep_chunks) {
+                  int64_t world_size, const std::string& group_name, int64_t ep_chunks, const Travel& travel = {}) {
   if (layer == "moe") {
+    TORCH_CHECK(travel.ep_replicate == 0,
+                "the C++ MoE has no hot-expert replication, got ep_replicate=", travel.ep_replicate);
     auto options = fastmoe::nn::MoEOptions(num_experts, d_model)
                        .top_k(top_k)
                        .world_size(world_size)
                        .group_name(group_name)
-                       .ep_chunks(ep_chunks);
+                       .ep_chunks(ep_chunks)
+                       .node_group(travel.node_group)
+                       .rail_group(travel.rail_group);
     fastmoe::nn::MoE moe(options, [d_hidden](int64_t d) { return torch::nn::AnyModule(MlpExpert(d, d_hidden)); });
     return {moe.ptr(), [impl = moe.ptr()](const torch::Tensor& x) { return impl->forward(x); }};
   }
@@ -48,7 +60,12 @@ Layer build_layer(const std::string& layer, int64_t num_experts, int64_t d_model
           .top_k(top_k)
           .world_size(world_size)
           .group_name(group_name)
-          .ep_chunks(ep_chunks);
+          .ep_chunks(ep_chunks)
+          .node_group(travel.node_group)
+          .rail_group(travel.rail_group)
+          .ep_replicate(travel.ep_replicate)
+          .ep_gemm_flops(travel.ep_gemm_flops)
+          .ep_link_bytes(travel.ep_link_bytes);
   fastmoe::nn::TransformerMLP mlp(options);
   return {mlp.ptr(), [impl = mlp.ptr()](const torch::Tensor& x) { return impl->forward(x); }};
 }
@@ -60,9 +77,9 @@ Layer build_layer(const std::string& layer, int64_t num_experts, int64_t d_model
 std::vector<at::Tensor> run_layer(const std::string& layer, const at::Tensor& x, const at::Tensor& grad_y,
                                   const std::vector<std::string>& names, const std::vector<at::Tensor>& params,
                                   int64_t num_experts, int64_t d_hidden, int64_t top_k, int64_t world_size,
-                                  const std::string& group_name, int64_t ep_chunks) {
+                                  const std::string& group_name, int64_t ep_chunks, const Travel& travel = {}) {
   TORCH_CHECK(x.dim() >= 1, "x must have shape [..., d_model], got ", x.sizes());
-  Layer built = build_layer(layer, num_experts, x.size(-1), d_hidden, top_k, world_size, group_name, ep_chunks);
+  Layer built = build_layer(layer, num_experts, x.size(-1), d_hidden, top_k, world_size, group_name, ep_chunks, travel);
   built.module->to(x.device(), x.scalar_type());
   auto named = built.module->named_parameters();
   TORCH_CHECK(names.size() == params.size(), "run_layer got ", names.size(), " names but ", params.size(),
@@ -106,7 +123,8 @@ TORCH_LIBRARY(fastmoe_testing, m) {
       initial_parameters);
   m.def(
       "run_layer(str layer, Tensor x, Tensor grad_y, str[] names, Tensor[] params, int num_experts, int d_hidden, "
-      "int top_k, int world_size, str group_name, int ep_chunks) -> Tensor[]");
+      "int top_k, int world_size, str group_name, int ep_chunks, str node_group=\"\", str rail_group=\"\", "
+      "int ep_replicate=0, float ep_gemm_flops=0.0, float ep_link_bytes=0.0) -> Tensor[]");
   m.def(
       "transformer_mlp(Tensor x, Tensor grad_y, str[] names, Tensor[] params, int num_experts, int d_hidden, "
       "int top_k, int world_size, str group_name) -> Tensor[]");
@@ -115,12 +133,14 @@ TORCH_LIBRARY(fastmoe_testing, m) {
 // Implicit autograd: the bodies run above the autograd key, so the modules inside record their graph as usual
 // (and under autocast, which has no kernel here, the ops inside see the caller's autocast state).
 TORCH_LIBRARY_IMPL(fastmoe_testing, CompositeImplicitAutograd, m) {
-  m.impl("run_layer", [](std::string layer, const at::Tensor& x, const at::Tensor& grad_y,
-                         std::vector<std::string> names, std::vector<at::Tensor> params, int64_t num_experts,
-                         int64_t d_hidden, int64_t top_k, int64_t world_size, std::string group_name,
-                         int64_t ep_chunks) {
-    return run_layer(layer, x, grad_y, names, params, num_experts, d_hidden, top_k, world_size, group_name, ep_chunks);
-  });
+  m.impl("run_layer",
+         [](std::string layer, const at::Tensor& x, const at::Tensor& grad_y, std::vector<std::string> names,
+            std::vector<at::Tensor> params, int64_t num_experts, int64_t d_hidden, int64_t top_k, int64_t world_size,
+            std::string group_name, int64_t ep_chunks, std::string node_group, std::string rail_group,
+            int64_t ep_replicate, double ep_gemm_flops, double ep_link_bytes) {
+           return run_layer(layer, x, grad_y, names, params, num_experts, d_hidden, top_k, world_size, group_name,
+                            ep_chunks, Travel{node_group, rail_group, ep_replicate, ep_gemm_flops, ep_link_bytes});
+         });
   // run_layer("transformer_mlp", ...) with one chunk.
   m.impl("transformer_mlp", [](const at::Tensor& x, const at::Tensor& grad_y, std::vector<std::string> names,
                                std::vector<at::Tensor> params, int64_t num_experts, int64_t d_hidden, int64_t top_k,

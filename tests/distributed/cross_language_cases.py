@@ -41,10 +41,13 @@ def randomize_(module: nn.Module, seed: int) -> None:
             param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64).mul_(0.4))
 
 
-def python_layer(layer: str, num_local: int, dtype, device, world_size: int = 1, ep_chunks: int = 1, seed: int = 0):
+def python_layer(
+    layer: str, num_local: int, dtype, device, world_size: int = 1, ep_chunks: int = 1, seed: int = 0, **travel
+):
     """The Python layer of ``layer`` with random parameters: the gate from ``seed`` (alike on every rank), the
-    experts from ``seed`` and the expert-parallel rank (different on every rank)."""
-    kwargs = {"top_k": TOP_K, "world_size": world_size, "ep_chunks": ep_chunks}
+    experts from ``seed`` and the expert-parallel rank (different on every rank). ``travel``: FMoE's ep_exchange,
+    ep_local_size, ep_replicate and ep_replicate_rates."""
+    kwargs = {"top_k": TOP_K, "world_size": world_size, "ep_chunks": ep_chunks, **travel}
     if layer == "moe":
         module = fastmoe.FMoE(num_local, D_MODEL, expert=mlp_expert, **kwargs)
     else:
@@ -82,6 +85,9 @@ def compare(layer: str, module: nn.Module, x, grad_y, group_name: str = "", labe
         module.world_size,
         group_name,
         module.ep_chunks,
+        *module._ep_subgroups,  # the hierarchical exchange's sub-groups, or ("", "")
+        module.ep_replicate,
+        *(module.ep_replicate_rates or (0.0, 0.0)),
     )
     module.zero_grad(set_to_none=True)
     x_py = x.detach().clone().requires_grad_(True)
@@ -114,3 +120,30 @@ def expert_parallel(rank, world, backend, lib_path, layer, cases):
         label = f"rank {rank} {layer} {dtype} ep_chunks={ep_chunks} tokens={tokens}: "
         compared += compare(layer, module, x, grad_y, group, label)
     return compared
+
+
+def hierarchical_and_replicated(rank, world, backend, lib_path):
+    """On every rank of W = 4: the layers with the hierarchical exchange (nodes of 2 ranks; TransformerMLP and MoE)
+    and TransformerMLP with hot-expert replication under a skewed router (expert 0 first for every token) against
+    their C++ counterparts given the same sub-groups and replication settings, bitwise. Returns the number of
+    tensors compared and the experts the replicated layer copied."""
+    torch.ops.load_library(lib_path)
+    device = device_for(rank, backend)
+    group = dist.group.WORLD.group_name
+    gen = make_generator(300 + rank)
+    tokens = [12, 5, 0, 9][rank]  # rank 2 has no tokens
+    x = torch.randn(tokens, D_MODEL, generator=gen, dtype=torch.float64).to(device)
+    grad_y = torch.randn(tokens, D_MODEL, generator=gen, dtype=torch.float64).to(device)
+    compared = 0
+    for layer in ("transformer_mlp", "moe"):
+        module = python_layer(
+            layer, 2, torch.float64, device, world, seed=10, ep_exchange="hierarchical", ep_local_size=2
+        )
+        compared += compare(layer, module, x, grad_y, group, f"rank {rank} {layer} hierarchical: ")
+    module = python_layer(
+        "transformer_mlp", 2, torch.float64, device, world, seed=10, ep_replicate=2, ep_replicate_rates=(1e9, 1e12)
+    )
+    with torch.no_grad():
+        module.gate.gate.bias[0] += 50.0
+    compared += compare("transformer_mlp", module, x, grad_y, group, f"rank {rank} replicated: ")
+    return compared, module.replicated_experts

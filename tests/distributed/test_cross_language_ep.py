@@ -30,3 +30,13 @@ def test_expert_parallel_python_layer_equals_cpp_module_bitwise(backend, layer):
     # y, grad_x and every parameter's gradient (TransformerMLP: 6 parameters; MoE: the gate's 2, 4 per expert)
     per_case = 2 + (6 if layer != "moe" else 2 + 2 * 4)
     assert compared == [len(CASES) * per_case] * 2
+
+
+@pytest.mark.parametrize("backend", backends(4))
+def test_hierarchical_exchange_and_replication_python_layer_equals_cpp_module_bitwise(backend):
+    results = run(4, backend, cross_language_cases.hierarchical_and_replicated, NN_TESTING_LIB)
+    # TransformerMLP 2 + 6 tensors, twice; MoE 2 + 2 + 2 * 4
+    assert [compared for compared, _ in results] == [8 + 12 + 8] * 4
+    copied = results[0][1]
+    assert 0 in copied, f"the skewed router's hot expert 0 was not copied: {copied}"
+    assert all(c == copied for _, c in results), "the ranks copied different experts"

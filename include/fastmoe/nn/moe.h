@@ -67,6 +67,9 @@ struct MoEOptions {
   // streams, so one chunk's all-to-all overlaps another chunk's experts (fastmoe.FMoE's ep_chunks). The result does
   // not depend on it.
   TORCH_ARG(int64_t, ep_chunks) = 1;
+  // Expert parallelism: the hierarchical exchange, as TransformerMLPOptions' node_group and rail_group.
+  TORCH_ARG(std::string, node_group) = "";
+  TORCH_ARG(std::string, rail_group) = "";
 };
 
 // An MoE layer over arbitrary expert modules: each expert is any module whose forward takes the [rows, d_model]
@@ -131,6 +134,19 @@ struct TransformerMLPOptions {
   // streams, so one chunk's all-to-all overlaps another chunk's experts (fastmoe.FMoE's ep_chunks). The result does
   // not depend on it.
   TORCH_ARG(int64_t, ep_chunks) = 1;
+  // Expert parallelism: the hierarchical exchange over these two sub-groups of group_name, both or neither
+  // (fastmoe.FMoE's ep_exchange="hierarchical"; docs/distributed.md, "Hierarchical exchange"): node_group holds
+  // this rank's node, rail_group the ranks of its local index on every node (Python's
+  // fastmoe._groups.hierarchical_groups makes both). The result is the flat exchange's, bit for bit.
+  TORCH_ARG(std::string, node_group) = "";
+  TORCH_ARG(std::string, rail_group) = "";
+  // Expert parallelism: hot-expert replication (fastmoe.FMoE's ep_replicate and ep_replicate_rates; docs/
+  // distributed.md, "Hot-expert replication"): each forward, copy up to ep_replicate experts to every rank where
+  // the cost model finds it cheaper than moving their tokens. ep_gemm_flops and ep_link_bytes are the model's rates
+  // (FLOP/s of the experts' GEMMs, bytes/s from one rank to another; 0: the device's defaults).
+  TORCH_ARG(int64_t, ep_replicate) = 0;
+  TORCH_ARG(double, ep_gemm_flops) = 0.0;
+  TORCH_ARG(double, ep_link_bytes) = 0.0;
 };
 
 // The Transformer FFN with fused experts: h4toh(act(htoh4(x))) as grouped GEMMs. Parameter names match
