@@ -3,6 +3,8 @@
     torchrun --standalone --nproc-per-node W benchmarks/bench_ep.py [--config mixtral fine paper] [--out F]
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_ep.py --device cpu --tiny     # gloo, for tests
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_ep.py --config fine --profile /tmp/prof  # where time goes
+    torchrun --standalone --nproc-per-node 4 benchmarks/bench_ep.py --ep-exchange hierarchical --ep-local-size 2
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_ep.py --config mixtral paper --replicate 2 --skew 0.5
 
 Every rank holds T tokens and E_local experts, the same at every W (weak scaling), so the layer has
 W * E_local experts and each token's k slots go to any rank. Both methods run the expert-parallel code path at
@@ -25,6 +27,15 @@ per-rank medians. TFLOP/s per GPU counts the two expert GEMMs of the T*k rows a 
 (3 * 4 * T * k * d * h for fwd+bwd) over that time; ``pct_dense`` is that over a dense 8192^3 bf16 matmul
 measured in the same process. ``peak_gib`` is the maximum over ranks of the peak memory above the parameters.
 Rank 0 appends one JSON line per (config, method) to ``--out``.
+
+Variants of fastmoe's layer: ``--ep-chunks n`` (chunked overlap), ``--ep-exchange hierarchical --ep-local-size L``
+(the two-level exchange over nodes of L ranks, forced on one host; the line records the exchange the layer runs,
+flat on a one-rank group), ``--replicate n`` (``ep_replicate=n``, hot-expert replication; ``copies`` is the mean
+number of experts fastmoe copied per timed step). ``--skew F`` skews the router of both methods alike: after the
+weights are built, the gate's bias of global expert 0 is raised (the same value on every rank, in the run's dtype)
+by the amount that puts expert 0 among the top k of a fraction F*k of all ranks' tokens, so that a fraction F of
+all slots go to it (F <= 1/k: a token picks an expert once). ``hot_share`` records the fraction of slots each
+method's own gate sent to expert 0 (without ``--skew``, the share the gate as built gives it).
 """
 
 import argparse
@@ -110,9 +121,10 @@ def _gather_floats(value: float) -> list:
 _COMM_DEVICE = torch.device("cpu")
 
 
-def build_layers(cfg: dict, world: int, device, dtype, ep_chunks: int = 1):
+def build_layers(cfg: dict, world: int, device, dtype, ep_chunks: int = 1, **layer_args):
     """fastmoe's EP layer and the baseline with the same weights: the gate from a fixed seed (the same on every
-    rank), each rank's experts from a seed of its own."""
+    rank), each rank's experts from a seed of its own. ``layer_args`` go to fastmoe's layer (ep_exchange,
+    ep_local_size, ep_replicate)."""
     rank = dist.get_rank()
     torch.manual_seed(1234)
     fm = fastmoe.FMoETransformerMLP(
@@ -124,6 +136,7 @@ def build_layers(cfg: dict, world: int, device, dtype, ep_chunks: int = 1):
         world_size=world,
         moe_group=dist.group.WORLD,
         ep_chunks=ep_chunks,
+        **layer_args,
     )
     torch.manual_seed(5678 + rank)
     fm.experts.htoh4.reset_parameters()
@@ -131,6 +144,46 @@ def build_layers(cfg: dict, world: int, device, dtype, ep_chunks: int = 1):
     base = EPBaselineMLP(cfg["E_local"], cfg["d"], cfg["h"], top_k=cfg["k"])
     base.load_state_dict(fm.state_dict())
     return fm.to(device=device, dtype=dtype), base.to(device=device, dtype=dtype)
+
+
+def _all_gather_floats(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``values [n]`` (the same n on every rank), stacked by rank, in float64 on the host."""
+    mine = values.detach().to(device=_COMM_DEVICE, dtype=torch.float64)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return torch.cat(parts).cpu()
+
+
+@torch.no_grad()
+def skew_router(fm, base, x, skew: float, k: int) -> None:
+    """Raises the gate bias of global expert 0 in both layers by the same amount ``b``, chosen so that expert 0
+    is among the top k of a fraction ``skew * k`` of all ranks' tokens, i.e. gets a fraction ``skew`` of all slots.
+    A token takes expert 0 iff its logit plus ``b`` beats the k-th largest of the other experts' logits, so ``b`` is
+    the matching quantile of that margin over every rank's tokens (gathered; the same ``b`` on every rank). The
+    bias is in the run's dtype, so the share is met up to its rounding; ``hot_share`` measures it."""
+    logits = fm.gate.gate(x).float()
+    margin = logits[:, 1:].topk(k, dim=-1).values[:, -1] - logits[:, 0]
+    margins = _all_gather_floats(margin).sort().values
+    n, total = round(skew * k * margins.numel()), margins.numel()
+    spread = (margins[-1] - margins[0]).item()
+    if n >= total:
+        b = margins[-1].item() + 0.05 * spread + 1e-3
+    elif n == 0:
+        b = margins[0].item() - 0.05 * spread - 1e-3
+    else:
+        b = (margins[n - 1].item() + margins[n].item()) / 2
+    fm.gate.gate.bias[0] += b
+    base.gate.gate.bias.copy_(fm.gate.gate.bias)
+
+
+@torch.no_grad()
+def hot_shares(fm, base, x, k: int) -> dict:
+    """The fraction of all ranks' slots that each method's own gate sends to global expert 0."""
+    fm_idx = fm.gate(x)[0]
+    base_idx, _ = route(x, base.gate.gate.weight, base.gate.gate.bias, k)
+    hot = [(fm_idx == 0).sum().item(), (base_idx == 0).sum().item(), fm_idx.numel()]
+    fm_hot, base_hot, slots = _all_ranks(hot, dist.ReduceOp.SUM)
+    return {"fastmoe": round(fm_hot / slots, 4), "ep_baseline": round(base_hot / slots, 4)}
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -172,10 +225,16 @@ def check_agreement(fm, base, x, grad_out, dtype) -> dict:
 
 def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
     world, rank = dist.get_world_size(), dist.get_rank()
-    fm, base = build_layers(cfg, world, device, dtype, args.ep_chunks)
+    layer_args = dict(ep_replicate=args.replicate)
+    if args.ep_exchange != "flat":
+        layer_args.update(ep_exchange=args.ep_exchange, ep_local_size=args.ep_local_size)
+    fm, base = build_layers(cfg, world, device, dtype, args.ep_chunks, **layer_args)
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(cfg["T"], cfg["d"], generator=gen).to(device=device, dtype=dtype).requires_grad_()
     grad_out = torch.randn(cfg["T"], cfg["d"], generator=gen).to(device=device, dtype=dtype)
+    if args.skew > 0:
+        skew_router(fm, base, x, args.skew, cfg["k"])
+    hot = hot_shares(fm, base, x, cfg["k"])
     check = check_agreement(fm, base, x, grad_out, dtype)
 
     flops = 3 * 4 * cfg["T"] * cfg["k"] * cfg["d"] * cfg["h"]
@@ -185,6 +244,10 @@ def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
         **cfg,
         "dtype": args.dtype,
         "ep_chunks": args.ep_chunks,
+        "ep_exchange": fm.ep_exchange,
+        "ep_local_size": fm.ep_local_size,
+        "replicate": args.replicate,
+        "skew": args.skew,
         "backend": dist.get_backend(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -203,9 +266,13 @@ def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
             for p in params:
                 p.grad = None
 
-        def step(layer=layer, clear_grads=clear_grads):
+        copies = []  # experts fastmoe copied in each step (ep_replicate)
+
+        def step(layer=layer, clear_grads=clear_grads, copies=copies if impl == "fastmoe" else None):
             clear_grads()
             layer(x).backward(grad_out)
+            if copies is not None:
+                copies.append(len(layer.replicated_experts))
 
         if impl == "fastmoe":
             fastmoe_step = step  # what --profile runs
@@ -215,6 +282,7 @@ def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
             torch.cuda.reset_peak_memory_stats(device)
             base_mem = torch.cuda.memory_allocated(device)
         times = time_step(step, args.iters, args.warmup, device)
+        timed_copies = copies[-args.iters :]  # the timed steps, after the warm-up ones
         peak = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**30 if device.type == "cuda" else 0.0
         clear_grads()
         median = statistics.median(times)
@@ -231,6 +299,8 @@ def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
                 "tflops_per_gpu": round(tflops, 3 if args.tiny else 1),
                 "pct_dense": None if dense is None else round(100 * tflops / dense, 1),
                 "peak_gib": round(peak_max, 2) if device.type == "cuda" else None,
+                "hot_share": hot[impl],
+                "copies": round(statistics.fmean(timed_copies), 3) if impl == "fastmoe" else None,
             }
         )
     if args.profile is not None:
@@ -276,6 +346,32 @@ def main(argv=None) -> int:
         help="fastmoe's ep_chunks: token chunks whose exchanges overlap each other's experts (default 1)",
     )
     parser.add_argument(
+        "--ep-exchange",
+        choices=("flat", "hierarchical"),
+        default="flat",
+        help="fastmoe's ep_exchange: hierarchical forces the two-level exchange over nodes of --ep-local-size ranks",
+    )
+    parser.add_argument(
+        "--ep-local-size",
+        type=int,
+        default=None,
+        help="ranks per node of the hierarchical exchange (fastmoe's ep_local_size; must divide W); default: the "
+        "launcher's LOCAL_WORLD_SIZE",
+    )
+    parser.add_argument(
+        "--replicate",
+        type=int,
+        default=0,
+        help="fastmoe's ep_replicate: copy up to this many hot experts to every rank per step (default 0: off)",
+    )
+    parser.add_argument(
+        "--skew",
+        type=float,
+        default=0.0,
+        help="send a fraction F in [0, 1) of all slots to global expert 0, in both methods, by raising its gate "
+        "bias (F <= 1/k; default 0: the gate as built, roughly uniform)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -287,6 +383,21 @@ def main(argv=None) -> int:
         parser.error(f"--ep-chunks must be >= 1, got {args.ep_chunks}")
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got --iters {args.iters} --warmup {args.warmup}")
+    if args.replicate < 0:
+        parser.error(f"--replicate must be >= 0 (0: off), got {args.replicate}")
+    if not 0.0 <= args.skew < 1.0:
+        parser.error(f"--skew must be in [0, 1) (the fraction of slots sent to expert 0), got {args.skew}")
+    if args.ep_local_size is not None and args.ep_local_size < 1:
+        parser.error(f"--ep-local-size must be >= 1, got {args.ep_local_size}")
+    if args.ep_local_size is not None and args.ep_exchange != "hierarchical":
+        parser.error(f"--ep-local-size {args.ep_local_size} needs --ep-exchange hierarchical, got {args.ep_exchange}")
+    for name in args.config:
+        k = (TINY if args.tiny else CONFIGS)[name]["k"]
+        if args.skew * k > 1:
+            parser.error(
+                f"--skew {args.skew} asks for that fraction of the slots on expert 0, but a token takes an expert "
+                f"at most once, so the fraction is at most 1/k: config {name} has k={k} (--skew <= {1 / k:.4g})"
+            )
 
     global _COMM_DEVICE
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -324,11 +435,12 @@ def main(argv=None) -> int:
                     for r in results:
                         f.write(json.dumps(r) + "\n")
                 for r in results:
+                    variant = "" if not (args.replicate or args.skew) else f" hot {r['hot_share']} copies {r['copies']}"
                     print(
                         f"{r['config']:12} W={world} {r['impl']:12} {r['ms']:9.3f} ms {r['tflops_per_gpu']:8} "
                         f"TFLOP/s/GPU peak {r['peak_gib']} GiB  fastmoe x{r['fastmoe_speedup']}  "
                         f"rel_err {r['rel_err_vs_fastmoe']} grad {r['grad_rel_err_vs_fastmoe']} "
-                        f"routing {r['routing_agreement']}",
+                        f"routing {r['routing_agreement']}{variant}",
                         flush=True,
                     )
                 print(f"# {name} done in {time.time() - start:.1f}s", file=sys.stderr, flush=True)

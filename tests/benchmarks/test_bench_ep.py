@@ -64,6 +64,53 @@ def test_bench_ep_tiny_cpu_two_ranks(tmp_path):
     assert "| 2 | " in table
 
 
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_bench_ep_replicate_under_skew_cpu_two_ranks(tmp_path):
+    """--skew 0.5 sends half of the slots to expert 0 in both methods; --replicate 2 lets fastmoe copy it."""
+    out = tmp_path / "replicate.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(ROOT / "benchmarks" / "bench_ep.py"), "--device", "cpu", "--tiny", "--dtype", "fp32",
+        "--iters", "2", "--warmup", "1", "--config", "paper", "--out", str(out), "--replicate", "2", "--skew", "0.5",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"bench_ep --replicate 2 --skew 0.5 failed:\n{proc.stdout}\n{proc.stderr}"
+
+    fm, base = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (fm["impl"], base["impl"]) == ("fastmoe", "ep_baseline")
+    for r in (fm, base):
+        assert r["W"] == 2 and r["k"] == 2 and r["replicate"] == 2 and r["skew"] == 0.5, r
+        # each method's own gate sends (about) half of all slots to expert 0: the baseline is skewed alike
+        assert r["hot_share"] >= 0.45, r
+        # the copies change the order in which slots are added only: fastmoe still agrees with the baseline
+        assert r["rel_err_vs_fastmoe"] < 1e-5 and r["grad_rel_err_vs_fastmoe"] < 1e-5, r
+    assert abs(fm["hot_share"] - base["hot_share"]) <= 0.02, (fm["hot_share"], base["hot_share"])
+    assert fm["copies"] > 0, fm  # expert 0, hot, was copied in the timed steps
+    assert base["copies"] is None and fm["ep_exchange"] == "flat"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--skew", "1.5"], "--skew must be in [0, 1) (the fraction of slots sent to expert 0), got 1.5"),
+        (["--skew", "-0.1"], "--skew must be in [0, 1) (the fraction of slots sent to expert 0), got -0.1"),
+        (["--replicate", "-1"], "--replicate must be >= 0 (0: off), got -1"),
+        (["--tiny", "--config", "fine", "--skew", "0.4"], "config fine has k=3 (--skew <= 0.3333)"),
+        (["--ep-local-size", "2"], "--ep-local-size 2 needs --ep-exchange hierarchical, got flat"),
+    ],
+)
+def test_bench_ep_bad_arguments(argv, message, capsys):
+    """Checked before torch.distributed starts: an error naming the argument and its value, exit status 2."""
+    from bench_ep import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def _record(config, w, impl, ms):
     return {
         "config": config, "W": w, "impl": impl, "ms": ms, "tflops_per_gpu": 1.0, "peak_gib": 0.5, "T": 8, "d": 4,
