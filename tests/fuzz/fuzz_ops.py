@@ -780,6 +780,91 @@ def check_finite_case(rng: random.Random, device: str) -> Case:
     return Case(valid_name(name), lambda: F.check_finite(t, "fuzz", "rows"), check)
 
 
+# ----------------------------------------------------------------------------------------------- replication
+
+
+def replicate_experts_case(rng: random.Random, device: str) -> Case:
+    """Hot-expert replication's copies on one process (group "", where the op is a row selection): the copies
+    are the chosen experts' rows bit for bit, in any layout; bad ids and a weight of another expert count are
+    named. tests/distributed/test_replication.py runs the collective."""
+    L, dtype = rng.randint(1, 5), rng.choice(FLOATS)
+    shape = [L] + [rng.randint(1, 4) for _ in range(rng.randint(0, 2))]
+    w = (
+        layout(rng, randn(rng, *shape, dtype=dtype, device=device))
+        if len(shape) == 2
+        else randn(rng, *shape, dtype=dtype, device=device)
+    )
+    experts = sorted(rng.sample(range(L), rng.randint(0, L)))
+    m = pick(rng, ["descending", "out-of-range", "num-local", "valid"])
+    name = f"replicate_experts/{m}"
+    if m == "descending" and len(experts) >= 2:
+        bad = experts[::-1]
+        return Case(name, lambda: F.replicate_experts(w, bad, L, ""), error=(R, "experts", str(bad)))
+    if m == "out-of-range":
+        bad = experts + [L + rng.randint(0, 3)]
+        return Case(name, lambda: F.replicate_experts(w, bad, L, ""), error=(R, "experts", str(bad)))
+    if m == "num-local":
+        bad = L + rng.randint(1, 3)
+        return Case(name, lambda: F.replicate_experts(w, [], bad, ""), error=(R, "num_local", str(bad)))
+
+    def check(out):
+        assert_equal(out, w.contiguous()[experts] if experts else w.new_zeros(0, *shape[1:]), "copies")
+
+    return Case(
+        valid_name(name),
+        lambda: F.replicate_experts(w, experts, L, ""),
+        check,
+        meta_call=lambda: F.replicate_experts(to_meta(w), experts, L, ""),
+    )
+
+
+def plan_replication_case(rng: random.Random, device: str) -> Case:
+    """The replication policy on random loads (one hot expert or none): the plan is ascending, within the cap and
+    among the experts other ranks send slots to; copies that cost more than any saving are never made; a negative
+    load, a load of the wrong shape and a negative cost are named."""
+    world, L = rng.randint(1, 5), rng.randint(1, 3)
+    E = world * L
+    hot = rng.randrange(E)
+    load = torch.tensor(
+        [[rng.randrange(50) + (rng.randrange(2000) if e == hot else 0) for e in range(E)] for _ in range(world)],
+        dtype=torch.int64,
+    )
+    costs = [rng.choice([1e-6, 1e-8]), rng.choice([1e-6, 1e-8]), rng.choice([1e-6, 1e-4])]
+    cap = rng.randint(0, E)
+    m = pick(rng, ["negative", "shape", "cost", "dear", "valid"])
+    name = f"plan_replication/{m}"
+    if m == "negative":
+        bad = load.clone()
+        bad[rng.randrange(world), rng.randrange(E)] = -rng.randint(1, 9)
+        return Case(name, lambda: F.plan_replication(bad, L, *costs, cap), error=(R, "load", "must be >= 0"))
+    if m == "shape":
+        bad = load[:, : E - 1] if E > 1 else load.reshape(1, world, E)
+        return Case(name, lambda: F.plan_replication(bad, L, *costs, cap), error=(R, "load", str(list(bad.shape))))
+    if m == "cost":
+        return Case(
+            name, lambda: F.plan_replication(load, L, costs[0], -1.0, costs[2], cap), error=(R, "row_cost", "-1")
+        )
+    if m == "dear":  # a copy costs more than the whole step without it
+        return Case(
+            valid_name(name),
+            lambda: F.plan_replication(load, L, *costs[:2], 1e3, cap),
+            lambda out: _assert_no_copies(out),
+        )
+
+    def check(out):
+        assert out == sorted(set(out)), f"plan {out} is not ascending without repeats"
+        assert len(out) <= cap, f"plan {out} exceeds max_experts={cap}"
+        for e in out:
+            remote = sum(int(load[s, e]) for s in range(world) if s != e // L)
+            assert remote > 0, f"plan {out} copies expert {e}, which no other rank sends slots to"
+
+    return Case(valid_name(name), lambda: F.plan_replication(load, L, *costs, cap), check)
+
+
+def _assert_no_copies(out):
+    assert out == [], f"copies costing more than the step were made: {out}"
+
+
 GATE_GENERATORS = {
     **{
         name: gate_case(name)
@@ -810,5 +895,7 @@ GENERATORS = {
     "grouped_linear": grouped_linear_case,
     "grouped_linear_backward": grouped_linear_backward_case,
     "capacity_limit": capacity_limit_case,
+    "replicate_experts": replicate_experts_case,
+    "plan_replication": plan_replication_case,
 }
 GENERATORS.update(GATE_GENERATORS)

@@ -433,6 +433,19 @@ def _cases():
             R,
             ("x", "Int"),
         ),
+        # Hot-expert replication: on one process (group "") the copies are a row selection
+        (
+            "replicate_experts-weight-shape",
+            lambda: F.replicate_experts(torch.zeros(3, 4), [0], 2, ""),
+            R,
+            ("weight", "[3, 4]"),
+        ),
+        (
+            "plan_replication-load-shape",
+            lambda: F.plan_replication(torch.zeros(2, 3, dtype=torch.long), 2, 1e-6, 1e-8, 1e-5, 1),
+            R,
+            ("load", "[2, 3]"),
+        ),
         # The gate ops (csrc/ops/gates.cpp); tests/gates/test_gates_formulas.py checks every option of each.
         ("naive_gate-1d-logits", lambda: F.naive_gate(L[0], 2), R, ("logits", f"[{E}]")),
         ("naive_gate-k0", lambda: F.naive_gate(L, 0), ValueError, ("k", "got 0")),

@@ -36,6 +36,10 @@ KNOWN_OPS = {
 COMPOSITE_OPS = {
     "check_same_config",
     "check_finite",
+    # hot-expert replication: the copies are an exchange of selected rows (their autograd and Meta come from those
+    # ops); the policy is host code on a CPU load matrix (tests/distributed/test_replication.py, tests/fuzz)
+    "replicate_experts",
+    "plan_replication",
     "naive_gate",
     "noisy_gate",
     "gshard_gate",
