@@ -1,10 +1,9 @@
 // Expert-parallel exchange: CPU (the group's gloo backend), CUDA (fastmoe's NCCL communicator, see
-// csrc/runtime/communicator.h) and Meta kernels of exchange_counts, exchange and exchange_hierarchical (with the
-// latter's autograd). Both are collectives over the
-// ranks of the process group named group_name; every rank must call them in the same order, which the headers
-// that travel ahead of them check (csrc/runtime/communicator.h).
+// csrc/runtime/communicator.h) and Meta kernels of exchange_counts, exchange and exchange_hierarchical (their
+// autograd is in autograd/exchange.cpp). All are collectives over the ranks of the process group named group_name;
+// every rank must call them in the same order, which the headers that travel ahead of them check
+// (csrc/runtime/communicator.h).
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -168,52 +167,6 @@ at::Tensor exchange_hierarchical_kernel(const at::Tensor& x, c10::IntArrayRef se
   });
 }
 
-// Autograd: the backward is the hierarchical exchange with the splits swapped, back to the input's row count. It
-// moves rows without arithmetic, so the gradient rows arrive bit for bit, as the flat exchange's do.
-class ExchangeHierarchicalFunction : public torch::autograd::Function<ExchangeHierarchicalFunction> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, c10::IntArrayRef send_splits,
-                            c10::IntArrayRef recv_splits, c10::string_view group_name, c10::string_view node_group,
-                            c10::string_view rail_group, std::optional<int64_t> out_rows) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->saved_data["send"] = send_splits.vec();
-    ctx->saved_data["recv"] = recv_splits.vec();
-    ctx->saved_data["groups"] =
-        std::vector<std::string>{std::string(group_name), std::string(node_group), std::string(rail_group)};
-    ctx->saved_data["rows"] = x.size(0);
-    at::Tensor y = ops::exchange_hierarchical(x, send_splits.vec(), recv_splits.vec(), std::string(group_name),
-                                              std::string(node_group), std::string(rail_group), out_rows);
-    ctx->saved_data["out_like"] = at::empty({0, y.size(1)}, y.options());
-    ctx->saved_data["out_rows"] = y.size(0);
-    return y;
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    // Every rank must join the reverse exchange, so an undefined gradient is sent as zeros.
-    at::Tensor grad = grads[0];
-    if (!grad.defined()) {
-      const at::Tensor like = ctx->saved_data["out_like"].toTensor();
-      grad = at::zeros({ctx->saved_data["out_rows"].toInt(), like.size(1)}, like.options());
-    }
-    const auto groups = ctx->saved_data["groups"].toList();
-    // Marked as a backward exchange, so a peer still in a forward (it skipped this backward) raises on both ranks.
-    const runtime::ExchangePhaseGuard phase(runtime::ExchangePhase::kBackwardRows);
-    at::Tensor dx = ops::exchange_hierarchical(grad.contiguous(), ctx->saved_data["recv"].toIntVector(),
-                                               ctx->saved_data["send"].toIntVector(), groups.get(0).toStringRef(),
-                                               groups.get(1).toStringRef(), groups.get(2).toStringRef(),
-                                               ctx->saved_data["rows"].toInt());
-    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-at::Tensor exchange_hierarchical_autograd(const at::Tensor& x, c10::IntArrayRef send_splits,
-                                          c10::IntArrayRef recv_splits, c10::string_view group_name,
-                                          c10::string_view node_group, c10::string_view rail_group,
-                                          std::optional<int64_t> out_rows) {
-  return ExchangeHierarchicalFunction::apply(x, send_splits, recv_splits, group_name, node_group, rail_group, out_rows);
-}
-
 }  // namespace
 
 namespace ops {
@@ -264,11 +217,6 @@ TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
   m.impl("exchange_hierarchical", &exchange_hierarchical_kernel);
 }
 #endif
-
-// The hierarchical exchange's autograd lives beside its kernels (the flat exchange's is in autograd/exchange.cpp).
-TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
-  m.impl("exchange_hierarchical", &exchange_hierarchical_autograd);
-}
 
 // No tensor arguments: one kernel for every backend.
 TORCH_LIBRARY_IMPL(fastmoe, CompositeImplicitAutograd, m) {
