@@ -6,8 +6,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <numeric>
-
 #include "fastmoe/ops.h"
 #include "fastmoe/token_dispatch.h"
 #include "runtime/communicator.h"
@@ -40,22 +38,46 @@ at::Tensor replicate_experts_impl(const at::Tensor& weight, c10::IntArrayRef exp
   std::vector<int64_t> out_shape(weight.sizes().begin(), weight.sizes().end());
   out_shape[0] = static_cast<int64_t>(experts.size());
   const at::Tensor rows = weight.reshape({num_local, -1});
-  const auto ids = [&](const std::vector<int64_t>& v) {
-    return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(weight.device());
-  };
-  if (world == 1) return rows.index_select(0, ids(experts.vec())).view(out_shape);
-  // Each owner sends its chosen experts to every rank (itself included); rank p's copies arrive stacked by owner,
-  // each owner's in ascending id: the order of `experts`. The exchange's backward sends each copy's gradient back
-  // to its owner, and the expand's backward sums them there.
-  std::vector<int64_t> mine, from(world, 0);
-  for (int64_t g : experts) {
-    from[g / num_local] += 1;
-    if (g / num_local == rank) mine.push_back(g % num_local);
+  if (world == 1) {
+    return rows.index_select(0, at::tensor(experts.vec(), at::TensorOptions().dtype(at::kLong)).to(weight.device()))
+        .view(out_shape);
   }
-  const int64_t n_mine = static_cast<int64_t>(mine.size());
-  const at::Tensor own = rows.index_select(0, ids(mine));
-  const at::Tensor out = own.unsqueeze(0).expand({world, n_mine, rows.size(1)}).reshape({world * n_mine, rows.size(1)});
-  return ops::exchange(out, std::vector<int64_t>(world, n_mine), from, group).view(out_shape);
+  // A binomial-tree broadcast per expert, all experts in the same exchanges. In round j (step = 2^j) rank r holds
+  // expert i's copy when rel = (r - owner_i) mod W < step, and sends it to rank (r + step) mod W when
+  // rel + step < W; so rank r sends only to r + step and receives only from r - step, each expert's row once.
+  // The sender's rows go in ascending expert order, and the receiver gets them in that order (exchange stacks a
+  // source's rows in its send order): the experts with rel in [step, 2 * step) on this side.
+  // Autograd: each round's backward is the reverse exchange, and the gradients a copy gets from its own use and
+  // from every rank it forwarded to add up at this rank before going back: a tree reduction to the owner.
+  const int64_t m = static_cast<int64_t>(experts.size());
+  const auto rel = [&](int64_t i) { return ((rank - experts[i] / num_local) % world + world) % world; };
+  std::vector<at::Tensor> copies(m);  // this rank's copy of each expert, once it holds one
+  for (int64_t i = 0; i < m; ++i) {
+    if (rel(i) == 0) copies[i] = rows.select(0, experts[i] % num_local);
+  }
+  // A round that brings this rank nothing still has to take part in the backward: its empty output joins the
+  // result, so every rank runs every round's reverse exchange.
+  std::vector<at::Tensor> empty_rounds;
+  for (int64_t step = 1; step < world && m > 0; step *= 2) {  // the same rounds on every rank: m and W agree
+    std::vector<at::Tensor> out;
+    std::vector<int64_t> in;
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t d = rel(i);
+      if (d < step && d + step < world) out.push_back(copies[i]);
+      if (d >= step && d < 2 * step) in.push_back(i);
+    }
+    std::vector<int64_t> send(world, 0), recv(world, 0);
+    send[(rank + step) % world] = static_cast<int64_t>(out.size());
+    recv[(rank - step + world) % world] = static_cast<int64_t>(in.size());
+    // an empty send still comes from the weight, so this round's exchange is in every rank's backward
+    const at::Tensor x = out.empty() ? rows.narrow(0, 0, 0) : at::stack(out);
+    const at::Tensor got = ops::exchange(x, send, recv, group);
+    if (in.empty()) empty_rounds.push_back(got);
+    for (size_t k = 0; k < in.size(); ++k) copies[in[k]] = got.select(0, static_cast<int64_t>(k));
+  }
+  if (m == 0) return rows.narrow(0, 0, 0).view(out_shape);
+  empty_rounds.insert(empty_rounds.begin(), at::stack(copies));
+  return at::cat(empty_rounds).view(out_shape);
 }
 
 std::vector<int64_t> plan_replication_impl(const at::Tensor& load, int64_t num_local, double slot_cost, double row_cost,

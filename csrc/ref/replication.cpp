@@ -1,6 +1,7 @@
 #include "ref/replication.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "core/check.h"
 
@@ -9,12 +10,19 @@ namespace {
 
 constexpr double kMinGain = 0.01;
 
-// Per-rank totals of the model, in slots (integers, so every rank gets the same numbers).
+// Per-rank totals of the model, in slots and rows (integers, so every rank gets the same numbers).
 struct Loads {
   std::vector<int64_t> compute, send, recv;
-  std::vector<int64_t> owned;  // copied experts each rank owns
-  int64_t copied = 0;
+  // the copies' rows each rank sends and receives in each round of the tree, [rounds * world]
+  std::vector<int64_t> tree_sent, tree_recv;
 };
+
+// The rounds of ops::replicate_experts' tree: ceil(log2 W).
+int64_t tree_rounds(int64_t world) {
+  int64_t rounds = 0;
+  for (int64_t step = 1; step < world; step *= 2) ++rounds;
+  return rounds;
+}
 
 void check_args(const int64_t* load, int64_t world, int64_t num_local, const ReplicationCosts& costs) {
   FMOE_CHECK(world >= 1, "world must be >= 1, got ", world);
@@ -30,9 +38,9 @@ void check_args(const int64_t* load, int64_t world, int64_t num_local, const Rep
 }
 
 Loads initial_loads(const int64_t* load, int64_t world, int64_t num_local) {
-  const int64_t experts = world * num_local;
+  const int64_t experts = world * num_local, tree = tree_rounds(world) * world;
   Loads l{std::vector<int64_t>(world, 0), std::vector<int64_t>(world, 0), std::vector<int64_t>(world, 0),
-          std::vector<int64_t>(world, 0), 0};
+          std::vector<int64_t>(tree, 0), std::vector<int64_t>(tree, 0)};
   for (int64_t s = 0; s < world; ++s) {
     for (int64_t e = 0; e < experts; ++e) {
       const int64_t o = e / num_local, n = load[s * experts + e];
@@ -46,7 +54,8 @@ Loads initial_loads(const int64_t* load, int64_t world, int64_t num_local) {
   return l;
 }
 
-// Copies expert e to every rank: each rank computes its own slots of e, which no longer travel.
+// Copies expert e to every rank: each rank computes its own slots of e, which no longer travel, and e's weights
+// go down the tree from its owner.
 void add_copy(Loads& l, const int64_t* load, int64_t world, int64_t num_local, int64_t e) {
   const int64_t experts = world * num_local, o = e / num_local;
   for (int64_t s = 0; s < world; ++s) {
@@ -57,8 +66,14 @@ void add_copy(Loads& l, const int64_t* load, int64_t world, int64_t num_local, i
     l.send[s] -= n;
     l.recv[o] -= n;
   }
-  l.owned[o] += 1;
-  l.copied += 1;
+  int64_t round = 0;
+  for (int64_t step = 1; step < world; step *= 2, ++round) {
+    // the ranks at rel in [0, step) send to rel + step while that is < W
+    for (int64_t rel = 0; rel < step && rel + step < world; ++rel) {
+      l.tree_sent[round * world + (o + rel) % world] += 1;
+      l.tree_recv[round * world + (o + rel + step) % world] += 1;
+    }
+  }
 }
 
 double step_of(const Loads& l, const ReplicationCosts& costs) {
@@ -67,8 +82,15 @@ double step_of(const Loads& l, const ReplicationCosts& costs) {
   for (int64_t r = 0; r < world; ++r) {
     compute = std::max(compute, l.compute[r]);
     moved = std::max({moved, l.send[r], l.recv[r]});
-    // an owner sends each of its copies to the W - 1 others; every rank receives the copies it does not own
-    copies = std::max({copies, l.owned[r] * (world - 1), l.copied - l.owned[r]});
+  }
+  // the rounds follow one another; in each, the busiest rank's rows sent or received
+  const int64_t rounds = static_cast<int64_t>(l.tree_sent.size()) / world;
+  for (int64_t round = 0; round < rounds; ++round) {
+    int64_t busiest = 0;
+    for (int64_t r = 0; r < world; ++r) {
+      busiest = std::max({busiest, l.tree_sent[round * world + r], l.tree_recv[round * world + r]});
+    }
+    copies += busiest;
   }
   return costs.slot_cost * static_cast<double>(compute) + costs.row_cost * static_cast<double>(moved) +
          costs.expert_cost * static_cast<double>(copies);
@@ -83,13 +105,19 @@ std::vector<int64_t> replication_plan(const int64_t* load, int64_t world, int64_
   const int64_t experts = world * num_local;
   std::vector<int64_t> chosen;
   if (world == 1) return chosen;  // nothing travels
-  // Only an expert that other ranks send slots to can gain from a copy.
-  std::vector<int64_t> candidates;
+  // Only an expert that other ranks send slots to can gain from a copy; of those, the kMaxCandidates with the most
+  // such slots (the lower id on a tie), tried in ascending id.
+  std::vector<std::pair<int64_t, int64_t>> remote;  // (-slots from other ranks, id): ascending = most first
   for (int64_t e = 0; e < experts; ++e) {
-    int64_t remote = 0;
-    for (int64_t s = 0; s < world; ++s) remote += s == e / num_local ? 0 : load[s * experts + e];
-    if (remote > 0) candidates.push_back(e);
+    int64_t n = 0;
+    for (int64_t s = 0; s < world; ++s) n += s == e / num_local ? 0 : load[s * experts + e];
+    if (n > 0) remote.emplace_back(-n, e);
   }
+  const size_t kept = std::min(remote.size(), static_cast<size_t>(kMaxCandidates));
+  std::partial_sort(remote.begin(), remote.begin() + kept, remote.end());
+  std::vector<int64_t> candidates;
+  for (size_t i = 0; i < kept; ++i) candidates.push_back(remote[i].second);
+  std::sort(candidates.begin(), candidates.end());
   Loads current = initial_loads(load, world, num_local);
   double best = step_of(current, costs);
   std::vector<bool> taken(experts, false);

@@ -6,20 +6,29 @@
 // owner(e) = e / num_local:
 //   compute_r = slot_cost * (slots of r's own experts not in R, from every rank + slots r routes to experts in R)
 //   moved_r   = max(slots r sends to other ranks' experts not in R, slots r's experts not in R get from others)
-//   copied_r  = max(owned_r * (W - 1), |R| - owned_r), owned_r = |{e in R : owner(e) = r}|
-//   step(R)   = max_r compute_r + row_cost * max_r moved_r + expert_cost * max_r copied_r
+//   copied    = sum over rounds j < ceil(log2 W) of max_r max(sent_jr, received_jr)
+//   step(R)   = max_r compute_r + row_cost * max_r moved_r + expert_cost * copied
 // slot_cost: one slot row through an expert, forward and backward; row_cost: one row to another rank and back,
-// forward and backward; expert_cost: one expert's weights over one link and their gradients back (an owner sends
-// each copy to the W - 1 other ranks, each rank receives the copies it does not own; the ranks' links work in
-// parallel, so the busiest counts). Greedy: starting from R = {}, add the expert whose copy lowers step(R) most
-// (the lower id on a tie), while that lowers it by more than 1% and R holds fewer than max_experts. Every rank
-// computes the same R from the same loads: the loads are integers and the arithmetic is done in one fixed order.
+// forward and backward; expert_cost: one expert's weights over one link and their gradients back. The copies go
+// as ops::replicate_experts sends them, a binomial tree per expert: in round j (step 2^j) the ranks with
+// rel = (r - owner(e)) mod W < step hold e and send it to r + step while rel + step < W. sent_jr and received_jr
+// count the experts of R that rank r sends and receives in round j (at most one row each per expert); the rounds
+// follow one another and the ranks' links work in parallel, so each round costs its busiest rank. One copied
+// expert costs ceil(log2 W) rounds of one row.
+// Greedy: starting from R = {}, add the expert whose copy lowers step(R) most (the lower id on a tie), while that
+// lowers it by more than 1% and R holds fewer than max_experts. The candidates are the kMaxCandidates experts with
+// the most slots from ranks other than their owner (the lower id on a tie), those with none left out; so one call
+// reads the loads once and then tries at most kMaxCandidates copies per pick, each O(W log W). Every rank computes
+// the same R from the same loads: the loads are integers and the arithmetic is done in one fixed order.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 namespace fastmoe {
+
+// The experts the greedy considers at most: those with the most slots from other ranks.
+constexpr int64_t kMaxCandidates = 16;
 
 struct ReplicationCosts {
   double slot_cost = 0.0;    // seconds per slot row of expert compute (forward + backward)

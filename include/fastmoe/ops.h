@@ -86,8 +86,9 @@ at::Tensor exchange_hierarchical(const at::Tensor& x, const std::vector<int64_t>
 
 // Hot-expert replication (docs/distributed.md): the weights of the experts `experts` (ascending global ids, expert
 // g owned by rank g / num_local of group_name, as row g % num_local of its weight [num_local, ...]) on every rank,
-// stacked in that order: [experts.size(), ...]. A collective (one exchange; "" = one process, where it is an
-// index_select). Differentiable: each copy's gradient is summed back into its owner's weight.
+// stacked in that order: [experts.size(), ...]. A collective (a binomial-tree broadcast: ceil(log2 W) exchanges; "" =
+// one process, where it is an index_select). Differentiable: each copy's gradient is summed back into its owner's
+// weight.
 at::Tensor replicate_experts(const at::Tensor& weight, const std::vector<int64_t>& experts, int64_t num_local,
                              const std::string& group_name);
 

@@ -1,6 +1,7 @@
 // Tests of the hot-expert replication policy (csrc/ref/replication.h): skewed routers get their hot expert
-// copied, balanced ones get nothing, the costs and the cap are respected, and the greedy choice is never worse than
-// copying nothing or the best single expert.
+// copied, balanced ones get nothing, the costs and the cap are respected, the greedy choice is never worse than
+// copying nothing or the best single expert, copies cost the rounds of the broadcast tree, and only the 16 experts
+// with the most remote slots are candidates.
 #include <algorithm>
 #include <cstdint>
 #include <random>
@@ -117,14 +118,95 @@ TEST(ReplicationPlan, StepCostFollowsTheModel) {
   c.slot_cost = 1.0;
   c.row_cost = 10.0;
   c.expert_cost = 100.0;
-  // no copy: compute max(15, 80) = 80, moved max(30, 5, 5, 30) = 30, copies 0
+  // no copy: compute max(15, 80) = 80, moved max(30, 5, 5, 30) = 30, no copy rounds
   EXPECT_DOUBLE_EQ(replication_step_cost(load.data(), 2, 1, c, {}), 80.0 + 300.0);
-  // copy expert 1: rank 0 computes 10 + 5 + 30 = 45, rank 1 computes 50; moved 5; one copy
+  // copy expert 1: rank 0 computes 10 + 5 + 30 = 45, rank 1 computes 50; moved 5; the tree's one round (step 1):
+  // rank 1 sends expert 1 to rank 0, the busiest rank moves one row
   EXPECT_DOUBLE_EQ(replication_step_cost(load.data(), 2, 1, c, {1}), 50.0 + 50.0 + 100.0);
-  // then expert 0 too: rank 0 computes 40, rank 1 55, nothing moves; each rank sends one copy and receives one
+  // then expert 0 too: rank 0 computes 40, rank 1 55, nothing moves; in the one round each rank sends one row and
+  // receives one, so the busiest still moves one
   EXPECT_DOUBLE_EQ(replication_step_cost(load.data(), 2, 1, c, {0, 1}), 55.0 + 0.0 + 100.0);
   EXPECT_EQ(replication_plan(load.data(), 2, 1, c, 1), std::vector<int64_t>{1});
   EXPECT_EQ(replication_plan(load.data(), 2, 1, c, 2), (std::vector<int64_t>{0, 1}));
+}
+
+TEST(ReplicationPlan, CopiesCostTheTreesRoundsAtEightRanks) {
+  // W = 8, one local expert each, no slots anywhere: the step is the copy term alone. Rounds of step 1, 2, 4.
+  const std::vector<int64_t> zero(8 * 8, 0);
+  ReplicationCosts c;
+  c.slot_cost = 1.0;
+  c.row_cost = 10.0;
+  c.expert_cost = 1.0;
+  // expert 0: 0 -> 1; 0 -> 2, 1 -> 3; 0..3 -> 4..7: one row per rank per round (one all-to-all from the owner
+  // would put 7 rows on rank 0's link)
+  EXPECT_DOUBLE_EQ(replication_step_cost(zero.data(), 8, 1, c, {0}), 3.0);
+  // experts 0 and 4: 0 -> 1 and 4 -> 5; 0, 1 -> 2, 3 and 4, 5 -> 6, 7; 0..3 -> 4..7 and 4..7 -> 0..3, each rank
+  // sending one row and receiving one in the last round
+  EXPECT_DOUBLE_EQ(replication_step_cost(zero.data(), 8, 1, c, {0, 4}), 1.0 + 1.0 + 1.0);
+  // experts 0 and 1: round 1 (step 1) 0 -> 1 and 1 -> 2; round 2 (step 2) 0, 1 -> 2, 3 and 1, 2 -> 3, 4, so rank 1
+  // sends both to rank 3; round 3 (step 4) 0..3 -> 4..7 and 1..4 -> 5, 6, 7, 0, rank 1 sending two rows again
+  EXPECT_DOUBLE_EQ(replication_step_cost(zero.data(), 8, 1, c, {0, 1}), 1.0 + 2.0 + 2.0);
+  // experts 0, 1 and 4: round 1 as {0, 1} plus 4 -> 5, one row each; round 2 rank 1 sends two; round 3 rank 1
+  // sends 0 and 1, rank 4 sends 1 and 4, rank 5 receives 0 and 1: two
+  EXPECT_DOUBLE_EQ(replication_step_cost(zero.data(), 8, 1, c, {0, 1, 4}), 1.0 + 2.0 + 2.0);
+
+  // Every other rank sends 100 slots to expert 0: rank 0 receives 700 rows, the step's moved term. A copy saves
+  // them for 3 rounds of expert_cost = 150 (450 < 700), where 7 rows from the owner (1050) would not.
+  std::vector<int64_t> load(8 * 8, 0);
+  for (int64_t s = 1; s < 8; ++s) load[s * 8] = 100;
+  c.slot_cost = 0.0;
+  c.row_cost = 1.0;
+  c.expert_cost = 150.0;
+  EXPECT_DOUBLE_EQ(replication_step_cost(load.data(), 8, 1, c, {}), 700.0);
+  EXPECT_DOUBLE_EQ(replication_step_cost(load.data(), 8, 1, c, {0}), 450.0);
+  EXPECT_EQ(replication_plan(load.data(), 8, 1, c, 4), std::vector<int64_t>{0});
+  c.expert_cost = 240.0;  // 3 rounds cost 720 > 700: no copy
+  EXPECT_TRUE(replication_plan(load.data(), 8, 1, c, 4).empty());
+}
+
+TEST(ReplicationPlan, ANonPowerOfTwoWorldTakesCeilLog2Rounds) {
+  // W = 3: 0 -> 1, then 0 -> 2 (rank 1 has no rank 3 to send to); W = 5: three rounds, the last 0 -> 4
+  for (const auto& [world, rounds] : {std::pair<int64_t, double>{3, 2.0}, {5, 3.0}, {6, 3.0}}) {
+    const std::vector<int64_t> zero(world * world, 0);
+    ReplicationCosts c;
+    c.expert_cost = 1.0;
+    EXPECT_DOUBLE_EQ(replication_step_cost(zero.data(), world, 1, c, {world - 1}), rounds) << "world=" << world;
+  }
+}
+
+TEST(ReplicationPlan, OnlyTheSixteenExpertsWithTheMostRemoteSlotsAreCandidates) {
+  const int64_t world = 24;
+  ReplicationCosts c;
+  c.row_cost = 1.0;  // free copies, only moved rows count
+  // Every rank sends 100 * (20 - e) slots to expert e < 20 (one local expert each): each copy, hottest first,
+  // lowers the busiest receiver's rows by more than 1%, but only experts 0..15 are candidates.
+  std::vector<int64_t> load(world * world, 0);
+  for (int64_t s = 0; s < world; ++s) {
+    for (int64_t e = 0; e < 20; ++e) load[s * world + e] = s == e ? 0 : 100 * (20 - e);
+  }
+  std::vector<int64_t> first16(16);
+  for (int64_t e = 0; e < 16; ++e) first16[e] = e;
+  EXPECT_EQ(replication_plan(load.data(), world, 1, c, world), first16);
+  std::vector<int64_t> first17 = first16;
+  first17.push_back(16);
+  EXPECT_LT(replication_step_cost(load.data(), world, 1, c, first17),
+            0.99 * replication_step_cost(load.data(), world, 1, c, first16));  // the 17th would have been copied
+
+  // 17 experts tie at 10 slots from every other rank, and rank 16 also routes 1000 slots to its own expert 16:
+  // only copying expert 16 lowers the busiest rank's compute, but the tie leaves it out (ids 0..15 win).
+  c = ReplicationCosts{};
+  c.slot_cost = 1.0;
+  std::fill(load.begin(), load.end(), 0);
+  for (int64_t s = 0; s < world; ++s) {
+    for (int64_t e = 0; e <= 16; ++e) load[s * world + e] = s == e ? 0 : 10;
+  }
+  load[16 * world + 16] = 1000;
+  EXPECT_LT(replication_step_cost(load.data(), world, 1, c, {16}),
+            0.99 * replication_step_cost(load.data(), world, 1, c, {}));
+  EXPECT_TRUE(replication_plan(load.data(), world, 1, c, 4).empty());
+  // one more remote slot for expert 16 puts it first among the candidates
+  load[3 * world + 16] += 1;
+  EXPECT_EQ(replication_plan(load.data(), world, 1, c, 4), std::vector<int64_t>{16});
 }
 
 TEST(ReplicationPlan, BadArgumentsAreNamed) {

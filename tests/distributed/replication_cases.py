@@ -14,8 +14,10 @@ D_MODEL, D_HIDDEN, NUM_LOCAL = 8, 12, 2
 
 def copies_and_their_gradients(rank, world):
     """replicate_experts: each copy equals its owner's row bit for bit, on every rank; the gradient each rank gives
-    a copy is summed into the owner's weight (small integers, so exactly), and experts nobody copied get none.
-    Returns the copied ids checked."""
+    a copy is summed into the owner's weight (small integers, so exactly, whatever order the broadcast tree adds
+    them in on the way back), and experts nobody copied get none. The sets mix owners, so some ranks forward two
+    experts in one round (at W = 4, [1, 2]: rank 1 sends both to rank 3 in the second round). Returns the copied
+    ids checked."""
     group = dist.group.WORLD.group_name
     total = NUM_LOCAL * world
     checked = []

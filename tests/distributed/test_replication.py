@@ -1,7 +1,8 @@
 """Hot-expert replication (FMoE(ep_replicate=...), torch.ops.fastmoe.replicate_experts and plan_replication) over
 gloo at W = 2 and 4: the copies and their gradients bit for bit, layers under a skewed router equal to the
 unreplicated layer within the numerics policy, a balanced router copies nothing. The bodies (replication_cases.py)
-run in one set of processes per W; each test reads its part of the results."""
+run in one set of processes per W; each test reads its part of the results. The copies alone also run at W = 3,
+where the broadcast tree is not full."""
 
 import pytest
 import replication_cases
@@ -19,6 +20,13 @@ def results(request):
 def test_copies_equal_the_owners_weights_and_send_gradients_back(results):
     for per_rank in results:  # the comparisons raise in the workers
         assert per_rank["copies"][-1] == [] and len(per_rank["copies"]) == 5
+
+
+def test_copies_at_three_ranks_where_the_tree_is_not_full():
+    # round 1 (step 1): owner -> owner + 1; round 2 (step 2): only the owner sends (to owner + 2), its neighbour
+    # would reach past the last rank
+    per_rank = run_workers(3, replication_cases.copies_and_their_gradients, timeout=120.0)
+    assert per_rank == [[[0], [5], [1, 2], list(range(6)), []]] * 3, per_rank
 
 
 def test_a_skewed_router_copies_experts_and_keeps_the_result(results):
