@@ -17,16 +17,22 @@ from summarize_ep import load, render  # noqa: E402
 CONFIGS = ("fine", "paper")
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_bench_ep_tiny_cpu_two_ranks(tmp_path):
-    out = tmp_path / "bench_ep.jsonl"
+def _tiny_two_rank_run(*args) -> tuple[dict, list]:
+    """(environment, command) of bench_ep.py on 2 gloo ranks, tiny fp32 sizes, 2 timed steps after 1, plus args."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
     env["OMP_NUM_THREADS"] = "1"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         str(ROOT / "benchmarks" / "bench_ep.py"), "--device", "cpu", "--tiny", "--dtype", "fp32",
-        "--iters", "2", "--warmup", "1", "--config", *CONFIGS, "--out", str(out), "--profile", str(tmp_path / "prof"),
+        "--iters", "2", "--warmup", "1", *args,
     ]  # fmt: skip
+    return env, command
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_bench_ep_tiny_cpu_two_ranks(tmp_path):
+    out = tmp_path / "bench_ep.jsonl"
+    env, command = _tiny_two_rank_run("--config", *CONFIGS, "--out", str(out), "--profile", str(tmp_path / "prof"))
     # the same with fastmoe's layer in 2 chunks: it must still agree with the baseline (checked before timing)
     chunked = [*command[: command.index("--out")], "--out", str(tmp_path / "chunked.jsonl"), "--ep-chunks", "2"]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -68,13 +74,7 @@ def test_bench_ep_tiny_cpu_two_ranks(tmp_path):
 def test_bench_ep_replicate_under_skew_cpu_two_ranks(tmp_path):
     """--skew 0.5 sends half of the slots to expert 0 in both methods; --replicate 2 lets fastmoe copy it."""
     out = tmp_path / "replicate.jsonl"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = "1"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(ROOT / "benchmarks" / "bench_ep.py"), "--device", "cpu", "--tiny", "--dtype", "fp32",
-        "--iters", "2", "--warmup", "1", "--config", "paper", "--out", str(out), "--replicate", "2", "--skew", "0.5",
-    ]  # fmt: skip
+    env, command = _tiny_two_rank_run("--config", "paper", "--out", str(out), "--replicate", "2", "--skew", "0.5")
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"bench_ep --replicate 2 --skew 0.5 failed:\n{proc.stdout}\n{proc.stderr}"
 
