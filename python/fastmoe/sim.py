@@ -452,14 +452,19 @@ class _Model:
                     exposed += max(x, compute) + short / n + hw.overlap_slowdown * short * (1 - 1 / n) - compute
         parts["exchange (exposed)"] = exposed
 
-        # replication: broadcast each replicated expert's weights and reduce its gradients (pipelined: each byte
-        # crosses a rank's slowest link once each way), plus a latency per tree level
+        # replication, as the layer does it (csrc/ops/replication.cpp): each replicated expert's weights go down a
+        # binomial tree in ceil(log2 W) rounds, each round a full copy over one link, the rounds whose partners
+        # are on the same node over NVLink, the others over InfiniBand; the gradients come back up the same way
         parts["replication"] = 0.0
         if replicated:
             gpn = min(setup.gpus_per_node, ranks)
-            bw = (hw.ib_gbps if ranks > gpn else hw.nvlink_gbps) * 1e6
-            lat = (hw.ib_latency_us if ranks > gpn else hw.nvlink_latency_us) / 1e3
-            per_expert = 2 * (2 * d * h * b / bw + lat * math.ceil(math.log2(ranks)))
+            rounds = math.ceil(math.log2(ranks))
+            rounds_nv = math.ceil(math.log2(gpn))
+            per_round = {
+                "nv": 2 * d * h * b / (hw.nvlink_gbps * 1e6) + hw.nvlink_latency_us / 1e3,
+                "ib": 2 * d * h * b / (hw.ib_gbps * 1e6) + hw.ib_latency_us / 1e3,
+            }
+            per_expert = 2 * (rounds_nv * per_round["nv"] + (rounds - rounds_nv) * per_round["ib"])
             parts["replication"] = len(replicated) * per_expert
 
         parts["fixed"] = hw.step_fixed_ms + (hw.ep_fixed_ms if setup.group else 0.0)
@@ -471,7 +476,7 @@ class _Model:
         )
 
 
-MAX_REPLICATED = 64  # the replication search stops here
+MAX_REPLICATED = 16  # the replication search stops here (the layer's policy tries 16 candidates)
 CANDIDATE_RANKS = 4  # each round tries the hottest unreplicated expert of this many of the busiest ranks
 
 
