@@ -244,6 +244,7 @@ def run_config(name: str, cfg: dict, args, device, dtype, dense) -> list:
         **cfg,
         "dtype": args.dtype,
         "ep_chunks": args.ep_chunks,
+        "variant": variant_name(args),  # the options asked for (the lines below record what the layer ran)
         "ep_exchange": fm.ep_exchange,
         "ep_local_size": fm.ep_local_size,
         "replicate": args.replicate,
@@ -328,6 +329,21 @@ def profile_steps(step, device, trace: Path) -> None:
     if dist.get_rank() == 0:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70), flush=True)
+
+
+def variant_name(args) -> str:
+    """The variant of fastmoe's layer the options ask for, e.g. ``"ep_chunks=2"`` or ``"skew=0.5, replicate=2"``
+    (``""`` for the plain layer): benchmarks/summarize_ep.py gives each its own table."""
+    parts = []
+    if args.ep_chunks != 1:
+        parts.append(f"ep_chunks={args.ep_chunks}")
+    if args.ep_exchange != "flat":
+        parts.append(f"{args.ep_exchange} exchange, nodes of {args.ep_local_size}")
+    if args.skew:
+        parts.append(f"skew={args.skew}")
+    if args.replicate:
+        parts.append(f"replicate={args.replicate}")
+    return ", ".join(parts)
 
 
 def main(argv=None) -> int:

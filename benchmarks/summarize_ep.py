@@ -17,8 +17,9 @@ IMPLS = ("fastmoe", "ep_baseline")
 
 
 def load(paths) -> dict:
-    """``{"config dtype on device[, ep_chunks=n]": {W: {impl: record}}}`` from the JSON lines in ``paths`` (later
-    lines replace earlier ones; runs with fastmoe's ep_chunks > 1 get tables of their own)."""
+    """``{"config dtype on device[, variant]": {W: {impl: record}}}`` from the JSON lines in ``paths`` (later
+    lines replace earlier ones; each variant of fastmoe's layer (chunks, exchange, skew, replication) gets tables of
+    its own)."""
     table: dict = {}
     for path in paths:
         for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -28,8 +29,10 @@ def load(paths) -> dict:
                 r = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"summarize_ep: {path}:{number} is not a JSON line: {error}") from None
+            # the variant the run asked for (older lines name only their chunks)
             chunks = r.get("ep_chunks", 1)
-            key = f"{r['config']} {r['dtype']} on {r['device']}" + (f", ep_chunks={chunks}" if chunks != 1 else "")
+            variant = r["variant"] if "variant" in r else (f"ep_chunks={chunks}" if chunks != 1 else "")
+            key = f"{r['config']} {r['dtype']} on {r['device']}" + (f", {variant}" if variant else "")
             table.setdefault(key, {}).setdefault(int(r["W"]), {})[r["impl"]] = r
     return table
 
@@ -49,6 +52,7 @@ def render(table: dict) -> str:
             "| fastmoe eff. | baseline eff. | fastmoe peak GiB | baseline peak GiB |"
         )
         out.append("|---|---|---|---|---|---|---|---|---|---|")
+        skewed = any(rec.get("skew") for row in by_w.values() for rec in row.values())
         t1 = {impl: by_w.get(1, {}).get(impl, {}).get("ms") for impl in IMPLS}
         for w in sorted(by_w):
             row = by_w[w]
@@ -63,6 +67,13 @@ def render(table: dict) -> str:
                 f"| {_fmt(tf['fastmoe'], '')} | {_fmt(tf['ep_baseline'], '')} | {_fmt(eff['fastmoe'], '.2f')} "
                 f"| {_fmt(eff['ep_baseline'], '.2f')} | {_fmt(peak['fastmoe'], '')} | {_fmt(peak['ep_baseline'], '')} |"
             )
+        if skewed:  # what the skewed router did, and what fastmoe copied
+            for w in sorted(by_w):
+                fm = by_w[w].get("fastmoe", {})
+                out.append(
+                    f"- W={w}: expert 0 took {_fmt(fm.get('hot_share'), '.2f')} of the slots; fastmoe copied "
+                    f"{_fmt(fm.get('copies'), '')} experts per step (replicate={fm.get('replicate', 0)})"
+                )
         out.append("")
     return "\n".join(out)
 

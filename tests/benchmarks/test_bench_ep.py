@@ -89,6 +89,10 @@ def test_bench_ep_replicate_under_skew_cpu_two_ranks(tmp_path):
     assert abs(fm["hot_share"] - base["hot_share"]) <= 0.02, (fm["hot_share"], base["hot_share"])
     assert fm["copies"] > 0, fm  # expert 0, hot, was copied in the timed steps
     assert base["copies"] is None and fm["ep_exchange"] == "flat"
+    # the summary keeps the variant apart and says what the router and the copies did
+    table = render(load([out]))
+    assert "### paper-tiny fp32 on cpu, skew=0.5, replicate=2 (" in table, table
+    assert f"- W=2: expert 0 took {fm['hot_share']:.2f} of the slots; fastmoe copied {fm['copies']} experts" in table
 
 
 @pytest.mark.parametrize(
