@@ -149,21 +149,35 @@ void check_hierarchy(const std::string& group, const std::string& node_group, co
               " + local = ", node * local_size + local);
 }
 
+// peer_counts, when given: [2, L, N] int64 on the CPU (see library.cpp).
+void check_peer_counts(const std::optional<at::Tensor>& peer_counts) {
+  if (!peer_counts) return;
+  const at::Tensor& p = *peer_counts;
+  TORCH_CHECK(p.dim() == 3 && p.size(0) == 2 && p.scalar_type() == at::kLong && p.device().is_cpu(),
+              "peer_counts must be [2, node peers, nodes] int64 on the CPU, got ", p.sizes(), " ", p.scalar_type(),
+              " on ", p.device());
+}
+
 at::Tensor exchange_hierarchical_meta(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
                                       c10::string_view group_name, c10::string_view node_group,
-                                      c10::string_view rail_group, std::optional<int64_t> out_rows) {
+                                      c10::string_view rail_group, std::optional<int64_t> out_rows,
+                                      const std::optional<at::Tensor>& peer_counts) {
+  check_peer_counts(peer_counts);
   const int64_t rows = check_exchange(x, send_splits, recv_splits, out_rows);
   return x.new_empty_symint({c10::SymInt(rows), x.sym_size(1)});
 }
 
 at::Tensor exchange_hierarchical_kernel(const at::Tensor& x, c10::IntArrayRef send_splits, c10::IntArrayRef recv_splits,
                                         c10::string_view group_name, c10::string_view node_group,
-                                        c10::string_view rail_group, std::optional<int64_t> out_rows) {
+                                        c10::string_view rail_group, std::optional<int64_t> out_rows,
+                                        const std::optional<at::Tensor>& peer_counts) {
   const int64_t rows = check_exchange(x, send_splits, recv_splits, out_rows);
+  check_peer_counts(peer_counts);
   const std::string group(group_name), node(node_group), rail(rail_group);
   check_hierarchy(group, node, rail, static_cast<int64_t>(send_splits.size()));
+  const at::Tensor theirs = peer_counts ? peer_counts->select(0, 0) : at::Tensor();
   return exchange_frame(x, send_splits, recv_splits, rows, [&](const at::Tensor& in, const at::Tensor& out) {
-    runtime::all_to_all_rows_hierarchical(in, out, send_splits.vec(), recv_splits.vec(), node, rail);
+    runtime::all_to_all_rows_hierarchical(in, out, send_splits.vec(), recv_splits.vec(), node, rail, theirs);
   });
 }
 
@@ -194,12 +208,13 @@ at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send_splits
 at::Tensor exchange_hierarchical(const at::Tensor& x, const std::vector<int64_t>& send_splits,
                                  const std::vector<int64_t>& recv_splits, const std::string& group_name,
                                  const std::string& node_group, const std::string& rail_group,
-                                 std::optional<int64_t> out_rows) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmoe::exchange_hierarchical", "")
-                       .typed<at::Tensor(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::string_view,
-                                         c10::string_view, c10::string_view, std::optional<int64_t>)>();
-  return op.call(x, send_splits, recv_splits, group_name, node_group, rail_group, out_rows);
+                                 std::optional<int64_t> out_rows, const std::optional<at::Tensor>& peer_counts) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmoe::exchange_hierarchical", "")
+          .typed<at::Tensor(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::string_view, c10::string_view,
+                            c10::string_view, std::optional<int64_t>, const std::optional<at::Tensor>&)>();
+  return op.call(x, send_splits, recv_splits, group_name, node_group, rail_group, out_rows, peer_counts);
 }
 
 }  // namespace ops

@@ -52,9 +52,12 @@ TORCH_LIBRARY(fastmoe, m) {
   m.def("exchange(Tensor x, int[] send_splits, int[] recv_splits, str group_name, int? out_rows=None) -> Tensor");
   // The same exchange in two levels over nodes of node_group's size (rank = node * L + local): within the node to
   // the rank on the destination's rail, then across nodes over rail_group. Bit for bit the result of exchange.
+  // peer_counts [2, L, N] int64 on the CPU, when the caller knows them: [0][j, m] the rows node peer j sends through
+  // this rank to node m in this exchange, [1] the same for the reverse one (the backward); without them each
+  // exchange asks its node peers (a small collective over node_group).
   m.def(
       "exchange_hierarchical(Tensor x, int[] send_splits, int[] recv_splits, str group_name, str node_group, "
-      "str rail_group, int? out_rows=None) -> Tensor");
+      "str rail_group, int? out_rows=None, Tensor? peer_counts=None) -> Tensor");
   // Hot-expert replication (docs/distributed.md): weight [num_local, ...] -> the weights of the global experts
   // `experts` (ascending) on every rank, [len(experts), ...], each from its owner (rank id // num_local of the
   // group; "" = one process). A collective; the backward sums each copy's gradient back into the owner's weight.

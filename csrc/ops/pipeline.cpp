@@ -171,6 +171,7 @@ void TokenDispatch::expert_parallel(const at::Tensor& x, const at::Tensor& topk_
     }
     for (int64_t e = 0; e < local; ++e) chunk.bounds[e + 1] += chunk.bounds[e];
   }
+  if (!node_group_.empty()) ask_node_peers(x.device());
 
   if (n > 1 && x.is_cuda()) {
     c10::impl::VirtualGuardImpl impl(x.device().type());
@@ -191,13 +192,14 @@ void TokenDispatch::expert_parallel(const at::Tensor& x, const at::Tensor& topk_
     chunk.sorted_pair = rank_plans[c].sorted_pair.slice(0, 0, n_send);  // row r carries pair token * W + rank
     chunk.pair_pos = rank_plans[c].pair_pos;
     const at::Tensor x_c = x.slice(0, chunk.begin, chunk.end);
-    const at::Tensor x_in = exchange(ops::permute(x_c, chunk.sorted_pair, chunk.pair_pos), chunk.send, chunk.recv);
+    const at::Tensor x_in =
+        exchange(ops::permute(x_c, chunk.sorted_pair, chunk.pair_pos), chunk.send, chunk.recv, chunk.peer_out);
     chunk.score_in =
         exchange(ops::permute(topk_score.slice(0, chunk.begin, chunk.end), chunk.sorted_pair, chunk.pair_pos),
-                 chunk.send, chunk.recv);
+                 chunk.send, chunk.recv, chunk.peer_out);
     const at::Tensor tokens = chunk.sorted_pair.div(world, "floor");
-    const at::Tensor idx_in =
-        exchange(topk_idx.slice(0, chunk.begin, chunk.end).index_select(0, tokens), chunk.send, chunk.recv);
+    const at::Tensor idx_in = exchange(topk_idx.slice(0, chunk.begin, chunk.end).index_select(0, tokens), chunk.send,
+                                       chunk.recv, chunk.peer_out);
     const at::Tensor mine = idx_in.div(local, "floor") == rank_;  // -1 / local < 0: never mine
     const ops::Plan local_plan = ops::make_plan(at::where(mine, idx_in - rank_ * local, -1), local);
     chunk.slot_order = local_plan.sorted_pair.slice(0, 0, chunk.bounds[local]);
@@ -268,13 +270,39 @@ void TokenDispatch::give(int64_t chunk, const at::Tensor& y) {
   const StreamGuard on(c.stream);
   // This rank's share of each received token: its slots here, weighted by their scores; then back to the sender.
   const at::Tensor partial = ops::unpermute_combine(y, c.slot_order, c.slot_pos, c.score_in);
-  c.output = exchange(partial, c.recv, c.send);
+  c.output = exchange(partial, c.recv, c.send, c.peer_back);
 }
 
 at::Tensor TokenDispatch::exchange(const at::Tensor& x, const std::vector<int64_t>& send,
-                                   const std::vector<int64_t>& recv) const {
+                                   const std::vector<int64_t>& recv, const at::Tensor& peers) const {
   if (node_group_.empty()) return ops::exchange(x, send, recv, group_);
-  return ops::exchange_hierarchical(x, send, recv, group_, node_group_, rail_group_);
+  return ops::exchange_hierarchical(x, send, recv, group_, node_group_, rail_group_, std::nullopt, peers);
+}
+
+// Each exchange of the hierarchical kind needs to know what its node peers send through this rank to each node
+// (csrc/runtime/communicator.h). Every chunk's dispatch exchanges move `send` rows and give's moves `recv`, and
+// each one's backward the other: so each rank tells node peer j, once, its send and recv counts towards the ranks
+// on j's rail for every chunk, and every exchange of the forward and the backward takes its share of the answer.
+void TokenDispatch::ask_node_peers(const c10::Device& device) {
+  const int64_t local_size = runtime::group_size(node_group_), nodes = world_ / local_size;
+  const int64_t n = num_chunks();
+  at::Tensor mine = at::empty({local_size, n, 2, nodes}, at::kLong);
+  int64_t* m = mine.mutable_data_ptr<int64_t>();
+  for (int64_t j = 0; j < local_size; ++j) {
+    for (int64_t c = 0; c < n; ++c) {
+      for (int64_t node = 0; node < nodes; ++node) {
+        m[((j * n + c) * 2 + 0) * nodes + node] = chunks_[c].send[node * local_size + j];
+        m[((j * n + c) * 2 + 1) * nodes + node] = chunks_[c].recv[node * local_size + j];
+      }
+    }
+  }
+  const at::Tensor theirs =
+      runtime::exchange_peer_counts(mine.view({local_size, -1}), node_group_, device).view({local_size, n, 2, nodes});
+  for (int64_t c = 0; c < n; ++c) {
+    // [L, 2, N] -> [2, L, N]: [0] the dispatch direction, [1] give's
+    chunks_[c].peer_out = theirs.select(1, c).transpose(0, 1).contiguous();
+    chunks_[c].peer_back = chunks_[c].peer_out.flip(0);
+  }
 }
 
 at::Tensor TokenDispatch::combine() {

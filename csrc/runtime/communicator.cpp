@@ -572,9 +572,30 @@ at::Tensor restack(const at::Tensor& t, const std::vector<int64_t>& sizes, const
 
 }  // namespace
 
+at::Tensor exchange_peer_counts(const at::Tensor& mine, const std::string& node_group, const c10::Device& device) {
+  const auto node = resolve_group(node_group);
+  const int64_t local_size = node->getSize();
+  TORCH_CHECK(mine.dim() == 2 && mine.size(0) == local_size && mine.scalar_type() == at::kLong && mine.is_cpu(),
+              "the node peers' counts must be [", local_size, " (the ranks of node_group '", node_group,
+              "'), K] int64 on the CPU, got ", mine.sizes(), " ", mine.scalar_type(), " on ", mine.device());
+  const std::vector<int64_t> ones(local_size, 1);
+  const at::Tensor sent = mine.contiguous();
+  if (device.is_cuda() && local_size > 1 && !has_cpu_backend(*node)) {
+    // A node group without a CPU backend: the counts go through NCCL and are read back (one device sync).
+    const at::Tensor on_device = sent.to(device);
+    const at::Tensor received = at::empty_like(on_device);
+    all_to_all_rows(on_device, received, ones, ones, node_group);
+    return received.cpu();
+  }
+  at::Tensor theirs = at::empty_like(sent);
+  all_to_all_rows(sent, theirs, ones, ones, node_group);
+  return theirs;
+}
+
 void all_to_all_rows_hierarchical(const at::Tensor& input, const at::Tensor& output,
                                   const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows,
-                                  const std::string& node_group, const std::string& rail_group) {
+                                  const std::string& node_group, const std::string& rail_group,
+                                  const at::Tensor& peer_counts) {
   TORCH_CHECK(input.is_contiguous() && output.is_contiguous(), "all_to_all_rows_hierarchical needs contiguous tensors");
   const auto node = resolve_group(node_group);
   const int64_t local_size = node->getSize(), nodes = group_size(rail_group);
@@ -585,22 +606,20 @@ void all_to_all_rows_hierarchical(const at::Tensor& input, const at::Tensor& out
               recv_rows.size());
   // mine[j, m]: the rows this rank sends to rank m * L + j, which pass through node peer j. What peer j tells this
   // rank, theirs[j, m], is what it sends through this rank to node m.
-  at::Tensor mine = at::empty({local_size, nodes}, at::kLong);
-  int64_t* mine_h = mine.mutable_data_ptr<int64_t>();
-  for (int64_t j = 0; j < local_size; ++j) {
-    for (int64_t m = 0; m < nodes; ++m) mine_h[j * nodes + m] = send_rows[m * local_size + j];
-  }
-  const std::vector<int64_t> ones(local_size, 1);
   at::Tensor theirs;
-  if (input.is_cuda() && local_size > 1 && !has_cpu_backend(*node)) {
-    // A node group without a CPU backend: the counts go through NCCL and are read back (one device sync).
-    const at::Tensor sent = mine.to(input.device());
-    const at::Tensor received = at::empty_like(sent);
-    all_to_all_rows(sent, received, ones, ones, node_group);
-    theirs = received.cpu();
+  if (peer_counts.defined()) {
+    TORCH_CHECK(peer_counts.dim() == 2 && peer_counts.size(0) == local_size && peer_counts.size(1) == nodes &&
+                    peer_counts.scalar_type() == at::kLong && peer_counts.is_cpu(),
+                "peer_counts must be [", local_size, ", ", nodes, "] int64 on the CPU (node peers x nodes), got ",
+                peer_counts.sizes(), " ", peer_counts.scalar_type(), " on ", peer_counts.device());
+    theirs = peer_counts.contiguous();
   } else {
-    theirs = at::empty_like(mine);
-    all_to_all_rows(mine, theirs, ones, ones, node_group);
+    at::Tensor mine = at::empty({local_size, nodes}, at::kLong);
+    int64_t* mine_h = mine.mutable_data_ptr<int64_t>();
+    for (int64_t j = 0; j < local_size; ++j) {
+      for (int64_t m = 0; m < nodes; ++m) mine_h[j * nodes + m] = send_rows[m * local_size + j];
+    }
+    theirs = exchange_peer_counts(mine, node_group, input.device());
   }
   const int64_t* theirs_h = theirs.const_data_ptr<int64_t>();
   std::vector<int64_t> node_send(local_size, 0), node_recv(local_size, 0), rail_send(nodes, 0), rail_recv(nodes, 0);

@@ -84,12 +84,20 @@ void all_to_all_rows(const at::Tensor& input, const at::Tensor& output, const st
 // - the rail step, over `rail_group` (the N ranks of this local index, one per node, rank `node` in it): each row
 //   crosses to its destination's node, so a row uses the links between nodes once, and only on its rail.
 // Before them, each rank tells its node peers how many rows it sends to each rank of their rail (a [L, N] int64
-// all-to-all over node_group, on the CPU where node_group has a CPU backend, so no device sync). The rows are
+// all-to-all over node_group, exchange_peer_counts), unless `peer_counts` ([L, N] int64 on the CPU: row j, what
+// node peer j sends through this rank to each node) brings them already. The rows are
 // restacked between the steps so that `output` comes out exactly as all_to_all_rows orders it (rows stacked by
 // source rank, each source's rows in their send order): the result is the flat exchange's, bit for bit.
 void all_to_all_rows_hierarchical(const at::Tensor& input, const at::Tensor& output,
                                   const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows,
-                                  const std::string& node_group, const std::string& rail_group);
+                                  const std::string& node_group, const std::string& rail_group,
+                                  const at::Tensor& peer_counts = at::Tensor());
+
+// The node peers' counts of the hierarchical exchange: row j of `mine` ([L, K] int64 on the CPU) goes to node peer
+// j, row j of the result comes from it. On the CPU where node_group has a CPU backend (no device sync); otherwise
+// through NCCL on `device` and read back (one device sync). fastmoe::TokenDispatch sends the counts of all its
+// exchanges this way once per forward.
+at::Tensor exchange_peer_counts(const at::Tensor& mine, const std::string& node_group, const c10::Device& device);
 
 // The counts exchange of a forward: row p of `input` ([world, per_rank] int64, contiguous) goes to rank p, and
 // row p of `output` comes from rank p. Carries the header with `rows` (see above).

@@ -79,10 +79,13 @@ at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send_splits
 // then across nodes over the rail. The result equals exchange(x, send_splits, recv_splits, group_name, out_rows)
 // bit for bit. A collective over both groups. Differentiable with respect to x (the backward is the reverse
 // exchange, hierarchical too).
+// peer_counts [2, L, N] int64 on the CPU: what node peer j sends through this rank to node m, in this exchange ([0])
+// and in its reverse ([1]); without them each exchange (and its backward) asks the node peers.
 at::Tensor exchange_hierarchical(const at::Tensor& x, const std::vector<int64_t>& send_splits,
                                  const std::vector<int64_t>& recv_splits, const std::string& group_name,
                                  const std::string& node_group, const std::string& rail_group,
-                                 std::optional<int64_t> out_rows = std::nullopt);
+                                 std::optional<int64_t> out_rows = std::nullopt,
+                                 const std::optional<at::Tensor>& peer_counts = std::nullopt);
 
 // Hot-expert replication (docs/distributed.md): the weights of the experts `experts` (ascending global ids, expert
 // g owned by rank g / num_local of group_name, as row g % num_local of its weight [num_local, ...]) on every rank,

@@ -110,6 +110,8 @@ class TokenDispatch : public torch::CustomClassHolder {
     at::Tensor rows, counts, offsets;
     std::vector<int64_t> bounds;  // empty until known
     at::Tensor output;            // give(): experts' output (one process) or what came back (expert parallel)
+    // hierarchical exchange: the node peers' counts ([2, L, N]) of the chunk's dispatch exchanges and of give's
+    at::Tensor peer_out, peer_back;
   };
   // The copies' share of the token path: their slots as one process runs them.
   struct Replicas {
@@ -123,8 +125,12 @@ class TokenDispatch : public torch::CustomClassHolder {
   const Replicas& replicas_checked() const;
   void check_routing(const at::Tensor& topk_idx, const at::Tensor& topk_score) const;
   void expert_parallel(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_score);
-  // The row exchange over group_ (ops::exchange), or its hierarchical form when node_group_ is set.
-  at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send, const std::vector<int64_t>& recv) const;
+  // The row exchange over group_ (ops::exchange), or its hierarchical form when node_group_ is set, given the node
+  // peers' counts (`peers`, asked once per forward for every exchange of every chunk).
+  at::Tensor exchange(const at::Tensor& x, const std::vector<int64_t>& send, const std::vector<int64_t>& recv,
+                      const at::Tensor& peers) const;
+  // The node peers' counts of every chunk's exchanges, in one collective over node_group_.
+  void ask_node_peers(const c10::Device& device);
 
   int64_t num_tokens_ = 0, num_local_ = 0, world_ = 1, rank_ = 0;
   std::string group_;

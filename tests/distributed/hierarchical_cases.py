@@ -30,6 +30,18 @@ def _labelled_rows(rank: int, count: int, width: int, dtype: torch.dtype) -> tor
     return (label + torch.arange(width, dtype=torch.float64) / 8).to(dtype)
 
 
+def _peer_counts(rows: torch.Tensor, rank: int, local_size: int) -> torch.Tensor:
+    """exchange_hierarchical's peer_counts for the split matrix ``rows[s, d]``: [0][j, m] the rows node peer j
+    sends through this rank to node m, [1] the same in the reverse exchange (rank d sends rows[s, d] back to s)."""
+    world = rows.shape[0]
+    node, local = divmod(rank, local_size)
+    nodes = world // local_size
+    peers = [node * local_size + j for j in range(local_size)]
+    out = torch.tensor([[[int(rows[p, m * local_size + local]) for m in range(nodes)] for p in peers]])
+    back = torch.tensor([[[int(rows[m * local_size + local, p]) for m in range(nodes)] for p in peers]])
+    return torch.cat([out, back])
+
+
 def exchange_matches_flat(rank, world, local_sizes, seeds):
     """For each nodes-of-L layout and each random split matrix: the hierarchical exchange's rows equal the flat
     exchange's bit for bit and sit where the flat exchange's contract puts them (by source rank, each source's rows
@@ -48,10 +60,15 @@ def exchange_matches_flat(rank, world, local_sizes, seeds):
                 grads = dtype.is_floating_point
                 x_flat = x.clone().requires_grad_(grads)
                 x_hier = x.clone().requires_grad_(grads)
+                x_told = x.clone().requires_grad_(grads)
                 y_flat = torch.ops.fastmoe.exchange(x_flat, send, recv, group, out_rows)
                 y_hier = torch.ops.fastmoe.exchange_hierarchical(x_hier, send, recv, group, node, rail, out_rows)
+                # the same with the node peers' counts given (as TokenDispatch gives them): no counts exchange
+                peers = _peer_counts(rows, rank, local_size)
+                y_told = torch.ops.fastmoe.exchange_hierarchical(x_told, send, recv, group, node, rail, out_rows, peers)
                 where = f"L={local_size} seed={seed} {dtype}"
                 assert_bitwise_equal(y_hier, y_flat, f"rows ({where})")
+                assert_bitwise_equal(y_told, y_flat, f"rows, peer counts given ({where})")
                 expected = []
                 for s in range(world):  # rows [begin, end) of rank s's x come here
                     begin, end = int(rows[s, :rank].sum()), int(rows[s, : rank + 1].sum())
@@ -64,7 +81,9 @@ def exchange_matches_flat(rank, world, local_sizes, seeds):
                     grad = torch.randn(out_rows, 5, generator=gen, dtype=torch.float64).to(dtype)
                     y_flat.backward(grad)
                     y_hier.backward(grad)
+                    y_told.backward(grad)
                     assert_bitwise_equal(x_hier.grad, x_flat.grad, f"grad of x ({where})")
+                    assert_bitwise_equal(x_told.grad, x_flat.grad, f"grad of x, peer counts given ({where})")
                     assert_bitwise_equal(
                         x_hier.grad[sum(send) :], x.new_zeros(extra, 5), f"unsent rows' grad ({where})"
                     )
@@ -131,6 +150,9 @@ def bad_arguments(rank, world):
         "group sizes": lambda: torch.ops.fastmoe.exchange_hierarchical(x, ones, ones, group, group, rail),
         "empty group": lambda: torch.ops.fastmoe.exchange_hierarchical(x, ones, ones, group, "", rail),
         "splits": lambda: torch.ops.fastmoe.exchange_hierarchical(x, [1, 1], [1, 1], group, node, rail),
+        "peer counts": lambda: torch.ops.fastmoe.exchange_hierarchical(
+            x, ones, ones, group, node, rail, None, torch.zeros(2, 3, dtype=torch.long)
+        ),
     }
     messages = {}
     for name, call in calls.items():

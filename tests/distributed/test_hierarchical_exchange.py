@@ -35,6 +35,7 @@ def test_bad_arguments_raise_naming_them(results):
         assert "node_group '0' has 4 ranks and rail_group" in messages["group sizes"]
         assert "needs node_group and rail_group, got node_group=''" in messages["empty group"]
         assert "got 2" in messages["splits"] and "world_size=4" in messages["splits"]
+        assert "peer_counts must be [2, node peers, nodes] int64 on the CPU, got [2, 3]" in messages["peer counts"]
 
 
 def test_bad_exchange_choice_raises_on_one_process():
