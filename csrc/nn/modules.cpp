@@ -134,7 +134,7 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
   record.expert_counts = tokens->routed_counts().detach();
   if (gate.num_dropped().defined()) record.num_dropped = gate.num_dropped().detach();
   for (const auto& term : gate.losses()) record.losses.insert(term.key(), term.value().detach());
-  // The copies first, so their GEMMs run while the chunks' rows travel.
+  // The copies first (their exchanges queue behind the chunks' dispatch).
   if (!tokens->replicated().empty()) {
     tokens->give_replicas(run_replicas(tokens->replica_rows(), tokens->replica_offsets(), tokens->replicated()));
   }
@@ -286,10 +286,13 @@ TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : 
               options.ep_gemm_flops(), ", ep_link_bytes=", options.ep_link_bytes());
   check_expert_parallel(options.world_size(), options.group_name(), "TransformerMLP",
                         {"num_experts", "d_model", "d_hidden", "top_k", "slots_per_token", "activation", "bias",
-                         "ep_chunks", "hierarchical", "ep_replicate"},
+                         "ep_chunks", "hierarchical", "ep_replicate", "ep_gemm_flops", "ep_link_bytes"},
                         {options.num_experts(), options.d_model(), options.d_hidden(), options.top_k(),
                          gate->slots_per_token(), static_cast<int64_t>(options.activation()), options.bias(),
-                         options.ep_chunks(), !options.node_group().empty(), options.ep_replicate()});
+                         options.ep_chunks(), !options.node_group().empty(), options.ep_replicate(),
+                         // ranks that price copies differently would choose different ones (whole units suffice)
+                         static_cast<int64_t>(std::llround(options.ep_gemm_flops())),
+                         static_cast<int64_t>(std::llround(options.ep_link_bytes()))});
   auto experts = register_module("experts", std::make_shared<torch::nn::Module>());
   const int64_t hidden_rows = options.activation() == Activation::kSwiGLU ? 2 * options.d_hidden() : options.d_hidden();
   // Global expert ids pick the experts' streams: the ranks' experts differ and equal the one-rank layer's.
@@ -318,8 +321,13 @@ torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {
     const auto bias = [&](const torch::Tensor& b) {
       return b.defined() ? std::optional<torch::Tensor>(w(b)) : std::nullopt;
     };
-    torch::Tensor h = ops::grouped_linear(rows, offsets, w(in.weight), bias(in.bias));
-    return ops::grouped_linear(apply_activation(h, options.activation()), offsets, w(out.weight), bias(out.bias));
+    // one at a time, in a fixed order: w may be a collective (the copies of replication)
+    const torch::Tensor w_in = w(in.weight);
+    const std::optional<torch::Tensor> b_in = bias(in.bias);
+    torch::Tensor h = ops::grouped_linear(rows, offsets, w_in, b_in);
+    const torch::Tensor w_out = w(out.weight);
+    const std::optional<torch::Tensor> b_out = bias(out.bias);
+    return ops::grouped_linear(apply_activation(h, options.activation()), offsets, w_out, b_out);
   };
   // Under autocast the rows are cast before they move: the first grouped GEMM would cast them anyway.
   return route_and_combine(

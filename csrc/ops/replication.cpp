@@ -84,6 +84,9 @@ std::vector<int64_t> plan_replication_impl(const at::Tensor& load, int64_t num_l
                                            double expert_cost, int64_t max_experts) {
   TORCH_CHECK(load.dim() == 2 && load.size(1) == load.size(0) * num_local,
               "load must be [world, world * num_local=", num_local, "], got ", load.sizes());
+  TORCH_CHECK(!at::isFloatingType(load.scalar_type()) && !at::isComplexType(load.scalar_type()) &&
+                  load.scalar_type() != at::kBool,
+              "load must hold integer slot counts, got dtype ", load.scalar_type());
   const at::Tensor host = load.to(at::kCPU, at::kLong).contiguous();
   return replication_plan(host.const_data_ptr<int64_t>(), load.size(0), num_local,
                           ReplicationCosts{slot_cost, row_cost, expert_cost}, max_experts);

@@ -45,8 +45,8 @@ struct Replication {
   int64_t max_experts = 0;    // experts copied per forward at most; 0: off
   int64_t expert_params = 0;  // parameters of one expert: 6 * expert_params FLOPs per row, forward and backward
   int64_t param_bytes = 4;    // bytes per parameter as copied
-  double gemm_flops = 0.0;    // the experts' GEMM rate, FLOP/s; 0: kDefaultGemmFlops for the rows' device
-  double link_bytes = 0.0;    // bytes/s from one rank to each other; 0: kDefaultLinkBytes for the rows' device
+  double gemm_flops = 0.0;    // the experts' GEMM rate, FLOP/s; 0: the rows' device's default (replication.cpp)
+  double link_bytes = 0.0;    // bytes/s from one rank to each other; 0: the rows' device's default
 };
 
 class TokenDispatch : public torch::CustomClassHolder {

@@ -1,3 +1,5 @@
+import math
+
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
@@ -125,6 +127,11 @@ class FMoE(nn.Module):
         self._ep_subgroups = ("", "")  # names of the hierarchical exchange's node and rail groups
         self.ep_replicate = _checks.non_negative_int("ep_replicate", ep_replicate)
         self.ep_replicate_rates = _replicate_rates(ep_replicate_rates)
+        if self.ep_replicate_rates is not None and not self.ep_replicate:
+            raise ValueError(
+                f"ep_replicate_rates={ep_replicate_rates!r} prices hot-expert replication, which ep_replicate=0 turns "
+                "off; pass ep_replicate > 0 or leave the rates out"
+            )
         if self.ep_replicate and self.moe_group is None:
             raise ValueError(
                 f"ep_replicate={ep_replicate} copies experts between the ranks of expert parallelism, but this layer "
@@ -182,8 +189,9 @@ class FMoE(nn.Module):
                     # ranks that disagree would join different sub-groups and exchanges
                     "ep_exchange": self.ep_exchange,
                     "ep_local_size": self.ep_local_size,
-                    # ranks that disagree would gather loads on some ranks only
+                    # ranks that disagree would gather loads on some ranks only, or choose different copies
                     "ep_replicate": self.ep_replicate,
+                    "ep_replicate_rates": self.ep_replicate_rates,
                     # the rows would differ in size; a later .to() on one rank is caught by the exchange headers
                     "param_dtype": ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in self.parameters()})),
                 },
@@ -323,7 +331,7 @@ class FMoE(nn.Module):
             self._record_balance(x.shape[0], topk_idx.numel(), tokens.routed_counts())
             replicated = tokens.replicated()
             self.replicated_experts = replicated
-            if replicated:  # first, so the copies' GEMMs run while the chunks' rows travel
+            if replicated:  # the copies first; their exchanges queue behind the chunks' dispatch
                 tokens.give_replicas(self._run_replicas(tokens, replicated))
             for c in range(tokens.num_chunks()):
                 tokens.enter(c)  # the chunk's CUDA stream (expert parallelism with ep_chunks > 1)
@@ -342,7 +350,17 @@ class FMoE(nn.Module):
         """TokenDispatch's replicate_max, expert_params, param_bytes, gemm_flops, link_bytes."""
         if not self.ep_replicate:
             return ()
-        params = [_local(p) for p in self.experts.parameters()]
+        params = []
+        for name, param in self.experts.named_parameters():
+            local = _local(param)
+            if local.dim() == 0 or local.shape[0] != self.num_expert:
+                # e.g. experts sharded over a data-parallel dimension by FSDP2's fully_shard(layer.experts)
+                raise NotImplementedError(
+                    f"ep_replicate copies experts along the first dimension of each expert parameter, but "
+                    f"experts.{name} holds {tuple(local.shape)} here (expected [num_expert={self.num_expert}, ...]); "
+                    "experts sharded further (FSDP2 on the experts module) cannot be copied"
+                )
+            params.append(local)
         if not params:
             raise ValueError("ep_replicate needs experts with parameters to copy; self.experts has none")
         per_expert = sum(p.numel() for p in params) // self.num_expert
@@ -354,17 +372,13 @@ class FMoE(nn.Module):
         parameters (each ``[num_expert, ...]``) are swapped for copies of those experts' (``ops.replicate_experts``,
         whose backward sums the gradients back into the owners' parameters) while ``expert_fn`` runs."""
         group = self.moe_group.group_name
-        copies = {}
-        for name, param in self.experts.named_parameters():
-            local = _local(param)
-            if local.dim() == 0 or local.shape[0] != self.num_expert:
-                raise ValueError(
-                    f"ep_replicate copies experts along the first dimension of each expert parameter, but "
-                    f"experts.{name} has shape {tuple(local.shape)} (expected [num_expert={self.num_expert}, ...])"
-                )
-            copies[name] = ops.replicate_experts(local, replicated, self.num_expert, group)
-        # The parameters are swapped for the call only (torch.func.functional_call's mechanism), so expert_fn and
-        # any override of it run the copies unchanged.
+        # _replication_args checked the shapes before the forward's first collective
+        copies = {
+            name: ops.replicate_experts(_local(param), replicated, self.num_expert, group)
+            for name, param in self.experts.named_parameters()
+        }
+        # The parameters are swapped for the call only (the mechanism of torch.func.functional_call, which would
+        # call experts.forward instead), so expert_fn and any override of it run the copies unchanged.
         with torch.nn.utils.stateless._reparametrize_module(self.experts, copies):
             return self._run_experts(tokens.replica_rows(), tokens.replica_counts(), tokens.replica_offsets())
 
@@ -415,9 +429,11 @@ def _replicate_rates(rates) -> tuple | None:
     if (
         not isinstance(rates, (tuple, list))
         or len(rates) != 2
-        or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates)
+        or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < math.inf for r in rates)
     ):
-        raise ValueError(f"ep_replicate_rates must be (gemm_flops, link_bytes), two positive numbers, got {rates!r}")
+        raise ValueError(
+            f"ep_replicate_rates must be (gemm_flops, link_bytes), two positive finite numbers, got {rates!r}"
+        )
     return (float(rates[0]), float(rates[1]))
 
 

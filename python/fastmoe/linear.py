@@ -63,9 +63,11 @@ class FMoELinear(nn.Module):
         if (fwd_expert_count is None) == (expert_offsets is None):
             raise ValueError("FMoELinear.forward needs exactly one of fwd_expert_count and expert_offsets")
         if expert_offsets is None:
-            if not isinstance(fwd_expert_count, torch.Tensor) or fwd_expert_count.shape != (self.num_expert,):
+            # the experts the weight holds: num_expert, or the copies of hot-expert replication (FMoE.ep_replicate)
+            experts = _local(self.weight).shape[0]
+            if not isinstance(fwd_expert_count, torch.Tensor) or fwd_expert_count.shape != (experts,):
                 got = tuple(fwd_expert_count.shape) if isinstance(fwd_expert_count, torch.Tensor) else fwd_expert_count
-                raise ValueError(f"fwd_expert_count must be a [num_expert={self.num_expert}] tensor, got {got!r}")
+                raise ValueError(f"fwd_expert_count must be a [num_expert={experts}] tensor, got {got!r}")
             if fwd_expert_count.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"fwd_expert_count must be an int32/int64 tensor, got dtype {fwd_expert_count.dtype}")
             expert_offsets = ops.counts_to_offsets(fwd_expert_count.to(device=inp.device, dtype=torch.int64))

@@ -453,18 +453,15 @@ class _Model:
         parts["exchange (exposed)"] = exposed
 
         # replication, as the layer does it (csrc/ops/replication.cpp): each replicated expert's weights go down a
-        # binomial tree in ceil(log2 W) rounds, each round a full copy over one link, the rounds whose partners
-        # are on the same node over NVLink, the others over InfiniBand; the gradients come back up the same way
+        # binomial tree in ceil(log2 W) rounds, each round a full copy over one link, and the gradients come back
+        # up the same way. The tree is built from the owner, not from the node, so with several nodes a round's
+        # busiest link is an InfiniBand one: every round is priced on the slowest link between the ranks.
         parts["replication"] = 0.0
         if replicated:
             gpn = min(setup.gpus_per_node, ranks)
-            rounds = math.ceil(math.log2(ranks))
-            rounds_nv = math.ceil(math.log2(gpn))
-            per_round = {
-                "nv": 2 * d * h * b / (hw.nvlink_gbps * 1e6) + hw.nvlink_latency_us / 1e3,
-                "ib": 2 * d * h * b / (hw.ib_gbps * 1e6) + hw.ib_latency_us / 1e3,
-            }
-            per_expert = 2 * (rounds_nv * per_round["nv"] + (rounds - rounds_nv) * per_round["ib"])
+            bw = (hw.ib_gbps if ranks > gpn else hw.nvlink_gbps) * 1e6
+            lat = (hw.ib_latency_us if ranks > gpn else hw.nvlink_latency_us) / 1e3
+            per_expert = 2 * math.ceil(math.log2(ranks)) * (2 * d * h * b / bw + lat)
             parts["replication"] = len(replicated) * per_expert
 
         parts["fixed"] = hw.step_fixed_ms + (hw.ep_fixed_ms if setup.group else 0.0)

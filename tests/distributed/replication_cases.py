@@ -144,9 +144,57 @@ def layers_match_unreplicated(rank, world, tokens):
     return copied
 
 
+class _LinearExperts(fastmoe.FMoE):
+    """FastMoE's pattern of a subclass with fused experts: one FMoELinear as self.experts, called through the base
+    expert_fn as experts(rows, counts)."""
+
+    def __init__(self, world, **kwargs):
+        super().__init__(NUM_LOCAL, D_MODEL, world_size=world, top_k=2, **kwargs)
+        self.experts = fastmoe.FMoELinear(NUM_LOCAL, D_MODEL, D_MODEL, rank=self.moe_rank)
+
+
+def subclass_and_refusals(rank, world, tokens):
+    """A subclass whose experts are one FMoELinear copies experts too, and equals itself unreplicated (fp64, 1e-12);
+    ranks given different rates raise at construction, naming them; experts that a parameter holds only in part (as
+    FSDP2 on the experts module leaves them) raise at the forward, before any collective. Returns the copies made."""
+    gen = torch.Generator().manual_seed(400 + rank)
+    x = torch.randn(tokens[rank], D_MODEL, generator=gen, dtype=torch.float64)
+    grad = torch.randn(tokens[rank], D_MODEL, generator=gen, dtype=torch.float64)
+    results = []
+    for replicate in (0, 2):
+        torch.manual_seed(5)
+        rates = {"ep_replicate": 2, "ep_replicate_rates": (1e9, 1e12)} if replicate else {}
+        layer = _LinearExperts(world, **rates).double()
+        with torch.no_grad():
+            layer.gate.gate.bias[0] += 50.0
+        results.append((_run(layer, x, grad), layer.replicated_experts))
+    (want, _), (got, copied) = results
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-12)
+    for name, g in got[2].items():
+        torch.testing.assert_close(g, want[2][name], rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+    messages = {}
+    try:
+        fastmoe.FMoETransformerMLP(
+            NUM_LOCAL, D_MODEL, D_HIDDEN, world_size=world, ep_replicate=1, ep_replicate_rates=(1e9, 1e9 * (rank + 1))
+        )
+    except ValueError as error:
+        messages["rates"] = str(error)
+    layer = _layer(world, torch.float64, True, ep_replicate=2)
+    with torch.no_grad():  # this rank holds half of each expert's rows of htoh4, as a data-parallel shard would
+        layer.experts.htoh4.weight = torch.nn.Parameter(layer.experts.htoh4.weight[:1].clone())
+    try:
+        layer(x)
+    except NotImplementedError as error:
+        messages["sharded"] = str(error)
+    return copied, messages
+
+
 def all_cases(rank, world):
     return {
         "copies": copies_and_their_gradients(rank, world),
         # at W = 4 rank 2 has no tokens at all: it still joins every exchange
         "layers": layers_match_unreplicated(rank, world, [24, 32] if world == 2 else [24, 32, 0, 16]),
+        "subclass": subclass_and_refusals(rank, world, [24, 32, 0, 16][:world]),
     }

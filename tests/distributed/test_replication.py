@@ -41,6 +41,17 @@ def test_a_skewed_router_copies_experts_and_keeps_the_result(results):
     assert all(per_rank["layers"] == results[0]["layers"] for per_rank in results)
 
 
+def test_fastmoes_linear_subclass_copies_and_refusals_name_the_cause(results):
+    for per_rank in results:
+        copied, messages = per_rank["subclass"]
+        assert copied, "the FMoELinear subclass copied nothing under the skewed router"
+        assert (
+            "has ep_replicate_rates=(1000000000.0, 2000000000.0) but rank 0 has ep_replicate_rates="
+            in (messages["rates"])
+        ), messages
+        assert "experts.htoh4.weight holds (1, 12, 8) here (expected [num_expert=2, ...])" in messages["sharded"]
+
+
 def test_policy_op_finds_a_hot_expert_that_per_rank_totals_hide():
     # W = 2, 2 experts each; both ranks route 1000 slots, 700 of them to expert 3 (rank 1's)
     load = torch.tensor([[100, 100, 100, 700], [100, 100, 100, 700]])
@@ -51,6 +62,8 @@ def test_policy_op_finds_a_hot_expert_that_per_rank_totals_hide():
     assert torch.ops.fastmoe.plan_replication(load, 2, 1e-6, 1e-8, 1e3, 4) == []  # copies too dear
     with pytest.raises(RuntimeError, match=r"load must be \[world, world \* num_local=2\], got \[2, 3\]"):
         torch.ops.fastmoe.plan_replication(load[:, :3], 2, 1e-6, 1e-8, 1e-5, 4)
+    with pytest.raises(RuntimeError, match="load must hold integer slot counts, got dtype Float"):
+        torch.ops.fastmoe.plan_replication(load.float(), 2, 1e-6, 1e-8, 1e-5, 4)
     with pytest.raises(RuntimeError, match=r"load\[1\]\[0\] must be >= 0, got -1"):
         torch.ops.fastmoe.plan_replication(torch.tensor([[1, 1], [-1, 1]]), 1, 1e-6, 1e-8, 1e-5, 4)
 
@@ -73,6 +86,17 @@ def test_bad_replication_arguments_are_named():
         fastmoe.FMoETransformerMLP(2, 8, 12, ep_replicate_rates=(1.0,))
     with pytest.raises(ValueError, match=r"ep_replicate_rates must be .* got \(1000000000.0, -1\)"):
         fastmoe.FMoETransformerMLP(2, 8, 12, ep_replicate_rates=(1e9, -1))
+    with pytest.raises(ValueError, match=r"ep_replicate_rates must be .* finite numbers, got \(1000000000.0, inf\)"):
+        fastmoe.FMoETransformerMLP(2, 8, 12, ep_replicate_rates=(1e9, float("inf")))
+
+
+def test_rates_without_replication_are_refused(one_rank_group):
+    import torch.distributed as dist
+
+    with pytest.raises(
+        ValueError, match=r"ep_replicate_rates=\(1000000000.0, 1000000000.0\) prices hot-expert replication"
+    ):
+        fastmoe.FMoETransformerMLP(2, 8, 12, world_size=1, moe_group=dist.group.WORLD, ep_replicate_rates=(1e9, 1e9))
 
 
 def test_module_experts_cannot_be_replicated(one_rank_group):
