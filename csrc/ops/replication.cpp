@@ -42,9 +42,10 @@ at::Tensor replicate_experts_impl(const at::Tensor& weight, c10::IntArrayRef exp
     return rows.index_select(0, at::tensor(experts.vec(), at::TensorOptions().dtype(at::kLong)).to(weight.device()))
         .view(out_shape);
   }
-  // A binomial-tree broadcast per expert, all experts in the same exchanges. In round j (step = 2^j) rank r holds
-  // expert i's copy when rel = (r - owner_i) mod W < step, and sends it to rank (r + step) mod W when
-  // rel + step < W; so rank r sends only to r + step and receives only from r - step, each expert's row once.
+  // A binomial-tree broadcast per expert (tree_steps, tree_sends, tree_receives in ref/replication.h, the tree the
+  // policy prices), all experts in the same exchanges. In round j (step = 2^j) rank r holds expert i's copy when
+  // rel = (r - owner_i) mod W < step, and sends it to rank (r + step) mod W when rel + step < W; so rank r sends
+  // only to r + step and receives only from r - step, each expert's row once.
   // The sender's rows go in ascending expert order, and the receiver gets them in that order (exchange stacks a
   // source's rows in its send order): the experts with rel in [step, 2 * step) on this side.
   // Autograd: each round's backward is the reverse exchange, and the gradients a copy gets from its own use and
@@ -58,13 +59,12 @@ at::Tensor replicate_experts_impl(const at::Tensor& weight, c10::IntArrayRef exp
   // A round that brings this rank nothing still has to take part in the backward: its empty output joins the
   // result, so every rank runs every round's reverse exchange.
   std::vector<at::Tensor> empty_rounds;
-  for (int64_t step = 1; step < world && m > 0; step *= 2) {  // the same rounds on every rank: m and W agree
+  for (const int64_t step : m > 0 ? tree_steps(world) : std::vector<int64_t>{}) {  // the same on every rank
     std::vector<at::Tensor> out;
     std::vector<int64_t> in;
     for (int64_t i = 0; i < m; ++i) {
-      const int64_t d = rel(i);
-      if (d < step && d + step < world) out.push_back(copies[i]);
-      if (d >= step && d < 2 * step) in.push_back(i);
+      if (tree_sends(rel(i), step, world)) out.push_back(copies[i]);
+      if (tree_receives(rel(i), step)) in.push_back(i);
     }
     std::vector<int64_t> send(world, 0), recv(world, 0);
     send[(rank + step) % world] = static_cast<int64_t>(out.size());

@@ -17,13 +17,6 @@ struct Loads {
   std::vector<int64_t> tree_sent, tree_recv;
 };
 
-// The rounds of ops::replicate_experts' tree: ceil(log2 W).
-int64_t tree_rounds(int64_t world) {
-  int64_t rounds = 0;
-  for (int64_t step = 1; step < world; step *= 2) ++rounds;
-  return rounds;
-}
-
 void check_args(const int64_t* load, int64_t world, int64_t num_local, const ReplicationCosts& costs) {
   FMOE_CHECK(world >= 1, "world must be >= 1, got ", world);
   FMOE_CHECK(num_local >= 1, "num_local must be >= 1, got ", num_local);
@@ -38,7 +31,7 @@ void check_args(const int64_t* load, int64_t world, int64_t num_local, const Rep
 }
 
 Loads initial_loads(const int64_t* load, int64_t world, int64_t num_local) {
-  const int64_t experts = world * num_local, tree = tree_rounds(world) * world;
+  const int64_t experts = world * num_local, tree = static_cast<int64_t>(tree_steps(world).size()) * world;
   Loads l{std::vector<int64_t>(world, 0), std::vector<int64_t>(world, 0), std::vector<int64_t>(world, 0),
           std::vector<int64_t>(tree, 0), std::vector<int64_t>(tree, 0)};
   for (int64_t s = 0; s < world; ++s) {
@@ -66,12 +59,12 @@ void add_copy(Loads& l, const int64_t* load, int64_t world, int64_t num_local, i
     l.send[s] -= n;
     l.recv[o] -= n;
   }
-  int64_t round = 0;
-  for (int64_t step = 1; step < world; step *= 2, ++round) {
-    // the ranks at rel in [0, step) send to rel + step while that is < W
-    for (int64_t rel = 0; rel < step && rel + step < world; ++rel) {
+  const std::vector<int64_t> steps = tree_steps(world);
+  for (size_t round = 0; round < steps.size(); ++round) {
+    // the senders are the first ranks from the owner on: rel = 0, 1, ... while tree_sends holds
+    for (int64_t rel = 0; tree_sends(rel, steps[round], world); ++rel) {
       l.tree_sent[round * world + (o + rel) % world] += 1;
-      l.tree_recv[round * world + (o + rel + step) % world] += 1;
+      l.tree_recv[round * world + (o + rel + steps[round]) % world] += 1;
     }
   }
 }

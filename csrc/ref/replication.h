@@ -30,6 +30,21 @@ namespace fastmoe {
 // The experts the greedy considers at most: those with the most slots from other ranks.
 constexpr int64_t kMaxCandidates = 16;
 
+// The binomial tree that ops::replicate_experts copies an expert down, and that the policy prices: round j has
+// step 2^j for every 2^j < world; in it the rank at rel = (r - owner) mod world sends the copy to the rank at
+// rel + step when tree_sends, and receives it from rel - step when tree_receives.
+inline std::vector<int64_t> tree_steps(int64_t world) {
+  std::vector<int64_t> steps;
+  for (int64_t step = 1; step < world; step *= 2) steps.push_back(step);
+  return steps;
+}
+inline bool tree_sends(int64_t rel, int64_t step, int64_t world) {
+  return rel < step && rel + step < world;
+}
+inline bool tree_receives(int64_t rel, int64_t step) {
+  return rel >= step && rel < 2 * step;
+}
+
 struct ReplicationCosts {
   double slot_cost = 0.0;    // seconds per slot row of expert compute (forward + backward)
   double row_cost = 0.0;     // seconds per row moved to another rank and back (forward + backward)
