@@ -286,16 +286,12 @@ at::Tensor TokenDispatch::exchange(const at::Tensor& x, const std::vector<int64_
 void TokenDispatch::ask_node_peers(const c10::Device& device) {
   const int64_t local_size = runtime::group_size(node_group_), nodes = world_ / local_size;
   const int64_t n = num_chunks();
-  at::Tensor mine = at::empty({local_size, n, 2, nodes}, at::kLong);
-  int64_t* m = mine.mutable_data_ptr<int64_t>();
-  for (int64_t j = 0; j < local_size; ++j) {
-    for (int64_t c = 0; c < n; ++c) {
-      for (int64_t node = 0; node < nodes; ++node) {
-        m[((j * n + c) * 2 + 0) * nodes + node] = chunks_[c].send[node * local_size + j];
-        m[((j * n + c) * 2 + 1) * nodes + node] = chunks_[c].recv[node * local_size + j];
-      }
-    }
+  std::vector<at::Tensor> per_chunk;  // [L, 2, N] each: send, then recv, by rail
+  for (const Chunk& c : chunks_) {
+    per_chunk.push_back(
+        at::stack({runtime::rail_counts(c.send, local_size), runtime::rail_counts(c.recv, local_size)}, 1));
   }
+  const at::Tensor mine = at::stack(per_chunk, 1);  // [L, n, 2, N]
   const at::Tensor theirs =
       runtime::exchange_peer_counts(mine.view({local_size, -1}), node_group_, device).view({local_size, n, 2, nodes});
   for (int64_t c = 0; c < n; ++c) {

@@ -572,6 +572,16 @@ at::Tensor restack(const at::Tensor& t, const std::vector<int64_t>& sizes, const
 
 }  // namespace
 
+at::Tensor rail_counts(const std::vector<int64_t>& rows, int64_t local_size) {
+  const int64_t nodes = static_cast<int64_t>(rows.size()) / local_size;
+  at::Tensor out = at::empty({local_size, nodes}, at::kLong);
+  int64_t* o = out.mutable_data_ptr<int64_t>();
+  for (int64_t j = 0; j < local_size; ++j) {
+    for (int64_t m = 0; m < nodes; ++m) o[j * nodes + m] = rows[m * local_size + j];
+  }
+  return out;
+}
+
 at::Tensor exchange_peer_counts(const at::Tensor& mine, const std::string& node_group, const c10::Device& device) {
   const auto node = resolve_group(node_group);
   const int64_t local_size = node->getSize();
@@ -614,12 +624,7 @@ void all_to_all_rows_hierarchical(const at::Tensor& input, const at::Tensor& out
                 peer_counts.sizes(), " ", peer_counts.scalar_type(), " on ", peer_counts.device());
     theirs = peer_counts.contiguous();
   } else {
-    at::Tensor mine = at::empty({local_size, nodes}, at::kLong);
-    int64_t* mine_h = mine.mutable_data_ptr<int64_t>();
-    for (int64_t j = 0; j < local_size; ++j) {
-      for (int64_t m = 0; m < nodes; ++m) mine_h[j * nodes + m] = send_rows[m * local_size + j];
-    }
-    theirs = exchange_peer_counts(mine, node_group, input.device());
+    theirs = exchange_peer_counts(rail_counts(send_rows, local_size), node_group, input.device());
   }
   const int64_t* theirs_h = theirs.const_data_ptr<int64_t>();
   std::vector<int64_t> node_send(local_size, 0), node_recv(local_size, 0), rail_send(nodes, 0), rail_recv(nodes, 0);

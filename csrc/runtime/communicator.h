@@ -93,6 +93,10 @@ void all_to_all_rows_hierarchical(const at::Tensor& input, const at::Tensor& out
                                   const std::string& node_group, const std::string& rail_group,
                                   const at::Tensor& peer_counts = at::Tensor());
 
+// `rows` (rows to each of the W = N * L ranks) by rail: [L, N] int64 on the CPU, entry [j, m] the rows to rank
+// m * L + j, which the hierarchical exchange passes through node peer j.
+at::Tensor rail_counts(const std::vector<int64_t>& rows, int64_t local_size);
+
 // The node peers' counts of the hierarchical exchange: row j of `mine` ([L, K] int64 on the CPU) goes to node peer
 // j, row j of the result comes from it. On the CPU where node_group has a CPU backend (no device sync); otherwise
 // through NCCL on `device` and read back (one device sync). fastmoe::TokenDispatch sends the counts of all its
