@@ -7,6 +7,8 @@ of the bytes is computed as they are written and recorded in meta.json, so a rea
 changed afterwards (disk, copy or transfer corruption) from the one that was saved.
 """
 
+import contextlib
+import datetime
 import errno
 import fcntl
 import hashlib
@@ -18,6 +20,7 @@ import secrets
 import shutil
 import socket
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -25,9 +28,10 @@ import torch.distributed as dist
 from fastmoe import _groups
 
 FORMAT = "fastmoe-checkpoint"
-VERSION = 1
+VERSION = 2  # 1: fastmoe's own shard files (before the experts were written by DCP)
 META = "meta.json"
-COMMON = "common.pt"
+STATE = "state.pt"  # rank 0: extra, the optimizer's param groups, and every value that is not a tensor
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the tensors
 LATEST = "latest"
 LOCK = ".lock"
 STAGING_PREFIX = ".partial-"
@@ -40,9 +44,9 @@ FAULT_ENV = "FASTMOE_CHECKPOINT_FAULT"
 FAULT_EXIT_CODE = 75
 FAULT_POINTS = (
     "after_staging",  # every rank: the staging folder exists, nothing written yet
-    "during_shard",  # the rank's expert shard is half written (torn temporary file), then the process dies
-    "after_shard",  # the rank's expert shard is complete in the staging folder
-    "before_meta",  # rank 0: every shard and common.pt written, meta.json not yet
+    "during_dcp",  # inside DCP's save: the rank's tensor file is written, DCP's .metadata not yet
+    "after_dcp",  # every rank: DCP's save is complete (tensor files and .metadata)
+    "before_meta",  # rank 0: every file written (state.pt too), meta.json not yet
     "before_commit",  # rank 0: meta.json written, the staging folder not yet renamed to its tag
     "before_latest",  # rank 0: the checkpoint is complete under its tag, ``latest`` still names the previous one
     "before_rotate",  # rank 0: ``latest`` names the new checkpoint, old ones (keep=N) not yet deleted
@@ -81,10 +85,6 @@ def check_tag(tag) -> str:
             f"{LATEST!r}), got {tag!r}"
         )
     return tag
-
-
-def shard_file(rank: int) -> str:
-    return f"shard-{rank:05d}.pt"
 
 
 def rank_file(rank: int) -> str:
@@ -126,10 +126,9 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: str, write, *, rank: int = 0, torn_fault: str | None = None) -> dict:
+def write_atomic(path: str, write) -> dict:
     """Writes ``path`` through ``write(fileobj)`` into ``path.tmp``, fsyncs it and renames it into place.
-    Returns ``{"size", "sha256"}`` of the file. With ``torn_fault`` set, that fault point truncates the temporary
-    file to half and kills the process before the rename (a torn write)."""
+    Returns ``{"size", "sha256"}`` of the file."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         writer = _HashingWriter(f)
@@ -139,26 +138,13 @@ def write_atomic(path: str, write, *, rank: int = 0, torn_fault: str | None = No
         size = f.tell()
     # A writer that seeked back would make the streamed hash differ from the file's bytes; hash the file then.
     digest = writer.sha256.hexdigest() if writer.count == size else file_sha256(tmp)
-    if torn_fault is not None and _fault_armed(torn_fault, rank):
-        with open(tmp, "r+b") as f:
-            f.truncate(size // 2)
-        fault_point(torn_fault, rank)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
     return {"size": size, "sha256": digest}
 
 
-def _fault_armed(point: str, rank: int) -> bool:
-    spec = os.environ.get(FAULT_ENV, "")
-    for item in spec.split(","):
-        name, _, at = item.strip().partition("@")
-        if name == point and (not at or int(at) == rank):
-            return True
-    return False
-
-
-def torch_save_atomic(obj, path: str, *, rank: int = 0, torn_fault: str | None = None) -> dict:
-    return write_atomic(path, lambda f: torch.save(obj, f), rank=rank, torn_fault=torn_fault)
+def torch_save_atomic(obj, path: str) -> dict:
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def json_save_atomic(obj, path: str) -> dict:
@@ -166,26 +152,37 @@ def json_save_atomic(obj, path: str) -> dict:
     return write_atomic(path, lambda f: f.write(data))
 
 
-def torch_load(directory: str, meta: dict, fname: str, weights_only: bool):
-    """``torch.load`` of file ``fname`` of the checkpoint in ``directory`` after checking its size and (when
-    meta.json has checksums: checkpoints written before them have none) its sha256 against ``meta``."""
+def verify_file(directory: str, meta: dict, fname: str) -> str:
+    """The path of file ``fname`` of the checkpoint in ``directory``, after checking its size and sha256 against
+    ``meta``."""
     path = os.path.join(directory, fname)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
-    size, expected_size = os.path.getsize(path), meta["files"].get(fname)
-    if expected_size is not None and size != expected_size:
+    size, expected_size = os.path.getsize(path), meta["files"][fname]
+    if size != expected_size:
         raise CheckpointError(
             f"checkpoint file {path} has {size} bytes but meta.json recorded {expected_size}: it was truncated or "
             f"replaced after the checkpoint was written"
         )
-    expected_sha256 = meta.get("sha256", {}).get(fname)
-    if expected_sha256 is not None:
-        actual = file_sha256(path)
-        if actual != expected_sha256:
-            raise CheckpointError(
-                f"checkpoint file {path} is corrupt: its sha256 is {actual}, meta.json recorded {expected_sha256} "
-                f"(its bytes changed after the checkpoint was written)"
-            )
+    actual, expected_sha256 = file_sha256(path), meta["sha256"][fname]
+    if actual != expected_sha256:
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt: its sha256 is {actual}, meta.json recorded {expected_sha256} "
+            f"(its bytes changed after the checkpoint was written)"
+        )
+    return path
+
+
+def verify_files(directory: str, meta: dict, rank: int = 0, world_size: int = 1) -> None:
+    """Checks every ``world_size``-th file of the checkpoint (from the ``rank``-th, in name order), so that the
+    ranks of a job share the reading."""
+    for fname in sorted(meta["files"])[rank::world_size]:
+        verify_file(directory, meta, fname)
+
+
+def torch_load(directory: str, meta: dict, fname: str, weights_only: bool):
+    """``torch.load`` of file ``fname`` of the checkpoint in ``directory`` (checked by :func:`verify_file`)."""
+    path = verify_file(directory, meta, fname)
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
     except Exception as exc:
@@ -212,7 +209,7 @@ def _is_int(value, low: int) -> bool:
 def validate_meta(meta, path: str) -> dict:
     """Checks every field :mod:`fastmoe.checkpoint` reads from meta.json, so a malformed file raises one
     CheckpointError naming ``path`` here, not a KeyError or IndexError deep inside a load. Unknown fields are
-    allowed (newer writers may add some); ``sha256`` is optional (checkpoints written before checksums)."""
+    allowed (newer writers may add some); ``sha256`` must hold a digest for every file ``files`` lists."""
 
     def bad(what: str):
         raise CheckpointError(f"{path} is not valid fastmoe checkpoint metadata: {what}")
@@ -222,7 +219,10 @@ def validate_meta(meta, path: str) -> dict:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not fastmoe checkpoint metadata (format={meta.get('format')!r})")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path} has format version {meta.get('version')!r}; this fastmoe reads {VERSION}")
+        raise CheckpointError(
+            f"{path} has format version {meta.get('version')!r}; this fastmoe reads {VERSION} (version 1 checkpoints, "
+            f"fastmoe's own shard files, are read by fastmoe releases before the DCP format)"
+        )
     for key in ("tag", "sequence", "world_size", "has_optimizer", "layers", "files", "rank_extra"):
         if key not in meta:
             bad(f"{key!r} is missing")
@@ -239,20 +239,20 @@ def validate_meta(meta, path: str) -> dict:
     if not isinstance(files, dict):
         bad(f"'files' must be an object of file name -> size, got {files!r}")
     for fname, size in files.items():
-        if not is_tag(fname):
+        if not (is_tag(fname) or fname == DCP_METADATA):
             bad(f"'files' names {fname!r}, which is not a plain file name inside the checkpoint folder")
         if not _is_int(size, 0):
             bad(f"'files'[{fname!r}] must be a size in bytes (an int >= 0), got {size!r}")
-    if COMMON not in files:
-        bad(f"'files' does not list {COMMON}")
-    if "sha256" in meta:
-        sums = meta["sha256"]
-        if not isinstance(sums, dict) or set(sums) != set(files):
-            got = f"checksums of {sorted(sums)}" if isinstance(sums, dict) else repr(sums)
-            bad(f"'sha256' must hold one checksum for each file of 'files' {sorted(files)}, got {got}")
-        for fname, digest in sums.items():
-            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
-                bad(f"'sha256'[{fname!r}] must be 64 lowercase hex digits, got {digest!r}")
+    for required in (STATE, DCP_METADATA):
+        if required not in files:
+            bad(f"'files' does not list {required}")
+    sums = meta.get("sha256")
+    if not isinstance(sums, dict) or set(sums) != set(files):
+        got = f"checksums of {sorted(sums)}" if isinstance(sums, dict) else repr(sums)
+        bad(f"'sha256' must hold one checksum for each file of 'files' {sorted(files)}, got {got}")
+    for fname, digest in sums.items():
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            bad(f"'sha256'[{fname!r}] must be 64 lowercase hex digits, got {digest!r}")
 
     rank_extra = meta["rank_extra"]
     if not isinstance(rank_extra, list):
@@ -268,7 +268,7 @@ def validate_meta(meta, path: str) -> dict:
         where = f"layers[{name!r}]"
         if not isinstance(info, dict):
             bad(f"{where} must be an object, got {info!r}")
-        for key in ("fused", "num_experts_total", "ep_size", "expert_params", "shards"):
+        for key in ("fused", "num_experts_total", "ep_size"):
             if key not in info:
                 bad(f"{where}[{key!r}] is missing")
         if not isinstance(info["fused"], bool):
@@ -278,21 +278,6 @@ def validate_meta(meta, path: str) -> dict:
             bad(f"{where}['num_experts_total'] must be an int >= 1, got {total!r}")
         if not _is_int(ep_size, 1) or total % ep_size:
             bad(f"{where}['ep_size'] must be an int >= 1 that divides num_experts_total={total}, got {ep_size!r}")
-        params = info["expert_params"]
-        if not isinstance(params, dict):
-            bad(f"{where}['expert_params'] must be an object, got {params!r}")
-        for suffix, desc in params.items():
-            shape = desc.get("shape", ()) if isinstance(desc, dict) else ()
-            shape_ok = shape is None or (isinstance(shape, list) and all(_is_int(d, 0) for d in shape))
-            if not shape_ok or not isinstance(desc.get("dtype"), str):
-                bad(f"{where}['expert_params'][{suffix!r}] must be {{'shape': [ints] or null, 'dtype': str}}: {desc!r}")
-        shards = info["shards"]
-        if not isinstance(shards, list) or len(shards) != total:
-            size = len(shards) if isinstance(shards, list) else type(shards).__name__
-            bad(f"{where}['shards'] must list a file for each of the {total} experts, got {size} entries")
-        for g, fname in enumerate(shards):
-            if not isinstance(fname, str) or fname not in files:
-                bad(f"{where}['shards'][{g}] is {fname!r}, which 'files' does not list")
     return meta
 
 
@@ -437,8 +422,36 @@ def check_lock_timeout(value) -> None:
 # ----------------------------------------------------------------------------------------------- process group
 
 
+@contextlib.contextmanager
+def dcp_quiet():
+    """DCP warns on every save and load without a process group that it assumes one process; that is the intent
+    of a checkpoint written or read by one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+_dcp_group = (None, None)  # (the default group it was made for, the group)
+
+
+def dcp_group():
+    """The process group DCP coordinates over (None without a process group): a gloo group of every rank whose
+    collectives give up after ``FASTMOE_COMM_TIMEOUT``, so a rank that dies inside DCP's save or load makes the
+    others raise instead of waiting for the default group's timeout (30 minutes on gloo). Made on first use by
+    every rank (save and load are collectives), again after the default group is replaced."""
+    global _dcp_group
+    if not dist_on():
+        return None
+    world, group = _dcp_group
+    if world is not dist.group.WORLD:
+        timeout = datetime.timedelta(seconds=_groups.comm_timeout())
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        _dcp_group = (dist.group.WORLD, group)
+    return group
 
 
 def rank_and_world() -> tuple[int, int]:

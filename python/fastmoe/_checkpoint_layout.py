@@ -1,5 +1,6 @@
-"""How a model's state maps onto a checkpoint: which entries are experts (and of which global expert), and how
-state dicts and optimizer state are split per expert and merged back, for :mod:`fastmoe.checkpoint`."""
+"""How a model's state maps onto a checkpoint, for :mod:`fastmoe.checkpoint`: which entries are experts (and of
+which global expert), and the view of the model and optimizer state that torch.distributed.checkpoint (DCP) writes
+and reads, in which every name and shape is the one-process model's, whatever the EP size."""
 
 from dataclasses import dataclass
 
@@ -8,7 +9,7 @@ from torch import nn
 
 from fastmoe import _checkpoint_io as io
 from fastmoe._checkpoint_io import CheckpointError
-from fastmoe._groups import expert_shards
+from fastmoe._groups import GroupMeshes, expert_shards
 from fastmoe.layers import FMoE
 
 # ----------------------------------------------------------------------------------------------- model layout
@@ -22,6 +23,7 @@ class Layer:
     ep_size: int
     moe_rank: int
     mesh: object = None  # the layer's moe_mesh: its fused experts are DTensors sharded (Shard(0),) over it
+    group: object = None  # the process group of a layer without a mesh (None: the default group)
 
     @property
     def num_experts_total(self) -> int:
@@ -72,6 +74,7 @@ def moe_layers(model: nn.Module) -> dict[str, Layer]:
         layer = Layer(name, bool(module.experts_fused), int(module.num_expert), int(module.world_size), 0)
         layer.moe_rank = moe_rank(module)
         layer.mesh = getattr(module, "moe_mesh", None)
+        layer.group = getattr(module, "moe_group", None)
         if not 0 <= layer.moe_rank < layer.ep_size:
             raise CheckpointError(f"FMoE layer {name!r}: moe_rank={layer.moe_rank} is outside [0, {layer.ep_size})")
         layers[name] = layer
@@ -86,7 +89,7 @@ def moe_layers(model: nn.Module) -> dict[str, Layer]:
             )
         if any(name.startswith(outer.prefix) for outer in layers.values()):
             raise CheckpointError(f"the experts module {name!r} lies inside the experts of another MoE layer")
-        layers[parent] = Layer(parent, True, shard.num_expert, shard.world_size, shard.moe_rank)
+        layers[parent] = Layer(parent, True, shard.num_expert, shard.world_size, shard.moe_rank, group=shard.group)
     return layers
 
 
@@ -113,23 +116,6 @@ def canonical(layers: dict[str, Layer], name: str) -> str:
     return f"{hit[0].prefix}*.{hit[2]}"
 
 
-def cpu(value):
-    """A CPU tensor that owns exactly its data (a slice would otherwise save its whole storage)."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    t = value.detach()
-    if t.device.type != "cpu":
-        return t.cpu()
-    whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
-    return t if whole else t.clone()
-
-
-_DCP_HINT = (
-    "save it with torch.distributed.checkpoint (DCP), which reads DTensor placements (docs/distributed.md, "
-    "'DeviceMesh and DTensor experts')"
-)
-
-
 def is_dtensor(value) -> bool:
     if not torch.distributed.is_available():
         return False
@@ -138,199 +124,166 @@ def is_dtensor(value) -> bool:
     return isinstance(value, DTensor)
 
 
-def local_experts(key: str, value, layer: Layer):
-    """This rank's experts of an expert entry: a DTensor of a mesh layer (``Shard(0)`` over its ``moe_mesh``) is
-    its local shard, ``[num_expert, ...]``, the layout a process-group layer holds; anything else as it is. A
-    DTensor placed otherwise (a layer that FSDP2 shards further) raises."""
-    if not is_dtensor(value):
-        return value
-    from torch.distributed.tensor import Shard
+# ----------------------------------------------------------------------------------------------- the DCP view
+#
+# DCP writes a DTensor once per distinct shard (every rank its own) and a plain tensor once under its key (a value
+# every rank holds), and reads both back resharded to the loading job's layout. The view below gives it the
+# one-process model's names and shapes on every rank:
+#
+# - entries outside the experts, and DTensors (the experts of a mesh layer, anything under FSDP2), as they are;
+# - the fused experts of a layer over a process group, ``[num_expert, ...]`` on each rank, as the DTensor
+#   ``[num_expert * ep_size, ...]`` sharded (Shard(0),) over that group: the layout of a mesh layer;
+# - the per-expert modules of such a layer under their global index (``experts.<moe_rank * num_expert + i>``).
+#
+# Optimizer state follows its parameter (``optim.state.<parameter key>.<state name>``); values that are not tensors
+# (and the param groups) are not given to DCP: fastmoe.checkpoint keeps them in its own state file.
 
-    if layer.mesh is None or value.device_mesh != layer.mesh or tuple(value.placements) != (Shard(0),):
-        raise CheckpointError(
-            f"{key!r} of FMoE layer {layer.name or '<model>'!r} is a DTensor placed {tuple(value.placements)} on "
-            f"{value.device_mesh}; fastmoe.checkpoint reads expert DTensors sharded (Shard(0),) over the layer's "
-            f"moe_mesh only (FSDP2 shards them further): {_DCP_HINT}"
-        )
-    return value.to_local()
-
-
-def check_plain(key: str, value) -> None:
-    """Replicated entries must be plain tensors: a DTensor outside the experts (a model under FSDP2) is not one
-    value every rank holds."""
-    if is_dtensor(value):
-        raise CheckpointError(
-            f"{key!r} is a DTensor placed {tuple(value.placements)} on {value.device_mesh}, but fastmoe.checkpoint "
-            f"saves everything outside the experts once, as a value every rank holds: {_DCP_HINT}"
-        )
+MODEL = "model."
+OPTIM_STATE = "optim.state."
 
 
-def like(saved, current):
-    """``saved`` (this rank's experts, a plain tensor) as a DTensor placed like ``current`` when that is one."""
-    if not is_dtensor(current) or not isinstance(saved, torch.Tensor):
-        return saved
-    from torch.distributed.tensor import DTensor
+@dataclass
+class Entry:
+    """Where a DCP key comes from: the model's own state-dict key (``kind`` "model"), or the optimizer state
+    ``name`` of the model's parameter ``key`` (``kind`` "optim"); ``wrapped``: a plain tensor shown as a DTensor."""
 
-    return DTensor.from_local(
-        saved, current.device_mesh, current.placements, run_check=False, shape=current.shape, stride=current.stride()
+    kind: str
+    key: str
+    name: str | None
+    wrapped: bool
+
+
+@dataclass
+class View:
+    tensors: dict  # DCP key -> tensor or DTensor of the one-process model's shape
+    objects: dict  # DCP key -> a value that is not a tensor
+    entries: dict  # DCP key -> Entry
+    groups: list  # per optimizer param group: {"hyper": {...}, "params": [canonical parameter names]}
+
+
+def global_key(layers: dict[str, Layer], key: str) -> tuple[str, Layer | None]:
+    """``(the key in the one-process model, the layer whose fused experts it holds or None)``."""
+    hit = expert_key(layers, key)
+    if hit is None:
+        return key, None
+    layer, local, suffix = hit
+    if local is not None:
+        return f"{layer.prefix}{layer.first_expert + local}.{suffix}", None
+    return key, layer
+
+
+def _as_global(value, layer: Layer, meshes: GroupMeshes):
+    """This rank's experts ``[num_expert, ...]`` of a layer over a process group as the layer-wide DTensor."""
+    return meshes.experts_dtensor(value, layer.group, layer.ep_size)
+
+
+def _shard_kind(what: str, value, layer: Layer, is_state: bool) -> str:
+    """How a value under a process-group layer's fused experts is shown: "wrap" (a leading expert dim), "plain"
+    (an optimizer state 0-d tensor or a non-tensor, the same for every expert, such as Adam's ``step``), or an
+    error naming what cannot be resharded."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == layer.num_expert:
+        return "wrap"
+    if is_state and (not isinstance(value, torch.Tensor) or value.dim() == 0):
+        return "plain"
+    shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    raise CheckpointError(
+        f"{what} of FMoE layer {layer.name or '<model>'!r} is {shape}; a fused expert entry needs a leading dim of "
+        f"num_expert={layer.num_expert}" + (" (or be 0-d, the same for every expert)" if is_state else "")
     )
 
 
-def describe(value) -> list:
-    if isinstance(value, torch.Tensor):
-        return [list(value.shape), str(value.dtype).removeprefix("torch.")]
-    return [None, type(value).__name__]
-
-
-# ----------------------------------------------------------------------------------------------- splitting (save)
-
-
-def split_model(model, layers, want_common: bool, writers: set[str]):
-    """``(common {key: value}, experts {layer: {global id: {suffix: value}}})`` of this rank's state dict."""
-    common, experts = {}, {name: {} for name in writers}
-    for key, value in model.state_dict().items():
-        hit = expert_key(layers, key)
-        if hit is None:
-            check_plain(key, value)
-            if want_common:
-                common[key] = cpu(value)
-            continue
-        layer, local, suffix = hit
-        value = local_experts(key, value, layer)
-        if layer.name not in writers:
-            continue
-        if local is not None:
-            experts[layer.name].setdefault(layer.first_expert + local, {})[suffix] = cpu(value)
-            continue
-        if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[0] != layer.num_expert:
-            raise CheckpointError(
-                f"fused expert entry {key!r} must have a leading dim of num_expert={layer.num_expert}, got "
-                f"{describe(value)}"
-            )
-        for local_idx, g in enumerate(layer.global_ids()):
-            experts[layer.name].setdefault(g, {})[suffix] = cpu(value[local_idx])
-    return common, experts
-
-
-def optimizer_params(model, optimizer):
-    """``[(group index, param, name)]`` in the optimizer's order."""
+def optimizer_names(model: nn.Module, optimizer) -> list[list[str]]:
+    """The model's name of every parameter of every param group of ``optimizer``."""
     names = {id(p): n for n, p in model.named_parameters()}
-    entries = []
+    out = []
     for gi, group in enumerate(optimizer.param_groups):
+        out.append([])
         for pi, p in enumerate(group["params"]):
             if id(p) not in names:
                 raise CheckpointError(
                     f"optimizer.param_groups[{gi}]['params'][{pi}] (shape {list(p.shape)}) is not a parameter of the "
                     f"model"
                 )
-            entries.append((gi, p, names[id(p)]))
-    return entries
-
-
-def split_fused_state(state: dict, param, layer: Layer, name: str) -> list:
-    """One ``{"split": ..., "shared": ...}`` per local expert: state tensors with the parameter's leading expert
-    dim are sliced, 0-d tensors and plain values (``step``) are copied. DTensors count by their local shards."""
-    split, shared = {}, {}
-    param = local_experts(name, param, layer)
-    for key, value in state.items():
-        value = local_experts(f"optimizer state {key!r} of {name}", value, layer)
-        if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape[0] == layer.num_expert:
-            split[key] = value
-        elif not isinstance(value, torch.Tensor) or value.dim() == 0:
-            shared[key] = cpu(value)
-        else:
-            raise CheckpointError(
-                f"optimizer state {key!r} of expert parameter {name!r} has shape {list(value.shape)}; only state "
-                f"tensors with the parameter's leading expert dim (parameter shape {list(param.shape)}) or 0-d "
-                f"values can be resharded"
-            )
-    return [
-        {"split": {k: cpu(v[local]) for k, v in split.items()}, "shared": shared} for local in range(layer.num_expert)
-    ]
-
-
-def split_optimizer(model, optimizer, layers, want_common: bool, writers: set[str]):
-    groups = [
-        {"hyper": {k: v for k, v in g.items() if k not in ("params", "param_names")}, "params": []}
-        for g in optimizer.param_groups
-    ]
-    common, experts = {}, {name: {} for name in writers}
-    for gi, param, name in optimizer_params(model, optimizer):
-        canon = canonical(layers, name)
-        if canon not in groups[gi]["params"]:
-            groups[gi]["params"].append(canon)
-        state = optimizer.state.get(param) or {}
-        hit = expert_key(layers, name)
-        if hit is None:
-            for key, value in state.items():
-                check_plain(f"optimizer state {key!r} of {name}", value)
-            if want_common and state:
-                common[name] = {k: cpu(v) for k, v in state.items()}
-            continue
-        layer, local, suffix = hit
-        if layer.name not in writers or not state:
-            continue
-        if local is not None:
-            entry = {"split": {}, "shared": {k: cpu(v) for k, v in state.items()}}
-            experts[layer.name].setdefault(layer.first_expert + local, {})[suffix] = entry
-            continue
-        for g, entry in zip(layer.global_ids(), split_fused_state(state, param, layer, name), strict=True):
-            experts[layer.name].setdefault(g, {})[suffix] = entry
-    return {"state": common, "groups": groups}, experts
-
-
-def plan_writers(everyone: list) -> dict[str, dict[int, int]]:
-    """For each layer, the global rank that writes the experts of each moe_rank (the lowest rank holding them).
-    Every rank computes this from the same gathered data, so every rank raises the same error."""
-    names = set(everyone[0]["layers"])
-    for r, info in enumerate(everyone):
-        if set(info["layers"]) != names:
-            raise CheckpointError(f"rank {r} has MoE layers {sorted(info['layers'])}, rank 0 has {sorted(names)}")
-        if info["optimizer"] != everyone[0]["optimizer"]:
-            raise CheckpointError(f"optimizer passed on some ranks and None on others (rank {r}: {info['optimizer']})")
-    plan = {}
-    for name in sorted(names):
-        _, ep_size, num_expert, fused = everyone[0]["layers"][name]
-        holders: dict[int, int] = {}
-        for r, info in enumerate(everyone):
-            moe_rank, ep_r, num_r, fused_r = info["layers"][name]
-            if (ep_r, num_r, fused_r) != (ep_size, num_expert, fused):
-                raise CheckpointError(
-                    f"layer {name!r}: rank {r} has EP size {ep_r} x {num_r} experts (fused={fused_r}), rank 0 has "
-                    f"{ep_size} x {num_expert} (fused={fused})"
-                )
-            holders.setdefault(moe_rank, r)
-        missing = [m for m in range(ep_size) if m not in holders]
-        if missing:
-            raise CheckpointError(
-                f"layer {name!r}: no rank holds the experts of moe_rank {missing} (EP size {ep_size})"
-            )
-        plan[name] = holders
-    return plan
-
-
-def merge_fused_state(entries: dict, name: str):
-    """The optimizer state of a fused expert parameter from its per-expert entries ``{global id: entry}`` (in
-    local order): split tensors stacked, shared values taken once (they must agree)."""
-    if all(e is None for e in entries.values()):
-        return None
-    ids = list(entries)
-    first = next(e for e in entries.values() if e is not None)
-    for g, e in entries.items():
-        if e is None or set(e["split"]) != set(first["split"]) or set(e["shared"]) != set(first["shared"]):
-            raise CheckpointError(
-                f"optimizer state of {name!r}: global expert {g} has keys "
-                f"{None if e is None else sorted(e['split']) + sorted(e['shared'])}, expert {ids[0]} has "
-                f"{sorted(first['split']) + sorted(first['shared'])}; the experts of one fused parameter need the same"
-            )
-        for k, v in e["shared"].items():
-            same = torch.equal(v, first["shared"][k]) if isinstance(v, torch.Tensor) else v == first["shared"][k]
-            if not same:
-                raise CheckpointError(
-                    f"optimizer state {k!r} of {name!r}: global expert {g} has {v!r}, expert {ids[0]} has "
-                    f"{first['shared'][k]!r}; one fused parameter needs one value"
-                )
-    out = dict(first["shared"])
-    for k in first["split"]:
-        out[k] = torch.stack([e["split"][k] for e in entries.values()])
+            out[-1].append(names[id(p)])
     return out
+
+
+def present(model: nn.Module, optimizer, layers: dict[str, Layer]) -> View:
+    """This rank's model (and optimizer) state in the one-process model's names and shapes (see above)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    view, meshes = View({}, {}, {}, []), GroupMeshes()
+
+    def add(dkey: str, value, entry: Entry, layer: Layer | None):
+        if layer is not None and layer.ep_size > 1 and not is_dtensor(value):
+            what = f"{entry.key!r}" if entry.name is None else f"optimizer state {entry.name!r} of {entry.key!r}"
+            if _shard_kind(what, value, layer, entry.name is not None) == "wrap":
+                value, entry.wrapped = _as_global(value.detach(), layer, meshes), True
+        (view.tensors if isinstance(value, torch.Tensor) else view.objects)[dkey] = value
+        view.entries[dkey] = entry
+
+    for key, value in get_model_state_dict(model).items():
+        gkey, layer = global_key(layers, key)
+        add(MODEL + gkey, value, Entry("model", key, None, False), layer)
+    if optimizer is None:
+        return view
+    params = dict(model.named_parameters())
+    for gi, names in enumerate(optimizer_names(model, optimizer)):
+        hyper = {k: v for k, v in optimizer.param_groups[gi].items() if k not in ("params", "param_names")}
+        view.groups.append({"hyper": hyper, "params": sorted({canonical(layers, n) for n in names})})
+        for name in names:
+            gkey, layer = global_key(layers, name)
+            for state_name, value in (optimizer.state.get(params[name]) or {}).items():
+                add(f"{OPTIM_STATE}{gkey}.{state_name}", value, Entry("optim", name, state_name, False), layer)
+    return view
+
+
+def targets(model: nn.Module, optimizer, layers: dict[str, Layer], saved: dict) -> View:
+    """The view of :func:`present` with, for the optimizer, a tensor to load into for every state entry the
+    checkpoint holds (``saved``: DCP key -> (global shape, dtype)), placed like the parameter's state would be."""
+    view = present(model, None, layers)
+    if optimizer is None:
+        return view
+    from torch.distributed.tensor import DTensor
+
+    meshes = GroupMeshes()
+    params = dict(model.named_parameters())
+    for names in optimizer_names(model, optimizer):
+        for name in names:
+            gkey, layer = global_key(layers, name)
+            param, prefix = params[name], f"{OPTIM_STATE}{gkey}."
+            for dkey, (shape, dtype) in saved.items():
+                if not dkey.startswith(prefix) or "." in dkey[len(prefix) :]:
+                    continue
+                entry = Entry("optim", name, dkey[len(prefix) :], False)
+                if layer is not None and layer.ep_size > 1 and not isinstance(param, DTensor) and shape:
+                    local = torch.zeros((layer.num_expert, *shape[1:]), dtype=dtype, device=param.device)
+                    value, entry.wrapped = _as_global(local, layer, meshes), True
+                elif tuple(shape) == tuple(param.shape) and shape:
+                    value = torch.zeros_like(param.detach(), dtype=dtype)  # a DTensor parameter gives a DTensor
+                elif isinstance(param, DTensor) and not shape:
+                    value = torch.zeros((), dtype=dtype, device=param.to_local().device)
+                else:
+                    value = torch.zeros(shape, dtype=dtype, device=param.device)
+                view.tensors[dkey] = value
+                view.entries[dkey] = entry
+    return view
+
+
+def restore(view: View, objects: dict, loaded: set[str]) -> tuple[dict, dict]:
+    """``(model state dict, {parameter key: optimizer state})`` in the model's own keys from a loaded view: the
+    tensors of ``loaded`` (DCP filled them in place) and the values of ``objects``."""
+    model_state, optim_state = {}, {}
+    for dkey, entry in view.entries.items():
+        if dkey in loaded:
+            value = view.tensors[dkey]
+            value = value.to_local() if entry.wrapped else value
+        elif dkey in objects:
+            value = objects[dkey]
+        else:
+            continue
+        if entry.kind == "model":
+            model_state[entry.key] = value
+        else:
+            optim_state.setdefault(entry.key, {})[entry.name] = value
+    return model_state, optim_state

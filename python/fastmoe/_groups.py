@@ -194,6 +194,39 @@ def expert_shards(model) -> list:
 EP_EXCHANGES = ("flat", "hierarchical", "auto")
 
 
+class GroupMeshes:
+    """One 1-D DeviceMesh per (process group, device type): the mesh under which the experts a plain process group
+    splits are seen as one DTensor (:meth:`experts_dtensor`)."""
+
+    def __init__(self):
+        self.meshes = {}
+
+    def get(self, group, device_type: str):
+        from torch.distributed.device_mesh import DeviceMesh
+
+        group = group if group is not None else dist.group.WORLD
+        key = (id(group), device_type)
+        if key not in self.meshes:
+            self.meshes[key] = DeviceMesh.from_group(group, device_type)
+        return self.meshes[key]
+
+    def experts_dtensor(self, local: torch.Tensor, group, world_size: int):
+        """This rank's experts ``[num_expert, ...]`` (moe rank r holds global experts r * num_expert ...) as the
+        DTensor ``[num_expert * world_size, ...]`` placed ``(Shard(0),)`` on the group's mesh, the layout of a layer
+        built with a DeviceMesh. It shares ``local``'s memory when ``local`` is contiguous."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        shape = (local.shape[0] * world_size, *local.shape[1:])
+        stride, step = [], 1
+        for size in reversed(shape):
+            stride.append(step)
+            step *= max(size, 1)
+        mesh = self.get(group, local.device.type)
+        return DTensor.from_local(
+            local.contiguous(), mesh, [Shard(0)], run_check=False, shape=shape, stride=tuple(reversed(stride))
+        )
+
+
 def launcher_local_size(group) -> int | None:
     """How many consecutive ranks of ``group`` share a node, from the launcher's ``LOCAL_WORLD_SIZE`` (torchrun sets
     it and numbers the ranks node by node, so global rank ``g`` is on node ``g // LOCAL_WORLD_SIZE``). ``None`` when

@@ -4,13 +4,16 @@
     info = fastmoe.checkpoint.load(model, optimizer, "ckpt")                    # any EP size; info["extra"]
     state_dict = fastmoe.checkpoint.consolidate("ckpt")                         # for the world_size=1 model
 
-Layout: ``ckpt/<tag>/meta.json``, ``common.pt`` (everything replicated: gate, attention, norms, and their optimizer
-state; written by rank 0), ``shard-<rank>.pt`` (the experts one rank holds, one entry per global expert id, with
-their optimizer state; each global expert written once), ``rank-<rank>.pt`` (optional per-rank payload), and
-``ckpt/latest`` naming the newest tag. A checkpoint is written into a staging folder and renamed to its tag only
-when complete; ``latest`` is replaced after that, so a crash never leaves a broken ``latest``. The saving job's
-rank 0 holds ``ckpt/.lock`` from choosing the tag until ``latest`` is replaced, so concurrent saves into one folder
-take turns. meta.json records the sha256 of every file; load and consolidate check it.
+The tensors are written and read by torch.distributed.checkpoint (DCP): every rank writes the shards it holds and
+reads those of its layout, resharded. The experts are shown to DCP in the one-process model's names and shapes
+(:mod:`fastmoe._checkpoint_layout`), so a checkpoint loads at any EP size, with a process group or a DeviceMesh,
+under FSDP2 or not, and ``dcp.load`` alone reads it into the one-process model. What DCP lacks is added here:
+``ckpt/<tag>/`` is written into a staging folder and renamed to its tag only when complete; ``ckpt/latest`` names
+the newest and is replaced after that, so a crash never leaves a broken ``latest``; meta.json records the size and
+sha256 of every file, checked before anything is read; the saving job's rank 0 holds ``ckpt/.lock`` from choosing
+the tag until ``latest`` is replaced, so concurrent saves into one folder take turns. Beside DCP's files: state.pt
+(rank 0: ``extra``, the optimizer's param groups and every value that is not a tensor) and ``rank-<rank>.pt``
+(optional per-rank payload).
 """
 
 import os
@@ -45,10 +48,6 @@ __all__ = [
 ]
 
 
-_shard_file = io.shard_file
-_rank_file = io.rank_file
-
-
 # ----------------------------------------------------------------------------------------------- save
 
 
@@ -70,76 +69,73 @@ def _prepare(directory: str, tag):
     return tag, sequence, staging
 
 
-def _write_rank(model, optimizer, layers, plan, staging, rank, extra, rank_extra):
-    if not os.path.isdir(staging):
-        raise CheckpointError(
-            f"the staging folder {staging} that rank 0 made is not visible on rank {rank}: the checkpoint folder "
-            f"must be on a filesystem every rank sees"
-        )
-    writers = {name for name, holders in plan.items() if holders[layers[name].moe_rank] == rank}
-    common, experts = layout.split_model(model, layers, rank == 0, writers)
-    optim_common, optim_experts = (None, {})
-    if optimizer is not None:
-        optim_common, optim_experts = layout.split_optimizer(model, optimizer, layers, rank == 0, writers)
-    files, expert_params = {}, {}
-    if writers:
-        payload = {}
-        for name in writers:
-            payload[name] = {
-                g: {"model": experts[name].get(g, {}), "optim": optim_experts.get(name, {}).get(g, {})}
-                for g in layers[name].global_ids()
-            }
-            first = payload[name][layers[name].first_expert]["model"]
-            expert_params[name] = {
-                "ids": sorted(payload[name]),
-                "params": {suffix: layout.describe(v) for suffix, v in first.items()},
-            }
-        shard = {"format": io.FORMAT, "rank": rank, "experts": payload}
-        files[_shard_file(rank)] = io.torch_save_atomic(
-            shard, os.path.join(staging, _shard_file(rank)), rank=rank, torn_fault="during_shard"
-        )
-        io.fault_point("after_shard", rank)
-    if rank == 0:
-        blob = {"format": io.FORMAT, "model": common, "optim": optim_common, "extra": extra}
-        files[io.COMMON] = io.torch_save_atomic(blob, os.path.join(staging, io.COMMON))
-        common_keys = {k: layout.describe(v) for k, v in common.items()}
-    else:
-        common_keys = None
-    if rank_extra is not None:
-        files[_rank_file(rank)] = io.torch_save_atomic(rank_extra, os.path.join(staging, _rank_file(rank)))
-    return {"files": files, "experts": expert_params, "common_keys": common_keys}
+def _layers_meta(layers: dict) -> dict:
+    return {
+        name: {"fused": x.fused, "num_experts_total": x.num_experts_total, "ep_size": x.ep_size}
+        for name, x in layers.items()
+    }
 
 
-def _commit(directory, tag, sequence, staging, layers_info, reports, world_size, has_optimizer, keep):
-    layers_meta = {}
-    for name, (_, ep_size, num_expert, fused) in layers_info.items():
-        total = ep_size * num_expert
-        shards, params = [None] * total, None
-        for rank, report in enumerate(reports):
-            if name not in report["experts"]:
-                continue
-            for g in report["experts"][name]["ids"]:
-                shards[g] = _shard_file(rank)
-            if params is not None and report["experts"][name]["params"] != params:
-                raise CheckpointError(f"layer {name!r}: expert parameters differ between the ranks that hold them")
-            params = report["experts"][name]["params"]
-        missing = [g for g, f in enumerate(shards) if f is None]
-        if missing:
-            raise CheckpointError(f"layer {name!r}: no shard holds global experts {missing}")
-        layers_meta[name] = {
-            "fused": fused,
-            "num_experts_total": total,
-            "ep_size": ep_size,
-            "expert_params": {s: {"shape": d[0], "dtype": d[1]} for s, d in params.items()},
-            "shards": shards,
-        }
-    for rank, report in enumerate(reports):
-        for fname in report["files"]:
-            if not os.path.isfile(os.path.join(staging, fname)):
-                raise CheckpointError(
-                    f"{os.path.join(staging, fname)} written by rank {rank} is not visible on rank 0: the checkpoint "
-                    f"folder must be on a filesystem every rank sees"
-                )
+def _merge_reports(reports: list) -> tuple[dict, list]:
+    """``(objects, param groups)`` of every rank's report: the same layers and optimizer presence on every rank,
+    each value that is not a tensor once, and each param group's parameters as the union of the ranks'."""
+    first = reports[0]
+    for r, report in enumerate(reports):
+        if report["layers"] != first["layers"]:
+            raise CheckpointError(f"rank {r} has MoE layers {report['layers']}, rank 0 has {first['layers']}")
+        if report["optimizer"] != first["optimizer"]:
+            raise CheckpointError(
+                f"optimizer passed on some ranks and None on others (rank {r}: {report['optimizer']})"
+            )
+        if len(report["groups"]) != len(first["groups"]):
+            raise CheckpointError(
+                f"rank {r}'s optimizer has {len(report['groups'])} param groups, rank 0's {len(first['groups'])}"
+            )
+    objects, groups = {}, [{"hyper": g["hyper"], "params": set()} for g in first["groups"]]
+    for report in reports:
+        for key, value in report["objects"].items():
+            objects.setdefault(key, value)
+        for merged, group in zip(groups, report["groups"], strict=True):
+            merged["params"].update(group["params"])
+    return objects, [{"hyper": g["hyper"], "params": sorted(g["params"])} for g in groups]
+
+
+def _dcp_writer(staging: str, rank: int):
+    """DCP's file writer, with the ``during_dcp`` fault point once this rank's tensor file is written."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class Writer(FileSystemWriter):
+        def write_data(self, plan, planner):
+            done = super().write_data(plan, planner)
+            done.wait()
+            io.fault_point("during_dcp", rank)
+            return done
+
+    return Writer(staging, single_file_per_rank=True, sync_files=True)
+
+
+def _rank_files(staging: str, rank: int) -> dict:
+    """Size and sha256 of the files DCP wrote for ``rank`` (``__<rank>_<n>.distcp``)."""
+    prefix = f"__{rank}_"
+    return {
+        f: {"size": os.path.getsize(os.path.join(staging, f)), "sha256": io.file_sha256(os.path.join(staging, f))}
+        for f in sorted(os.listdir(staging))
+        if f.startswith(prefix) and f.endswith(".distcp")
+    }
+
+
+def _commit(directory, tag, sequence, staging, layers_meta, files, world_size, has_optimizer, rank_extra, keep):
+    files = dict(files)
+    files[io.DCP_METADATA] = {
+        "size": os.path.getsize(os.path.join(staging, io.DCP_METADATA)),
+        "sha256": io.file_sha256(os.path.join(staging, io.DCP_METADATA)),
+    }
+    for fname in files:
+        if not os.path.isfile(os.path.join(staging, fname)):
+            raise CheckpointError(
+                f"{os.path.join(staging, fname)} is not visible on rank 0: the checkpoint folder must be on a "
+                f"filesystem every rank sees"
+            )
     meta = {
         "format": io.FORMAT,
         "version": io.VERSION,
@@ -150,10 +146,9 @@ def _commit(directory, tag, sequence, staging, layers_info, reports, world_size,
         "torch_version": torch.__version__,
         "has_optimizer": has_optimizer,
         "layers": layers_meta,
-        "common_keys": {k: {"shape": d[0], "dtype": d[1]} for k, d in reports[0]["common_keys"].items()},
-        "files": {f: record["size"] for report in reports for f, record in report["files"].items()},
-        "sha256": {f: record["sha256"] for report in reports for f, record in report["files"].items()},
-        "rank_extra": [r for r, report in enumerate(reports) if _rank_file(r) in report["files"]],
+        "files": {f: record["size"] for f, record in files.items()},
+        "sha256": {f: record["sha256"] for f, record in files.items()},
+        "rank_extra": rank_extra,
     }
     io.fault_point("before_meta", 0)
     io.json_save_atomic(meta, os.path.join(staging, io.META))
@@ -189,12 +184,17 @@ def save(
     """Writes a checkpoint of ``model`` (and ``optimizer``, or None) under ``directory/<tag>``; call it on every
     rank of the default process group (or without one). Returns the checkpoint's path, complete when returned.
 
+    The model may hold its experts over a process group or a DeviceMesh, and be wrapped by
+    DistributedGroupedDataParallel, DDP or FSDP2 (``fully_shard``): what each rank holds is written once.
+
     ``tag`` defaults to ``ckpt-<sequence>``; an existing tag is an error. ``extra`` (rank 0's value) and
     ``rank_extra`` (each rank's own value, e.g. :func:`rng_state`) are returned by :func:`load`. ``keep=N``
     deletes the oldest complete checkpoints beyond the newest N, after ``latest`` names the new one.
 
     Rank 0 holds the lock ``directory/.lock`` for the whole save; a save that finds it held (another job saving
     into the same folder) waits up to ``lock_timeout`` seconds (None: no limit), then raises CheckpointError."""
+    import torch.distributed.checkpoint as dcp
+
     model = layout.unwrap(model)
     if tag is not None:
         io.check_tag(tag)
@@ -202,10 +202,6 @@ def save(
         raise ValueError(f"keep must be None or a positive int, got {keep!r}")
     io.check_lock_timeout(lock_timeout)
     rank, world_size = io.rank_and_world()
-    layers = layout.moe_layers(model)
-    layers_info = {n: [x.moe_rank, x.ep_size, x.num_expert, x.fused] for n, x in layers.items()}
-    everyone = io.all_gather({"layers": layers_info, "optimizer": optimizer is not None})
-    plan = layout.plan_writers(everyone)
     lock = None
 
     def locked_prepare():
@@ -219,15 +215,59 @@ def save(
     try:
         tag, sequence, staging = io.on_rank0(locked_prepare, "fastmoe.checkpoint.save")
         io.fault_point("after_staging", rank)
-        report, exc = None, None
+        view, report, exc = None, None, None
         try:
-            report = _write_rank(model, optimizer, layers, plan, staging, rank, extra, rank_extra)
+            if not os.path.isdir(staging):
+                raise CheckpointError(
+                    f"the staging folder {staging} that rank 0 made is not visible on rank {rank}: the checkpoint "
+                    f"folder must be on a filesystem every rank sees"
+                )
+            layers = layout.moe_layers(model)
+            view = layout.present(model, optimizer, layers)
+            report = {
+                "layers": _layers_meta(layers),
+                "optimizer": optimizer is not None,
+                "groups": view.groups,
+                "objects": view.objects,
+                "files": {},
+            }
+            if rank_extra is not None:
+                path = os.path.join(staging, io.rank_file(rank))
+                report["files"][io.rank_file(rank)] = io.torch_save_atomic(rank_extra, path)
         except Exception as e:  # noqa: BLE001 - every rank learns of it in gather_checked
             exc = e
         reports = io.gather_checked(report, exc, "fastmoe.checkpoint.save")
+        objects, groups = _merge_reports(reports)
+        with io.dcp_quiet():
+            dcp.save(view.tensors, storage_writer=_dcp_writer(staging, rank), process_group=io.dcp_group())
+        io.fault_point("after_dcp", rank)
+        files, exc = None, None
+        try:
+            files = _rank_files(staging, rank)
+            if rank == 0:
+                blob = {"format": io.FORMAT, "extra": extra, "groups": groups, "objects": objects}
+                files[io.STATE] = io.torch_save_atomic(blob, os.path.join(staging, io.STATE))
+        except Exception as e:  # noqa: BLE001 - every rank learns of it in gather_checked
+            exc = e
+        everyone = io.gather_checked(files, exc, "fastmoe.checkpoint.save")
+        merged = {
+            f: record
+            for report, rank_files in zip(reports, everyone, strict=True)
+            for f, record in {**rank_files, **report["files"]}.items()
+        }
+        rank_extras = [r for r, report in enumerate(reports) if report["files"]]
         return io.on_rank0(
             lambda: _commit(
-                directory, tag, sequence, staging, layers_info, reports, world_size, optimizer is not None, keep
+                directory,
+                tag,
+                sequence,
+                staging,
+                reports[0]["layers"],
+                merged,
+                world_size,
+                optimizer is not None,
+                rank_extras,
+                keep,
             ),
             "fastmoe.checkpoint.save",
         )
@@ -255,64 +295,6 @@ def read_meta(directory: str, tag: str | None = None) -> dict:
     return _resolve(directory, tag)[1]
 
 
-class _Shards:
-    """Opens each shard once (memory-mapped, after checking its size and checksum) and hands out per-expert
-    entries."""
-
-    def __init__(self, path: str, meta: dict, weights_only: bool):
-        self.path, self.meta, self.weights_only, self.open = path, meta, weights_only, {}
-
-    def expert(self, layer: str, g: int) -> dict:
-        fname = self.meta["layers"][layer]["shards"][g]
-        path = os.path.join(self.path, fname)
-        if fname not in self.open:
-            data = io.torch_load(self.path, self.meta, fname, self.weights_only)
-            if not isinstance(data, dict) or not isinstance(data.get("experts"), dict):
-                raise CheckpointError(f"{path} is not a fastmoe expert shard (no 'experts' mapping)")
-            self.open[fname] = data["experts"]
-        entries = self.open[fname].get(layer)
-        entry = entries.get(g) if isinstance(entries, dict) else None
-        if entry is None:
-            raise CheckpointError(f"{path} holds no entry for layer {layer!r} expert {g}")
-        if not isinstance(entry, dict) or not isinstance(entry.get("model"), dict):
-            raise CheckpointError(f"{path}: the entry of layer {layer!r} expert {g} has no 'model' mapping")
-        return entry
-
-    def param(self, layer: str, g: int, suffix: str):
-        value = self.expert(layer, g)["model"].get(suffix)
-        if value is None:
-            path = os.path.join(self.path, self.meta["layers"][layer]["shards"][g])
-            raise CheckpointError(f"{path} holds no {suffix!r} for layer {layer!r} expert {g}")
-        return value
-
-    def optim(self, layer: str, g: int) -> dict:
-        optim = self.expert(layer, g).get("optim", {})
-        if not isinstance(optim, dict):
-            path = os.path.join(self.path, self.meta["layers"][layer]["shards"][g])
-            raise CheckpointError(f"{path}: the optimizer entry of layer {layer!r} expert {g} is not a mapping")
-        return optim
-
-
-def _load_common(path: str, meta: dict, weights_only: bool) -> dict:
-    common = io.torch_load(path, meta, io.COMMON, weights_only)
-    optim = common.get("optim") if isinstance(common, dict) else None
-    ok = (
-        isinstance(common, dict)
-        and isinstance(common.get("model"), dict)
-        and (
-            optim is None
-            or isinstance(optim, dict)
-            and isinstance(optim.get("state"), dict)
-            and isinstance(optim.get("groups"), list)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optim["groups"])
-            and all(isinstance(g.get("hyper"), dict) for g in optim["groups"])
-        )
-    )
-    if not ok:
-        raise CheckpointError(f"{os.path.join(path, io.COMMON)} is not fastmoe common state ('model', 'optim')")
-    return common
-
-
 def _check_layers(layers: dict[str, layout.Layer], meta: dict, path: str) -> None:
     saved = meta["layers"]
     if set(saved) != set(layers):
@@ -334,131 +316,148 @@ def _check_layers(layers: dict[str, layout.Layer], meta: dict, path: str) -> Non
             raise CheckpointError(f"layer {name!r}: experts_fused={layer.fused} but {path} has fused={info['fused']}")
 
 
-def _check_shape(key: str, saved, current, where: str) -> None:
-    if isinstance(current, torch.Tensor) and isinstance(saved, torch.Tensor) and saved.shape != current.shape:
-        raise CheckpointError(
-            f"{key!r}: the checkpoint ({where}) has shape {list(saved.shape)}, the model {list(current.shape)}"
-        )
+def _read_state(path: str, meta: dict, weights_only: bool) -> dict:
+    state = io.torch_load(path, meta, io.STATE, weights_only)
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("objects"), dict)
+        and isinstance(state.get("groups"), list)
+        and all(isinstance(g, dict) and isinstance(g.get("hyper"), dict) for g in state["groups"])
+        and all(isinstance(g.get("params"), list) for g in state["groups"])
+    )
+    if not ok:
+        raise CheckpointError(f"{os.path.join(path, io.STATE)} is not fastmoe checkpoint state ('objects', 'groups')")
+    return state
 
 
-def _model_target(model, layers, meta, common, shards: _Shards, path: str, strict: bool) -> dict:
-    target, missing = {}, []
-    current = model.state_dict()
-    common_path = os.path.join(path, io.COMMON)
-    seen_suffixes = {name: set() for name in layers}
-    for key, value in current.items():
-        hit = layout.expert_key(layers, key)
-        if hit is None:
-            layout.check_plain(key, value)
-            if key in common["model"]:
-                _check_shape(key, common["model"][key], value, common_path)
-                target[key] = common["model"][key]
-            else:
-                missing.append(key)
-            continue
-        layer, local, suffix = hit
-        seen_suffixes[layer.name].add(suffix)
-        if suffix not in meta["layers"][layer.name]["expert_params"]:
-            missing.append(key)
-            continue
-        if local is None:
-            saved = torch.stack([shards.param(layer.name, g, suffix) for g in layer.global_ids()])
-        else:
-            saved = shards.param(layer.name, layer.first_expert + local, suffix)
-        # a mesh layer's DTensor is checked and filled through its local shard: this rank's experts
-        _check_shape(
-            key, saved, layout.local_experts(key, value, layer), f"{path}, {layer.num_expert} experts of {layer.name!r}"
-        )
-        target[key] = layout.like(saved, value)
-    unexpected = [k for k in common["model"] if k not in current]
-    for name, info in meta["layers"].items():
-        unexpected += [f"{layers[name].prefix}{s}" for s in info["expert_params"] if s not in seen_suffixes[name]]
+def _saved_tensors(path: str, meta: dict) -> dict:
+    """DCP key -> (global shape, dtype) of every tensor the checkpoint holds, from DCP's .metadata (checked with
+    the other files first); every file it points into must be one that meta.json lists, so checked too."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {os.path.join(path, io.DCP_METADATA)}: {exc}") from exc
+    for item in (metadata.storage_data or {}).values():
+        fname = getattr(item, "relative_path", None)
+        if fname not in meta["files"]:
+            raise CheckpointError(
+                f"{os.path.join(path, io.DCP_METADATA)} points into {os.path.join(path, str(fname))}, which is not "
+                f"listed in meta.json: its checksum cannot be checked"
+            )
+    return {
+        key: (tuple(md.size), md.properties.dtype)
+        for key, md in metadata.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata)
+    }
+
+
+def _other_ranks_expert(dkey: str, layers: dict, known: set[str]) -> bool:
+    """Whether ``dkey`` is an entry of a per-expert module that another rank holds: global expert ``g`` of a
+    layer of this model whose own experts have the same entry."""
+    hit = layout.expert_key(layers, dkey.removeprefix(layout.MODEL))
+    if hit is None or hit[1] is None or hit[1] >= hit[0].num_experts_total:
+        return False
+    layer, g, suffix = hit
+    return f"{layout.MODEL}{layer.prefix}{layer.first_expert + g % layer.num_expert}.{suffix}" in known
+
+
+def _match(view: layout.View, layers: dict, saved: dict, state: dict, path: str, strict: bool) -> set[str]:
+    """The DCP keys of ``view`` to load; raises CheckpointError for a shape that differs, and with ``strict`` for
+    model entries missing on either side."""
+    load, missing = set(), []
+    for dkey, entry in view.entries.items():
+        if dkey in view.tensors and dkey in saved:
+            have, want = tuple(view.tensors[dkey].shape), saved[dkey][0]
+            if have != want:
+                raise CheckpointError(
+                    f"{entry.key!r}: the checkpoint ({path}) has shape {list(want)}, the model {list(have)} (shapes of "
+                    f"the whole layer, every rank's experts together)"
+                )
+            load.add(dkey)
+        elif entry.kind == "model" and dkey not in state["objects"]:
+            missing.append(entry.key)
+    known = {dkey for dkey, entry in view.entries.items() if entry.kind == "model"}
+    unexpected = [
+        k.removeprefix(layout.MODEL)
+        for k in [*saved, *state["objects"]]
+        if k.startswith(layout.MODEL) and k not in known and not _other_ranks_expert(k, layers, known)
+    ]
     if strict and (missing or unexpected):
         raise CheckpointError(f"{path} does not match the model: missing keys {missing}, unexpected keys {unexpected}")
-    return target
+    return load
 
 
-def _expert_optim_state(layer, suffix: str, name: str, shards: _Shards, local):
-    if local is not None:
-        entry = shards.optim(layer.name, layer.first_expert + local).get(suffix)
-        return None if entry is None else {**entry["shared"], **entry["split"]}
-    entries = {g: shards.optim(layer.name, g).get(suffix) for g in layer.global_ids()}
-    return layout.merge_fused_state(entries, name)
-
-
-def _like_param(value, param):
-    """An expert's optimizer state tensor shaped like its local parameter shard, placed like the DTensor parameter
-    (``exp_avg``); anything else (``step``) as it is."""
-    if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.dim() > 0:
-        return layout.like(value, param)
-    return value
-
-
-def _optimizer_target(model, optimizer, layers, meta, common, shards: _Shards, path: str) -> dict:
-    saved = common.get("optim")
-    if saved is None:
-        raise CheckpointError(f"{path} holds no optimizer state (it was saved with optimizer=None)")
-    if len(saved["groups"]) != len(optimizer.param_groups):
-        raise CheckpointError(
-            f"the optimizer has {len(optimizer.param_groups)} param groups, {path} has {len(saved['groups'])}"
-        )
-    state, groups, index = {}, [], 0
-    entries = layout.optimizer_params(model, optimizer)
-    for gi, group in enumerate(optimizer.param_groups):
-        saved_names = set(saved["groups"][gi]["params"])
-        ids = []
-        for _, param, name in (e for e in entries if e[0] == gi):
-            canonical = layout.canonical(layers, name)
-            if canonical not in saved_names:
+def _optimizer_state(model, optimizer, layers, state: dict, optim_state: dict, path: str) -> dict:
+    """The optimizer state dict in the model's parameter names (for torch's ``set_optimizer_state_dict``): the
+    loaded state, and the saved param groups' hyperparameters for the optimizer's own parameters."""
+    saved = state["groups"]
+    names = layout.optimizer_names(model, optimizer)
+    if len(saved) != len(names):
+        raise CheckpointError(f"the optimizer has {len(names)} param groups, {path} has {len(saved)}")
+    groups = []
+    for gi, group_names in enumerate(names):
+        saved_names = set(saved[gi]["params"])
+        for name in group_names:
+            if layout.canonical(layers, name) not in saved_names:
                 raise CheckpointError(
                     f"parameter {name!r} is in optimizer param group {gi}, but not in group {gi} of {path}"
                 )
-            hit = layout.expert_key(layers, name)
-            if hit is None:
-                value = saved["state"].get(name)
-            else:
-                value = _expert_optim_state(hit[0], hit[2], name, shards, hit[1])
-                if value and layout.is_dtensor(param):  # a mesh layer's state is placed like its parameter
-                    value = {k: _like_param(v, param) for k, v in value.items()}
-            if value:
-                state[index] = value
-            ids.append(index)
-            index += 1
-        new_group = dict(saved["groups"][gi]["hyper"])
-        new_group["params"] = ids
-        if "param_names" in group:
-            new_group["param_names"] = list(group["param_names"])
-        groups.append(new_group)
-    return {"state": state, "param_groups": groups}
+        groups.append({**saved[gi]["hyper"], "params": list(group_names)})
+    return {"state": optim_state, "param_groups": groups}
 
 
 def load(model, optimizer, directory: str, *, tag: str | None = None, strict: bool = True, weights_only=True) -> dict:
     """Loads checkpoint ``tag`` (default: :func:`latest`) into ``model`` (and ``optimizer``, or None) on every rank;
-    the EP size of each layer may differ from the saved one (experts and their optimizer state are resharded).
+    the EP size of each layer may differ from the saved one, the layers may hold their experts over a process
+    group or a DeviceMesh, and the model may be under FSDP2: DCP reads each rank's part.
 
     Returns ``{"tag", "path", "extra", "rank_extra", "meta"}``; ``rank_extra`` is this rank's saved payload when
-    the world size is the one saved (else None). ``weights_only`` is passed to ``torch.load``."""
+    the world size is the one saved (else None). ``weights_only`` is passed to ``torch.load`` for state.pt and
+    the rank files."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
     model = layout.unwrap(model)
     rank, world_size = io.rank_and_world()
     tag, meta = io.on_rank0(lambda: _resolve(directory, tag), "fastmoe.checkpoint.load")
     path = os.path.join(directory, tag)
-    result, exc = None, None
+    view, plan, exc = None, None, None
     try:
+        io.verify_files(path, meta, rank, world_size)
         layers = layout.moe_layers(model)
         _check_layers(layers, meta, path)
-        common = _load_common(path, meta, weights_only)
-        shards = _Shards(path, meta, weights_only)
-        model_target = _model_target(model, layers, meta, common, shards, path, strict)
-        optim_target = None
-        if optimizer is not None:
-            optim_target = _optimizer_target(model, optimizer, layers, meta, common, shards, path)
+        if optimizer is not None and not meta["has_optimizer"]:
+            raise CheckpointError(f"{path} holds no optimizer state (it was saved with optimizer=None)")
+        state = _read_state(path, meta, weights_only)
+        saved = _saved_tensors(path, meta)
+        view = layout.targets(model, optimizer, layers, saved)
+        plan = _match(view, layers, saved, state, path, strict)
+    except Exception as e:  # noqa: BLE001 - every rank learns of it in gather_checked
+        exc = e
+    io.gather_checked(None, exc, "fastmoe.checkpoint.load")
+    with io.dcp_quiet():
+        dcp.load(
+            {k: v for k, v in view.tensors.items() if k in plan},
+            storage_reader=FileSystemReader(path),
+            process_group=io.dcp_group(),
+        )
+    result, exc = None, None
+    try:
+        model_state, optim_state = layout.restore(view, state["objects"], plan)
+        options = StateDictOptions(strict=strict)
+        if optimizer is None:
+            set_model_state_dict(model, model_state, options=options)
+        else:
+            optim = _optimizer_state(model, optimizer, layers, state, optim_state, path)
+            set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim, options=options)
         rank_extra = None
         if meta["world_size"] == world_size and rank in meta["rank_extra"]:
-            rank_extra = io.torch_load(path, meta, _rank_file(rank), weights_only)
-        model.load_state_dict(model_target, strict=strict)
-        if optim_target is not None:
-            optimizer.load_state_dict(optim_target)
-        result = {"tag": tag, "path": path, "extra": common.get("extra"), "rank_extra": rank_extra, "meta": meta}
+            rank_extra = io.torch_load(path, meta, io.rank_file(rank), weights_only)
+        result = {"tag": tag, "path": path, "extra": state["extra"], "rank_extra": rank_extra, "meta": meta}
     except Exception as e:  # noqa: BLE001 - every rank learns of it in gather_checked
         exc = e
     io.gather_checked(None, exc, "fastmoe.checkpoint.load")
@@ -484,21 +483,24 @@ def _resolve(directory: str, tag) -> tuple[str, dict]:
 
 def consolidate(directory: str, tag: str | None = None, *, weights_only: bool = True) -> dict:
     """The state dict of the single-process model (every FMoE layer built with world_size=1 and num_expert =
-    the total expert count) from checkpoint ``tag`` (default: :func:`latest`), whatever EP size saved it."""
+    the total expert count) from checkpoint ``tag`` (default: :func:`latest`), whatever EP size saved it. Runs in
+    this process alone (no collective), so call it on one rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
     tag, meta = _resolve(directory, tag)
     path = os.path.join(directory, tag)
-    common = _load_common(path, meta, weights_only)
-    state_dict = dict(common["model"])
-    shards = _Shards(path, meta, weights_only)
-    for name, info in meta["layers"].items():
-        prefix = f"{name}.experts." if name else "experts."
-        for suffix in info["expert_params"]:
-            pieces = [shards.param(name, g, suffix) for g in range(info["num_experts_total"])]
-            if info["fused"]:
-                state_dict[prefix + suffix] = torch.stack(pieces)
-            else:
-                for g, piece in enumerate(pieces):
-                    state_dict[f"{prefix}{g}.{suffix}"] = piece
+    io.verify_files(path, meta)
+    state = _read_state(path, meta, weights_only)
+    tensors = {
+        key: torch.empty(shape, dtype=dtype)
+        for key, (shape, dtype) in _saved_tensors(path, meta).items()
+        if key.startswith(layout.MODEL)
+    }
+    with io.dcp_quiet():
+        dcp.load(tensors, storage_reader=FileSystemReader(path), no_dist=True)
+    state_dict = {k.removeprefix(layout.MODEL): v for k, v in state["objects"].items() if k.startswith(layout.MODEL)}
+    state_dict.update({k.removeprefix(layout.MODEL): v for k, v in tensors.items()})
     return state_dict
 
 

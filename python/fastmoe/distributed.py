@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastmoe._groups import (  # noqa: F401  (check_same_config, resolve_moe_group: public names here)
+    GroupMeshes,
     _all_gather_object,
     _require_initialized,
     _wait,
@@ -85,6 +86,7 @@ class _ShardedExperts:
 
     def __init__(self, module: nn.Module, shard):
         self.experts, self.world_size, self.moe_rank = module, shard.world_size, shard.moe_rank
+        self.moe_group = shard.group
 
 
 def _dtensor_type():
@@ -181,8 +183,6 @@ class DistributedGroupedDataParallel(nn.Module):
         self._sharded = [p for p in self.module.parameters() if expert_params.get(id(p)) == "sharded"]
         if self._sharded:
             sharded_group = expert_dp_group if expert_dp_group is not None else self._replica_group()
-        # how many ranks hold each expert shard (its replicas over the data-parallel ranks)
-        self._shard_replicas = dist.get_world_size(sharded_group) if sharded_group is not None else 1
         buckets = {"dp": (self.dp_group, []), "expert_dp": (sharded_group, [])}
         for param in self.module.parameters():
             if not param.requires_grad:
@@ -266,34 +266,25 @@ class DistributedGroupedDataParallel(nn.Module):
     allreduce_params = allreduce_gradients  # FastMoE's alias, same arguments
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` (2-norm) over the model as one process holding all of it would
-        compute it: the parameters every rank holds count once, and every expert shard of the expert-parallel
-        group counts once. Call it after :meth:`allreduce_gradients`. Every rank gets the same total norm and the
-        same scale, so replicated parameters stay equal; clipping each rank's gradients by its own local norm
-        would scale them differently on each rank. A collective over the world group. Returns the total norm."""
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the model as one process holding all of it would compute it: the
+        parameters every rank holds count once, and every expert shard of the expert-parallel group counts once.
+        Call it after :meth:`allreduce_gradients`. The sharded experts' gradients are seen as the DTensors of their
+        whole layers (``Shard(0)`` over each layer's group), so the norm is :func:`clip_grad_norm_`'s, the same on
+        every rank; clipping each rank's gradients by its own local norm would scale the replicated parameters
+        differently on each rank. A collective over the layers' groups. Returns the total norm."""
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
-        sharded_ids = {id(p) for p in self._sharded}
-        shard_grads = [p.grad for p in self._sharded if p.grad is not None]
-        rest_grads = [p.grad for p in self.module.parameters() if p.grad is not None and id(p) not in sharded_ids]
-        device = next(self.module.parameters()).device
-
-        def squares(tensors):
-            if not tensors:
-                return torch.zeros((), dtype=torch.float64, device=device)
-            return torch.stack([g.detach().double().square().sum() for g in tensors]).sum()
-
-        total = squares(rest_grads)
-        if self._sharded:  # the same on every rank: the layers' configuration is checked at construction
-            shard_sq = squares(shard_grads)
-            _wait(
-                dist.all_reduce(shard_sq, async_op=True),
-                "all_reduce of the expert gradient norms (DistributedGroupedDataParallel.clip_grad_norm_)",
-                dist.group.WORLD,
-            )
-            total = total + shard_sq / self._shard_replicas
-        total = total.sqrt()
+        views, meshes = {}, GroupMeshes()
+        for layer in _moe_layers(self.module):
+            if layer.world_size > 1 and hasattr(layer, "experts"):
+                for param in layer.experts.parameters():  # every rank joins each layer's collective
+                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                    views[id(param)] = meshes.experts_dtensor(grad, layer.moe_group, layer.world_size)
+        grads = [views.get(id(p), p.grad) for p in self.module.parameters() if id(p) in views or p.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        total = _total_norm(grads, float(norm_type), None)
         torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), max_norm, total)
         return total
 
@@ -335,22 +326,34 @@ def clip_grad_norm_(
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.tensor(0.0)
-    dtensor = _dtensor_type()
-    groups = {}  # (mesh, placements) of DTensor gradients, or None for plain ones -> parameters
+    total = _total_norm([p.grad for p in params], norm_type, foreach)
+    groups = {}  # one call per mesh and placement, plain ones apart: torch's foreach ops do not mix them
     for param in params:
-        key = (param.grad.device_mesh, tuple(param.grad.placements)) if isinstance(param.grad, dtensor) else None
-        groups.setdefault(key, []).append(param)
-    device = params[0].grad.device
-    norms = []
-    for key, group in groups.items():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type, False, foreach)
-        norms.append((norm.full_tensor() if key is not None else norm).to(device))
-    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        groups.setdefault(_placement(param.grad), []).append(param)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(
             f"the total norm of order {norm_type} of the gradients is non-finite ({float(total)}), so they cannot be "
             f"clipped; set error_if_nonfinite=False to clip anyway"
         )
-    for group in groups.values():  # one call each: torch's foreach ops do not mix DTensors and tensors
+    for group in groups.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach)
     return total
+
+
+def _placement(grad):
+    """``(mesh, placements)`` of a DTensor, None for a plain tensor."""
+    return (grad.device_mesh, tuple(grad.placements)) if isinstance(grad, _dtensor_type()) else None
+
+
+def _total_norm(grads: list, norm_type: float, foreach) -> torch.Tensor:
+    """The ``norm_type``-norm of ``grads`` taken whole: a DTensor gradient over all its shards (one collective per
+    mesh and placement, so every rank gets the same value), a plain one as it is. A plain tensor."""
+    groups = {}  # (mesh, placements) of DTensor gradients, or None for plain ones -> gradients
+    for grad in grads:
+        groups.setdefault(_placement(grad), []).append(grad)
+    device = grads[0].device
+    norms = []
+    for key, group in groups.items():
+        norm = torch.nn.utils.get_total_norm(group, norm_type, False, foreach)
+        norms.append((norm.full_tensor() if key is not None else norm).to(device))
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)

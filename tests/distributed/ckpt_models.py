@@ -3,7 +3,8 @@ that crashes in the middle of a save.
 
 ``TinyMoEModel`` has every kind of state a checkpoint must handle: replicated parameters (an embedding-like
 Linear, a LayerNorm, the gates), fused experts (FMoETransformerMLP), per-expert modules (FMoE with a module per
-expert) and, optionally, dropout (so a bitwise resume also needs the RNG state).
+expert) and, optionally, dropout (so a bitwise resume also needs the RNG state). ``ExpertModulesModel`` has only
+replicated parameters and a module per expert.
 """
 
 import torch
@@ -35,6 +36,22 @@ class TinyMoEModel(nn.Module):
         h = self.embed(x)
         h = h + self.dropout(self.mlp(h))
         return h + self.moe(self.norm(h))
+
+
+class ExpertModulesModel(nn.Module):
+    """A replicated Linear, then an FMoE layer with a module per expert (``expert=``; no fused experts)."""
+
+    def __init__(self, world_size: int = 1, moe_group=None):
+        super().__init__()
+        ep = {"world_size": world_size} if moe_group is None else {"world_size": world_size, "moe_group": moe_group}
+        self.embed = nn.Linear(D_MODEL, D_MODEL)
+        self.moe = fastmoe.FMoE(
+            num_expert=NUM_EXPERTS // world_size, d_model=D_MODEL, top_k=TOP_K, expert=expert_module, **ep
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return h + self.moe(h)
 
 
 def make_model(seed: int = 0, **kwargs) -> TinyMoEModel:

@@ -1,17 +1,22 @@
 """fastmoe.checkpoint in one process (no process group): a save/load round trip restores the model and Adam
-bitwise, consolidate() gives the single-process state dict, tags/latest/rotation, clear errors, and crash safety
-(a subprocess killed at each point of a save leaves the previous checkpoint intact, and resuming from it is
-bitwise equal to never having crashed). The multi-process resharding tests are in test_checkpoint_ep.py."""
+bitwise, consolidate() and a plain ``torch.distributed.checkpoint.load`` give the single-process state dict,
+``load(strict=False)`` loads what model and checkpoint share, tags/latest/rotation, clear errors (a truncated or
+missing file of any kind names it), and crash safety (a subprocess killed at each point of a save leaves the
+previous checkpoint intact, resuming from it is bitwise equal to never having crashed, and the next save cleans
+up). The multi-process resharding tests are in test_checkpoint_ep.py."""
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from ckpt_models import D_HIDDEN, D_MODEL, batch, make_model, make_optimizer, train_step
+from torch import nn
 
 import fastmoe
 from conftest import CUDA_SKIP_REASON, assert_bitwise_equal
@@ -82,6 +87,68 @@ def test_consolidate_gives_the_single_process_state_dict(tmp_path):
     assert checkpoint.load(fresh, None, str(tmp_path))["rank_extra"] == {"rank": 0}
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process is the intent
+def test_plain_dcp_load_reads_a_checkpoint_into_the_one_process_model(tmp_path):
+    """The DCP keys are the one-process model's (``model.<key>``, ``optim.state.<parameter>.<state>``): DCP alone
+    reads a fastmoe checkpoint, flat or nested, with no fastmoe code on the reading side."""
+    model = make_model()
+    optimizer = make_optimizer(model)
+    for step in range(2):
+        train_step(model, optimizer, step)
+    path = checkpoint.save(model, optimizer, str(tmp_path))
+    params = dict(model.named_parameters())
+
+    for layout in ("flat", "nested"):
+        fresh = make_model(seed=3)
+        state_dict = fresh.state_dict()
+        assert not torch.equal(state_dict["mlp.experts.htoh4.weight"], model.mlp.experts.htoh4.weight)
+        # The optimizer state of every parameter, in the parameter's name; a tensor of each shape to load into.
+        optim = {
+            name: {k: torch.full_like(v, float("nan")) for k, v in optimizer.state[param].items()}
+            for name, param in params.items()
+        }
+        if layout == "flat":
+            wanted = {"model." + k: v for k, v in state_dict.items()}
+            wanted.update({f"optim.state.{n}.{k}": v for n, state in optim.items() for k, v in state.items()})
+        else:
+            wanted = {"model": state_dict, "optim": {"state": optim}}
+        dcp.load(wanted, checkpoint_id=path, no_dist=True)
+        assert_same_state(model.state_dict(), fresh.state_dict(), f"model read by dcp.load ({layout})")
+        for name, param in params.items():
+            assert_same_state(optimizer.state[param], optim[name], f"Adam state of {name} read by dcp.load ({layout})")
+
+
+def test_load_non_strict_loads_what_the_model_and_the_checkpoint_share(tmp_path):
+    directory, bigger_directory = str(tmp_path / "plain"), str(tmp_path / "bigger")
+    model = make_model()
+    checkpoint.save(model, None, directory)
+
+    # A model with a replicated module the checkpoint lacks: strict load refuses before changing anything;
+    # strict=False loads every other entry and leaves the module as it was.
+    bigger = make_model(seed=3)
+    bigger.head = nn.Linear(D_MODEL, 3)
+    before = snapshot(bigger)
+    missing = r"missing keys \['head.weight', 'head.bias'\], unexpected keys \[\]"
+    with pytest.raises(CheckpointError, match=missing):
+        checkpoint.load(bigger, None, directory)
+    assert_same_state(before, bigger.state_dict(), "the model after a refused load")
+    checkpoint.load(bigger, None, directory, strict=False)
+    loaded = bigger.state_dict()
+    assert_same_state(
+        {k: before[k] for k in ("head.weight", "head.bias")}, {k: loaded.pop(k) for k in ("head.weight", "head.bias")}
+    )
+    assert_same_state(model.state_dict(), loaded, "the entries the checkpoint holds")
+
+    # The other way round: a checkpoint with an entry the model lacks.
+    checkpoint.save(bigger, None, bigger_directory)
+    smaller = make_model(seed=4)
+    unexpected = r"missing keys \[\], unexpected keys \['head.weight', 'head.bias'\]"
+    with pytest.raises(CheckpointError, match=unexpected):
+        checkpoint.load(smaller, None, bigger_directory)
+    checkpoint.load(smaller, None, bigger_directory, strict=False)
+    assert_same_state(model.state_dict(), smaller.state_dict(), "the entries the model holds")
+
+
 def test_tags_latest_and_rotation(tmp_path):
     directory = str(tmp_path / "ckpt")
     model = make_model()
@@ -118,7 +185,7 @@ def test_errors_name_the_path_key_and_values(tmp_path):
     model = make_model()
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         checkpoint.load(model, None, directory)
-    path = checkpoint.save(model, None, directory)
+    checkpoint.save(model, None, directory)
 
     with pytest.raises(CheckpointError, match=r"checkpoint 'nope' is not complete .*nope/meta.json is missing"):
         checkpoint.load(model, None, directory, tag="nope")
@@ -139,16 +206,48 @@ def test_errors_name_the_path_key_and_values(tmp_path):
     with pytest.raises(CheckpointError, match=r"MoE layers \['mlp', 'moe', 'more'\] differ .* \['mlp', 'moe'\]"):
         checkpoint.load(extra_layer, None, directory)
 
-    shard = os.path.join(path, "shard-00000.pt")
-    with open(shard, "r+b") as f:
-        f.truncate(os.path.getsize(shard) - 10)
-    with pytest.raises(CheckpointError, match=r"shard-00000.pt has \d+ bytes but meta.json recorded \d+"):
-        checkpoint.load(model, None, directory)
-    os.remove(shard)
-    with pytest.raises(CheckpointError, match=r"checkpoint file .*shard-00000.pt is missing"):
-        checkpoint.load(model, None, directory)
-    with pytest.raises(CheckpointError, match=r"shard-00000.pt is missing"):
+
+# Every file of a checkpoint: DCP's tensor data of rank 0 and its index, fastmoe's state file and a rank file.
+CHECKPOINT_FILES = ("__0_0.distcp", ".metadata", "state.pt", "rank-00000.pt")
+
+
+@pytest.mark.parametrize("fname", CHECKPOINT_FILES)
+def test_a_truncated_or_missing_file_raises_naming_it(tmp_path, fname):
+    directory = str(tmp_path)
+    model = make_model()
+    optimizer = make_optimizer(model)
+    train_step(model, optimizer, 0)
+    path = checkpoint.save(model, optimizer, directory, rank_extra={"rank": 0})
+    assert fname in checkpoint.read_meta(directory)["files"]
+    target = os.path.join(path, fname)
+    with open(target, "rb") as f:
+        original = f.read()
+
+    # Every file is checked before anything is read: load and consolidate raise for each one.
+    with open(target, "r+b") as f:
+        f.truncate(len(original) - 10)
+    truncated = rf"{re.escape(target)} has {len(original) - 10} bytes but meta.json recorded {len(original)}"
+    restored = make_model(seed=3)
+    restored_optimizer = make_optimizer(restored)
+    before = snapshot(restored)
+    with pytest.raises(CheckpointError, match=truncated):
+        checkpoint.load(restored, restored_optimizer, directory)
+    with pytest.raises(CheckpointError, match=truncated):
         checkpoint.consolidate(directory)
+    os.remove(target)
+    missing = rf"checkpoint file {re.escape(target)} is missing"
+    with pytest.raises(CheckpointError, match=missing):
+        checkpoint.load(restored, restored_optimizer, directory)
+    with pytest.raises(CheckpointError, match=missing):
+        checkpoint.consolidate(directory)
+    assert_same_state(before, restored.state_dict(), "the model after the refused loads")
+
+    # With its bytes back, the checkpoint loads as saved.
+    with open(target, "wb") as f:
+        f.write(original)
+    assert checkpoint.load(restored, restored_optimizer, directory)["rank_extra"] == {"rank": 0}
+    assert_same_state(model.state_dict(), restored.state_dict(), "model")
+    assert_same_optimizer(optimizer.state_dict(), restored_optimizer.state_dict())
 
 
 def test_optimizer_groups_must_match(tmp_path):
@@ -186,6 +285,16 @@ def resumable(tmp_path_factory):
     return directory, saved, snapshot(model)
 
 
+# The files in the staging folder of a save killed at each point before its commit (the save writes no rank file).
+STAGED = {
+    "after_staging": [],
+    "during_dcp": ["__0_0.distcp"],
+    "after_dcp": [".metadata", "__0_0.distcp"],
+    "before_meta": [".metadata", "__0_0.distcp", "state.pt"],
+    "before_commit": [".metadata", "__0_0.distcp", "meta.json", "state.pt"],
+}
+
+
 @pytest.mark.parametrize("point", checkpoint.FAULT_POINTS)
 def test_a_save_killed_at_each_point_leaves_the_previous_checkpoint(resumable, tmp_path, point):
     base, saved, uninterrupted = resumable
@@ -205,9 +314,13 @@ def test_a_save_killed_at_each_point_leaves_the_previous_checkpoint(resumable, t
     else:
         assert (complete, checkpoint.latest(directory)) == (["a"], "a")
         assert not os.path.exists(os.path.join(directory, "b"))
+    # The crash leaves its staging folder, holding what was written up to that point.
     staging = [name for name in os.listdir(directory) if name.startswith(".partial-b.")]
-    if point not in ("after_staging", "before_latest", "before_rotate"):
-        assert len(staging) == 1 and os.listdir(os.path.join(directory, staging[0])), "the crash leaves its staging"
+    if point in STAGED:
+        assert len(staging) == 1, os.listdir(directory)
+        assert sorted(os.listdir(os.path.join(directory, staging[0]))) == STAGED[point]
+    else:
+        assert not staging, staging
 
     # 'a' is intact, and resuming from it is bitwise the run that never stopped.
     model = make_model(seed=2, dropout=0.1)

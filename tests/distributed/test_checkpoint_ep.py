@@ -3,22 +3,41 @@
 The parent trains the single-process model (every layer world_size=1, all experts) as the reference and saves
 it. Then two spawns:
 - W=4: 2 data-parallel x 2 EP trains two steps from the same initial weights and saves; EP=4 loads it (2 -> 4);
-  both take one more step; saves in between let the parent compare states bitwise.
+  both take one more step; saves in between let the parent compare states bitwise. The parent reads DCP's index
+  of the 2 x 2 checkpoint: every chunk of every expert tensor is stored once, by one of the two replicas.
 - W=2: EP=2 loads the EP=4 checkpoint (4 -> 2) and the single-process one (1 -> 2); an EP size that does not divide
-  the expert count fails on every rank; last, a save killed between shard writes (rank 0 after its shard, rank 1
-  in the middle of its own), so both ranks end with the fault's exit code on purpose.
+  the expert count fails on every rank; last, a save in which rank 0 is killed inside DCP's save (its tensor file
+  written, DCP's .metadata not yet): it exits with the fault's exit code, and rank 1 raises instead of waiting.
 In every layout each rank runs its own tokens and the outputs must equal the consolidated single-process model's
-on those tokens. The parent checks 2 -> 1 and compares the resharded optimizer states bitwise.
+on those tokens. The parent checks 2 -> 1, compares the resharded optimizer states bitwise, and checks that the
+killed save left its staging folder, the previous checkpoint loads, and the next save cleans up.
+
+A second test saves a model whose experts are modules (``FMoE(expert=...)`` over a plain process group) at EP 2 and
+loads it at EP 1 and EP 4; consolidate() gives the one-process model's state dict.
 """
 
+import math
 import os
+from collections import defaultdict
 
 import pytest
 import torch
 import torch.distributed as dist
-from ckpt_models import D_HIDDEN, D_MODEL, NUM_EXPERTS, NUM_TOKENS, TOP_K, TinyMoEModel, batch, make_model
+from ckpt_models import (
+    D_HIDDEN,
+    D_MODEL,
+    NUM_EXPERTS,
+    NUM_TOKENS,
+    TOP_K,
+    ExpertModulesModel,
+    TinyMoEModel,
+    batch,
+    make_model,
+)
 from ckpt_models import make_optimizer as make_adam
 from dist_harness import WorkerError, run_workers
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
 import fastmoe
 from conftest import assert_bitwise_equal
@@ -136,7 +155,6 @@ def body_w4(rank, world_size, directory, initial):
     ep_train_step(ep4, ep4_adam, STEPS_BEFORE_SAVE, rank, world_size, None)
     checkpoint.save(ep4, ep4_adam, directory, tag="ep4-next")
     check_outputs(ep4, directory, "ep4-next", rank, world_size, "EP 4 after a step")
-    return sorted(f for f in os.listdir(os.path.join(directory, "dp2-ep2")) if f.startswith("shard-"))
 
 
 # ----------------------------------------------------------------------------------------------- W = 2
@@ -173,10 +191,16 @@ def body_w2(rank, world_size, directory, single_directory, odd_directory):
     except CheckpointError as exc:
         assert "EP size 2 does not divide 3" in str(exc), str(exc)
 
-    # A save killed between shard writes: rank 0 dies after its shard, rank 1 halfway through its own.
-    os.environ[checkpoint.FAULT_ENV] = "after_shard@0,during_shard@1"
-    checkpoint.save(ep2, ep2_adam, directory, tag="crashed")
-    raise AssertionError("the save should have been killed")
+    # A save killed inside DCP's save: rank 0 (which holds the folder's lock) dies once its tensor file is
+    # written. DCP's next collective fails on rank 1, which raises: it neither waits for rank 0 nor commits.
+    os.environ[checkpoint.FAULT_ENV] = "during_dcp@0"
+    try:
+        checkpoint.save(ep2, ep2_adam, directory, tag="crashed")
+    except RuntimeError:
+        assert rank == 1, "rank 0 should have been killed, not raise"
+    else:
+        raise AssertionError(f"rank {rank}: the save completed although rank 0 was killed in it")
+    assert checkpoint.latest(directory) == "ep2-from-single-next"
 
 
 # ----------------------------------------------------------------------------------------------- the test
@@ -201,6 +225,46 @@ def assert_same(directory: str, tag_a: str, tag_b: str) -> None:
             assert_bitwise_equal(optim_b["state"][index][key], value, f"{tag_b} vs {tag_a}: Adam {index}.{key}")
 
 
+def assert_each_expert_chunk_stored_once(path: str) -> None:
+    """DCP's index of a 2 DP x EP 2 checkpoint: every expert tensor (parameters and Adam state, in the one-process
+    model's names and shapes) is covered by its chunks exactly once and each chunk has one record; and every byte
+    of every tensor file belongs to exactly one record, so no chunk was written by both of the data-parallel
+    replicas that hold it (a second copy would be bytes that no record names)."""
+    metadata = FileSystemReader(path).read_metadata()
+    experts = {key: md for key, md in metadata.state_dict_metadata.items() if ".experts." in key}
+    # exactly the one-process model's expert entries and their Adam state (a module per expert under its global
+    # index), each in its one-process shape
+    single = TinyMoEModel().to(DTYPE)
+    want = {f"model.{name}": value.shape for name, value in single.state_dict().items() if ".experts." in name}
+    for name, param in single.named_parameters():
+        if ".experts." in name:
+            want.update({f"optim.state.{name}.{k}": param.shape for k in ("exp_avg", "exp_avg_sq")})
+            want[f"optim.state.{name}.step"] = torch.Size([])
+    assert {key: md.size for key, md in experts.items()} == want, sorted(set(experts) ^ set(want))
+    fused = experts["model.mlp.experts.htoh4.weight"]  # one chunk per EP rank of the [4, ...] tensor
+    assert sorted(tuple(c.offsets) for c in fused.chunks) == [(0, 0, 0), (NUM_EXPERTS // 2, 0, 0)], fused.chunks
+    for key, md in experts.items():
+        offsets = [tuple(chunk.offsets) for chunk in md.chunks]
+        assert len(set(offsets)) == len(offsets), f"{key}: a chunk is listed more than once: {offsets}"
+        covered = sum(math.prod(chunk.sizes) for chunk in md.chunks)
+        assert covered == math.prod(md.size), f"{key}: chunks {md.chunks} do not cover {list(md.size)} once"
+        for chunk in md.chunks:
+            assert MetadataIndex(key, chunk.offsets) in metadata.storage_data, f"{key} {offsets}: no record"
+    spans = defaultdict(list)
+    for info in metadata.storage_data.values():
+        spans[info.relative_path].append((info.offset, info.length))
+    files = sorted(f for f in os.listdir(path) if f.endswith(".distcp"))
+    assert files == [f"__{r}_0.distcp" for r in range(4)], files
+    assert set(spans) <= set(files), sorted(spans)
+    for fname in files:
+        end = 0
+        for offset, length in sorted(spans[fname]):
+            assert offset == end, f"{fname}: bytes [{end}, {offset}) belong to no record (a chunk written twice?)"
+            end += length
+        size = os.path.getsize(os.path.join(path, fname))
+        assert end == size, f"{fname}: its records end at byte {end}, the file has {size}"
+
+
 def test_resharding_round_trips_across_ep_sizes(tmp_path):
     directory, single_directory, odd_directory = (str(tmp_path / name) for name in ("ckpt", "single", "odd"))
     # The single-process reference: full batch, same loss, same Adam.
@@ -222,12 +286,13 @@ def test_resharding_round_trips_across_ep_sizes(tmp_path):
     odd = fastmoe.FMoETransformerMLP(num_expert=3, d_model=D_MODEL, d_hidden=D_HIDDEN, top_k=TOP_K).to(DTYPE)
     checkpoint.save(odd, None, odd_directory)
 
-    shards = run_workers(4, body_w4, directory, initial, timeout=240)
-    assert shards[0] == ["shard-00000.pt", "shard-00001.pt"], "2 DP x EP 2 must write each expert once"
+    run_workers(4, body_w4, directory, initial, timeout=240)
+    assert_each_expert_chunk_stored_once(os.path.join(directory, "dp2-ep2"))
     with pytest.raises(WorkerError) as failed:
         run_workers(2, body_w2, directory, single_directory, odd_directory, timeout=240)
+    # rank 1 returned: its body's checks (the save raised, nothing was committed) passed
     exit_code = f"exit code {checkpoint.FAULT_EXIT_CODE} without a result"
-    assert failed.value.failures == {0: exit_code, 1: exit_code}, str(failed.value)
+    assert failed.value.failures == {0: exit_code}, str(failed.value)
 
     # Resharded optimizer state and parameters, bitwise: 2x2 -> 4 -> (1), 4 -> 2 -> (1), 2x2 -> (1).
     assert_same(directory, "dp2-ep2", "ep4")
@@ -239,10 +304,107 @@ def test_resharding_round_trips_across_ep_sizes(tmp_path):
         assert_states_close(uninterrupted, load_single(directory, tag)[0].state_dict(), tag)
     assert_states_close(reference_next, load_single(directory, "ep2-from-single-next")[0].state_dict(), "1 -> 2")
 
-    # The killed save left the previous checkpoints as they were.
+    # The killed save left its staging folder (both tensor files, neither DCP's .metadata nor meta.json) and the
+    # previous checkpoints as they were.
     assert "crashed" not in checkpoint.list_checkpoints(directory)
     assert checkpoint.latest(directory) == "ep2-from-single-next"
     (staging,) = [name for name in os.listdir(directory) if name.startswith(".partial-crashed.")]
     staged = sorted(os.listdir(os.path.join(directory, staging)))
-    assert staged == ["shard-00000.pt", "shard-00001.pt.tmp"], staged
-    load_single(directory, checkpoint.latest(directory))
+    assert staged == ["__0_0.distcp", "__1_0.distcp"], staged
+    model, optimizer_state = load_single(directory, checkpoint.latest(directory))
+    # The next save takes the lock the killed rank 0 held, deletes the staging folder and commits.
+    optimizer = make_adam(model)
+    optimizer.load_state_dict(optimizer_state)
+    checkpoint.save(model, optimizer, directory, tag="after-crash", lock_timeout=10)
+    assert not [name for name in os.listdir(directory) if name.startswith(".partial-")], os.listdir(directory)
+    assert checkpoint.latest(directory) == "after-crash"
+    assert checkpoint.list_checkpoints(directory)[-1] == "after-crash"
+    assert_same(directory, "ep2-from-single-next", "after-crash")
+
+
+# ----------------------------------------------------------------------------------------------- experts as modules
+
+
+def expert_modules_model(ep_size: int, moe_group=None) -> ExpertModulesModel:
+    return ExpertModulesModel(world_size=ep_size, moe_group=moe_group).to(DTYPE)
+
+
+def named_state(model, optimizer) -> tuple[dict, dict]:
+    """``({name: parameter}, {name: {state key: value}})`` as numpy arrays (to return from a worker)."""
+    params = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+    state = {name: {k: v.numpy().copy() for k, v in optimizer.state[p].items()} for name, p in model.named_parameters()}
+    return params, state
+
+
+def local_name(name: str, ep_size: int, moe_rank: int) -> str | None:
+    """The name on moe rank ``moe_rank`` of EP ``ep_size`` of the one-process model's parameter ``name`` (None
+    when that rank does not hold it)."""
+    if not name.startswith("moe.experts."):
+        return name
+    _, _, index, rest = name.split(".", 3)
+    per_rank = NUM_EXPERTS // ep_size
+    g = int(index) - moe_rank * per_rank
+    return f"moe.experts.{g}.{rest}" if 0 <= g < per_rank else None
+
+
+def save_expert_modules_ep2(rank, world_size, directory, initial):
+    """EP 2 (plain moe_group) from the one-process state, one Adam step, saved; returns each rank's parameters and
+    Adam state by name."""
+    moe_group, _ = groups(rank, world_size, ep_size=2)
+    model = expert_modules_model(2, moe_group)
+    model.load_state_dict(shard_state(initial, 2, dist.get_rank(moe_group)))
+    optimizer = make_adam(model)
+    ep_train_step(model, optimizer, 0, rank, world_size, None)
+    checkpoint.save(model, optimizer, directory, tag="ep2")
+    return named_state(model, optimizer)
+
+
+def load_expert_modules_ep4(rank, world_size, directory, params, state):
+    """EP 4 loads the EP 2 checkpoint: each rank holds exactly its global expert, and its Adam state, bitwise."""
+    moe_group, _ = groups(rank, world_size, ep_size=4)
+    model = expert_modules_model(4, moe_group)
+    optimizer = make_adam(model)
+    checkpoint.load(model, optimizer, directory, tag="ep2")
+    mine = {local_name(name, 4, rank): name for name in params}
+    mine.pop(None, None)
+    assert sorted(mine) == sorted(n for n, _ in model.named_parameters()), (sorted(mine), rank)
+    for name, param in model.named_parameters():
+        want = mine[name]
+        assert_bitwise_equal(param.detach(), torch.from_numpy(params[want]), f"EP 4 rank {rank}: {name} ({want})")
+        got = optimizer.state[param]
+        assert sorted(got) == sorted(state[want]), (name, sorted(got))
+        for key, value in state[want].items():
+            assert_bitwise_equal(got[key], torch.from_numpy(value), f"EP 4 rank {rank}: Adam {key} of {name}")
+
+
+def test_expert_modules_saved_at_ep2_load_at_ep1_and_ep4(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    torch.manual_seed(3)
+    initial = {k: v.clone() for k, v in expert_modules_model(1).state_dict().items()}
+    ranks = run_workers(2, save_expert_modules_ep2, directory, initial, timeout=120)
+    # the one-process model's parameters and Adam state: rank r's local expert l is global expert 2 r + l
+    params, state = {}, {}
+    for moe_rank, (rank_params, rank_state) in enumerate(ranks):
+        for name, _ in expert_modules_model(1).named_parameters():
+            local = local_name(name, 2, moe_rank)
+            if local is not None:
+                params[name], state[name] = rank_params[local], rank_state[local]
+    for name in params:
+        if not name.startswith("moe.experts."):  # replicated: the same on both ranks
+            assert_bitwise_equal(torch.from_numpy(ranks[1][0][name]), torch.from_numpy(params[name]), name)
+
+    # consolidate(): the one-process model's state dict
+    consolidated = checkpoint.consolidate(directory)
+    single = expert_modules_model(1)
+    assert sorted(consolidated) == sorted(single.state_dict()), sorted(consolidated)
+    for name, value in params.items():
+        assert_bitwise_equal(consolidated[name], torch.from_numpy(value), f"consolidate: {name}")
+    # EP 1: load() into the one-process model and Adam
+    optimizer = make_adam(single)
+    checkpoint.load(single, optimizer, directory)
+    for name, param in single.named_parameters():
+        assert_bitwise_equal(param.detach(), torch.from_numpy(params[name]), f"EP 1: {name}")
+        for key, value in state[name].items():
+            assert_bitwise_equal(optimizer.state[param][key], torch.from_numpy(value), f"EP 1: Adam {key} of {name}")
+    # EP 4
+    run_workers(4, load_expert_modules_ep4, directory, params, state, timeout=120)

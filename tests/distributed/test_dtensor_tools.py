@@ -1,10 +1,12 @@
 """fastmoe's own distributed tools on models whose experts are DTensors (layers built with moe_group=<DeviceMesh>),
 gloo on loopback:
 
-- fastmoe.checkpoint saves a mesh layer's experts by their local shards (the per-rank layout of a process-group
-  layer), loads them back into DTensors at the same EP size (model and Adam state, bitwise), into the one-process
-  model (2 -> 1) and from it (1 -> 2), and consolidate() gives the one-process state dict; DTensors placed any
-  other way (FSDP2) raise a CheckpointError that points to torch.distributed.checkpoint;
+- fastmoe.checkpoint saves a mesh layer's DTensor experts, loads them back into DTensors at the same EP size
+  (model and Adam state, bitwise), into the one-process model (2 -> 1) and from it (1 -> 2), and consolidate()
+  gives the one-process state dict;
+- a model whose experts FSDP2 shards too (fully_shard over the dp dimension of a (dp, ep) mesh, 4 ranks) saves with
+  its AdamW state and loads bitwise into the same layout, into the one-process model, and into a process-group
+  EP layer on 2 ranks;
 - DistributedGroupedDataParallel refuses a mesh layer up front, naming it;
 - fastmoe.distributed.clip_grad_norm_ over a model mixing DTensor experts and plain parameters gives the
   one-process model's total norm (2-norm and inf-norm) on every rank and the same clipped gradients.
@@ -17,21 +19,22 @@ import torch.distributed as dist
 from dist_harness import run_workers
 from dtensor_cases import D_HIDDEN, D_MODEL, DTYPE, NUM_TOTAL, SEED, TOL, TOP_K, local_part, make_mesh, tokens
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 import fastmoe
 from fastmoe import checkpoint
-from fastmoe.checkpoint import CheckpointError
 
 
 class Model(nn.Module):
-    """``embed`` (replicated) then the MoE layer, over ``ep_mesh`` (DTensor experts) or in one process."""
+    """``embed`` (replicated) then the MoE layer, over ``ep_group``: a 1-D DeviceMesh (DTensor experts), a process
+    group (plain tensors holding this rank's experts), or None (one process)."""
 
-    def __init__(self, ep_mesh=None, seed: int = SEED):
+    def __init__(self, ep_group=None, seed: int = SEED):
         super().__init__()
         torch.manual_seed(seed)
-        ep = 1 if ep_mesh is None else ep_mesh.size()
-        mesh_args = {} if ep_mesh is None else {"world_size": ep, "moe_group": ep_mesh}
+        ep = 1 if ep_group is None else ep_group.size()
+        mesh_args = {} if ep_group is None else {"world_size": ep, "moe_group": ep_group}
         self.embed = nn.Linear(D_MODEL, D_MODEL)
         self.mlp = fastmoe.FMoETransformerMLP(NUM_TOTAL // ep, D_MODEL, D_HIDDEN, top_k=TOP_K, **mesh_args)
         self.to(DTYPE)
@@ -166,47 +169,120 @@ def test_checkpoint_one_process_to_mesh(tmp_path):
             torch.testing.assert_close(stepped[rank][name], param.detach(), **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def refusals(rank, world, path):
-    """What fastmoe.checkpoint.save says about DTensors it cannot read by their local shards, and what
-    DistributedGroupedDataParallel says about a mesh layer."""
+def fsdp2_model(mesh, seed: int):
+    """The model over the (dp, ep) ``mesh`` with FSDP2 as docs/distributed.md sets it up: the experts sharded over
+    ep by the layer and over dp by fully_shard, everything else over all ranks; the gradients are sums over the
+    ranks (divide factor 1), as in :func:`backward`."""
     from torch.distributed.fsdp import fully_shard
 
+    model = Model(mesh["ep"], seed=seed)
+    fully_shard(model.mlp.experts, mesh=mesh["dp"])
+    fully_shard(model, mesh=init_device_mesh("cpu", (mesh.size(),)))
+    model.set_gradient_divide_factor(1.0)
+    model.mlp.experts.set_gradient_divide_factor(1.0)
+    return model
+
+
+def adamw(model, lr: float = 1e-2):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+
+
+def fsdp2_save(rank, world, path):
+    """Trains the FSDP2 model two AdamW steps and saves it; a fresh FSDP2 model of another seed loads it and equals
+    it bitwise. Returns the global parameters and AdamW state (full_tensor() before the save)."""
+    mesh, _ = make_mesh(world, 2)
+    model = fsdp2_model(mesh, SEED)
+    weight = model.mlp.experts.htoh4.weight
+    assert weight.device_mesh == mesh and weight.to_local().shape[0] == NUM_TOTAL // world, weight
+    optimizer = adamw(model)
+    for _ in range(2):
+        train_step(model, optimizer, rank, world)
+    saved = full_state(model, optimizer)
+    checkpoint.save(model, optimizer, path, tag="fsdp2", extra={"step": 2})
+    fresh = fsdp2_model(mesh, SEED + 1)
+    fresh_optimizer = adamw(fresh, lr=0.5)
+    assert not torch.equal(full(fresh.embed.weight).detach(), saved[0]["embed.weight"])
+    info = checkpoint.load(fresh, fresh_optimizer, path)
+    assert info["extra"] == {"step": 2}, info
+    assert_full_state_equal(fresh, fresh_optimizer, saved, f"FSDP2 rank {rank}")
+    return to_numpy(saved)
+
+
+def assert_full_state_equal(model, optimizer, saved, where: str) -> None:
+    """The global parameters and optimizer state of ``model`` equal ``saved`` (:func:`full_state`) bitwise, and
+    the saved hyperparameters replaced the optimizer's."""
+    params, state = saved
+    got_params, got_state = full_state(model, optimizer)
+    assert sorted(got_params) == sorted(params), where
+    for name, value in params.items():
+        assert torch.equal(got_params[name], value), f"{where}: parameter {name} differs"
+        assert set(got_state[name]) == set(state[name]) == {"step", "exp_avg", "exp_avg_sq"}, (where, name)
+        for key, want in state[name].items():
+            assert torch.equal(got_state[name][key], want), f"{where}: state {key} of {name} differs"
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-2, 0.05)], optimizer.param_groups
+
+
+def fsdp2_load_process_group(rank, world, path, saved):
+    """The FSDP2 checkpoint loads into a process-group EP layer: each rank holds its experts (plain tensors) and
+    their AdamW state, the replicated parameters whole, all bitwise."""
+    params, state = from_numpy(saved)
+    model = Model(dist.group.WORLD, seed=SEED + 1)
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+    optimizer = adamw(model, lr=0.5)
+    checkpoint.load(model, optimizer, path)
+    rows = slice(rank * NUM_TOTAL // world, (rank + 1) * NUM_TOTAL // world)
+    for name, param in model.named_parameters():
+        part = (lambda v: v[rows]) if name.startswith("mlp.experts.") else (lambda v: v)
+        assert torch.equal(param.detach(), part(params[name])), f"rank {rank}: parameter {name} differs"
+        for key, value in optimizer.state[param].items():
+            want = state[name][key] if key == "step" else part(state[name][key])
+            assert torch.equal(value, want), f"rank {rank}: state {key} of {name} differs"
+        assert set(optimizer.state[param]) == {"step", "exp_avg", "exp_avg_sq"}, (name, set(optimizer.state[param]))
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-2, 0.05)], optimizer.param_groups
+    train_step(model, optimizer, rank, world)  # the loaded state steps
+
+
+def test_checkpoint_fsdp2_experts_load_in_one_process_and_over_a_process_group(tmp_path):
+    path = str(tmp_path / "ckpt")
+    saved = run_workers(4, fsdp2_save, path)[0]
+    layers = checkpoint.read_meta(path)["layers"]
+    assert layers == {"mlp": {"fused": True, "num_experts_total": NUM_TOTAL, "ep_size": 2}}, layers
+    params, state = from_numpy(saved)
+    consolidated = checkpoint.consolidate(path)
+    single = Model(seed=SEED + 2)
+    assert set(consolidated) == set(single.state_dict())
+    for name, value in params.items():
+        assert torch.equal(consolidated[name], value), f"consolidate: {name} differs from the saved model"
+    # (a) one process: the plain model and AdamW
+    optimizer = adamw(single, lr=0.5)
+    checkpoint.load(single, optimizer, path)
+    assert_full_state_equal(single, optimizer, (params, state), "one process")
+    # (b) a process-group EP layer on 2 ranks
+    run_workers(2, fsdp2_load_process_group, path, saved)
+
+
+def dgdp_refuses(rank, world):
+    """DistributedGroupedDataParallel refuses a mesh layer, and leaves its parameters alone."""
     _, ep_mesh = make_mesh(world, 1)
-    messages = []
     model = Model(ep_mesh)
     before = {name: local(p).detach().clone() for name, p in model.named_parameters()}
     try:
         fastmoe.DistributedGroupedDataParallel(model)
     except TypeError as error:
-        messages.append(str(error))
+        message = str(error)
+    else:
+        raise AssertionError(f"rank {rank}: DistributedGroupedDataParallel accepted DTensor experts")
     for name, param in model.named_parameters():
         assert torch.equal(local(param).detach(), before[name]), f"rank {rank}: {name} changed"
-    # an expert DTensor placed otherwise than Shard(0) over the layer's mesh
-    weight = model.mlp.experts.htoh4.weight
-    model.mlp.experts.htoh4.weight = nn.Parameter(weight.detach().redistribute(ep_mesh, [Replicate()]))
-    for what, target in (("replicated expert", model), ("fsdp2", None)):
-        if target is None:  # a plain layer's gate under FSDP2: a DTensor outside the experts
-            target = Model(ep_mesh)
-            fully_shard(target.embed, mesh=ep_mesh)
-        try:
-            checkpoint.save(target, None, path, tag=what.replace(" ", "-"))
-        except CheckpointError as error:
-            messages.append(str(error))
-        else:
-            raise AssertionError(f"rank {rank}: checkpoint.save accepted the {what} DTensor")
-    return messages
+    return message
 
 
-def test_refusals_name_the_entry_and_point_to_dcp_and_fsdp2(tmp_path):
-    messages = run_workers(2, refusals, str(tmp_path / "ckpt"))
+def test_dgdp_refuses_a_mesh_layer_and_points_to_fsdp2():
+    messages = run_workers(2, dgdp_refuses)
     assert messages[0] == messages[1], messages
-    ddp, expert, plain = messages[0]
+    ddp = messages[0]
     assert ddp.startswith("DistributedGroupedDataParallel cannot reduce the DTensor experts of FMoE layer 'mlp'"), ddp
     assert "FSDP2" in ddp and "'DeviceMesh and DTensor experts'" in ddp, ddp
-    assert "'mlp.experts.htoh4.weight' of FMoE layer 'mlp' is a DTensor placed (Replicate(),)" in expert, expert
-    assert "'embed.weight' is a DTensor placed (Shard(dim=0),)" in plain, plain
-    for message in (expert, plain):
-        assert "torch.distributed.checkpoint (DCP)" in message and "'DeviceMesh and DTensor experts'" in message
 
 
 def clip_like_one_process(rank, world, norm_type):
