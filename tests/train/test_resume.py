@@ -1,6 +1,7 @@
-"""fastmoe-train --resume: nothing to resume, other flags, and damaged checkpoints of both formats are errors that
-name the folder or file and what is wrong with it (never a traceback from torch's internals); the log keeps what
-the checkpoint covers; and checkpoints of the earlier single-file format still resume."""
+"""fastmoe-train --resume: nothing to resume, other flags, and damaged checkpoints of both formats (the
+fastmoe.checkpoint folder and the earlier single file) are errors that name the folder or file and what is wrong
+with it (never a traceback from torch's internals); the log keeps what the checkpoint covers; and checkpoints of the
+earlier single-file format still resume."""
 
 import json
 
@@ -9,7 +10,7 @@ import torch
 from train_cases import TINY, make_corpus, summary, write_legacy_checkpoint
 
 from fastmoe import checkpoint as fmoe_checkpoint
-from fastmoe.train import cli
+from fastmoe.train import checkpointing, cli
 
 
 @pytest.fixture(scope="module")
@@ -73,23 +74,42 @@ def test_a_damaged_single_file_checkpoint_is_named(tmp_path, corpus_file, damage
     assert expected in message
 
 
-@pytest.mark.parametrize("damage", ["truncated common.pt", "empty rank file", "no meta.json"])
+@pytest.mark.parametrize(
+    "damage", ["truncated state.pt", "empty rank file", "flipped byte in DCP's data", "damaged latest", "no meta.json"]
+)
 def test_a_damaged_checkpoint_folder_is_named(tmp_path, corpus_file, damage):
+    """Each file of a fastmoe.checkpoint folder (the state with ``extra``, the rank's RNG and sampler state, the
+    tensors DCP wrote, the ``latest`` pointer, meta.json) damaged in its own way: the message names the file (or
+    the folder, when nothing complete is left) and what is wrong with it."""
     assert cli.main([*moe_flags(corpus_file), "--out", str(tmp_path), "--stop-after", "1"]) == 0
     folder = tmp_path / "moe" / "checkpoint"
     tag_dir = folder / fmoe_checkpoint.latest(str(folder))
-    if damage == "truncated common.pt":
-        victim = tag_dir / "common.pt"
+    if damage == "truncated state.pt":
+        victim = tag_dir / "state.pt"
+        size = victim.stat().st_size
         victim.write_bytes(victim.read_bytes()[:100])
+        expected = f"checkpoint file {victim} has 100 bytes but meta.json recorded {size}: it was truncated"
     elif damage == "empty rank file":
         victim = tag_dir / "rank-00000.pt"
         victim.write_bytes(b"")
+        expected = f"checkpoint file {victim} has 0 bytes but meta.json recorded"
+    elif damage == "flipped byte in DCP's data":
+        victim = tag_dir / "__0_0.distcp"
+        blob = bytearray(victim.read_bytes())
+        blob[len(blob) // 3] ^= 0x01
+        victim.write_bytes(bytes(blob))
+        expected = f"checkpoint file {victim} is corrupt: its sha256 is"
+    elif damage == "damaged latest":
+        victim = folder / "latest"
+        victim.write_bytes(b"\xff\xfe../x")
+        expected = f"cannot resume from {folder}: {victim} holds"
     else:
         victim = folder
         (tag_dir / "meta.json").unlink()
         (folder / "latest").unlink()
+        expected = f"holds no checkpoint to resume (none in {folder})"
     message = resume_error([*moe_flags(corpus_file), "--out", str(tmp_path), "--resume"])
-    assert str(victim) in message, message
+    assert expected in message, message
 
 
 def test_resume_reads_a_single_file_checkpoint_older_than_the_balance_and_bias_flags(tmp_path, corpus_file):
@@ -119,6 +139,23 @@ def test_a_single_file_checkpoint_of_another_process_count_is_refused(tmp_path, 
     message = resume_error([*moe_flags(corpus_file), "--out", str(tmp_path), "--resume"])
     assert f"{tmp_path / 'moe'} holds a checkpoint of an earlier version written by 2 processes" in message
     assert "this run has 1" in message
+
+
+def test_single_file_checkpoints_of_several_processes_are_refused_under_fsdp2(tmp_path, corpus_file):
+    """The per-rank files of an earlier version hold each rank's plain tensors, which FSDP2's shards are not: a
+    torchrun job with --parallel fsdp2 is told to resume them with --parallel ddp (checked before any process group
+    collective, so called here as rank 0 of two)."""
+    run_dir = tmp_path / "moe"
+    path = write_legacy_checkpoint(run_dir, moe_flags(corpus_file), corpus_file)
+    path.rename(run_dir / "checkpoint.rank0.pt")
+    (run_dir / "checkpoint.rank1.pt").write_bytes(b"")
+    with pytest.raises(checkpointing.ResumeError) as error:
+        checkpointing.load(
+            run_dir, model=None, optimizer=None, sampler=None, config={}, rank=0, world_size=2, parallel="fsdp2"
+        )
+    message = str(error.value)
+    assert f"{run_dir} holds a checkpoint of an earlier version (checkpoint.rank0.pt, checkpoint.rank1.pt)" in message
+    assert "resume it with --parallel ddp and the number of processes that wrote it" in message
 
 
 def test_resume_drops_log_records_past_the_checkpoint(tmp_path, corpus_file):

@@ -91,18 +91,21 @@ def test_resume_continues_bitwise(tmp_path, corpus_file):
 
 
 def test_a_save_killed_midway_resumes_from_the_previous_checkpoint(tmp_path, corpus_file):
-    """A process killed while writing its step-4 checkpoint (fastmoe.checkpoint's fault point in the middle of the
-    expert shard) leaves the step-2 checkpoint whole: --resume continues from it, bitwise."""
+    """A process killed while writing its step-4 checkpoint (fastmoe.checkpoint's fault point inside DCP's save,
+    after the tensor file and before DCP's .metadata) leaves the step-2 checkpoint whole: --resume continues from
+    it, bitwise."""
     common = [*TINY, "--model", "moe", "--steps", "6", "--eval-every", "2", "--ckpt-every", "2"]
     common += ["--data", str(corpus_file)]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert cli.main([*common, "--out", str(whole)]) == 0
     assert cli.main([*common, "--out", str(split), "--stop-after", "2"]) == 0
     command = [sys.executable, "-m", "fastmoe.train", *common, "--out", str(split), "--resume"]
-    env = subprocess_env() | {fmoe_checkpoint.FAULT_ENV: "during_shard"}
+    env = subprocess_env() | {fmoe_checkpoint.FAULT_ENV: "during_dcp"}
     killed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert killed.returncode == fmoe_checkpoint.FAULT_EXIT_CODE, killed.stdout + killed.stderr
     assert log_events(split / "moe" / "log.jsonl")[-1] == ("eval", 4)  # it had got past the last checkpoint
+    folder = split / "moe" / "checkpoint"
+    assert [p for p in folder.iterdir() if p.name.startswith(".partial-")], "the kill left no staging folder"
     assert cli.main([*common, "--out", str(split), "--resume"]) == 0
     assert_same_run(whole, split, names=("moe",))
 

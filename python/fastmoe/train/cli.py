@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="\n".join(__doc__.split("\n\n")[1:]).rstrip()
         + "\n\nOutputs in --out: summary.md and summary.json (the table), val_loss.png (validation loss against "
-        "training time), and per model <model>/checkpoint/ (a fastmoe.checkpoint folder; <model>/dcp/, DCP "
-        "checkpoints, with --parallel fsdp2), <model>/config.json and <model>/log.jsonl.",
+        "training time), and per model <model>/checkpoint/ (a fastmoe.checkpoint folder, with every --parallel), "
+        "<model>/config.json and <model>/log.jsonl.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = p.add_argument_group("what to train")
@@ -171,11 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["ddp", "fsdp2"],
         default="ddp",
         help="ddp (default): the MoE model expert-parallel over every process with fastmoe's "
-        "DistributedGroupedDataParallel (the dense model under torch DDP), checkpoints by fastmoe.checkpoint; "
+        "DistributedGroupedDataParallel (the dense model under torch DDP); "
         "fsdp2: PyTorch's stack, a ('dp', 'ep') DeviceMesh whose 'ep' dimension holds the experts as DTensors, "
-        "fully_shard (FSDP2) for the rest, checkpoints by torch.distributed.checkpoint (DCP), which reshards them "
-        "for another number of processes. In one process fsdp2 trains the plain model and keeps DCP checkpoints "
-        "(docs/training.md)",
+        "fully_shard (FSDP2) for the rest; in one process fsdp2 trains the plain model. Both write the same "
+        "fastmoe.checkpoint folders (through torch.distributed.checkpoint), which resume with either --parallel "
+        "and with another number of processes (docs/training.md)",
     )
     par.add_argument(
         "--ep-size",
@@ -563,9 +563,9 @@ def parallel_note(dist: Distributed) -> str:
     if not dist.fsdp2:
         return ""
     if dist.mesh is None:
-        return "; --parallel fsdp2 in one process: the plain model, DCP checkpoints"
+        return "; --parallel fsdp2 in one process: the plain model, fastmoe.checkpoint checkpoints"
     dp, ep = dist.mesh.shape
-    return f"; --parallel fsdp2: FSDP2 over a (dp={dp}, ep={ep}) DeviceMesh, DCP checkpoints"
+    return f"; --parallel fsdp2: FSDP2 over a (dp={dp}, ep={ep}) DeviceMesh, fastmoe.checkpoint checkpoints"
 
 
 def resume_plan(out_dir: Path, names: list[str]) -> dict[str, bool]:

@@ -1,8 +1,8 @@
 """The training loop of one model: AdamW, warm-up then cosine learning rate, validation at intervals, a tqdm
 bar with loss, tokens/s and load-balance statistics, atomic checkpoints and resume. Under torchrun the model is
 data-parallel in one of two ways (``Distributed.parallel``): ``ddp``, fastmoe's DistributedGroupedDataParallel (torch
-DDP for the dense model) with fastmoe.checkpoint folders, or ``fsdp2``, a DeviceMesh with DTensor experts under
-FSDP2 and torch.distributed.checkpoint (DCP) folders."""
+DDP for the dense model), or ``fsdp2``, a DeviceMesh with DTensor experts under FSDP2; both keep fastmoe.checkpoint
+folders."""
 
 import contextlib
 import json
@@ -395,8 +395,6 @@ class Trainer:
                     "world_size": self.dist.world_size,
                 },
                 is_main=self.dist.is_main,
-                rank=self.dist.rank,
-                parallel=self.dist.parallel,
             )
         self.saved = (self.step, len(self.history))
 
