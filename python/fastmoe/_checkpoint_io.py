@@ -435,22 +435,38 @@ def dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-_dcp_group = (None, None)  # (the default group it was made for, the group)
+_dcp_group = (None, None, None)  # (the default group it was made for, its timeout, the group)
+DCP_TIMEOUT_ENV = "FASTMOE_CHECKPOINT_TIMEOUT"
+
+
+def dcp_timeout() -> float:
+    """``FASTMOE_CHECKPOINT_TIMEOUT`` in seconds (default 1800, torch's own default): how long DCP's coordination
+    inside a save or a load waits for the slowest rank's reads or writes."""
+    value = os.environ.get(DCP_TIMEOUT_ENV, "")
+    if value == "":
+        return 1800.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{DCP_TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def dcp_group():
-    """The process group DCP coordinates over (None without a process group): a gloo group of every rank whose
-    collectives give up after ``FASTMOE_COMM_TIMEOUT``, so a rank that dies inside DCP's save or load makes the
-    others raise instead of waiting for the default group's timeout (30 minutes on gloo). Made on first use by
-    every rank (save and load are collectives), again after the default group is replaced."""
+    """The process group DCP coordinates over (None without a process group): a gloo group of every rank (so its
+    small exchanges never need a CUDA device) whose collectives give up after :func:`dcp_timeout`; a rank that
+    dies inside DCP closes its connections, so the others raise at once. Made on first use by every rank (save
+    and load are collectives), again after the default group is replaced or the timeout changed."""
     global _dcp_group
     if not dist_on():
         return None
-    world, group = _dcp_group
-    if world is not dist.group.WORLD:
-        timeout = datetime.timedelta(seconds=_groups.comm_timeout())
-        group = dist.new_group(backend="gloo", timeout=timeout)
-        _dcp_group = (dist.group.WORLD, group)
+    world, timeout, group = _dcp_group
+    if world is not dist.group.WORLD or timeout != dcp_timeout():
+        timeout = dcp_timeout()
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+        _dcp_group = (dist.group.WORLD, timeout, group)
     return group
 
 
@@ -468,13 +484,14 @@ def all_gather(obj) -> list:
     return _groups._all_gather_object(obj, dist.group.WORLD, "checkpoint exchange (all_gather)")
 
 
-def broadcast(obj):
+def broadcast(obj, extra_seconds: float = 0.0):
     """Rank 0's ``obj`` on every rank (the objects are small: paths, checksums, messages), bounded as
-    :func:`all_gather` is."""
+    :func:`all_gather` is, plus ``extra_seconds`` (how much later than the others rank 0 may come)."""
     if not dist_on():
         return obj
     mine = obj if dist.get_rank() == 0 else None
-    return _groups._all_gather_object(mine, dist.group.WORLD, "checkpoint exchange (broadcast from rank 0)")[0]
+    what = "checkpoint exchange (broadcast from rank 0)"
+    return _groups._all_gather_object(mine, dist.group.WORLD, what, extra_seconds)[0]
 
 
 def gather_checked(value, exc: BaseException | None, what: str) -> list:
@@ -491,9 +508,10 @@ def gather_checked(value, exc: BaseException | None, what: str) -> list:
     return [v for v, _ in gathered]
 
 
-def on_rank0(fn, what: str):
+def on_rank0(fn, what: str, extra_seconds: float = 0.0):
     """Runs ``fn()`` on rank 0 and returns its value on every rank; if it raises, rank 0 re-raises and the other
-    ranks raise a CheckpointError with its message."""
+    ranks raise a CheckpointError with its message. The other ranks wait for it ``extra_seconds`` longer than
+    any other exchange (``fn`` may wait for the folder's lock)."""
     rank, _ = rank_and_world()
     value, exc = None, None
     if rank == 0:
@@ -501,7 +519,7 @@ def on_rank0(fn, what: str):
             value = fn()
         except Exception as e:  # noqa: BLE001 - sent to the other ranks, then re-raised
             exc = e
-    value, message = broadcast((value, None if exc is None else f"{type(exc).__name__}: {exc}"))
+    value, message = broadcast((value, None if exc is None else f"{type(exc).__name__}: {exc}"), extra_seconds)
     if exc is not None:
         raise exc
     if message is not None:

@@ -51,6 +51,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+# Module names that torch's state-dict APIs leave out of the keys: torch.compile's wrapper and activation
+# checkpointing's. Layer and parameter names are taken without them, so that they match the state dict's keys.
+_WRAPPER_SEGMENTS = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
+def clean_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
 def moe_rank(layer: FMoE) -> int:
     moe_rank = getattr(layer, "moe_rank", None)
     if moe_rank is not None:
@@ -66,7 +75,8 @@ def moe_layers(model: nn.Module) -> dict[str, Layer]:
     """Every FMoE layer of ``model`` by module name (layers nested inside another layer's experts belong to it), and
     the parent of every experts module that records an ExpertShard."""
     layers: dict[str, Layer] = {}
-    for name, module in model.named_modules():
+    for raw_name, module in model.named_modules():
+        name = clean_name(raw_name)
         if not isinstance(module, FMoE) or any(name.startswith(outer.prefix) for outer in layers.values()):
             continue
         if not hasattr(module, "experts"):
@@ -78,7 +88,8 @@ def moe_layers(model: nn.Module) -> dict[str, Layer]:
         if not 0 <= layer.moe_rank < layer.ep_size:
             raise CheckpointError(f"FMoE layer {name!r}: moe_rank={layer.moe_rank} is outside [0, {layer.ep_size})")
         layers[name] = layer
-    for name, _, shard in expert_shards(model):
+    for raw_name, _, shard in expert_shards(model):
+        name = clean_name(raw_name)
         # An experts module that is not an FMoE layer (the Hugging Face experts that fastmoe.use_fastmoe runs) holds
         # its experts as its own parameters: it counts as the fused experts of its parent, as an FMoE's do.
         parent, _, attribute = name.rpartition(".")
@@ -192,9 +203,9 @@ def _shard_kind(what: str, value, layer: Layer, is_state: bool) -> str:
     )
 
 
-def optimizer_names(model: nn.Module, optimizer) -> list[list[str]]:
-    """The model's name of every parameter of every param group of ``optimizer``."""
-    names = {id(p): n for n, p in model.named_parameters()}
+def optimizer_names(model: nn.Module, optimizer) -> list[list[tuple[str, torch.Tensor]]]:
+    """``(the model's name, the parameter)`` of every parameter of every param group of ``optimizer``."""
+    names = {id(p): clean_name(n) for n, p in model.named_parameters()}
     out = []
     for gi, group in enumerate(optimizer.param_groups):
         out.append([])
@@ -204,8 +215,21 @@ def optimizer_names(model: nn.Module, optimizer) -> list[list[str]]:
                     f"optimizer.param_groups[{gi}]['params'][{pi}] (shape {list(p.shape)}) is not a parameter of the "
                     f"model"
                 )
-            out[-1].append(names[id(p)])
+            out[-1].append((names[id(p)], p))
     return out
+
+
+def _check_experts_found(layers: dict[str, Layer], keys) -> None:
+    """Every expert-parallel layer must own entries of the state dict: a layer whose experts the state dict names
+    otherwise (a wrapper the names do not account for) would be saved as one value every rank claims."""
+    found = {hit[0].name for key in keys if (hit := expert_key(layers, key)) is not None}
+    for name, layer in layers.items():
+        if layer.ep_size > 1 and name not in found:
+            raise CheckpointError(
+                f"no state-dict entry lies under {layer.prefix!r}, the experts of MoE layer {name or '<model>'!r}: "
+                f"the model's state dict names them otherwise (a module wrapper fastmoe.checkpoint does not know), "
+                f"so they cannot be told from values every rank holds"
+            )
 
 
 def present(model: nn.Module, optimizer, layers: dict[str, Layer]) -> View:
@@ -215,6 +239,15 @@ def present(model: nn.Module, optimizer, layers: dict[str, Layer]) -> View:
     view, meshes = View({}, {}, {}, []), GroupMeshes()
 
     def add(dkey: str, value, entry: Entry, layer: Layer | None):
+        if layer is not None and layer.ep_size > 1 and layer.mesh is None and is_dtensor(value):
+            # FSDP2 over the ranks that hold the same experts: its DTensor is of this EP rank's experts only, under
+            # a name every EP rank uses
+            raise CheckpointError(
+                f"{entry.key!r} of MoE layer {layer.name or '<model>'!r} (experts over a process group) is a DTensor "
+                f"placed {tuple(value.placements)} on {value.device_mesh}: sharding the experts of a process-group "
+                f"layer further (FSDP2) is not supported; build the layer with moe_group=<DeviceMesh> (its experts "
+                f"are then DTensors of the whole layer that FSDP2 shards further), docs/distributed.md"
+            )
         if layer is not None and layer.ep_size > 1 and not is_dtensor(value):
             what = f"{entry.key!r}" if entry.name is None else f"optimizer state {entry.name!r} of {entry.key!r}"
             if _shard_kind(what, value, layer, entry.name is not None) == "wrap":
@@ -222,18 +255,19 @@ def present(model: nn.Module, optimizer, layers: dict[str, Layer]) -> View:
         (view.tensors if isinstance(value, torch.Tensor) else view.objects)[dkey] = value
         view.entries[dkey] = entry
 
-    for key, value in get_model_state_dict(model).items():
+    model_state = get_model_state_dict(model)
+    _check_experts_found(layers, model_state)
+    for key, value in model_state.items():
         gkey, layer = global_key(layers, key)
         add(MODEL + gkey, value, Entry("model", key, None, False), layer)
     if optimizer is None:
         return view
-    params = dict(model.named_parameters())
     for gi, names in enumerate(optimizer_names(model, optimizer)):
         hyper = {k: v for k, v in optimizer.param_groups[gi].items() if k not in ("params", "param_names")}
-        view.groups.append({"hyper": hyper, "params": sorted({canonical(layers, n) for n in names})})
-        for name in names:
+        view.groups.append({"hyper": hyper, "params": sorted({canonical(layers, n) for n, _ in names})})
+        for name, param in names:
             gkey, layer = global_key(layers, name)
-            for state_name, value in (optimizer.state.get(params[name]) or {}).items():
+            for state_name, value in (optimizer.state.get(param) or {}).items():
                 add(f"{OPTIM_STATE}{gkey}.{state_name}", value, Entry("optim", name, state_name, False), layer)
     return view
 
@@ -247,11 +281,10 @@ def targets(model: nn.Module, optimizer, layers: dict[str, Layer], saved: dict) 
     from torch.distributed.tensor import DTensor
 
     meshes = GroupMeshes()
-    params = dict(model.named_parameters())
     for names in optimizer_names(model, optimizer):
-        for name in names:
+        for name, param in names:
             gkey, layer = global_key(layers, name)
-            param, prefix = params[name], f"{OPTIM_STATE}{gkey}."
+            prefix = f"{OPTIM_STATE}{gkey}."
             for dkey, (shape, dtype) in saved.items():
                 if not dkey.startswith(prefix) or "." in dkey[len(prefix) :]:
                     continue
@@ -261,8 +294,8 @@ def targets(model: nn.Module, optimizer, layers: dict[str, Layer], saved: dict) 
                     value, entry.wrapped = _as_global(local, layer, meshes), True
                 elif tuple(shape) == tuple(param.shape) and shape:
                     value = torch.zeros_like(param.detach(), dtype=dtype)  # a DTensor parameter gives a DTensor
-                elif isinstance(param, DTensor) and not shape:
-                    value = torch.zeros((), dtype=dtype, device=param.to_local().device)
+                elif not shape:  # step: on the CPU, where torch.optim keeps it (load_state_dict moves it if need be)
+                    value = torch.zeros((), dtype=dtype)
                 else:
                     value = torch.zeros(shape, dtype=dtype, device=param.device)
                 view.tensors[dkey] = value

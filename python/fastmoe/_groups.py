@@ -35,13 +35,13 @@ def _describe(group) -> str:
     return f"group '{group.group_name}' (rank {dist.get_rank(group)} of {dist.get_world_size(group)})"
 
 
-def _wait(work, what: str, group) -> None:
+def _wait(work, what: str, group, extra_seconds: float = 0.0) -> None:
     """Waits for the async collective ``work`` at most :func:`comm_timeout`. ``Work.wait(timeout)`` raises on gloo
     when the time is up (the blocking form would wait for the process group's own timeout, 30 minutes by
     default); on NCCL it raises as well, and torch's watchdog then aborts the communicator."""
     global _collectives_issued
     _collectives_issued = True
-    timeout = comm_timeout()
+    timeout = comm_timeout() + extra_seconds
     try:
         if work.wait(timeout=datetime.timedelta(seconds=timeout)) is not False:
             return
@@ -50,7 +50,8 @@ def _wait(work, what: str, group) -> None:
         cause = str(error)
     raise RuntimeError(
         f"fastmoe: the {what} on {_describe(group)} failed or did not complete within {timeout:g} s "
-        f"(FASTMOE_COMM_TIMEOUT): a peer failed, exited, or is not calling the same collectives: {cause}"
+        f"(FASTMOE_COMM_TIMEOUT{f' + {extra_seconds:g} s' if extra_seconds else ''}): a peer failed, exited, or is "
+        f"not calling the same collectives: {cause}"
     )
 
 
@@ -63,15 +64,16 @@ def _object_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_gather_object(obj, group, what: str) -> list:
+def _all_gather_object(obj, group, what: str, extra_seconds: float = 0.0) -> list:
     """``dist.all_gather_object`` with each of its two collectives (the sizes, then the pickled bytes) bounded by
-    :func:`comm_timeout`."""
+    :func:`comm_timeout` (plus ``extra_seconds`` for the first, when a rank may be late by that much)."""
     device = _object_device(group)
     world = dist.get_world_size(group)
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
-    _wait(dist.all_gather(sizes, size, group=group, async_op=True), f"{what} (all_gather of the sizes)", group)
+    work = dist.all_gather(sizes, size, group=group, async_op=True)
+    _wait(work, f"{what} (all_gather of the sizes)", group, extra_seconds)
     lengths = [int(s) for s in sizes]
     padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
     padded[: data.numel()] = data

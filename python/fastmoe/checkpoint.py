@@ -100,6 +100,18 @@ def _merge_reports(reports: list) -> tuple[dict, list]:
     return objects, [{"hyper": g["hyper"], "params": sorted(g["params"])} for g in groups]
 
 
+_UNBOUNDED_SECONDS = 10 * 365 * 86400.0  # lock_timeout=None: no limit of fastmoe's own
+
+
+def _dcp_error(doing: str, where: str, exc: Exception) -> CheckpointError:
+    """A failure inside DCP's save or load (on this rank, or another rank's, which DCP reports here), naming the
+    checkpoint folder and what bounds the wait."""
+    return CheckpointError(
+        f"torch.distributed.checkpoint could not {doing} {where}: {type(exc).__name__}: {exc} (a rank failed, exited, "
+        f"or took longer than {io.DCP_TIMEOUT_ENV}={io.dcp_timeout():g} s)"
+    )
+
+
 def _dcp_writer(staging: str, rank: int):
     """DCP's file writer, with the ``during_dcp`` fault point once this rank's tensor file is written."""
     from torch.distributed.checkpoint import FileSystemWriter
@@ -184,8 +196,9 @@ def save(
     """Writes a checkpoint of ``model`` (and ``optimizer``, or None) under ``directory/<tag>``; call it on every
     rank of the default process group (or without one). Returns the checkpoint's path, complete when returned.
 
-    The model may hold its experts over a process group or a DeviceMesh, and be wrapped by
-    DistributedGroupedDataParallel, DDP or FSDP2 (``fully_shard``): what each rank holds is written once.
+    The model may hold its experts over a process group or a DeviceMesh, be wrapped by
+    DistributedGroupedDataParallel or DDP, compiled, and (with mesh layers) sharded by FSDP2 (``fully_shard``):
+    what each rank holds is written once. FSDP2 over the experts of a process-group layer is refused.
 
     ``tag`` defaults to ``ckpt-<sequence>``; an existing tag is an error. ``extra`` (rank 0's value) and
     ``rank_extra`` (each rank's own value, e.g. :func:`rng_state`) are returned by :func:`load`. ``keep=N``
@@ -213,7 +226,9 @@ def save(
     # One lock per job: rank 0 takes it and the other ranks follow its tag and staging folder. It is released
     # on rank 0 after the commit, or after any rank's failure (every rank learns of it in the collectives).
     try:
-        tag, sequence, staging = io.on_rank0(locked_prepare, "fastmoe.checkpoint.save")
+        # the other ranks wait while rank 0 waits for the lock (bounded by the process group's own timeout)
+        lock_wait = lock_timeout if lock_timeout is not None else _UNBOUNDED_SECONDS
+        tag, sequence, staging = io.on_rank0(locked_prepare, "fastmoe.checkpoint.save", lock_wait)
         io.fault_point("after_staging", rank)
         view, report, exc = None, None, None
         try:
@@ -238,8 +253,11 @@ def save(
             exc = e
         reports = io.gather_checked(report, exc, "fastmoe.checkpoint.save")
         objects, groups = _merge_reports(reports)
-        with io.dcp_quiet():
-            dcp.save(view.tensors, storage_writer=_dcp_writer(staging, rank), process_group=io.dcp_group())
+        try:
+            with io.dcp_quiet():
+                dcp.save(view.tensors, storage_writer=_dcp_writer(staging, rank), process_group=io.dcp_group())
+        except Exception as exc:
+            raise _dcp_error("save into", staging, exc) from exc
         io.fault_point("after_dcp", rank)
         files, exc = None, None
         try:
@@ -390,9 +408,10 @@ def _match(view: layout.View, layers: dict, saved: dict, state: dict, path: str,
     return load
 
 
-def _optimizer_state(model, optimizer, layers, state: dict, optim_state: dict, path: str) -> dict:
+def _optimizer_state(model, optimizer, layers, state: dict, optim_state: dict, path: str, strict: bool) -> dict:
     """The optimizer state dict in the model's parameter names (for torch's ``set_optimizer_state_dict``): the
-    loaded state, and the saved param groups' hyperparameters for the optimizer's own parameters."""
+    loaded state, and the saved param groups' hyperparameters for the optimizer's own parameters (with
+    ``strict``, each parameter must be in the same group of the checkpoint)."""
     saved = state["groups"]
     names = layout.optimizer_names(model, optimizer)
     if len(saved) != len(names):
@@ -400,12 +419,12 @@ def _optimizer_state(model, optimizer, layers, state: dict, optim_state: dict, p
     groups = []
     for gi, group_names in enumerate(names):
         saved_names = set(saved[gi]["params"])
-        for name in group_names:
-            if layout.canonical(layers, name) not in saved_names:
+        for name, _ in group_names:
+            if strict and layout.canonical(layers, name) not in saved_names:
                 raise CheckpointError(
                     f"parameter {name!r} is in optimizer param group {gi}, but not in group {gi} of {path}"
                 )
-        groups.append({**saved[gi]["hyper"], "params": list(group_names)})
+        groups.append({**saved[gi]["hyper"], "params": [name for name, _ in group_names]})
     return {"state": optim_state, "param_groups": groups}
 
 
@@ -419,7 +438,11 @@ def load(model, optimizer, directory: str, *, tag: str | None = None, strict: bo
     the rank files."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     model = layout.unwrap(model)
     rank, world_size = io.rank_and_world()
@@ -428,6 +451,7 @@ def load(model, optimizer, directory: str, *, tag: str | None = None, strict: bo
     view, plan, exc = None, None, None
     try:
         io.verify_files(path, meta, rank, world_size)
+        io.verify_file(path, meta, io.DCP_METADATA)  # every rank reads it next
         layers = layout.moe_layers(model)
         _check_layers(layers, meta, path)
         if optimizer is not None and not meta["has_optimizer"]:
@@ -439,21 +463,23 @@ def load(model, optimizer, directory: str, *, tag: str | None = None, strict: bo
     except Exception as e:  # noqa: BLE001 - every rank learns of it in gather_checked
         exc = e
     io.gather_checked(None, exc, "fastmoe.checkpoint.load")
-    with io.dcp_quiet():
-        dcp.load(
-            {k: v for k, v in view.tensors.items() if k in plan},
-            storage_reader=FileSystemReader(path),
-            process_group=io.dcp_group(),
-        )
+    try:
+        with io.dcp_quiet():
+            dcp.load(
+                {k: v for k, v in view.tensors.items() if k in plan},
+                storage_reader=FileSystemReader(path),
+                process_group=io.dcp_group(),
+            )
+    except Exception as exc:
+        raise _dcp_error("load from", path, exc) from exc
     result, exc = None, None
     try:
         model_state, optim_state = layout.restore(view, state["objects"], plan)
-        options = StateDictOptions(strict=strict)
-        if optimizer is None:
-            set_model_state_dict(model, model_state, options=options)
-        else:
-            optim = _optimizer_state(model, optimizer, layers, state, optim_state, path)
-            set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim, options=options)
+        set_model_state_dict(model, model_state, options=StateDictOptions(strict=strict))
+        if optimizer is not None:
+            # a parameter without saved state (it had no gradient before the save) keeps none: not strict here
+            optim = _optimizer_state(model, optimizer, layers, state, optim_state, path, strict)
+            set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(strict=False))
         rank_extra = None
         if meta["world_size"] == world_size and rank in meta["rank_extra"]:
             rank_extra = io.torch_load(path, meta, io.rank_file(rank), weights_only)

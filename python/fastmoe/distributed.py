@@ -280,7 +280,8 @@ class DistributedGroupedDataParallel(nn.Module):
             if layer.world_size > 1 and hasattr(layer, "experts"):
                 for param in layer.experts.parameters():  # every rank joins each layer's collective
                     grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                    views[id(param)] = meshes.experts_dtensor(grad, layer.moe_group, layer.world_size)
+                    # one row per rank: only the sum of squares over the group matters, whatever the shape
+                    views[id(param)] = meshes.experts_dtensor(grad.reshape(1, -1), layer.moe_group, layer.world_size)
         grads = [views.get(id(p), p.grad) for p in self.module.parameters() if id(p) in views or p.grad is not None]
         if not grads:
             return torch.tensor(0.0)

@@ -1,9 +1,11 @@
 """fastmoe.checkpoint in one process (no process group): a save/load round trip restores the model and Adam
 bitwise, consolidate() and a plain ``torch.distributed.checkpoint.load`` give the single-process state dict,
-``load(strict=False)`` loads what model and checkpoint share, tags/latest/rotation, clear errors (a truncated or
-missing file of any kind names it), and crash safety (a subprocess killed at each point of a save leaves the
-previous checkpoint intact, resuming from it is bitwise equal to never having crashed, and the next save cleans
-up). The multi-process resharding tests are in test_checkpoint_ep.py."""
+``load(strict=False)`` loads what model and checkpoint share, Adam with a parameter that never got a gradient
+round-trips (strict) and an optimizer parameter the checkpoint lacks is left as it is (strict=False),
+tags/latest/rotation, clear errors (a truncated or missing file of any kind names it), and crash safety (a
+subprocess killed at each point of a save leaves the previous checkpoint intact, resuming from it is bitwise equal
+to never having crashed, and the next save cleans up). The multi-process resharding tests are in
+test_checkpoint_ep.py."""
 
 import copy
 import os
@@ -360,3 +362,69 @@ def test_cuda_model_saves_to_cpu_files_and_loads_on_either_device(tmp_path):
     assert all(v.is_cuda for s in gpu_optimizer.state.values() for k, v in s.items() if k != "step")
     assert_same_optimizer(optimizer.state_dict(), gpu_optimizer.state_dict())
     assert_bitwise_equal(on_gpu(x), model(x), "output on the GPU")
+
+
+# ----------------------------------------------------------------------------------------------- optimizer state
+
+
+def model_with_unused_linear(seed: int) -> nn.Module:
+    """The test model plus a Linear that forward never calls: its parameters get no gradient, so Adam (which holds
+    them in param group 0) keeps no state for them."""
+    model = make_model(seed=seed)
+    torch.manual_seed(seed)
+    model.unused = nn.Linear(D_MODEL, 3)
+    return model
+
+
+def test_adam_with_a_parameter_that_never_got_a_gradient_round_trips_bitwise(tmp_path):
+    model = model_with_unused_linear(0)
+    optimizer = make_optimizer(model)
+    for step in range(2):
+        train_step(model, optimizer, step)
+    assert model.unused.weight not in optimizer.state and model.unused.bias not in optimizer.state
+    checkpoint.save(model, optimizer, str(tmp_path))
+    saved, saved_optimizer = snapshot(model), copy.deepcopy(optimizer.state_dict())
+
+    restored = model_with_unused_linear(3)
+    restored_optimizer = make_optimizer(restored)
+    checkpoint.load(restored, restored_optimizer, str(tmp_path))  # strict: the state it lacks is not required
+    assert_same_state(saved, restored.state_dict(), "model")
+    assert_same_optimizer(saved_optimizer, restored_optimizer.state_dict())
+    assert (
+        restored.unused.weight not in restored_optimizer.state and restored.unused.bias not in restored_optimizer.state
+    )
+    for step in range(2, 4):
+        train_step(model, optimizer, step)
+        train_step(restored, restored_optimizer, step)
+    assert_same_state(model.state_dict(), restored.state_dict(), "model after resuming")
+
+
+def test_load_non_strict_keeps_the_optimizer_parameters_the_checkpoint_lacks(tmp_path):
+    model = make_model()
+    optimizer = make_optimizer(model)
+    train_step(model, optimizer, 0)
+    checkpoint.save(model, optimizer, str(tmp_path))
+
+    # `unused` is in param group 0 of the optimizer but in no group of the checkpoint
+    bigger = model_with_unused_linear(3)
+    bigger_optimizer = make_optimizer(bigger)
+    unused_before = {k: v.detach().clone() for k, v in bigger.unused.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"missing keys \['unused.weight', 'unused.bias'\]"):
+        checkpoint.load(bigger, bigger_optimizer, str(tmp_path))
+    checkpoint.load(bigger, bigger_optimizer, str(tmp_path), strict=False)
+    loaded = bigger.state_dict()
+    assert_same_state(unused_before, {k: loaded.pop(f"unused.{k}") for k in ("weight", "bias")}, "unused")
+    assert_same_state(model.state_dict(), loaded, "the entries the checkpoint holds")
+    # every shared parameter has its saved Adam state and group hyperparameters; `unused` has none
+    params = dict(model.named_parameters())
+    for name, param in bigger.named_parameters():
+        if name.startswith("unused."):
+            assert param not in bigger_optimizer.state, name
+        else:
+            assert_same_state(optimizer.state[params[name]], bigger_optimizer.state[param], f"Adam state of {name}")
+    for saved_group, group in zip(optimizer.param_groups, bigger_optimizer.param_groups, strict=True):
+        assert {k: v for k, v in group.items() if k != "params"} == {
+            k: v for k, v in saved_group.items() if k != "params"
+        }
+    train_step(bigger, bigger_optimizer, 1)  # the optimizer steps with the loaded state
+    assert float(bigger_optimizer.state[bigger.embed.weight]["step"]) == 2.0

@@ -14,10 +14,19 @@ killed save left its staging folder, the previous checkpoint loads, and the next
 
 A second test saves a model whose experts are modules (``FMoE(expert=...)`` over a plain process group) at EP 2 and
 loads it at EP 1 and EP 4; consolidate() gives the one-process model's state dict.
+
+The last tests, at 2 ranks: layers under torch.compile or activation checkpointing save every rank's experts;
+FSDP2 over the experts of a process-group layer is refused, committing nothing; the other ranks wait as long as
+rank 0 waits for the folder's lock; a rank slower inside DCP than FASTMOE_CHECKPOINT_TIMEOUT fails the save with a
+CheckpointError on every rank.
 """
 
+import fcntl
 import math
 import os
+import re
+import threading
+import time
 from collections import defaultdict
 
 import pytest
@@ -408,3 +417,173 @@ def test_expert_modules_saved_at_ep2_load_at_ep1_and_ep4(tmp_path):
             assert_bitwise_equal(optimizer.state[param][key], torch.from_numpy(value), f"EP 1: Adam {key} of {name}")
     # EP 4
     run_workers(4, load_expert_modules_ep4, directory, params, state, timeout=120)
+
+
+# ----------------------------------------------------------------------------------------------- wrapped layers
+
+
+def numpy_state(model) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def save_wrapped_ep2(rank, world_size, directories):
+    """EP 2 over the default group with other experts on each rank (replicated parameters alike), saved once
+    compiled (``torch.compile`` names every module under ``_orig_mod``) and once with both MoE layers under
+    activation checkpointing's ``checkpoint_wrapper`` (``_checkpoint_wrapped_module``). Returns this rank's state
+    dict."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    model = ep_model(2, None)
+    gen = torch.Generator().manual_seed(100 + rank)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=DTYPE))
+    state = numpy_state(model)
+    checkpoint.save(torch.compile(model), None, directories["compile"])
+    wrapped = ep_model(2, None)
+    wrapped.load_state_dict(model.state_dict())
+    wrapped.mlp, wrapped.moe = checkpoint_wrapper(wrapped.mlp), checkpoint_wrapper(wrapped.moe)
+    checkpoint.save(wrapped, None, directories["checkpoint_wrapper"])
+    return state
+
+
+def test_compiled_and_activation_checkpointed_layers_save_every_rank_s_experts(tmp_path):
+    directories = {mode: str(tmp_path / mode) for mode in ("compile", "checkpoint_wrapper")}
+    ranks = run_workers(2, save_wrapped_ep2, directories, timeout=120)
+    # the one-process state dict: moe rank r's local expert l is global expert 2 r + l
+    expected = {}
+    for name in TinyMoEModel().state_dict():
+        if name.startswith("mlp.experts."):
+            expected[name] = torch.cat([torch.from_numpy(state[name]) for state in ranks])
+        elif name.startswith("moe.experts."):
+            _, _, index, rest = name.split(".", 3)
+            expected[name] = torch.from_numpy(ranks[int(index) // 2][f"moe.experts.{int(index) % 2}.{rest}"])
+        else:
+            expected[name] = torch.from_numpy(ranks[0][name])
+    assert not torch.equal(expected["mlp.experts.htoh4.weight"][:2], expected["mlp.experts.htoh4.weight"][2:])
+    for mode, directory in directories.items():
+        layers = checkpoint.read_meta(directory)["layers"]
+        assert {name: info["ep_size"] for name, info in layers.items()} == {"mlp": 2, "moe": 2}, (mode, layers)
+        consolidated = checkpoint.consolidate(directory)
+        assert sorted(consolidated) == sorted(expected), (mode, sorted(consolidated))
+        for name, value in expected.items():
+            assert_bitwise_equal(consolidated[name], value, f"{mode}: {name}")
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2 refused
+
+
+def fsdp2_over_process_group_experts(rank, world_size, directory):
+    """FSDP2 (``fully_shard``) over the experts of a layer built with a process group: the save is refused on every
+    rank with the entry and the layer named, and nothing is committed. Returns the messages."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    moe_group, replicas = fastmoe.distributed.expert_parallel_groups(2)
+    torch.manual_seed(0)
+    model = ep_model(2, moe_group)
+    checkpoint.save(model, None, directory, tag="before")
+    fully_shard(model.mlp.experts, mesh=DeviceMesh.from_group(replicas, "cpu"))
+    try:
+        checkpoint.save(model, None, directory, tag="sharded")
+    except CheckpointError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError(f"rank {rank}: the save of FSDP2-sharded process-group experts was not refused")
+    assert checkpoint.latest(directory) == "before"
+    return message
+
+
+def test_fsdp2_over_process_group_experts_is_refused(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    messages = run_workers(2, fsdp2_over_process_group_experts, directory, timeout=120)
+    for rank, message in enumerate(messages):
+        assert re.search(r"'mlp\.experts\.h(toh4|4toh)\.(weight|bias)' of MoE layer 'mlp'", message), (rank, message)
+        assert "moe_group=<DeviceMesh>" in message, (rank, message)
+    assert checkpoint.list_checkpoints(directory) == ["before"]
+    assert checkpoint.latest(directory) == "before"
+
+
+# ----------------------------------------------------------------------------------------------- slow ranks
+
+
+LOCK_HELD_S = 6.0  # longer than FASTMOE_COMM_TIMEOUT below, shorter than lock_timeout
+
+
+def save_while_the_lock_is_held(rank, world_size, directory, ready):
+    """Both ranks save while another job holds the folder's lock for LOCK_HELD_S: rank 0 waits for the lock and
+    rank 1 for rank 0, both longer than FASTMOE_COMM_TIMEOUT. Returns (the path, seconds the save took)."""
+    os.environ["FASTMOE_COMM_TIMEOUT"] = "3"
+    model = ep_model(2, None)
+    dist.barrier()
+    if rank == 0:
+        open(ready, "w").close()
+    start = time.monotonic()
+    path = checkpoint.save(model, None, directory, tag="after-wait", lock_timeout=60)
+    return path, time.monotonic() - start
+
+
+def test_other_ranks_wait_while_rank_0_waits_for_the_lock(tmp_path):
+    directory, ready = str(tmp_path / "ckpt"), str(tmp_path / "ready")
+    os.makedirs(directory)
+    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another job's save holds the folder
+
+    def release():  # LOCK_HELD_S after rank 0 starts its save
+        deadline = time.monotonic() + 120
+        while not os.path.exists(ready) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(LOCK_HELD_S)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    releaser = threading.Thread(target=release, daemon=True)
+    releaser.start()
+    try:
+        results = run_workers(2, save_while_the_lock_is_held, directory, ready, timeout=120)
+    finally:
+        releaser.join()
+        os.close(fd)
+    assert [path for path, _ in results] == [os.path.join(directory, "after-wait")] * 2, results
+    # both waited for the lock (rank 1 longer than FASTMOE_COMM_TIMEOUT) and then saved
+    assert min(seconds for _, seconds in results) > LOCK_HELD_S - 1, results
+    assert checkpoint.latest(directory) == "after-wait"
+
+
+def save_with_a_slow_rank(rank, world_size, directory):
+    """A save in which rank 1 writes its tensor file 5 s later than rank 0, with FASTMOE_CHECKPOINT_TIMEOUT=2:
+    every rank raises a CheckpointError, none commits. Returns the messages."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    model = ep_model(2, None)
+    checkpoint.save(model, None, directory, tag="before")
+    write_data = FileSystemWriter.write_data
+
+    def slow_write_data(self, plan, planner):  # a disk 5 s slower on rank 1
+        if rank == 1:
+            time.sleep(5)
+        return write_data(self, plan, planner)
+
+    FileSystemWriter.write_data = slow_write_data
+    os.environ["FASTMOE_CHECKPOINT_TIMEOUT"] = "2"
+    try:
+        checkpoint.save(model, None, directory, tag="slow")
+    except CheckpointError as exc:
+        return str(exc)
+    finally:
+        FileSystemWriter.write_data = write_data
+    raise AssertionError(f"rank {rank}: the save with a rank slower than FASTMOE_CHECKPOINT_TIMEOUT completed")
+
+
+def test_a_rank_slower_than_the_checkpoint_timeout_fails_the_save_on_every_rank(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    messages = run_workers(2, save_with_a_slow_rank, directory, timeout=120)
+    for rank, message in enumerate(messages):
+        assert "FASTMOE_CHECKPOINT_TIMEOUT=2 s" in message, (rank, message)
+        assert f"torch.distributed.checkpoint could not save into {directory}{os.sep}.partial-slow." in message, (
+            rank,
+            message,
+        )
+    assert checkpoint.list_checkpoints(directory) == ["before"]
+    assert checkpoint.latest(directory) == "before"
