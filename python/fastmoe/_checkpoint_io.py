@@ -442,16 +442,7 @@ DCP_TIMEOUT_ENV = "FASTMOE_CHECKPOINT_TIMEOUT"
 def dcp_timeout() -> float:
     """``FASTMOE_CHECKPOINT_TIMEOUT`` in seconds (default 1800, torch's own default): how long DCP's coordination
     inside a save or a load waits for the slowest rank's reads or writes."""
-    value = os.environ.get(DCP_TIMEOUT_ENV, "")
-    if value == "":
-        return 1800.0
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{DCP_TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
-    return seconds
+    return _groups.env_seconds(DCP_TIMEOUT_ENV, 1800.0)
 
 
 def dcp_group():

@@ -16,19 +16,25 @@ import torch
 import torch.distributed as dist
 
 
-def comm_timeout() -> float:
-    """``FASTMOE_COMM_TIMEOUT`` in seconds (default 60): how long a fastmoe collective waits for its peers before
-    it raises. The C++ exchanges read the same variable (once per process)."""
-    value = os.environ.get("FASTMOE_COMM_TIMEOUT", "")
+def env_seconds(name: str, default: float) -> float:
+    """The environment variable ``name`` as a positive, finite number of seconds (``default`` when unset or empty);
+    anything else is a ValueError naming the variable and its value."""
+    value = os.environ.get(name, "")
     if value == "":
-        return 60.0
+        return default
     try:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
     if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"FASTMOE_COMM_TIMEOUT must be a positive number of seconds, got {value!r}")
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     return seconds
+
+
+def comm_timeout() -> float:
+    """``FASTMOE_COMM_TIMEOUT`` in seconds (default 60): how long a fastmoe collective waits for its peers before
+    it raises. The C++ exchanges read the same variable (once per process)."""
+    return env_seconds("FASTMOE_COMM_TIMEOUT", 60.0)
 
 
 def _describe(group) -> str:

@@ -428,3 +428,18 @@ def test_load_non_strict_keeps_the_optimizer_parameters_the_checkpoint_lacks(tmp
         }
     train_step(bigger, bigger_optimizer, 1)  # the optimizer steps with the loaded state
     assert float(bigger_optimizer.state[bigger.embed.weight]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("name", ["FASTMOE_CHECKPOINT_TIMEOUT", "FASTMOE_COMM_TIMEOUT"])
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
+def test_a_bad_timeout_variable_raises_naming_it_and_its_value(monkeypatch, name, value):
+    from fastmoe import _checkpoint_io, _groups
+
+    read = {"FASTMOE_CHECKPOINT_TIMEOUT": _checkpoint_io.dcp_timeout, "FASTMOE_COMM_TIMEOUT": _groups.comm_timeout}
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"{name} must be a positive number of seconds, got '{value}'"):
+        read[name]()
+    monkeypatch.setenv(name, "12.5")
+    assert read[name]() == 12.5
+    monkeypatch.delenv(name)
+    assert read[name]() == {"FASTMOE_CHECKPOINT_TIMEOUT": 1800.0, "FASTMOE_COMM_TIMEOUT": 60.0}[name]
