@@ -269,23 +269,33 @@ class DistributedGroupedDataParallel(nn.Module):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the model as one process holding all of it would compute it: the
         parameters every rank holds count once, and every expert shard of the expert-parallel group counts once.
-        Call it after :meth:`allreduce_gradients`. The sharded experts' gradients are seen as the DTensors of their
-        whole layers (``Shard(0)`` over each layer's group), so the norm is :func:`clip_grad_norm_`'s, the same on
-        every rank; clipping each rank's gradients by its own local norm would scale the replicated parameters
-        differently on each rank. A collective over the layers' groups. Returns the total norm."""
+        Call it after :meth:`allreduce_gradients`. Each rank's fp64 norm of each sharded expert parameter is seen as
+        one row of a DTensor over its layer's group, so the total is taken by :func:`clip_grad_norm_`'s norm code,
+        the same on every rank; clipping each rank's gradients by its own local norm would scale the replicated
+        parameters differently on each rank. A collective over the layers' groups. Returns the total norm (fp64)."""
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
-        views, meshes = {}, GroupMeshes()
+        norm_type = float(norm_type)
+
+        def norm(grad):  # in fp64, so fp16 and bf16 gradients do not overflow or round the sum
+            return torch.linalg.vector_norm(grad.detach(), norm_type, dtype=torch.float64).reshape(1, 1)
+
+        # Each rank's norm of each expert shard, as the [world_size, 1] DTensor of its layer's group: the norm of
+        # the per-rank norms is the norm over every rank's shard (for any order: the sums of p-th powers add up).
+        norms, meshes = {}, GroupMeshes()
         for layer in _moe_layers(self.module):
             if layer.world_size > 1 and hasattr(layer, "experts"):
                 for param in layer.experts.parameters():  # every rank joins each layer's collective
-                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                    # one row per rank: only the sum of squares over the group matters, whatever the shape
-                    views[id(param)] = meshes.experts_dtensor(grad.reshape(1, -1), layer.moe_group, layer.world_size)
-        grads = [views.get(id(p), p.grad) for p in self.module.parameters() if id(p) in views or p.grad is not None]
-        if not grads:
-            return torch.tensor(0.0)
-        total = _total_norm(grads, float(norm_type), None)
+                    local = norm(param.grad) if param.grad is not None else torch.zeros(1, 1, dtype=torch.float64)
+                    norms[id(param)] = meshes.experts_dtensor(local.to(param.device), layer.moe_group, layer.world_size)
+        parts = [
+            norms.get(id(p)) if id(p) in norms else norm(p.grad)
+            for p in self.module.parameters()
+            if id(p) in norms or p.grad is not None
+        ]
+        if not parts:
+            return torch.tensor(0.0, dtype=torch.float64)
+        total = _total_norm(parts, norm_type, None)
         torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), max_norm, total)
         return total
 
