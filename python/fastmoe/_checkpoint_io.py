@@ -126,6 +126,11 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def file_record(path: str) -> dict:
+    """``{"size", "sha256"}`` of a file already written (by DCP), as :func:`write_atomic` returns them."""
+    return {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
 def write_atomic(path: str, write) -> dict:
     """Writes ``path`` through ``write(fileobj)`` into ``path.tmp``, fsyncs it and renames it into place.
     Returns ``{"size", "sha256"}`` of the file."""

@@ -280,15 +280,18 @@ def targets(model: nn.Module, optimizer, layers: dict[str, Layer], saved: dict) 
         return view
     from torch.distributed.tensor import DTensor
 
+    saved_state = {}  # parameter key in the one-process model -> [(state name, global shape, dtype)]
+    for dkey, (shape, dtype) in saved.items():
+        if dkey.startswith(OPTIM_STATE):  # state names hold no '.'
+            gkey, _, state_name = dkey.removeprefix(OPTIM_STATE).rpartition(".")
+            saved_state.setdefault(gkey, []).append((state_name, shape, dtype))
     meshes = GroupMeshes()
     for names in optimizer_names(model, optimizer):
         for name, param in names:
             gkey, layer = global_key(layers, name)
-            prefix = f"{OPTIM_STATE}{gkey}."
-            for dkey, (shape, dtype) in saved.items():
-                if not dkey.startswith(prefix) or "." in dkey[len(prefix) :]:
-                    continue
-                entry = Entry("optim", name, dkey[len(prefix) :], False)
+            for state_name, shape, dtype in saved_state.get(gkey, []):
+                dkey = f"{OPTIM_STATE}{gkey}.{state_name}"
+                entry = Entry("optim", name, state_name, False)
                 if layer is not None and layer.ep_size > 1 and not isinstance(param, DTensor) and shape:
                     local = torch.zeros((layer.num_expert, *shape[1:]), dtype=dtype, device=param.device)
                     value, entry.wrapped = _as_global(local, layer, meshes), True

@@ -225,14 +225,9 @@ class GroupMeshes:
         from torch.distributed.tensor import DTensor, Shard
 
         shape = (local.shape[0] * world_size, *local.shape[1:])
-        stride, step = [], 1
-        for size in reversed(shape):
-            stride.append(step)
-            step *= max(size, 1)
+        stride = torch.empty(shape, device="meta").stride()  # contiguous, allocating nothing
         mesh = self.get(group, local.device.type)
-        return DTensor.from_local(
-            local.contiguous(), mesh, [Shard(0)], run_check=False, shape=shape, stride=tuple(reversed(stride))
-        )
+        return DTensor.from_local(local.contiguous(), mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
 
 
 def launcher_local_size(group) -> int | None:

@@ -130,7 +130,7 @@ def _rank_files(staging: str, rank: int) -> dict:
     """Size and sha256 of the files DCP wrote for ``rank`` (``__<rank>_<n>.distcp``)."""
     prefix = f"__{rank}_"
     return {
-        f: {"size": os.path.getsize(os.path.join(staging, f)), "sha256": io.file_sha256(os.path.join(staging, f))}
+        f: io.file_record(os.path.join(staging, f))
         for f in sorted(os.listdir(staging))
         if f.startswith(prefix) and f.endswith(".distcp")
     }
@@ -138,10 +138,7 @@ def _rank_files(staging: str, rank: int) -> dict:
 
 def _commit(directory, tag, sequence, staging, layers_meta, files, world_size, has_optimizer, rank_extra, keep):
     files = dict(files)
-    files[io.DCP_METADATA] = {
-        "size": os.path.getsize(os.path.join(staging, io.DCP_METADATA)),
-        "sha256": io.file_sha256(os.path.join(staging, io.DCP_METADATA)),
-    }
+    files[io.DCP_METADATA] = io.file_record(os.path.join(staging, io.DCP_METADATA))
     for fname in files:
         if not os.path.isfile(os.path.join(staging, fname)):
             raise CheckpointError(

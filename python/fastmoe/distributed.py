@@ -289,7 +289,7 @@ class DistributedGroupedDataParallel(nn.Module):
                     local = norm(param.grad) if param.grad is not None else torch.zeros(1, 1, dtype=torch.float64)
                     norms[id(param)] = meshes.experts_dtensor(local.to(param.device), layer.moe_group, layer.world_size)
         parts = [
-            norms.get(id(p)) if id(p) in norms else norm(p.grad)
+            norms[id(p)] if id(p) in norms else norm(p.grad)
             for p in self.module.parameters()
             if id(p) in norms or p.grad is not None
         ]
