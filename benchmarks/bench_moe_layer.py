@@ -1,20 +1,32 @@
 """Benchmark one MoE FFN layer (fwd+bwd) of fastmoe against the in-tree baselines, in one process.
 
-Configurations (docs/benchmarks.md): 2-layer GELU MLP experts without bias, bf16, NaiveGate top-k routing.
+Configurations (docs/benchmarks.md): 2-layer MLP experts (GELU, or SwiGLU with --activation swiglu), without
+bias unless --bias on, bf16 unless --dtypes says otherwise, NaiveGate top-k routing.
 
-    python benchmarks/bench_moe_layer.py [--configs mixtral,fine,paper,escan] [--iters 30] [--json out.jsonl]
+    python benchmarks/bench_moe_layer.py [--configs mixtral,fine,paper,escan,train,qwen3] [--iters 30]
+        [--activation gelu,swiglu] [--dtypes bf16,fp16] [--bias off,on] [--skip-loop] [--json out.jsonl]
+    python benchmarks/bench_moe_layer.py --device cpu --tiny --dtypes fp32   # the same on the CPU, in seconds
 
-Per case it prints one JSON line and, at the end, a table: median time of a forward+backward step (CUDA
-events, after warm-up), expert TFLOP/s (fwd+bwd = 3x the forward's expert FLOPs), that rate as a % of a dense
-bf16 matmul measured in the same process, peak memory above the parameters, and the speed-up of fastmoe over
+Every combination of configuration, activation, bias and dtype is a case. Per case it prints one JSON line and, at
+the end, a table: median time of a forward+backward step (CUDA events after warm-up; wall clock on the CPU),
+expert TFLOP/s (fwd+bwd = 3x the forward's expert FLOPs), that rate as a % of a dense matmul of the case's dtype
+measured in the same process, peak memory above the parameters (CUDA only), and the speed-up of fastmoe over
 each baseline. Every method gets the same parameters and inputs, and its output is checked against fastmoe's.
 
-Each case also times ``dense_ffn``: a dense GELU MLP of width k * h, the same FLOPs as the experts, which is what
-an MoE model is compared with at equal FLOPs per token (fastmoe-train's dense baseline). ``vs_dense_ffn`` is
-fastmoe's time over that one: the cost of the MoE layer's routing and grouped GEMMs relative to a dense FFN.
+Each case also times ``dense_ffn``: a dense MLP of width k * h with the case's activation, the same FLOPs as the
+experts, which is what an MoE model is compared with at equal FLOPs per token (fastmoe-train's dense baseline).
+``vs_dense_ffn`` is fastmoe's time over that one: the cost of the MoE layer's routing and grouped GEMMs relative
+to a dense FFN.
+
+Where ``transformers`` is importable, the SwiGLU cases of the ``mixtral`` and ``qwen3`` configurations without
+bias also time Hugging Face's MoE block of that model (``MixtralSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``)
+under each of its experts implementations (``hf_<model>_eager``, ``hf_<model>_grouped_mm``), with fastmoe's
+weights copied in. Their routers have no bias, so their output is compared with fastmoe's with the gate bias
+zeroed (the same top-k softmax routing otherwise).
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -34,14 +46,31 @@ CONFIGS = {
     "escan": [dict(T=8192, d=1024, h=4096, E=e, k=2) for e in (2, 8, 32, 128)],
     # an MoE layer of the GPU training comparison (docs/training.md): 16,384 tokens a step, d_model 1024
     "train": [dict(T=16384, d=1024, h=2048, E=8, k=2)],
+    # the MoE layer of Qwen3-30B-A3B
+    "qwen3": [dict(T=16384, d=2048, h=768, E=128, k=8)],
 }
+DEFAULT_CONFIGS = "mixtral,fine,paper,escan,train"
+TINY = dict(T=64, d=32, h=16)  # --tiny: these replace T, d and h; E and k stay those of the configuration
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ACTIVATIONS = ("gelu", "swiglu")
+BIAS = {"off": False, "on": True}
 DENSE = "dense_ffn"  # the equal-FLOPs dense FFN: timed, but not a baseline of the same function
+HF_MODELS = ("mixtral", "qwen3")  # the configurations that also time the HF MoE block of the model of that name
+HF_IMPLS = ("eager", "grouped_mm")
+HF_NOTE = "rel_err vs fastmoe with its gate bias zeroed: the HF router has none (same top-k softmax routing)"
 
 
-def time_step(step, iters: int, warmup: int) -> float:
-    """Median milliseconds of `step()` over `iters` runs after `warmup` runs, timed with CUDA events."""
+def time_step(step, iters: int, warmup: int, device: torch.device) -> float:
+    """Median milliseconds of `step()` over `iters` runs after `warmup` runs: CUDA events, or wall clock on CPU."""
     for _ in range(warmup):
         step()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -54,50 +83,118 @@ def time_step(step, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def dense_bf16_tflops() -> float:
+def dense_matmul_tflops(dtype: torch.dtype) -> float:
     n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_step(lambda: a @ b, iters=20, warmup=5)
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = time_step(lambda: a @ b, iters=20, warmup=5, device=torch.device("cuda"))
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def run_case(name: str, cfg: dict, iters: int, warmup: int, dense_tflops: float, skip_loop: bool) -> dict:
+def hf_impls() -> tuple:
+    """(transformers' experts implementations among HF_IMPLS that the installed version offers, why none if none)."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: F401
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: F401
+    except ImportError as error:
+        return (), f"{type(error).__name__}: {error}"
+    impls = tuple(impl for impl in HF_IMPLS if impl == "eager" or impl in ALL_EXPERTS_FUNCTIONS)
+    return impls, "" if impls else f"transformers offers none of the experts implementations {HF_IMPLS}"
+
+
+def hf_block(model: str, cfg: dict, layer, device: torch.device, dtype: torch.dtype):
+    """The HF MoE block of `model` (SwiGLU experts, no bias) with the shape of `cfg` and `layer`'s weights."""
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    shape = dict(hidden_size=cfg["d"], num_experts_per_tok=cfg["k"])
+    if model == "mixtral":
+        config = transformers.MixtralConfig(
+            **shape, intermediate_size=cfg["h"], num_local_experts=cfg["E"], router_jitter_noise=0.0
+        )
+        block_class = MixtralSparseMoeBlock
+    else:  # Qwen3-MoE renormalises the top-k probabilities (norm_topk_prob=True in Qwen3-30B-A3B)
+        config = transformers.Qwen3MoeConfig(
+            **shape, moe_intermediate_size=cfg["h"], num_experts=cfg["E"], norm_topk_prob=True
+        )
+        block_class = Qwen3MoeSparseMoeBlock
+    with torch.device(device):
+        block = block_class(config).to(dtype)
+    with torch.no_grad():  # the same [E, 2h, d] gate-then-up layout as fastmoe's SwiGLU htoh4
+        block.gate.weight.copy_(layer.gate.gate.weight)
+        block.experts.gate_up_proj.copy_(layer.experts.htoh4.weight)
+        block.experts.down_proj.copy_(layer.experts.h4toh.weight)
+    return block
+
+
+def hf_forward(block, impl: str, x: torch.Tensor) -> torch.Tensor:
+    block.experts.config._experts_implementation = impl  # what model.set_experts_implementation sets
+    out = block(x.unsqueeze(0))  # the blocks take [batch, seq, d]
+    out = out[0] if isinstance(out, tuple) else out  # older blocks also return the router logits
+    return out.reshape(x.shape)
+
+
+def run_case(name: str, cfg: dict, act: str, bias: bool, dtype_name: str, args, dense_tflops, hf: tuple) -> dict:
     T, d, h, E, k = cfg["T"], cfg["d"], cfg["h"], cfg["E"], cfg["k"]
+    device, dtype = torch.device(args.device), DTYPES[dtype_name]
     torch.manual_seed(0)
-    layer = fastmoe.FMoETransformerMLP(num_expert=E, d_model=d, d_hidden=h, top_k=k, bias=False)
-    layer = layer.to(device="cuda", dtype=torch.bfloat16)
+    layer = fastmoe.FMoETransformerMLP(num_expert=E, d_model=d, d_hidden=h, top_k=k, bias=bias, activation=act)
+    if bias:  # the expert biases start at zero: random ones, so that a baseline that dropped them would show
+        with torch.no_grad():
+            layer.experts.htoh4.bias.normal_(0, 0.1)
+            layer.experts.h4toh.bias.normal_(0, 0.1)
+    layer = layer.to(device=device, dtype=dtype)
     experts = layer.experts
     params = (layer.gate.gate.weight, layer.gate.gate.bias, experts.htoh4.weight, experts.h4toh.weight)
-    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    options = dict(b1=experts.htoh4.bias, b2=experts.h4toh.bias, activation=act)
+    x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(T, d, device=device, dtype=dtype)
 
     methods = {
         "fastmoe": lambda: layer(x),
-        "grouped_mm_ref": lambda: grouped_mm_moe(x, *params, k),
+        "grouped_mm_ref": lambda: grouped_mm_moe(x, *params, k, **options),
     }
-    if not skip_loop:
-        methods["loop"] = lambda: loop_moe(x, *params, k)
+    if not args.skip_loop:
+        methods["loop"] = lambda: loop_moe(x, *params, k, **options)
+    first_width = (2 if act == "swiglu" else 1) * k * h
     dense_weights = tuple(
-        (torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * cols**-0.5).requires_grad_()
-        for rows, cols in ((k * h, d), (d, k * h))
+        (torch.randn(rows, cols, device=device, dtype=dtype) * cols**-0.5).requires_grad_()
+        for rows, cols in ((first_width, d), (d, k * h))
     )
-    methods[DENSE] = lambda: dense_ffn(x, *dense_weights)
+    methods[DENSE] = lambda: dense_ffn(x, *dense_weights, act)
+    trained = [x, *layer.parameters(), *dense_weights]
+    model = name if act == "swiglu" and not bias and name in HF_MODELS else None
+    if model and hf:
+        block = hf_block(model, cfg, layer, device, dtype)
+        trained += list(block.parameters())
+        for impl in hf:
+            methods[f"hf_{model}_{impl}"] = lambda impl=impl: hf_forward(block, impl, x)
 
     with torch.no_grad():
-        reference = methods["fastmoe"]().float()
-    flops = 3 * 4 * T * k * d * h  # two expert GEMMs of 2*T*k*d*h each; fwd+bwd = 3x fwd
-    result = {"config": name, **cfg, "dtype": "bf16", "dense_bf16_tflops": round(dense_tflops, 1)}
+        reference = {"": methods["fastmoe"]().float()}
+        if model and hf:
+            gate_bias = layer.gate.gate.bias
+            saved = gate_bias.clone()
+            gate_bias.zero_()
+            reference["hf_"] = methods["fastmoe"]().float()
+            gate_bias.copy_(saved)
+    flops = 3 * 2 * T * k * d * h * (3 if act == "swiglu" else 2)  # fwd: 2*T*k*d*h per expert GEMM, 2h wide first
+    dense = dense_tflops[dtype_name]
+    result = {"config": name + ("-tiny" if args.tiny else ""), **cfg, "activation": act, "dtype": dtype_name}
+    result.update({"bias": bias, f"dense_{dtype_name}_tflops": None if dense is None else round(dense, 1)})
     result["methods"] = {}
     for method, forward in methods.items():
         rel_err = None
         if method != DENSE:  # another function: nothing to compare
+            expected = reference["hf_" if method.startswith("hf_") else ""]
             with torch.no_grad():
                 out = forward().float()
-            rel_err = float(f"{((out - reference).norm() / reference.norm()).item():.2e}")
+            rel_err = float(f"{((out - expected).norm() / expected.norm()).item():.2e}")
 
         def clear_grads():
-            for p in (x, *params, *dense_weights):
+            for p in trained:
                 p.grad = None
 
         def step(forward=forward):
@@ -107,18 +204,20 @@ def run_case(name: str, cfg: dict, iters: int, warmup: int, dense_tflops: float,
         # Peak memory is measured above a base without gradients, so every method pays for its own weight and
         # input gradients (the previous method's must not sit in the base).
         clear_grads()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        ms = time_step(step, iters, warmup)
-        peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        ms = time_step(step, args.iters, args.warmup, device)
+        peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
         tflops = flops / (ms * 1e-3) / 1e12
         result["methods"][method] = {
             "ms": round(ms, 3),
             "tflops": round(tflops, 1),
-            "pct_dense": round(100 * tflops / dense_tflops, 1),
-            "peak_gib": round(peak_gib, 2),
+            "pct_dense": None if dense is None else round(100 * tflops / dense, 1),
+            "peak_gib": None if peak_gib is None else round(peak_gib, 2),
             "rel_err_vs_fastmoe": rel_err,
+            **({"note": HF_NOTE} if method.startswith("hf_") else {}),
         }
     fm = result["methods"]["fastmoe"]["ms"]
     result["speedup"] = {m: round(v["ms"] / fm, 2) for m, v in result["methods"].items() if m not in ("fastmoe", DENSE)}
@@ -128,40 +227,66 @@ def run_case(name: str, cfg: dict, iters: int, warmup: int, dense_tflops: float,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="mixtral,fine,paper,escan,train")
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated: {', '.join(CONFIGS)}")
+    parser.add_argument("--activation", default="gelu", help="comma-separated: gelu, swiglu")
+    parser.add_argument("--dtypes", default="bf16", help=f"comma-separated: {', '.join(DTYPES)}")
+    parser.add_argument("--bias", default="off", help="comma-separated: off, on (expert biases)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help=f"tiny shapes ({TINY}), 3 timed steps after 1")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps (default 30, 3 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, 1 with --tiny)")
     parser.add_argument("--skip-loop", action="store_true", help="leave out the (slow) plain-loop baseline")
     parser.add_argument("--json", type=Path, help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_moe_layer: no CUDA device; the benchmark needs a GPU", file=sys.stderr)
+
+    def choose(flag: str, value: str, choices) -> list:
+        names = [c.strip() for c in value.split(",") if c.strip()]
+        for c in names or [value]:
+            if c not in choices:
+                parser.error(f"{flag}: unknown value {c!r} in {value!r}; choose from {', '.join(choices)}")
+        return names
+
+    names = choose("--configs", args.configs, CONFIGS)
+    acts = choose("--activation", args.activation, ACTIVATIONS)
+    dtypes = choose("--dtypes", args.dtypes, DTYPES)
+    biases = [BIAS[b] for b in choose("--bias", args.bias, BIAS)]
+    args.iters = args.iters if args.iters is not None else (3 if args.tiny else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters must be at least 1 and --warmup at least 0, got {args.iters} and {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_moe_layer: no CUDA device; the benchmark needs a GPU (or --device cpu --tiny)", file=sys.stderr)
         return 2
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for name in names:
-        if name not in CONFIGS:
-            parser.error(f"--configs: unknown configuration {name!r}; choose from {sorted(CONFIGS)}")
-    if args.iters < 20:
+    if args.iters < 20 and not args.tiny:
         print(f"note: --iters {args.iters} is below the 20 runs the method asks for", file=sys.stderr)
 
-    dense = dense_bf16_tflops()
-    device = torch.cuda.get_device_name()
-    print(f"# {device} | torch {torch.__version__} | dense bf16 matmul {dense:.0f} TFLOP/s")
+    if args.device == "cuda":
+        dense = {n: dense_matmul_tflops(DTYPES[n]) for n in dtypes}
+        rates = ", ".join(f"{n} {v:.0f}" for n, v in dense.items())
+        print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | dense matmul {rates} TFLOP/s")
+    else:
+        dense = dict.fromkeys(dtypes)
+        print(f"# cpu | torch {torch.__version__} | wall-clock timing, no peak memory")
+    hf, why_not = hf_impls()
+    if not hf and "swiglu" in acts and False in biases and any(n in HF_MODELS for n in names):
+        print(f"# Hugging Face MoE blocks skipped: {why_not}")
     rows = []
-    for name in names:
-        for cfg in CONFIGS[name]:
-            start = time.time()
-            result = run_case(name, cfg, args.iters, args.warmup, dense, args.skip_loop)
-            line = json.dumps(result)
-            print(line, flush=True)
-            if args.json:
-                with args.json.open("a") as f:
-                    f.write(line + "\n")
-            rows.append(result)
-            print(f"# {name} E={cfg['E']} done in {time.time() - start:.1f}s", file=sys.stderr, flush=True)
+    shapes = [(name, {**cfg, **TINY} if args.tiny else cfg) for name in names for cfg in CONFIGS[name]]
+    for (name, cfg), act, bias, dtype_name in itertools.product(shapes, acts, biases, dtypes):
+        start = time.time()
+        result = run_case(name, cfg, act, bias, dtype_name, args, dense, hf)
+        line = json.dumps(result)
+        print(line, flush=True)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(line + "\n")
+        rows.append(result)
+        case = f"{name} E={cfg['E']} {act} bias={'on' if bias else 'off'} {dtype_name}"
+        print(f"# {case} done in {time.time() - start:.1f}s", file=sys.stderr, flush=True)
 
     header = (
-        f"{'config':8} {'E':>4} {'method':15} {'ms':>9} {'TFLOP/s':>8} {'%dense':>7} {'peak GiB':>9} {'fastmoe x':>10}"
+        f"{'config':12} {'E':>4} {'act':6} {'dtype':5} {'bias':4} {'method':22} {'ms':>9} {'TFLOP/s':>8} "
+        f"{'%dense':>7} {'peak GiB':>9} {'fastmoe x':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -170,9 +295,11 @@ def main(argv=None) -> int:
             speed = f"{r['speedup'][method]:.2f}" if method in r["speedup"] else ""
             if method == DENSE:
                 speed = f"1/{r['vs_dense_ffn']:.2f}"  # fastmoe takes vs_dense_ffn times the dense FFN's time
+            pct = "-" if m["pct_dense"] is None else f"{m['pct_dense']:.1f}"
+            peak = "-" if m["peak_gib"] is None else f"{m['peak_gib']:.2f}"
             print(
-                f"{r['config']:8} {r['E']:>4} {method:15} {m['ms']:>9.3f} {m['tflops']:>8.1f} "
-                f"{m['pct_dense']:>7.1f} {m['peak_gib']:>9.2f} {speed:>10}"
+                f"{r['config']:12} {r['E']:>4} {r['activation']:6} {r['dtype']:5} {'on' if r['bias'] else 'off':4} "
+                f"{method:22} {m['ms']:>9.3f} {m['tflops']:>8.1f} {pct:>7} {peak:>9} {speed:>10}"
             )
     return 0
 
