@@ -124,26 +124,30 @@ at::Tensor count_assignments(const at::Tensor& topk_idx, int64_t num_experts, at
       .scatter_add(0, topk_idx.reshape({-1}), at::ones({numel_of(topk_idx)}, options));
 }
 
-// E * sum_e f_e * P_e in `dtype`: f_e the fraction of the T tokens whose first choice (topk_idx[:, 0]) is e, P_e the
-// mean softmax probability of e. 1 when routing is uniform; GShard's E^2 * mean_e(f_e m_e) and Switch's
-// E * sum_e f_e P_e are both this term (0 for T = 0).
-at::Tensor first_choice_balance(const at::Tensor& logits, const at::Tensor& topk_idx, at::ScalarType dtype) {
+// E * sum_e f_e * P_e in `dtype`, the balance term of GShard (E^2 * mean_e(f_e m_e)) and Switch: f_e the share of the
+// chosen (token, slot) pairs `chosen` on e, P_e the mean softmax probability of e over the T tokens; 1 when routing is
+// uniform, 0 for T = 0; times `coef`. Computed as coef * E / (pairs * T) * dot(count, S), count_e the pairs on e and
+// S_e = sum_t softmax(logits)[t, e]: the same number in eight kernels where the fractions and means took fourteen (the
+// gate runs in every forward, and each kernel costs host time). The gradient reaches S through the dot, elementwise: no
+// atomics.
+at::Tensor balance_term(const at::Tensor& logits, const at::Tensor& chosen, at::ScalarType dtype, double coef) {
   const int64_t num_tokens = size_of(logits, 0), num_experts = size_of(logits, 1);
-  const int64_t denominator = std::max<int64_t>(num_tokens, 1);
-  const at::Tensor fraction = count_assignments(topk_idx.select(1, 0), num_experts, dtype) / denominator;
-  const at::Tensor mean_prob = at::softmax(logits.to(dtype), -1).sum(0) / denominator;
-  return (fraction * mean_prob).sum() * static_cast<double>(num_experts);
+  const at::Tensor prob_sum = at::softmax(logits.to(dtype), -1).sum(0);
+  const double scale = coef * static_cast<double>(num_experts) /
+                       (static_cast<double>(std::max<int64_t>(numel_of(chosen), 1)) *
+                        static_cast<double>(std::max<int64_t>(num_tokens, 1)));
+  return at::dot(count_assignments(chosen, num_experts, dtype), prob_sum) * scale;
 }
 
-// The Switch Transformer's term over every slot: E * sum_e f_e * P_e with f_e the share of the T * k (token, slot)
-// pairs on e and P_e the mean softmax probability of e (0 for T = 0).
-at::Tensor slot_balance(const at::Tensor& logits, const at::Tensor& topk_idx) {
-  const at::ScalarType dtype = loss_dtype(logits);
-  const int64_t num_tokens = size_of(logits, 0), num_experts = size_of(logits, 1);
-  const at::Tensor fraction =
-      count_assignments(topk_idx, num_experts, dtype) / std::max<int64_t>(numel_of(topk_idx), 1);
-  const at::Tensor mean_prob = at::softmax(logits.to(dtype), -1).sum(0) / std::max<int64_t>(num_tokens, 1);
-  return (fraction * mean_prob).sum() * static_cast<double>(num_experts);
+// The term over the tokens' first choices (topk_idx[:, 0]): GShard and Switch.
+at::Tensor first_choice_balance(const at::Tensor& logits, const at::Tensor& topk_idx, at::ScalarType dtype,
+                                double coef) {
+  return balance_term(logits, topk_idx.select(1, 0), dtype, coef);
+}
+
+// The Switch Transformer's term over every slot (the naive gate's balance loss).
+at::Tensor slot_balance(const at::Tensor& logits, const at::Tensor& topk_idx, double coef) {
+  return balance_term(logits, topk_idx, loss_dtype(logits), coef);
 }
 
 // ceil(capacity_factor * T * k / E), from sizes on the host.
@@ -286,7 +290,7 @@ Routing naive_gate_impl(const at::Tensor& logits, int64_t k, double balance_coef
   check_non_negative(balance_coef, "balance_coef");
   check_non_negative(z_loss_coef, "z_loss_coef");
   auto [topk_idx, topk_score] = ops::route_topk(logits, k, "topk_softmax");
-  at::Tensor balance = balance_coef > 0 ? slot_balance(logits, topk_idx) * balance_coef : no_loss(logits);
+  at::Tensor balance = balance_coef > 0 ? slot_balance(logits, topk_idx, balance_coef) : no_loss(logits);
   return {topk_idx, topk_score, balance, z_loss_term(logits, z_loss_coef), no_drop_count(logits)};
 }
 
@@ -359,7 +363,7 @@ Routing gshard_gate_impl(const at::Tensor& logits, bool training, std::optional<
   const int64_t num_tokens = size_of(logits, 0), num_experts = size_of(logits, 1);
   auto [topk_idx, topk_score] = ops::route_topk(logits, 2, "topk_softmax");
   const at::ScalarType ldt = loss_dtype(logits);
-  const at::Tensor balance = first_choice_balance(logits, topk_idx, ldt) * aux_loss_coef;
+  const at::Tensor balance = first_choice_balance(logits, topk_idx, ldt, aux_loss_coef);
   const at::Tensor z_loss = z_loss_term(logits, z_loss_coef);
 
   if (training && random_routing) {
@@ -383,7 +387,7 @@ Routing switch_gate_impl(const at::Tensor& logits, std::optional<double> capacit
   check_non_negative(aux_loss_coef, "aux_loss_coef");
   check_non_negative(z_loss_coef, "z_loss_coef");
   auto [topk_idx, topk_score] = ops::route_topk(logits, 1, "softmax_topk");
-  const at::Tensor balance = first_choice_balance(logits, topk_idx, loss_dtype(logits)) * aux_loss_coef;
+  const at::Tensor balance = first_choice_balance(logits, topk_idx, loss_dtype(logits), aux_loss_coef);
   const at::Tensor z_loss = z_loss_term(logits, z_loss_coef);
   auto [kept_idx, kept_score, num_dropped] =
       drop_by_capacity(topk_idx, topk_score, capacity_factor, size_of(logits, 1), std::nullopt, std::nullopt, 0);
