@@ -28,10 +28,11 @@ export PATH := $(VENV)/bin:$(PATH)
 
 .PHONY: venv system-deps configure build test test-cpp test-python test-sanitize check-layering demo lint format clean
 
-$(STAMP): requirements-dev.txt
+$(STAMP): requirements-dev.txt requirements-cutlass.txt
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements-dev.txt
+	$(VPY) -m pip install -q --no-deps -r requirements-cutlass.txt
 	@# The in-tree package is importable from the venv (the build puts _C next to the sources).
 	$(VPY) -c "import site; open(site.getsitepackages()[0] + '/fastmoe-dev.pth', 'w').write('$(CURDIR)/python\n')"
 	@touch $@

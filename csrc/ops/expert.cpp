@@ -12,6 +12,9 @@
 
 #include "kernels/expert/expert.h"
 #include "ops/expert_backend.h"
+#ifdef FASTMOE_WITH_CUTLASS
+#include "kernels/expert/cutlass_grouped.h"
+#endif
 #endif
 
 namespace fastmoe {
@@ -54,8 +57,10 @@ at::Tensor grouped_linear_meta(const at::Tensor& x, const at::Tensor& expert_off
 }
 
 #ifdef FASTMOE_WITH_CUDA_OPS
-int device_major(const at::Tensor& t) {
-  return at::cuda::getDeviceProperties(t.device().index())->major;
+// The backend for x and weight (and grad_y in the backward) on their GPU (expert_backend.h).
+GroupedGemmBackend backend_for(const at::Tensor& in, const at::Tensor& w, const at::Tensor* gy) {
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(in.device().index());
+  return choose_grouped_gemm_backend(in, w, gy, props->major, props->minor);
 }
 
 // torch's grouped GEMM takes the cumulative end of each group as int32: offsets[1:], converted on the device.
@@ -71,6 +76,28 @@ at::Tensor grouped_linear_grouped_mm(const at::Tensor& in, const at::Tensor& off
                              offsets.const_data_ptr<int64_t>(), w.size(0), data_or_null(b), current_stream(y));
   return y;
 }
+
+#ifdef FASTMOE_WITH_CUTLASS
+// The CUTLASS kernels' workspace (per-expert problem sizes, pointers, strides and per-SM TMA descriptors): one
+// allocation per call from the caching allocator, which hands the block out again only to work ordered after
+// these kernels on the stream.
+at::Tensor cutlass_workspace(const at::Tensor& in, int64_t num_experts) {
+  const size_t bytes = cutlass_grouped_linear_workspace_bytes(to_dtype(in, "x"), num_experts);
+  return at::empty({static_cast<int64_t>(bytes)}, in.options().dtype(at::kByte));
+}
+
+// y = x @ W[e]^T + b[e] per expert on CUTLASS's SM90 grouped GEMM, tail rows zero (expert_backend.h).
+at::Tensor grouped_linear_cutlass(const at::Tensor& in, const at::Tensor& offsets, const at::Tensor& w,
+                                  const std::optional<at::Tensor>& b) {
+  at::Tensor y = at::empty({in.size(0), w.size(1)}, in.options());
+  at::Tensor workspace = cutlass_workspace(in, w.size(0));
+  cutlass_grouped_linear_cuda(to_dtype(in, "x"), in.const_data_ptr(), in.size(0), in.size(1),
+                              offsets.const_data_ptr<int64_t>(), w.size(0), w.const_data_ptr(), w.size(1),
+                              data_or_null(b), y.mutable_data_ptr(), workspace.mutable_data_ptr(),
+                              static_cast<size_t>(workspace.numel()), current_stream(in));
+  return y;
+}
+#endif
 #endif
 
 // CPU path: per-expert GEMMs through ATen's BLAS (at::mm / at::addmm) on the row slices of each expert. The
@@ -141,8 +168,16 @@ at::Tensor grouped_linear_kernel(const at::Tensor& x, const at::Tensor& expert_o
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
 #ifdef FASTMOE_WITH_CUDA_OPS
-  if (in.is_cuda() && choose_grouped_gemm_backend(in, w, device_major(in)) == GroupedGemmBackend::kTorchGroupedMm) {
-    return call_kernel([&] { return grouped_linear_grouped_mm(in, offsets, w, b); });
+  if (in.is_cuda()) {
+    const GroupedGemmBackend backend = backend_for(in, w, nullptr);
+    if (backend == GroupedGemmBackend::kTorchGroupedMm) {
+      return call_kernel([&] { return grouped_linear_grouped_mm(in, offsets, w, b); });
+    }
+#ifdef FASTMOE_WITH_CUTLASS
+    if (backend == GroupedGemmBackend::kCutlass) {
+      return call_kernel([&] { return grouped_linear_cutlass(in, offsets, w, b); });
+    }
+#endif
   }
 #endif
   // Deterministic mode takes the reference on the CPU: its rows do not depend on how many rows an expert has,
@@ -192,9 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
                                                                               const at::Tensor& expert_offsets,
                                                                               const at::Tensor& weight,
                                                                               std::array<bool, 3> output_mask) {
-  // 1. Allocate only the masked-in gradients.  2. On the grouped_mm backend: grad_x = grad_y @ W[e] and
-  // grad_W[e] = grad_y[rows of e]^T @ x[rows of e] as torch grouped GEMMs, then the epilogues; grad_b (and every
-  // gradient on the other backends) from fastmoe's kernels or the reference.
+  // 1. Allocate only the masked-in gradients.  2. On the grouped_mm and cutlass backends: grad_x = grad_y @ W[e]
+  // and grad_W[e] = grad_y[rows of e]^T @ x[rows of e] as grouped GEMMs, then the epilogues; grad_b (and every
+  // gradient on the tiled backend) from fastmoe's tiled kernel or the reference.
   check_grouped_linear_backward(grad_y, x, expert_offsets, weight);
   const c10::OptionalDeviceGuard guard(x.device());
   const at::Tensor gy = grad_y.contiguous(), in = x.contiguous(), offsets = expert_offsets.contiguous(),
@@ -212,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
 #ifdef FASTMOE_WITH_CUDA_OPS
     if (in.is_cuda()) {
       bool library_x = false, library_w = false;
-      if (choose_grouped_gemm_backend(in, w, device_major(in)) == GroupedGemmBackend::kTorchGroupedMm) {
+      const GroupedGemmBackend backend = backend_for(in, w, &gy);
+      if (backend == GroupedGemmBackend::kTorchGroupedMm) {
         const at::Tensor ends = group_ends_int32(offsets);
         const auto stream = current_stream(in);
         if (output_mask[0]) {
@@ -229,6 +265,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
           library_w = true;
         }
       }
+#ifdef FASTMOE_WITH_CUTLASS
+      if (backend == GroupedGemmBackend::kCutlass && (output_mask[0] || output_mask[1])) {
+        at::Tensor workspace = cutlass_workspace(in, num_experts);
+        cutlass_grouped_linear_backward_cuda(
+            to_dtype(in, "x"), gy.const_data_ptr(), in.const_data_ptr(), in.size(0), in.size(1),
+            offsets.const_data_ptr<int64_t>(), num_experts, w.const_data_ptr(), out_features,
+            output_mask[0] ? grad_x.mutable_data_ptr() : nullptr, output_mask[1] ? grad_w.mutable_data_ptr() : nullptr,
+            workspace.mutable_data_ptr(), static_cast<size_t>(workspace.numel()), current_stream(in));
+        library_x = output_mask[0];
+        library_w = output_mask[1];
+      }
+#endif
       if ((output_mask[0] && !library_x) || (output_mask[1] && !library_w) || output_mask[2]) {
         grouped_linear_backward_cuda(to_dtype(in, "x"), gy.const_data_ptr(), in.const_data_ptr(), in.size(0),
                                      in.size(1), offsets.const_data_ptr<int64_t>(), num_experts, w.const_data_ptr(),

@@ -1,10 +1,15 @@
-"""grouped_linear: forward and gradients against a per-expert matmul, gradcheck, empty experts, tail rows,
-layouts and the backward op's output mask."""
+"""grouped_linear: forward and gradients against a per-expert matmul, on each CUDA GEMM backend forced in turn,
+gradcheck, empty experts, tail rows, layouts and the backward op's output mask."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import (
+    CUDA_SKIP_REASON,
     LOW_PRECISION_DTYPES,
     assert_bitwise_equal,
     assert_within_policy,
@@ -63,6 +68,95 @@ def test_matches_reference(device, dtype, use_bias, counts, tail, in_features, o
     )
     for name, a, b, c in zip(("grad_x", "grad_weight", "grad_bias")[: len(g_op)], g_op, g_64, g_lp, strict=True):
         assert_within_policy(a, b, c, name)
+
+
+# FASTMOE_GROUPED_GEMM is read once per process, so a forced backend runs in a child process (as in
+# tests/reliability/test_determinism.py). The child runs the forward and backward of the cases the parent saved, in
+# torch's sync debug mode (no host synchronisation allowed) and under the profiler (which kernels ran); the parent
+# checks the results against the references. Exit code 3: the build has no CUTLASS backend.
+_FORCED_BACKEND_SCRIPT = r"""
+import sys
+import torch
+from fastmoe import ops
+
+outputs = []
+try:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for x, offsets, weight, bias, grad_y in torch.load(sys.argv[1]):
+            leaves = [t.cuda().requires_grad_() for t in (x, weight, bias)]
+            offsets, grad_y = offsets.cuda(), grad_y.cuda()
+            torch.cuda.set_sync_debug_mode("error")
+            y = ops.grouped_linear(leaves[0], offsets, leaves[1], leaves[2])
+            y.backward(grad_y)
+            torch.cuda.set_sync_debug_mode("default")
+            outputs.append([y.detach().cpu()] + [t.grad.cpu() for t in leaves])
+        torch.cuda.synchronize()
+except RuntimeError as error:
+    if "built without the CUTLASS backend" in str(error):
+        sys.exit(3)
+    raise
+kernels = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+torch.save({"outputs": outputs, "kernels": kernels}, sys.argv[2])
+"""
+
+# (expert counts, tail rows, in_features, out_features): widths that are multiples of 8, so that the library
+# backends can take every case (csrc/ops/expert_backend.h).
+FORCED_BACKEND_CASES = [
+    ([37, 0, 64, 5], 7, 40, 72),  # an empty expert, a tail, sizes off the tile grid
+    ([0, 12, 0], 0, 16, 8),  # every row to one expert
+    ([0, 0], 3, 8, 8),  # every row in the tail: no GEMM tile at all
+    ([300, 129, 0, 1000], 5, 264, 520),  # several tiles along every GEMM dimension
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend", ["tiled", "cutlass"])
+def test_forced_backend_matches_reference(backend, dtype, tmp_path):
+    """FASTMOE_GROUPED_GEMM=<backend> on CUDA: the output and every gradient within the policy, tail rows and the
+    gradients of empty experts exactly zero, no host synchronisation; the CUTLASS backend's setup kernel runs when
+    cutlass is forced and only then."""
+    if CUDA_SKIP_REASON is not None:
+        pytest.skip(CUDA_SKIP_REASON)
+    capability = torch.cuda.get_device_capability()
+    if backend == "cutlass" and capability != (9, 0):
+        pytest.skip(f"the CUTLASS backend runs sm_90a code (compute capability 9.0); this GPU has {capability}")
+    cases = [
+        make_case(counts, tail, in_features, out_features, dtype, "cpu", seed=seed)
+        for seed, (counts, tail, in_features, out_features) in enumerate(FORCED_BACKEND_CASES)
+    ]
+    torch.save(cases, tmp_path / "cases.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", _FORCED_BACKEND_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
+        env={**os.environ, "FASTMOE_GROUPED_GEMM": backend},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if backend == "cutlass" and run.returncode == 3:
+        pytest.skip("fastmoe was built without the CUTLASS backend (no CUTLASS headers or no sm_90 at build time)")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt")
+    for (counts, tail, in_features, out_features), (x, offsets, weight, bias, grad_y), got in zip(
+        FORCED_BACKEND_CASES, cases, result["outputs"], strict=True
+    ):
+        label = f"E={len(counts)} in={in_features} out={out_features} tail={tail}"
+        ins_lp = [leaf(t.cuda()) for t in (x, weight, bias)]
+        ins_64 = [leaf(t.double()) for t in (x, weight, bias)]
+        y_lp = reference_grouped_linear(ins_lp[0], offsets.cuda(), *ins_lp[1:])
+        y_64 = reference_grouped_linear(ins_64[0], offsets, *ins_64[1:])
+        expected_64 = [y_64, *grads(y_64, ins_64, grad_y.double())]
+        expected_lp = [y_lp, *grads(y_lp, ins_lp, grad_y.cuda())]
+        names = ("y", "grad_x", "grad_weight", "grad_bias")
+        for name, a, b, c in zip(names, got, expected_64, expected_lp, strict=True):
+            assert_within_policy(a, b, c.cpu(), f"{name} ({label})")
+        routed = int(offsets[-1])
+        assert_bitwise_equal(got[0][routed:], torch.zeros(tail, out_features, dtype=dtype), f"tail of y ({label})")
+        assert_bitwise_equal(got[1][routed:], torch.zeros(tail, in_features, dtype=dtype), f"tail of grad_x ({label})")
+        for e in (e for e, count in enumerate(counts) if count == 0):
+            assert_bitwise_equal(got[2][e], torch.zeros_like(weight[e]), f"grad_weight of empty expert {e} ({label})")
+            assert_bitwise_equal(got[3][e], torch.zeros_like(bias[e]), f"grad_bias of empty expert {e} ({label})")
+    setup_ran = any("cutlass_grouped_setup_kernel" in name for name in result["kernels"])
+    assert setup_ran == (backend == "cutlass"), f"CUDA kernels that ran: {result['kernels']}"
 
 
 @pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no-bias"])

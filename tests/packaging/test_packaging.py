@@ -46,12 +46,14 @@ def test_runtime_dependencies_are_ranges_that_take_ordinary_releases():
 
 def test_the_dev_requirements_pin_what_the_package_accepts():
     pins = {}
-    for line in (ROOT / "requirements-dev.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            req = Requirement(line)
-            assert [s.operator for s in req.specifier] == ["=="], f"requirements-dev.txt must pin, got {line!r}"
-            pins[req.name] = next(iter(req.specifier)).version
+    for name in ("requirements-dev.txt", "requirements-cutlass.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line:
+                req = Requirement(line)
+                assert [s.operator for s in req.specifier] == ["=="], f"{name} must pin, got {line!r}"
+                pins[req.name] = next(iter(req.specifier)).version
+    assert "nvidia-cutlass" in pins, "requirements-cutlass.txt must pin the CUTLASS headers' wheel"
     for req in requirements(PROJECT["dependencies"]).values():
         assert req.specifier.contains(pins[req.name]), f"{req} does not accept the pinned {req.name}=={pins[req.name]}"
     build = requirements(PYPROJECT["build-system"]["requires"])

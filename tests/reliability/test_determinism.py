@@ -1,6 +1,7 @@
 """Deterministic mode (docs/reliability.md): with fastmoe.use_deterministic(True), or under
 torch.use_deterministic_algorithms(True), two training runs from the same seed give bitwise-equal parameters, on
-the CPU and on CUDA (where the grouped GEMMs then run the tiled kernel instead of torch._grouped_mm)."""
+the CPU and on CUDA (where the grouped GEMMs then run the tiled kernel instead of the CUTLASS grouped GEMM or
+torch._grouped_mm)."""
 
 import os
 import subprocess
@@ -29,7 +30,7 @@ def restore_flags():
 
 def train(device: str, dtype, gate, steps: int = 6) -> dict:
     """A few Adam steps of a two-layer MoE model; widths are multiples of 8 so that bf16 on sm_90 would take
-    torch._grouped_mm outside deterministic mode. Returns the final parameters."""
+    a library grouped GEMM (CUTLASS or torch._grouped_mm) outside deterministic mode. Returns the final parameters."""
     torch.manual_seed(1234)
     d_model = 16
     model = torch.nn.Sequential(

@@ -1,0 +1,462 @@
+// The grouped linear layer's GEMMs on CUTLASS's SM90 grouped GEMM (contract: cutlass_grouped.h; when the op layer
+// takes this backend: csrc/ops/expert_backend.h). Compiled for sm_90a only (CMakeLists.txt).
+//
+// One kernel configuration, instantiated for the three operand layouts below and two dtypes (6 kernels): CUTLASS's
+// ptr-array grouped GEMM with the warp-specialized cooperative schedule (a TMA producer warp group and two WGMMA
+// consumer warp groups per CTA), 128x256x64 tiles, clusters of 2 CTAs along M that share their B tile through
+// TMA multicast, and persistent CTAs (one per SM) that walk every expert's tiles with a device-side scheduler.
+// The epilogue stores D = accumulator (alpha 1, no C operand) with TMA stores clipped to each expert's rows, so no
+// tile writes into the next expert's rows.
+//
+// Per call: (1) a setup kernel writes, for each expert, the problem size (M, N, K), the operand pointers and the
+// leading dimensions into the workspace, from expert_offsets; (2) the grouped GEMM reads them there (its host
+// problem shapes are nullptr: the host never learns the row counts, and the grid is one CTA per SM);
+// (3) fastmoe's epilogue kernels (epilogue.cu) add the bias, zero the tail rows past offsets[E] and zero the
+// weight gradient of experts without rows.
+//
+// The GEMMs, as D[m, n] = sum_k A[m, k] B[n, k] on expert e's rows b = offsets[e] .. offsets[e + 1] (R rows):
+//   forward      M = R,   N = out, K = in:  A = x[b + m, k] (k contiguous),  B = W[e][n, k] (k contiguous),
+//                D = y[b + m, n]
+//   grad_x       M = R,   N = in,  K = out: A = dy[b + m, k] (k contiguous), B = W[e][k, n] (n contiguous),
+//                D = dx[b + m, n]
+//   grad_weight  M = out, N = in,  K = R:   A = dy[b + k, m] (m contiguous), B = x[b + k, n] (n contiguous),
+//                D = dW[e][m, n]
+// An expert without rows gets the problem (0, 0, 0), which has no tiles: a K = 0 tile would store accumulators
+// that no MMA ever cleared, so its weight gradient is zeroed by zero_empty_groups_cuda instead.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "core/check.h"
+#include "core/cuda_check.h"
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/expert/cutlass_grouped.h"
+#include "kernels/expert/expert.h"
+
+#if !defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
+#error "the CUTLASS SM90 grouped GEMM needs CUDA 12.3 or newer"
+#endif
+
+namespace fastmoe {
+namespace {
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per expert
+using ProblemSize = ProblemShape::UnderlyingProblemShape;
+
+// The two stride types of CUTLASS's grouped operands (modes (rows, columns, batch)): the leading dimension on the
+// first mode with the second contiguous, or the first mode contiguous with the leading dimension on the second.
+using SecondContiguous = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;
+using FirstContiguous = cute::Stride<cute::Int<1>, int64_t, cute::Int<0>>;
+static_assert(sizeof(SecondContiguous) == sizeof(int64_t) && sizeof(FirstContiguous) == sizeof(int64_t),
+              "a grouped stride holds one int64 leading dimension");
+
+constexpr int kAlignmentBytes = 16;  // TMA: base addresses and row pitches
+
+// One grouped GEMM: Element operands and output, fp32 accumulation; A and B layouts as CUTLASS's tags (for A,
+// RowMajor = k contiguous; for B, ColumnMajor = k contiguous, RowMajor = n contiguous); D row-major.
+template <typename Element, typename LayoutA, typename LayoutB>
+struct GroupedGemm {
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlignment = kAlignmentBytes / static_cast<int>(sizeof(Element));
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignment, Element, LayoutD*,
+      kAlignment, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*, kAlignment,
+      float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+template <typename Element>
+using ForwardGemm = typename GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>::Gemm;
+template <typename Element>
+using GradInputGemm = typename GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor>::Gemm;
+template <typename Element>
+using GradWeightGemm = typename GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>::Gemm;
+
+// The device arrays (num_experts entries each) that one grouped GEMM reads.
+template <typename Element, typename StrideA, typename StrideB>
+struct GemmArrays {
+  ProblemSize* sizes;
+  const Element** a;
+  const Element** b;
+  Element** d;
+  StrideA* stride_a;
+  StrideB* stride_b;
+  SecondContiguous* stride_d;
+};
+template <typename Element>
+using ForwardArrays = GemmArrays<Element, SecondContiguous, SecondContiguous>;
+template <typename Element>
+using GradInputArrays = GemmArrays<Element, SecondContiguous, FirstContiguous>;
+template <typename Element>
+using GradWeightArrays = GemmArrays<Element, FirstContiguous, FirstContiguous>;
+
+// The arrays must have the stride types that the kernels read.
+template <typename Gemm, typename Arrays>
+constexpr bool arrays_match() {
+  using Kernel = typename Gemm::GemmKernel;
+  using StrideA = std::remove_pointer_t<decltype(Arrays::stride_a)>;
+  using StrideB = std::remove_pointer_t<decltype(Arrays::stride_b)>;
+  return std::is_same_v<typename Kernel::InternalStrideA, StrideA> &&
+         std::is_same_v<typename Kernel::InternalStrideB, StrideB> &&
+         std::is_same_v<typename Kernel::InternalStrideD, SecondContiguous>;
+}
+static_assert(arrays_match<ForwardGemm<cutlass::half_t>, ForwardArrays<cutlass::half_t>>(), "forward strides");
+static_assert(arrays_match<GradInputGemm<cutlass::half_t>, GradInputArrays<cutlass::half_t>>(), "grad_x strides");
+static_assert(arrays_match<GradWeightGemm<cutlass::half_t>, GradWeightArrays<cutlass::half_t>>(),
+              "grad_weight strides");
+
+// What the setup kernel reads and writes; a null output skips its GEMM.
+template <typename Element>
+struct SetupParams {
+  const int64_t* offsets;
+  int64_t num_experts, num_rows, in_features, out_features;
+  const Element* x;
+  const Element* weight;
+  const Element* grad_y;
+  Element* y;
+  Element* grad_x;
+  Element* grad_weight;
+  ForwardArrays<Element> forward;
+  GradInputArrays<Element> grad_input;
+  GradWeightArrays<Element> grad_wt;
+};
+
+// Thread e fills entry e of every requested GEMM's arrays. Offsets are clamped into [0, num_rows] (as in the tiled
+// kernel), so malformed offsets cannot send a GEMM outside the buffers.
+template <typename Element>
+__global__ void cutlass_grouped_setup_kernel(SetupParams<Element> p) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= p.num_experts) return;
+  const int64_t begin = std::min(std::max(p.offsets[e], int64_t{0}), p.num_rows);
+  const int64_t end = std::min(std::max(p.offsets[e + 1], begin), p.num_rows);
+  const int rows = static_cast<int>(end - begin);
+  const int in = static_cast<int>(p.in_features), out = static_cast<int>(p.out_features);
+  const int64_t weight_offset = e * p.out_features * p.in_features;
+  if (p.y != nullptr) {
+    p.forward.sizes[e] = cute::make_shape(rows, out, in);
+    p.forward.a[e] = p.x + begin * p.in_features;
+    p.forward.b[e] = p.weight + weight_offset;
+    p.forward.d[e] = p.y + begin * p.out_features;
+    p.forward.stride_a[e] = cute::make_stride(p.in_features, cute::Int<1>{}, cute::Int<0>{});
+    p.forward.stride_b[e] = cute::make_stride(p.in_features, cute::Int<1>{}, cute::Int<0>{});
+    p.forward.stride_d[e] = cute::make_stride(p.out_features, cute::Int<1>{}, cute::Int<0>{});
+  }
+  if (p.grad_x != nullptr) {
+    p.grad_input.sizes[e] = cute::make_shape(rows, in, out);
+    p.grad_input.a[e] = p.grad_y + begin * p.out_features;
+    p.grad_input.b[e] = p.weight + weight_offset;
+    p.grad_input.d[e] = p.grad_x + begin * p.in_features;
+    p.grad_input.stride_a[e] = cute::make_stride(p.out_features, cute::Int<1>{}, cute::Int<0>{});
+    p.grad_input.stride_b[e] = cute::make_stride(cute::Int<1>{}, p.in_features, cute::Int<0>{});
+    p.grad_input.stride_d[e] = cute::make_stride(p.in_features, cute::Int<1>{}, cute::Int<0>{});
+  }
+  if (p.grad_weight != nullptr) {
+    p.grad_wt.sizes[e] = rows == 0 ? cute::make_shape(0, 0, 0) : cute::make_shape(out, in, rows);
+    p.grad_wt.a[e] = p.grad_y + begin * p.out_features;
+    p.grad_wt.b[e] = p.x + begin * p.in_features;
+    p.grad_wt.d[e] = p.grad_weight + weight_offset;
+    p.grad_wt.stride_a[e] = cute::make_stride(cute::Int<1>{}, p.out_features, cute::Int<0>{});
+    p.grad_wt.stride_b[e] = cute::make_stride(cute::Int<1>{}, p.in_features, cute::Int<0>{});
+    p.grad_wt.stride_d[e] = cute::make_stride(p.in_features, cute::Int<1>{}, cute::Int<0>{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Workspace: [CUTLASS's workspace (per-SM TMA descriptors), shared by the GEMMs of a call, which run one after
+// the other on one stream][forward arrays][grad_x arrays][grad_weight arrays], each part 256-byte aligned, plus
+// 256 bytes of slack to align the caller's pointer.
+
+constexpr size_t kPartAlignment = 256;
+
+size_t round_up(size_t bytes) {
+  return (bytes + kPartAlignment - 1) / kPartAlignment * kPartAlignment;
+}
+
+size_t arrays_bytes(int64_t num_experts) {
+  const size_t n = static_cast<size_t>(num_experts);
+  return round_up(n * sizeof(ProblemSize)) + 3 * round_up(n * sizeof(void*)) + 3 * round_up(n * sizeof(int64_t));
+}
+
+// Carves one GEMM's arrays out of the workspace at *cursor and advances it.
+template <typename Arrays>
+Arrays carve_arrays(char** cursor, int64_t num_experts) {
+  const size_t n = static_cast<size_t>(num_experts);
+  Arrays arrays;
+  auto take = [&](auto*& field, size_t bytes) {
+    field = reinterpret_cast<std::remove_reference_t<decltype(field)>>(*cursor);
+    *cursor += round_up(bytes);
+  };
+  take(arrays.sizes, n * sizeof(ProblemSize));
+  take(arrays.a, n * sizeof(void*));
+  take(arrays.b, n * sizeof(void*));
+  take(arrays.d, n * sizeof(void*));
+  take(arrays.stride_a, n * sizeof(int64_t));
+  take(arrays.stride_b, n * sizeof(int64_t));
+  take(arrays.stride_d, n * sizeof(int64_t));
+  return arrays;
+}
+
+// The current device and its SM count (the persistent grid's size, and the count of per-SM TMA descriptors in
+// CUTLASS's workspace). Refuses devices other than compute capability 9.0, which cannot run sm_90a code.
+struct DeviceInfo {
+  int device = 0;
+  int sm_count = 0;
+};
+
+DeviceInfo current_device(const char* caller) {
+  DeviceInfo info;
+  FMOE_CHECK_CUDA(cudaGetDevice(&info.device));
+  int major = 0, minor = 0;
+  FMOE_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, info.device));
+  FMOE_CHECK_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, info.device));
+  FMOE_CHECK(major == 9 && minor == 0, caller, ": the CUTLASS SM90 kernels need a device of compute capability 9.0, ",
+             "device ", info.device, " has ", major, ".", minor);
+  FMOE_CHECK_CUDA(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, info.device));
+  return info;
+}
+
+template <typename Gemm, typename Arrays>
+typename Gemm::Arguments gemm_arguments(const Arrays& arrays, int64_t num_experts, const DeviceInfo& device) {
+  static_assert(arrays_match<Gemm, Arrays>(), "the arrays' stride types must be the kernel's");
+  typename Gemm::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+  args.problem_shape = ProblemShape{static_cast<int32_t>(num_experts), arrays.sizes, nullptr};
+  args.mainloop.ptr_A = arrays.a;
+  args.mainloop.dA = arrays.stride_a;
+  args.mainloop.ptr_B = arrays.b;
+  args.mainloop.dB = arrays.stride_b;
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = nullptr;
+  args.epilogue.ptr_D = arrays.d;
+  args.epilogue.dD = arrays.stride_d;
+  args.hw_info.device_id = device.device;
+  args.hw_info.sm_count = device.sm_count;
+  return args;
+}
+
+template <typename Gemm>
+size_t gemm_workspace_bytes(int64_t num_experts, const DeviceInfo& device) {
+  using Arrays = GemmArrays<typename Gemm::ElementA, typename Gemm::GemmKernel::InternalStrideA,
+                            typename Gemm::GemmKernel::InternalStrideB>;
+  Arrays none{};
+  return Gemm::get_workspace_size(gemm_arguments<Gemm>(none, num_experts, device));
+}
+
+template <typename Element>
+size_t cutlass_part_bytes(int64_t num_experts, const DeviceInfo& device) {
+  return std::max({gemm_workspace_bytes<ForwardGemm<Element>>(num_experts, device),
+                   gemm_workspace_bytes<GradInputGemm<Element>>(num_experts, device),
+                   gemm_workspace_bytes<GradWeightGemm<Element>>(num_experts, device)});
+}
+
+template <typename Element>
+size_t workspace_bytes_for(int64_t num_experts, const DeviceInfo& device) {
+  return kPartAlignment + round_up(cutlass_part_bytes<Element>(num_experts, device)) + 3 * arrays_bytes(num_experts);
+}
+
+template <typename Element>
+struct Workspace {
+  void* cutlass;
+  ForwardArrays<Element> forward;
+  GradInputArrays<Element> grad_input;
+  GradWeightArrays<Element> grad_wt;
+};
+
+template <typename Element>
+Workspace<Element> carve_workspace(const char* caller, void* workspace, size_t workspace_bytes, int64_t num_experts,
+                                   const DeviceInfo& device) {
+  const size_t needed = workspace_bytes_for<Element>(num_experts, device);
+  FMOE_CHECK(workspace != nullptr && workspace_bytes >= needed, caller, ": the workspace must hold ", needed,
+             " bytes (cutlass_grouped_linear_workspace_bytes), got ", workspace_bytes, " bytes at ", workspace);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace);
+  char* cursor = reinterpret_cast<char*>((base + kPartAlignment - 1) / kPartAlignment * kPartAlignment);
+  Workspace<Element> ws;
+  ws.cutlass = cursor;
+  cursor += round_up(cutlass_part_bytes<Element>(num_experts, device));
+  ws.forward = carve_arrays<ForwardArrays<Element>>(&cursor, num_experts);
+  ws.grad_input = carve_arrays<GradInputArrays<Element>>(&cursor, num_experts);
+  ws.grad_wt = carve_arrays<GradWeightArrays<Element>>(&cursor, num_experts);
+  return ws;
+}
+
+void check_cutlass(cutlass::Status status, const char* caller, const char* step) {
+  FMOE_CHECK(status == cutlass::Status::kSuccess, caller, ": CUTLASS ", step,
+             " failed: ", cutlass::cutlassGetStatusString(status));
+}
+
+template <typename Gemm, typename Arrays>
+void run_gemm(const char* caller, const Arrays& arrays, int64_t num_experts, const DeviceInfo& device,
+              void* cutlass_workspace, cudaStream_t stream) {
+  const typename Gemm::Arguments args = gemm_arguments<Gemm>(arrays, num_experts, device);
+  Gemm gemm;
+  check_cutlass(gemm.can_implement(args), caller, "can_implement");
+  check_cutlass(gemm.initialize(args, cutlass_workspace, stream), caller, "initialize");
+  check_cutlass(gemm.run(stream), caller, "run");
+  FMOE_CHECK_LAUNCH();
+}
+
+// The setup parameters every call shares; the caller adds its outputs and their arrays.
+template <typename Element>
+SetupParams<Element> setup_params(const int64_t* expert_offsets, int64_t num_experts, int64_t num_rows,
+                                  int64_t in_features, int64_t out_features, const void* x, const void* weight) {
+  SetupParams<Element> params{};
+  params.offsets = expert_offsets;
+  params.num_experts = num_experts;
+  params.num_rows = num_rows;
+  params.in_features = in_features;
+  params.out_features = out_features;
+  params.x = static_cast<const Element*>(x);
+  params.weight = static_cast<const Element*>(weight);
+  return params;
+}
+
+template <typename Element>
+void launch_setup(const SetupParams<Element>& params, cudaStream_t stream) {
+  constexpr int kThreads = 128;
+  const unsigned int blocks = static_cast<unsigned int>((params.num_experts + kThreads - 1) / kThreads);
+  cutlass_grouped_setup_kernel<Element><<<blocks, kThreads, 0, stream>>>(params);
+  FMOE_CHECK_LAUNCH();
+}
+
+// Calls fn(Element{}) with the CUTLASS element type of dtype (fp16 or bf16).
+template <typename Fn>
+void dispatch_half_types(DType dtype, const char* caller, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat16: return fn(cutlass::half_t{});
+    case DType::kBFloat16: return fn(cutlass::bfloat16_t{});
+    default: break;
+  }
+  FMOE_CHECK(false, caller, ": dtype must be float16 or bfloat16, got ", dtype_name(dtype));
+}
+
+bool aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % kAlignmentBytes == 0;
+}
+
+void check_dtype(const char* caller, DType dtype) {
+  FMOE_CHECK(dtype == DType::kFloat16 || dtype == DType::kBFloat16, caller, ": dtype must be float16 or bfloat16, got ",
+             dtype_name(dtype));
+}
+
+void check_sizes(const char* caller, int64_t num_rows, int64_t in_features, int64_t out_features, int64_t num_experts) {
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  FMOE_CHECK(num_rows >= 0 && num_rows <= kIntMax, caller, ": num_rows must be in [0, 2^31), got ", num_rows);
+  FMOE_CHECK(in_features > 0 && in_features <= kIntMax && in_features % 8 == 0, caller,
+             ": in_features must be a positive multiple of 8 below 2^31 (16-byte rows for TMA), got ", in_features);
+  FMOE_CHECK(out_features > 0 && out_features <= kIntMax && out_features % 8 == 0, caller,
+             ": out_features must be a positive multiple of 8 below 2^31 (16-byte rows for TMA), got ", out_features);
+  FMOE_CHECK(num_experts >= 1 && num_experts <= kIntMax, caller, ": num_experts must be in [1, 2^31), got ",
+             num_experts);
+}
+
+void check_aligned(const char* caller, const char* name, const void* p) {
+  FMOE_CHECK(aligned(p), caller, ": ", name, " must be 16-byte aligned (TMA), got address ", p);
+}
+
+}  // namespace
+
+size_t cutlass_grouped_linear_workspace_bytes(DType dtype, int64_t num_experts) {
+  constexpr const char* kCaller = "cutlass_grouped_linear_workspace_bytes";
+  check_dtype(kCaller, dtype);
+  FMOE_CHECK(num_experts >= 1 && num_experts <= std::numeric_limits<int32_t>::max(), kCaller,
+             ": num_experts must be in [1, 2^31), got ", num_experts);
+  const DeviceInfo device = current_device(kCaller);
+  size_t bytes = 0;
+  dispatch_half_types(dtype, kCaller,
+                      [&](auto element) { bytes = workspace_bytes_for<decltype(element)>(num_experts, device); });
+  return bytes;
+}
+
+void cutlass_grouped_linear_cuda(DType dtype, const void* x, int64_t num_rows, int64_t in_features,
+                                 const int64_t* expert_offsets, int64_t num_experts, const void* weight,
+                                 int64_t out_features, const void* bias, void* y, void* workspace,
+                                 size_t workspace_bytes, cudaStream_t stream) {
+  constexpr const char* kCaller = "cutlass_grouped_linear_cuda";
+  check_dtype(kCaller, dtype);
+  check_sizes(kCaller, num_rows, in_features, out_features, num_experts);
+  check_aligned(kCaller, "x", x);
+  check_aligned(kCaller, "weight", weight);
+  check_aligned(kCaller, "y", y);
+  if (num_rows == 0) return;  // y has no elements
+  const DeviceInfo device = current_device(kCaller);
+  dispatch_half_types(dtype, kCaller, [&](auto element) {
+    using Element = decltype(element);
+    const Workspace<Element> ws = carve_workspace<Element>(kCaller, workspace, workspace_bytes, num_experts, device);
+    SetupParams<Element> params =
+        setup_params<Element>(expert_offsets, num_experts, num_rows, in_features, out_features, x, weight);
+    params.y = static_cast<Element*>(y);
+    params.forward = ws.forward;
+    launch_setup(params, stream);
+    run_gemm<ForwardGemm<Element>>(kCaller, ws.forward, num_experts, device, ws.cutlass, stream);
+  });
+  grouped_bias_epilogue_cuda(dtype, y, num_rows, out_features, expert_offsets, num_experts, bias, stream);
+}
+
+void cutlass_grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
+                                          int64_t in_features, const int64_t* expert_offsets, int64_t num_experts,
+                                          const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
+                                          void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  constexpr const char* kCaller = "cutlass_grouped_linear_backward_cuda";
+  check_dtype(kCaller, dtype);
+  check_sizes(kCaller, num_rows, in_features, out_features, num_experts);
+  FMOE_CHECK(grad_weight == nullptr || num_experts <= 65535, kCaller,
+             ": num_experts must be at most 65535 for the weight gradient (zero_empty_groups_cuda), got ", num_experts);
+  check_aligned(kCaller, "grad_y", grad_y);
+  check_aligned(kCaller, "x", x);
+  check_aligned(kCaller, "weight", weight);
+  check_aligned(kCaller, "grad_x", grad_x);
+  check_aligned(kCaller, "grad_weight", grad_weight);
+  if (grad_x == nullptr && grad_weight == nullptr) return;
+  if (num_rows > 0) {
+    const DeviceInfo device = current_device(kCaller);
+    dispatch_half_types(dtype, kCaller, [&](auto element) {
+      using Element = decltype(element);
+      const Workspace<Element> ws = carve_workspace<Element>(kCaller, workspace, workspace_bytes, num_experts, device);
+      SetupParams<Element> params =
+          setup_params<Element>(expert_offsets, num_experts, num_rows, in_features, out_features, x, weight);
+      params.grad_y = static_cast<const Element*>(grad_y);
+      params.grad_x = static_cast<Element*>(grad_x);
+      params.grad_weight = static_cast<Element*>(grad_weight);
+      params.grad_input = ws.grad_input;
+      params.grad_wt = ws.grad_wt;
+      launch_setup(params, stream);
+      // Both GEMMs share CUTLASS's workspace: the second starts after the first ends, on the same stream.
+      if (grad_x != nullptr) {
+        run_gemm<GradInputGemm<Element>>(kCaller, ws.grad_input, num_experts, device, ws.cutlass, stream);
+      }
+      if (grad_weight != nullptr) {
+        run_gemm<GradWeightGemm<Element>>(kCaller, ws.grad_wt, num_experts, device, ws.cutlass, stream);
+      }
+    });
+  }
+  if (grad_x != nullptr) {
+    grouped_bias_epilogue_cuda(dtype, grad_x, num_rows, in_features, expert_offsets, num_experts, nullptr, stream);
+  }
+  if (grad_weight != nullptr) {
+    const int64_t group_bytes = out_features * in_features * 2;  // 2-byte elements
+    zero_empty_groups_cuda(grad_weight, num_experts, group_bytes, expert_offsets, stream);
+  }
+}
+
+}  // namespace fastmoe
