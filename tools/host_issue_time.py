@@ -9,11 +9,15 @@ the GPU keeps up (small layers; the default size does). ``--device meta`` runs t
 no kernel runs at all, so it measures the host path alone on any machine.
 
     PYTHONPATH=python .venv/bin/python tools/host_issue_time.py --device cuda [--precision bf16]
-        [--repeats 200] [any fastmoe-train model flag: --experts 32, --batch 64, ...]
+        [--repeats 200] [--profile 20] [any fastmoe-train model flag: --experts 32, --batch 64, ...]
 
-Prints the median microseconds per forward + backward of each layer and their ratio (MoE / dense).
+Prints the median microseconds per forward + backward of each layer and their ratio (MoE / dense). With
+``--profile N`` it then runs N more calls of each layer under ``torch.profiler`` and prints, per call, the
+dispatcher ops, the autograd nodes and the kernel launches, and the ops that took the most host time: where the
+MoE layer's extra host time goes.
 """
 
+import collections
 import statistics
 import sys
 import time
@@ -52,20 +56,62 @@ def time_layer(ffn, x, grad, device, precision, repeats: int, warmup: int) -> fl
     return statistics.median(times) * 1e6
 
 
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def profile_layer(ffn, x, grad, device, precision, calls: int, name: str) -> dict:
+    """Runs ``calls`` forward + backward calls under torch.profiler; prints and returns the per-call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def call():
+        ffn.zero_grad(set_to_none=True)
+        inp = x.detach().requires_grad_(True)
+        with autocast(device, precision):
+            y = ffn(inp)
+        y.backward(grad.to(y.dtype))
+
+    call()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    counts = collections.Counter()
+    for event in prof.events():
+        if event.name in LAUNCHES:
+            counts["kernel launches"] += 1
+        elif event.name.startswith("autograd::engine::evaluate_function"):
+            counts["autograd nodes"] += 1
+        elif "::" in event.name and event.cpu_parent is None:
+            counts["top-level ops"] += 1
+    per_call = {key: counts[key] / calls for key in ("top-level ops", "autograd nodes", "kernel launches")}
+    print(f"--- {name}: per call " + ", ".join(f"{key} {value:.1f}" for key, value in per_call.items()))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    return per_call
+
+
 def main(argv=None) -> int:
     parser = cli.build_parser()
     parser.description = __doc__
     tool = parser.add_argument_group("host_issue_time")
     tool.add_argument("--repeats", type=int, default=200, help="timed forward + backward calls per layer")
     tool.add_argument("--warmup-calls", type=int, default=20, help="untimed calls first")
+    tool.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N calls of each layer")
     args = parser.parse_args(argv)
+    for flag, value, low in (
+        ("--repeats", args.repeats, 1),
+        ("--warmup-calls", args.warmup_calls, 0),
+        ("--profile", args.profile, 0),
+    ):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     rows = args.batch * args.seq_len
     torch.manual_seed(args.seed)
     moe_model = GPT(cli.model_config(args, moe=True))
-    results = {}
+    results, profiles = {}, {}
     for moe in (True, False):
         torch.manual_seed(args.seed)
         model = moe_model if moe else GPT(cli.model_config(args, moe=False))
@@ -73,13 +119,16 @@ def main(argv=None) -> int:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(rows, args.d_model, generator=gen).to(device)
         grad = torch.randn(rows, args.d_model, generator=gen).to(device)
-        results["moe" if moe else "dense"] = time_layer(
-            ffn, x, grad, device, args.precision, args.repeats, args.warmup_calls
-        )
+        name = "moe" if moe else "dense"
+        results[name] = time_layer(ffn, x, grad, device, args.precision, args.repeats, args.warmup_calls)
+        if args.profile:
+            profiles[name] = profile_layer(ffn, x, grad, device, args.precision, args.profile, name)
     print(f"device {device}, precision {args.precision}, x [{rows}, {args.d_model}], {args.repeats} calls")
     print(f"MoE layer (FMoETransformerMLP, {args.experts} experts, top-{args.top_k}): {results['moe']:9.1f} us")
     print(f"dense FFN:                                    {results['dense']:9.1f} us")
     print(f"ratio MoE / dense: {results['moe'] / results['dense']:.2f}")
+    for key in profiles.get("moe", {}):
+        print(f"{key} per call: MoE {profiles['moe'][key]:.1f}, dense {profiles['dense'][key]:.1f}")
     return 0
 
 

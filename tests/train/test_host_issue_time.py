@@ -1,0 +1,44 @@
+"""tools/host_issue_time.py: the host-time measurement of fastmoe-train's MoE layer against its dense FFN, and its
+--profile breakdown, on the CPU with tiny widths (the GPU run is docs/gpu-verification.md's)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "host_issue_time.py"
+TINY = ["--device", "cpu", "--precision", "fp32", "--batch", "1", "--seq-len", "4", "--d-model", "16"]
+TINY += ["--expert-hidden", "8", "--experts", "4", "--threads", "1", "--warmup-calls", "1"]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("host_issue_time", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_counts_the_moe_layers_ops_and_nodes(capsys):
+    assert load_tool().main([*TINY, "--repeats", "3", "--profile", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio MoE / dense:" in out
+    counts = {}
+    for line in out.splitlines():
+        if " per call: MoE " in line:
+            key, values = line.split(" per call: MoE ")
+            moe, dense = values.split(", dense ")
+            counts[key] = (float(moe), float(dense))
+    assert set(counts) == {"top-level ops", "autograd nodes", "kernel launches"}
+    # the MoE layer routes, permutes and combines around its two grouped GEMMs: more ops and nodes than the FFN's
+    assert counts["top-level ops"][0] > counts["top-level ops"][1] > 0
+    assert counts["autograd nodes"][0] > counts["autograd nodes"][1] > 0
+    assert counts["kernel launches"] == (0.0, 0.0)  # the CPU launches no kernels
+    assert "fastmoe::grouped_linear" in out.split("--- dense")[0]
+    assert "fastmoe::" not in out.split("--- dense")[1].split("device cpu")[0]
+
+
+@pytest.mark.parametrize("flag", ["--repeats", "--profile"])
+def test_bad_counts_are_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        load_tool().main([*TINY, flag, "-1"])
+    assert f"{flag} must be >= " in capsys.readouterr().err
