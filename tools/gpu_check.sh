@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU verification run: build on a CUDA machine against its own torch, then run the stages named on the
 # command line (default: all), logging each to $OUT/<stage>.log and a summary to $OUT/summary.log.
-#   build     CMake + Ninja build with the C++ tests (GoogleTest from FASTMOE_GTEST_SOURCE_DIR if not installed)
+#   build     CMake + Ninja build with the C++ tests (GoogleTest from FASTMOE_GTEST_SOURCE_DIR if not installed),
+#             with the CUTLASS grouped GEMM: its headers come from the nvidia-cutlass wheel of this Python or, on a
+#             machine without network, from a wheel copied to .deps/ (pip download --no-deps nvidia-cutlass==4.2.0.0)
 #   test      ctest (kernels vs references on the GPU, C++ modules, find_package consumer) and the full pytest
 #             suite (cuda parameters run), then the grouped_linear and layer tests again on the tiled backend
 #   sanitize  compute-sanitizer memcheck, then racecheck, on the CUDA kernel tests and on the CUDA op tests
 #   pip       pip install --no-build-isolation --no-deps . and an import from outside the tree
 #   bench     benchmarks/bench_moe_layer.py (all configurations)
+#   host      tools/host_issue_time.py --profile 20: host time of fastmoe-train's MoE layer against its dense FFN
 #   dist      the multi-process tests (tests/distributed) on gloo and on NCCL with the local GPUs
 #   bench_ep  benchmarks/run_ep_scaling.sh: expert-parallel weak scaling at W = 1, 2, 4, 8 up to the GPU count
 #             (EP_SIZES="1 2" picks the W, EP_ARGS="--config fine --profile $OUT/prof" passes flags to bench_ep.py)
@@ -19,7 +22,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 PY=${PYTHON:-python3}
 BUILD=build-gpu
 stages=("$@")
-((${#stages[@]})) || stages=(build test sanitize pip bench dist bench_ep)
+((${#stages[@]})) || stages=(build test sanitize pip bench host dist bench_ep)
 status=0
 
 run_stage() {
@@ -37,13 +40,18 @@ run_stage() {
 }
 
 build() {
-  local gtest_args=()
+  local gtest_args=() cutlass_args=() wheels=(.deps/nvidia_cutlass-*.whl)
   [[ -d .deps/googletest ]] && gtest_args=(-DFASTMOE_GTEST_SOURCE_DIR="$PWD/.deps/googletest")
+  if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)" &&
+    [[ -f ${wheels[0]} ]]; then
+    "$PY" -m pip install -q --no-deps --target .deps/cutlass-site "${wheels[0]}" || return 1
+    cutlass_args=(-DFASTMOE_CUTLASS=ON -DFASTMOE_CUTLASS_DIR="$PWD/.deps/cutlass-site/cutlass_library/source")
+  fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFASTMOE_CUDA=ON -DFASTMOE_PYTHON_INPLACE=ON \
     -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
-    -DPython_EXECUTABLE="$(command -v "$PY")" -DFASTMOE_REQUIRE_GTEST=ON "${gtest_args[@]}" &&
+    -DPython_EXECUTABLE="$(command -v "$PY")" -DFASTMOE_REQUIRE_GTEST=ON "${gtest_args[@]}" "${cutlass_args[@]}" &&
     cmake --build "$BUILD" -j "$MAX_JOBS"
 }
 
@@ -77,6 +85,8 @@ print('installed fastmoe', fastmoe.__file__, 'with_cuda', fastmoe.with_cuda, 'ou
 
 bench() { PYTHONPATH=python "$PY" benchmarks/bench_moe_layer.py --json "$OUT/bench.jsonl"; }
 
+host() { PYTHONPATH=python "$PY" tools/host_issue_time.py --device cuda --precision bf16 --profile 20; }
+
 dist_tests() {
   nvidia-smi topo -m
   PYTHONPATH=python "$PY" -m pytest tests/distributed -v -p no:cacheprovider -rs
@@ -95,6 +105,7 @@ for stage in "${stages[@]}"; do
     sanitize) run_stage sanitize sanitize ;;
     pip) run_stage pip pip_install ;;
     bench) run_stage bench bench ;;
+    host) run_stage host host ;;
     dist) run_stage dist dist_tests ;;
     bench_ep) run_stage bench_ep bench_ep ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
