@@ -37,17 +37,27 @@ def first_ffn(model: GPT, moe_model: GPT):
     raise SystemExit("the model has no MoE layer; check --moe-every")
 
 
+def fresh_input(ffn, x):
+    """Clears the layer's gradients and returns a new leaf copy of ``x``: the untimed part of a call."""
+    ffn.zero_grad(set_to_none=True)
+    return x.detach().requires_grad_(True)
+
+
+def forward_backward(ffn, inp, grad, device, precision) -> None:
+    """``y = ffn(inp); y.backward(grad)`` under the run's autocast: the work whose issue time is measured."""
+    with autocast(device, precision):
+        y = ffn(inp)
+    y.backward(grad.to(y.dtype))
+
+
 def time_layer(ffn, x, grad, device, precision, repeats: int, warmup: int) -> float:
     times = []
     for step in range(warmup + repeats):
-        ffn.zero_grad(set_to_none=True)
-        inp = x.detach().requires_grad_(True)
+        inp = fresh_input(ffn, x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with autocast(device, precision):
-            y = ffn(inp)
-        y.backward(grad.to(y.dtype))
+        forward_backward(ffn, inp, grad, device, precision)
         elapsed = time.perf_counter() - start
         if step >= warmup:
             times.append(elapsed)
@@ -63,17 +73,10 @@ def profile_layer(ffn, x, grad, device, precision, calls: int, name: str) -> dic
     """Runs ``calls`` forward + backward calls under torch.profiler; prints and returns the per-call counts."""
     from torch.profiler import ProfilerActivity, profile
 
-    def call():
-        ffn.zero_grad(set_to_none=True)
-        inp = x.detach().requires_grad_(True)
-        with autocast(device, precision):
-            y = ffn(inp)
-        y.backward(grad.to(y.dtype))
-
-    call()
+    forward_backward(ffn, fresh_input(ffn, x), grad, device, precision)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
-            call()
+            forward_backward(ffn, fresh_input(ffn, x), grad, device, precision)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     counts = collections.Counter()
