@@ -36,6 +36,13 @@ TORCH_LIBRARY(fastmoe, m) {
       "grouped_linear_backward(Tensor grad_y, Tensor x, Tensor expert_offsets, Tensor weight, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
+  // The single-process MoE FFN layer with NaiveGate as one op (include/fastmoe/ops.h): x [T, d], gate_weight [E, d],
+  // w1 [E, h1, d], w2 [E, d_out, h] -> y [T, d_out], the gate's balance_loss and z_loss, expert_counts [E].
+  m.def(
+      "moe_ffn(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+      "int top_k, str activation=\"gelu\", float balance_coef=0.0, float z_loss_coef=0.0) -> (Tensor y, "
+      "Tensor balance_loss, Tensor z_loss, Tensor expert_counts)");
+
   // Expert parallelism over the ranks of the process group named group_name (torch's group_name).
   // counts [W * E_local] int64 (rows this rank sends to each global expert) -> [W * E_local]: row s * E_local + e
   // holds what rank s sends to this rank's local expert e. row_dtype, row_width and chunks describe the row

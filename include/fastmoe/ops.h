@@ -48,6 +48,28 @@ at::Tensor unpermute_combine(const at::Tensor& y_sorted, const at::Tensor& sorte
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias);
 
+// ---- the training layer in one op
+
+// What moe_ffn returns: y [T, d_out]; the gate's balance_loss and z_loss as naive_gate returns them (0-dim, or [0]
+// where the coefficient is 0); expert_counts [E] int64 (the rows each expert got, not differentiable).
+struct MoEFFN {
+  at::Tensor y;
+  at::Tensor balance_loss;
+  at::Tensor z_loss;
+  at::Tensor expert_counts;
+};
+
+// The single-process MoE FFN layer with FastMoE's NaiveGate: logits = x gate_weight^T + gate_bias, naive_gate(logits,
+// top_k, balance_coef, z_loss_coef), then each token's k rows through act(x w1[e]^T + b1[e]) w2[e]^T + b2[e], weighted
+// by the scores and summed. x [T, d], gate_weight [E, d], w1 [E, h1, d] (h1 = 2 * hidden for "swiglu": [gate | up]),
+// w2 [E, d_out, hidden]; activation "gelu", "relu", "silu" or "swiglu". The same values as composing the ops
+// (naive_gate, make_plan, permute, grouped_linear, unpermute_combine) bit for bit, as one autograd node; follows
+// autocast like the composed layer. Differentiable to any order with respect to x, the weights and the biases.
+MoEFFN moe_ffn(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
+               const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+               const std::optional<at::Tensor>& b2, int64_t top_k, const std::string& activation = "gelu",
+               double balance_coef = 0.0, double z_loss_coef = 0.0);
+
 // ---- expert parallelism (the ranks of the torch.distributed process group named group_name)
 
 // Where this rank's tokens go over W ranks of num_local experts (global expert g on rank g / num_local):

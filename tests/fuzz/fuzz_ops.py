@@ -466,6 +466,145 @@ def grouped_linear_backward_case(rng: random.Random, device: str) -> Case:
     )
 
 
+# ----------------------------------------------------------------------------------------------- the layer in one op
+
+_ACTIVATIONS = {
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.nn.functional.relu,
+    "silu": torch.nn.functional.silu,
+    "swiglu": lambda h: torch.nn.functional.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1],
+}
+_MOE_FFN_ARGS = ("x", "gate_weight", "gate_bias", "w1", "b1", "w2", "b2")
+
+
+def reference_moe_ffn(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation, balance_coef, z_loss_coef):
+    """moe_ffn composed from the registered ops and ATen, as FMoETransformerMLP's token path runs the layer."""
+    logits = torch.nn.functional.linear(x, gate_weight, gate_bias)
+    topk_idx, topk_score, balance, z_loss, _ = F.naive_gate(logits, top_k, balance_coef, z_loss_coef)
+    counts, offsets, sorted_pair, pair_pos = F.make_plan(topk_idx, gate_weight.shape[0])
+    h = F.grouped_linear(F.permute(x, sorted_pair, pair_pos), offsets, w1, b1)
+    y_sorted = F.grouped_linear(_ACTIVATIONS[activation](h), offsets, w2, b2)
+    return F.unpermute_combine(y_sorted, sorted_pair, pair_pos, topk_score), balance, z_loss, counts
+
+
+def moe_ffn_case(rng: random.Random, device: str) -> Case:
+    """The whole layer: a valid case gives the composed ops' outputs and gradients bit for bit (the same kernels
+    on the same tensors, in any layout); a broken tensor or option is named with its value."""
+    T, E = rng.choice(SIZES), rng.randint(1, 6)
+    k, dtype = rng.randint(1, E), rng.choice(FLOATS)
+    d, hidden, d_out = rng.choice([1, 2, 3, 8]), rng.choice([1, 2, 5]), rng.choice([1, 2, 5, 8])
+    activation = rng.choice(list(_ACTIVATIONS))
+    h1 = 2 * hidden if activation == "swiglu" else hidden
+    coefs = (rng.choice([0.0, 0.01, 1.0]), rng.choice([0.0, 1e-3]))
+
+    def maybe(t):
+        return t if rng.random() < 0.6 else None
+
+    args = dict(
+        x=randn(rng, T, d, dtype=dtype, device=device),
+        gate_weight=randn(rng, E, d, dtype=dtype, device=device),
+        gate_bias=maybe(randn(rng, E, dtype=dtype, device=device)),
+        w1=randn(rng, E, h1, d, dtype=dtype, device=device) * 0.5,
+        b1=maybe(randn(rng, E, h1, dtype=dtype, device=device)),
+        w2=randn(rng, E, d_out, hidden, dtype=dtype, device=device) * 0.5,
+        b2=maybe(randn(rng, E, d_out, dtype=dtype, device=device)),
+    )
+    op = F.moe_ffn
+
+    def call(act=activation, top_k=k, balance_coef=coefs[0], z_loss_coef=coefs[1], **changed):
+        tensors = {**args, **changed}
+        return lambda: op(*tensors.values(), top_k, act, balance_coef, z_loss_coef)
+
+    m = pick(
+        rng,
+        ["x-int", "x-1d", "gate-weight", "gate-bias", "w1", "b1", "w2", "b2", "swiglu-odd", "activation", "top-k"]
+        + ["top-k-float", "coef", "dtype", "device", "dense"],
+    )
+    name = f"moe_ffn/{m}"
+    if m == "dense":
+        bad, kind = not_dense(rng, args["w1"])
+        return not_dense_case(name, False, call(w1=bad), "w1", kind)
+    if m == "x-int":
+        return Case(name, call(x=args["x"].long()), error=(R, "x", "Long"))
+    if m == "x-1d":
+        return Case(name, call(x=args["x"].reshape(-1)), error=(R, "x", f"[{T * d}]"))
+    if m == "gate-weight":
+        bad = randn(rng, E, d + 1, dtype=dtype, device=device)
+        return Case(name, call(gate_weight=bad), error=(R, "gate_weight", f"[{E}, {d + 1}]"))
+    if m == "gate-bias":
+        bad = randn(rng, E + 1, dtype=dtype, device=device)
+        return Case(name, call(gate_bias=bad), error=(R, "gate_bias", f"[{E + 1}]"))
+    if m == "w1":
+        shape = rng.choice([[E + 1, h1, d], [E, h1, d + 1], [h1, d]])
+        bad = randn(rng, *shape, dtype=dtype, device=device)
+        return Case(name, call(w1=bad), error=(R, "w1", str(shape)))
+    if m == "b1":
+        bad = randn(rng, E, h1 + 1, dtype=dtype, device=device)
+        return Case(name, call(b1=bad), error=(R, "b1", f"[{E}, {h1 + 1}]"))
+    if m == "w2":
+        shape = rng.choice([[E + 1, d_out, hidden], [E, d_out, hidden + 1], [d_out, hidden]])
+        bad = randn(rng, *shape, dtype=dtype, device=device)
+        return Case(name, call(w2=bad), error=(R, "w2", str(shape)))
+    if m == "b2":
+        bad = randn(rng, E, d_out + 1, dtype=dtype, device=device)
+        return Case(name, call(b2=bad), error=(R, "b2", f"[{E}, {d_out + 1}]"))
+    if m == "swiglu-odd":
+        odd = randn(rng, E, 2 * hidden + 1, d, dtype=dtype, device=device)
+        return Case(name, call("swiglu", w1=odd, b1=None), error=(R, "w1", f"got {2 * hidden + 1}"))
+    if m == "activation":
+        bad = rng.choice(["tanh", "", "GELU", "swiglu ", "geglu"])
+        return Case(name, call(bad), error=(ValueError, "activation", f"'{bad}'"))
+    if m == "top-k":
+        bad = rng.choice([0, -1, E + 1, E + rng.randint(2, 9)])
+        return Case(name, call(top_k=bad), error=(ValueError, "top_k must be in", f"got {bad}"))
+    if m == "top-k-float":
+        return Case(name, call(top_k=k + 0.5), error=(SCHEMA, "top_k", str(k + 0.5)))
+    if m == "coef":
+        arg, bad = rng.choice(["balance_coef", "z_loss_coef"]), rng.choice([-1.0, float("nan"), float("inf")])
+        return Case(name, call(**{arg: bad}), error=(ValueError, arg, repr(bad)))
+    present = [arg for arg in _MOE_FFN_ARGS if args[arg] is not None]
+    if m == "dtype":
+        arg, bad = rng.choice(present[1:]), wrong_float(rng, dtype)
+        return Case(name, call(**{arg: args[arg].to(bad)}), error=(R, arg, SCALAR_NAME[bad]))
+    if m == "device":
+        arg = rng.choice(present)
+        return Case(name, call(**{arg: args[arg].to(other_device(device))}), error=(R, arg, other_device(device)))
+
+    # Leaf copies (same values and layout) for the op and for the reference, so both can be differentiated.
+    leaves = {arg: None if t is None else t.detach().requires_grad_(True) for arg, t in args.items()}
+    ref_leaves = {arg: None if t is None else t.detach().requires_grad_(True) for arg, t in args.items()}
+    options = (k, activation, *coefs)
+    grad_y = randn(rng, T, d_out, dtype=dtype, device=device, overlap_ok=False)
+    grad_terms = [randn(rng, 1, dtype=dtype, device=device)[0] for _ in range(2)]
+
+    def differentiate(outputs, inputs):
+        """Gradients of y and of the recorded loss terms (0-dim; [0] when the coefficient is 0)."""
+        y, balance, z_loss, _ = outputs
+        outs, grads = [y], [grad_y]
+        for term, grad in zip((balance, z_loss), grad_terms, strict=True):
+            if term.dim() == 0:
+                outs.append(term)
+                grads.append(grad.to(term.dtype))
+        wrt = [t for t in inputs.values() if t is not None]
+        return torch.autograd.grad(outs, wrt, grads, allow_unused=True, materialize_grads=True)
+
+    def check(result):
+        expected = reference_moe_ffn(*ref_leaves.values(), *options)
+        for got, want, what in zip(result, expected, ("y", "balance_loss", "z_loss", "expert_counts"), strict=True):
+            assert_equal(got.detach(), want.detach(), what)
+        assert not result[3].requires_grad, "expert_counts must not be differentiable"
+        got_grads, want_grads = differentiate(result, leaves), differentiate(expected, ref_leaves)
+        for got, want, what in zip(got_grads, want_grads, present, strict=True):
+            assert_equal(got, want, f"grad of {what}")
+
+    return Case(
+        valid_name(name),
+        lambda: op(*leaves.values(), *options),
+        check,
+        meta_call=lambda: op(*[to_meta(None if t is None else t.detach()) for t in args.values()], *options),
+    )
+
+
 # ----------------------------------------------------------------------------------------------- balance
 
 
@@ -897,5 +1036,6 @@ GENERATORS = {
     "capacity_limit": capacity_limit_case,
     "replicate_experts": replicate_experts_case,
     "plan_replication": plan_replication_case,
+    "moe_ffn": moe_ffn_case,
 }
 GENERATORS.update(GATE_GENERATORS)

@@ -518,7 +518,86 @@ def _cases():
             ("expert_counts", "torch.float32"),
         ),
     ]
-    return cases
+    return cases + _moe_ffn_cases(x)
+
+
+H = 3  # the experts' hidden width of moe_ffn
+
+
+def _moe_ffn_cases(x):
+    """moe_ffn: every tensor of the wrong shape, dtype or device, a bad activation, top_k or loss coefficient."""
+    gen = torch.Generator().manual_seed(1)
+    good = dict(
+        x=x,
+        gate_weight=torch.randn(E, D, generator=gen),
+        gate_bias=torch.randn(E, generator=gen),
+        w1=torch.randn(E, H, D, generator=gen),
+        b1=torch.randn(E, H, generator=gen),
+        w2=torch.randn(E, D_OUT, H, generator=gen),
+        b2=torch.randn(E, D_OUT, generator=gen),
+    )
+
+    def call(activation="gelu", top_k=K, balance_coef=0.0, z_loss_coef=0.0, **changed):
+        args = {**good, **changed}
+        return lambda: F.moe_ffn(*args.values(), top_k, activation, balance_coef, z_loss_coef)
+
+    def under_autocast(inner):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                inner()
+
+        return run
+
+    g = good
+    R = RuntimeError
+    swiglu_w1 = torch.randn(E, 2 * H, D, generator=gen)
+    return [
+        ("moe_ffn-x-1d", call(x=x[0]), R, ("x", f"[{D}]")),
+        ("moe_ffn-x-int", call(x=x.long()), R, ("x", "Long")),
+        ("moe_ffn-gate-weight-features", call(gate_weight=g["gate_weight"][:, :3]), R, ("gate_weight", f"[{E}, 3]")),
+        ("moe_ffn-gate-weight-1d", call(gate_weight=g["gate_weight"][0]), R, ("gate_weight", f"[{D}]")),
+        ("moe_ffn-gate-bias-shape", call(gate_bias=g["gate_bias"][:3]), R, ("gate_bias", "[3]")),
+        ("moe_ffn-gate-bias-2d", call(gate_bias=g["gate_bias"][None]), R, ("gate_bias", f"[1, {E}]")),
+        ("moe_ffn-w1-experts", call(w1=g["w1"][:3]), R, ("w1", f"[3, {H}, {D}]")),
+        ("moe_ffn-w1-features", call(w1=g["w1"][..., :2]), R, ("w1", f"[{E}, {H}, 2]")),
+        ("moe_ffn-w1-2d", call(w1=g["w1"][0]), R, ("w1", f"[{H}, {D}]")),
+        ("moe_ffn-b1-shape", call(b1=g["b1"][:, :2]), R, ("b1", f"[{E}, 2]")),
+        ("moe_ffn-b1-experts", call(b1=g["b1"][:2]), R, ("b1", f"[2, {H}]")),
+        ("moe_ffn-w2-hidden", call(w2=g["w2"][..., :2]), R, ("w2", f"[{E}, {D_OUT}, 2]")),
+        ("moe_ffn-w2-experts", call(w2=g["w2"][:1]), R, ("w2", f"[1, {D_OUT}, {H}]")),
+        ("moe_ffn-w2-2d", call(w2=g["w2"][0]), R, ("w2", f"[{D_OUT}, {H}]")),
+        ("moe_ffn-b2-shape", call(b2=g["b2"][:, :2]), R, ("b2", f"[{E}, 2]")),
+        # swiglu splits w1's rows into [gate | up]: an odd count cannot split, and w2 takes the half width
+        ("moe_ffn-swiglu-odd-w1", call("swiglu", b1=None), R, ("w1", f"got {H}")),
+        (
+            "moe_ffn-swiglu-w2-hidden",
+            call("swiglu", w1=swiglu_w1, b1=None, w2=torch.randn(E, D_OUT, 2 * H)),
+            R,
+            ("w2", f"hidden={H}], got [{E}, {D_OUT}, {2 * H}]"),
+        ),
+        ("moe_ffn-activation", call("tanh"), ValueError, ("activation", "'tanh'")),
+        ("moe_ffn-activation-case", call("GELU"), ValueError, ("activation", "'GELU'")),
+        ("moe_ffn-top-k-0", call(top_k=0), ValueError, (f"top_k must be in [1, num_experts={E}]", "got 0")),
+        (
+            "moe_ffn-top-k-gt-E",
+            call(top_k=E + 1),
+            ValueError,
+            (f"top_k must be in [1, num_experts={E}]", f"got {E + 1}"),
+        ),
+        ("moe_ffn-top-k-negative", call(top_k=-2), ValueError, (f"top_k must be in [1, num_experts={E}]", "got -2")),
+        ("moe_ffn-balance-coef", call(balance_coef=-1.0), ValueError, ("balance_coef", "-1.0")),
+        ("moe_ffn-z-loss-coef", call(z_loss_coef=float("nan")), ValueError, ("z_loss_coef", "nan")),
+        ("moe_ffn-w1-dtype", call(w1=g["w1"].double()), R, ("w1", "Double")),
+        ("moe_ffn-b2-dtype", call(b2=g["b2"].half()), R, ("b2", "Half")),
+        ("moe_ffn-gate-weight-dtype", call(gate_weight=g["gate_weight"].bfloat16()), R, ("gate_weight", "BFloat16")),
+        ("moe_ffn-x-dtype", call(x=x.double()), R, ("x has Double", "gate_weight has dtype Float")),
+        # autocast casts the fp32 tensors to bf16 but keeps fp64 (as the composed layer does), so fp64 next to fp32
+        # is still a mismatch
+        ("moe_ffn-autocast-w1-fp64", under_autocast(call(w1=g["w1"].double())), R, ("w1", "Double")),
+        ("moe_ffn-meta-w2", call(w2=meta(g["w2"])), R, ("w2", "meta")),
+        ("moe_ffn-meta-gate-bias", call(gate_bias=meta(g["gate_bias"])), R, ("gate_bias", "meta")),
+        ("moe_ffn-meta-x", call(x=meta(x)), R, ("x is on meta", "gate_weight is on cpu")),
+    ]
 
 
 CASE_IDS = [case[0] for case in _cases()]

@@ -26,6 +26,7 @@ KNOWN_OPS = {
     "ep_route": False,
     "exchange": True,
     "exchange_hierarchical": True,
+    "moe_ffn": True,
 }
 
 # The gate ops (csrc/ops/gates.cpp) are compositions of the ops above and ATen, registered as
@@ -209,6 +210,28 @@ def _opcheck_cases():
             None,
         ),
     ]
+    # moe_ffn: the whole layer (gate linear, naive_gate, the experts' two grouped GEMMs) with and without the
+    # optional biases, with and without the gate's loss terms.
+    hidden = 7
+    gate_weight = torch.randn(num_experts, d, generator=gen)
+    gate_bias = torch.randn(num_experts, generator=gen)
+    for activation, h1, with_bias, coefs in (
+        ("gelu", hidden, True, (0.01, 1e-3)),
+        ("relu", hidden, False, (0.0, 0.0)),
+        ("swiglu", 2 * hidden, True, (0.0, 0.0)),
+        ("silu", hidden, False, (0.01, 0.0)),
+    ):
+        w1 = torch.randn(num_experts, h1, d, generator=gen) * 0.4
+        b1 = torch.randn(num_experts, h1, generator=gen)
+        w2 = torch.randn(num_experts, d_out, hidden, generator=gen) * 0.4
+        b2 = torch.randn(num_experts, d_out, generator=gen)
+
+        def maybe(t, with_bias=with_bias):
+            return req(t) if with_bias else None
+
+        args = (req(x), req(gate_weight), maybe(gate_bias), req(w1), maybe(b1), req(w2), maybe(b2), k, activation)
+        bias_id = "bias" if with_bias else "no-bias"
+        cases.append((f"moe_ffn-{activation}-{bias_id}-coef{coefs[0]}-{coefs[1]}", "moe_ffn", args + coefs, None))
     return cases
 
 

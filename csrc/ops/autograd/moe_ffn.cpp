@@ -1,0 +1,425 @@
+// moe_ffn: the single-process MoE FFN layer of the training run (FMoETransformerMLP with NaiveGate) as one op with one
+// autograd node. Its forward is the same composition of the registered ops the layer makes through TokenDispatch
+// (gate linear, naive_gate, make_plan, permute, grouped_linear, activation, grouped_linear, unpermute_combine), run
+// below autograd; its backward chains their backward ops by hand. The values are those of the composed layer bit for
+// bit: the same kernels on the same operands, and each gradient the same function of the same tensors. What it saves
+// is host time: one autograd node instead of about twenty, and no Python between the ops (docs/ops.md).
+//
+// Autocast: under torch.autocast the op casts as the composed layer would (the gate's linear and the grouped GEMMs
+// follow autocast, fp64 stays), then runs with autocast off; the gradients of the fp32 inputs are cast back.
+//
+// Gradients of gradients: a backward under create_graph recomputes the forward with autograd recording (the same
+// function, so the same graph as the composed layer) and differentiates it, so every order is exact.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+
+#include "fastmoe/ops.h"
+#include "ops/internal.h"
+
+namespace fastmoe {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+enum class Act { kGELU, kReLU, kSiLU, kSwiGLU };
+
+Act parse_activation(c10::string_view name) {
+  if (name == "gelu") return Act::kGELU;
+  if (name == "relu") return Act::kReLU;
+  if (name == "silu") return Act::kSiLU;
+  if (name == "swiglu") return Act::kSwiGLU;
+  TORCH_CHECK_VALUE(false, "activation must be one of 'gelu', 'relu', 'silu', 'swiglu', got '", std::string(name), "'");
+}
+
+// The op's tensor arguments, in schema order (gate_bias, b1 and b2 may be undefined).
+struct Inputs {
+  at::Tensor x, gate_weight, gate_bias, w1, b1, w2, b2;
+  std::vector<at::Tensor> list() const { return {x, gate_weight, gate_bias, w1, b1, w2, b2}; }
+  static Inputs of(const std::vector<at::Tensor>& t) { return {t[0], t[1], t[2], t[3], t[4], t[5], t[6]}; }
+};
+
+struct Options {
+  int64_t top_k = 1;
+  Act act = Act::kGELU;
+  double balance_coef = 0, z_loss_coef = 0;
+  std::optional<at::ScalarType> cast;  // the autocast dtype the floating inputs (but fp64) are cast to
+};
+
+std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// A tensor's shape for a message (symbolic sizes print too).
+std::string shape_of(const at::Tensor& t) {
+  if (!t.defined()) return "an undefined tensor";
+  std::ostringstream out;
+  out << t.sym_sizes();
+  return out.str();
+}
+
+void check_inputs(const Inputs& in, const Options& o) {
+  const at::Tensor& x = in.x;
+  TORCH_CHECK(x.defined() && x.dim() == 2 && at::isFloatingType(x.scalar_type()),
+              "x must be a floating [tokens, d_model] tensor, got ", shape_of(x),
+              x.defined() ? " of dtype " + std::string(c10::toString(x.scalar_type())) : "");
+  const c10::SymInt d = x.sym_size(1);
+  const at::Tensor &wg = in.gate_weight, &w1 = in.w1, &w2 = in.w2;
+  TORCH_CHECK(wg.defined() && wg.dim() == 2 && wg.sym_size(1) == d, "gate_weight must be [num_experts, d_model=", d,
+              "], got ", shape_of(wg));
+  const c10::SymInt experts = wg.sym_size(0);
+  TORCH_CHECK_VALUE(o.top_k >= 1 && experts >= o.top_k, "top_k must be in [1, num_experts=", experts, "], got ",
+                    o.top_k);
+  const auto is = [](const at::Tensor& t, std::initializer_list<c10::SymInt> sizes) {
+    if (t.dim() != static_cast<int64_t>(sizes.size())) return false;
+    int64_t dim = 0;
+    for (const c10::SymInt& size : sizes) {
+      if (t.sym_size(dim++) != size) return false;
+    }
+    return true;
+  };
+  TORCH_CHECK(!in.gate_bias.defined() || is(in.gate_bias, {experts}), "gate_bias must be [num_experts=", experts,
+              "], got ", shape_of(in.gate_bias));
+  TORCH_CHECK(w1.defined() && w1.dim() == 3 && w1.sym_size(0) == experts && w1.sym_size(2) == d,
+              "w1 must be [num_experts=", experts, ", hidden, d_model=", d, "], got ", shape_of(w1));
+  const c10::SymInt hidden1 = w1.sym_size(1);
+  TORCH_CHECK(o.act != Act::kSwiGLU || hidden1 % 2 == 0,
+              "activation='swiglu' needs w1 with an even number of rows per expert ([gate | up]), got ", hidden1);
+  const c10::SymInt hidden = o.act == Act::kSwiGLU ? hidden1 / 2 : hidden1;
+  TORCH_CHECK(!in.b1.defined() || is(in.b1, {experts, hidden1}), "b1 must be [num_experts=", experts, ", ", hidden1,
+              "], got ", shape_of(in.b1));
+  TORCH_CHECK(w2.defined() && w2.dim() == 3 && w2.sym_size(0) == experts && w2.sym_size(2) == hidden,
+              "w2 must be [num_experts=", experts, ", d_out, hidden=", hidden, "], got ", shape_of(w2));
+  TORCH_CHECK(!in.b2.defined() || is(in.b2, {experts, w2.sym_size(1)}), "b2 must be [num_experts=", experts,
+              ", d_out=", w2.sym_size(1), "], got ", shape_of(in.b2));
+  // What the composed layer's ops would meet after autocast: one dtype and one device throughout.
+  const char* names[] = {"x", "gate_weight", "gate_bias", "w1", "b1", "w2", "b2"};
+  const auto list = in.list();
+  const auto dtype_of = [&](const at::Tensor& t) {
+    return o.cast && t.scalar_type() != at::kDouble ? *o.cast : t.scalar_type();
+  };
+  for (size_t i = 1; i < list.size(); ++i) {
+    if (!list[i].defined()) continue;
+    TORCH_CHECK(list[i].device() == x.device(), names[i], " is on ", list[i].device(), " but x is on ", x.device());
+    TORCH_CHECK(dtype_of(list[i]) == dtype_of(x), names[i], " has dtype ", list[i].scalar_type(), " but x has ",
+                x.scalar_type(), o.cast ? " (under autocast)" : "");
+  }
+}
+
+// The forward's tensors, kept for the backward.
+struct Forward {
+  at::Tensor xc, wg, bg, logits, topk_idx, topk_score, balance, z_loss, counts, offsets, sorted_pair, pair_pos;
+  at::Tensor rows, w1, b1, h, s, a, w2, b2, ys, y;
+};
+
+// The composed layer's forward. With autograd recording it builds the composed layer's graph (the backward under
+// create_graph uses that); below autograd it is the op's forward.
+Forward run_forward(const Inputs& in, const Options& o) {
+  const auto cast = [&](const at::Tensor& t) {
+    return o.cast && t.defined() && t.scalar_type() != at::kDouble ? t.to(*o.cast) : t;
+  };
+  Forward f;
+  f.xc = cast(in.x);
+  f.wg = cast(in.gate_weight);
+  f.bg = cast(in.gate_bias);
+  f.logits = at::linear(f.xc, f.wg, opt(f.bg));
+  const ops::GateRouting r = ops::naive_gate(f.logits, o.top_k, o.balance_coef, o.z_loss_coef);
+  f.topk_idx = r.topk_idx;
+  f.topk_score = r.topk_score;
+  f.balance = r.balance_loss;
+  f.z_loss = r.z_loss;
+  const ops::Plan plan = ops::make_plan(f.topk_idx, f.wg.sym_size(0).guard_int(__FILE__, __LINE__));
+  f.counts = plan.expert_counts;
+  f.offsets = plan.expert_offsets;
+  f.sorted_pair = plan.sorted_pair;
+  f.pair_pos = plan.pair_pos;
+  // The composed layer casts x twice (the gate's linear and the rows), so x's two gradients are added after each is
+  // cast back. Only a recorded graph (create_graph) sees the difference; below autograd one cast serves both.
+  const at::Tensor x_rows = at::GradMode::is_enabled() ? cast(in.x) : f.xc;
+  f.rows = ops::permute(x_rows, f.sorted_pair, f.pair_pos);
+  f.w1 = cast(in.w1);
+  f.b1 = cast(in.b1);
+  f.h = ops::grouped_linear(f.rows, f.offsets, f.w1, opt(f.b1));
+  switch (o.act) {
+    case Act::kGELU: f.a = at::gelu(f.h); break;
+    case Act::kReLU: f.a = at::relu(f.h); break;
+    case Act::kSiLU: f.a = at::silu(f.h); break;
+    case Act::kSwiGLU: {
+      const auto halves = f.h.chunk(2, -1);
+      f.s = at::silu(halves[0]);
+      f.a = f.s * halves[1];
+      break;
+    }
+  }
+  f.w2 = cast(in.w2);
+  f.b2 = cast(in.b2);
+  f.ys = ops::grouped_linear(f.a, f.offsets, f.w2, opt(f.b2));
+  f.y = ops::unpermute_combine(f.ys, f.sorted_pair, f.pair_pos, f.topk_score);
+  return f;
+}
+
+// The activation's backward, as autograd differentiates the forward's ATen calls.
+at::Tensor activation_backward(const at::Tensor& grad, const Forward& f, Act act) {
+  switch (act) {
+    case Act::kGELU: return at::gelu_backward(grad, f.h);
+    case Act::kReLU: return at::threshold_backward(grad, f.a, 0);
+    case Act::kSiLU: return at::silu_backward(grad, f.h);
+    case Act::kSwiGLU: {
+      const auto halves = f.h.chunk(2, -1);
+      // a = s * up: d s = grad * up, d up = grad * s; s = silu(gate); chunk's backward concatenates.
+      return at::cat({at::silu_backward(grad * halves[1], halves[0]), grad * f.s}, -1);
+    }
+  }
+  TORCH_CHECK(false, "unknown activation");
+}
+
+// mm's gradients as autograd computes them (a column-major operand gets its gradient column-major).
+at::Tensor mm_grad_mat1(const at::Tensor& grad, const at::Tensor& mat1, const at::Tensor& mat2) {
+  if (mat1.stride(0) == 1 && mat1.stride(1) == mat1.size(0)) return mat2.mm(grad.t()).t();
+  return grad.mm(mat2.t());
+}
+
+at::Tensor mm_grad_mat2(const at::Tensor& grad, const at::Tensor& mat1, const at::Tensor& mat2) {
+  if (mat2.stride(0) == 1 && mat2.stride(1) == mat2.size(0)) return grad.t().mm(mat1).t();
+  return mat1.t().mm(grad);
+}
+
+// A gradient in the dtype of the input it belongs to (autograd's cast back through autocast's .to()).
+at::Tensor cast_back(const at::Tensor& grad, const at::Tensor& input) {
+  return grad.defined() && grad.scalar_type() != input.scalar_type() ? grad.to(input.scalar_type()) : grad;
+}
+
+bool defined_term(const at::Tensor& grad, const at::Tensor& term) {
+  return grad.defined() && term.dim() == 0;
+}
+
+// The gate's loss terms' gradient with respect to the logits: naive_gate's losses recomputed with autograd on a leaf
+// copy of the logits and differentiated (the same ATen graph, so the same gradient as the composed layer).
+at::Tensor loss_grad(const Forward& f, const Options& o, const at::Tensor& grad_balance, const at::Tensor& grad_z) {
+  const bool balance = defined_term(grad_balance, f.balance), z = defined_term(grad_z, f.z_loss);
+  if (!balance && !z) return at::Tensor();
+  at::AutoGradMode on(true);
+  const at::Tensor leaf = f.logits.detach().requires_grad_(true);
+  const ops::GateRouting r = ops::naive_gate(leaf, o.top_k, balance ? o.balance_coef : 0.0, z ? o.z_loss_coef : 0.0);
+  variable_list outputs, grads;
+  if (balance) outputs.push_back(r.balance_loss), grads.push_back(grad_balance);
+  if (z) outputs.push_back(r.z_loss), grads.push_back(grad_z);
+  return torch::autograd::grad(outputs, {leaf}, grads)[0];
+}
+
+class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& gate_weight,
+                               const std::optional<at::Tensor>& gate_bias, const at::Tensor& w1,
+                               const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                               const std::optional<at::Tensor>& b2, const Options& o) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    // Outputs left out of the loss get no gradient (not zeros): the experts' backward then does not run for a loss
+    // of the gate's terms alone, and their parameters keep no gradient, as in the composed layer.
+    ctx->set_materialize_grads(false);
+    const Inputs in{x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2,
+                    b2.value_or(at::Tensor())};
+    Forward f = run_forward(in, o);
+    ctx->mark_non_differentiable({f.counts});
+    for (const at::Tensor& term : {f.balance, f.z_loss}) {
+      if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
+    }
+    std::vector<at::Tensor> saved = in.list();
+    for (const at::Tensor* t : {&f.xc, &f.wg, &f.logits, &f.topk_idx, &f.topk_score, &f.offsets, &f.sorted_pair,
+                                &f.pair_pos, &f.rows, &f.w1, &f.h, &f.s, &f.a, &f.w2, &f.ys, &f.balance, &f.z_loss}) {
+      saved.push_back(*t);
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["top_k"] = o.top_k;
+    ctx->saved_data["act"] = static_cast<int64_t>(o.act);
+    ctx->saved_data["balance_coef"] = o.balance_coef;
+    ctx->saved_data["z_loss_coef"] = o.z_loss_coef;
+    ctx->saved_data["cast"] = o.cast ? static_cast<int64_t>(*o.cast) : int64_t{-1};
+    return {f.y, f.balance, f.z_loss, f.counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Inputs in = Inputs::of({saved.begin(), saved.begin() + 7});
+    Options o;
+    o.top_k = ctx->saved_data["top_k"].toInt();
+    o.act = static_cast<Act>(ctx->saved_data["act"].toInt());
+    o.balance_coef = ctx->saved_data["balance_coef"].toDouble();
+    o.z_loss_coef = ctx->saved_data["z_loss_coef"].toDouble();
+    if (const int64_t cast = ctx->saved_data["cast"].toInt(); cast >= 0) o.cast = static_cast<at::ScalarType>(cast);
+    if (at::GradMode::is_enabled()) return backward_recorded(ctx, in, o, grads);
+
+    Forward f;
+    size_t i = 7;
+    for (at::Tensor* t : {&f.xc, &f.wg, &f.logits, &f.topk_idx, &f.topk_score, &f.offsets, &f.sorted_pair, &f.pair_pos,
+                          &f.rows, &f.w1, &f.h, &f.s, &f.a, &f.w2, &f.ys, &f.balance, &f.z_loss}) {
+      *t = saved[i++];
+    }
+    const std::array<bool, 7> need = needs_grad(ctx, in);
+    const bool need_logits = need[0] || need[1] || need[2];
+    const bool need_rows = need[0] || need[3] || need[4];
+    std::array<at::Tensor, 7> out;
+
+    at::Tensor grad_logits;
+    if (grads[0].defined()) {
+      auto [grad_ys, grad_score] = ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos,
+                                                                   f.topk_score, need_logits);
+      auto [grad_a, grad_w2, grad_b2] =
+          ops::grouped_linear_backward(grad_ys, f.a, f.offsets, f.w2, {need_rows, need[5], need[6]});
+      if (need[5]) out[5] = cast_back(grad_w2, in.w2);
+      if (need[6]) out[6] = cast_back(grad_b2, in.b2);
+      if (need_rows) {
+        const at::Tensor grad_h = activation_backward(grad_a, f, o.act);
+        auto [grad_rows, grad_w1, grad_b1] =
+            ops::grouped_linear_backward(grad_h, f.rows, f.offsets, f.w1, {need[0], need[3], need[4]});
+        if (need[0]) out[0] = cast_back(ops::unpermute_combine(grad_rows, f.sorted_pair, f.pair_pos, std::nullopt), in.x);
+        if (need[3]) out[3] = cast_back(grad_w1, in.w1);
+        if (need[4]) out[4] = cast_back(grad_b1, in.b1);
+      }
+      if (need_logits) {
+        grad_logits = ops::route_topk_backward(grad_score, f.logits, f.topk_idx, f.topk_score, "topk_softmax");
+      }
+    }
+    if (need_logits) {
+      const at::Tensor from_losses = loss_grad(f, o, grads[1], grads[2]);
+      if (from_losses.defined()) grad_logits = grad_logits.defined() ? grad_logits + from_losses : from_losses;
+    }
+    if (grad_logits.defined()) {
+      // logits = addmm(bg, xc, wg^T) (mm without a bias): autograd's mm gradients, then the bias's sum over tokens.
+      const at::Tensor wg_t = f.wg.t();
+      if (need[0]) {
+        const at::Tensor grad_x = cast_back(mm_grad_mat1(grad_logits, f.xc, wg_t), in.x);
+        out[0] = out[0].defined() ? out[0] + grad_x : grad_x;
+      }
+      if (need[1]) out[1] = cast_back(mm_grad_mat2(grad_logits, f.xc, wg_t).t(), in.gate_weight);
+      if (need[2]) out[2] = cast_back(at::sum_to(grad_logits, in.gate_bias.sizes()), in.gate_bias);
+    }
+    variable_list result(out.begin(), out.end());
+    result.emplace_back();  // options
+    return result;
+  }
+
+ private:
+  // Per input, whether its gradient is needed. Absent optional inputs have no edge, so edges count the present ones.
+  static std::array<bool, 7> needs_grad(AutogradContext* ctx, const Inputs& in) {
+    std::array<bool, 7> need{};
+    const auto list = in.list();
+    size_t edge = 0;
+    for (size_t j = 0; j < list.size(); ++j) {
+      if (list[j].defined()) need[j] = ctx->needs_input_grad(edge++);
+    }
+    return need;
+  }
+
+  // create_graph: the forward again, recorded, and differentiated with a graph.
+  static variable_list backward_recorded(AutogradContext* ctx, const Inputs& in, const Options& o,
+                                         const variable_list& grads) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const Forward f = run_forward(in, o);
+    variable_list outputs, upstream, wrt;
+    if (grads[0].defined()) outputs.push_back(f.y), upstream.push_back(grads[0]);
+    if (defined_term(grads[1], f.balance)) outputs.push_back(f.balance), upstream.push_back(grads[1]);
+    if (defined_term(grads[2], f.z_loss)) outputs.push_back(f.z_loss), upstream.push_back(grads[2]);
+    std::vector<size_t> slots;
+    const auto list = in.list();
+    const std::array<bool, 7> need = needs_grad(ctx, in);
+    for (size_t j = 0; j < list.size(); ++j) {
+      if (need[j]) wrt.push_back(list[j]), slots.push_back(j);
+    }
+    variable_list result(list.size() + 1);
+    if (outputs.empty() || wrt.empty()) return result;
+    const variable_list g = torch::autograd::grad(outputs, wrt, upstream, /*retain_graph=*/true,
+                                                  /*create_graph=*/true, /*allow_unused=*/true);
+    for (size_t j = 0; j < slots.size(); ++j) result[slots[j]] = g[j];
+    return result;
+  }
+};
+
+Options options_for(const at::Tensor& x, int64_t top_k, c10::string_view activation, double balance_coef,
+                    double z_loss_coef) {
+  Options o;
+  o.top_k = top_k;
+  o.act = parse_activation(activation);
+  o.balance_coef = balance_coef;
+  o.z_loss_coef = z_loss_coef;
+  const c10::DeviceType type = x.device().type();
+  if ((type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA) && at::autocast::is_autocast_enabled(type)) {
+    o.cast = at::autocast::get_autocast_dtype(type);
+  }
+  return o;
+}
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Result moe_ffn_autograd(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
+                        const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                        const std::optional<at::Tensor>& b2, int64_t top_k, c10::string_view activation,
+                        double balance_coef, double z_loss_coef) {
+  const Options o = options_for(x, top_k, activation, balance_coef, z_loss_coef);
+  const Inputs in{x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2,
+                  b2.value_or(at::Tensor())};
+  check_inputs(in, o);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  auto out = MoEFFNFunction::apply(x, gate_weight, gate_bias, w1, b1, w2, b2, o);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// Below autograd (inference mode, or tensors that need no gradient): the forward alone.
+Result moe_ffn_forward(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
+                       const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                       const std::optional<at::Tensor>& b2, int64_t top_k, c10::string_view activation,
+                       double balance_coef, double z_loss_coef) {
+  const Options o = options_for(x, top_k, activation, balance_coef, z_loss_coef);
+  const Inputs in{x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2,
+                  b2.value_or(at::Tensor())};
+  check_inputs(in, o);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const Forward f = run_forward(in, o);
+  return {f.y, f.balance, f.z_loss, f.counts};
+}
+
+}  // namespace
+
+namespace ops {
+
+MoEFFN moe_ffn(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
+               const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+               const std::optional<at::Tensor>& b2, int64_t top_k, const std::string& activation, double balance_coef,
+               double z_loss_coef) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmoe::moe_ffn", "")
+                       .typed<Result(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, int64_t, c10::string_view, double, double)>();
+  auto [y, balance, z_loss, counts] =
+      op.call(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation, balance_coef, z_loss_coef);
+  return {y, balance, z_loss, counts};
+}
+
+}  // namespace ops
+
+TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
+  m.impl("moe_ffn", &moe_ffn_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
+  m.impl("moe_ffn", &moe_ffn_forward);
+}
+
+TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
+  m.impl("moe_ffn", &moe_ffn_forward);
+}
+
+#ifdef FASTMOE_WITH_CUDA_OPS
+TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
+  m.impl("moe_ffn", &moe_ffn_forward);
+}
+#endif
+
+}  // namespace fastmoe
