@@ -6,6 +6,7 @@
 #include <limits>
 #include <mutex>
 #include <numeric>
+#include <typeinfo>
 
 #include "fastmoe/expert_seed.h"
 #include "fastmoe/nn/gates.h"
@@ -20,6 +21,28 @@ namespace {
 
 using detail::check_positive;
 using detail::token_matrix;
+
+// The activation's name in ops::moe_ffn.
+std::string activation_name(Activation activation) {
+  switch (activation) {
+    case Activation::kGELU: return "gelu";
+    case Activation::kReLU: return "relu";
+    case Activation::kSiLU: return "silu";
+    case Activation::kSwiGLU: return "swiglu";
+  }
+  TORCH_CHECK(false, "unknown activation ", static_cast<int>(activation));
+}
+
+// What balance_record() reports of a forward: sizes, the rows per expert and the gate's terms, detached.
+void keep_record(BalanceRecord& record, int64_t num_tokens, int64_t num_slots, const torch::Tensor& expert_counts,
+                 const GateImpl& gate) {
+  record = BalanceRecord();
+  record.num_tokens = num_tokens;
+  record.num_slots = num_slots;
+  record.expert_counts = expert_counts.detach();
+  if (gate.num_dropped().defined()) record.num_dropped = gate.num_dropped().detach();
+  for (const auto& term : gate.losses()) record.losses.insert(term.key(), term.value().detach());
+}
 
 torch::Tensor apply_activation(const torch::Tensor& h, Activation activation) {
   switch (activation) {
@@ -128,12 +151,7 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
       x, topk_idx, topk_score, num_local, ex.world, parallel ? ex.group : std::string(), ex.chunks, cast_to_autocast,
       debug_enabled() ? std::string(name) : std::string(), parallel ? ex.node_group : std::string(),
       parallel ? ex.rail_group : std::string(), parallel ? ex.replication : Replication{});
-  record = BalanceRecord();
-  record.num_tokens = x.size(0);
-  record.num_slots = topk_idx.numel();
-  record.expert_counts = tokens->routed_counts().detach();
-  if (gate.num_dropped().defined()) record.num_dropped = gate.num_dropped().detach();
-  for (const auto& term : gate.losses()) record.losses.insert(term.key(), term.value().detach());
+  keep_record(record, x.size(0), topk_idx.numel(), tokens->routed_counts(), gate);
   // The copies first (their exchanges queue behind the chunks' dispatch).
   if (!tokens->replicated().empty()) {
     tokens->give_replicas(run_replicas(tokens->replica_rows(), tokens->replica_offsets(), tokens->replicated()));
@@ -304,6 +322,19 @@ TransformerMLPImpl::TransformerMLPImpl(const TransformerMLPOptions& options_) : 
 }
 
 torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {
+  // One process with the built-in NaiveGate: the whole layer as the one op ops::moe_ffn (one autograd node, the
+  // composed path's values bit for bit). Debug mode keeps the composed path, which checks each stage.
+  auto* naive = dynamic_cast<NaiveGateImpl*>(gate.get());
+  if (options.fused() && options.world_size() == 1 && !debug_enabled() && naive != nullptr &&
+      typeid(*naive) == typeid(NaiveGateImpl)) {
+    const torch::Tensor tokens = token_matrix(x, options.d_model());
+    const ops::MoEFFN out = naive->forward_with_experts(tokens, htoh4->weight, htoh4->bias, h4toh->weight,
+                                                        h4toh->bias, activation_name(options.activation()));
+    keep_record(record_, tokens.size(0), tokens.size(0) * naive->top_k(), out.expert_counts, *naive);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = out.y.size(1);
+    return out.y.reshape(shape);
+  }
   Replication replication;
   if (options.ep_replicate() > 0) {
     int64_t params = 0;

@@ -2,7 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmoe import _checks, ops
+from fastmoe import _checks, debug, ops
+from fastmoe.gates import NaiveGate
 from fastmoe.layers import FMoE
 from fastmoe.linear import FMoELinear
 
@@ -98,5 +99,68 @@ class FMoETransformerMLP(FMoE):
 
     expert_input_follows_autocast = True  # the experts start with a grouped GEMM, which follows autocast
 
+    # Whether a forward the op fastmoe::moe_ffn covers runs as that one op (one autograd node, the same values bit for
+    # bit; docs/ops.md): one process, the built-in NaiveGate and experts with a named activation, nothing hooked. Set
+    # it to False to run the composed token path always.
+    fused_forward = True
+
     def expert_fn(self, inp, fwd_expert_count, expert_offsets=None):
         return self.experts(inp, fwd_expert_count, expert_offsets)
+
+    def forward(self, inp):
+        activation = self._fused_activation(inp)
+        if activation is None:
+            return super().forward(inp)
+        gate, experts = self.gate, self.experts
+        x = _checks.token_matrix("inp", inp, self.d_model, like=gate.gate.weight)
+        gate.reset_stats()
+        y, balance, z_loss, counts = torch.ops.fastmoe.moe_ffn(
+            x,
+            gate.gate.weight,
+            gate.gate.bias,
+            experts.htoh4.weight,
+            experts.htoh4.bias,
+            experts.h4toh.weight,
+            experts.h4toh.bias,
+            gate.top_k,
+            activation,
+            gate.balance_coef,
+            gate.z_loss_coef,
+        )
+        gate._record((None, None, balance, z_loss, counts.new_empty(0)))
+        self.replicated_experts = []
+        self._record_balance(x.shape[0], x.shape[0] * gate.top_k, counts)
+        return y.reshape(*inp.shape[:-1], y.shape[-1])
+
+    def _fused_activation(self, inp) -> str | None:
+        """The activation's name when this forward may run as fastmoe::moe_ffn, else None (the composed path)."""
+        if not (self.fused_forward and isinstance(inp, torch.Tensor) and self.moe_group is None):
+            return None
+        gate, experts = self.gate, getattr(self, "experts", None)
+        if (
+            type(gate) is not NaiveGate
+            or gate.top_k != self.slots_per_token
+            or type(experts) is not _Expert
+            or type(self).expert_fn is not FMoETransformerMLP.expert_fn
+            or self.gate_hook is not None
+            or debug.is_debug()
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        parts = (gate, gate.gate, experts, experts.htoh4, experts.h4toh)
+        if not all(type(m) in (NaiveGate, nn.Linear, _Expert, FMoELinear) for m in parts) or _hooked(parts):
+            return None
+        return _FUSED_ACTIVATIONS.get(experts.activation)
+
+
+# The activations fastmoe::moe_ffn computes, by the function the experts hold.
+_FUSED_ACTIVATIONS = {F.gelu: "gelu", F.relu: "relu", F.silu: "silu", swiglu: "swiglu"}
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward hook (of these modules or a global one) would see calls the one op does not make."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)

@@ -139,6 +139,45 @@ TEST(TransformerMLP, KeepsTheBalanceRecordOfItsLastForward) {
   EXPECT_TRUE(capped.losses.contains("balance"));
 }
 
+// One process with a NaiveGate runs as the one op ops::moe_ffn: outputs, the gate's loss terms, the balance record
+// and every gradient (the loss terms backpropagated too) equal the composed path's bit for bit.
+TEST(TransformerMLP, FusedPathEqualsTheComposedPathBitwise) {
+  for (const Activation activation : {Activation::kGELU, Activation::kReLU, Activation::kSiLU, Activation::kSwiGLU}) {
+    for (const bool bias : {true, false}) {
+      std::vector<std::vector<torch::Tensor>> results;
+      std::vector<fastmoe::nn::BalanceRecord> records;
+      for (const bool fused : {true, false}) {
+        torch::manual_seed(11);
+        auto gate = fastmoe::nn::NaiveGate(
+            fastmoe::nn::NaiveGateOptions(8, 4).top_k(2).bias(bias).balance_coef(0.01).z_loss_coef(1e-3));
+        fastmoe::nn::TransformerMLP moe(
+            fastmoe::nn::TransformerMLPOptions(4, 8, 6, gate).activation(activation).bias(bias).fused(fused));
+        {
+          torch::NoGradGuard no_grad;
+          for (auto& p : moe->parameters()) p.add_(torch::randn_like(p) * 0.1);
+        }
+        const torch::Tensor x = torch::randn({3, 5, 8}, torch::requires_grad());
+        const torch::Tensor y = moe->forward(x);
+        (y * torch::linspace(-1, 1, y.numel()).reshape(y.sizes())).sum().add(moe->loss()).backward();
+        std::vector<torch::Tensor> tensors = {y.detach(), moe->loss().detach(), x.grad()};
+        for (const auto& p : moe->parameters()) tensors.push_back(p.grad());
+        results.push_back(tensors);
+        records.push_back(moe->balance_record());
+      }
+      ASSERT_EQ(results[0].size(), results[1].size());
+      for (size_t i = 0; i < results[0].size(); ++i) {
+        ASSERT_TRUE(results[0][i].defined() && results[1][i].defined()) << "tensor " << i;
+        EXPECT_TRUE(torch::equal(results[0][i], results[1][i]))
+            << "tensor " << i << " differs, activation " << static_cast<int>(activation) << ", bias " << bias;
+      }
+      EXPECT_TRUE(torch::equal(records[0].expert_counts, records[1].expert_counts));
+      EXPECT_EQ(records[0].num_slots, records[1].num_slots);
+      EXPECT_EQ(records[0].losses.size(), 2u);  // "balance" and "z"
+      EXPECT_EQ(records[1].losses.size(), 2u);
+    }
+  }
+}
+
 // The gate's logits are checked first (as in Python), so a NaN input stops there, naming the gate.
 TEST(TransformerMLP, DebugModeStopsANonFiniteInputAtTheGatesLogits) {
   fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16));

@@ -124,6 +124,10 @@ struct TransformerMLPOptions {
   // Empty: NaiveGate(d_model, num_experts * world_size).top_k(top_k).bias(gate_bias); otherwise top_k comes from
   // the gate.
   TORCH_ARG(Gate, gate) = nullptr;
+  // On one process with a NaiveGate (and debug mode off) the layer runs as the one op ops::moe_ffn: one autograd
+  // node, the composed path's values bit for bit (fastmoe.FMoETransformerMLP's fused_forward). false: always the
+  // composed path.
+  TORCH_ARG(bool, fused) = true;
   // Expert parallelism: with world_size > 1 this layer holds num_experts of the num_experts * world_size experts;
   // global expert g lives on rank g / num_experts of the process group registered as group_name (see
   // fastmoe/distributed.h), whose size must be world_size. The gate routes over all of them. Construction checks

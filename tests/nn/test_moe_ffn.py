@@ -1,0 +1,453 @@
+"""FMoETransformerMLP's fused forward (torch.ops.fastmoe.moe_ffn, one autograd node) against its composed token
+path: the same outputs, gradients and balance records bit for bit, second derivatives to rounding, the same result
+without autograd, and the composed path wherever the one op does not cover the layer (hooks, other gates, custom
+activations, debug mode)."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmoe
+from conftest import assert_bitwise_equal, leaf, make_generator
+from fastmoe import FMoETransformerMLP
+from fastmoe.gates import GShardGate, NaiveGate
+
+D_MODEL, D_HIDDEN, NUM_EXPERT, TOP_K, NUM_TOKENS = 8, 6, 4, 2, 24
+ACTIVATIONS = ["gelu", "relu", "silu", "swiglu"]
+COEFS = [
+    pytest.param(0.0, 0.0, id="no-loss"),
+    pytest.param(0.01, 0.0, id="balance"),
+    pytest.param(0.01, 1e-3, id="balance-z"),
+]
+# (parameter dtype, autocast dtype or None)
+MODES = [
+    pytest.param(torch.float32, None, id="fp32"),
+    pytest.param(torch.float64, None, id="fp64"),
+    pytest.param(torch.float32, torch.bfloat16, id="fp32-bf16-autocast"),
+]
+
+
+def make_layer(
+    activation="gelu", bias=True, balance_coef=0.0, z_loss_coef=0.0, dtype=torch.float64, seed=0, gate=None, **kwargs
+):
+    """A layer whose parameters (biases included, which start at zero) are all drawn afresh from ``seed``."""
+    torch.manual_seed(seed)
+    if gate is None:
+        gate = NaiveGate(
+            D_MODEL, NUM_EXPERT, 1, TOP_K, gate_bias=bias, balance_coef=balance_coef, z_loss_coef=z_loss_coef
+        )
+    layer = FMoETransformerMLP(
+        num_expert=NUM_EXPERT,
+        d_model=D_MODEL,
+        d_hidden=D_HIDDEN,
+        top_k=TOP_K,
+        activation=activation,
+        bias=bias,
+        gate=gate,
+        **kwargs,
+    )
+    gen = make_generator(seed)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64).mul_(0.4))
+    return layer.to(dtype)
+
+
+def make_input(*shape, dtype=torch.float64, seed=1):
+    return torch.randn(*shape, generator=make_generator(seed), dtype=torch.float64).to(dtype)
+
+
+class Run:
+    """One forward and backward of a layer: output, input gradient, parameter gradients, balance record/stats."""
+
+    def __init__(self, layer, x, fused, add_loss=False, autocast=None, grad_seed=7):
+        layer.fused_forward = fused
+        layer.zero_grad(set_to_none=True)
+        inp = leaf(x)
+        device = x.device.type
+        context = torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with context:
+            self.y = layer(inp)
+        self.stats = layer.balance_stats()
+        self.record = layer.balance_record
+        grad_y = torch.randn(self.y.shape, generator=make_generator(grad_seed), dtype=torch.float64).to(x.device)
+        loss = (self.y.double() * grad_y).sum()
+        if add_loss:
+            loss = loss + layer.get_loss()
+        loss.backward()
+        self.grad_x = inp.grad
+        self.grads = {name: param.grad for name, param in layer.named_parameters()}
+
+
+def assert_same_runs(fused: Run, composed: Run) -> None:
+    """Bit for bit: output, every gradient, and the balance record (counts and loss terms) and its host summary."""
+    assert_bitwise_equal(fused.y, composed.y, "y")
+    assert_bitwise_equal(fused.grad_x, composed.grad_x, "grad of the input")
+    assert fused.grads.keys() == composed.grads.keys()
+    for name, grad in composed.grads.items():
+        assert grad is not None, f"{name} got no gradient on the composed path"
+        assert fused.grads[name] is not None, f"{name} got no gradient on the fused path"
+        assert_bitwise_equal(fused.grads[name], grad, f"grad of {name}")
+    a, b = fused.record, composed.record
+    assert (a.num_tokens, a.num_slots) == (b.num_tokens, b.num_slots)
+    assert_bitwise_equal(a.expert_counts, b.expert_counts, "expert_counts")
+    assert a.losses.keys() == b.losses.keys(), (sorted(a.losses), sorted(b.losses))
+    for name, term in b.losses.items():
+        assert_bitwise_equal(a.losses[name], term, f"loss term {name}")
+    assert fused.stats == composed.stats
+
+
+def graph_nodes(grad_fn) -> set:
+    """Every autograd node reachable from ``grad_fn`` (AccumulateGrad of the leaves included)."""
+    seen, todo = set(), [grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
+@pytest.fixture
+def moe_ffn_calls(monkeypatch):
+    """A list that grows by one for each call of torch.ops.fastmoe.moe_ffn (the op itself still runs)."""
+    calls, op = [], torch.ops.fastmoe.moe_ffn
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(torch.ops.fastmoe, "moe_ffn", counting)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------ bit for bit
+
+
+@pytest.mark.parametrize("add_loss", [False, True], ids=["task-loss", "task-plus-gate-loss"])
+@pytest.mark.parametrize("dtype, autocast", MODES)
+@pytest.mark.parametrize("balance_coef, z_loss_coef", COEFS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fused_equals_composed(activation, bias, balance_coef, z_loss_coef, dtype, autocast, add_loss, moe_ffn_calls):
+    layer = make_layer(activation, bias, balance_coef, z_loss_coef, dtype)
+    x = make_input(NUM_TOKENS, D_MODEL, dtype=dtype)
+    fused = Run(layer, x, True, add_loss, autocast)
+    assert len(moe_ffn_calls) == 1, "the fused forward did not run torch.ops.fastmoe.moe_ffn"
+    composed = Run(layer, x, False, add_loss, autocast)
+    assert len(moe_ffn_calls) == 1, "fused_forward=False ran torch.ops.fastmoe.moe_ffn"
+    assert fused.y.dtype == (autocast or dtype)
+    assert fused.grad_x.dtype == dtype
+    assert sorted(fused.record.losses) == sorted(
+        name for name, coef in (("balance", balance_coef), ("z", z_loss_coef)) if coef
+    )
+    assert_same_runs(fused, composed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, None), (torch.float32, torch.bfloat16),
+                                             (torch.float32, torch.float16), (torch.bfloat16, None)])  # fmt: skip
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_fused_equals_composed_cuda(activation, dtype, autocast, moe_ffn_calls):
+    """On the GPU (the CUDA kernels, and CUTLASS or torch._grouped_mm for 16-bit GEMMs on sm_90) with the gate's
+    losses backpropagated: the same bits. Widths of 64 keep the 16-bit rows aligned for the grouped GEMM backends."""
+    torch.manual_seed(0)
+    gate = NaiveGate(64, NUM_EXPERT, 1, TOP_K, balance_coef=0.01, z_loss_coef=1e-3)
+    layer = FMoETransformerMLP(NUM_EXPERT, 64, 128, top_k=TOP_K, activation=activation, gate=gate).to("cuda", dtype)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_(0, 0.1)
+    x = make_input(256, 64).to("cuda", dtype)
+    fused = Run(layer, x, True, True, autocast)
+    assert len(moe_ffn_calls) == 1
+    composed = Run(layer, x, False, True, autocast)
+    assert_same_runs(fused, composed)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_leading_batch_shape(activation):
+    """An input [B, S, d] gives [B, S, d] on both paths, the same bits."""
+    layer = make_layer(activation, balance_coef=0.01, z_loss_coef=1e-3)
+    x = make_input(3, 5, D_MODEL)
+    fused, composed = Run(layer, x, True, add_loss=True), Run(layer, x, False, add_loss=True)
+    assert fused.y.shape == (3, 5, D_MODEL)
+    assert_same_runs(fused, composed)
+
+
+@pytest.mark.parametrize("balance_coef, z_loss_coef", COEFS)
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_no_tokens(activation, balance_coef, z_loss_coef):
+    """T = 0: an empty output, zero gradients and no expert rows, as the composed path gives them."""
+    layer = make_layer(activation, balance_coef=balance_coef, z_loss_coef=z_loss_coef)
+    x = make_input(0, D_MODEL)
+    fused, composed = Run(layer, x, True, add_loss=True), Run(layer, x, False, add_loss=True)
+    assert fused.y.shape == (0, D_MODEL)
+    assert fused.record.expert_counts.tolist() == [0] * NUM_EXPERT
+    assert_same_runs(fused, composed)
+
+
+# ------------------------------------------------------------------------------------------------ one node
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_fused_forward_is_one_autograd_node(bias):
+    """The fused output hangs off one C++ node whose inputs are the leaves; the composed path builds many more."""
+    layer = make_layer("swiglu", bias, balance_coef=0.01, z_loss_coef=1e-3)
+    inp = leaf(make_input(NUM_TOKENS, D_MODEL))
+    layer.fused_forward = True
+    y_fused = layer(inp)
+    (op_node, _), *rest = y_fused.grad_fn.next_functions
+    assert not rest, y_fused.grad_fn.next_functions
+    assert type(op_node).__name__ == "CppFunction" and "MoEFFN" in op_node.name(), op_node.name()
+    leaves = [next_node for next_node, _ in op_node.next_functions]
+    assert len(leaves) == (7 if bias else 4), leaves
+    # x's edge goes through the view of the input as [tokens, d_model]; the parameters' edges are their leaves
+    (x_view, _), *_ = leaves[0].next_functions
+    assert x_view.variable is inp, leaves[0].name()
+    assert all(node.variable is param for node, param in zip(leaves[1:], layer.parameters(), strict=True))
+    # The gate's loss terms come from the same node.
+    assert all(term.grad_fn is op_node for term in layer.gate.get_losses().values())
+
+    layer.fused_forward = False
+    y_composed = layer(inp)
+    fused_nodes, composed_nodes = graph_nodes(y_fused.grad_fn), graph_nodes(y_composed.grad_fn)
+    assert len(fused_nodes) == 3 + len(leaves), [node.name() for node in fused_nodes]
+    assert len(composed_nodes) > len(fused_nodes), (len(composed_nodes), len(fused_nodes))
+
+
+def test_gate_loss_alone_leaves_the_experts_without_gradients():
+    """Backpropagating only the gate's loss terms reaches the gate, not the experts: their gradients stay None on
+    both paths (an optimizer skips a parameter without a gradient, but decays and moves one with a zero gradient)."""
+    layer = make_layer(balance_coef=0.01, z_loss_coef=1e-3)
+    x = make_input(NUM_TOKENS, D_MODEL)
+    grads = []
+    for fused in (True, False):
+        layer.fused_forward = fused
+        layer.zero_grad(set_to_none=True)
+        inp = leaf(x)
+        layer(inp)
+        layer.get_loss().backward()
+        grads.append({name: param.grad for name, param in layer.named_parameters()} | {"input": inp.grad})
+    fused_grads, composed_grads = grads
+    for name, grad in composed_grads.items():
+        if grad is None:
+            assert fused_grads[name] is None, f"{name}: the fused path gives a gradient, the composed path none"
+        else:
+            assert_bitwise_equal(fused_grads[name], grad, f"grad of {name}")
+    assert composed_grads["experts.htoh4.weight"] is None and composed_grads["gate.gate.weight"] is not None
+
+
+# ------------------------------------------------------------------------------------------------ second order
+
+
+@pytest.mark.parametrize("balance_coef, z_loss_coef", COEFS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_second_derivatives(activation, balance_coef, z_loss_coef, moe_ffn_calls):
+    """Gradients taken with create_graph=True and differentiated again (a gradient-norm penalty) agree with the
+    composed path to rounding in fp64."""
+    layer = make_layer(activation, balance_coef=balance_coef, z_loss_coef=z_loss_coef)
+    x = make_input(NUM_TOKENS, D_MODEL)
+    grad_y = make_input(NUM_TOKENS, D_MODEL, seed=5)
+    results = []
+    for fused in (True, False):
+        layer.fused_forward = fused
+        layer.zero_grad(set_to_none=True)
+        inp = leaf(x)
+        y = layer(inp)
+        loss = (y * grad_y).sum() + layer.get_loss()
+        params = list(layer.parameters())
+        first = torch.autograd.grad(loss, [inp] + params, create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        penalty.backward()
+        results.append(([g.detach() for g in first], inp.grad, [p.grad for p in params]))
+    assert len(moe_ffn_calls) == 1, "the fused forward did not run torch.ops.fastmoe.moe_ffn"
+    (first_f, gx_f, gp_f), (first_c, gx_c, gp_c) = results
+    for name, a, b in [("first-order", first_f, first_c), ("second-order", [gx_f] + gp_f, [gx_c] + gp_c)]:
+        for i, (got, want) in enumerate(zip(a, b, strict=True)):
+            assert got is not None and want is not None, f"{name} gradient {i} missing"
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=lambda m, i=i, n=name: f"{n} {i}: {m}")
+    # The penalty really reaches the second derivative: with relu the experts' part is piecewise linear, but the
+    # gate's softmax is not, so the second-order gradients differ from zero either way.
+    assert any(g.abs().max() > 0 for g in gp_f)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_second_derivatives_under_autocast(activation):
+    """fp32 parameters under CPU bf16 autocast, create_graph=True and a gradient-norm penalty: the parameters'
+    first and second derivatives are the composed path's bit for bit. The input's agree to bf16 rounding: the op's
+    recorded forward casts x to bf16 once for the gate and the rows, so its gate and expert gradients are added in
+    bf16, where the composed layer casts twice and adds them in fp32."""
+    layer = make_layer(activation, balance_coef=0.01, z_loss_coef=1e-3, dtype=torch.float32)
+    x = make_input(NUM_TOKENS, D_MODEL, dtype=torch.float32)
+    results = []
+    for fused in (True, False):
+        layer.fused_forward = fused
+        layer.zero_grad(set_to_none=True)
+        inp = leaf(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = layer(inp).float().sum() + layer.get_loss()
+        params = list(layer.parameters())
+        first = torch.autograd.grad(loss, [inp] + params, create_graph=True)
+        sum(g.square().sum() for g in first).backward()
+        results.append(([g.detach() for g in first], inp.grad, [p.grad for p in params]))
+    (first_f, gx_f, gp_f), (first_c, gx_c, gp_c) = results
+    for i, (a, b) in enumerate(zip(first_f[1:] + gp_f, first_c[1:] + gp_c, strict=True)):
+        assert_bitwise_equal(a, b, f"parameter gradient {i}")
+    for name, a, b in (("first", first_f[0], first_c[0]), ("second", gx_f, gx_c)):
+        assert a.dtype == b.dtype == torch.float32
+        assert (a - b).norm() <= 1e-2 * b.norm(), f"{name}-order input gradient: {(a - b).norm()} vs {b.norm()}"
+
+
+# ------------------------------------------------------------------------------------------------ no autograd
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_without_autograd(activation, mode, moe_ffn_calls):
+    layer = make_layer(activation, balance_coef=0.01, z_loss_coef=1e-3)
+    x = make_input(NUM_TOKENS, D_MODEL)
+    outputs = []
+    for fused in (True, False):
+        layer.fused_forward = fused
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            y = layer(x)
+        assert y.grad_fn is None
+        outputs.append((y, layer.balance_stats()))
+    assert len(moe_ffn_calls) == 1, "the fused forward did not run torch.ops.fastmoe.moe_ffn"
+    (y_fused, stats_fused), (y_composed, stats_composed) = outputs
+    assert_bitwise_equal(y_fused, y_composed, "y")
+    assert stats_fused == stats_composed
+
+
+# ------------------------------------------------------------------------------------------------ fallbacks
+
+
+def _gate_hook_layer():
+    seen = []
+    layer = make_layer(gate_hook=lambda idx, score, _: seen.append(idx.shape))
+    return layer, seen
+
+
+def _gate_forward_hook_layer():
+    seen = []
+    layer = make_layer()
+    layer.gate.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+    return layer, seen
+
+
+def _experts_pre_hook_layer():
+    seen = []
+    layer = make_layer()
+    layer.experts.htoh4.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    return layer, seen
+
+
+class _GateSubclass(NaiveGate):
+    """A NaiveGate subclass: its forward could do anything, so the layer must call it."""
+
+
+FALLBACKS = {
+    "gate-hook": _gate_hook_layer,
+    "gate-forward-hook": _gate_forward_hook_layer,
+    "experts-pre-hook": _experts_pre_hook_layer,
+    "gate-subclass": lambda: (make_layer(gate=_GateSubclass(D_MODEL, NUM_EXPERT, 1, TOP_K)), None),
+    # the same function as the named "gelu", but a callable the op cannot know
+    "custom-activation": lambda: (make_layer(activation=lambda h: F.gelu(h)), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FALLBACKS))
+def test_fallback_gives_the_named_layers_result(case, moe_ffn_calls):
+    """Each of these layers computes what the plain NaiveGate/gelu layer computes, but through the composed path
+    (hooks see their calls), with the same bits as the fused plain layer."""
+    layer, seen = FALLBACKS[case]()
+    x = make_input(NUM_TOKENS, D_MODEL)
+    run = Run(layer, x, True, add_loss=True)
+    assert not moe_ffn_calls, f"{case}: the layer ran the fused op"
+    if seen is not None:
+        assert len(seen) == 1, f"{case}: the hook saw {len(seen)} calls"
+    plain = Run(make_layer(), x, True, add_loss=True)
+    assert len(moe_ffn_calls) == 1, "the plain layer did not run the fused op"
+    assert_same_runs(run, plain)
+
+
+def test_global_forward_hook_takes_the_composed_path(moe_ffn_calls):
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(type(module)))
+    try:
+        layer = make_layer()
+        y = layer(make_input(NUM_TOKENS, D_MODEL))
+    finally:
+        handle.remove()
+    assert not moe_ffn_calls, "a global forward hook must see the gate's and the experts' calls"
+    assert NaiveGate in seen and nn.Linear in seen, seen
+    layer.fused_forward = False
+    assert_bitwise_equal(y, layer(make_input(NUM_TOKENS, D_MODEL)), "y")
+
+
+@pytest.mark.parametrize("case", ["tanh-activation", "gshard-gate"])
+def test_custom_activation_or_other_gate(case, moe_ffn_calls):
+    """A tanh callable, or GShardGate (top-2 with capacity and random routing): the composed path either way, and
+    fused_forward does not change the result (the same seed for the gate's random routing)."""
+    if case == "gshard-gate":
+        layer = make_layer(gate=GShardGate(D_MODEL, NUM_EXPERT, 1, 2, capacity=(1.0, 2.0)))
+    else:
+        layer = make_layer(activation=torch.tanh)
+    x = make_input(NUM_TOKENS, D_MODEL)
+    torch.manual_seed(3)
+    fused = Run(layer, x, True, add_loss=True)
+    torch.manual_seed(3)
+    composed = Run(layer, x, False, add_loss=True)
+    assert not moe_ffn_calls, f"{case}: the layer ran the fused op"
+    assert_same_runs(fused, composed)
+
+
+def test_debug_mode_takes_the_composed_path(moe_ffn_calls):
+    """In debug mode (fastmoe.set_debug) the composed path checks the logits and the experts' outputs: a NaN in
+    the input raises there, and a finite input gives the fused path's result."""
+    layer = make_layer(balance_coef=0.01)
+    x = make_input(NUM_TOKENS, D_MODEL)
+    plain = Run(layer, x, True, add_loss=True)
+    assert len(moe_ffn_calls) == 1
+    previous = fastmoe.set_debug(True)
+    try:
+        checked = Run(layer, x, True, add_loss=True)
+        bad = x.clone()
+        bad[3, 1] = float("nan")
+        with pytest.raises(fastmoe.debug.NonFiniteError, match="gate logits"):
+            layer(bad)
+    finally:
+        fastmoe.set_debug(previous)
+    assert len(moe_ffn_calls) == 1, "debug mode ran the fused op"
+    assert_same_runs(checked, plain)
+
+
+# ------------------------------------------------------------------------------------------------ the op itself
+
+
+@pytest.mark.parametrize("num_tokens", [0, 9])
+@pytest.mark.parametrize("balance_coef, z_loss_coef", COEFS)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_meta_shapes(dtype, activation, balance_coef, z_loss_coef, num_tokens):
+    """On meta tensors the op gives the shapes and dtypes of the CPU kernel: y [T, d_out], a 0-dim term per
+    nonzero coefficient ([0] otherwise), expert_counts [E] int64."""
+    d_out, hidden = 5, D_HIDDEN
+    h1 = 2 * hidden if activation == "swiglu" else hidden
+    gen = make_generator(4)
+    shapes = [(num_tokens, D_MODEL), (NUM_EXPERT, D_MODEL), (NUM_EXPERT,), (NUM_EXPERT, h1, D_MODEL), (NUM_EXPERT, h1)]
+    shapes += [(NUM_EXPERT, d_out, hidden), (NUM_EXPERT, d_out)]
+    tensors = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
+    options = (TOP_K, activation, balance_coef, z_loss_coef)
+    real = torch.ops.fastmoe.moe_ffn(*tensors, *options)
+    fake = torch.ops.fastmoe.moe_ffn(*[t.to("meta") for t in tensors], *options)
+    expected_shapes = [(num_tokens, d_out), () if balance_coef else (0,), () if z_loss_coef else (0,), (NUM_EXPERT,)]
+    for i, (r, f, shape) in enumerate(zip(real, fake, expected_shapes, strict=True)):
+        assert f.device.type == "meta", f"output {i} on {f.device}"
+        assert f.shape == r.shape == shape, f"output {i}: meta {tuple(f.shape)}, cpu {tuple(r.shape)}, want {shape}"
+        assert f.dtype == r.dtype, f"output {i}: meta {f.dtype}, cpu {r.dtype}"
+    assert fake[0].dtype == dtype and fake[3].dtype == torch.int64
