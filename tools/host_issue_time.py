@@ -9,7 +9,7 @@ the GPU keeps up (small layers; the default size does). ``--device meta`` runs t
 no kernel runs at all, so it measures the host path alone on any machine.
 
     PYTHONPATH=python .venv/bin/python tools/host_issue_time.py --device cuda [--precision bf16]
-        [--repeats 200] [--profile 20] [any fastmoe-train model flag: --experts 32, --batch 64, ...]
+        [--repeats 200] [--profile 20] [--composed] [any fastmoe-train model flag: --experts 32, --batch 64, ...]
 
 Prints the median microseconds per forward + backward of each layer and their ratio (MoE / dense). With
 ``--profile N`` it then runs N more calls of each layer under ``torch.profiler`` and prints, per call, the
@@ -100,6 +100,11 @@ def main(argv=None) -> int:
     tool.add_argument("--repeats", type=int, default=200, help="timed forward + backward calls per layer")
     tool.add_argument("--warmup-calls", type=int, default=20, help="untimed calls first")
     tool.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N calls of each layer")
+    tool.add_argument(
+        "--composed",
+        action="store_true",
+        help="run the MoE layer's composed token path (fused_forward=False) instead of the one op fastmoe::moe_ffn",
+    )
     args = parser.parse_args(argv)
     for flag, value, low in (
         ("--repeats", args.repeats, 1),
@@ -119,6 +124,8 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         model = moe_model if moe else GPT(cli.model_config(args, moe=False))
         ffn = first_ffn(model, moe_model).to(device)
+        if moe and args.composed:
+            ffn.fused_forward = False
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(rows, args.d_model, generator=gen).to(device)
         grad = torch.randn(rows, args.d_model, generator=gen).to(device)
@@ -127,7 +134,8 @@ def main(argv=None) -> int:
         if args.profile:
             profiles[name] = profile_layer(ffn, x, grad, device, args.precision, args.profile, name)
     print(f"device {device}, precision {args.precision}, x [{rows}, {args.d_model}], {args.repeats} calls")
-    print(f"MoE layer (FMoETransformerMLP, {args.experts} experts, top-{args.top_k}): {results['moe']:9.1f} us")
+    path = "composed" if args.composed else "fused"
+    print(f"MoE layer (FMoETransformerMLP, {args.experts} experts, top-{args.top_k}, {path}): {results['moe']:9.1f} us")
     print(f"dense FFN:                                    {results['dense']:9.1f} us")
     print(f"ratio MoE / dense: {results['moe'] / results['dense']:.2f}")
     for key in profiles.get("moe", {}):
