@@ -18,8 +18,9 @@ def load_tool():
     return module
 
 
-def test_profile_counts_the_moe_layers_ops_and_nodes(capsys):
-    assert load_tool().main([*TINY, "--repeats", "3", "--profile", "2"]) == 0
+def profile_counts(capsys, *flags) -> tuple[dict, str]:
+    """Runs the tool with --profile and returns {count name: (MoE, dense)} and its output."""
+    assert load_tool().main([*TINY, "--repeats", "3", "--profile", "2", *flags]) == 0
     out = capsys.readouterr().out
     assert "ratio MoE / dense:" in out
     counts = {}
@@ -29,12 +30,25 @@ def test_profile_counts_the_moe_layers_ops_and_nodes(capsys):
             moe, dense = values.split(", dense ")
             counts[key] = (float(moe), float(dense))
     assert set(counts) == {"top-level ops", "autograd nodes", "kernel launches"}
-    # the MoE layer routes, permutes and combines around its two grouped GEMMs: more ops and nodes than the FFN's
-    assert counts["top-level ops"][0] > counts["top-level ops"][1] > 0
-    assert counts["autograd nodes"][0] > counts["autograd nodes"][1] > 0
     assert counts["kernel launches"] == (0.0, 0.0)  # the CPU launches no kernels
-    assert "fastmoe::grouped_linear" in out.split("--- dense")[0]
     assert "fastmoe::" not in out.split("--- dense")[1].split("device cpu")[0]
+    return counts, out
+
+
+def test_profile_counts_the_moe_layers_ops_and_nodes(capsys):
+    composed, out = profile_counts(capsys, "--composed")
+    assert "top-2, composed)" in out
+    # the composed layer routes, permutes and combines around its two grouped GEMMs: more ops and nodes than the FFN's
+    assert composed["top-level ops"][0] > composed["top-level ops"][1] > 0
+    assert composed["autograd nodes"][0] > composed["autograd nodes"][1] > 0
+    assert "fastmoe::grouped_linear" in out.split("--- dense")[0]
+    # the one op fastmoe::moe_ffn: one top-level op and one node of its own (the rest are the leaves' AccumulateGrad)
+    fused, out = profile_counts(capsys)
+    assert "top-2, fused)" in out
+    assert "fastmoe::moe_ffn" in out.split("--- dense")[0]
+    assert fused["top-level ops"][0] < composed["top-level ops"][0]
+    assert fused["autograd nodes"][0] < composed["autograd nodes"][0]
+    assert fused["top-level ops"][1] == composed["top-level ops"][1]  # the same dense FFN
 
 
 @pytest.mark.parametrize("flag", ["--repeats", "--profile"])
