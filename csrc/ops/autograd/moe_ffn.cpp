@@ -341,9 +341,22 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
   }
 };
 
-Options options_for(const at::Tensor& x, int64_t top_k, c10::string_view activation, double balance_coef,
-                    double z_loss_coef) {
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The op's arguments, checked, with the autocast dtype read from the caller's state.
+struct Call {
+  Inputs in;
   Options o;
+};
+
+Call prepare(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
+             const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+             const std::optional<at::Tensor>& b2, int64_t top_k, c10::string_view activation, double balance_coef,
+             double z_loss_coef) {
+  Call call{{x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2,
+             b2.value_or(at::Tensor())},
+            {}};
+  Options& o = call.o;
   o.top_k = top_k;
   o.act = parse_activation(activation);
   o.balance_coef = balance_coef;
@@ -352,21 +365,17 @@ Options options_for(const at::Tensor& x, int64_t top_k, c10::string_view activat
   if ((type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA) && at::autocast::is_autocast_enabled(type)) {
     o.cast = at::autocast::get_autocast_dtype(type);
   }
-  return o;
+  check_inputs(call.in, o);
+  return call;
 }
-
-using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Result moe_ffn_autograd(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
                         const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                         const std::optional<at::Tensor>& b2, int64_t top_k, c10::string_view activation,
                         double balance_coef, double z_loss_coef) {
-  const Options o = options_for(x, top_k, activation, balance_coef, z_loss_coef);
-  const Inputs in{x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2,
-                  b2.value_or(at::Tensor())};
-  check_inputs(in, o);
+  const Call call = prepare(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation, balance_coef, z_loss_coef);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  auto out = MoEFFNFunction::apply(x, gate_weight, gate_bias, w1, b1, w2, b2, o);
+  auto out = MoEFFNFunction::apply(x, gate_weight, gate_bias, w1, b1, w2, b2, call.o);
   return {out[0], out[1], out[2], out[3]};
 }
 
@@ -375,12 +384,9 @@ Result moe_ffn_forward(const at::Tensor& x, const at::Tensor& gate_weight, const
                        const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                        const std::optional<at::Tensor>& b2, int64_t top_k, c10::string_view activation,
                        double balance_coef, double z_loss_coef) {
-  const Options o = options_for(x, top_k, activation, balance_coef, z_loss_coef);
-  const Inputs in{x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2,
-                  b2.value_or(at::Tensor())};
-  check_inputs(in, o);
+  const Call call = prepare(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation, balance_coef, z_loss_coef);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Forward f = run_forward(in, o);
+  const Forward f = run_forward(call.in, call.o);
   return {f.y, f.balance, f.z_loss, f.counts};
 }
 
