@@ -118,6 +118,23 @@ struct Forward {
   at::Tensor rows, w1, b1, h, s, a, w2, b2, ys, y;
 };
 
+// Each defined ts[i] in dtypes[i]: what ts[i].to(dtypes[i]) gives, bit for bit and with the same strides, but the
+// tensors that change dtype are converted together by one foreach copy (one kernel on CUDA when they share their
+// source and their target dtypes) instead of one copy each. Below autograd only.
+std::vector<at::Tensor> convert_all(std::vector<at::Tensor> ts, const std::vector<at::ScalarType>& dtypes) {
+  std::vector<at::Tensor> sources, targets;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    at::Tensor& t = ts[i];
+    if (!t.defined() || dtypes[i] == t.scalar_type()) continue;
+    at::Tensor target = at::empty_like(t, t.options().dtype(dtypes[i]), at::MemoryFormat::Preserve);
+    sources.push_back(t);
+    targets.push_back(target);
+    t = std::move(target);
+  }
+  if (!targets.empty()) at::_foreach_copy_(targets, sources);
+  return ts;
+}
+
 // The composed layer's forward. With autograd recording it builds the composed layer's graph (the backward under
 // create_graph uses that); below autograd it is the op's forward.
 Forward run_forward(const Inputs& in, const Options& o) {
@@ -125,9 +142,19 @@ Forward run_forward(const Inputs& in, const Options& o) {
     return o.cast && t.defined() && t.scalar_type() != at::kDouble ? t.to(*o.cast) : t;
   };
   Forward f;
-  f.xc = cast(in.x);
-  f.wg = cast(in.gate_weight);
-  f.bg = cast(in.gate_bias);
+  std::vector<at::Tensor> cast_in = in.list();
+  if (at::GradMode::is_enabled()) {
+    for (at::Tensor& t : cast_in) t = cast(t);  // recorded: each cast a node, as the composed layer's
+  } else if (o.cast) {
+    std::vector<at::ScalarType> dtypes;
+    for (const at::Tensor& t : cast_in) {
+      dtypes.push_back(t.defined() && t.scalar_type() == at::kDouble ? at::kDouble : *o.cast);
+    }
+    cast_in = convert_all(cast_in, dtypes);
+  }
+  f.xc = cast_in[0];
+  f.wg = cast_in[1];
+  f.bg = cast_in[2];
   f.logits = at::linear(f.xc, f.wg, opt(f.bg));
   const ops::GateRouting r = ops::naive_gate(f.logits, o.top_k, o.balance_coef, o.z_loss_coef);
   f.topk_idx = r.topk_idx;
@@ -143,8 +170,8 @@ Forward run_forward(const Inputs& in, const Options& o) {
   // cast back. Only a recorded graph (create_graph) sees the difference; below autograd one cast serves both.
   const at::Tensor x_rows = at::GradMode::is_enabled() ? cast(in.x) : f.xc;
   f.rows = ops::permute(x_rows, f.sorted_pair, f.pair_pos);
-  f.w1 = cast(in.w1);
-  f.b1 = cast(in.b1);
+  f.w1 = cast_in[3];
+  f.b1 = cast_in[4];
   f.h = ops::grouped_linear(f.rows, f.offsets, f.w1, opt(f.b1));
   switch (o.act) {
     case Act::kGELU: f.a = at::gelu(f.h); break;
@@ -157,8 +184,8 @@ Forward run_forward(const Inputs& in, const Options& o) {
       break;
     }
   }
-  f.w2 = cast(in.w2);
-  f.b2 = cast(in.b2);
+  f.w2 = cast_in[5];
+  f.b2 = cast_in[6];
   f.ys = ops::grouped_linear(f.a, f.offsets, f.w2, opt(f.b2));
   f.y = ops::unpermute_combine(f.ys, f.sorted_pair, f.pair_pos, f.topk_score);
   return f;
@@ -188,11 +215,6 @@ at::Tensor mm_grad_mat1(const at::Tensor& grad, const at::Tensor& mat1, const at
 at::Tensor mm_grad_mat2(const at::Tensor& grad, const at::Tensor& mat1, const at::Tensor& mat2) {
   if (mat2.stride(0) == 1 && mat2.stride(1) == mat2.size(0)) return grad.t().mm(mat1).t();
   return mat1.t().mm(grad);
-}
-
-// A gradient in the dtype of the input it belongs to (autograd's cast back through autocast's .to()).
-at::Tensor cast_back(const at::Tensor& grad, const at::Tensor& input) {
-  return grad.defined() && grad.scalar_type() != input.scalar_type() ? grad.to(input.scalar_type()) : grad;
 }
 
 bool defined_term(const at::Tensor& grad, const at::Tensor& term) {
@@ -264,23 +286,23 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     const std::array<bool, 7> need = needs_grad(ctx, in);
     const bool need_logits = need[0] || need[1] || need[2];
     const bool need_rows = need[0] || need[3] || need[4];
-    std::array<at::Tensor, 7> out;
-
+    // Gradients in the dtype the forward computed in; x's two (through the rows and through the gate) apart.
+    std::vector<at::Tensor> raw(8);
     at::Tensor grad_logits;
     if (grads[0].defined()) {
       auto [grad_ys, grad_score] = ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos,
                                                                    f.topk_score, need_logits);
       auto [grad_a, grad_w2, grad_b2] =
           ops::grouped_linear_backward(grad_ys, f.a, f.offsets, f.w2, {need_rows, need[5], need[6]});
-      if (need[5]) out[5] = cast_back(grad_w2, in.w2);
-      if (need[6]) out[6] = cast_back(grad_b2, in.b2);
+      if (need[5]) raw[5] = grad_w2;
+      if (need[6]) raw[6] = grad_b2;
       if (need_rows) {
         const at::Tensor grad_h = activation_backward(grad_a, f, o.act);
         auto [grad_rows, grad_w1, grad_b1] =
             ops::grouped_linear_backward(grad_h, f.rows, f.offsets, f.w1, {need[0], need[3], need[4]});
-        if (need[0]) out[0] = cast_back(ops::unpermute_combine(grad_rows, f.sorted_pair, f.pair_pos, std::nullopt), in.x);
-        if (need[3]) out[3] = cast_back(grad_w1, in.w1);
-        if (need[4]) out[4] = cast_back(grad_b1, in.b1);
+        if (need[0]) raw[0] = ops::unpermute_combine(grad_rows, f.sorted_pair, f.pair_pos, std::nullopt);
+        if (need[3]) raw[3] = grad_w1;
+        if (need[4]) raw[4] = grad_b1;
       }
       if (need_logits) {
         grad_logits = ops::route_topk_backward(grad_score, f.logits, f.topk_idx, f.topk_score, "topk_softmax");
@@ -293,13 +315,19 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     if (grad_logits.defined()) {
       // logits = addmm(bg, xc, wg^T) (mm without a bias): autograd's mm gradients, then the bias's sum over tokens.
       const at::Tensor wg_t = f.wg.t();
-      if (need[0]) {
-        const at::Tensor grad_x = cast_back(mm_grad_mat1(grad_logits, f.xc, wg_t), in.x);
-        out[0] = out[0].defined() ? out[0] + grad_x : grad_x;
-      }
-      if (need[1]) out[1] = cast_back(mm_grad_mat2(grad_logits, f.xc, wg_t).t(), in.gate_weight);
-      if (need[2]) out[2] = cast_back(at::sum_to(grad_logits, in.gate_bias.sizes()), in.gate_bias);
+      if (need[0]) raw[7] = mm_grad_mat1(grad_logits, f.xc, wg_t);
+      if (need[1]) raw[1] = mm_grad_mat2(grad_logits, f.xc, wg_t).t();
+      if (need[2]) raw[2] = at::sum_to(grad_logits, in.gate_bias.sizes());
     }
+    // Back to each input's dtype (autograd's casts back through autocast's .to()), all in one conversion; then x's
+    // two gradients are added, as autograd adds the two casts' gradients.
+    std::vector<at::ScalarType> dtypes;
+    for (const at::Tensor& t : in.list()) dtypes.push_back(t.defined() ? t.scalar_type() : at::kFloat);
+    dtypes.push_back(in.x.scalar_type());
+    raw = convert_all(std::move(raw), dtypes);
+    std::array<at::Tensor, 7> out;
+    for (size_t j = 0; j < out.size(); ++j) out[j] = raw[j];
+    if (raw[7].defined()) out[0] = out[0].defined() ? out[0] + raw[7] : raw[7];
     variable_list result(out.begin(), out.end());
     result.emplace_back();  // options
     return result;
