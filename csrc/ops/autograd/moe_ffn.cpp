@@ -245,8 +245,8 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     // Outputs left out of the loss get no gradient (not zeros): the experts' backward then does not run for a loss
     // of the gate's terms alone, and their parameters keep no gradient, as in the composed layer.
     ctx->set_materialize_grads(false);
-    const Inputs in{x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2,
-                    b2.value_or(at::Tensor())};
+    const Inputs in{
+        x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2, b2.value_or(at::Tensor())};
     Forward f = run_forward(in, o);
     ctx->mark_non_differentiable({f.counts});
     for (const at::Tensor& term : {f.balance, f.z_loss}) {
@@ -290,8 +290,8 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     std::vector<at::Tensor> raw(8);
     at::Tensor grad_logits;
     if (grads[0].defined()) {
-      auto [grad_ys, grad_score] = ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos,
-                                                                   f.topk_score, need_logits);
+      auto [grad_ys, grad_score] =
+          ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos, f.topk_score, need_logits);
       auto [grad_a, grad_w2, grad_b2] =
           ops::grouped_linear_backward(grad_ys, f.a, f.offsets, f.w2, {need_rows, need[5], need[6]});
       if (need[5]) raw[5] = grad_w2;
@@ -381,9 +381,9 @@ Call prepare(const at::Tensor& x, const at::Tensor& gate_weight, const std::opti
              const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
              const std::optional<at::Tensor>& b2, int64_t top_k, c10::string_view activation, double balance_coef,
              double z_loss_coef) {
-  Call call{{x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2,
-             b2.value_or(at::Tensor())},
-            {}};
+  Call call{
+      {x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2, b2.value_or(at::Tensor())},
+      {}};
   Options& o = call.o;
   o.top_k = top_k;
   o.act = parse_activation(activation);
