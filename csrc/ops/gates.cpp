@@ -25,6 +25,7 @@
 
 #include "fastmoe/ops.h"
 #include "ops/common.h"
+#include "ops/internal.h"
 
 namespace fastmoe {
 namespace {
@@ -130,13 +131,21 @@ at::Tensor count_assignments(const at::Tensor& topk_idx, int64_t num_experts, at
 // S_e = sum_t softmax(logits)[t, e]: the same number in eight kernels where the fractions and means took fourteen (the
 // gate runs in every forward, and each kernel costs host time). The gradient reaches S through the dot, elementwise: no
 // atomics.
-at::Tensor balance_term(const at::Tensor& logits, const at::Tensor& chosen, at::ScalarType dtype, double coef) {
+// With the counts of the chosen pairs per expert given ([E] in `dtype`) and their number.
+at::Tensor balance_with_counts(const at::Tensor& logits, const at::Tensor& counts, int64_t num_pairs,
+                               at::ScalarType dtype, double coef) {
   const int64_t num_tokens = size_of(logits, 0), num_experts = size_of(logits, 1);
-  const at::Tensor prob_sum = at::softmax(logits.to(dtype), -1).sum(0);
-  const double scale = coef * static_cast<double>(num_experts) /
-                       (static_cast<double>(std::max<int64_t>(numel_of(chosen), 1)) *
-                        static_cast<double>(std::max<int64_t>(num_tokens, 1)));
-  return at::dot(count_assignments(chosen, num_experts, dtype), prob_sum) * scale;
+  // (no .to() when the dtype is already right: below autograd an op may not return its input)
+  const at::Tensor prob_sum = at::softmax(logits.scalar_type() == dtype ? logits : logits.to(dtype), -1).sum(0);
+  const double scale =
+      coef * static_cast<double>(num_experts) /
+      (static_cast<double>(std::max<int64_t>(num_pairs, 1)) * static_cast<double>(std::max<int64_t>(num_tokens, 1)));
+  return at::dot(counts, prob_sum) * scale;
+}
+
+at::Tensor balance_term(const at::Tensor& logits, const at::Tensor& chosen, at::ScalarType dtype, double coef) {
+  return balance_with_counts(logits, count_assignments(chosen, size_of(logits, 1), dtype), numel_of(chosen), dtype,
+                             coef);
 }
 
 // The term over the tokens' first choices (topk_idx[:, 0]): GShard and Switch.
@@ -287,8 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_capacity_impl(
 Routing naive_gate_impl(const at::Tensor& logits, int64_t k, double balance_coef, double z_loss_coef) {
   check_logits(logits);
   check_k(k, logits);
-  check_non_negative(balance_coef, "balance_coef");
-  check_non_negative(z_loss_coef, "z_loss_coef");
+  ops::check_naive_gate_coefs(balance_coef, z_loss_coef);
   auto [topk_idx, topk_score] = ops::route_topk(logits, k, "topk_softmax");
   at::Tensor balance = balance_coef > 0 ? slot_balance(logits, topk_idx, balance_coef) : no_loss(logits);
   return {topk_idx, topk_score, balance, z_loss_term(logits, z_loss_coef), no_drop_count(logits)};
@@ -534,6 +542,17 @@ ops::GateRouting as_routing(const Routing& outputs) {
 }  // namespace
 
 namespace ops {
+
+at::Tensor naive_gate_balance(const at::Tensor& logits, const at::Tensor& expert_counts, int64_t num_pairs,
+                              double balance_coef) {
+  const at::ScalarType dtype = loss_dtype(logits);
+  return balance_with_counts(logits, expert_counts.to(dtype), num_pairs, dtype, balance_coef);
+}
+
+void check_naive_gate_coefs(double balance_coef, double z_loss_coef) {
+  check_non_negative(balance_coef, "balance_coef");
+  check_non_negative(z_loss_coef, "z_loss_coef");
+}
 
 GateRouting naive_gate(const at::Tensor& logits, int64_t k, double balance_coef, double z_loss_coef) {
   static auto op = find_op<Routing(const at::Tensor&, int64_t, double, double)>("fastmoe::naive_gate");

@@ -38,4 +38,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at:
                                                                        const at::Tensor& weight,
                                                                        std::array<bool, 3> output_mask);
 
+// naive_gate's balance term (balance_coef * E * sum_e f_e P_e over every slot) from the counts of its num_pairs
+// slots per expert (the plan's expert_counts [E] int64, which equal them when nothing is dropped): the value
+// naive_gate computes, bit for bit, without counting the slots again.
+at::Tensor naive_gate_balance(const at::Tensor& logits, const at::Tensor& expert_counts, int64_t num_pairs,
+                              double balance_coef);
+// naive_gate's checks of its coefficients (finite and >= 0; the message names the argument and the value).
+void check_naive_gate_coefs(double balance_coef, double z_loss_coef);
+
 }  // namespace fastmoe::ops

@@ -76,6 +76,7 @@ void check_inputs(const Inputs& in, const Options& o) {
   const c10::SymInt experts = wg.sym_size(0);
   TORCH_CHECK_VALUE(o.top_k >= 1 && experts >= o.top_k, "top_k must be in [1, num_experts=", experts, "], got ",
                     o.top_k);
+  ops::check_naive_gate_coefs(o.balance_coef, o.z_loss_coef);
   const auto is = [](const at::Tensor& t, std::initializer_list<c10::SymInt> sizes) {
     if (t.dim() != static_cast<int64_t>(sizes.size())) return false;
     int64_t dim = 0;
@@ -156,12 +157,18 @@ Forward run_forward(const Inputs& in, const Options& o) {
   f.wg = cast_in[1];
   f.bg = cast_in[2];
   f.logits = at::linear(f.xc, f.wg, opt(f.bg));
-  const ops::GateRouting r = ops::naive_gate(f.logits, o.top_k, o.balance_coef, o.z_loss_coef);
+  // naive_gate; below autograd its balance term comes from the plan's counts instead (the same value, without
+  // counting the slots again).
+  const bool recorded = at::GradMode::is_enabled();
+  const ops::GateRouting r = ops::naive_gate(f.logits, o.top_k, recorded ? o.balance_coef : 0.0, o.z_loss_coef);
   f.topk_idx = r.topk_idx;
   f.topk_score = r.topk_score;
-  f.balance = r.balance_loss;
   f.z_loss = r.z_loss;
   const ops::Plan plan = ops::make_plan(f.topk_idx, f.wg.sym_size(0).guard_int(__FILE__, __LINE__));
+  f.balance = !recorded && o.balance_coef > 0
+                  ? ops::naive_gate_balance(f.logits, plan.expert_counts,
+                                            f.topk_idx.sym_numel().guard_int(__FILE__, __LINE__), o.balance_coef)
+                  : r.balance_loss;
   f.counts = plan.expert_counts;
   f.offsets = plan.expert_offsets;
   f.sorted_pair = plan.sorted_pair;
