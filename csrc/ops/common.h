@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <sstream>
 #include <string>
 
 #include "core/dtype.h"
@@ -26,6 +27,14 @@ inline DType to_dtype(const at::Tensor& t, const char* name) {
     default: break;
   }
   TORCH_CHECK(false, name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// A tensor's shape for a message ("[4, 8]", symbolic sizes too), or "an undefined tensor".
+inline std::string shape_of(const at::Tensor& t) {
+  if (!t.defined()) return "an undefined tensor";
+  std::ostringstream out;
+  out << t.sym_sizes();
+  return out.str();
 }
 
 inline void check_defined(const at::Tensor& t, const char* name) {

@@ -13,10 +13,13 @@
 
 #include "fastmoe/ops.h"
 #include "fastmoe/token_dispatch.h"
+#include "ops/common.h"
 #include "runtime/communicator.h"
 
 namespace fastmoe {
 namespace {
+
+using ops_detail::shape_of;
 
 std::atomic<bool> debug_on{false};
 
@@ -52,12 +55,6 @@ void wait_for(const c10::Stream& waiter, const c10::Stream& producer) {
   event.block(waiter);
 }
 
-std::string shape_of(const at::Tensor& t) {
-  std::ostringstream out;
-  out << t.sizes();
-  return out.str();
-}
-
 }  // namespace
 
 void set_debug(bool enabled) {
@@ -85,14 +82,11 @@ TokenDispatch::TokenDispatch(const at::Tensor& x_in, const at::Tensor& topk_idx,
   TORCH_CHECK(node_group_.empty() == rail_group_.empty() && (node_group_.empty() || !group_.empty()),
               "the hierarchical exchange needs group_name, node_group and rail_group, got group_name='", group_,
               "', node_group='", node_group_, "' and rail_group='", rail_group_, "'");
-  TORCH_CHECK(x_in.defined() && x_in.dim() == 2, "x must be [tokens, width], got ",
-              x_in.defined() ? shape_of(x_in) : std::string("an undefined tensor"));
+  TORCH_CHECK(x_in.defined() && x_in.dim() == 2, "x must be [tokens, width], got ", shape_of(x_in));
   TORCH_CHECK(topk_idx.defined() && topk_idx.dim() == 2 && topk_idx.size(0) == x_in.size(0),
-              "topk_idx must be [tokens, k] with tokens=", x_in.size(0), " (the rows of x), got ",
-              topk_idx.defined() ? shape_of(topk_idx) : std::string("an undefined tensor"));
+              "topk_idx must be [tokens, k] with tokens=", x_in.size(0), " (the rows of x), got ", shape_of(topk_idx));
   TORCH_CHECK(topk_score.defined() && topk_score.sizes() == topk_idx.sizes(), "topk_score must have the shape of ",
-              "topk_idx ", topk_idx.sizes(), ", got ",
-              topk_score.defined() ? shape_of(topk_score) : std::string("an undefined tensor"));
+              "topk_idx ", topk_idx.sizes(), ", got ", shape_of(topk_score));
   TORCH_CHECK(replication.max_experts >= 0, "replicate_max must be >= 0, got ", replication.max_experts);
   TORCH_CHECK(replication.max_experts == 0 || !group_.empty(),
               "hot-expert replication needs expert parallelism (group_name), got replicate_max=",
@@ -260,8 +254,7 @@ void TokenDispatch::give(int64_t chunk, const at::Tensor& y) {
   Chunk& c = chunks_[chunk];
   TORCH_CHECK(!c.output.defined(), "give(", chunk, ") was already called for this chunk");
   TORCH_CHECK(y.defined() && y.dim() == 2 && y.size(0) == c.rows.size(0), "the experts' output of chunk ", chunk,
-              " must be [", c.rows.size(0), ", d_out] (one row per input row), got ",
-              y.defined() ? shape_of(y) : std::string("an undefined tensor"));
+              " must be [", c.rows.size(0), ", d_out] (one row per input row), got ", shape_of(y));
   if (!debug_name_.empty() && debug_enabled()) check_finite(y, debug_name_, "expert outputs (y_sorted)");
   if (group_.empty()) {
     c.output = y;

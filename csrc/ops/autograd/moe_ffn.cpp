@@ -16,15 +16,17 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <sstream>
+#include <array>
 #include <string>
 
 #include "fastmoe/ops.h"
+#include "ops/common.h"
 #include "ops/internal.h"
 
 namespace fastmoe {
 namespace {
 
+using ops_detail::shape_of;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -56,12 +58,9 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// A tensor's shape for a message (symbolic sizes print too).
-std::string shape_of(const at::Tensor& t) {
-  if (!t.defined()) return "an undefined tensor";
-  std::ostringstream out;
-  out << t.sym_sizes();
-  return out.str();
+// The dtype the layer computes t in: autocast's for floating tensors but fp64 (as autocast casts them), else t's own.
+at::ScalarType compute_dtype(const at::Tensor& t, const Options& o) {
+  return o.cast && t.scalar_type() != at::kDouble ? *o.cast : t.scalar_type();
 }
 
 void check_inputs(const Inputs& in, const Options& o) {
@@ -102,21 +101,24 @@ void check_inputs(const Inputs& in, const Options& o) {
   // What the composed layer's ops would meet after autocast: one dtype and one device throughout.
   const char* names[] = {"x", "gate_weight", "gate_bias", "w1", "b1", "w2", "b2"};
   const auto list = in.list();
-  const auto dtype_of = [&](const at::Tensor& t) {
-    return o.cast && t.scalar_type() != at::kDouble ? *o.cast : t.scalar_type();
-  };
   for (size_t i = 1; i < list.size(); ++i) {
     if (!list[i].defined()) continue;
     TORCH_CHECK(list[i].device() == x.device(), names[i], " is on ", list[i].device(), " but x is on ", x.device());
-    TORCH_CHECK(dtype_of(list[i]) == dtype_of(x), names[i], " has dtype ", list[i].scalar_type(), " but x has ",
-                x.scalar_type(), o.cast ? " (under autocast)" : "");
+    TORCH_CHECK(compute_dtype(list[i], o) == compute_dtype(x, o), names[i], " has dtype ", list[i].scalar_type(),
+                " but x has ", x.scalar_type(), o.cast ? " (under autocast)" : "");
   }
 }
 
-// The forward's tensors, kept for the backward.
+// The forward's tensors.
 struct Forward {
   at::Tensor xc, wg, bg, logits, topk_idx, topk_score, balance, z_loss, counts, offsets, sorted_pair, pair_pos;
   at::Tensor rows, w1, b1, h, s, a, w2, b2, ys, y;
+
+  // Those the backward reads, in the order they are saved after the inputs.
+  std::array<at::Tensor*, 17> saved() {
+    return {&xc, &wg, &logits, &topk_idx, &topk_score, &offsets, &sorted_pair, &pair_pos, &rows,
+            &w1, &h,  &s,      &a,        &w2,         &ys,      &balance,     &z_loss};
+  }
 };
 
 // Each defined ts[i] in dtypes[i]: what ts[i].to(dtypes[i]) gives, bit for bit and with the same strides, but the
@@ -139,19 +141,16 @@ std::vector<at::Tensor> convert_all(std::vector<at::Tensor> ts, const std::vecto
 // The composed layer's forward. With autograd recording it builds the composed layer's graph (the backward under
 // create_graph uses that); below autograd it is the op's forward.
 Forward run_forward(const Inputs& in, const Options& o) {
-  const auto cast = [&](const at::Tensor& t) {
-    return o.cast && t.defined() && t.scalar_type() != at::kDouble ? t.to(*o.cast) : t;
-  };
+  const bool recorded = at::GradMode::is_enabled();
+  const auto cast = [&](const at::Tensor& t) { return t.defined() ? t.to(compute_dtype(t, o)) : t; };
   Forward f;
   std::vector<at::Tensor> cast_in = in.list();
-  if (at::GradMode::is_enabled()) {
-    for (at::Tensor& t : cast_in) t = cast(t);  // recorded: each cast a node, as the composed layer's
-  } else if (o.cast) {
+  if (recorded) {
+    for (at::Tensor& t : cast_in) t = cast(t);  // each cast a node, as the composed layer's
+  } else {
     std::vector<at::ScalarType> dtypes;
-    for (const at::Tensor& t : cast_in) {
-      dtypes.push_back(t.defined() && t.scalar_type() == at::kDouble ? at::kDouble : *o.cast);
-    }
-    cast_in = convert_all(cast_in, dtypes);
+    for (const at::Tensor& t : cast_in) dtypes.push_back(t.defined() ? compute_dtype(t, o) : at::kFloat);
+    cast_in = convert_all(std::move(cast_in), dtypes);
   }
   f.xc = cast_in[0];
   f.wg = cast_in[1];
@@ -159,7 +158,6 @@ Forward run_forward(const Inputs& in, const Options& o) {
   f.logits = at::linear(f.xc, f.wg, opt(f.bg));
   // naive_gate; below autograd its balance term comes from the plan's counts instead (the same value, without
   // counting the slots again).
-  const bool recorded = at::GradMode::is_enabled();
   const ops::GateRouting r = ops::naive_gate(f.logits, o.top_k, recorded ? o.balance_coef : 0.0, o.z_loss_coef);
   f.topk_idx = r.topk_idx;
   f.topk_score = r.topk_score;
@@ -175,7 +173,7 @@ Forward run_forward(const Inputs& in, const Options& o) {
   f.pair_pos = plan.pair_pos;
   // The composed layer casts x twice (the gate's linear and the rows), so x's two gradients are added after each is
   // cast back. Only a recorded graph (create_graph) sees the difference; below autograd one cast serves both.
-  const at::Tensor x_rows = at::GradMode::is_enabled() ? cast(in.x) : f.xc;
+  const at::Tensor x_rows = recorded ? cast(in.x) : f.xc;
   f.rows = ops::permute(x_rows, f.sorted_pair, f.pair_pos);
   f.w1 = cast_in[3];
   f.b1 = cast_in[4];
@@ -260,10 +258,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
     std::vector<at::Tensor> saved = in.list();
-    for (const at::Tensor* t : {&f.xc, &f.wg, &f.logits, &f.topk_idx, &f.topk_score, &f.offsets, &f.sorted_pair,
-                                &f.pair_pos, &f.rows, &f.w1, &f.h, &f.s, &f.a, &f.w2, &f.ys, &f.balance, &f.z_loss}) {
-      saved.push_back(*t);
-    }
+    for (const at::Tensor* t : f.saved()) saved.push_back(*t);
     ctx->save_for_backward(saved);
     ctx->saved_data["top_k"] = o.top_k;
     ctx->saved_data["act"] = static_cast<int64_t>(o.act);
@@ -286,10 +281,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
 
     Forward f;
     size_t i = 7;
-    for (at::Tensor* t : {&f.xc, &f.wg, &f.logits, &f.topk_idx, &f.topk_score, &f.offsets, &f.sorted_pair, &f.pair_pos,
-                          &f.rows, &f.w1, &f.h, &f.s, &f.a, &f.w2, &f.ys, &f.balance, &f.z_loss}) {
-      *t = saved[i++];
-    }
+    for (at::Tensor* t : f.saved()) *t = saved[i++];
     const std::array<bool, 7> need = needs_grad(ctx, in);
     const bool need_logits = need[0] || need[1] || need[2];
     const bool need_rows = need[0] || need[3] || need[4];
