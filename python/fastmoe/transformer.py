@@ -1,6 +1,7 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from fastmoe import _checks, debug, ops
 from fastmoe.gates import NaiveGate
@@ -127,7 +128,7 @@ class FMoETransformerMLP(FMoE):
             gate.balance_coef,
             gate.z_loss_coef,
         )
-        gate._record((None, None, balance, z_loss, counts.new_empty(0)))
+        gate._record((None, None, balance, z_loss, _NO_DROP_COUNT))
         self.replicated_experts = []
         self._record_balance(x.shape[0], x.shape[0] * gate.top_k, counts)
         return y.reshape(*inp.shape[:-1], y.shape[-1])
@@ -147,8 +148,10 @@ class FMoETransformerMLP(FMoE):
             or torch.compiler.is_compiling()
         ):
             return None
-        parts = (gate, gate.gate, experts, experts.htoh4, experts.h4toh)
-        if not all(type(m) in (NaiveGate, nn.Linear, _Expert, FMoELinear) for m in parts) or _hooked(parts):
+        linears = (type(gate.gate), type(experts.htoh4), type(experts.h4toh))
+        if linears != (nn.Linear, FMoELinear, FMoELinear):
+            return None
+        if _hooked((gate, gate.gate, experts, experts.htoh4, experts.h4toh)):
             return None
         return _FUSED_ACTIVATIONS.get(experts.activation)
 
@@ -156,11 +159,12 @@ class FMoETransformerMLP(FMoE):
 # The activations fastmoe::moe_ffn computes, by the function the experts hold.
 _FUSED_ACTIVATIONS = {F.gelu: "gelu", F.relu: "relu", F.silu: "silu", swiglu: "swiglu"}
 
+# The gate's drop count for moe_ffn's forward: NaiveGate never drops (BaseGate._record reads a [0] tensor as none).
+_NO_DROP_COUNT = torch.empty(0, dtype=torch.int64)
+
 
 def _hooked(modules) -> bool:
     """Whether a forward hook (of these modules or a global one) would see calls the one op does not make."""
-    from torch.nn.modules import module as torch_module
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
