@@ -528,26 +528,19 @@ def moe_ffn_case(rng: random.Random, device: str) -> Case:
         return Case(name, call(x=args["x"].long()), error=(R, "x", "Long"))
     if m == "x-1d":
         return Case(name, call(x=args["x"].reshape(-1)), error=(R, "x", f"[{T * d}]"))
-    if m == "gate-weight":
-        bad = randn(rng, E, d + 1, dtype=dtype, device=device)
-        return Case(name, call(gate_weight=bad), error=(R, "gate_weight", f"[{E}, {d + 1}]"))
-    if m == "gate-bias":
-        bad = randn(rng, E + 1, dtype=dtype, device=device)
-        return Case(name, call(gate_bias=bad), error=(R, "gate_bias", f"[{E + 1}]"))
-    if m == "w1":
-        shape = rng.choice([[E + 1, h1, d], [E, h1, d + 1], [h1, d]])
+    wrong_shapes = {  # per tensor argument, shapes the op must refuse, naming the argument and the shape
+        "gate_weight": [[E, d + 1]],
+        "gate_bias": [[E + 1]],
+        "w1": [[E + 1, h1, d], [E, h1, d + 1], [h1, d]],
+        "b1": [[E, h1 + 1]],
+        "w2": [[E + 1, d_out, hidden], [E, d_out, hidden + 1], [d_out, hidden]],
+        "b2": [[E, d_out + 1]],
+    }
+    if m.replace("-", "_") in wrong_shapes:
+        arg = m.replace("-", "_")
+        shape = rng.choice(wrong_shapes[arg])
         bad = randn(rng, *shape, dtype=dtype, device=device)
-        return Case(name, call(w1=bad), error=(R, "w1", str(shape)))
-    if m == "b1":
-        bad = randn(rng, E, h1 + 1, dtype=dtype, device=device)
-        return Case(name, call(b1=bad), error=(R, "b1", f"[{E}, {h1 + 1}]"))
-    if m == "w2":
-        shape = rng.choice([[E + 1, d_out, hidden], [E, d_out, hidden + 1], [d_out, hidden]])
-        bad = randn(rng, *shape, dtype=dtype, device=device)
-        return Case(name, call(w2=bad), error=(R, "w2", str(shape)))
-    if m == "b2":
-        bad = randn(rng, E, d_out + 1, dtype=dtype, device=device)
-        return Case(name, call(b2=bad), error=(R, "b2", f"[{E}, {d_out + 1}]"))
+        return Case(name, call(**{arg: bad}), error=(R, arg, str(shape)))
     if m == "swiglu-odd":
         odd = randn(rng, E, 2 * hidden + 1, d, dtype=dtype, device=device)
         return Case(name, call("swiglu", w1=odd, b1=None), error=(R, "w1", f"got {2 * hidden + 1}"))
