@@ -26,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -33,6 +34,7 @@
 #include "core/check.h"
 #include "core/cuda_check.h"
 #include "cute/tensor.hpp"
+#include "cutlass/cluster_launch.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
@@ -305,15 +307,41 @@ void check_cutlass(cutlass::Status status, const char* caller, const char* step)
              " failed: ", cutlass::cutlassGetStatusString(status));
 }
 
+// CUTLASS's device adapter sets two attributes of its kernel (the dynamic shared memory size and non-portable
+// cluster sizes) in every initialize() and run(): host calls of a few microseconds, 12 per MoE layer step. They are
+// settings of the kernel in the device's context, so they are set once per kernel and device here.
+template <typename Kernel>
+void set_kernel_attributes_once(int device) {
+  static std::atomic<uint64_t> done{0};  // bit d: set on device d (devices past 63 set them on every call)
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return;
+  const void* kernel = reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>);
+  FMOE_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(Kernel::SharedStorageSize)));
+  FMOE_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  done.fetch_or(bit, std::memory_order_acq_rel);
+}
+
+// What GemmUniversalAdapter::initialize() + run() do, less the per-call attribute settings above: the kernel's
+// workspace and parameters from the arguments, then one cluster launch.
 template <typename Gemm, typename Arrays>
 void run_gemm(const char* caller, const Arrays& arrays, int64_t num_experts, const DeviceInfo& device,
               void* cutlass_workspace, cudaStream_t stream) {
+  using Kernel = typename Gemm::GemmKernel;
   const typename Gemm::Arguments args = gemm_arguments<Gemm>(arrays, num_experts, device);
-  Gemm gemm;
-  check_cutlass(gemm.can_implement(args), caller, "can_implement");
-  check_cutlass(gemm.initialize(args, cutlass_workspace, stream), caller, "initialize");
-  check_cutlass(gemm.run(stream), caller, "run");
-  FMOE_CHECK_LAUNCH();
+  check_cutlass(Gemm::can_implement(args), caller, "can_implement");
+  check_cutlass(Kernel::initialize_workspace(args, cutlass_workspace, stream), caller, "initialize_workspace");
+  typename Kernel::Params params = Kernel::to_underlying_arguments(args, cutlass_workspace);
+  set_kernel_attributes_once<Kernel>(device.device);
+  using Cluster = typename Kernel::DispatchPolicy::ClusterShape;
+  const dim3 cluster(cute::size<0>(Cluster{}), cute::size<1>(Cluster{}), cute::size<2>(Cluster{}));
+  const dim3 grid = Kernel::get_grid_shape(params);
+  check_cutlass(cutlass::ClusterLauncher::check_cluster_dims(grid, cluster), caller, "cluster shape");
+  auto config = cutlass::ClusterLauncher::make_cluster_launch_config(grid, cluster, Kernel::get_block_shape(),
+                                                                     Kernel::SharedStorageSize, stream);
+  void* kernel_params[] = {&params};
+  FMOE_CHECK_CUDA(cudaLaunchKernelExC(&config.launch_config,
+                                      reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>), kernel_params));
 }
 
 // The setup parameters every call shares; the caller adds its outputs and their arrays.
