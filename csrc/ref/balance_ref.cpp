@@ -52,4 +52,100 @@ void capacity_limit_ref(const int64_t* topk_idx, const void* topk_score, DType s
   *num_dropped = dropped;
 }
 
+namespace {
+
+// The loss is written in the accumulation type of the logits: float32, or float64 for float64 logits.
+DType loss_dtype_for(DType dtype) {
+  return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+}
+
+void check_balance_args(const char* name, DType dtype, int64_t num_tokens, int64_t num_experts, DType loss_dtype) {
+  FMOE_CHECK(num_tokens >= 0, name, ": num_tokens must be >= 0, got ", num_tokens);
+  FMOE_CHECK(num_experts >= 1, name, ": num_experts must be >= 1, got ", num_experts);
+  FMOE_CHECK(loss_dtype == loss_dtype_for(dtype), name, ": loss_dtype must be ", dtype_name(loss_dtype_for(dtype)),
+             " (the accumulation type of ", dtype_name(dtype), " logits), got ", dtype_name(loss_dtype));
+}
+
+// p = softmax(row) in the accumulation type A, max-subtracted; the denominator is summed in W (wide_acc_t).
+template <typename W, typename T>
+void row_softmax(const T* row, int64_t num_experts, acc_t<T>* probs) {
+  using A = acc_t<T>;
+  A max_value = to_acc(row[0]);
+  for (int64_t e = 1; e < num_experts; ++e) {
+    const A value = to_acc(row[e]);
+    max_value = value > max_value ? value : max_value;
+  }
+  W total = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    probs[e] = std::exp(to_acc(row[e]) - max_value);
+    total += probs[e];
+  }
+  for (int64_t e = 0; e < num_experts; ++e) probs[e] = static_cast<A>(probs[e] / total);
+}
+
+template <typename T>
+void balance_loss_impl(const T* logits, int64_t num_tokens, int64_t num_experts, const int64_t* counts, double scale,
+                       acc_t<T>* loss) {
+  // The sums over e and over t are long reductions, so they run in wide_acc_t (docs/numerics.md); the result is
+  // rounded once to the accumulation type.
+  using A = acc_t<T>;
+  using W = wide_acc_t<T>;
+  std::vector<A> probs(num_experts);
+  W total = 0;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    row_softmax<W>(logits + t * num_experts, num_experts, probs.data());
+    W token_sum = 0;
+    for (int64_t e = 0; e < num_experts; ++e) token_sum += static_cast<W>(probs[e]) * static_cast<W>(counts[e]);
+    total += token_sum;
+  }
+  *loss = static_cast<A>(total * static_cast<W>(static_cast<A>(scale)));
+}
+
+template <typename T>
+void balance_loss_backward_impl(const T* logits, int64_t num_tokens, int64_t num_experts, const int64_t* counts,
+                                double scale, acc_t<T> grad, T* grad_logits) {
+  using A = acc_t<T>;
+  using W = wide_acc_t<T>;
+  std::vector<A> probs(num_experts), u(num_experts);
+  const A grad_scale = grad * static_cast<A>(scale);
+  for (int64_t e = 0; e < num_experts; ++e) u[e] = grad_scale * static_cast<A>(counts[e]);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    row_softmax<W>(logits + t * num_experts, num_experts, probs.data());
+    W dot = 0;
+    for (int64_t e = 0; e < num_experts; ++e) dot += static_cast<W>(probs[e]) * static_cast<W>(u[e]);
+    for (int64_t e = 0; e < num_experts; ++e) {
+      const W value = static_cast<W>(probs[e]) * (static_cast<W>(u[e]) - dot);
+      grad_logits[t * num_experts + e] = from_acc<T>(static_cast<A>(value));
+    }
+  }
+}
+
+}  // namespace
+
+void balance_loss_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, const int64_t* counts,
+                      double scale, DType loss_dtype, void* loss) {
+  check_balance_args("balance_loss_ref", dtype, num_tokens, num_experts, loss_dtype);
+  FMOE_DISPATCH_FLOAT_TYPES(dtype, "balance_loss_ref", [&] {
+    using A = acc_t<scalar_t>;
+    if (num_tokens == 0) {  // +0 whatever the sign or value of scale, as the CUDA kernel's memset writes
+      *static_cast<A*>(loss) = A(0);
+      return;
+    }
+    balance_loss_impl(static_cast<const scalar_t*>(logits), num_tokens, num_experts, counts, scale,
+                      static_cast<acc_t<scalar_t>*>(loss));
+  });
+}
+
+void balance_loss_backward_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts,
+                               const int64_t* counts, double scale, DType loss_dtype, const void* grad_loss,
+                               void* grad_logits) {
+  check_balance_args("balance_loss_backward_ref", dtype, num_tokens, num_experts, loss_dtype);
+  FMOE_DISPATCH_FLOAT_TYPES(dtype, "balance_loss_backward_ref", [&] {
+    using A = acc_t<scalar_t>;
+    if (num_tokens == 0) return;
+    balance_loss_backward_impl(static_cast<const scalar_t*>(logits), num_tokens, num_experts, counts, scale,
+                               *static_cast<const A*>(grad_loss), static_cast<scalar_t*>(grad_logits));
+  });
+}
+
 }  // namespace fastmoe

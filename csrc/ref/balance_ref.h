@@ -1,4 +1,4 @@
-// CPU reference for the balance stage: capacity limiting by score. Torch-free.
+// CPU reference for the balance stage: capacity limiting by score, and the load-balancing loss term. Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -18,5 +18,26 @@ namespace fastmoe {
 // Throws fastmoe::Error naming the position and value of a bad id or capacity.
 void capacity_limit_ref(const int64_t* topk_idx, const void* topk_score, DType score_dtype, int64_t num_pairs,
                         const int64_t* expert_capacity, int64_t num_experts, int64_t* kept_idx, int64_t* num_dropped);
+
+// The load-balancing term of the GShard and Switch losses (and the naive gate's):
+//   loss = scale * sum_t sum_e p[t, e] * counts[e],   p[t] = softmax(logits[t]) (max subtracted),
+// which is coef * E * sum_e f_e P_e when scale = coef * E / (num_pairs * T): f_e = counts[e] / num_pairs is the
+// share of the routed (token, slot) pairs on expert e and P_e the mean of p[t, e] over the T tokens.
+// logits:    [num_tokens, num_experts] row-major, dtype (any of the four)
+// counts:    [num_experts] int64 (>= 0; not checked)
+// loss:      one element of loss_dtype, written: float32, or float64 when dtype is float64 (the accumulation type
+//            of dtype); 0 when num_tokens == 0
+// The reference sums t ascending, and within a token e ascending; the CUDA kernel sums in another fixed order, so
+// the two agree within rounding. Throws fastmoe::Error for a negative size or a loss_dtype that is not dtype's
+// accumulation type.
+void balance_loss_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, const int64_t* counts,
+                      double scale, DType loss_dtype, void* loss);
+
+// Its gradient with respect to the logits for the upstream gradient g = *grad_loss (one element of loss_dtype):
+//   grad_logits[t, e] = p[t, e] * (u_e - sum_j p[t, j] * u_j),   u_e = g * scale * counts[e],
+// written as [num_tokens, num_experts] in dtype (computed in the accumulation type, rounded once).
+void balance_loss_backward_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts,
+                               const int64_t* counts, double scale, DType loss_dtype, const void* grad_loss,
+                               void* grad_logits);
 
 }  // namespace fastmoe
