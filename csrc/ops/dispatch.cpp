@@ -55,12 +55,14 @@ void make_plan_cuda_op(const at::Tensor& idx, int64_t num_experts, at::Tensor& c
                        at::Tensor& sorted_pair, at::Tensor& pair_pos) {
   const size_t workspace_bytes = make_plan_cuda_workspace_bytes(idx.numel(), num_experts);
   at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, idx.options().dtype(at::kByte));
-  at::Tensor invalid = at::zeros({1}, idx.options());
+  // The count of bad ids only when it is read (a zeroed tensor is a kernel launch; the plan runs every forward).
+  const bool check_ids = check_ids_on_cuda();
+  at::Tensor invalid = check_ids ? at::zeros({1}, idx.options()) : at::Tensor();
   make_plan_cuda(idx.const_data_ptr<int64_t>(), idx.numel(), num_experts, counts.mutable_data_ptr<int64_t>(),
                  offsets.mutable_data_ptr<int64_t>(), sorted_pair.mutable_data_ptr<int64_t>(),
-                 pair_pos.mutable_data_ptr<int64_t>(), invalid.mutable_data_ptr<int64_t>(),
+                 pair_pos.mutable_data_ptr<int64_t>(), check_ids ? invalid.mutable_data_ptr<int64_t>() : nullptr,
                  workspace.mutable_data_ptr(), workspace_bytes, current_stream(idx));
-  if (check_ids_on_cuda()) {
+  if (check_ids) {
     const int64_t num_invalid = invalid.item<int64_t>();
     TORCH_CHECK(num_invalid == 0, "topk_idx holds ", num_invalid, " expert ids outside [-1, num_experts=", num_experts,
                 ")");

@@ -125,38 +125,23 @@ at::Tensor count_assignments(const at::Tensor& topk_idx, int64_t num_experts, at
       .scatter_add(0, topk_idx.reshape({-1}), at::ones({numel_of(topk_idx)}, options));
 }
 
-// E * sum_e f_e * P_e in `dtype`, the balance term of GShard (E^2 * mean_e(f_e m_e)) and Switch: f_e the share of the
-// chosen (token, slot) pairs `chosen` on e, P_e the mean softmax probability of e over the T tokens; 1 when routing is
-// uniform, 0 for T = 0; times `coef`. Computed as coef * E / (pairs * T) * dot(count, S), count_e the pairs on e and
-// S_e = sum_t softmax(logits)[t, e]: the same number in eight kernels where the fractions and means took fourteen (the
-// gate runs in every forward, and each kernel costs host time). The gradient reaches S through the dot, elementwise: no
-// atomics.
-// With the counts of the chosen pairs per expert given ([E] in `dtype`) and their number.
-at::Tensor balance_with_counts(const at::Tensor& logits, const at::Tensor& counts, int64_t num_pairs,
-                               at::ScalarType dtype, double coef) {
-  const int64_t num_tokens = size_of(logits, 0), num_experts = size_of(logits, 1);
-  // (no .to() when the dtype is already right: below autograd an op may not return its input)
-  const at::Tensor prob_sum = at::softmax(logits.scalar_type() == dtype ? logits : logits.to(dtype), -1).sum(0);
-  const double scale =
-      coef * static_cast<double>(num_experts) /
-      (static_cast<double>(std::max<int64_t>(num_pairs, 1)) * static_cast<double>(std::max<int64_t>(num_tokens, 1)));
-  return at::dot(counts, prob_sum) * scale;
-}
-
-at::Tensor balance_term(const at::Tensor& logits, const at::Tensor& chosen, at::ScalarType dtype, double coef) {
-  return balance_with_counts(logits, count_assignments(chosen, size_of(logits, 1), dtype), numel_of(chosen), dtype,
-                             coef);
+// coef * E * sum_e f_e * P_e, the balance term of GShard (E^2 * mean_e(f_e m_e)), Switch and the naive gate: f_e the
+// share of the chosen (token, slot) pairs `chosen` (ids, no -1) on e, P_e the mean softmax probability of e over the
+// T tokens; 1 when routing is uniform, 0 for T = 0; in the loss dtype. The op balance_loss computes it from the
+// per-expert counts of the pairs, in one kernel each way on CUDA (the gate runs in every forward, and each kernel costs
+// host time).
+at::Tensor balance_term(const at::Tensor& logits, const at::Tensor& chosen, double coef) {
+  return ops::balance_loss(logits, count_assignments(chosen, size_of(logits, 1), at::kLong), numel_of(chosen), coef);
 }
 
 // The term over the tokens' first choices (topk_idx[:, 0]): GShard and Switch.
-at::Tensor first_choice_balance(const at::Tensor& logits, const at::Tensor& topk_idx, at::ScalarType dtype,
-                                double coef) {
-  return balance_term(logits, topk_idx.select(1, 0), dtype, coef);
+at::Tensor first_choice_balance(const at::Tensor& logits, const at::Tensor& topk_idx, double coef) {
+  return balance_term(logits, topk_idx.select(1, 0), coef);
 }
 
 // The Switch Transformer's term over every slot (the naive gate's balance loss).
 at::Tensor slot_balance(const at::Tensor& logits, const at::Tensor& topk_idx, double coef) {
-  return balance_term(logits, topk_idx, loss_dtype(logits), coef);
+  return balance_term(logits, topk_idx, coef);
 }
 
 // ceil(capacity_factor * T * k / E), from sizes on the host.
@@ -371,7 +356,7 @@ Routing gshard_gate_impl(const at::Tensor& logits, bool training, std::optional<
   const int64_t num_tokens = size_of(logits, 0), num_experts = size_of(logits, 1);
   auto [topk_idx, topk_score] = ops::route_topk(logits, 2, "topk_softmax");
   const at::ScalarType ldt = loss_dtype(logits);
-  const at::Tensor balance = first_choice_balance(logits, topk_idx, ldt, aux_loss_coef);
+  const at::Tensor balance = first_choice_balance(logits, topk_idx, aux_loss_coef);
   const at::Tensor z_loss = z_loss_term(logits, z_loss_coef);
 
   if (training && random_routing) {
@@ -395,7 +380,7 @@ Routing switch_gate_impl(const at::Tensor& logits, std::optional<double> capacit
   check_non_negative(aux_loss_coef, "aux_loss_coef");
   check_non_negative(z_loss_coef, "z_loss_coef");
   auto [topk_idx, topk_score] = ops::route_topk(logits, 1, "softmax_topk");
-  const at::Tensor balance = first_choice_balance(logits, topk_idx, loss_dtype(logits), aux_loss_coef);
+  const at::Tensor balance = first_choice_balance(logits, topk_idx, aux_loss_coef);
   const at::Tensor z_loss = z_loss_term(logits, z_loss_coef);
   auto [kept_idx, kept_score, num_dropped] =
       drop_by_capacity(topk_idx, topk_score, capacity_factor, size_of(logits, 1), std::nullopt, std::nullopt, 0);
@@ -543,10 +528,8 @@ ops::GateRouting as_routing(const Routing& outputs) {
 
 namespace ops {
 
-at::Tensor naive_gate_balance(const at::Tensor& logits, const at::Tensor& expert_counts, int64_t num_pairs,
-                              double balance_coef) {
-  const at::ScalarType dtype = loss_dtype(logits);
-  return balance_with_counts(logits, expert_counts.to(dtype), num_pairs, dtype, balance_coef);
+at::Tensor naive_gate_z_loss(const at::Tensor& logits, double z_loss_coef) {
+  return z_loss_term(logits, z_loss_coef);
 }
 
 void check_naive_gate_coefs(double balance_coef, double z_loss_coef) {

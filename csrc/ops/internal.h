@@ -23,6 +23,13 @@ inline bool records_graph(std::initializer_list<at::Tensor> inputs) {
   return false;
 }
 
+// balance_loss's factor coef * E / (pairs * T) for logits [T, E] (1 in place of a zero count of pairs or tokens:
+// the loss is 0 then).
+inline double balance_scale(int64_t num_tokens, int64_t num_experts, int64_t num_pairs, double coef) {
+  return coef * static_cast<double>(num_experts) /
+         (static_cast<double>(num_pairs > 0 ? num_pairs : 1) * static_cast<double>(num_tokens > 0 ? num_tokens : 1));
+}
+
 at::Tensor route_topk_backward(const at::Tensor& grad_score, const at::Tensor& logits, const at::Tensor& topk_idx,
                                const at::Tensor& topk_score, const std::string& score_fn);
 
@@ -38,11 +45,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at:
                                                                        const at::Tensor& weight,
                                                                        std::array<bool, 3> output_mask);
 
-// naive_gate's balance term (balance_coef * E * sum_e f_e P_e over every slot) from the counts of its num_pairs
-// slots per expert (the plan's expert_counts [E] int64, which equal them when nothing is dropped): the value
-// naive_gate computes, bit for bit, without counting the slots again.
-at::Tensor naive_gate_balance(const at::Tensor& logits, const at::Tensor& expert_counts, int64_t num_pairs,
-                              double balance_coef);
+// naive_gate's z-loss term on its own (the [0] placeholder when z_loss_coef is 0).
+at::Tensor naive_gate_z_loss(const at::Tensor& logits, double z_loss_coef);
 // naive_gate's checks of its coefficients (finite and >= 0; the message names the argument and the value).
 void check_naive_gate_coefs(double balance_coef, double z_loss_coef);
 

@@ -30,6 +30,13 @@ TORCH_LIBRARY(fastmoe, m) {
       "capacity_limit(Tensor topk_idx, Tensor topk_score, Tensor expert_capacity) -> "
       "(Tensor kept_idx, Tensor num_dropped)");
 
+  // Balance term of the gates: coef * E * sum_e f_e P_e from logits [T, E] and the per-expert counts [E] int64 of
+  // num_pairs routed pairs -> a 0-dim loss (float32, float64 for float64 logits); and its gradient for the logits.
+  m.def("balance_loss(Tensor logits, Tensor expert_counts, int num_pairs, float coef) -> Tensor");
+  m.def(
+      "balance_loss_backward(Tensor grad, Tensor logits, Tensor expert_counts, int num_pairs, float coef) -> "
+      "Tensor");
+
   // Grouped linear: x [N, in], offsets [E+1], weight [E, out, in], bias [E, out] -> [N, out].
   m.def("grouped_linear(Tensor x, Tensor expert_offsets, Tensor weight, Tensor? bias) -> Tensor");
   m.def(

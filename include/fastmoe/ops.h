@@ -35,6 +35,16 @@ Plan make_plan(const at::Tensor& topk_idx, int64_t num_experts);
 std::tuple<at::Tensor, at::Tensor> capacity_limit(const at::Tensor& topk_idx, const at::Tensor& topk_score,
                                                   const at::Tensor& expert_capacity);
 
+// The load-balancing term of the GShard, Switch and naive gates, coef * E * sum_e f_e P_e: f_e = expert_counts[e] /
+// num_pairs, the share of the routed (token, slot) pairs on expert e, and P_e the mean over the T tokens of
+// softmax(logits[t])_e. logits [T, E] float, expert_counts [E] int64. Returns a 0-dim tensor in the accumulation
+// type of the logits (float32, or float64 for float64 logits); 1 * coef when routing and probabilities are uniform,
+// 0 for T = 0. Differentiable with respect to the logits (also twice). One deterministic kernel on CUDA.
+at::Tensor balance_loss(const at::Tensor& logits, const at::Tensor& expert_counts, int64_t num_pairs, double coef);
+// Its gradient with respect to the logits, [T, E] in the logits' dtype, for grad, the loss's 0-dim gradient.
+at::Tensor balance_loss_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& expert_counts,
+                                 int64_t num_pairs, double coef);
+
 // x [T, d] -> x_sorted [T * k, d]; row r holds x[sorted_pair[r] / k], zero where sorted_pair[r] == -1.
 at::Tensor permute(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos);
 

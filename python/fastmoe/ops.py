@@ -59,6 +59,31 @@ def capacity_limit(topk_idx: torch.Tensor, topk_score: torch.Tensor, expert_capa
     )
 
 
+def balance_loss(logits: torch.Tensor, expert_counts: torch.Tensor, num_pairs: int, coef: float) -> torch.Tensor:
+    """The gates' load-balancing term ``coef * E * sum_e f_e P_e``: ``f_e = expert_counts[e] / num_pairs`` (the
+    share of the routed pairs on expert e), ``P_e`` the mean over the tokens of ``softmax(logits[t])_e``.
+
+    ``logits [T, E]`` float, ``expert_counts [E]`` int64. Returns a 0-dim tensor (float32, or float64 for float64
+    logits). Differentiable with respect to the logits; one deterministic kernel each way on CUDA.
+    """
+    return _ops.balance_loss(
+        dense_tensor("logits", logits), dense_tensor("expert_counts", expert_counts), num_pairs, coef
+    )
+
+
+def balance_loss_backward(
+    grad: torch.Tensor, logits: torch.Tensor, expert_counts: torch.Tensor, num_pairs: int, coef: float
+) -> torch.Tensor:
+    """The gradient of :func:`balance_loss` for the logits, ``[T, E]`` in their dtype, for ``grad`` (0-dim)."""
+    return _ops.balance_loss_backward(
+        dense_tensor("grad", grad),
+        dense_tensor("logits", logits),
+        dense_tensor("expert_counts", expert_counts),
+        num_pairs,
+        coef,
+    )
+
+
 def permute(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``x [T, d]`` -> ``[T * k, d]`` rows in plan order (zero rows at the tail for dropped slots)."""
     plan = _plan(plan)

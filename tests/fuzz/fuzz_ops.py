@@ -660,6 +660,82 @@ def capacity_limit_case(rng: random.Random, device: str) -> Case:
     )
 
 
+def reference_balance(logits: torch.Tensor, counts: torch.Tensor, num_pairs: int, coef: float):
+    """coef * E / (pairs * T) * sum_t sum_e softmax(logits[t])_e * counts[e] in fp64, and its gradient for the logits
+    (autograd of the same formula)."""
+    T, E = logits.shape
+    z = logits.detach().cpu().double().requires_grad_(True)
+    scale = coef * E / (max(num_pairs, 1) * max(T, 1))
+    loss = (torch.softmax(z, -1) * counts.cpu().double()).sum() * scale
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss.detach(), grad
+
+
+def _balance_inputs(rng: random.Random, device: str):
+    T, E = rng.choice(SIZES), rng.randint(1, 40)
+    dtype, coef = rng.choice(FLOATS), rng.choice([0.0, 0.01, 1.0, 3.5])
+    logits = layout(rng, randn(rng, T, E, dtype=dtype, device=device))
+    counts = torch.tensor([rng.randint(0, 3 * T + 1) for _ in range(E)], dtype=torch.int64, device=device)
+    return T, E, dtype, coef, logits, counts, int(counts.sum())
+
+
+def balance_loss_case(rng: random.Random, device: str) -> Case:
+    T, E, dtype, coef, logits, counts, pairs = _balance_inputs(rng, device)
+    op = ops.balance_loss if rng.random() < 0.5 else F.balance_loss
+    m = pick(rng, ["counts-int32", "counts-shape", "logits-1d", "negative-pairs", "bad-coef", "no-experts"])
+    name = f"balance_loss/{m}"
+    if m == "counts-int32":
+        return Case(name, lambda: op(logits, counts.int(), pairs, coef), error=(R, "expert_counts", "Int"))
+    if m == "counts-shape":
+        return Case(name, lambda: op(logits, counts[:-1], pairs, coef), error=(R, "expert_counts", f"[{E - 1}]"))
+    if m == "logits-1d":
+        return Case(name, lambda: op(logits[0:1].reshape(-1), counts, pairs, coef), error=(R, "logits", "[num_tokens"))
+    if m == "negative-pairs":
+        return Case(name, lambda: op(logits, counts, -3, coef), error=((ValueError, R), "num_pairs", "-3"))
+    if m == "bad-coef":
+        value = rng.choice([-1.5, float("nan"), float("inf")])
+        return Case(name, lambda: op(logits, counts, pairs, value), error=((ValueError, R), "coef", str(value)))
+    if m == "no-experts":
+        return Case(name, lambda: op(logits[:, :0], counts[:0], pairs, coef), error=(R, "logits", "[" + str(T)))
+
+    def check(result):
+        expected, _ = reference_balance(logits, counts, pairs, coef)
+        loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        assert_close(result, expected.to(loss_dtype), loss_dtype, "loss", scale=max(1.0, coef * E))
+
+    return Case(
+        valid_name(name),
+        lambda: op(logits, counts, pairs, coef),
+        check,
+        meta_call=lambda: op(to_meta(logits), to_meta(counts), pairs, coef),
+    )
+
+
+def balance_loss_backward_case(rng: random.Random, device: str) -> Case:
+    T, E, dtype, coef, logits, counts, pairs = _balance_inputs(rng, device)
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    grad = torch.tensor(rng.choice([1.0, -0.5, 2.0]), dtype=loss_dtype, device=device)
+    op = ops.balance_loss_backward if rng.random() < 0.5 else F.balance_loss_backward
+    m = pick(rng, ["grad-shape", "grad-dtype"])
+    name = f"balance_loss_backward/{m}"
+    if m == "grad-shape":
+        return Case(name, lambda: op(grad.reshape(1), logits, counts, pairs, coef), error=(R, "grad", "[1]"))
+    if m == "grad-dtype":
+        other = torch.float32 if loss_dtype == torch.float64 else torch.float64
+        return Case(name, lambda: op(grad.to(other), logits, counts, pairs, coef), error=(R, "grad", "dtype"))
+
+    def check(result):
+        _, expected = reference_balance(logits, counts, pairs, coef)
+        assert_close(result, expected * float(grad), dtype, "grad_logits", scale=max(1.0, coef * E))
+
+    return Case(
+        valid_name(name),
+        lambda: op(grad, logits, counts, pairs, coef),
+        check,
+        meta_call=lambda: op(to_meta(grad), to_meta(logits), to_meta(counts), pairs, coef),
+    )
+
+
 # ----------------------------------------------------------------------------------------------- exchange
 
 
@@ -1027,6 +1103,8 @@ GENERATORS = {
     "grouped_linear": grouped_linear_case,
     "grouped_linear_backward": grouped_linear_backward_case,
     "capacity_limit": capacity_limit_case,
+    "balance_loss": balance_loss_case,
+    "balance_loss_backward": balance_loss_backward_case,
     "replicate_experts": replicate_experts_case,
     "plan_replication": plan_replication_case,
     "moe_ffn": moe_ffn_case,

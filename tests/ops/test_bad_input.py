@@ -422,6 +422,43 @@ def _cases():
             R,
             ("expert_capacity", "Float"),
         ),
+        # balance_loss and its backward (the fuzz generators in tests/fuzz/fuzz_ops.py draw the rest).
+        (
+            "balance_loss-counts-int32",
+            lambda: F.balance_loss(L, i["counts"].int(), T * K, 0.01),
+            R,
+            ("expert_counts", "Int"),
+        ),
+        (
+            "balance_loss-counts-shape",
+            lambda: F.balance_loss(L, i["counts"][:2], T * K, 0.01),
+            R,
+            ("expert_counts", "[2]"),
+        ),
+        (
+            "balance_loss-negative-pairs",
+            lambda: F.balance_loss(L, i["counts"], -1, 0.01),
+            ValueError,
+            ("num_pairs", "-1"),
+        ),
+        (
+            "balance_loss-negative-coef",
+            lambda: F.balance_loss(L, i["counts"], T * K, -0.5),
+            ValueError,
+            ("coef", "-0.5"),
+        ),
+        (
+            "balance_loss_backward-grad-shape",
+            lambda: F.balance_loss_backward(torch.ones(2), L, i["counts"], T * K, 0.01),
+            R,
+            ("grad", "[2]"),
+        ),
+        (
+            "ops.balance_loss-float-counts",
+            lambda: ops.balance_loss(L, i["counts"].float(), T * K, 0.01),
+            R,
+            ("expert_counts", "Float"),
+        ),
         # The collectives check their arguments before they look the group up, so these need no process group;
         # tests/fuzz/test_fuzz_ops.py::test_exchange_rejects_bad_input runs the rest on a one-rank group.
         ("exchange_counts-int32", lambda: F.exchange_counts(i["counts"].int(), "unused"), R, ("counts", "Int")),
@@ -623,6 +660,7 @@ def test_every_op_has_bad_input_cases():
         "unpermute_combine",
         "grouped_linear",
         "capacity_limit",
+        "balance_loss",
         "counts_to_offsets",
     ):
         assert f"ops.{name}-" in ids, f"no bad-input case for fastmoe.ops.{name}"

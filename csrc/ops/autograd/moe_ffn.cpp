@@ -115,26 +115,51 @@ struct Forward {
   at::Tensor rows, w1, b1, h, s, a, w2, b2, ys, y;
 
   // Those the backward reads, in the order they are saved after the inputs.
-  std::array<at::Tensor*, 17> saved() {
-    return {&xc, &wg, &logits, &topk_idx, &topk_score, &offsets, &sorted_pair, &pair_pos, &rows,
-            &w1, &h,  &s,      &a,        &w2,         &ys,      &balance,     &z_loss};
+  std::array<at::Tensor*, 18> saved() {
+    return {&xc,   &wg, &logits, &topk_idx, &topk_score, &counts, &offsets, &sorted_pair, &pair_pos,
+            &rows, &w1, &h,      &s,        &a,          &w2,     &ys,      &balance,     &z_loss};
   }
 };
 
 // Each defined ts[i] in dtypes[i]: what ts[i].to(dtypes[i]) gives, bit for bit and with the same strides, but the
 // tensors that change dtype are converted together by one foreach copy (one kernel on CUDA when they share their
 // source and their target dtypes) instead of one copy each. Below autograd only.
-std::vector<at::Tensor> convert_all(std::vector<at::Tensor> ts, const std::vector<at::ScalarType>& dtypes) {
-  std::vector<at::Tensor> sources, targets;
+// With `one_block`, contiguous targets of one dtype are carved from one allocation (each at a 256-byte boundary, as
+// the allocator aligns its blocks) instead of one allocation each. Only for tensors the op keeps to itself: the
+// forward's casts, never the gradients it returns (autograd may keep those as .grad, whose storage must be their own).
+std::vector<at::Tensor> convert_all(std::vector<at::Tensor> ts, const std::vector<at::ScalarType>& dtypes,
+                                    bool one_block) {
+  std::vector<size_t> changed;
   for (size_t i = 0; i < ts.size(); ++i) {
-    at::Tensor& t = ts[i];
-    if (!t.defined() || dtypes[i] == t.scalar_type()) continue;
-    at::Tensor target = at::empty_like(t, t.options().dtype(dtypes[i]), at::MemoryFormat::Preserve);
-    sources.push_back(t);
-    targets.push_back(target);
-    t = std::move(target);
+    if (ts[i].defined() && dtypes[i] != ts[i].scalar_type()) changed.push_back(i);
   }
-  if (!targets.empty()) at::_foreach_copy_(targets, sources);
+  if (changed.empty()) return ts;
+  bool carve = one_block && changed.size() > 1;
+  for (size_t i : changed) carve = carve && ts[i].is_contiguous() && dtypes[i] == dtypes[changed[0]];
+  std::vector<at::Tensor> sources, targets;
+  if (carve) {
+    const int64_t element = static_cast<int64_t>(c10::elementSize(dtypes[changed[0]]));
+    const int64_t align = 256 / element;
+    std::vector<int64_t> offsets;
+    int64_t total = 0;
+    for (size_t i : changed) {
+      offsets.push_back(total);
+      total += (ts[i].numel() + align - 1) / align * align;
+    }
+    const at::Tensor block = at::empty({total}, ts[changed[0]].options().dtype(dtypes[changed[0]]));
+    for (size_t j = 0; j < changed.size(); ++j) {
+      at::Tensor& t = ts[changed[j]];
+      sources.push_back(t);
+      targets.push_back(block.as_strided(t.sizes(), t.strides(), offsets[j]));
+    }
+  } else {
+    for (size_t i : changed) {
+      sources.push_back(ts[i]);
+      targets.push_back(at::empty_like(ts[i], ts[i].options().dtype(dtypes[i]), at::MemoryFormat::Preserve));
+    }
+  }
+  at::_foreach_copy_(targets, sources);
+  for (size_t j = 0; j < changed.size(); ++j) ts[changed[j]] = targets[j];
   return ts;
 }
 
@@ -150,22 +175,22 @@ Forward run_forward(const Inputs& in, const Options& o) {
   } else {
     std::vector<at::ScalarType> dtypes;
     for (const at::Tensor& t : cast_in) dtypes.push_back(t.defined() ? compute_dtype(t, o) : at::kFloat);
-    cast_in = convert_all(std::move(cast_in), dtypes);
+    cast_in = convert_all(std::move(cast_in), dtypes, /*one_block=*/true);
   }
   f.xc = cast_in[0];
   f.wg = cast_in[1];
   f.bg = cast_in[2];
   f.logits = at::linear(f.xc, f.wg, opt(f.bg));
-  // naive_gate; below autograd its balance term comes from the plan's counts instead (the same value, without
-  // counting the slots again).
+  // naive_gate (its balance term below autograd: after the plan).
   const ops::GateRouting r = ops::naive_gate(f.logits, o.top_k, recorded ? o.balance_coef : 0.0, o.z_loss_coef);
   f.topk_idx = r.topk_idx;
   f.topk_score = r.topk_score;
   f.z_loss = r.z_loss;
   const ops::Plan plan = ops::make_plan(f.topk_idx, f.wg.sym_size(0).guard_int(__FILE__, __LINE__));
+  // Below autograd the balance term takes the plan's counts instead of counting the slots again (the same integers).
   f.balance = !recorded && o.balance_coef > 0
-                  ? ops::naive_gate_balance(f.logits, plan.expert_counts,
-                                            f.topk_idx.sym_numel().guard_int(__FILE__, __LINE__), o.balance_coef)
+                  ? ops::balance_loss(f.logits, plan.expert_counts,
+                                      f.topk_idx.sym_numel().guard_int(__FILE__, __LINE__), o.balance_coef)
                   : r.balance_loss;
   f.counts = plan.expert_counts;
   f.offsets = plan.expert_offsets;
@@ -226,18 +251,21 @@ bool defined_term(const at::Tensor& grad, const at::Tensor& term) {
   return grad.defined() && term.dim() == 0;
 }
 
-// The gate's loss terms' gradient with respect to the logits: naive_gate's losses recomputed with autograd on a leaf
-// copy of the logits and differentiated (the same ATen graph, so the same gradient as the composed layer).
+// The gate's loss terms' gradient with respect to the logits, as the composed layer's autograd gives it: the balance
+// term's through its backward op, the z-loss's by recomputing that term with autograd on a leaf copy of the logits
+// (the same ATen graph).
 at::Tensor loss_grad(const Forward& f, const Options& o, const at::Tensor& grad_balance, const at::Tensor& grad_z) {
-  const bool balance = defined_term(grad_balance, f.balance), z = defined_term(grad_z, f.z_loss);
-  if (!balance && !z) return at::Tensor();
-  at::AutoGradMode on(true);
-  const at::Tensor leaf = f.logits.detach().requires_grad_(true);
-  const ops::GateRouting r = ops::naive_gate(leaf, o.top_k, balance ? o.balance_coef : 0.0, z ? o.z_loss_coef : 0.0);
-  variable_list outputs, grads;
-  if (balance) outputs.push_back(r.balance_loss), grads.push_back(grad_balance);
-  if (z) outputs.push_back(r.z_loss), grads.push_back(grad_z);
-  return torch::autograd::grad(outputs, {leaf}, grads)[0];
+  at::Tensor grad;
+  if (defined_term(grad_balance, f.balance)) {
+    grad = ops::balance_loss_backward(grad_balance, f.logits, f.counts, f.topk_idx.numel(), o.balance_coef);
+  }
+  if (defined_term(grad_z, f.z_loss)) {
+    at::AutoGradMode on(true);
+    const at::Tensor leaf = f.logits.detach().requires_grad_(true);
+    const at::Tensor from_z = torch::autograd::grad({ops::naive_gate_z_loss(leaf, o.z_loss_coef)}, {leaf}, {grad_z})[0];
+    grad = grad.defined() ? grad + from_z : from_z;
+  }
+  return grad;
 }
 
 class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
@@ -323,7 +351,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     std::vector<at::ScalarType> dtypes;
     for (const at::Tensor& t : in.list()) dtypes.push_back(t.defined() ? t.scalar_type() : at::kFloat);
     dtypes.push_back(in.x.scalar_type());
-    raw = convert_all(std::move(raw), dtypes);
+    raw = convert_all(std::move(raw), dtypes, /*one_block=*/false);
     std::array<at::Tensor, 7> out;
     for (size_t j = 0; j < out.size(); ++j) out[j] = raw[j];
     if (raw[7].defined()) out[0] = out[0].defined() ? out[0] + raw[7] : raw[7];

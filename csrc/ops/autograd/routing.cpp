@@ -1,6 +1,7 @@
-// Autograd of route_topk and of its backward. The gradient of the scores flows into the logits through
-// route_topk_backward; route_topk_backward is differentiable too, so a gradient penalty (create_graph=True) gets
-// exact second and higher derivatives.
+// Autograd of the gate's ops on the logits: route_topk and balance_loss, and of their backwards. The gradient of the
+// scores flows into the logits through route_topk_backward, the balance term's through balance_loss_backward; both
+// backwards are differentiable too, so a gradient penalty (create_graph=True) gets exact second and higher
+// derivatives.
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -93,11 +94,60 @@ at::Tensor route_topk_backward_autograd(const at::Tensor& grad_score, const at::
   return RouteTopkBackwardFunction::apply(grad_score, logits, topk_idx, topk_score, std::string(score_fn));
 }
 
+// balance_loss: the gradient for the logits is balance_loss_backward (one kernel on CUDA). Under create_graph that
+// backward is recorded as ATen ops (balance_backward_graph), which autograd differentiates again.
+class BalanceLossFunction : public torch::autograd::Function<BalanceLossFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& expert_counts,
+                            int64_t num_pairs, double coef) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({logits, expert_counts});
+    ctx->saved_data["num_pairs"] = num_pairs;
+    ctx->saved_data["coef"] = coef;
+    return ops::balance_loss(logits, expert_counts, num_pairs, coef);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad_logits = ops::balance_loss_backward(
+        grads[0], saved[0], saved[1], ctx->saved_data["num_pairs"].toInt(), ctx->saved_data["coef"].toDouble());
+    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// balance_loss_backward as ATen ops: grad_logits = p (u - <u, p>) with p = softmax(logits) in the loss dtype and
+// u_e = grad * scale * counts_e, scale = coef * E / (pairs * T).
+at::Tensor balance_backward_graph(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& expert_counts,
+                                  int64_t num_pairs, double coef) {
+  const at::ScalarType loss_type = grad.scalar_type();
+  const double scale = ops::balance_scale(logits.size(0), logits.size(1), num_pairs, coef);
+  const at::Tensor p = at::softmax(logits.to(loss_type), -1);
+  const at::Tensor u = (grad * scale) * expert_counts.to(loss_type);
+  return (p * (u - (p * u).sum(-1, true))).to(logits.scalar_type());
+}
+
+at::Tensor balance_loss_autograd(const at::Tensor& logits, const at::Tensor& expert_counts, int64_t num_pairs,
+                                 double coef) {
+  return BalanceLossFunction::apply(logits, expert_counts, num_pairs, coef);
+}
+
+at::Tensor balance_loss_backward_autograd(const at::Tensor& grad, const at::Tensor& logits,
+                                          const at::Tensor& expert_counts, int64_t num_pairs, double coef) {
+  if (!ops::records_graph({grad, logits})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::balance_loss_backward(grad, logits, expert_counts, num_pairs, coef);
+  }
+  return balance_backward_graph(grad, logits, expert_counts, num_pairs, coef);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
   m.impl("route_topk", &route_topk_autograd);
   m.impl("route_topk_backward", &route_topk_backward_autograd);
+  m.impl("balance_loss", &balance_loss_autograd);
+  m.impl("balance_loss_backward", &balance_loss_backward_autograd);
 }
 
 }  // namespace fastmoe
