@@ -50,20 +50,23 @@ def forward_backward(ffn, inp, grad, device, precision) -> None:
     y.backward(grad.to(y.dtype))
 
 
-def time_layer(ffn, x, grad, device, precision, repeats: int, warmup: int) -> float:
-    times = []
+def time_layers(layers: dict, x, grad, device, precision, repeats: int, warmup: int) -> dict:
+    """Median host microseconds of one forward + backward per layer. The layers take turns call by call, so a
+    drift of the machine (clocks, other load) weighs on all of them alike."""
+    times = {name: [] for name in layers}
     for step in range(warmup + repeats):
-        inp = fresh_input(ffn, x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        forward_backward(ffn, inp, grad, device, precision)
-        elapsed = time.perf_counter() - start
-        if step >= warmup:
-            times.append(elapsed)
+        for name, ffn in layers.items():
+            inp = fresh_input(ffn, x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            forward_backward(ffn, inp, grad, device, precision)
+            elapsed = time.perf_counter() - start
+            if step >= warmup:
+                times[name].append(elapsed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return statistics.median(times) * 1e6
+    return {name: statistics.median(values) * 1e6 for name, values in times.items()}
 
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -114,24 +117,28 @@ def main(argv=None) -> int:
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "meta" and args.precision != "fp32":
+        parser.error(f"--device meta runs --precision fp32 only (autocast has no meta backend), got {args.precision}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     rows = args.batch * args.seq_len
     torch.manual_seed(args.seed)
     moe_model = GPT(cli.model_config(args, moe=True))
-    results, profiles = {}, {}
+    layers = {}
     for moe in (True, False):
         torch.manual_seed(args.seed)
         model = moe_model if moe else GPT(cli.model_config(args, moe=False))
         ffn = first_ffn(model, moe_model).to(device)
         if moe and args.composed:
             ffn.fused_forward = False
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(rows, args.d_model, generator=gen).to(device)
-        grad = torch.randn(rows, args.d_model, generator=gen).to(device)
-        name = "moe" if moe else "dense"
-        results[name] = time_layer(ffn, x, grad, device, args.precision, args.repeats, args.warmup_calls)
-        if args.profile:
+        layers["moe" if moe else "dense"] = ffn
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, args.d_model, generator=gen).to(device)
+    grad = torch.randn(rows, args.d_model, generator=gen).to(device)
+    results = time_layers(layers, x, grad, device, args.precision, args.repeats, args.warmup_calls)
+    profiles = {}
+    if args.profile:
+        for name, ffn in layers.items():
             profiles[name] = profile_layer(ffn, x, grad, device, args.precision, args.profile, name)
     print(f"device {device}, precision {args.precision}, x [{rows}, {args.d_model}], {args.repeats} calls")
     path = "composed" if args.composed else "fused"
