@@ -1,5 +1,7 @@
 """Argument checks shared by the front ends: each error names the argument and the value it got."""
 
+import math
+
 import torch
 
 
@@ -56,3 +58,49 @@ def token_matrix(name: str, x, d_model: int, like: torch.Tensor | None = None) -
 
 def first_parameter(module: torch.nn.Module) -> torch.Tensor | None:
     return next(module.parameters(), None)
+
+
+def typed(name: str, value, kind=float):
+    """``value`` as a ``kind`` (float or bool); the op that takes it checks the range."""
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def capacity_pair(name: str, value) -> tuple[float, float]:
+    """``capacity`` as FastMoE takes it: ``(train_factor, eval_factor)``, or one factor for both."""
+    train, evaluation = value if isinstance(value, (tuple, list)) and len(value) == 2 else (value, value)
+    for factor in (train, evaluation):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"{name} must be a factor > 0 or a (train, eval) pair of them, got {name}={value!r}")
+    return float(train), float(evaluation)
+
+
+def replicate_rates(rates) -> tuple | None:
+    """``ep_replicate_rates``: None, or ``(gemm_flops, link_bytes)``, two positive finite numbers."""
+    if rates is None:
+        return None
+    if (
+        not isinstance(rates, (tuple, list))
+        or len(rates) != 2
+        or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < math.inf for r in rates)
+    ):
+        raise ValueError(
+            f"ep_replicate_rates must be (gemm_flops, link_bytes), two positive finite numbers, got {rates!r}"
+        )
+    return (float(rates[0]), float(rates[1]))
+
+
+def gate_matches(gate, num_experts_total: int, d_model: int) -> None:
+    """A gate built for another layer would route over the wrong experts (some never used, or ids past the end):
+    a gate that says how many experts it routes over (``tot_expert``, as every fastmoe gate does) or its width
+    (``d_model``) must agree with the layer."""
+    gate_experts = getattr(gate, "tot_expert", None)
+    if isinstance(gate_experts, int) and gate_experts != num_experts_total:
+        raise ValueError(
+            f"the gate routes over {gate_experts} experts (gate.tot_expert) but the layer has {num_experts_total} "
+            f"(num_expert * world_size); build the gate with the layer's num_expert and world_size"
+        )
+    gate_width = getattr(gate, "d_model", None)
+    if isinstance(gate_width, int) and gate_width != d_model:
+        raise ValueError(f"the gate was built for d_model={gate_width} but the layer has d_model={d_model}")

@@ -1,5 +1,3 @@
-import math
-
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
@@ -126,7 +124,7 @@ class FMoE(nn.Module):
         self.ep_exchange = "flat" if self.ep_local_size is None else "hierarchical"
         self._ep_subgroups = ("", "")  # names of the hierarchical exchange's node and rail groups
         self.ep_replicate = _checks.non_negative_int("ep_replicate", ep_replicate)
-        self.ep_replicate_rates = _replicate_rates(ep_replicate_rates)
+        self.ep_replicate_rates = _checks.replicate_rates(ep_replicate_rates)
         if self.ep_replicate_rates is not None and not self.ep_replicate:
             raise ValueError(
                 f"ep_replicate_rates={ep_replicate_rates!r} prices hot-expert replication, which ep_replicate=0 turns "
@@ -151,7 +149,7 @@ class FMoE(nn.Module):
         if getattr(self.gate, "moe_group", False) is None and self.moe_group is not None:
             # a gate that needs the expert-parallel group (DCGate) and was not given one gets the layer's
             self.gate.moe_group = self.moe_group
-        _check_gate_matches(self.gate, self.num_experts_total, self.d_model)
+        _checks.gate_matches(self.gate, self.num_experts_total, self.d_model)
         slots = getattr(self.gate, "slots_per_token", self.top_k)
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"the gate's slots_per_token must be a positive int, got {slots!r}")
@@ -421,32 +419,3 @@ class FMoE(nn.Module):
             device = param.device if param is not None else None
             return torch.zeros((), device=device)
         return loss
-
-
-def _replicate_rates(rates) -> tuple | None:
-    if rates is None:
-        return None
-    if (
-        not isinstance(rates, (tuple, list))
-        or len(rates) != 2
-        or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < math.inf for r in rates)
-    ):
-        raise ValueError(
-            f"ep_replicate_rates must be (gemm_flops, link_bytes), two positive finite numbers, got {rates!r}"
-        )
-    return (float(rates[0]), float(rates[1]))
-
-
-def _check_gate_matches(gate, num_experts_total: int, d_model: int) -> None:
-    """A gate built for another layer would route over the wrong experts (some never used, or ids past the end):
-    a gate that says how many experts it routes over (``tot_expert``, as every fastmoe gate does) or its width
-    (``d_model``) must agree with the layer."""
-    gate_experts = getattr(gate, "tot_expert", None)
-    if isinstance(gate_experts, int) and gate_experts != num_experts_total:
-        raise ValueError(
-            f"the gate routes over {gate_experts} experts (gate.tot_expert) but the layer has {num_experts_total} "
-            f"(num_expert * world_size); build the gate with the layer's num_expert and world_size"
-        )
-    gate_width = getattr(gate, "d_model", None)
-    if isinstance(gate_width, int) and gate_width != d_model:
-        raise ValueError(f"the gate was built for d_model={gate_width} but the layer has d_model={d_model}")

@@ -1,5 +1,3 @@
-import math
-
 import torch
 from torch import nn
 
@@ -78,13 +76,6 @@ def no_tokens(width: int) -> torch.Tensor:
     return torch.empty(0, width)
 
 
-def typed(name: str, value, kind=float):
-    """``value`` as a ``kind`` (float or bool); the op checks the range."""
-    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a {kind.__name__}, got {value!r}")
-    return kind(value)
-
-
 def top_k_or_topk(gate: str, top_k, topk, default: int):
     """``top_k`` of a gate that also takes FastMoE's spelling ``topk``; both only if they agree (FMoE passes its
     ``top_k`` as the fourth positional argument, so ``functools.partial(GShardGate, topk=2)`` gets both)."""
@@ -93,12 +84,3 @@ def top_k_or_topk(gate: str, top_k, topk, default: int):
     if top_k is None or (top_k == topk and type(top_k) is type(topk)):
         return topk
     raise ValueError(f"{gate} got top_k={top_k!r} and topk={topk!r}: topk is FastMoE's spelling of top_k, give one")
-
-
-def capacity_pair(name: str, value) -> tuple[float, float]:
-    """``capacity`` as FastMoE takes it: ``(train_factor, eval_factor)``, or one factor for both."""
-    train, evaluation = value if isinstance(value, (tuple, list)) and len(value) == 2 else (value, value)
-    for factor in (train, evaluation):
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
-            raise ValueError(f"{name} must be a factor > 0 or a (train, eval) pair of them, got {name}={value!r}")
-    return float(train), float(evaluation)

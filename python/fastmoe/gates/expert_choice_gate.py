@@ -1,6 +1,7 @@
 import torch
 
-from fastmoe.gates.base_gate import no_tokens, typed
+from fastmoe import _checks
+from fastmoe.gates.base_gate import no_tokens
 from fastmoe.gates.naive_gate import NaiveGate
 
 
@@ -14,7 +15,7 @@ class ExpertChoiceGate(NaiveGate):
                  capacity_factor: float = 1.0, max_experts_per_token: int | None = None, gate_bias: bool = True,
                  z_loss_coef: float = 0.0):  # fmt: skip
         super().__init__(d_model, num_expert, world_size, top_k, gate_bias=gate_bias, z_loss_coef=z_loss_coef)
-        self.capacity_factor = typed("capacity_factor", capacity_factor)
+        self.capacity_factor = _checks.typed("capacity_factor", capacity_factor)
         cap = max_experts_per_token
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= self.tot_expert):
             raise ValueError(

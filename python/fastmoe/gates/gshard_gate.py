@@ -1,6 +1,7 @@
 import torch
 
-from fastmoe.gates.base_gate import capacity_pair, no_tokens, top_k_or_topk, typed
+from fastmoe import _checks
+from fastmoe.gates.base_gate import no_tokens, top_k_or_topk
 from fastmoe.gates.naive_gate import NaiveGate
 
 
@@ -28,9 +29,9 @@ class GShardGate(CapacityMixin, NaiveGate):
         if top_k != 2 or isinstance(top_k, bool):
             raise ValueError(f"GShardGate routes each token to 2 experts: top_k must be 2, got {top_k!r}")
         super().__init__(d_model, num_expert, world_size, top_k, gate_bias=gate_bias, z_loss_coef=z_loss_coef)
-        self.capacity = None if capacity is None else capacity_pair("capacity", capacity)
-        self.random_routing = typed("random_routing", random_routing, bool)
-        self.aux_loss_coef = typed("aux_loss_coef", aux_loss_coef)
+        self.capacity = None if capacity is None else _checks.capacity_pair("capacity", capacity)
+        self.random_routing = _checks.typed("random_routing", random_routing, bool)
+        self.aux_loss_coef = _checks.typed("aux_loss_coef", aux_loss_coef)
         GShardGate._route(self, no_tokens(self.tot_expert))
 
     def _route(self, logits):

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from fastmoe import _checks
-from fastmoe.gates.base_gate import BaseGate, no_tokens, typed
+from fastmoe.gates.base_gate import BaseGate, no_tokens
 
 
 class NaiveGate(BaseGate):
@@ -15,8 +15,8 @@ class NaiveGate(BaseGate):
         super().__init__(num_expert, world_size)
         self.d_model = _checks.positive_int("d_model", d_model)
         self.top_k = _checks.top_k_in_range(top_k, self.tot_expert)
-        self.z_loss_coef = typed("z_loss_coef", z_loss_coef)
-        self.balance_coef = typed("balance_coef", balance_coef)
+        self.z_loss_coef = _checks.typed("z_loss_coef", z_loss_coef)
+        self.balance_coef = _checks.typed("balance_coef", balance_coef)
         NaiveGate._route(self, no_tokens(self.tot_expert))
         self.gate = nn.Linear(d_model, self.tot_expert, bias=gate_bias)
 

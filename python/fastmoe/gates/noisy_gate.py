@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from fastmoe import _checks, debug
-from fastmoe.gates.base_gate import BaseGate, no_tokens, typed
+from fastmoe.gates.base_gate import BaseGate, no_tokens
 
 
 class NoisyGate(BaseGate):
@@ -17,10 +17,10 @@ class NoisyGate(BaseGate):
         super().__init__(num_expert, world_size)
         self.d_model = _checks.positive_int("d_model", d_model)
         self.top_k = _checks.top_k_in_range(top_k, self.tot_expert)
-        self.noise_epsilon = typed("noise_epsilon", noise_epsilon)
-        self.w_importance = typed("w_importance", w_importance)
-        self.w_load = typed("w_load", w_load)
-        self.z_loss_coef = typed("z_loss_coef", z_loss_coef)
+        self.noise_epsilon = _checks.typed("noise_epsilon", noise_epsilon)
+        self.w_importance = _checks.typed("w_importance", w_importance)
+        self.w_load = _checks.typed("w_load", w_load)
+        self.z_loss_coef = _checks.typed("z_loss_coef", z_loss_coef)
         self._route(no_tokens(self.tot_expert), None)
         self.w_gate = nn.Parameter(torch.zeros(d_model, self.tot_expert))
         self.w_noise = nn.Parameter(torch.zeros(d_model, self.tot_expert))

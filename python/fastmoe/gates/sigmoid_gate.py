@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from fastmoe import _checks
-from fastmoe.gates.base_gate import BaseGate, no_tokens, typed
+from fastmoe.gates.base_gate import BaseGate, no_tokens
 
 
 class SigmoidGate(BaseGate):
@@ -20,10 +20,10 @@ class SigmoidGate(BaseGate):
         self.top_k = _checks.top_k_in_range(top_k, self.tot_expert)
         self.n_groups = _checks.positive_int("n_groups", n_groups)
         self.topk_groups = _checks.positive_int("topk_groups", topk_groups)
-        self.normalize = typed("normalize", normalize, bool)
-        self.routed_scaling_factor = typed("routed_scaling_factor", routed_scaling_factor)
-        self.bias_update_rate = typed("bias_update_rate", bias_update_rate)
-        self.aux_loss_coef = typed("aux_loss_coef", aux_loss_coef)
+        self.normalize = _checks.typed("normalize", normalize, bool)
+        self.routed_scaling_factor = _checks.typed("routed_scaling_factor", routed_scaling_factor)
+        self.bias_update_rate = _checks.typed("bias_update_rate", bias_update_rate)
+        self.aux_loss_coef = _checks.typed("aux_loss_coef", aux_loss_coef)
         self._route(no_tokens(self.tot_expert), torch.zeros(self.tot_expert))
         self.gate = nn.Linear(d_model, self.tot_expert, bias=gate_bias)
         self.register_buffer("expert_bias", torch.zeros(self.tot_expert, dtype=torch.float32))

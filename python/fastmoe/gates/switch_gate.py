@@ -1,7 +1,7 @@
 import torch
 
-from fastmoe import debug
-from fastmoe.gates.base_gate import capacity_pair, no_tokens, top_k_or_topk, typed
+from fastmoe import _checks, debug
+from fastmoe.gates.base_gate import no_tokens, top_k_or_topk
 from fastmoe.gates.gshard_gate import CapacityMixin
 from fastmoe.gates.naive_gate import NaiveGate
 
@@ -19,9 +19,9 @@ class SwitchGate(CapacityMixin, NaiveGate):
         if top_k != 1 or isinstance(top_k, bool):
             raise ValueError(f"SwitchGate routes each token to 1 expert: top_k must be 1, got {top_k!r}")
         super().__init__(d_model, num_expert, world_size, top_k, gate_bias=gate_bias, z_loss_coef=z_loss_coef)
-        self.switch_eps = typed("switch_eps", switch_eps)
-        self.capacity = None if capacity is None else capacity_pair("capacity", capacity)
-        self.aux_loss_coef = typed("aux_loss_coef", aux_loss_coef)
+        self.switch_eps = _checks.typed("switch_eps", switch_eps)
+        self.capacity = None if capacity is None else _checks.capacity_pair("capacity", capacity)
+        self.aux_loss_coef = _checks.typed("aux_loss_coef", aux_loss_coef)
         torch.ops.fastmoe.switch_jitter(no_tokens(d_model), self.switch_eps)
         SwitchGate._route(self, no_tokens(self.tot_expert))
 
