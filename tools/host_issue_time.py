@@ -14,10 +14,12 @@ no kernel runs at all, so it measures the host path alone on any machine.
 Prints the median microseconds per forward + backward of each layer and their ratio (MoE / dense). With
 ``--profile N`` it then runs N more calls of each layer under ``torch.profiler`` and prints, per call, the
 dispatcher ops, the autograd nodes and the kernel launches, and the ops that took the most host time: where the
-MoE layer's extra host time goes.
+MoE layer's extra host time goes; on CUDA also the synchronising calls torch reports in one call, and with
+``--trace DIR`` a trace of the profiled calls with the GPU's activity (DIR/moe.json, DIR/dense.json).
 """
 
 import collections
+import os
 import statistics
 import sys
 import time
@@ -72,12 +74,31 @@ def time_layers(layers: dict, x, grad, device, precision, repeats: int, warmup: 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
-def profile_layer(ffn, x, grad, device, precision, calls: int, name: str) -> dict:
-    """Runs ``calls`` forward + backward calls under torch.profiler; prints and returns the per-call counts."""
+def count_syncs(ffn, x, grad, device, precision) -> int:
+    """How many synchronising calls torch reports (``torch.cuda.set_sync_debug_mode``) in one forward + backward."""
+    import warnings
+
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            forward_backward(ffn, fresh_input(ffn, x), grad, device, precision)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def profile_layer(ffn, x, grad, device, precision, calls: int, name: str, trace_dir=None) -> dict:
+    """Runs ``calls`` forward + backward calls under torch.profiler; prints and returns the per-call counts. With
+    ``trace_dir``, the GPU's activity is recorded too and the trace written there as ``<name>.json``."""
     from torch.profiler import ProfilerActivity, profile
 
     forward_backward(ffn, fresh_input(ffn, x), grad, device, precision)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU]
+    if trace_dir is not None and device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
         for _ in range(calls):
             forward_backward(ffn, fresh_input(ffn, x), grad, device, precision)
         if device.type == "cuda":
@@ -93,6 +114,15 @@ def profile_layer(ffn, x, grad, device, precision, calls: int, name: str) -> dic
     per_call = {key: counts[key] / calls for key in ("top-level ops", "autograd nodes", "kernel launches")}
     print(f"--- {name}: per call " + ", ".join(f"{key} {value:.1f}" for key, value in per_call.items()))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    if device.type == "cuda":
+        print(
+            f"--- {name}: synchronising calls in one forward + backward: {count_syncs(ffn, x, grad, device, precision)}"
+        )
+    if trace_dir is not None:
+        os.makedirs(trace_dir, exist_ok=True)
+        path = os.path.join(trace_dir, f"{name}.json")
+        prof.export_chrome_trace(path)
+        print(f"--- {name}: trace in {path} (chrome://tracing or ui.perfetto.dev)")
     return per_call
 
 
@@ -103,6 +133,12 @@ def main(argv=None) -> int:
     tool.add_argument("--repeats", type=int, default=200, help="timed forward + backward calls per layer")
     tool.add_argument("--warmup-calls", type=int, default=20, help="untimed calls first")
     tool.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N calls of each layer")
+    tool.add_argument(
+        "--trace",
+        metavar="DIR",
+        default=None,
+        help="with --profile: also record the GPU's activity and write each layer's trace to DIR/<moe|dense>.json",
+    )
     tool.add_argument(
         "--composed",
         action="store_true",
@@ -116,6 +152,8 @@ def main(argv=None) -> int:
     ):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    if args.trace is not None and not args.profile:
+        parser.error(f"--trace {args.trace} writes the profile of --profile N calls; add --profile N (N >= 1)")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "meta" and args.precision != "fp32":
         parser.error(f"--device meta runs --precision fp32 only (autocast has no meta backend), got {args.precision}")
@@ -139,7 +177,7 @@ def main(argv=None) -> int:
     profiles = {}
     if args.profile:
         for name, ffn in layers.items():
-            profiles[name] = profile_layer(ffn, x, grad, device, args.precision, args.profile, name)
+            profiles[name] = profile_layer(ffn, x, grad, device, args.precision, args.profile, name, args.trace)
     print(f"device {device}, precision {args.precision}, x [{rows}, {args.d_model}], {args.repeats} calls")
     path = "composed" if args.composed else "fused"
     print(f"MoE layer (FMoETransformerMLP, {args.experts} experts, top-{args.top_k}, {path}): {results['moe']:9.1f} us")

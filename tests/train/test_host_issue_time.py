@@ -56,3 +56,24 @@ def test_bad_counts_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
         load_tool().main([*TINY, flag, "-1"])
     assert f"{flag} must be >= " in capsys.readouterr().err
+
+
+def test_trace_writes_each_layers_profile(tmp_path, capsys):
+    import json
+
+    profile_counts(capsys, "--trace", str(tmp_path / "traces"))
+    for name in ("moe", "dense"):
+        events = json.loads((tmp_path / "traces" / f"{name}.json").read_text())["traceEvents"]
+        names = {event.get("name", "") for event in events}
+        assert ("fastmoe::moe_ffn" in names) == (name == "moe"), name
+        assert "aten::addmm" in names or "aten::linear" in names, name  # both layers' linears were recorded
+
+
+def test_trace_needs_profile_and_meta_needs_fp32(capsys):
+    with pytest.raises(SystemExit):
+        load_tool().main([*TINY, "--trace", "somewhere"])
+    assert "--trace somewhere writes the profile of --profile N calls" in capsys.readouterr().err
+    on_meta = ["--device", "meta", *TINY[4:]]  # TINY without its --device cpu --precision fp32
+    with pytest.raises(SystemExit):
+        load_tool().main([*on_meta, "--precision", "bf16"])
+    assert "--device meta runs --precision fp32 only" in capsys.readouterr().err
