@@ -105,6 +105,8 @@ def profile_layer(ffn, x, grad, device, precision, calls: int, name: str, trace_
             torch.cuda.synchronize(device)
     counts = collections.Counter()
     for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # the GPU's kernels and memsets, recorded with --trace
         if event.name in LAUNCHES:
             counts["kernel launches"] += 1
         elif event.name.startswith("autograd::engine::evaluate_function"):

@@ -121,24 +121,15 @@ at::Tensor balance_loss_kernel(const at::Tensor& logits, const at::Tensor& exper
   return loss;
 }
 
-void check_balance_loss_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& expert_counts,
-                                 int64_t num_pairs, double coef) {
-  check_balance_loss(logits, expert_counts, num_pairs, coef);
-  TORCH_CHECK(grad.dim() == 0 && grad.scalar_type() == balance_loss_dtype(logits), "grad must be a 0-dim ",
-              balance_loss_dtype(logits), " tensor (the loss's), got shape ", grad.sym_sizes(), " of dtype ",
-              grad.scalar_type());
-  check_same_device(grad, "grad", logits, "logits");
-}
-
 at::Tensor balance_loss_backward_meta(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& expert_counts,
                                       int64_t num_pairs, double coef) {
-  check_balance_loss_backward(grad, logits, expert_counts, num_pairs, coef);
+  ops::check_balance_loss_backward(grad, logits, expert_counts, num_pairs, coef);
   return at::empty_like(logits, at::MemoryFormat::Contiguous);
 }
 
 at::Tensor balance_loss_backward_kernel(const at::Tensor& grad, const at::Tensor& logits,
                                         const at::Tensor& expert_counts, int64_t num_pairs, double coef) {
-  check_balance_loss_backward(grad, logits, expert_counts, num_pairs, coef);
+  ops::check_balance_loss_backward(grad, logits, expert_counts, num_pairs, coef);
   const c10::OptionalDeviceGuard guard(logits.device());
   const at::Tensor z = logits.contiguous(), counts = expert_counts.contiguous();
   at::Tensor grad_logits = at::empty_like(z, at::MemoryFormat::Contiguous);
@@ -161,6 +152,15 @@ at::Tensor balance_loss_backward_kernel(const at::Tensor& grad, const at::Tensor
 }  // namespace
 
 namespace ops {
+
+void check_balance_loss_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& expert_counts,
+                                 int64_t num_pairs, double coef) {
+  check_balance_loss(logits, expert_counts, num_pairs, coef);
+  TORCH_CHECK(grad.dim() == 0 && grad.scalar_type() == balance_loss_dtype(logits), "grad must be a 0-dim ",
+              balance_loss_dtype(logits), " tensor (the loss's), got shape ", grad.sym_sizes(), " of dtype ",
+              grad.scalar_type());
+  check_same_device(grad, "grad", logits, "logits");
+}
 
 std::tuple<at::Tensor, at::Tensor> capacity_limit(const at::Tensor& topk_idx, const at::Tensor& topk_score,
                                                   const at::Tensor& expert_capacity) {

@@ -30,6 +30,11 @@ inline double balance_scale(int64_t num_tokens, int64_t num_experts, int64_t num
          (static_cast<double>(num_pairs > 0 ? num_pairs : 1) * static_cast<double>(num_tokens > 0 ? num_tokens : 1));
 }
 
+// balance_loss_backward's argument checks (the messages name the argument and the value); its Autograd kernel runs
+// them before recording the backward as ATen ops, which would not check them.
+void check_balance_loss_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& expert_counts,
+                                 int64_t num_pairs, double coef);
+
 at::Tensor route_topk_backward(const at::Tensor& grad_score, const at::Tensor& logits, const at::Tensor& topk_idx,
                                const at::Tensor& topk_score, const std::string& score_fn);
 

@@ -454,6 +454,19 @@ def _cases():
             ("grad", "[2]"),
         ),
         (
+            # under grad mode with logits requiring grad the backward is recorded as ATen ops: still checked first
+            "balance_loss_backward-recorded-grad-shape",
+            lambda: F.balance_loss_backward(torch.ones(2), L.detach().requires_grad_(True), i["counts"], T * K, 0.01),
+            R,
+            ("grad", "[2]"),
+        ),
+        (
+            "balance_loss_backward-recorded-negative-pairs",
+            lambda: F.balance_loss_backward(torch.tensor(1.0), L.detach().requires_grad_(True), i["counts"], -3, 0.01),
+            ValueError,
+            ("num_pairs", "-3"),
+        ),
+        (
             "ops.balance_loss-float-counts",
             lambda: ops.balance_loss(L, i["counts"].float(), T * K, 0.01),
             R,

@@ -135,7 +135,11 @@ std::vector<at::Tensor> convert_all(std::vector<at::Tensor> ts, const std::vecto
   }
   if (changed.empty()) return ts;
   bool carve = one_block && changed.size() > 1;
-  for (size_t i : changed) carve = carve && ts[i].is_contiguous() && dtypes[i] == dtypes[changed[0]];
+  for (size_t i : changed) {
+    // (symbolic sizes, under torch.compile's dynamic shapes, keep one allocation each)
+    carve = carve && !ts[i].unsafeGetTensorImpl()->has_symbolic_sizes_strides() && ts[i].is_contiguous() &&
+            dtypes[i] == dtypes[changed[0]];
+  }
   std::vector<at::Tensor> sources, targets;
   if (carve) {
     const int64_t element = static_cast<int64_t>(c10::elementSize(dtypes[changed[0]]));

@@ -134,6 +134,7 @@ at::Tensor balance_loss_autograd(const at::Tensor& logits, const at::Tensor& exp
 
 at::Tensor balance_loss_backward_autograd(const at::Tensor& grad, const at::Tensor& logits,
                                           const at::Tensor& expert_counts, int64_t num_pairs, double coef) {
+  ops::check_balance_loss_backward(grad, logits, expert_counts, num_pairs, coef);
   if (!ops::records_graph({grad, logits})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return ops::balance_loss_backward(grad, logits, expert_counts, num_pairs, coef);
