@@ -307,14 +307,6 @@ void check_cutlass(cutlass::Status status, const char* caller, const char* step)
              " failed: ", cutlass::cutlassGetStatusString(status));
 }
 
-// A failed CUDA call of the launch below raises, after clearing the runtime's error state (as CUTLASS's adapter
-// does), so a later launch check elsewhere does not report it again.
-void check_cuda_step(cudaError_t status, const char* caller, const char* step) {
-  if (status == cudaSuccess) return;
-  (void)cudaGetLastError();
-  FMOE_CHECK(false, caller, ": ", step, " failed: ", cudaGetErrorString(status));
-}
-
 // CUTLASS's device adapter sets two attributes of its kernel (the dynamic shared memory size and non-portable
 // cluster sizes) in every initialize() and run(): host calls of a few microseconds, 12 per MoE layer step. They are
 // settings of the kernel in the device's context, so they are set once per kernel and device here.
@@ -324,11 +316,9 @@ void set_kernel_attributes_once(int device) {
   const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
   if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return;
   const void* kernel = reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>);
-  check_cuda_step(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(Kernel::SharedStorageSize)),
-                  "cutlass grouped GEMM", "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  check_cuda_step(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
-                  "cutlass grouped GEMM", "cudaFuncSetAttribute(NonPortableClusterSizeAllowed)");
+  FMOE_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(Kernel::SharedStorageSize)));
+  FMOE_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   done.fetch_or(bit, std::memory_order_acq_rel);
 }
 
@@ -351,9 +341,8 @@ void run_gemm(const char* caller, const Arrays& arrays, int64_t num_experts, con
                                                                      Kernel::SharedStorageSize, stream);
   config.launch_config.attrs = config.launch_attribute;  // (the copy returned still points into its source)
   void* kernel_params[] = {&params};
-  check_cuda_step(cudaLaunchKernelExC(&config.launch_config,
-                                      reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>), kernel_params),
-                  caller, "cudaLaunchKernelExC");
+  FMOE_CHECK_CUDA(cudaLaunchKernelExC(&config.launch_config,
+                                      reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>), kernel_params));
 }
 
 // The setup parameters every call shares; the caller adds its outputs and their arrays.
