@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 
@@ -89,6 +90,8 @@ __device__ __forceinline__ double add_rn(double a, double b) {
   return __dadd_rn(a, b);
 }
 
+constexpr int kWarpSize = 32;
+
 // Sum over the 32 lanes of a full warp; every lane gets the result. The butterfly order is fixed, so the result
 // is deterministic for a given input layout.
 template <typename A>
@@ -113,6 +116,16 @@ __device__ __forceinline__ float warp_max(float value) {
 __device__ __forceinline__ double warp_max(double value) {
   for (int offset = 16; offset > 0; offset >>= 1) value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
   return value;
+}
+
+// Max of row[0 .. n) over a full warp, each lane striding over the row (NaN ignored, as fmax does); every lane
+// gets the result. The row max of the kernels' max-subtracted softmaxes.
+template <typename T>
+__device__ __forceinline__ dacc_t<T> warp_row_max(const T* row, int64_t n, int lane) {
+  dacc_t<T> max_value =
+      -static_cast<dacc_t<T>>(INFINITY);  // INFINITY, unlike numeric_limits, needs no relaxed constexpr
+  for (int64_t e = lane; e < n; e += kWarpSize) max_value = fmax(max_value, to_acc(row[e]));
+  return warp_max(max_value);
 }
 
 // Elements of T in one 16-byte vector.

@@ -52,19 +52,19 @@ void capacity_limit_ref(const int64_t* topk_idx, const void* topk_score, DType s
   *num_dropped = dropped;
 }
 
-namespace {
-
-// The loss is written in the accumulation type of the logits: float32, or float64 for float64 logits.
-DType loss_dtype_for(DType dtype) {
-  return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
-}
-
-void check_balance_args(const char* name, DType dtype, int64_t num_tokens, int64_t num_experts, DType loss_dtype) {
+void check_balance_loss_sizes(const char* name, int64_t num_tokens, int64_t num_experts) {
   FMOE_CHECK(num_tokens >= 0, name, ": num_tokens must be >= 0, got ", num_tokens);
   FMOE_CHECK(num_experts >= 1, name, ": num_experts must be >= 1, got ", num_experts);
-  FMOE_CHECK(loss_dtype == loss_dtype_for(dtype), name, ": loss_dtype must be ", dtype_name(loss_dtype_for(dtype)),
-             " (the accumulation type of ", dtype_name(dtype), " logits), got ", dtype_name(loss_dtype));
 }
+
+void check_balance_loss_args(const char* name, DType dtype, int64_t num_tokens, int64_t num_experts, DType loss_dtype) {
+  check_balance_loss_sizes(name, num_tokens, num_experts);
+  FMOE_CHECK(loss_dtype == balance_loss_dtype(dtype), name, ": loss_dtype must be ",
+             dtype_name(balance_loss_dtype(dtype)), " (the accumulation type of ", dtype_name(dtype), " logits), got ",
+             dtype_name(loss_dtype));
+}
+
+namespace {
 
 // p = softmax(row) in the accumulation type A, max-subtracted; the denominator is summed in W (wide_acc_t).
 template <typename W, typename T>
@@ -124,7 +124,7 @@ void balance_loss_backward_impl(const T* logits, int64_t num_tokens, int64_t num
 
 void balance_loss_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, const int64_t* counts,
                       double scale, DType loss_dtype, void* loss) {
-  check_balance_args("balance_loss_ref", dtype, num_tokens, num_experts, loss_dtype);
+  check_balance_loss_args("balance_loss_ref", dtype, num_tokens, num_experts, loss_dtype);
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "balance_loss_ref", [&] {
     using A = acc_t<scalar_t>;
     if (num_tokens == 0) {  // +0 whatever the sign or value of scale, as the CUDA kernel's memset writes
@@ -139,7 +139,7 @@ void balance_loss_ref(DType dtype, const void* logits, int64_t num_tokens, int64
 void balance_loss_backward_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts,
                                const int64_t* counts, double scale, DType loss_dtype, const void* grad_loss,
                                void* grad_logits) {
-  check_balance_args("balance_loss_backward_ref", dtype, num_tokens, num_experts, loss_dtype);
+  check_balance_loss_args("balance_loss_backward_ref", dtype, num_tokens, num_experts, loss_dtype);
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "balance_loss_backward_ref", [&] {
     using A = acc_t<scalar_t>;
     if (num_tokens == 0) return;

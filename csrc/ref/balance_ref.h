@@ -30,6 +30,15 @@ void capacity_limit_ref(const int64_t* topk_idx, const void* topk_score, DType s
 // The reference sums t ascending, and within a token e ascending; the CUDA kernel sums in another fixed order, so
 // the two agree within rounding. Throws fastmoe::Error for a negative size or a loss_dtype that is not dtype's
 // accumulation type.
+// The loss dtype of dtype's logits: their accumulation type, float32, or float64 for float64 logits.
+inline DType balance_loss_dtype(DType dtype) {
+  return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+}
+// The checks of the balance-loss functions (reference and CUDA): sizes, and the loss dtype against the logits'.
+// `name` is the function whose message it is.
+void check_balance_loss_sizes(const char* name, int64_t num_tokens, int64_t num_experts);
+void check_balance_loss_args(const char* name, DType dtype, int64_t num_tokens, int64_t num_experts, DType loss_dtype);
+
 void balance_loss_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, const int64_t* counts,
                       double scale, DType loss_dtype, void* loss);
 

@@ -19,8 +19,8 @@ namespace fastmoe {
 namespace {
 
 using cuda::dacc_t;
+using cuda::kWarpSize;
 
-constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreadsPerBlock = kWarpSize * kWarpsPerBlock;
 constexpr int64_t kMaxLossBlocks = 1024;
@@ -36,15 +36,6 @@ unsigned int loss_blocks(int64_t num_tokens) {
 size_t loss_workspace_bytes(int64_t num_tokens) {
   if (num_tokens == 0) return 0;
   return kSlot + kSlot + static_cast<size_t>(loss_blocks(num_tokens)) * sizeof(double);
-}
-
-// Max of the row over the warp (NaN ignored, as fmax does; a NaN still makes the exp sums NaN). Every lane gets it.
-template <typename T>
-__device__ __forceinline__ dacc_t<T> row_max(const T* row, int64_t num_experts, int lane) {
-  using A = dacc_t<T>;
-  A max_value = -static_cast<A>(INFINITY);
-  for (int64_t e = lane; e < num_experts; e += kWarpSize) max_value = fmax(max_value, cuda::to_acc(row[e]));
-  return cuda::warp_max(max_value);
 }
 
 // For one token, over the warp: total = sum_e exp(l_e - max) and weighted = sum_e exp(l_e - max) * w_e with
@@ -81,7 +72,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   for (int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; token < num_tokens;
        token += warps_total) {
     const T* row = logits + token * num_experts;
-    const A max_value = row_max(row, num_experts, lane);
+    const A max_value = cuda::warp_row_max(row, num_experts, lane);
     A total, weighted;
     row_sums(row, num_experts, counts, A(1), max_value, lane, &total, &weighted);
     warp_total += weighted / total;
@@ -131,7 +122,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
        token += warps_total) {
     const T* row = logits + token * num_experts;
     T* out = grad_logits + token * num_experts;
-    const A max_value = row_max(row, num_experts, lane);
+    const A max_value = cuda::warp_row_max(row, num_experts, lane);
     A total, weighted;
     row_sums(row, num_experts, counts, grad_scale, max_value, lane, &total, &weighted);
     const A dot = weighted / total;
@@ -142,26 +133,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-// The loss is written in the accumulation type of the logits: float32, or float64 for float64 logits.
-DType loss_dtype_for(DType dtype) {
-  return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
-}
-
-void check_sizes(const char* name, int64_t num_tokens, int64_t num_experts) {
-  FMOE_CHECK(num_tokens >= 0, name, ": num_tokens must be >= 0, got ", num_tokens);
-  FMOE_CHECK(num_experts >= 1, name, ": num_experts must be >= 1, got ", num_experts);
-}
-
-void check_balance_args(const char* name, DType dtype, int64_t num_tokens, int64_t num_experts, DType loss_dtype) {
-  check_sizes(name, num_tokens, num_experts);
-  FMOE_CHECK(loss_dtype == loss_dtype_for(dtype), name, ": loss_dtype must be ", dtype_name(loss_dtype_for(dtype)),
-             " (the accumulation type of ", dtype_name(dtype), " logits), got ", dtype_name(loss_dtype));
-}
-
 }  // namespace
 
 size_t balance_loss_cuda_workspace_bytes(int64_t num_tokens, int64_t num_experts) {
-  check_sizes("balance_loss_cuda_workspace_bytes", num_tokens, num_experts);
+  check_balance_loss_sizes("balance_loss_cuda_workspace_bytes", num_tokens, num_experts);
   return loss_workspace_bytes(num_tokens);
 }
 
@@ -169,7 +144,7 @@ void balance_loss_cuda(DType dtype, const void* logits, int64_t num_tokens, int6
                        double scale, DType loss_dtype, void* loss, void* workspace, size_t workspace_bytes,
                        cudaStream_t stream) {
   // 1. No tokens: the loss is +0 (a memset), nothing else runs.  2. Zero the ticket.  3. One kernel.
-  check_balance_args("balance_loss_cuda", dtype, num_tokens, num_experts, loss_dtype);
+  check_balance_loss_args("balance_loss_cuda", dtype, num_tokens, num_experts, loss_dtype);
   if (num_tokens == 0) {
     FMOE_CHECK_CUDA(cudaMemsetAsync(loss, 0, dtype == DType::kFloat64 ? sizeof(double) : sizeof(float), stream));
     return;
@@ -195,7 +170,7 @@ void balance_loss_cuda(DType dtype, const void* logits, int64_t num_tokens, int6
 void balance_loss_backward_cuda(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts,
                                 const int64_t* counts, double scale, DType loss_dtype, const void* grad_loss,
                                 void* grad_logits, cudaStream_t stream) {
-  check_balance_args("balance_loss_backward_cuda", dtype, num_tokens, num_experts, loss_dtype);
+  check_balance_loss_args("balance_loss_backward_cuda", dtype, num_tokens, num_experts, loss_dtype);
   if (num_tokens == 0) return;
   const unsigned int blocks = cuda::grid_for(num_tokens, kWarpsPerBlock);
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "balance_loss_backward_cuda", T, [&] {

@@ -16,9 +16,9 @@ namespace fastmoe {
 namespace {
 
 using cuda::dacc_t;
+using cuda::kWarpSize;
 
 constexpr int kThreadsPerBlock = 256;
-constexpr int kWarpSize = 32;
 
 // Loads / stores kN consecutive elements; a 16-byte chunk goes through one vector access (the caller has
 // checked the alignment).

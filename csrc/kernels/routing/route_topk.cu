@@ -16,8 +16,8 @@ namespace fastmoe {
 namespace {
 
 using cuda::dacc_t;
+using cuda::kWarpSize;
 
-constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kThreadsPerBlock = kWarpSize * kWarpsPerBlock;
 
@@ -64,9 +64,7 @@ template <typename T>
 __device__ __forceinline__ void row_softmax_stats(const T* row, int64_t num_experts, int lane, dacc_t<T>* max_out,
                                                   dacc_t<T>* total_out) {
   using A = dacc_t<T>;
-  A max_value = -static_cast<A>(INFINITY);  // INFINITY, unlike numeric_limits, needs no relaxed constexpr
-  for (int64_t e = lane; e < num_experts; e += kWarpSize) max_value = fmax(max_value, cuda::to_acc(row[e]));
-  max_value = cuda::warp_max(max_value);
+  const A max_value = cuda::warp_row_max(row, num_experts, lane);
   A total = 0;
   for (int64_t e = lane; e < num_experts; e += kWarpSize) total += cuda::exp_acc(cuda::to_acc(row[e]) - max_value);
   *max_out = max_value;
