@@ -87,15 +87,10 @@ void check_balance_loss(const at::Tensor& logits, const at::Tensor& expert_count
   TORCH_CHECK_VALUE(std::isfinite(coef) && coef >= 0, "coef must be a finite number >= 0, got ", coef);
 }
 
-// The loss dtype: the logits' accumulation type (float32, or float64 for float64 logits).
-at::ScalarType balance_loss_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor balance_loss_meta(const at::Tensor& logits, const at::Tensor& expert_counts, int64_t num_pairs,
                              double coef) {
   check_balance_loss(logits, expert_counts, num_pairs, coef);
-  return at::empty({}, logits.options().dtype(balance_loss_dtype(logits)));
+  return at::empty({}, logits.options().dtype(ops::loss_dtype(logits)));
 }
 
 at::Tensor balance_loss_kernel(const at::Tensor& logits, const at::Tensor& expert_counts, int64_t num_pairs,
@@ -103,7 +98,7 @@ at::Tensor balance_loss_kernel(const at::Tensor& logits, const at::Tensor& exper
   check_balance_loss(logits, expert_counts, num_pairs, coef);
   const c10::OptionalDeviceGuard guard(logits.device());
   const at::Tensor z = logits.contiguous(), counts = expert_counts.contiguous();
-  at::Tensor loss = at::empty({}, z.options().dtype(balance_loss_dtype(z)));
+  at::Tensor loss = at::empty({}, z.options().dtype(ops::loss_dtype(z)));
   const double scale = ops::balance_scale(z.size(0), z.size(1), num_pairs, coef);
   call_kernel([&] {
 #ifdef FASTMOE_WITH_CUDA_OPS
@@ -156,8 +151,8 @@ namespace ops {
 void check_balance_loss_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& expert_counts,
                                  int64_t num_pairs, double coef) {
   check_balance_loss(logits, expert_counts, num_pairs, coef);
-  TORCH_CHECK(grad.dim() == 0 && grad.scalar_type() == balance_loss_dtype(logits), "grad must be a 0-dim ",
-              balance_loss_dtype(logits), " tensor (the loss's), got shape ", grad.sym_sizes(), " of dtype ",
+  TORCH_CHECK(grad.dim() == 0 && grad.scalar_type() == ops::loss_dtype(logits), "grad must be a 0-dim ",
+              ops::loss_dtype(logits), " tensor (the loss's), got shape ", grad.sym_sizes(), " of dtype ",
               grad.scalar_type());
   check_same_device(grad, "grad", logits, "logits");
 }

@@ -31,6 +31,7 @@ namespace fastmoe {
 namespace {
 
 using namespace ops_detail;
+using ops::loss_dtype;
 using Routing = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -85,11 +86,6 @@ void check_logits(const at::Tensor& logits, const char* name = "logits") {
 void check_k(int64_t k, const at::Tensor& logits, const char* name = "k") {
   const int64_t num_experts = size_of(logits, 1);
   TORCH_CHECK_VALUE(k >= 1 && k <= num_experts, name, " must be in [1, num_experts=", num_experts, "], got ", k);
-}
-
-// Losses and router probabilities are computed in at least fp32 (fp64 stays fp64).
-at::ScalarType loss_dtype(const at::Tensor& t) {
-  return c10::promoteTypes(t.scalar_type(), at::kFloat);
 }
 
 // The [0] placeholder of a loss term a gate does not record.

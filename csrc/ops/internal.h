@@ -23,6 +23,11 @@ inline bool records_graph(std::initializer_list<at::Tensor> inputs) {
   return false;
 }
 
+// The dtype of the gates' losses and router probabilities: at least fp32 (fp64 stays fp64).
+inline at::ScalarType loss_dtype(const at::Tensor& t) {
+  return c10::promoteTypes(t.scalar_type(), at::kFloat);
+}
+
 // balance_loss's factor coef * E / (pairs * T) for logits [T, E] (1 in place of a zero count of pairs or tokens:
 // the loss is 0 then).
 inline double balance_scale(int64_t num_tokens, int64_t num_experts, int64_t num_pairs, double coef) {
