@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 
 #include "core/check.h"
@@ -131,6 +132,31 @@ __device__ __forceinline__ dacc_t<T> warp_row_max(const T* row, int64_t n, int l
 // Elements of T in one 16-byte vector.
 template <typename T>
 constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+// Loads / stores kN consecutive elements; a 16-byte chunk goes through one vector access (the caller has
+// checked the alignment, e.g. with rows_are_vec16).
+template <typename T, int kN>
+__device__ __forceinline__ void load_chunk(const T* src, T (&out)[kN]) {
+  if constexpr (kN * sizeof(T) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    memcpy(out, &raw, sizeof(raw));
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) out[i] = src[i];
+  }
+}
+
+template <typename T, int kN>
+__device__ __forceinline__ void store_chunk(T* dst, const T (&in)[kN]) {
+  if constexpr (kN * sizeof(T) == 16) {
+    uint4 raw;
+    memcpy(&raw, in, sizeof(raw));
+    *reinterpret_cast<uint4*>(dst) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) dst[i] = in[i];
+  }
+}
 
 // True when rows of `d` elements of T starting at every listed pointer can all be moved as 16-byte vectors:
 // each base is 16-byte aligned and the row pitch is a multiple of 16 bytes. nullptr counts as aligned.

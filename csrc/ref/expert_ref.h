@@ -38,4 +38,19 @@ void grouped_bias_epilogue_ref(DType dtype, void* y, int64_t num_rows, int64_t o
 // groups: [num_groups, group_bytes]; zeroes group g when expert_offsets[g + 1] == expert_offsets[g].
 void zero_empty_groups_ref(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets);
 
+// SwiGLU over rows of [gate | up] (the first GEMM of a gated expert writes both halves):
+//   out[r, j] = silu(g) * u,  g = h[r, j], u = h[r, hidden + j],  silu(g) = g / (1 + exp(-g)),
+// in the accumulation type (fp32; fp64 for fp64) and rounded once.
+// h:   [num_rows, 2 * hidden], dtype
+// out: [num_rows, hidden], written
+void swiglu_ref(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out);
+// Its gradient for h, recomputing the sigmoid s = 1 / (1 + exp(-g)) from h (nothing else is saved):
+//   grad_h[r, j] = grad[r, j] * u * s * (1 + g * (1 - s)),   grad_h[r, hidden + j] = grad[r, j] * silu(g),
+// each in the accumulation type and rounded once.
+// grad:   [num_rows, hidden], dtype
+// grad_h: [num_rows, 2 * hidden], written
+void swiglu_backward_ref(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h);
+// The checks both implementations make: sizes >= 0. `name` is the function whose message it is.
+void check_swiglu_sizes(const char* name, int64_t num_rows, int64_t hidden);
+
 }  // namespace fastmoe

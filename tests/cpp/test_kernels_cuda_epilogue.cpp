@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda_test_util.h"
@@ -79,6 +80,38 @@ TEST_F(CudaEpilogue, ZeroEmptyGroupsTouchesOnlyEmptyExperts) {
     DeviceBuffer d_data(data, stream_), d_offsets(offsets, stream_);
     zero_empty_groups_cuda(d_data.get(), num_groups, group_bytes, d_offsets.as<int64_t>(), stream_);
     EXPECT_EQ(d_data.download<uint8_t>(data.size()), want) << "group_bytes=" << group_bytes;
+  }
+}
+
+// The kernel gives each group at most 16 blocks of 256 threads and strides over the rest: a 1 MiB group takes 16
+// passes of 16-byte stores, and a 256 KiB + 40 byte group (its size, and so the second group's start, not a
+// multiple of 16) 65 passes of byte stores. An empty group in the middle, or at both ends, must be zeroed to its
+// last byte and its neighbours left alone.
+TEST_F(CudaEpilogue, ZeroEmptyGroupsZeroesGroupsLargerThanTheGrid) {
+  const int64_t num_groups = 3;
+  for (int64_t group_bytes : {int64_t{1} << 20, (int64_t{256} << 10) + 40}) {
+    for (const std::vector<int64_t>& offsets : {std::vector<int64_t>{0, 3, 3, 8}, std::vector<int64_t>{0, 0, 5, 5}}) {
+      const std::string where = "group_bytes=" + std::to_string(group_bytes) + " offsets={" +
+                                std::to_string(offsets[1]) + "," + std::to_string(offsets[2]) + "," +
+                                std::to_string(offsets[3]) + "}";
+      std::vector<uint8_t> data(num_groups * group_bytes);
+      for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(1 + i % 251);  // no zero byte
+      std::vector<uint8_t> want = data;
+      zero_empty_groups_ref(want.data(), num_groups, group_bytes, offsets.data());
+      DeviceBuffer d_data(data, stream_), d_offsets(offsets, stream_);
+      zero_empty_groups_cuda(d_data.get(), num_groups, group_bytes, d_offsets.as<int64_t>(), stream_);
+      const std::vector<uint8_t> got = d_data.download<uint8_t>(data.size());
+      for (int64_t g = 0; g < num_groups; ++g) {
+        const bool empty = offsets[g + 1] == offsets[g];
+        int64_t wrong = 0, first = -1;
+        for (int64_t i = g * group_bytes; i < (g + 1) * group_bytes; ++i) {
+          if (got[i] != (empty ? 0 : data[i]) && wrong++ == 0) first = i - g * group_bytes;
+        }
+        EXPECT_EQ(wrong, 0) << where << ": group " << g << (empty ? " (empty)" : " (with rows)") << " has " << wrong
+                            << " wrong bytes, the first at byte " << first;
+      }
+      EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size())) << where << ": differs from the reference";
+    }
   }
 }
 

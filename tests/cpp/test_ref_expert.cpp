@@ -1,9 +1,13 @@
 // Tests of csrc/ref/expert_ref: grouped_linear_ref and its backward against per-expert matrix products in
-// double and against central finite differences in fp64, and the offset checks.
+// double and against central finite differences in fp64, the offset checks, the epilogues, and swiglu_ref and its
+// backward against closed forms and finite differences.
 #include <cmath>
 #include <cstdint>
+#include <iomanip>
+#include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ref/expert_ref.h"
@@ -330,4 +334,263 @@ TEST(ZeroEmptyGroupsRef, ZeroesOnlyGroupsWithoutRows) {
 }
 
 }  // namespace
+}  // namespace fastmoe
+
+// ---------------------------------------------------------------------------------------------------------------
+// swiglu_ref and its backward against closed forms evaluated in long double, and the fp64 backward against
+// central finite differences of the fp64 forward.
+
+namespace fastmoe {
+namespace test {
+namespace {
+
+// Closed forms at one element, in long double (at least as wide as double): silu(g) = g s, s = 1 / (1 + e^-g).
+struct SwigluExact {
+  long double out, grad_gate, grad_up;
+  // Magnitudes the accumulation-type rounding errors scale with: grad_gate = dy u s (1 + g (1 - s)) loses its
+  // relative accuracy where 1 + g (1 - s) cancels (g near -1.28) or 1 - s does (large g), so its scale is
+  // |dy u| s (1 + |g|) rather than its own value.
+  long double out_scale, grad_gate_scale, grad_up_scale;
+};
+
+SwigluExact swiglu_exact(double gate, double up, double dy) {
+  const long double g = gate, u = up, d = dy;
+  const long double s = 1.0L / (1.0L + std::exp(-g));
+  const long double silu = g * s;
+  return {silu * u,
+          d * u * s * (1.0L + g * (1.0L - s)),
+          d * silu,
+          std::fabs(silu * u),
+          std::fabs(d * u) * s * (1.0L + std::fabs(g)),
+          std::fabs(d * silu)};
+}
+
+// |got - exact| <= eps_T |exact| + kAccUlps eps_A scale + (smallest subnormal of T) + floor, element-wise: the
+// final rounding to T, the rounding errors of the accumulation-type chain (exp within an ulp, then at most a few
+// adds, multiplies and a divide, each within half an ulp: under 8 eps_A of the scale), and underflow.
+constexpr double kSwigluAccUlps = 8;
+
+template <typename T>
+double smallest_subnormal() {
+  if constexpr (kIs16Bit<T>) {
+    return to_double(T{uint16_t{1}});
+  } else {
+    return std::numeric_limits<T>::denorm_min();
+  }
+}
+
+template <typename T>
+::testing::AssertionResult swiglu_within_bound(const std::vector<T>& got, const std::vector<long double>& exact,
+                                               const std::vector<long double>& scale, double floor = 0) {
+  if (got.size() != exact.size()) {
+    return ::testing::AssertionFailure() << "size " << got.size() << " != expected size " << exact.size();
+  }
+  const double eps_a = std::numeric_limits<acc_t<T>>::epsilon();
+  size_t failures = 0, first = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const long double bound =
+        epsilon_of<T>() * std::fabs(exact[i]) + kSwigluAccUlps * eps_a * scale[i] + smallest_subnormal<T>() + floor;
+    const long double error = std::fabs(static_cast<long double>(to_double(got[i])) - exact[i]);
+    if (!(error <= bound) && failures++ == 0) first = i;  // a NaN fails too
+  }
+  if (failures == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << failures << " of " << got.size() << " elements off; first at [" << first
+                                       << "]: got " << describe(got[first]) << ", exact " << std::setprecision(20)
+                                       << exact[first];
+}
+
+// Inputs of one SwiGLU problem as T holds them: h = [gate | up] per row, and the output gradient.
+template <typename T>
+struct SwigluCase {
+  int64_t rows, hidden;
+  std::vector<T> h, dy;
+
+  double gate(int64_t r, int64_t j) const { return to_double(h[r * 2 * hidden + j]); }
+  double up(int64_t r, int64_t j) const { return to_double(h[r * 2 * hidden + hidden + j]); }
+};
+
+template <typename T>
+SwigluCase<T> random_swiglu_case(int64_t rows, int64_t hidden, std::mt19937& rng) {
+  SwigluCase<T> c{rows, hidden, {}, to_type<T>(random_uniform(rows * hidden, rng, -2.0, 2.0))};
+  c.h.resize(rows * 2 * hidden);
+  const std::vector<double> gate = random_uniform(rows * hidden, rng, -8.0, 8.0);
+  const std::vector<double> up = random_uniform(rows * hidden, rng, -2.0, 2.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < hidden; ++j) {
+      c.h[r * 2 * hidden + j] = from_double<T>(gate[r * hidden + j]);
+      c.h[r * 2 * hidden + hidden + j] = from_double<T>(up[r * hidden + j]);
+    }
+  }
+  return c;
+}
+
+// The closed forms laid out as the outputs: out [rows, hidden] and grad_h [rows, 2 * hidden] = [gate | up].
+struct SwigluExpected {
+  std::vector<long double> out, out_scale, grad_h, grad_h_scale;
+};
+
+template <typename T>
+SwigluExpected swiglu_expected(const SwigluCase<T>& c) {
+  SwigluExpected e;
+  e.out.resize(c.rows * c.hidden);
+  e.out_scale.resize(c.rows * c.hidden);
+  e.grad_h.resize(c.rows * 2 * c.hidden);
+  e.grad_h_scale.resize(c.rows * 2 * c.hidden);
+  for (int64_t r = 0; r < c.rows; ++r) {
+    for (int64_t j = 0; j < c.hidden; ++j) {
+      const SwigluExact x = swiglu_exact(c.gate(r, j), c.up(r, j), to_double(c.dy[r * c.hidden + j]));
+      e.out[r * c.hidden + j] = x.out;
+      e.out_scale[r * c.hidden + j] = x.out_scale;
+      e.grad_h[r * 2 * c.hidden + j] = x.grad_gate;
+      e.grad_h_scale[r * 2 * c.hidden + j] = x.grad_gate_scale;
+      e.grad_h[r * 2 * c.hidden + c.hidden + j] = x.grad_up;
+      e.grad_h_scale[r * 2 * c.hidden + c.hidden + j] = x.grad_up_scale;
+    }
+  }
+  return e;
+}
+
+template <typename T>
+std::vector<T> swiglu_forward(const SwigluCase<T>& c) {
+  std::vector<T> out(c.rows * c.hidden, garbage<T>());
+  swiglu_ref(dtype_of<T>(), c.h.data(), c.rows, c.hidden, out.data());
+  return out;
+}
+
+template <typename T>
+std::vector<T> swiglu_backward(const SwigluCase<T>& c) {
+  std::vector<T> grad_h(c.rows * 2 * c.hidden, garbage<T>());
+  swiglu_backward_ref(dtype_of<T>(), c.dy.data(), c.h.data(), c.rows, c.hidden, grad_h.data());
+  return grad_h;
+}
+
+template <typename T>
+class SwigluRefTest : public ::testing::Test {};
+TYPED_TEST_SUITE(SwigluRefTest, AllFloatTypes, DTypeNames);
+
+// The forward is a chain of four operations on exact inputs, so it is held to ulps of the exact value: 1 ulp for
+// the 16-bit types (the fp32 chain's error is far below their rounding), and 6 for fp32 and fp64 (exp within an
+// ulp and three roundings of half an ulp: under 5 unit roundoffs, i.e. 5 ulps at the bottom of a binade, plus the
+// half ulp of rounding the exact value).
+TYPED_TEST(SwigluRefTest, ForwardMatchesClosedForm) {
+  using T = TypeParam;
+  std::mt19937 rng(101);
+  for (const auto& [rows, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {5, 7}, {3, 16}, {64, 33}}) {
+    SCOPED_TRACE("rows=" + std::to_string(rows) + " hidden=" + std::to_string(hidden));
+    const SwigluCase<T> c = random_swiglu_case<T>(rows, hidden, rng);
+    const SwigluExpected want = swiglu_expected(c);
+    std::vector<double> exact(want.out.begin(), want.out.end());
+    EXPECT_TRUE(all_within_ulps(swiglu_forward(c), exact, kIs16Bit<T> ? 1 : 6));
+  }
+}
+
+TYPED_TEST(SwigluRefTest, BackwardMatchesClosedForm) {
+  using T = TypeParam;
+  std::mt19937 rng(103);
+  for (const auto& [rows, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {5, 7}, {3, 16}, {64, 33}}) {
+    SCOPED_TRACE("rows=" + std::to_string(rows) + " hidden=" + std::to_string(hidden));
+    const SwigluCase<T> c = random_swiglu_case<T>(rows, hidden, rng);
+    const SwigluExpected want = swiglu_expected(c);
+    EXPECT_TRUE(swiglu_within_bound(swiglu_backward(c), want.grad_h, want.grad_h_scale));
+  }
+}
+
+// Gates at 0 and far out on both sides: every result finite. silu(0) = 0 and silu'(0) = 1/2 exactly; silu(-100)
+// (about -3.7e-42) is below fp32's normal range (and exp(100) overflows fp32), so results there only need to be
+// within 1e-30 of the exact value; elsewhere the usual bound holds.
+TYPED_TEST(SwigluRefTest, EdgeGatesGiveFiniteResults) {
+  using T = TypeParam;
+  const std::vector<double> gates = {0.0, 30.0, -30.0, 100.0, -100.0};
+  const std::vector<double> ups = {1.5, -0.75}, dys = {-1.25, 0.5};
+  const int64_t hidden = static_cast<int64_t>(gates.size()), rows = static_cast<int64_t>(ups.size());
+  SwigluCase<T> c{rows, hidden, std::vector<T>(rows * 2 * hidden), std::vector<T>(rows * hidden)};
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < hidden; ++j) {
+      c.h[r * 2 * hidden + j] = from_double<T>(gates[j]);
+      c.h[r * 2 * hidden + hidden + j] = from_double<T>(ups[r]);
+      c.dy[r * hidden + j] = from_double<T>(dys[r]);
+    }
+  }
+  const SwigluExpected want = swiglu_expected(c);
+  const std::vector<T> out = swiglu_forward(c), grad_h = swiglu_backward(c);
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_TRUE(std::isfinite(to_double(out[i]))) << "out " << i;
+  for (size_t i = 0; i < grad_h.size(); ++i) EXPECT_TRUE(std::isfinite(to_double(grad_h[i]))) << "grad_h " << i;
+  EXPECT_TRUE(swiglu_within_bound(out, want.out, want.out_scale, 1e-30)) << "out";
+  EXPECT_TRUE(swiglu_within_bound(grad_h, want.grad_h, want.grad_h_scale, 1e-30)) << "grad_h";
+  for (int64_t r = 0; r < rows; ++r) {
+    SCOPED_TRACE("row " + std::to_string(r));
+    EXPECT_EQ(to_double(out[r * hidden + 0]), 0.0) << "silu(0) * u";
+    EXPECT_EQ(to_double(grad_h[r * 2 * hidden + 0]), 0.5 * dys[r] * ups[r]) << "d/dg at g = 0";
+    EXPECT_EQ(to_double(grad_h[r * 2 * hidden + hidden + 0]), 0.0) << "d/du at g = 0";
+    EXPECT_LE(std::fabs(to_double(out[r * hidden + 4])), 1e-30) << "silu(-100) * u";
+    EXPECT_EQ(to_double(out[r * hidden + 3]), to_double(from_double<T>(100.0 * ups[r]))) << "silu(100) * u";
+  }
+}
+
+TYPED_TEST(SwigluRefTest, ZeroRowsOrZeroHiddenWriteNothing) {
+  using T = TypeParam;
+  const std::vector<T> h(8, from_double<T>(1.0)), dy(4, from_double<T>(1.0));
+  std::vector<T> out(4, garbage<T>()), grad_h(8, garbage<T>());
+  const std::vector<T> out_before = out, grad_h_before = grad_h;
+  for (const auto& [rows, hidden] : std::vector<std::pair<int64_t, int64_t>>{{0, 4}, {4, 0}, {0, 0}}) {
+    swiglu_ref(dtype_of<T>(), h.data(), rows, hidden, out.data());
+    swiglu_backward_ref(dtype_of<T>(), dy.data(), h.data(), rows, hidden, grad_h.data());
+    EXPECT_TRUE(same_bits(out.data(), out_before.data(), out.size())) << "rows=" << rows << " hidden=" << hidden;
+    EXPECT_TRUE(same_bits(grad_h.data(), grad_h_before.data(), grad_h.size()))
+        << "rows=" << rows << " hidden=" << hidden;
+  }
+}
+
+TEST(SwigluRefSizesTest, NegativeSizesThrowNamingTheFunctionAndValues) {
+  const std::vector<float> h(8, 1.0f), dy(4, 1.0f);
+  std::vector<float> out(4), grad_h(8);
+  EXPECT_THAT(error_text([&] { swiglu_ref(DType::kFloat32, h.data(), -1, 4, out.data()); }),
+              HasSubstr("swiglu_ref: num_rows and hidden must be >= 0, got -1 and 4"));
+  EXPECT_THAT(error_text([&] { swiglu_ref(DType::kFloat32, h.data(), 2, -3, out.data()); }),
+              HasSubstr("swiglu_ref: num_rows and hidden must be >= 0, got 2 and -3"));
+  EXPECT_THAT(error_text([&] { swiglu_backward_ref(DType::kFloat32, dy.data(), h.data(), -2, 4, grad_h.data()); }),
+              HasSubstr("swiglu_backward_ref: num_rows and hidden must be >= 0, got -2 and 4"));
+  EXPECT_THAT(error_text([&] { swiglu_backward_ref(DType::kFloat32, dy.data(), h.data(), 2, -1, grad_h.data()); }),
+              HasSubstr("swiglu_backward_ref: num_rows and hidden must be >= 0, got 2 and -1"));
+  EXPECT_THAT(error_text([] { check_swiglu_sizes("some_kernel", 0, -5); }),
+              HasSubstr("some_kernel: num_rows and hidden must be >= 0, got 0 and -5"));
+  EXPECT_NO_THROW(check_swiglu_sizes("some_kernel", 0, 0));
+}
+
+// L = sum(dy * swiglu(h)); its central differences against the fp64 backward, element by element.
+TEST(SwigluFp64Test, BackwardMatchesCentralFiniteDifferences) {
+  std::mt19937 rng(107);
+  const int64_t rows = 3, hidden = 4;
+  const double eps = 1e-5, tolerance = 1e-8;
+  // Gates in [-4, 4] (one at 0), up values in [-1, 1]: |L| stays below 50, so its rounding moves a difference
+  // quotient by well under the tolerance.
+  std::vector<double> h = random_uniform(rows * 2 * hidden, rng, -1.0, 1.0);
+  const std::vector<double> gates = random_uniform(rows * hidden, rng, -4.0, 4.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < hidden; ++j) h[r * 2 * hidden + j] = gates[r * hidden + j];
+  }
+  h[0] = 0.0;
+  const std::vector<double> dy = random_uniform(rows * hidden, rng, -1.0, 1.0);
+  auto loss = [&] {
+    std::vector<double> out(rows * hidden);
+    swiglu_ref(DType::kFloat64, h.data(), rows, hidden, out.data());
+    double sum = 0;
+    for (size_t i = 0; i < out.size(); ++i) sum += dy[i] * out[i];
+    return sum;
+  };
+  std::vector<double> grad_h(h.size(), std::numeric_limits<double>::quiet_NaN());
+  swiglu_backward_ref(DType::kFloat64, dy.data(), h.data(), rows, hidden, grad_h.data());
+  for (size_t i = 0; i < h.size(); ++i) {
+    const double saved = h[i];
+    h[i] = saved + eps;
+    const double plus = loss();
+    h[i] = saved - eps;
+    const double minus = loss();
+    h[i] = saved;
+    EXPECT_NEAR(grad_h[i], (plus - minus) / (2 * eps), tolerance) << "grad_h " << i;
+  }
+}
+
+}  // namespace
+}  // namespace test
 }  // namespace fastmoe

@@ -17,33 +17,10 @@ namespace {
 
 using cuda::dacc_t;
 using cuda::kWarpSize;
+using cuda::load_chunk;
+using cuda::store_chunk;
 
 constexpr int kThreadsPerBlock = 256;
-
-// Loads / stores kN consecutive elements; a 16-byte chunk goes through one vector access (the caller has
-// checked the alignment).
-template <typename T, int kN>
-__device__ __forceinline__ void load_chunk(const T* src, T (&out)[kN]) {
-  if constexpr (kN * sizeof(T) == 16) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(src);
-    memcpy(out, &raw, sizeof(raw));
-  } else {
-#pragma unroll
-    for (int i = 0; i < kN; ++i) out[i] = src[i];
-  }
-}
-
-template <typename T, int kN>
-__device__ __forceinline__ void store_chunk(T* dst, const T (&in)[kN]) {
-  if constexpr (kN * sizeof(T) == 16) {
-    uint4 raw;
-    memcpy(&raw, in, sizeof(raw));
-    *reinterpret_cast<uint4*>(dst) = raw;
-  } else {
-#pragma unroll
-    for (int i = 0; i < kN; ++i) dst[i] = in[i];
-  }
-}
 
 // Block shape for the (row, chunk) kernels: x runs along the chunks of a row, y over rows, so a narrow row
 // still fills the block.

@@ -27,4 +27,9 @@ void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t 
 void zero_empty_groups_cuda(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets,
                             cudaStream_t stream);
 
+// As swiglu_ref / swiglu_backward_ref (one elementwise kernel each).
+void swiglu_cuda(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out, cudaStream_t stream);
+void swiglu_backward_cuda(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h,
+                          cudaStream_t stream);
+
 }  // namespace fastmoe

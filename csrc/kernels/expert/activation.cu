@@ -1,0 +1,121 @@
+// SwiGLU between a gated expert's two GEMMs, forward and backward, one pass over memory each way: the forward
+// reads [gate | up] once and writes the product; the backward recomputes the sigmoid from [gate | up] (the only
+// thing saved) and writes both halves of the gradient. Same contract as swiglu_ref / swiglu_backward_ref.
+//
+// One thread per chunk of a row's hidden columns: 16 bytes (8 halves, 4 floats, 2 doubles) when every row of
+// every operand is 16-byte aligned, one element otherwise. Elementwise, so deterministic.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+#include "kernels/common.cuh"
+#include "kernels/expert/expert.h"
+
+namespace fastmoe {
+namespace {
+
+using cuda::dacc_t;
+using cuda::load_chunk;
+using cuda::store_chunk;
+
+constexpr int kThreads = 256;
+
+template <typename A>
+__device__ __forceinline__ A sigmoid(A g) {
+  return A(1) / (A(1) + cuda::exp_acc(-g));
+}
+
+// h [rows, 2 * hidden] -> out [rows, hidden]; chunk i covers columns (i % chunks) * kN .. + kN of row i / chunks.
+template <typename T, int kN>
+__global__ void swiglu_kernel(const T* __restrict__ h, int64_t num_rows, int64_t hidden, T* __restrict__ out) {
+  using A = dacc_t<T>;
+  const int64_t chunks = hidden / kN, total = num_rows * chunks;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t r = i / chunks, col = (i - r * chunks) * kN;
+    const T* row = h + r * 2 * hidden;
+    T gate[kN], up[kN], result[kN];
+    load_chunk<T, kN>(row + col, gate);
+    load_chunk<T, kN>(row + hidden + col, up);
+#pragma unroll
+    for (int v = 0; v < kN; ++v) {
+      const A g = cuda::to_acc(gate[v]);
+      const A silu = g / (A(1) + cuda::exp_acc(-g));
+      result[v] = cuda::from_acc<T>(silu * cuda::to_acc(up[v]));
+    }
+    store_chunk<T, kN>(out + r * hidden + col, result);
+  }
+}
+
+template <typename T, int kN>
+__global__ void swiglu_backward_kernel(const T* __restrict__ grad, const T* __restrict__ h, int64_t num_rows,
+                                       int64_t hidden, T* __restrict__ grad_h) {
+  using A = dacc_t<T>;
+  const int64_t chunks = hidden / kN, total = num_rows * chunks;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t r = i / chunks, col = (i - r * chunks) * kN;
+    const T* row = h + r * 2 * hidden;
+    T gate[kN], up[kN], dy[kN], grad_gate[kN], grad_up[kN];
+    load_chunk<T, kN>(row + col, gate);
+    load_chunk<T, kN>(row + hidden + col, up);
+    load_chunk<T, kN>(grad + r * hidden + col, dy);
+#pragma unroll
+    for (int v = 0; v < kN; ++v) {
+      const A g = cuda::to_acc(gate[v]), u = cuda::to_acc(up[v]), d = cuda::to_acc(dy[v]);
+      const A s = sigmoid(g);
+      grad_gate[v] = cuda::from_acc<T>(d * u * (s * (A(1) + g * (A(1) - s))));
+      grad_up[v] = cuda::from_acc<T>(d * (g * s));
+    }
+    T* grad_row = grad_h + r * 2 * hidden;
+    store_chunk<T, kN>(grad_row + col, grad_gate);
+    store_chunk<T, kN>(grad_row + hidden + col, grad_up);
+  }
+}
+
+// Calls launch(std::integral_constant<int, kN>) with the widest chunk every operand allows.
+template <typename T, typename Launch>
+void with_chunk(int64_t hidden, std::initializer_list<const void*> pointers, Launch&& launch) {
+  if (cuda::rows_are_vec16<T>(hidden, pointers)) {
+    launch(std::integral_constant<int, cuda::kVec16<T>>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
+unsigned int grid_of(int64_t num_rows, int64_t hidden, int chunk) {
+  return cuda::grid_for(num_rows * (hidden / chunk), kThreads);
+}
+
+}  // namespace
+
+void swiglu_cuda(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out, cudaStream_t stream) {
+  check_swiglu_sizes("swiglu_cuda", num_rows, hidden);
+  if (num_rows == 0 || hidden == 0) return;
+  FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "swiglu_cuda", T, [&] {
+    with_chunk<T>(hidden, {h, out}, [&](auto chunk) {
+      constexpr int kN = decltype(chunk)::value;
+      swiglu_kernel<T, kN><<<grid_of(num_rows, hidden, kN), kThreads, 0, stream>>>(static_cast<const T*>(h), num_rows,
+                                                                                   hidden, static_cast<T*>(out));
+    });
+  });
+  FMOE_CHECK_LAUNCH();
+}
+
+void swiglu_backward_cuda(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h,
+                          cudaStream_t stream) {
+  check_swiglu_sizes("swiglu_backward_cuda", num_rows, hidden);
+  if (num_rows == 0 || hidden == 0) return;
+  FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "swiglu_backward_cuda", T, [&] {
+    with_chunk<T>(hidden, {grad, h, grad_h}, [&](auto chunk) {
+      constexpr int kN = decltype(chunk)::value;
+      swiglu_backward_kernel<T, kN><<<grid_of(num_rows, hidden, kN), kThreads, 0, stream>>>(
+          static_cast<const T*>(grad), static_cast<const T*>(h), num_rows, hidden, static_cast<T*>(grad_h));
+    });
+  });
+  FMOE_CHECK_LAUNCH();
+}
+
+}  // namespace fastmoe

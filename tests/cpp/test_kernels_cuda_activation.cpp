@@ -1,0 +1,180 @@
+// swiglu_cuda and swiglu_backward_cuda (csrc/kernels/expert/activation.cu) against swiglu_ref and
+// swiglu_backward_ref. Both evaluate the same formulas in the same accumulation type, but exp rounds differently
+// on the host and the device (and the device may fuse a multiply-add), so the results are compared within the
+// rounding of the dtype plus a few ulps of the accumulation type; two runs on the device must agree bit for bit.
+// Each case runs with every operand 16-byte aligned (the vector path whenever hidden * sizeof(T) is a multiple of
+// 16), with every operand one element off (the scalar path), and with only the output one element off (the
+// scalar path as well: every pointer must be aligned for the vector one); one poisoned element on either side of
+// each output catches a store out of bounds.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "kernels/expert/expert.h"
+#include "test_util.h"
+
+namespace fastmoe {
+namespace test {
+namespace {
+
+// Where the operands start: one element past an aligned allocation moves them off 16-byte alignment.
+struct Layout {
+  const char* name;
+  int64_t input_shift, output_shift;
+};
+constexpr Layout kLayouts[] = {{"aligned", 0, 0}, {"all operands shifted", 1, 1}, {"output shifted", 0, 1}};
+
+// Bound on |device - reference| per element: eps_T |ref| for the two sides rounding to neighbouring values of T,
+// kAccUlps eps_A scale for the two accumulation-type chains (each under 8 eps_A of its scale), and one subnormal
+// step of T for underflow.
+constexpr double kAccUlps = 16;
+
+template <typename T>
+double smallest_subnormal() {
+  if constexpr (kIs16Bit<T>) {
+    return to_double(T{uint16_t{1}});
+  } else {
+    return std::numeric_limits<T>::denorm_min();
+  }
+}
+
+template <typename T>
+::testing::AssertionResult close_to_reference(const std::vector<T>& got, const std::vector<T>& want,
+                                              const std::vector<double>& scale) {
+  const double eps_a = std::numeric_limits<acc_t<T>>::epsilon();
+  size_t failures = 0, first = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double ref = to_double(want[i]);
+    const double bound = epsilon_of<T>() * std::fabs(ref) + kAccUlps * eps_a * scale[i] + smallest_subnormal<T>();
+    if (!(std::fabs(to_double(got[i]) - ref) <= bound) && failures++ == 0) first = i;  // a NaN fails too
+  }
+  if (failures == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << failures << " of " << got.size() << " elements off; first at [" << first
+                                       << "]: got " << describe(got[first]) << ", reference " << describe(want[first])
+                                       << ", scale " << scale[first];
+}
+
+class CudaSwiglu : public CudaKernelTest {
+ protected:
+  // `data` at element `shift` of a buffer with one poisoned element on each side of it.
+  template <typename T>
+  DeviceBuffer upload_shifted(const std::vector<T>& data, int64_t shift) {
+    std::vector<T> padded(data.size() + 2, garbage<T>());
+    std::copy(data.begin(), data.end(), padded.begin() + shift);
+    return DeviceBuffer(padded, stream_);
+  }
+
+  // The `count` elements at `shift`; fails the test if a byte around them changed.
+  template <typename T>
+  std::vector<T> download_checked(const DeviceBuffer& buffer, size_t count, int64_t shift, const std::string& what) {
+    const std::vector<uint8_t> bytes = buffer.download<uint8_t>((count + 2) * sizeof(T));
+    const size_t begin = shift * sizeof(T), end = begin + count * sizeof(T);
+    for (size_t i = 0; i < bytes.size(); ++i) {
+      if (i >= begin && i < end) continue;
+      EXPECT_EQ(bytes[i], 0xFF) << what << ": byte " << i << " outside the " << count << " elements at " << shift
+                                << " was written";
+    }
+    std::vector<T> values(count);
+    if (count > 0) std::memcpy(values.data(), bytes.data() + begin, count * sizeof(T));
+    return values;
+  }
+
+  template <typename T>
+  void check(int64_t rows, int64_t hidden, std::mt19937& rng) {
+    const DType dtype = dtype_of<T>();
+    const std::string where =
+        std::string(dtype_name(dtype)) + " rows=" + std::to_string(rows) + " hidden=" + std::to_string(hidden);
+    const size_t n_out = rows * hidden, n_h = 2 * n_out;
+    // Gates in [-8, 8] reach both tails of the sigmoid; up values and gradients in [-2, 2].
+    std::vector<T> h(n_h);
+    const std::vector<double> gate = random_uniform(n_out, rng, -8.0, 8.0), up = random_uniform(n_out, rng, -2.0, 2.0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < hidden; ++j) {
+        h[r * 2 * hidden + j] = from_double<T>(gate[r * hidden + j]);
+        h[r * 2 * hidden + hidden + j] = from_double<T>(up[r * hidden + j]);
+      }
+    }
+    const std::vector<T> dy = to_type<T>(random_uniform(n_out, rng, -2.0, 2.0));
+
+    std::vector<T> want_out(n_out, garbage<T>()), want_grad_h(n_h, garbage<T>());
+    swiglu_ref(dtype, h.data(), rows, hidden, want_out.data());
+    swiglu_backward_ref(dtype, dy.data(), h.data(), rows, hidden, want_grad_h.data());
+
+    // Magnitudes of the accumulation-type errors: |silu(g) u| for the output, |dy silu(g)| for the up half of
+    // the gradient, and |dy u| s (1 + |g|) for its gate half, whose factor 1 + g (1 - s) cancels near g = -1.28
+    // and whose 1 - s cancels for large g.
+    std::vector<double> out_scale(n_out), grad_h_scale(n_h);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < hidden; ++j) {
+        const double g = to_double(h[r * 2 * hidden + j]), u = to_double(h[r * 2 * hidden + hidden + j]);
+        const double d = to_double(dy[r * hidden + j]), s = 1.0 / (1.0 + std::exp(-g));
+        out_scale[r * hidden + j] = std::fabs(g * s * u);
+        grad_h_scale[r * 2 * hidden + j] = std::fabs(d * u) * s * (1.0 + std::fabs(g));
+        grad_h_scale[r * 2 * hidden + hidden + j] = std::fabs(d * g * s);
+      }
+    }
+
+    for (const Layout& layout : kLayouts) {
+      SCOPED_TRACE(where + ", " + layout.name);
+      const DeviceBuffer d_h = upload_shifted(h, layout.input_shift), d_dy = upload_shifted(dy, layout.input_shift);
+      const T* h_ptr = d_h.as<T>() + layout.input_shift;
+      const T* dy_ptr = d_dy.as<T>() + layout.input_shift;
+
+      auto forward = [&] {
+        DeviceBuffer d_out((n_out + 2) * sizeof(T), stream_);
+        d_out.poison();  // 0xFF bytes (NaN) until written
+        swiglu_cuda(dtype, h_ptr, rows, hidden, d_out.as<T>() + layout.output_shift, stream_);
+        return download_checked<T>(d_out, n_out, layout.output_shift, "out");
+      };
+      const std::vector<T> out = forward();
+      EXPECT_TRUE(close_to_reference(out, want_out, out_scale)) << "out";
+      const std::vector<T> out_again = forward();
+      EXPECT_TRUE(same_bits(out_again.data(), out.data(), n_out)) << "out: a second run differs";
+
+      auto backward = [&] {
+        DeviceBuffer d_grad_h((n_h + 2) * sizeof(T), stream_);
+        d_grad_h.poison();
+        swiglu_backward_cuda(dtype, dy_ptr, h_ptr, rows, hidden, d_grad_h.as<T>() + layout.output_shift, stream_);
+        return download_checked<T>(d_grad_h, n_h, layout.output_shift, "grad_h");
+      };
+      const std::vector<T> grad_h = backward();
+      EXPECT_TRUE(close_to_reference(grad_h, want_grad_h, grad_h_scale)) << "grad_h";
+      const std::vector<T> grad_h_again = backward();
+      EXPECT_TRUE(same_bits(grad_h_again.data(), grad_h.data(), n_h)) << "grad_h: a second run differs";
+    }
+  }
+};
+
+// hidden 1 and 3 never allow 16-byte chunks; 8, 768 and 1000 do for every dtype (8 halves, 2 doubles or 4 floats
+// per chunk) when aligned. 0 rows and 0 hidden launch nothing and must write nothing.
+TEST_F(CudaSwiglu, MatchesReferenceForEveryDtypeShapeAndAlignment) {
+  std::mt19937 rng(29);
+  for (int64_t rows : {0, 1, 7, 1000}) {
+    for (int64_t hidden : {0, 1, 3, 8, 768, 1000}) {
+      check<float>(rows, hidden, rng);
+      check<double>(rows, hidden, rng);
+      check<fp16_t>(rows, hidden, rng);
+      check<bf16_t>(rows, hidden, rng);
+    }
+  }
+}
+
+// The size check runs on the host before anything touches the device, so this needs no GPU.
+TEST(CudaSwigluSizes, NegativeSizesThrowNamingTheFunctionAndValues) {
+  EXPECT_THAT(error_text([] { swiglu_cuda(DType::kFloat32, nullptr, -1, 4, nullptr, nullptr); }),
+              ::testing::HasSubstr("swiglu_cuda: num_rows and hidden must be >= 0, got -1 and 4"));
+  EXPECT_THAT(error_text([] { swiglu_backward_cuda(DType::kBFloat16, nullptr, nullptr, 3, -2, nullptr, nullptr); }),
+              ::testing::HasSubstr("swiglu_backward_cuda: num_rows and hidden must be >= 0, got 3 and -2"));
+}
+
+}  // namespace
+}  // namespace test
+}  // namespace fastmoe
