@@ -49,10 +49,7 @@ torch::Tensor apply_activation(const torch::Tensor& h, Activation activation) {
     case Activation::kGELU: return torch::gelu(h);
     case Activation::kReLU: return torch::relu(h);
     case Activation::kSiLU: return torch::silu(h);
-    case Activation::kSwiGLU: {
-      auto halves = h.chunk(2, -1);
-      return torch::silu(halves[0]) * halves[1];
-    }
+    case Activation::kSwiGLU: return ops::swiglu(h);
   }
   TORCH_CHECK(false, "unknown activation ", static_cast<int>(activation));
 }

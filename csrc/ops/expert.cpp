@@ -1,4 +1,4 @@
-// Expert stage: CPU and Meta kernels of grouped_linear and grouped_linear_backward.
+// Expert stage: CPU, CUDA and Meta kernels of grouped_linear, swiglu and their backwards.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -296,9 +296,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
   return {grad_x, grad_w, grad_b};
 }
 
+// ------------------------------------------------------------------------------------------------ swiglu
+
+// h [..., 2 * hidden] -> [..., hidden]: the sizes of swiglu's output.
+std::vector<c10::SymInt> swiglu_out_sizes(const at::Tensor& h) {
+  std::vector<c10::SymInt> sizes(h.sym_sizes().begin(), h.sym_sizes().end());
+  sizes.back() = sizes.back() / 2;
+  return sizes;
+}
+
+// Rows of h viewed as [rows, 2 * hidden] (the product of the leading sizes; 1 for a 1-dim h).
+int64_t swiglu_rows(const at::Tensor& h) {
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < h.dim(); ++i) rows *= h.size(i);
+  return rows;
+}
+
+at::Tensor swiglu_meta(const at::Tensor& h) {
+  ops::check_swiglu(h);
+  return h.new_empty_symint(swiglu_out_sizes(h));
+}
+
+at::Tensor swiglu_kernel(const at::Tensor& h) {
+  ops::check_swiglu(h);
+  const c10::OptionalDeviceGuard guard(h.device());
+  const at::Tensor in = h.contiguous();
+  at::Tensor out = at::empty_symint(swiglu_out_sizes(in), in.options());
+  const int64_t rows = swiglu_rows(in), hidden = in.size(-1) / 2;
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (in.is_cuda()) {
+      return swiglu_cuda(to_dtype(in, "h"), in.const_data_ptr(), rows, hidden, out.mutable_data_ptr(),
+                         current_stream(in));
+    }
+#endif
+    swiglu_ref(to_dtype(in, "h"), in.const_data_ptr(), rows, hidden, out.mutable_data_ptr());
+  });
+  return out;
+}
+
+at::Tensor swiglu_backward_meta(const at::Tensor& grad, const at::Tensor& h) {
+  ops::check_swiglu_backward(grad, h);
+  return at::empty_like(h, at::MemoryFormat::Contiguous);
+}
+
+at::Tensor swiglu_backward_kernel(const at::Tensor& grad, const at::Tensor& h) {
+  ops::check_swiglu_backward(grad, h);
+  const c10::OptionalDeviceGuard guard(h.device());
+  const at::Tensor in = h.contiguous(), gy = grad.contiguous();
+  at::Tensor grad_h = at::empty_like(in, at::MemoryFormat::Contiguous);
+  const int64_t rows = swiglu_rows(in), hidden = in.size(-1) / 2;
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (in.is_cuda()) {
+      return swiglu_backward_cuda(to_dtype(in, "h"), gy.const_data_ptr(), in.const_data_ptr(), rows, hidden,
+                                  grad_h.mutable_data_ptr(), current_stream(in));
+    }
+#endif
+    swiglu_backward_ref(to_dtype(in, "h"), gy.const_data_ptr(), in.const_data_ptr(), rows, hidden,
+                        grad_h.mutable_data_ptr());
+  });
+  return grad_h;
+}
+
 }  // namespace
 
 namespace ops {
+
+void check_swiglu(const at::Tensor& h) {
+  check_float(h, "h");
+  TORCH_CHECK(h.dim() >= 1, "h must be [..., 2 * hidden] ([gate | up]), got a 0-dim tensor");
+  TORCH_CHECK_VALUE(h.sym_size(-1) % 2 == 0,
+                    "h must be [..., 2 * hidden] ([gate | up]): its last size must be even, got ", h.sym_sizes());
+}
+
+void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& h) {
+  check_swiglu(h);
+  check_float(grad, "grad");
+  const std::vector<c10::SymInt> expected = swiglu_out_sizes(h);
+  TORCH_CHECK(grad.sym_sizes() == c10::SymIntArrayRef(expected), "grad must have swiglu's output shape ",
+              c10::SymIntArrayRef(expected), " for h of shape ", h.sym_sizes(), ", got ", grad.sym_sizes());
+  TORCH_CHECK(grad.scalar_type() == h.scalar_type(), "grad must have h's dtype ", h.scalar_type(), ", got ",
+              grad.scalar_type());
+  check_same_device(grad, "grad", h, "h");
+}
+
+at::Tensor swiglu(const at::Tensor& h) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmoe::swiglu", "").typed<at::Tensor(const at::Tensor&)>();
+  return op.call(h);
+}
+
+at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmoe::swiglu_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad, h);
+}
 
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias) {
@@ -326,18 +420,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at:
 TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
   m.impl("grouped_linear", &grouped_linear_kernel);
   m.impl("grouped_linear_backward", &grouped_linear_backward_kernel);
+  m.impl("swiglu", &swiglu_kernel);
+  m.impl("swiglu_backward", &swiglu_backward_kernel);
 }
 
 #ifdef FASTMOE_WITH_CUDA_OPS
 TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
   m.impl("grouped_linear", &grouped_linear_kernel);
   m.impl("grouped_linear_backward", &grouped_linear_backward_kernel);
+  m.impl("swiglu", &swiglu_kernel);
+  m.impl("swiglu_backward", &swiglu_backward_kernel);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
   m.impl("grouped_linear", &grouped_linear_meta);
   m.impl("grouped_linear_backward", &grouped_linear_backward_meta);
+  m.impl("swiglu", &swiglu_meta);
+  m.impl("swiglu_backward", &swiglu_backward_meta);
 }
 
 }  // namespace fastmoe

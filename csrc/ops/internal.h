@@ -40,6 +40,11 @@ inline double balance_scale(int64_t num_tokens, int64_t num_experts, int64_t num
 void check_balance_loss_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& expert_counts,
                                  int64_t num_pairs, double coef);
 
+// swiglu's and swiglu_backward's argument checks; swiglu_backward's Autograd kernel runs them before recording the
+// backward as ATen ops.
+void check_swiglu(const at::Tensor& h);
+void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& h);
+
 at::Tensor route_topk_backward(const at::Tensor& grad_score, const at::Tensor& logits, const at::Tensor& topk_idx,
                                const at::Tensor& topk_score, const std::string& score_fn);
 

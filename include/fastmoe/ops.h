@@ -45,6 +45,13 @@ at::Tensor balance_loss(const at::Tensor& logits, const at::Tensor& expert_count
 at::Tensor balance_loss_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& expert_counts,
                                  int64_t num_pairs, double coef);
 
+// SwiGLU of a gated expert: h [..., 2 * hidden] holds [gate | up] -> silu(gate) * up, [..., hidden], in h's dtype
+// (computed in fp32, fp64 for fp64, and rounded once). Differentiable (also twice); its backward recomputes the
+// sigmoid from h, so only h is saved. One elementwise kernel each way on CUDA.
+at::Tensor swiglu(const at::Tensor& h);
+// Its gradient with respect to h, [..., 2 * hidden], for grad [..., hidden].
+at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h);
+
 // x [T, d] -> x_sorted [T * k, d]; row r holds x[sorted_pair[r] / k], zero where sorted_pair[r] == -1.
 at::Tensor permute(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos);
 

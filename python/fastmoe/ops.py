@@ -84,6 +84,19 @@ def balance_loss_backward(
     )
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of gated experts: ``h [..., 2 * hidden]`` holds ``[gate | up]``; returns ``silu(gate) * up``
+    ``[..., hidden]`` in h's dtype, computed in fp32 (fp64 for fp64) and rounded once. Differentiable (also twice);
+    the backward recomputes the sigmoid from ``h``, the only tensor saved. One elementwise kernel each way on CUDA.
+    """
+    return _ops.swiglu(dense_tensor("h", h))
+
+
+def swiglu_backward(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`swiglu` for ``h``, ``[..., 2 * hidden]``, for ``grad [..., hidden]``."""
+    return _ops.swiglu_backward(dense_tensor("grad", grad), dense_tensor("h", h))
+
+
 def permute(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``x [T, d]`` -> ``[T * k, d]`` rows in plan order (zero rows at the tail for dropped slots)."""
     plan = _plan(plan)

@@ -466,13 +466,113 @@ def grouped_linear_backward_case(rng: random.Random, device: str) -> Case:
     )
 
 
+# ----------------------------------------------------------------------------------------------- swiglu
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(size) for size in shape) + "]"
+
+
+def _gated_inputs(rng: random.Random, device: str):
+    """h [..., 2 * hidden] (1 to 3 dims, empty sizes included, any layout) and a grad [..., hidden]."""
+    lead = [rng.choice(SIZES) for _ in range(rng.randint(0, 2))]
+    hidden, dtype = rng.choice([0, 1, 2, 3, 5, 8, 17]), rng.choice(FLOATS)
+    h = randn(rng, *lead, 2 * hidden, dtype=dtype, device=device)
+    grad = randn(rng, *lead, hidden, dtype=dtype, device=device)
+    return lead, hidden, dtype, h, grad
+
+
+def reference_swiglu(h: torch.Tensor, grad: torch.Tensor | None = None):
+    """silu(gate) * up in fp64 for h = [gate | up], and (with ``grad``) its gradient for h by autograd."""
+    leaf = h.detach().double().cpu().requires_grad_(True)
+    gate, up = leaf.chunk(2, dim=-1)
+    y = torch.nn.functional.silu(gate) * up
+    if grad is None:
+        return y.detach()
+    (grad_h,) = torch.autograd.grad(y, leaf, grad.double().cpu())
+    return grad_h
+
+
+def swiglu_case(rng: random.Random, device: str) -> Case:
+    lead, hidden, dtype, h, _ = _gated_inputs(rng, device)
+    via_ops = rng.random() < 0.5
+    op = ops.swiglu if via_ops else F.swiglu
+    m = pick(rng, ["odd", "0-dim", "int", "list", "dense"])
+    name = f"swiglu/{m}"
+    if m == "dense":
+        bad, kind = not_dense(rng, h)
+        return not_dense_case(name, via_ops, lambda: op(bad), "h", kind)
+    if m == "odd":
+        odd = randn(rng, *lead, 2 * hidden + 1, dtype=dtype, device=device)
+        return Case(name, lambda: op(odd), error=(ValueError, "h", _shape_str([*lead, 2 * hidden + 1])))
+    if m == "0-dim":
+        scalar = torch.tensor(1.5, dtype=dtype, device=device)
+        return Case(name, lambda: op(scalar), error=(R, "h", "0-dim"))
+    if m == "int":
+        bad = rng.choice([torch.int64, torch.int32, torch.bool])
+        return Case(name, lambda: op(h.to(bad)), error=(R, "h", SCALAR_NAME[bad]))
+    if m == "list":
+        return Case(name, lambda: op(h.tolist()), error=(SCHEMA, "h", "list"))
+
+    def check(y):
+        assert y.device == h.device, f"y on {y.device}, h on {h.device}"
+        assert_close(y, reference_swiglu(h), dtype, "y")
+
+    return Case(valid_name(name), lambda: op(h), check, meta_call=lambda: op(to_meta(h)))
+
+
+def swiglu_backward_case(rng: random.Random, device: str) -> Case:
+    """Valid cases run the kernel, or (h requiring grad) the backward recorded as ATen ops for double backward."""
+    lead, hidden, dtype, h, grad = _gated_inputs(rng, device)
+    via_ops = rng.random() < 0.5
+    op = ops.swiglu_backward if via_ops else F.swiglu_backward
+    m = pick(rng, ["grad-shape", "grad-rank", "grad-dtype", "grad-int", "h-odd", "device", "dense"])
+    name = f"swiglu_backward/{m}"
+    if m == "dense":
+        bad, kind = not_dense(rng, grad)
+        return not_dense_case(name, via_ops, lambda: op(bad, h), "grad", kind)
+    if m == "grad-shape":
+        wide = randn(rng, *lead, hidden + 1, dtype=dtype, device=device)
+        return Case(name, lambda: op(wide, h), error=(R, "grad", _shape_str([*lead, hidden + 1])))
+    if m == "grad-rank":
+        return Case(name, lambda: op(grad[None], h), error=(R, "grad", _shape_str([1, *lead, hidden])))
+    if m == "grad-dtype":
+        bad = wrong_float(rng, dtype)
+        return Case(name, lambda: op(grad.to(bad), h), error=(R, "grad", SCALAR_NAME[bad]))
+    if m == "grad-int":
+        bad = rng.choice([torch.int64, torch.int32])
+        return Case(name, lambda: op(grad.to(bad), h), error=(R, "grad", SCALAR_NAME[bad]))
+    if m == "h-odd":
+        odd = randn(rng, *lead, 2 * hidden + 1, dtype=dtype, device=device)
+        return Case(name, lambda: op(grad, odd), error=(ValueError, "h", _shape_str([*lead, 2 * hidden + 1])))
+    if m == "device":
+        other = other_device(device)
+        if rng.random() < 0.5:
+            return Case(name, lambda: op(grad.to(other), h), error=(R, "grad", other))
+        return Case(name, lambda: op(grad, h.to(other)), error=(R, "grad and h", other))
+
+    recorded = rng.random() < 0.3
+    h_in = h.detach().requires_grad_(True) if recorded else h
+
+    def check(grad_h):
+        assert grad_h.device == h.device, f"grad_h on {grad_h.device}, h on {h.device}"
+        assert (grad_h.grad_fn is not None) == recorded, "the backward is recorded exactly when h requires grad"
+        assert_close(grad_h, reference_swiglu(h, grad), dtype, "grad_h")
+
+    return Case(
+        valid_name(name), lambda: op(grad, h_in), check, meta_call=lambda: op(to_meta(grad), to_meta(h_in.detach()))
+    )
+
+
 # ----------------------------------------------------------------------------------------------- the layer in one op
 
+# The activations as the composed layer runs them: swiglu is the registered op (fp32 math rounded once, so not
+# torch's silu(gate) * up bit for bit; swiglu_case checks the op against that formula).
 _ACTIVATIONS = {
     "gelu": torch.nn.functional.gelu,
     "relu": torch.nn.functional.relu,
     "silu": torch.nn.functional.silu,
-    "swiglu": lambda h: torch.nn.functional.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1],
+    "swiglu": F.swiglu,
 }
 _MOE_FFN_ARGS = ("x", "gate_weight", "gate_bias", "w1", "b1", "w2", "b2")
 
@@ -1102,6 +1202,8 @@ GENERATORS = {
     "unpermute_combine_backward": combine_backward_case,
     "grouped_linear": grouped_linear_case,
     "grouped_linear_backward": grouped_linear_backward_case,
+    "swiglu": swiglu_case,
+    "swiglu_backward": swiglu_backward_case,
     "capacity_limit": capacity_limit_case,
     "balance_loss": balance_loss_case,
     "balance_loss_backward": balance_loss_backward_case,

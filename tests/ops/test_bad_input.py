@@ -472,6 +472,49 @@ def _cases():
             R,
             ("expert_counts", "Float"),
         ),
+        # swiglu: h [..., 2 * hidden] = [gate | up]; its backward takes grad [..., hidden] in h's dtype and device
+        ("swiglu-odd-h", lambda: F.swiglu(x[:, :5]), ValueError, ("h", f"[{T}, 5]")),
+        ("swiglu-odd-3d-h", lambda: F.swiglu(torch.zeros(2, 3, 7)), ValueError, ("h", "[2, 3, 7]")),
+        ("swiglu-0d-h", lambda: F.swiglu(x[0, 0]), R, ("h", "0-dim")),
+        ("swiglu-int-h", lambda: F.swiglu(x.long()), R, ("h", "Long")),
+        ("swiglu-bool-h", lambda: F.swiglu(x > 0), R, ("h", "Bool")),
+        ("swiglu-meta-odd-h", lambda: F.swiglu(meta(x[:, :3])), ValueError, ("h", f"[{T}, 3]")),
+        (
+            "swiglu_backward-grad-shape",
+            lambda: F.swiglu_backward(x[:, :2], x),
+            R,
+            ("grad", f"[{T}, 2]"),
+        ),
+        (
+            "swiglu_backward-grad-rows",
+            lambda: F.swiglu_backward(x[:4, :3], x),
+            R,
+            ("grad", "[4, 3]"),
+        ),
+        ("swiglu_backward-grad-dtype", lambda: F.swiglu_backward(x[:, :3].double(), x), R, ("grad", "Double")),
+        ("swiglu_backward-int-grad", lambda: F.swiglu_backward(x[:, :3].long(), x), R, ("grad", "Long")),
+        ("swiglu_backward-meta-grad", lambda: F.swiglu_backward(meta(x[:, :3]), x), R, ("grad", "meta")),
+        ("swiglu_backward-meta-h", lambda: F.swiglu_backward(x[:, :3], meta(x)), R, ("grad and h", "meta")),
+        ("swiglu_backward-odd-h", lambda: F.swiglu_backward(x[:, :2], x[:, :5]), ValueError, ("h", f"[{T}, 5]")),
+        ("swiglu_backward-int-h", lambda: F.swiglu_backward(x[:, :3], x.long()), R, ("h", "Long")),
+        (
+            # under grad mode with h requiring grad the backward is recorded as ATen ops: still checked first
+            "swiglu_backward-recorded-grad-shape",
+            lambda: F.swiglu_backward(x[:, :2], x.detach().requires_grad_(True)),
+            R,
+            ("grad", f"[{T}, 2]"),
+        ),
+        (
+            "swiglu_backward-recorded-grad-dtype",
+            lambda: F.swiglu_backward(x[:, :3].double().requires_grad_(True), x.detach().requires_grad_(True)),
+            R,
+            ("grad", "Double"),
+        ),
+        ("ops.swiglu-odd-h", lambda: ops.swiglu(x[:, :5]), ValueError, ("h", f"[{T}, 5]")),
+        ("ops.swiglu-sparse-h", lambda: ops.swiglu(x.to_sparse()), TypeError, ("h", "sparse_coo")),
+        ("ops.swiglu-list-h", lambda: ops.swiglu(x.tolist()), TypeError, ("h", "list")),
+        ("ops.swiglu_backward-grad-shape", lambda: ops.swiglu_backward(x, x), R, ("grad", f"[{T}, {D}]")),
+        ("ops.swiglu_backward-grad-none", lambda: ops.swiglu_backward(None, x), TypeError, ("grad", "NoneType")),
         # The collectives check their arguments before they look the group up, so these need no process group;
         # tests/fuzz/test_fuzz_ops.py::test_exchange_rejects_bad_input runs the rest on a one-rank group.
         ("exchange_counts-int32", lambda: F.exchange_counts(i["counts"].int(), "unused"), R, ("counts", "Int")),
@@ -674,6 +717,8 @@ def test_every_op_has_bad_input_cases():
         "grouped_linear",
         "capacity_limit",
         "balance_loss",
+        "swiglu",
+        "swiglu_backward",
         "counts_to_offsets",
     ):
         assert f"ops.{name}-" in ids, f"no bad-input case for fastmoe.ops.{name}"

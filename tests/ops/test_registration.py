@@ -24,6 +24,8 @@ KNOWN_OPS = {
     "capacity_limit": False,
     "balance_loss": True,
     "balance_loss_backward": True,
+    "swiglu": True,
+    "swiglu_backward": True,
     "exchange_counts": False,
     "ep_route": False,
     "exchange": True,
@@ -130,6 +132,9 @@ def _opcheck_cases():
     bias = torch.randn(num_experts, d_out, generator=gen)
     grad_y_linear = torch.randn(num_tokens * k, d_out, generator=gen)
     grad_y = torch.randn(num_tokens, d, generator=gen)
+    hidden_gated, gen_gated = 3, make_generator(4)  # its own stream: the other cases keep their data
+    h_gated = torch.randn(num_tokens, 2 * hidden_gated, generator=gen_gated) * 2
+    grad_gated = torch.randn(num_tokens, hidden_gated, generator=gen_gated)
 
     def req(t):
         return t.detach().clone().requires_grad_(True)
@@ -216,6 +221,13 @@ def _opcheck_cases():
             (torch.tensor(0.7), req(logits), plan.expert_counts, num_tokens * k, 0.01),
             None,
         ),
+        # swiglu: h [..., 2 * hidden] = [gate | up] of any rank, a transposed h, and the backward op with and
+        # without inputs that require grad (the latter records ATen ops, for double backward)
+        ("swiglu", "swiglu", (req(h_gated),), None),
+        ("swiglu-3d-float64", "swiglu", (req(h_gated.double().reshape(2, 5, 2 * hidden_gated)),), None),
+        ("swiglu-transposed", "swiglu", (req(h_gated.t().contiguous().t()),), None),
+        ("swiglu_backward", "swiglu_backward", (grad_gated, h_gated), None),
+        ("swiglu_backward-requires-grad", "swiglu_backward", (req(grad_gated), req(h_gated)), None),
         ("ep_route", "ep_route", (dropped_idx, 2, 2), None),
         ("ep_route-one-rank", "ep_route", (topk_idx, 4, 1), None),
         (

@@ -1,6 +1,6 @@
-// Autograd of grouped_linear and of its backward: dx, dW and db from one grouped_linear_backward call, each
-// computed only when an input needs it. grouped_linear_backward is differentiable too (written with the same two
-// ops), so gradients of gradients (create_graph=True) are exact to any order.
+// Autograd of grouped_linear and swiglu, and of their backwards. grouped_linear: dx, dW and db from one
+// grouped_linear_backward call, each computed only when an input needs it; grouped_linear_backward is differentiable
+// too (written with the same two ops), so gradients of gradients (create_graph=True) are exact to any order.
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -105,11 +105,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_autograd(
   return {outputs[0], outputs[1], outputs[2]};
 }
 
+// swiglu: its gradient is swiglu_backward (one kernel on CUDA, recomputing the sigmoid from the saved h). Under
+// create_graph that backward is recorded as ATen ops (swiglu_backward_graph), which autograd differentiates again.
+class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({h});
+    return ops::swiglu(h);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor()};
+    return {ops::swiglu_backward(grads[0], ctx->get_saved_variables()[0])};
+  }
+};
+
+// swiglu_backward as ATen ops, in the accumulation type (fp32; fp64 for fp64) like the kernels: with g, u the
+// halves of h and s = sigmoid(g), grad_h = [grad * u * s * (1 + g * (1 - s)) | grad * g * s].
+at::Tensor swiglu_backward_graph(const at::Tensor& grad, const at::Tensor& h) {
+  const at::ScalarType acc = c10::promoteTypes(h.scalar_type(), at::kFloat);
+  const auto halves = h.to(acc).chunk(2, -1);
+  const at::Tensor &g = halves[0], &u = halves[1], dy = grad.to(acc);
+  const at::Tensor s = at::sigmoid(g);
+  return at::cat({dy * u * (s * (1 + g * (1 - s))), dy * (g * s)}, -1).to(h.scalar_type());
+}
+
+at::Tensor swiglu_autograd(const at::Tensor& h) {
+  return SwigluFunction::apply(h);
+}
+
+at::Tensor swiglu_backward_autograd(const at::Tensor& grad, const at::Tensor& h) {
+  ops::check_swiglu_backward(grad, h);
+  if (!ops::records_graph({grad, h})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::swiglu_backward(grad, h);
+  }
+  return swiglu_backward_graph(grad, h);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
   m.impl("grouped_linear", &grouped_linear_autograd);
   m.impl("grouped_linear_backward", &grouped_linear_backward_autograd);
+  m.impl("swiglu", &swiglu_autograd);
+  m.impl("swiglu_backward", &swiglu_backward_autograd);
 }
 
 }  // namespace fastmoe

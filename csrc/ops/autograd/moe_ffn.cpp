@@ -112,12 +112,12 @@ void check_inputs(const Inputs& in, const Options& o) {
 // The forward's tensors.
 struct Forward {
   at::Tensor xc, wg, bg, logits, topk_idx, topk_score, balance, z_loss, counts, offsets, sorted_pair, pair_pos;
-  at::Tensor rows, w1, b1, h, s, a, w2, b2, ys, y;
+  at::Tensor rows, w1, b1, h, a, w2, b2, ys, y;
 
   // Those the backward reads, in the order they are saved after the inputs.
-  std::array<at::Tensor*, 18> saved() {
+  std::array<at::Tensor*, 17> saved() {
     return {&xc,   &wg, &logits, &topk_idx, &topk_score, &counts, &offsets, &sorted_pair, &pair_pos,
-            &rows, &w1, &h,      &s,        &a,          &w2,     &ys,      &balance,     &z_loss};
+            &rows, &w1, &h,      &a,        &w2,         &ys,     &balance, &z_loss};
   }
 };
 
@@ -211,12 +211,7 @@ Forward run_forward(const Inputs& in, const Options& o) {
     case Act::kGELU: f.a = at::gelu(f.h); break;
     case Act::kReLU: f.a = at::relu(f.h); break;
     case Act::kSiLU: f.a = at::silu(f.h); break;
-    case Act::kSwiGLU: {
-      const auto halves = f.h.chunk(2, -1);
-      f.s = at::silu(halves[0]);
-      f.a = f.s * halves[1];
-      break;
-    }
+    case Act::kSwiGLU: f.a = ops::swiglu(f.h); break;
   }
   f.w2 = cast_in[5];
   f.b2 = cast_in[6];
@@ -225,17 +220,13 @@ Forward run_forward(const Inputs& in, const Options& o) {
   return f;
 }
 
-// The activation's backward, as autograd differentiates the forward's ATen calls.
+// The activation's backward, as autograd differentiates the forward's calls (swiglu: its backward op).
 at::Tensor activation_backward(const at::Tensor& grad, const Forward& f, Act act) {
   switch (act) {
     case Act::kGELU: return at::gelu_backward(grad, f.h);
     case Act::kReLU: return at::threshold_backward(grad, f.a, 0);
     case Act::kSiLU: return at::silu_backward(grad, f.h);
-    case Act::kSwiGLU: {
-      const auto halves = f.h.chunk(2, -1);
-      // a = s * up: d s = grad * up, d up = grad * s; s = silu(gate); chunk's backward concatenates.
-      return at::cat({at::silu_backward(grad * halves[1], halves[0]), grad * f.s}, -1);
-    }
+    case Act::kSwiGLU: return ops::swiglu_backward(grad, f.h);
   }
   TORCH_CHECK(false, "unknown activation");
 }

@@ -8,8 +8,8 @@ experts interface by the name in ``config._experts_implementation``, with the ro
 ``top_k_weights [T, k]``. fastmoe registers itself there under the name ``"fastmoe"``: the router, the shared
 experts, the aux loss and the state dict stay Hugging Face's, and only the expert computation changes:
 
-    TokenDispatch (plan, permute) -> grouped_linear(gate_up_proj) -> the module's own gate/activation
-    -> grouped_linear(down_proj) -> the weighted combine
+    TokenDispatch (plan, permute) -> grouped_linear(gate_up_proj) -> the module's own gate/activation (fastmoe's
+    swiglu op where that gate is transformers' default with SiLU) -> grouped_linear(down_proj) -> the weighted combine
 
 ``grouped_linear`` takes ``weight [E, out, in]``, which is Hugging Face's layout, so the parameters are used as
 they are: nothing is copied and nothing converted, and :func:`restore_hf` only switches the name back.
@@ -78,7 +78,8 @@ def experts_forward(
     their weights are zero), ``top_k_weights [T, k]``; returns ``[T, H]`` in the dtype of ``hidden_states``.
 
     The gate between the two GEMMs is the module's own (``self._apply_gate`` on ``[gate | up]``, or
-    ``self.act_fn`` without a gate), so any activation or gating a model defines is kept."""
+    ``self.act_fn`` without a gate), so any activation or gating a model defines is kept; where it is
+    transformers' default gate with SiLU, fastmoe's swiglu op computes that same function (:func:`_gate_of`)."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
         got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
         raise ValueError(f"hidden_states must be [tokens, hidden], got {got}")
@@ -107,10 +108,33 @@ def experts_forward(
         tokens = _TokenDispatch(x, idx, top_k_weights, num_local, world, group_name, 1, True, name)
         offsets = tokens.expert_offsets(0)
         h = ops.grouped_linear(tokens.rows(0), offsets, w_in, b_in)
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = _gate_of(self)(h) if self.has_gate else self.act_fn(h)
         y = ops.grouped_linear(h, offsets, w_out, b_out)
         tokens.give(0, y)
         return tokens.combine().to(hidden_states.dtype)
+
+
+# Where experts_forward keeps, on an experts module, (its act_fn, whether its gate is SwiGLU): see _gate_of.
+_SWIGLU_GATE = "_fastmoe_swiglu_gate"
+
+
+def _gate_of(module: nn.Module):
+    """The function between a gated experts module's two GEMMs: fastmoe's :func:`fastmoe.ops.swiglu` (one kernel
+    each way on CUDA, only ``[gate | up]`` saved) where the module's gate is transformers' default, ``act_fn(gate) *
+    up`` on the concatenated halves, and its ``act_fn`` computes SiLU; the module's own ``_apply_gate`` otherwise
+    (any other activation or gating a model defines). The answer is kept on the module, per ``act_fn`` object."""
+    act = getattr(module, "act_fn", None)
+    kept = module.__dict__.get(_SWIGLU_GATE)
+    if kept is None or kept[0] is not act:
+        from transformers.integrations.moe import _default_apply_gate
+
+        from fastmoe.integrations.transformers import _named_activation
+
+        default_gate = getattr(type(module), "_apply_gate", None) is _default_apply_gate
+        concatenated = getattr(module, "is_concatenated", True)
+        kept = (act, default_gate and concatenated and act is not None and _named_activation(act, True) == "swiglu")
+        module.__dict__[_SWIGLU_GATE] = kept
+    return ops.swiglu if kept[1] else module._apply_gate
 
 
 def register_experts_implementation() -> str:
