@@ -74,8 +74,10 @@ def time_layers(layers: dict, x, grad, device, precision, repeats: int, warmup: 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
-def count_syncs(ffn, x, grad, device, precision) -> int:
-    """How many synchronising calls torch reports (``torch.cuda.set_sync_debug_mode``) in one forward + backward."""
+def find_syncs(ffn, x, grad, device, precision) -> list:
+    """The synchronising calls torch reports (``torch.cuda.set_sync_debug_mode``) in one forward + backward, each
+    as ``file:line: message`` (the Python line that made it; with TORCH_SHOW_CPP_STACKTRACES=1 the message holds
+    the C++ stack too)."""
     import warnings
 
     torch.cuda.synchronize(device)
@@ -86,7 +88,8 @@ def count_syncs(ffn, x, grad, device, precision) -> int:
             forward_backward(ffn, fresh_input(ffn, x), grad, device, precision)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    # torch's words for a synchronising call; the one-time notice that the debug mode is a prototype is not one.
+    return [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "called a synchronizing" in str(w.message)]
 
 
 def profile_layer(ffn, x, grad, device, precision, calls: int, name: str, trace_dir=None) -> dict:
@@ -117,9 +120,10 @@ def profile_layer(ffn, x, grad, device, precision, calls: int, name: str, trace_
     print(f"--- {name}: per call " + ", ".join(f"{key} {value:.1f}" for key, value in per_call.items()))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
     if device.type == "cuda":
-        print(
-            f"--- {name}: synchronising calls in one forward + backward: {count_syncs(ffn, x, grad, device, precision)}"
-        )
+        syncs = find_syncs(ffn, x, grad, device, precision)
+        print(f"--- {name}: synchronising calls in one forward + backward: {len(syncs)}")
+        for where in syncs:
+            print(f"    {where}")
     if trace_dir is not None:
         os.makedirs(trace_dir, exist_ok=True)
         path = os.path.join(trace_dir, f"{name}.json")
