@@ -369,3 +369,24 @@ def test_benchmark_tiny_runs():
     ]
     assert all(r["loss_rel_diff_vs_fastmoe"] < 1e-5 and r["shape"]["num_hidden_layers"] == 1 for r in block), block
     json.dumps(records)  # the records are what --json writes
+
+
+def test_profile_tool_checks_its_arguments():
+    """tools/profile_hf_step.py names a bad flag and its value, and refuses to run without a GPU."""
+    spec = importlib.util.spec_from_file_location("profile_hf_step", ROOT / "tools" / "profile_hf_step.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.parse_args(["--impls", "fastmoe,eager", "--steps", "3"])
+    assert args.impls == ["fastmoe", "eager"] and args.steps == 3 and args.config == "qwen3_moe"
+    for argv, words in (
+        (["--impls", "fastmoe,nope"], "unknown implementation 'nope'"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--layers", "-2"], "--layers must be >= 1, got -2"),
+    ):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+            tool.parse_args(argv)
+        assert words in err.getvalue(), err.getvalue()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            tool.main([])

@@ -1,0 +1,78 @@
+"""Where a training step of a Hugging Face MoE model spends its GPU time, per kernel, for each experts
+implementation: benchmarks/bench_hf_moe.py's models, weights and batch (8 decoder layers, d_model 2048, bf16,
+batch 8 x seq 2048, SGD), two warm-up steps, then ``--steps`` steps under torch.profiler.
+
+    PYTHONPATH=python python3 tools/profile_hf_step.py [--config qwen3_moe] [--impls fastmoe,grouped_mm]
+        [--steps 2] [--rows 40] [--layers 8]
+
+Prints, per implementation, torch.profiler's table sorted by CUDA time: each kernel's total over the profiled steps
+and its number of calls. Needs a CUDA device and transformers.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "python"))
+import bench_hf_moe  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="qwen3_moe", choices=sorted(bench_hf_moe.CONFIGS))
+    parser.add_argument("--impls", default=f"{bench_hf_moe.FASTMOE},grouped_mm", help="comma-separated")
+    parser.add_argument("--steps", type=int, default=2, help="profiled steps (after 2 warm-up steps)")
+    parser.add_argument("--rows", type=int, default=40, help="kernels listed per implementation")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the configuration's)")
+    args = parser.parse_args(argv)
+    known = (*bench_hf_moe.HF_IMPLS, bench_hf_moe.FASTMOE)
+    args.impls = args.impls.split(",")
+    for impl in args.impls:
+        if impl not in known:
+            parser.error(f"--impls: unknown implementation {impl!r}; choose from {', '.join(known)}")
+    for flag, value in (("--steps", args.steps), ("--rows", args.rows), ("--layers", args.layers)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this profiles GPU kernels")
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = bench_hf_moe.CONFIGS[args.config]
+    config = dict(spec["config"])
+    if args.layers is not None:
+        config["num_hidden_layers"] = args.layers
+    device = torch.device("cuda")
+    model = bench_hf_moe.build_model(spec["arch"], config, torch.bfloat16, device, seed=0)
+    ids = torch.randint(0, config["vocab_size"], (8, 2048), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        bench_hf_moe.loss_of(model, ids).backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    for impl in args.impls:
+        bench_hf_moe.set_impl(model, impl)
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+        print(f"===== {args.config} {impl}: {args.steps} steps", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=160))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
