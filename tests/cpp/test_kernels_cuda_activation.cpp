@@ -38,15 +38,6 @@ constexpr Layout kLayouts[] = {{"aligned", 0, 0}, {"all operands shifted", 1, 1}
 constexpr double kAccUlps = 16;
 
 template <typename T>
-double smallest_subnormal() {
-  if constexpr (kIs16Bit<T>) {
-    return to_double(T{uint16_t{1}});
-  } else {
-    return std::numeric_limits<T>::denorm_min();
-  }
-}
-
-template <typename T>
 ::testing::AssertionResult close_to_reference(const std::vector<T>& got, const std::vector<T>& want,
                                               const std::vector<double>& scale) {
   const double eps_a = std::numeric_limits<acc_t<T>>::epsilon();

@@ -371,15 +371,6 @@ SwigluExact swiglu_exact(double gate, double up, double dy) {
 constexpr double kSwigluAccUlps = 8;
 
 template <typename T>
-double smallest_subnormal() {
-  if constexpr (kIs16Bit<T>) {
-    return to_double(T{uint16_t{1}});
-  } else {
-    return std::numeric_limits<T>::denorm_min();
-  }
-}
-
-template <typename T>
 ::testing::AssertionResult swiglu_within_bound(const std::vector<T>& got, const std::vector<long double>& exact,
                                                const std::vector<long double>& scale, double floor = 0) {
   if (got.size() != exact.size()) {

@@ -146,6 +146,16 @@ double to_double(T value) {
   }
 }
 
+// The smallest positive value of T (a subnormal): one step of underflow, for error bounds near zero.
+template <typename T>
+double smallest_subnormal() {
+  if constexpr (kIs16Bit<T>) {
+    return to_double(T{uint16_t{1}});
+  } else {
+    return std::numeric_limits<T>::denorm_min();
+  }
+}
+
 // Round-to-nearest-even of a double to T.
 template <typename T>
 T from_double(double value) {

@@ -39,6 +39,19 @@ LR = 0.1
 STEPS = 2
 
 
+def graph_names(tensor: torch.Tensor) -> set:
+    """The names of the autograd nodes behind ``tensor`` (which ops its gradient runs through)."""
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack += [fn for fn, _ in node.next_functions]
+    return names
+
+
 def build(arch: str, seed: int = 0, **overrides) -> nn.Module:
     """The fp64 model, its weights drawn far from transformers' 0.02 initialisation so that the routing and every
     gradient are of order one; the same on every rank for the same ``seed``."""

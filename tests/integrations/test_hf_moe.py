@@ -19,7 +19,7 @@ transformers = pytest.importorskip(
     "transformers", reason="Hugging Face transformers is not installed (it is pinned in requirements-dev.txt)"
 )
 
-from hf_moe_ep_cases import SMALL, VOCAB  # noqa: E402  (the tiny config both files use)
+from hf_moe_ep_cases import SMALL, VOCAB, graph_names  # noqa: E402  (the tiny config both files use)
 
 import fastmoe  # noqa: E402
 from fastmoe.integrations import hf_moe  # noqa: E402
@@ -107,18 +107,6 @@ def run(model: nn.Module, arch: str, ids: torch.Tensor):
     loss = out.loss if getattr(out, "aux_loss", None) is None else out.loss + out.aux_loss
     loss.backward()
     return out
-
-
-def graph_names(tensor: torch.Tensor) -> set:
-    seen, names, stack = set(), set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(node.name())
-        stack += [fn for fn, _ in node.next_functions]
-    return names
 
 
 def runs_on_fastmoe(out) -> bool:

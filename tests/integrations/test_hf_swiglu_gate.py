@@ -12,7 +12,7 @@ transformers = pytest.importorskip(
     "transformers", reason="Hugging Face transformers is not installed (it is pinned in requirements-dev.txt)"
 )
 
-from hf_moe_ep_cases import SMALL, VOCAB  # noqa: E402  (the tiny config the HF tests share)
+from hf_moe_ep_cases import SMALL, VOCAB, graph_names  # noqa: E402  (the tiny config the HF tests share)
 from transformers.integrations.moe import _default_apply_gate  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 
@@ -55,18 +55,6 @@ def experts_modules(model) -> list:
     modules = [module for _, module in hf_moe.find_hf_experts(model)]
     assert modules, "the model has no experts module"
     return modules
-
-
-def graph_names(tensor: torch.Tensor) -> set:
-    seen, names, stack = set(), set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(node.name())
-        stack += [fn for fn, _ in node.next_functions]
-    return names
 
 
 def has_node(names: set, fragment: str) -> bool:

@@ -22,19 +22,23 @@ using cuda::store_chunk;
 
 constexpr int kThreads = 256;
 
-template <typename A>
-__device__ __forceinline__ A sigmoid(A g) {
-  return A(1) / (A(1) + cuda::exp_acc(-g));
-}
-
-// h [rows, 2 * hidden] -> out [rows, hidden]; chunk i covers columns (i % chunks) * kN .. + kN of row i / chunks.
-template <typename T, int kN>
-__global__ void swiglu_kernel(const T* __restrict__ h, int64_t num_rows, int64_t hidden, T* __restrict__ out) {
-  using A = dacc_t<T>;
+// Calls body(r, col) for every chunk of kN columns (col, col + kN) of every row r of [num_rows, hidden], a
+// grid-stride loop over num_rows * hidden / kN chunks (chunk i: row i / chunks, columns (i % chunks) * kN ...).
+template <int kN, typename Body>
+__device__ __forceinline__ void for_each_chunk(int64_t num_rows, int64_t hidden, Body&& body) {
   const int64_t chunks = hidden / kN, total = num_rows * chunks;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const int64_t r = i / chunks, col = (i - r * chunks) * kN;
+    const int64_t r = i / chunks;
+    body(r, (i - r * chunks) * kN);
+  }
+}
+
+// h [rows, 2 * hidden] -> out [rows, hidden].
+template <typename T, int kN>
+__global__ void swiglu_kernel(const T* __restrict__ h, int64_t num_rows, int64_t hidden, T* __restrict__ out) {
+  using A = dacc_t<T>;
+  for_each_chunk<kN>(num_rows, hidden, [&](int64_t r, int64_t col) {
     const T* row = h + r * 2 * hidden;
     T gate[kN], up[kN], result[kN];
     load_chunk<T, kN>(row + col, gate);
@@ -46,17 +50,14 @@ __global__ void swiglu_kernel(const T* __restrict__ h, int64_t num_rows, int64_t
       result[v] = cuda::from_acc<T>(silu * cuda::to_acc(up[v]));
     }
     store_chunk<T, kN>(out + r * hidden + col, result);
-  }
+  });
 }
 
 template <typename T, int kN>
 __global__ void swiglu_backward_kernel(const T* __restrict__ grad, const T* __restrict__ h, int64_t num_rows,
                                        int64_t hidden, T* __restrict__ grad_h) {
   using A = dacc_t<T>;
-  const int64_t chunks = hidden / kN, total = num_rows * chunks;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const int64_t r = i / chunks, col = (i - r * chunks) * kN;
+  for_each_chunk<kN>(num_rows, hidden, [&](int64_t r, int64_t col) {
     const T* row = h + r * 2 * hidden;
     T gate[kN], up[kN], dy[kN], grad_gate[kN], grad_up[kN];
     load_chunk<T, kN>(row + col, gate);
@@ -65,14 +66,14 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ grad, const T* __re
 #pragma unroll
     for (int v = 0; v < kN; ++v) {
       const A g = cuda::to_acc(gate[v]), u = cuda::to_acc(up[v]), d = cuda::to_acc(dy[v]);
-      const A s = sigmoid(g);
+      const A s = A(1) / (A(1) + cuda::exp_acc(-g));
       grad_gate[v] = cuda::from_acc<T>(d * u * (s * (A(1) + g * (A(1) - s))));
       grad_up[v] = cuda::from_acc<T>(d * (g * s));
     }
     T* grad_row = grad_h + r * 2 * hidden;
     store_chunk<T, kN>(grad_row + col, grad_gate);
     store_chunk<T, kN>(grad_row + hidden + col, grad_up);
-  }
+  });
 }
 
 // Calls launch(std::integral_constant<int, kN>) with the widest chunk every operand allows.
