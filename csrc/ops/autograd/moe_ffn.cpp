@@ -114,10 +114,11 @@ struct Forward {
   at::Tensor xc, wg, bg, logits, topk_idx, topk_score, balance, z_loss, counts, offsets, sorted_pair, pair_pos;
   at::Tensor rows, w1, b1, h, a, w2, b2, ys, y;
 
-  // Those the backward reads, in the order they are saved after the inputs.
-  std::array<at::Tensor*, 17> saved() {
-    return {&xc,   &wg, &logits, &topk_idx, &topk_score, &counts, &offsets, &sorted_pair, &pair_pos,
-            &rows, &w1, &h,      &a,        &w2,         &ys,     &balance, &z_loss};
+  // Those the backward reads, in the order they are saved after the inputs. Not the activation a: the backward
+  // recomputes it from h (one elementwise kernel, the same bits), so the op keeps T * k * hidden fewer values.
+  std::array<at::Tensor*, 16> saved() {
+    return {&xc,       &wg,   &logits, &topk_idx, &topk_score, &counts, &offsets, &sorted_pair,
+            &pair_pos, &rows, &w1,     &h,        &w2,         &ys,     &balance, &z_loss};
   }
 };
 
@@ -167,6 +168,17 @@ std::vector<at::Tensor> convert_all(std::vector<at::Tensor> ts, const std::vecto
   return ts;
 }
 
+// The activation between the two grouped GEMMs, as the composed layer computes it.
+at::Tensor activation(const at::Tensor& h, Act act) {
+  switch (act) {
+    case Act::kGELU: return at::gelu(h);
+    case Act::kReLU: return at::relu(h);
+    case Act::kSiLU: return at::silu(h);
+    case Act::kSwiGLU: return ops::swiglu(h);
+  }
+  TORCH_CHECK(false, "unknown activation");
+}
+
 // The composed layer's forward. With autograd recording it builds the composed layer's graph (the backward under
 // create_graph uses that); below autograd it is the op's forward.
 Forward run_forward(const Inputs& in, const Options& o) {
@@ -207,12 +219,7 @@ Forward run_forward(const Inputs& in, const Options& o) {
   f.w1 = cast_in[3];
   f.b1 = cast_in[4];
   f.h = ops::grouped_linear(f.rows, f.offsets, f.w1, opt(f.b1));
-  switch (o.act) {
-    case Act::kGELU: f.a = at::gelu(f.h); break;
-    case Act::kReLU: f.a = at::relu(f.h); break;
-    case Act::kSiLU: f.a = at::silu(f.h); break;
-    case Act::kSwiGLU: f.a = ops::swiglu(f.h); break;
-  }
+  f.a = activation(f.h, o.act);
   f.w2 = cast_in[5];
   f.b2 = cast_in[6];
   f.ys = ops::grouped_linear(f.a, f.offsets, f.w2, opt(f.b2));
@@ -224,7 +231,7 @@ Forward run_forward(const Inputs& in, const Options& o) {
 at::Tensor activation_backward(const at::Tensor& grad, const Forward& f, Act act) {
   switch (act) {
     case Act::kGELU: return at::gelu_backward(grad, f.h);
-    case Act::kReLU: return at::threshold_backward(grad, f.a, 0);
+    case Act::kReLU: return at::threshold_backward(grad, f.h, 0);  // relu(h) > 0 exactly where h > 0
     case Act::kSiLU: return at::silu_backward(grad, f.h);
     case Act::kSwiGLU: return ops::swiglu_backward(grad, f.h);
   }
@@ -312,14 +319,19 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     std::vector<at::Tensor> raw(8);
     at::Tensor grad_logits;
     if (grads[0].defined()) {
-      auto [grad_ys, grad_score] =
-          ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos, f.topk_score, need_logits);
-      auto [grad_a, grad_w2, grad_b2] =
-          ops::grouped_linear_backward(grad_ys, f.a, f.offsets, f.w2, {need_rows, need[5], need[6]});
-      if (need[5]) raw[5] = grad_w2;
-      if (need[6]) raw[6] = grad_b2;
+      at::Tensor grad_score, grad_h;
+      {  // grad_ys, a and grad_a live only here, so none is held during the first GEMM's backward
+        auto [grad_ys, score_grad] =
+            ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos, f.topk_score, need_logits);
+        grad_score = score_grad;
+        const at::Tensor a = activation(f.h, o.act);
+        auto [grad_a, grad_w2, grad_b2] =
+            ops::grouped_linear_backward(grad_ys, a, f.offsets, f.w2, {need_rows, need[5], need[6]});
+        if (need[5]) raw[5] = grad_w2;
+        if (need[6]) raw[6] = grad_b2;
+        if (need_rows) grad_h = activation_backward(grad_a, f, o.act);
+      }
       if (need_rows) {
-        const at::Tensor grad_h = activation_backward(grad_a, f, o.act);
         auto [grad_rows, grad_w1, grad_b1] =
             ops::grouped_linear_backward(grad_h, f.rows, f.offsets, f.w1, {need[0], need[3], need[4]});
         if (need[0]) raw[0] = ops::unpermute_combine(grad_rows, f.sorted_pair, f.pair_pos, std::nullopt);
