@@ -10,6 +10,8 @@
 #   pip       pip install --no-build-isolation --no-deps . and an import from outside the tree
 #   bench     benchmarks/bench_moe_layer.py (all configurations)
 #   host      tools/host_issue_time.py --profile 20: host time of fastmoe-train's MoE layer against its dense FFN
+#   hf        benchmarks/bench_hf_moe.py (the HF training steps, fastmoe against grouped_mm; needs transformers),
+#             then tools/profile_hf_step.py: per-kernel GPU time of the Qwen3-MoE step
 #   dist      the multi-process tests (tests/distributed) on gloo and on NCCL with the local GPUs
 #   bench_ep  benchmarks/run_ep_scaling.sh: expert-parallel weak scaling at W = 1, 2, 4, 8 up to the GPU count
 #             (EP_SIZES="1 2" picks the W, EP_ARGS="--config fine --profile $OUT/prof" passes flags to bench_ep.py)
@@ -22,7 +24,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 PY=${PYTHON:-python3}
 BUILD=build-gpu
 stages=("$@")
-((${#stages[@]})) || stages=(build test sanitize pip bench host dist bench_ep)
+((${#stages[@]})) || stages=(build test sanitize pip bench host hf dist bench_ep)
 status=0
 
 run_stage() {
@@ -87,6 +89,13 @@ bench() { PYTHONPATH=python "$PY" benchmarks/bench_moe_layer.py --json "$OUT/ben
 
 host() { PYTHONPATH=python "$PY" tools/host_issue_time.py --device cuda --precision bf16 --profile 20; }
 
+# The Hugging Face training steps against transformers' grouped_mm, then where the Qwen3-MoE step's time goes.
+hf() {
+  PYTHONPATH=python "$PY" benchmarks/bench_hf_moe.py --impls grouped_mm,fastmoe --iters 6 --warmup 2 \
+    --json "$OUT/hf.jsonl" &&
+    PYTHONPATH=python "$PY" tools/profile_hf_step.py --config qwen3_moe --impls fastmoe,grouped_mm --rows 40
+}
+
 dist_tests() {
   nvidia-smi topo -m
   PYTHONPATH=python "$PY" -m pytest tests/distributed -v -p no:cacheprovider -rs
@@ -106,6 +115,7 @@ for stage in "${stages[@]}"; do
     pip) run_stage pip pip_install ;;
     bench) run_stage bench bench ;;
     host) run_stage host host ;;
+    hf) run_stage hf hf ;;
     dist) run_stage dist dist_tests ;;
     bench_ep) run_stage bench_ep bench_ep ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
