@@ -6,6 +6,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_test_util.h"
@@ -88,12 +89,20 @@ TEST_F(CudaEpilogue, ZeroEmptyGroupsTouchesOnlyEmptyExperts) {
 // multiple of 16) 65 passes of byte stores. An empty group in the middle, or at both ends, must be zeroed to its
 // last byte and its neighbours left alone.
 TEST_F(CudaEpilogue, ZeroEmptyGroupsZeroesGroupsLargerThanTheGrid) {
-  const int64_t num_groups = 3;
+  // 65 groups share a grid of about 1024 blocks, 15 each: a 1 MiB group takes 18 passes of the 16-byte path, and
+  // one of 256 KiB + 40 bytes (the byte path) 69 passes.
+  const int64_t num_groups = 65;
+  // Every other group empty (the first one included); or only the first and the last.
+  std::vector<int64_t> alternate(num_groups + 1, 0), ends(num_groups + 1, 0);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    alternate[g + 1] = alternate[g] + (g % 2 == 0 ? 0 : 3);
+    ends[g + 1] = ends[g] + (g == 0 || g == num_groups - 1 ? 0 : 2);
+  }
   for (int64_t group_bytes : {int64_t{1} << 20, (int64_t{256} << 10) + 40}) {
-    for (const std::vector<int64_t>& offsets : {std::vector<int64_t>{0, 3, 3, 8}, std::vector<int64_t>{0, 0, 5, 5}}) {
-      const std::string where = "group_bytes=" + std::to_string(group_bytes) + " offsets={" +
-                                std::to_string(offsets[1]) + "," + std::to_string(offsets[2]) + "," +
-                                std::to_string(offsets[3]) + "}";
+    for (const auto& [pattern, offsets] :
+         {std::pair<const char*, std::vector<int64_t>>{"every other group empty", alternate},
+          std::pair<const char*, std::vector<int64_t>>{"first and last group empty", ends}}) {
+      const std::string where = "group_bytes=" + std::to_string(group_bytes) + ", " + pattern;
       std::vector<uint8_t> data(num_groups * group_bytes);
       for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(1 + i % 251);  // no zero byte
       std::vector<uint8_t> want = data;

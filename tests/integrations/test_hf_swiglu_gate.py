@@ -4,6 +4,7 @@ activation or an overridden gate; either way the model on fastmoe matches transf
 Tiny random configurations are built here (no weights are downloaded)."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -91,6 +92,33 @@ def test_answer_follows_a_replaced_act_fn():
     module.act_fn = transformers.activations.ACT2FN["gelu"]
     assert_is_own_gate(hf_moe._gate_of(module), module)
     module.act_fn = silu
+    assert hf_moe._gate_of(module) is ops.swiglu
+
+
+def _up_times_act(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up_out.chunk(2, dim=-1)
+    return up * self.act_fn(gate)
+
+
+def test_gate_set_on_the_instance_is_kept():
+    """A gate bound on the instance (not the class) is the module's own gate too; removing it brings the op back."""
+    (module, *_) = experts_modules(build("qwen3_moe"))
+    assert hf_moe._gate_of(module) is ops.swiglu
+    module._apply_gate = types.MethodType(_up_times_act, module)
+    gate = hf_moe._gate_of(module)
+    assert getattr(gate, "__func__", None) is _up_times_act and gate.__self__ is module
+    del module._apply_gate
+    assert hf_moe._gate_of(module) is ops.swiglu
+
+
+def test_answer_follows_a_changed_class_gate(monkeypatch):
+    """The kept answer is taken again when the class's gate function changes after a first forward."""
+    (module, *_) = experts_modules(build("qwen3_moe"))
+    assert hf_moe._gate_of(module) is ops.swiglu
+    monkeypatch.setattr(type(module), "_apply_gate", _up_times_act)
+    gate = hf_moe._gate_of(module)
+    assert getattr(gate, "__func__", None) is _up_times_act
+    monkeypatch.undo()
     assert hf_moe._gate_of(module) is ops.swiglu
 
 

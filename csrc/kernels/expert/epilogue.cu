@@ -13,7 +13,7 @@ namespace fastmoe {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kEmptyGroupBlocks = 16;  // blocks per group of zero_empty_groups_kernel
+constexpr int64_t kEmptyGroupGrid = 1024;  // blocks of zero_empty_groups_kernel over all groups
 
 // Expert owning row r: the last e with offsets[e] <= r (offsets[E] <= r means the tail: returns num_experts).
 __device__ __forceinline__ int64_t expert_of_row(const int64_t* offsets, int64_t num_experts, int64_t r) {
@@ -113,11 +113,13 @@ void zero_empty_groups_cuda(void* groups, int64_t num_groups, int64_t group_byte
              "zero_empty_groups_cuda: num_groups must be in [0, 65535] and group_bytes >= 0, got ", num_groups, " and ",
              group_bytes);
   if (num_groups == 0 || group_bytes == 0) return;
-  // A few blocks per group: every block of a group with rows only reads two offsets and exits, and in training
-  // nearly every group has rows, so a grid sized to the group's bytes (thousands of blocks per expert) cost more
-  // than the rare zeroing it serves.
+  // About kEmptyGroupGrid blocks in all, shared by the groups: every block of a group with rows only reads two
+  // offsets and exits, and in training nearly every group has rows, so a grid sized to each group's bytes
+  // (thousands of blocks per expert) cost more than the rare zeroing it serves. A few large groups (8 experts of
+  // a wide FFN) still get a hundred blocks each for the one that may be empty; many groups are small.
+  const int64_t per_group = std::max<int64_t>(1, kEmptyGroupGrid / num_groups);
   const int64_t blocks =
-      std::min<int64_t>(kEmptyGroupBlocks, std::max<int64_t>(1, (group_bytes / 16 + kThreads - 1) / kThreads));
+      std::min<int64_t>(per_group, std::max<int64_t>(1, (group_bytes / 16 + kThreads - 1) / kThreads));
   const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(num_groups));
   zero_empty_groups_kernel<<<grid, kThreads, 0, stream>>>(static_cast<char*>(groups), group_bytes, expert_offsets);
   FMOE_CHECK_LAUNCH();

@@ -324,7 +324,15 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
         auto [grad_ys, score_grad] =
             ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos, f.topk_score, need_logits);
         grad_score = score_grad;
-        const at::Tensor a = activation(f.h, o.act);
+        // The second GEMM's input a is read only for its weight gradient; otherwise any tensor of a's shape does
+        // (h itself, except for SwiGLU, whose h is twice as wide). Below autograd: this is a first-order backward.
+        at::Tensor a;
+        if (need[5] || o.act == Act::kSwiGLU) {
+          at::AutoDispatchBelowADInplaceOrView below;
+          a = activation(f.h, o.act);
+        } else {
+          a = f.h;
+        }
         auto [grad_a, grad_w2, grad_b2] =
             ops::grouped_linear_backward(grad_ys, a, f.offsets, f.w2, {need_rows, need[5], need[6]});
         if (need[5]) raw[5] = grad_w2;

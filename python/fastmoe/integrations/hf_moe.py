@@ -114,27 +114,45 @@ def experts_forward(
         return tokens.combine().to(hidden_states.dtype)
 
 
-# Where experts_forward keeps, on an experts module, (its act_fn, whether its gate is SwiGLU): see _gate_of.
+# Where experts_forward keeps, on an experts module, what its gate was decided from and the decision: see _gate_of.
 _SWIGLU_GATE = "_fastmoe_swiglu_gate"
+
+
+def _default_gate():
+    """transformers' default gate function of an experts class (``act_fn(gate) * up`` on the concatenated
+    halves), or None where this transformers has none by that name."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return None
+    return _default_apply_gate
 
 
 def _gate_of(module: nn.Module):
     """The function between a gated experts module's two GEMMs: fastmoe's :func:`fastmoe.ops.swiglu` (one kernel
-    each way on CUDA, only ``[gate | up]`` saved) where the module's gate is transformers' default, ``act_fn(gate) *
-    up`` on the concatenated halves, and its ``act_fn`` computes SiLU; the module's own ``_apply_gate`` otherwise
-    (any other activation or gating a model defines). The answer is kept on the module, per ``act_fn`` object."""
+    each way on CUDA, only ``[gate | up]`` saved) where the module's ``_apply_gate`` is transformers' default
+    (``act_fn(gate) * up`` on the concatenated halves; not overridden by its class or on the instance) and its
+    ``act_fn`` computes SiLU; the module's own ``_apply_gate`` otherwise (any other activation or gating a model
+    defines). The decision is kept on the module and taken again when ``act_fn``, the gate function or the layout
+    changes."""
+    gate = module._apply_gate
     act = getattr(module, "act_fn", None)
+    key = (act, getattr(gate, "__func__", gate), getattr(module, "is_concatenated", True))
     kept = module.__dict__.get(_SWIGLU_GATE)
-    if kept is None or kept[0] is not act:
-        from transformers.integrations.moe import _default_apply_gate
-
+    if kept is None or any(a is not b for a, b in zip(kept[0], key, strict=True)):
         from fastmoe.integrations.transformers import _named_activation
 
-        default_gate = getattr(type(module), "_apply_gate", None) is _default_apply_gate
-        concatenated = getattr(module, "is_concatenated", True)
-        kept = (act, default_gate and concatenated and act is not None and _named_activation(act, True) == "swiglu")
+        default = _default_gate()
+        swiglu = (
+            default is not None
+            and key[1] is default
+            and key[2] is True
+            and act is not None
+            and _named_activation(act, True) == "swiglu"
+        )
+        kept = (key, swiglu)
         module.__dict__[_SWIGLU_GATE] = kept
-    return ops.swiglu if kept[1] else module._apply_gate
+    return ops.swiglu if kept[1] else gate
 
 
 def register_experts_implementation() -> str:
