@@ -4,6 +4,8 @@
 #include <cmath>
 #include <vector>
 
+#include "ref/softmax_ref.h"
+
 namespace fastmoe {
 namespace {
 
@@ -66,21 +68,11 @@ void check_balance_loss_args(const char* name, DType dtype, int64_t num_tokens, 
 
 namespace {
 
-// p = softmax(row) in the accumulation type A, max-subtracted; the denominator is summed in W (wide_acc_t).
+// probs = softmax(row) in the accumulation type A (softmax_ref.h, as the routing reference computes it).
 template <typename W, typename T>
 void row_softmax(const T* row, int64_t num_experts, acc_t<T>* probs) {
-  using A = acc_t<T>;
-  A max_value = to_acc(row[0]);
-  for (int64_t e = 1; e < num_experts; ++e) {
-    const A value = to_acc(row[e]);
-    max_value = value > max_value ? value : max_value;
-  }
-  W total = 0;
-  for (int64_t e = 0; e < num_experts; ++e) {
-    probs[e] = std::exp(to_acc(row[e]) - max_value);
-    total += probs[e];
-  }
-  for (int64_t e = 0; e < num_experts; ++e) probs[e] = static_cast<A>(probs[e] / total);
+  for (int64_t e = 0; e < num_experts; ++e) probs[e] = to_acc(row[e]);
+  softmax_inplace<W>(probs, num_experts);
 }
 
 template <typename T>

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <vector>
 
+#include "ref/softmax_ref.h"
+
 namespace fastmoe {
 
 const char* score_fn_name(ScoreFn fn) {
@@ -23,19 +25,6 @@ bool ranks_before(A a, int64_t a_id, A b, int64_t b_id) {
   if (a_nan != b_nan) return a_nan;
   if (!a_nan && a != b) return a > b;
   return a_id < b_id;
-}
-
-// Softmax of row[0..n) in place, max-subtracted; the denominator is summed in W (wider for fp32, see dtype.h).
-template <typename W, typename A>
-void softmax_inplace(A* row, int64_t n) {
-  A max_value = row[0];
-  for (int64_t i = 1; i < n; ++i) max_value = row[i] > max_value ? row[i] : max_value;
-  W total = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    row[i] = std::exp(row[i] - max_value);
-    total += row[i];
-  }
-  for (int64_t i = 0; i < n; ++i) row[i] = static_cast<A>(row[i] / total);
 }
 
 template <typename T>
