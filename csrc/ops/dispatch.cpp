@@ -54,14 +54,17 @@ bool check_ids_on_cuda() {
 void make_plan_cuda_op(const at::Tensor& idx, int64_t num_experts, at::Tensor& counts, at::Tensor& offsets,
                        at::Tensor& sorted_pair, at::Tensor& pair_pos) {
   const size_t workspace_bytes = make_plan_cuda_workspace_bytes(idx.numel(), num_experts);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, idx.options().dtype(at::kByte));
+  // A small plan runs in one block without scratch (dispatch.h): no allocation then.
+  at::Tensor workspace = workspace_bytes == 0
+                             ? at::Tensor()
+                             : at::empty({static_cast<int64_t>(workspace_bytes)}, idx.options().dtype(at::kByte));
   // The count of bad ids only when it is read (a zeroed tensor is a kernel launch; the plan runs every forward).
   const bool check_ids = check_ids_on_cuda();
   at::Tensor invalid = check_ids ? at::zeros({1}, idx.options()) : at::Tensor();
   make_plan_cuda(idx.const_data_ptr<int64_t>(), idx.numel(), num_experts, counts.mutable_data_ptr<int64_t>(),
                  offsets.mutable_data_ptr<int64_t>(), sorted_pair.mutable_data_ptr<int64_t>(),
                  pair_pos.mutable_data_ptr<int64_t>(), check_ids ? invalid.mutable_data_ptr<int64_t>() : nullptr,
-                 workspace.mutable_data_ptr(), workspace_bytes, current_stream(idx));
+                 workspace.defined() ? workspace.mutable_data_ptr() : nullptr, workspace_bytes, current_stream(idx));
   if (check_ids) {
     const int64_t num_invalid = invalid.item<int64_t>();
     TORCH_CHECK(num_invalid == 0, "topk_idx holds ", num_invalid, " expert ids outside [-1, num_experts=", num_experts,
@@ -152,20 +155,22 @@ at::Tensor permute_meta(const at::Tensor& x, const at::Tensor& sorted_pair, cons
 }
 
 // Shared by permute and the combine's backward (which permutes grad_y scaled by the scores).
-at::Tensor permute_scaled(const at::Tensor& x, const at::Tensor& sorted_pair, int64_t k,
+at::Tensor permute_scaled(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos,
                           const std::optional<at::Tensor>& pair_scale) {
   const c10::OptionalDeviceGuard guard(x.device());
   const at::Tensor in = x.contiguous(), order = sorted_pair.contiguous();
+  const int64_t k = pair_pos.size(1);
   std::optional<at::Tensor> scale;
   if (pair_scale.has_value() && pair_scale->defined()) scale = pair_scale->contiguous();
   at::Tensor out = at::empty({order.size(0), in.size(1)}, in.options());
   const DType scale_dtype = scale.has_value() ? to_dtype(*scale, "topk_score") : DType::kFloat32;
   call_kernel([&] {
 #ifdef FASTMOE_WITH_CUDA_OPS
-    if (in.is_cuda()) {
+    if (in.is_cuda()) {  // with pair_pos: each token's row is read once (dispatch.h)
+      const at::Tensor pos = pair_pos.contiguous();
       return permute_cuda(to_dtype(in, "x"), in.const_data_ptr(), in.size(0), in.size(1),
-                          order.const_data_ptr<int64_t>(), order.size(0), k, data_or_null(scale), scale_dtype,
-                          out.mutable_data_ptr(), current_stream(in));
+                          order.const_data_ptr<int64_t>(), order.size(0), pos.const_data_ptr<int64_t>(), k,
+                          data_or_null(scale), scale_dtype, out.mutable_data_ptr(), current_stream(in));
     }
 #endif
     permute_ref(to_dtype(in, "x"), in.const_data_ptr(), in.size(0), in.size(1), order.const_data_ptr<int64_t>(),
@@ -177,7 +182,7 @@ at::Tensor permute_scaled(const at::Tensor& x, const at::Tensor& sorted_pair, in
 at::Tensor permute_kernel(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos) {
   check_permute(x, sorted_pair, pair_pos);
   check_plan_inverse(sorted_pair, pair_pos);
-  return permute_scaled(x, sorted_pair, pair_pos.size(1), std::nullopt);
+  return permute_scaled(x, sorted_pair, pair_pos, std::nullopt);
 }
 
 // ------------------------------------------------------------------------------------------------ combine
@@ -256,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_kernel(
   check_plan_inverse(sorted_pair, pair_pos);
   const c10::OptionalDeviceGuard guard(grad_y.device());
   const int64_t k = pair_pos.size(1);
-  at::Tensor grad_y_sorted = permute_scaled(grad_y, sorted_pair, k, topk_score);
+  at::Tensor grad_y_sorted = permute_scaled(grad_y, sorted_pair, pair_pos, topk_score);
   if (!need_score_grad) return {grad_y_sorted, grad_y.new_empty({0})};
   const at::Tensor gy = grad_y.contiguous(), rows = y_sorted.contiguous(), pos = pair_pos.contiguous();
   at::Tensor grad_score = at::empty(pos.sizes(), topk_score->options());

@@ -377,13 +377,35 @@ TEST_F(CudaPlan, OutOfRangeIdsAreDroppedAndCounted) {
   EXPECT_EQ(run_cuda(idx, experts).sorted_pair, plan_ref(sanitized, experts).sorted_pair);
 }
 
+// The plan runs in one block up to 16384 pairs and 64 experts (no workspace then), and as a radix sort above.
+constexpr int64_t kOneBlockPairs = 16384, kOneBlockExperts = 64;
+
+TEST_F(CudaPlan, OneBlockAndSortedPathsMatchAtTheirBoundary) {
+  std::mt19937 rng(37);
+  for (int64_t pairs : {kOneBlockPairs - 1, kOneBlockPairs, kOneBlockPairs + 1}) {
+    for (int64_t experts : {int64_t{1}, kOneBlockExperts - 1, kOneBlockExperts, kOneBlockExperts + 1}) {
+      const bool one_block = pairs <= kOneBlockPairs && experts <= kOneBlockExperts;
+      EXPECT_EQ(make_plan_cuda_workspace_bytes(pairs, experts) == 0, one_block) << pairs << " pairs, E=" << experts;
+      expect_matches_reference(random_routing(pairs, experts, 0.2, rng), experts);
+    }
+  }
+  // Out-of-range ids on the one-block path, one pair per thread and uneven chunks.
+  std::vector<int64_t> idx = random_routing(kOneBlockPairs, 9, 0.1, rng);
+  for (size_t i = 0; i < idx.size(); i += 101) idx[i] = (i % 2 == 0) ? -7 : 9;
+  expect_matches_reference(idx, 9);
+  expect_matches_reference(random_routing(256, 3, 0.3, rng), 3);
+  expect_matches_reference(random_routing(257, 3, 0.3, rng), 3);
+  expect_matches_reference(random_routing(1, 64, 0.0, rng), 64);
+}
+
 TEST_F(CudaPlan, UnalignedWorkspaceIsAccepted) {
   std::mt19937 rng(36);
-  expect_matches_reference(random_routing(2000, 12, 0.2, rng), 12, 8);
+  ASSERT_GT(make_plan_cuda_workspace_bytes(kOneBlockPairs + 2000, 12), 0u);
+  expect_matches_reference(random_routing(kOneBlockPairs + 2000, 12, 0.2, rng), 12, 8);
 }
 
 TEST_F(CudaPlan, RejectsTooSmallWorkspace) {
-  const int64_t num_pairs = 100, experts = 4;
+  const int64_t num_pairs = kOneBlockPairs + 100, experts = 4;
   const size_t bytes = make_plan_cuda_workspace_bytes(num_pairs, experts);
   ASSERT_GT(bytes, 0u);
   DeviceBuffer d_idx(std::vector<int64_t>(num_pairs, 1), stream_), d_out(4 * num_pairs * sizeof(int64_t), stream_),
@@ -414,32 +436,50 @@ Routing make_routing(int64_t num_tokens, int64_t k, int64_t num_experts, std::mt
 
 constexpr int64_t kWidths[] = {1, 3, 8, 13, 64, 100};
 
+// How a permute test hands the kernel pair_pos: none (each row gathers), the plan's own (each token scatters its
+// row), or one that disagrees with sorted_pair in places (tokens scatter what they own, rows gather the rest).
+enum class PairPos { kNone, kPlan, kDisagreeing };
+
 template <typename T>
 class CudaPermute : public CudaKernelTest {
  protected:
-  // Permutes x (scaled by `scale` of type S when non-empty) through `routing`, with the kernel's x and x_sorted
-  // pointers `offset` elements into their buffers, and expects the reference's bits.
+  // Permutes x (scaled by `scale` of type S when non-empty) through `routing`, keeping the plan's first `num_rows`
+  // rows (all when negative), with the kernel's x and x_sorted pointers `offset` elements into their buffers, and
+  // expects the reference's bits for each way of passing pair_pos.
   template <typename S>
   void expect_matches_reference(const Routing& routing, int64_t d, const std::vector<S>& scale, size_t offset,
-                                std::mt19937& rng) {
-    SCOPED_TRACE(::testing::Message() << "d=" << d << " offset=" << offset << " scaled=" << !scale.empty());
-    const int64_t num_rows = static_cast<int64_t>(routing.plan.sorted_pair.size());
+                                std::mt19937& rng, int64_t num_rows = -1) {
+    if (num_rows < 0) num_rows = static_cast<int64_t>(routing.plan.sorted_pair.size());
+    const std::vector<int64_t> sorted(routing.plan.sorted_pair.begin(), routing.plan.sorted_pair.begin() + num_rows);
     const std::vector<T> x = random_values<T>(routing.num_tokens * d, rng);
     const void* scale_ptr = scale.empty() ? nullptr : scale.data();
     std::vector<T> want(num_rows * d);
-    permute_ref(dtype_of<T>(), x.data(), routing.num_tokens, d, routing.plan.sorted_pair.data(), num_rows, routing.k,
-                scale_ptr, dtype_of<S>(), want.data());
+    permute_ref(dtype_of<T>(), x.data(), routing.num_tokens, d, sorted.data(), num_rows, routing.k, scale_ptr,
+                dtype_of<S>(), want.data());
+
+    // Every third entry of the disagreeing pair_pos points at another row, -1 or past the end.
+    std::vector<int64_t> disagreeing = routing.plan.pair_pos;
+    std::uniform_int_distribution<int64_t> any_row(-1, num_rows);
+    for (size_t i = 0; i < disagreeing.size(); i += 3) disagreeing[i] = any_row(rng);
 
     std::vector<T> x_padded(offset);
     x_padded.insert(x_padded.end(), x.begin(), x.end());
-    DeviceBuffer d_x(x_padded, this->stream_), d_sorted(routing.plan.sorted_pair, this->stream_),
-        d_scale(scale, this->stream_), d_out((offset + want.size()) * sizeof(T), this->stream_);
-    d_out.poison();
-    permute_cuda(dtype_of<T>(), d_x.as<T>() + offset, routing.num_tokens, d, d_sorted.as<int64_t>(), num_rows,
-                 routing.k, scale.empty() ? nullptr : d_scale.get(), dtype_of<S>(), d_out.as<T>() + offset,
-                 this->stream_);
-    const std::vector<T> got = d_out.download<T>(want.size(), offset);
-    EXPECT_TRUE(same_bits(got.data(), want.data(), want.size()));
+    DeviceBuffer d_x(x_padded, this->stream_), d_sorted(sorted, this->stream_), d_scale(scale, this->stream_),
+        d_pos(routing.plan.pair_pos, this->stream_), d_disagreeing(disagreeing, this->stream_),
+        d_out((offset + want.size()) * sizeof(T), this->stream_);
+    for (PairPos mode : {PairPos::kNone, PairPos::kPlan, PairPos::kDisagreeing}) {
+      SCOPED_TRACE(::testing::Message() << "d=" << d << " offset=" << offset << " scaled=" << !scale.empty()
+                                        << " rows=" << num_rows << " pair_pos mode=" << static_cast<int>(mode));
+      const int64_t* pos = mode == PairPos::kNone   ? nullptr
+                           : mode == PairPos::kPlan ? d_pos.as<int64_t>()
+                                                    : d_disagreeing.as<int64_t>();
+      d_out.poison();
+      permute_cuda(dtype_of<T>(), d_x.as<T>() + offset, routing.num_tokens, d, d_sorted.as<int64_t>(), num_rows, pos,
+                   routing.k, scale.empty() ? nullptr : d_scale.get(), dtype_of<S>(), d_out.as<T>() + offset,
+                   this->stream_);
+      const std::vector<T> got = d_out.download<T>(want.size(), offset);
+      EXPECT_TRUE(same_bits(got.data(), want.data(), want.size()));
+    }
   }
 };
 TYPED_TEST_SUITE(CudaPermute, AllFloatTypes, DTypeNames);
@@ -462,6 +502,20 @@ TYPED_TEST(CudaPermute, ScaledMatchesReferenceForEveryScoreDtype) {
   });
 }
 
+TYPED_TEST(CudaPermute, KeepsOnlyTheFirstRowsOfAPlan) {
+  // Expert parallelism keeps the routed rows and cuts the dropped tail: tokens must not store past the kept rows.
+  using T = TypeParam;
+  std::mt19937 rng(44);
+  const Routing routing = make_routing(60, 3, 5, rng);
+  const int64_t routed = routing.plan.offsets.back();
+  ASSERT_LT(routed, routing.num_tokens * routing.k);
+  for (int64_t rows : {routed, routed / 2, int64_t{0}}) {
+    for (int64_t d : {int64_t{8}, int64_t{13}})
+      this->expect_matches_reference(routing, d, std::vector<T>{}, 0, rng, rows);
+    this->expect_matches_reference(routing, 64, random_values<float>(180, rng), 0, rng, rows);
+  }
+}
+
 TYPED_TEST(CudaPermute, UnalignedRowsFallBackToScalarPath) {
   using T = TypeParam;
   std::mt19937 rng(43);
@@ -472,8 +526,8 @@ TYPED_TEST(CudaPermute, UnalignedRowsFallBackToScalarPath) {
 
 TYPED_TEST(CudaPermute, EmptyShapesLaunchNothing) {
   using T = TypeParam;
-  EXPECT_NO_THROW(
-      permute_cuda(dtype_of<T>(), nullptr, 0, 16, nullptr, 0, 2, nullptr, dtype_of<T>(), nullptr, this->stream_));
+  EXPECT_NO_THROW(permute_cuda(dtype_of<T>(), nullptr, 0, 16, nullptr, 0, nullptr, 2, nullptr, dtype_of<T>(), nullptr,
+                               this->stream_));
   EXPECT_NO_THROW(unpermute_combine_cuda(dtype_of<T>(), nullptr, 0, 16, nullptr, 0, 2, nullptr, dtype_of<T>(), nullptr,
                                          this->stream_));
   EXPECT_NO_THROW(combine_score_grad_cuda(dtype_of<T>(), nullptr, nullptr, 0, 16, nullptr, 0, 2, dtype_of<T>(), nullptr,
@@ -544,8 +598,8 @@ TYPED_TEST(CudaUnpermuteCombine, PermuteThenUnpermuteIsIdentityForTopOne) {
       d_x_sorted(x.size() * sizeof(T), this->stream_), d_y(x.size() * sizeof(T), this->stream_);
   d_x_sorted.poison();
   d_y.poison();
-  permute_cuda(dtype_of<T>(), d_x.get(), tokens, d, d_sorted.as<int64_t>(), tokens, 1, nullptr, dtype_of<T>(),
-               d_x_sorted.get(), this->stream_);
+  permute_cuda(dtype_of<T>(), d_x.get(), tokens, d, d_sorted.as<int64_t>(), tokens, d_pos.as<int64_t>(), 1, nullptr,
+               dtype_of<T>(), d_x_sorted.get(), this->stream_);
   unpermute_combine_cuda(dtype_of<T>(), d_x_sorted.get(), tokens, d, d_pos.as<int64_t>(), tokens, 1, nullptr,
                          dtype_of<T>(), d_y.get(), this->stream_);
   const std::vector<T> y = d_y.download<T>(x.size());

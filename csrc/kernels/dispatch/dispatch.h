@@ -11,7 +11,8 @@
 
 namespace fastmoe {
 
-// Bytes of device scratch that make_plan_cuda needs for these sizes (CUB's temporary storage and friends).
+// Bytes of device scratch that make_plan_cuda needs for these sizes (CUB's temporary storage and friends); 0 for a
+// plan small enough for make_plan_cuda's one-block path, which needs none.
 size_t make_plan_cuda_workspace_bytes(int64_t num_pairs, int64_t num_experts);
 
 // As make_plan_ref. An id outside [-1, num_experts) cannot be reported without a host sync, so it is treated as
@@ -20,9 +21,12 @@ void make_plan_cuda(const int64_t* topk_idx, int64_t num_pairs, int64_t num_expe
                     int64_t* expert_offsets, int64_t* sorted_pair, int64_t* pair_pos, int64_t* invalid_count,
                     void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// As permute_ref. pair_pos ([num_tokens, k], the plan's other half) may be nullptr; given, each token's row is
+// read once and stored to its rows, which moves far fewer bytes once x outgrows the L2 cache. The output is the
+// same bits either way, even where pair_pos does not invert sorted_pair.
 void permute_cuda(DType dtype, const void* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair,
-                  int64_t num_rows, int64_t k, const void* pair_scale, DType scale_dtype, void* x_sorted,
-                  cudaStream_t stream);
+                  int64_t num_rows, const int64_t* pair_pos, int64_t k, const void* pair_scale, DType scale_dtype,
+                  void* x_sorted, cudaStream_t stream);
 
 void unpermute_combine_cuda(DType dtype, const void* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
                             int64_t num_tokens, int64_t k, const void* topk_score, DType score_dtype, void* y,

@@ -1,7 +1,8 @@
 // CUDA permute / unpermute-combine / combine score gradient. Same contract as csrc/ref/dispatch_ref.h.
 //
-// permute and unpermute_combine run one thread per (row, chunk), where a chunk is 16 bytes of a row (8 halves,
-// 4 floats, 2 doubles) when every row of every operand is 16-byte aligned, and one element otherwise. The
+// permute and unpermute_combine run one thread per (work item, chunk), where a work item is a row (permute also
+// has token items: see permute_kernel) and a chunk is 16 bytes of a row (8 halves, 4 floats, 2 doubles) when
+// every row of every operand is 16-byte aligned, and one element otherwise. The
 // combine is a gather over the k slots in order 0..k-1 with separately rounded multiply and add, the reference's
 // exact arithmetic, so it is deterministic. combine_score_grad runs one warp per (token, slot) dot product.
 #include <cuda_runtime.h>
@@ -39,40 +40,76 @@ RowLaunch row_launch(int64_t num_rows, int64_t chunks_per_row) {
   return launch;
 }
 
+// The row x[token] (chunk c) times `scale`, or its bits untouched without a scale.
+template <typename T, typename A, int kN>
+__device__ __forceinline__ void scale_chunk(const T (&in)[kN], bool scaled, A scale, T (&out)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) out[i] = scaled ? cuda::from_acc<T>(scale * cuda::to_acc(in[i])) : in[i];
+}
+
 // x:           [num_tokens, d]
 // sorted_pair: [num_rows], pair ids or -1 (ids outside [0, num_tokens * k), which the reference rejects, also
 //              give a zero row here rather than a wild read)
+// pair_pos:    [num_tokens, k] or nullptr; rows of x_sorted or -1
 // pair_scale:  [num_tokens * k] or nullptr
 // x_sorted:    [num_rows, d], written
+//
+// Row r holds x[p / k] (times pair_scale[p]) for p = sorted_pair[r]. Without pair_pos each row gathers its token's
+// row (work items: the rows). A gather reads each token's row k times in expert order, and once x outgrows the L2
+// cache every read comes from memory; so with pair_pos the work items are the tokens first, then the rows: a token
+// reads its row once and stores it to each of its rows r = pair_pos[t, j] that it owns, which is when
+// sorted_pair[r] == t * k + j; a row item writes only a row that no token owns (a dropped slot's zero row, or
+// a row of a plan whose halves disagree), as the gather would. Both items test the same condition, so every row is
+// written once, and by the value the gather writes: the same bits whatever pair_pos holds.
 template <typename T, typename S, int kN>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     permute_kernel(const T* __restrict__ x, int64_t num_tokens, int64_t d, const int64_t* __restrict__ sorted_pair,
-                   int64_t num_rows, int64_t k, const S* __restrict__ pair_scale, T* __restrict__ x_sorted) {
+                   int64_t num_rows, const int64_t* __restrict__ pair_pos, int64_t k, const S* __restrict__ pair_scale,
+                   T* __restrict__ x_sorted) {
   using A = dacc_t<T>;
   const int64_t chunks = d / kN;
   const int64_t num_pairs = num_tokens * k;
-  const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < num_rows; row += row_stride) {
+  const int64_t token_items = pair_pos == nullptr ? 0 : num_tokens;
+  const int64_t num_items = token_items + num_rows;
+  const bool scaled = pair_scale != nullptr;
+  const int64_t item_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; item < num_items;
+       item += item_stride) {
+    if (item < token_items) {  // a token: scatter its row
+      const int64_t token = item;
+      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+        T values[kN];
+        load_chunk<T, kN>(x + token * d + c * kN, values);
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t pair = token * k + j;
+          const int64_t row = pair_pos[pair];
+          if (row < 0 || row >= num_rows || sorted_pair[row] != pair) continue;
+          T out[kN];
+          scale_chunk<T, A, kN>(values, scaled, scaled ? static_cast<A>(cuda::to_acc(pair_scale[pair])) : A(1), out);
+          store_chunk<T, kN>(x_sorted + row * d + c * kN, out);
+        }
+      }
+      continue;
+    }
+    const int64_t row = item - token_items;  // a row: gather it unless a token owns it
     const int64_t pair = sorted_pair[row];
     const bool valid = pair >= 0 && pair < num_pairs;
+    if (valid && pair_pos != nullptr && pair_pos[pair] == row) continue;
     const T* in = x + (valid ? pair / k : 0) * d;
     T* out = x_sorted + row * d;
-    A scale = 1;
-    if (valid && pair_scale != nullptr) scale = static_cast<A>(cuda::to_acc(pair_scale[pair]));
+    const A scale = valid && scaled ? static_cast<A>(cuda::to_acc(pair_scale[pair])) : A(1);
     for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
       T values[kN];
       if (!valid) {
 #pragma unroll
         for (int i = 0; i < kN; ++i) values[i] = cuda::from_acc<T>(A(0));
-      } else {
-        load_chunk<T, kN>(in + c * kN, values);
-        if (pair_scale != nullptr) {
-#pragma unroll
-          for (int i = 0; i < kN; ++i) values[i] = cuda::from_acc<T>(scale * cuda::to_acc(values[i]));
-        }
-        // Without a scale the loaded bits are stored untouched: a bitwise copy.
+        store_chunk<T, kN>(out + c * kN, values);
+        continue;
       }
-      store_chunk<T, kN>(out + c * kN, values);
+      load_chunk<T, kN>(in + c * kN, values);
+      T result[kN];
+      scale_chunk<T, A, kN>(values, scaled, scale, result);
+      store_chunk<T, kN>(out + c * kN, result);
     }
   }
 }
@@ -178,17 +215,18 @@ void check_rows_args(const char* name, int64_t num_tokens, int64_t d, int64_t nu
 }
 
 template <typename T, typename S>
-void launch_permute(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows, int64_t k,
-                    const S* pair_scale, T* x_sorted, cudaStream_t stream) {
+void launch_permute(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows,
+                    const int64_t* pair_pos, int64_t k, const S* pair_scale, T* x_sorted, cudaStream_t stream) {
   constexpr int kVec = cuda::kVec16<T>;
+  const int64_t items = (pair_pos == nullptr ? 0 : num_tokens) + num_rows;
   if (cuda::rows_are_vec16<T>(d, {x, x_sorted})) {
-    const RowLaunch launch = row_launch(num_rows, d / kVec);
-    permute_kernel<T, S, kVec>
-        <<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, k, pair_scale, x_sorted);
+    const RowLaunch launch = row_launch(items, d / kVec);
+    permute_kernel<T, S, kVec><<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows,
+                                                                         pair_pos, k, pair_scale, x_sorted);
   } else {
-    const RowLaunch launch = row_launch(num_rows, d);
-    permute_kernel<T, S, 1>
-        <<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, k, pair_scale, x_sorted);
+    const RowLaunch launch = row_launch(items, d);
+    permute_kernel<T, S, 1><<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, pair_pos,
+                                                                      k, pair_scale, x_sorted);
   }
   FMOE_CHECK_LAUNCH();
 }
@@ -227,8 +265,8 @@ void launch_combine_score_grad(const T* grad_y, const T* y_sorted, int64_t num_r
 }  // namespace
 
 void permute_cuda(DType dtype, const void* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair,
-                  int64_t num_rows, int64_t k, const void* pair_scale, DType scale_dtype, void* x_sorted,
-                  cudaStream_t stream) {
+                  int64_t num_rows, const int64_t* pair_pos, int64_t k, const void* pair_scale, DType scale_dtype,
+                  void* x_sorted, cudaStream_t stream) {
   check_rows_args("permute_cuda", num_tokens, d, num_rows, k);
   if (num_rows == 0 || d == 0) return;
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "permute_cuda", T, [&] {
@@ -236,12 +274,12 @@ void permute_cuda(DType dtype, const void* x, int64_t num_tokens, int64_t d, con
     T* out_t = static_cast<T*>(x_sorted);
     if (pair_scale == nullptr) {
       // The scale type is irrelevant without a scale; reuse one instantiation.
-      launch_permute<T, T>(x_t, num_tokens, d, sorted_pair, num_rows, k, nullptr, out_t, stream);
+      launch_permute<T, T>(x_t, num_tokens, d, sorted_pair, num_rows, pair_pos, k, nullptr, out_t, stream);
       return;
     }
     FMOE_CUDA_DISPATCH_FLOAT_TYPES(scale_dtype, "permute_cuda", S, [&] {
-      launch_permute<T, S>(x_t, num_tokens, d, sorted_pair, num_rows, k, static_cast<const S*>(pair_scale), out_t,
-                           stream);
+      launch_permute<T, S>(x_t, num_tokens, d, sorted_pair, num_rows, pair_pos, k, static_cast<const S*>(pair_scale),
+                           out_t, stream);
     });
   });
 }

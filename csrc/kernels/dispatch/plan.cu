@@ -5,7 +5,14 @@
 // (key = expert id, dropped pairs keyed num_experts so they sort last; value = pair id) gives the reference's
 // order inside each expert. Offsets then fall out of the sorted keys by binary search, with no atomics, so every
 // output is deterministic.
+//
+// A small plan (at most kOneBlockMaxPairs pairs and kOneBlockMaxExperts experts: a training layer's few thousand
+// tokens) runs instead as one kernel of one block, a counting sort in shared memory: the sort above is a handful of
+// launches (CUB's passes, the key, offset and position kernels), and at these sizes their host-side cost is what
+// the step waits for. Its output is the same.
 #include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <limits>
 
@@ -19,6 +26,19 @@ constexpr int kThreadsPerBlock = 256;
 constexpr size_t kWorkspaceAlign = 256;  // every buffer starts on a 256-byte boundary, as CUB prefers
 
 using PlanKey = uint32_t;
+
+constexpr int kOneBlockThreads = 256;
+constexpr int64_t kOneBlockMaxPairs = 16384;  // 64 pairs per thread; every row index fits a uint16_t
+constexpr int64_t kOneBlockMaxExperts = 64;   // (64 + 1) keys x 256 threads x 2 bytes = 32.5 KiB of shared memory
+static_assert(kOneBlockMaxPairs <= 65535, "row indices of the one-block plan are uint16_t");
+
+bool one_block_plan(int64_t num_pairs, int64_t num_experts) {
+  return num_pairs <= kOneBlockMaxPairs && num_experts <= kOneBlockMaxExperts;
+}
+
+size_t one_block_shared_bytes(int64_t num_experts) {
+  return static_cast<size_t>(num_experts + 1) * kOneBlockThreads * sizeof(uint16_t);
+}
 
 size_t align_up(size_t bytes) {
   return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
@@ -120,17 +140,87 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// The whole plan in one block: a stable counting sort. Thread t owns the contiguous pairs [t * chunk, (t + 1) *
+// chunk), and bins[key * kOneBlockThreads + t] counts its pairs of each key (expert id, or num_experts when
+// dropped). An exclusive scan of the bins in key-major order turns each into the first row of thread t's pairs of
+// that key: the rows of a key go to threads in order, and a thread walks its pairs in order, so pairs keep their
+// order inside each expert, as the reference's stable sort. Invalid ids are dropped and counted as in
+// plan_keys_kernel.
+__global__ void __launch_bounds__(kOneBlockThreads)
+    plan_one_block_kernel(const int64_t* __restrict__ topk_idx, int64_t num_pairs, int64_t num_experts,
+                          int64_t* __restrict__ expert_counts, int64_t* __restrict__ expert_offsets,
+                          int64_t* __restrict__ sorted_pair, int64_t* __restrict__ pair_pos, int64_t* invalid_count) {
+  using Scan = cub::BlockScan<int, kOneBlockThreads>;
+  using Reduce = cub::BlockReduce<int64_t, kOneBlockThreads>;
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    typename Reduce::TempStorage reduce;
+  } temp;
+  extern __shared__ uint16_t bins[];
+  const int t = static_cast<int>(threadIdx.x);
+  const int64_t keys = num_experts + 1;
+  const auto key_of = [&](int64_t id) { return id >= 0 && id < num_experts ? id : num_experts; };
+
+  for (int64_t i = t; i < keys * kOneBlockThreads; i += kOneBlockThreads) bins[i] = 0;
+  __syncthreads();
+  const int64_t chunk = (num_pairs + kOneBlockThreads - 1) / kOneBlockThreads;
+  const int64_t begin = t * chunk < num_pairs ? t * chunk : num_pairs;
+  const int64_t end = begin + chunk < num_pairs ? begin + chunk : num_pairs;
+  int64_t invalid = 0;
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t id = topk_idx[p];
+    invalid += (id < -1 || id >= num_experts) ? 1 : 0;
+    ++bins[key_of(id) * kOneBlockThreads + t];
+  }
+  __syncthreads();
+
+  // Thread t scans the entries [t * keys, (t + 1) * keys) of the key-major order.
+  int total = 0;
+  for (int64_t i = 0; i < keys; ++i) total += bins[t * keys + i];
+  int running = 0;
+  Scan(temp.scan).ExclusiveSum(total, running);
+  for (int64_t i = 0; i < keys; ++i) {
+    const int count = bins[t * keys + i];
+    bins[t * keys + i] = static_cast<uint16_t>(running);
+    running += count;
+  }
+  __syncthreads();
+
+  // Key e's rows start at thread 0's first row of key e; the dropped key's start is the number of routed pairs.
+  for (int64_t e = t; e <= num_experts; e += kOneBlockThreads) {
+    const int64_t start = bins[e * kOneBlockThreads];
+    expert_offsets[e] = start;
+    if (e < num_experts) expert_counts[e] = static_cast<int64_t>(bins[(e + 1) * kOneBlockThreads]) - start;
+  }
+  __syncthreads();  // the walk below moves the starts that were just read
+
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t key = key_of(topk_idx[p]);
+    const int64_t row = bins[key * kOneBlockThreads + t]++;
+    const bool routed = key < num_experts;
+    sorted_pair[row] = routed ? p : -1;
+    pair_pos[p] = routed ? row : -1;
+  }
+
+  // The same count as the multi-block path adds (a block-wide sum, then one atomic).
+  const int64_t block_invalid = Reduce(temp.reduce).Sum(invalid);
+  if (t == 0 && invalid_count != nullptr && block_invalid != 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(invalid_count), static_cast<unsigned long long>(block_invalid));
+  }
+}
+
 }  // namespace
 
 size_t make_plan_cuda_workspace_bytes(int64_t num_pairs, int64_t num_experts) {
   check_plan_sizes(num_pairs, num_experts);
+  if (one_block_plan(num_pairs, num_experts)) return 0;
   return plan_layout(num_pairs, num_experts).total;
 }
 
 void make_plan_cuda(const int64_t* topk_idx, int64_t num_pairs, int64_t num_experts, int64_t* expert_counts,
                     int64_t* expert_offsets, int64_t* sorted_pair, int64_t* pair_pos, int64_t* invalid_count,
                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  // 1. No pairs: every expert gets 0 rows; write counts and offsets and stop.
+  // 1. No pairs: every expert gets 0 rows; write counts and offsets and stop. A small plan: one block, stop.
   // 2. Carve the workspace: keys in/out, the identity pair ids, CUB's temporary storage.
   // 3. Keys: expert id per pair, dropped and invalid ids keyed num_experts (invalid ones also counted).
   // 4. Stable radix sort of (key, pair id) straight into sorted_pair.
@@ -140,6 +230,12 @@ void make_plan_cuda(const int64_t* topk_idx, int64_t num_pairs, int64_t num_expe
   if (num_pairs == 0) {
     FMOE_CHECK_CUDA(cudaMemsetAsync(expert_counts, 0, static_cast<size_t>(num_experts) * sizeof(int64_t), stream));
     FMOE_CHECK_CUDA(cudaMemsetAsync(expert_offsets, 0, static_cast<size_t>(num_experts + 1) * sizeof(int64_t), stream));
+    return;
+  }
+  if (one_block_plan(num_pairs, num_experts)) {
+    plan_one_block_kernel<<<1, kOneBlockThreads, one_block_shared_bytes(num_experts), stream>>>(
+        topk_idx, num_pairs, num_experts, expert_counts, expert_offsets, sorted_pair, pair_pos, invalid_count);
+    FMOE_CHECK_LAUNCH();
     return;
   }
 
