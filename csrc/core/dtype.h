@@ -23,6 +23,17 @@ inline const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
+// Bytes of one element.
+inline size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat64: return 8;
+    case DType::kFloat32: return 4;
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+  }
+  return 0;
+}
+
 inline float bits_to_float(uint32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof(value));

@@ -9,10 +9,10 @@
 // tile writes into the next expert's rows.
 //
 // Per call: (1) a setup kernel writes, for each expert, the problem size (M, N, K), the operand pointers and the
-// leading dimensions into the workspace, from expert_offsets; (2) the grouped GEMM reads them there (its host
-// problem shapes are nullptr: the host never learns the row counts, and the grid is one CTA per SM);
-// (3) fastmoe's epilogue kernels (epilogue.cu) add the bias, zero the tail rows past offsets[E] and zero the
-// weight gradient of experts without rows.
+// leading dimensions into the workspace, from expert_offsets, and its other blocks zero what the GEMMs will not
+// write: the output's tail rows past offsets[E] and the weight gradient of experts without rows (zero_fill.cuh);
+// (2) the grouped GEMM reads the arrays there (its host problem shapes are nullptr: the host never learns the row
+// counts, and the grid is one CTA per SM); (3) with a bias, fastmoe's epilogue kernel (epilogue.cu) adds it.
 //
 // The GEMMs, as D[m, n] = sum_k A[m, k] B[n, k] on expert e's rows b = offsets[e] .. offsets[e + 1] (R rows):
 //   forward      M = R,   N = out, K = in:  A = x[b + m, k] (k contiguous),  B = W[e][n, k] (k contiguous),
@@ -44,6 +44,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "kernels/expert/cutlass_grouped.h"
 #include "kernels/expert/expert.h"
+#include "kernels/expert/zero_fill.cuh"
 
 #if !defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
 #error "the CUTLASS SM90 grouped GEMM needs CUDA 12.3 or newer"
@@ -126,7 +127,9 @@ static_assert(arrays_match<GradInputGemm<cutlass::half_t>, GradInputArrays<cutla
 static_assert(arrays_match<GradWeightGemm<cutlass::half_t>, GradWeightArrays<cutlass::half_t>>(),
               "grad_weight strides");
 
-// What the setup kernel reads and writes; a null output skips its GEMM.
+// What the setup kernel reads and writes; a null output skips its GEMM. tail_rows (the output whose rows past
+// offsets[E] no GEMM writes) and empty_groups (the weight gradient, whose experts without rows no GEMM writes) are
+// zeroed by the blocks past setup_blocks; null: nothing to zero.
 template <typename Element>
 struct SetupParams {
   const int64_t* offsets;
@@ -140,12 +143,43 @@ struct SetupParams {
   ForwardArrays<Element> forward;
   GradInputArrays<Element> grad_input;
   GradWeightArrays<Element> grad_wt;
+  int64_t setup_blocks;
+  char* tail_rows;
+  int64_t tail_row_bytes;
+  char* empty_groups;
+  int64_t group_bytes;
 };
 
-// Thread e fills entry e of every requested GEMM's arrays. Offsets are clamped into [0, num_rows] (as in the tiled
-// kernel), so malformed offsets cannot send a GEMM outside the buffers.
+// The zeroing blocks of the setup kernel (zero_blocks of them, this one is z): the tail rows over all of them;
+// the empty groups with about zero_blocks / E blocks per group (at least one), as zero_empty_groups_cuda does.
+template <typename Element>
+__device__ void setup_zeroing(const SetupParams<Element>& p, int64_t z, int64_t zero_blocks) {
+  const int64_t threads = blockDim.x;
+  if (p.tail_rows != nullptr) {
+    cuda::zero_tail_rows(p.tail_rows, p.num_rows, p.tail_row_bytes, p.offsets, p.num_experts, z * threads + threadIdx.x,
+                         zero_blocks * threads);
+  }
+  if (p.empty_groups != nullptr) {
+    const int64_t per_group = zero_blocks / p.num_experts > 1 ? zero_blocks / p.num_experts : 1;
+    const int64_t group_slots = zero_blocks / per_group;
+    if (z >= group_slots * per_group) return;
+    for (int64_t g = z / per_group; g < p.num_experts; g += group_slots) {
+      cuda::zero_group_if_empty(p.empty_groups, g, p.group_bytes, p.offsets, (z % per_group) * threads + threadIdx.x,
+                                per_group * threads);
+    }
+  }
+}
+
+// In the first setup_blocks blocks, thread e fills entry e of every requested GEMM's arrays. Offsets are clamped
+// into [0, num_rows] (as in the tiled kernel), so malformed offsets cannot send a GEMM outside the buffers. The
+// blocks after them zero what the GEMMs will not write (setup_zeroing): before the GEMMs rather than after, one
+// launch instead of one or two more per call, since nothing the GEMMs write overlaps it.
 template <typename Element>
 __global__ void cutlass_grouped_setup_kernel(SetupParams<Element> p) {
+  if (static_cast<int64_t>(blockIdx.x) >= p.setup_blocks) {
+    setup_zeroing(p, blockIdx.x - p.setup_blocks, gridDim.x - p.setup_blocks);
+    return;
+  }
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= p.num_experts) return;
   const int64_t begin = std::min(std::max(p.offsets[e], int64_t{0}), p.num_rows);
@@ -360,10 +394,18 @@ SetupParams<Element> setup_params(const int64_t* expert_offsets, int64_t num_exp
   return params;
 }
 
+// Launches the setup kernel: one thread per expert, then, when there is something to zero, blocks enough for the
+// larger of the output's rows and one expert's weight gradient in 16-byte stores, at most kMaxZeroBlocks.
 template <typename Element>
-void launch_setup(const SetupParams<Element>& params, cudaStream_t stream) {
+void launch_setup(SetupParams<Element> params, cudaStream_t stream) {
   constexpr int kThreads = 128;
-  const unsigned int blocks = static_cast<unsigned int>((params.num_experts + kThreads - 1) / kThreads);
+  constexpr int64_t kMaxZeroBlocks = 1024;
+  params.setup_blocks = (params.num_experts + kThreads - 1) / kThreads;
+  const int64_t zero_bytes = std::max(params.tail_rows != nullptr ? params.num_rows * params.tail_row_bytes : 0,
+                                      params.empty_groups != nullptr ? params.group_bytes : 0);
+  const int64_t zero_blocks =
+      zero_bytes == 0 ? 0 : std::clamp<int64_t>((zero_bytes / 16 + kThreads - 1) / kThreads, 1, kMaxZeroBlocks);
+  const unsigned int blocks = static_cast<unsigned int>(params.setup_blocks + zero_blocks);
   cutlass_grouped_setup_kernel<Element><<<blocks, kThreads, 0, stream>>>(params);
   FMOE_CHECK_LAUNCH();
 }
@@ -436,10 +478,16 @@ void cutlass_grouped_linear_cuda(DType dtype, const void* x, int64_t num_rows, i
         setup_params<Element>(expert_offsets, num_experts, num_rows, in_features, out_features, x, weight);
     params.y = static_cast<Element*>(y);
     params.forward = ws.forward;
+    if (bias == nullptr) {  // the tail rows are all the epilogue would change: zeroed by the setup launch
+      params.tail_rows = static_cast<char*>(y);
+      params.tail_row_bytes = out_features * static_cast<int64_t>(sizeof(Element));
+    }
     launch_setup(params, stream);
     run_gemm<ForwardGemm<Element>>(kCaller, ws.forward, num_experts, device, ws.cutlass, stream);
   });
-  grouped_bias_epilogue_cuda(dtype, y, num_rows, out_features, expert_offsets, num_experts, bias, stream);
+  if (bias != nullptr) {
+    grouped_bias_epilogue_cuda(dtype, y, num_rows, out_features, expert_offsets, num_experts, bias, stream);
+  }
 }
 
 void cutlass_grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
@@ -469,6 +517,14 @@ void cutlass_grouped_linear_backward_cuda(DType dtype, const void* grad_y, const
       params.grad_weight = static_cast<Element*>(grad_weight);
       params.grad_input = ws.grad_input;
       params.grad_wt = ws.grad_wt;
+      if (grad_x != nullptr) {
+        params.tail_rows = static_cast<char*>(grad_x);
+        params.tail_row_bytes = in_features * static_cast<int64_t>(sizeof(Element));
+      }
+      if (grad_weight != nullptr) {
+        params.empty_groups = static_cast<char*>(grad_weight);
+        params.group_bytes = out_features * in_features * static_cast<int64_t>(sizeof(Element));
+      }
       launch_setup(params, stream);
       // Both GEMMs share CUTLASS's workspace: the second starts after the first ends, on the same stream.
       if (grad_x != nullptr) {
@@ -478,10 +534,9 @@ void cutlass_grouped_linear_backward_cuda(DType dtype, const void* grad_y, const
         run_gemm<GradWeightGemm<Element>>(kCaller, ws.grad_wt, num_experts, device, ws.cutlass, stream);
       }
     });
+    return;
   }
-  if (grad_x != nullptr) {
-    grouped_bias_epilogue_cuda(dtype, grad_x, num_rows, in_features, expert_offsets, num_experts, nullptr, stream);
-  }
+  // No rows: grad_x is empty and every expert's weight gradient is zero.
   if (grad_weight != nullptr) {
     const int64_t group_bytes = out_features * in_features * 2;  // 2-byte elements
     zero_empty_groups_cuda(grad_weight, num_experts, group_bytes, expert_offsets, stream);

@@ -8,6 +8,7 @@
 
 #include "kernels/common.cuh"
 #include "kernels/expert/expert.h"
+#include "kernels/expert/zero_fill.cuh"
 
 namespace fastmoe {
 namespace {
@@ -50,31 +51,19 @@ __global__ void grouped_bias_epilogue_kernel(T* __restrict__ y, int64_t num_rows
 }
 
 // Without a bias only the tail rows [offsets[E], num_rows) change, and in training the tail is usually empty: a
-// small grid strides over the tail's elements alone instead of giving every row a block and a binary search.
-template <typename T>
-__global__ void zero_tail_rows_kernel(T* __restrict__ y, int64_t num_rows, int64_t out_features,
+// small grid strides over the tail's bytes alone instead of giving every row a block and a binary search.
+__global__ void zero_tail_rows_kernel(char* __restrict__ y, int64_t num_rows, int64_t row_bytes,
                                       const int64_t* __restrict__ offsets, int64_t num_experts) {
-  const int64_t begin = offsets[num_experts] * out_features, end = num_rows * out_features;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride) {
-    y[i] = cuda::from_acc<T>(cuda::dacc_t<T>(0));
-  }
+  cuda::zero_tail_rows(y, num_rows, row_bytes, offsets, num_experts,
+                       static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                       static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
 // groups: [num_groups, group_bytes]; blockIdx.y is the group, which is zeroed only when it has no rows.
 __global__ void zero_empty_groups_kernel(char* groups, int64_t group_bytes, const int64_t* expert_offsets) {
-  const int64_t g = blockIdx.y;
-  if (expert_offsets[g + 1] != expert_offsets[g]) return;
-  char* base = groups + g * group_bytes;
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  // Group starts are 16-byte aligned whenever group_bytes and the base are (the common case): then 16-byte stores.
-  if (reinterpret_cast<uintptr_t>(base) % 16 == 0 && group_bytes % 16 == 0) {
-    uint4* words = reinterpret_cast<uint4*>(base);
-    for (int64_t i = thread; i < group_bytes / 16; i += stride) words[i] = make_uint4(0, 0, 0, 0);
-  } else {
-    for (int64_t i = thread; i < group_bytes; i += stride) base[i] = 0;
-  }
+  cuda::zero_group_if_empty(groups, blockIdx.y, group_bytes, expert_offsets,
+                            static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                            static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
 }  // namespace
@@ -90,10 +79,9 @@ void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t 
     const int64_t elements = num_rows * out_features;
     const unsigned int blocks =
         static_cast<unsigned int>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 1024));
-    FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "grouped_bias_epilogue_cuda", scalar_t, [&] {
-      zero_tail_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(static_cast<scalar_t*>(y), num_rows,
-                                                                       out_features, expert_offsets, num_experts);
-    });
+    zero_tail_rows_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<char*>(y), num_rows,
+                                                           out_features * static_cast<int64_t>(dtype_size(dtype)),
+                                                           expert_offsets, num_experts);
     FMOE_CHECK_LAUNCH();
     return;
   }
