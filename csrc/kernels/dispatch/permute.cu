@@ -1,8 +1,8 @@
 // CUDA permute / unpermute-combine / combine score gradient. Same contract as csrc/ref/dispatch_ref.h.
 //
-// permute and unpermute_combine run one thread per (work item, chunk), where a work item is a row (permute also
-// has token items: see permute_kernel) and a chunk is 16 bytes of a row (8 halves, 4 floats, 2 doubles) when
-// every row of every operand is 16-byte aligned, and one element otherwise. The
+// The permute's gather and unpermute_combine run one thread per (row, chunk), where a chunk is 16 bytes of a row
+// (8 halves, 4 floats, 2 doubles) when every row of every operand is 16-byte aligned, and one element otherwise;
+// the permute's scatter (given pair_pos) runs one warp per token or group of rows (permute_scatter_kernel). The
 // combine is a gather over the k slots in order 0..k-1 with separately rounded multiply and add, the reference's
 // exact arithmetic, so it is deterministic. combine_score_grad runs one warp per (token, slot) dot product.
 #include <cuda_runtime.h>
@@ -40,76 +40,128 @@ RowLaunch row_launch(int64_t num_rows, int64_t chunks_per_row) {
   return launch;
 }
 
-// The row x[token] (chunk c) times `scale`, or its bits untouched without a scale.
+// A chunk of a row times `scale`, or its bits untouched without a scale.
 template <typename T, typename A, int kN>
 __device__ __forceinline__ void scale_chunk(const T (&in)[kN], bool scaled, A scale, T (&out)[kN]) {
 #pragma unroll
   for (int i = 0; i < kN; ++i) out[i] = scaled ? cuda::from_acc<T>(scale * cuda::to_acc(in[i])) : in[i];
 }
 
+// Row `row` of x_sorted from pair `pair` (x[pair / k] times pair_scale[pair]), or zeros for an invalid pair; the
+// chunks from `first` in steps of `step`.
+template <typename T, typename S, int kN>
+__device__ __forceinline__ void gather_row(const T* __restrict__ x, int64_t d, int64_t pair, int64_t num_pairs,
+                                           int64_t k, const S* __restrict__ pair_scale, T* __restrict__ out_row,
+                                           int64_t first, int64_t step) {
+  using A = dacc_t<T>;
+  const bool valid = pair >= 0 && pair < num_pairs;
+  const bool scaled = pair_scale != nullptr;
+  const T* in = x + (valid ? pair / k : 0) * d;
+  const A scale = valid && scaled ? static_cast<A>(cuda::to_acc(pair_scale[pair])) : A(1);
+  for (int64_t c = first; c < d / kN; c += step) {
+    T values[kN];
+    if (!valid) {
+#pragma unroll
+      for (int i = 0; i < kN; ++i) values[i] = cuda::from_acc<T>(A(0));
+      store_chunk<T, kN>(out_row + c * kN, values);
+      continue;
+    }
+    load_chunk<T, kN>(in + c * kN, values);
+    T result[kN];
+    scale_chunk<T, A, kN>(values, scaled, scale, result);
+    store_chunk<T, kN>(out_row + c * kN, result);
+  }
+}
+
 // x:           [num_tokens, d]
 // sorted_pair: [num_rows], pair ids or -1 (ids outside [0, num_tokens * k), which the reference rejects, also
 //              give a zero row here rather than a wild read)
-// pair_pos:    [num_tokens, k] or nullptr; rows of x_sorted or -1
 // pair_scale:  [num_tokens * k] or nullptr
 // x_sorted:    [num_rows, d], written
-//
-// Row r holds x[p / k] (times pair_scale[p]) for p = sorted_pair[r]. Without pair_pos each row gathers its token's
-// row (work items: the rows). A gather reads each token's row k times in expert order, and once x outgrows the L2
-// cache every read comes from memory; so with pair_pos the work items are the tokens first, then the rows: a token
-// reads its row once and stores it to each of its rows r = pair_pos[t, j] that it owns, which is when
-// sorted_pair[r] == t * k + j; a row item writes only a row that no token owns (a dropped slot's zero row, or
-// a row of a plan whose halves disagree), as the gather would. Both items test the same condition, so every row is
-// written once, and by the value the gather writes: the same bits whatever pair_pos holds.
+// The gather: one block-row of threads per row of x_sorted.
 template <typename T, typename S, int kN>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    permute_kernel(const T* __restrict__ x, int64_t num_tokens, int64_t d, const int64_t* __restrict__ sorted_pair,
-                   int64_t num_rows, const int64_t* __restrict__ pair_pos, int64_t k, const S* __restrict__ pair_scale,
-                   T* __restrict__ x_sorted) {
+    permute_gather_kernel(const T* __restrict__ x, int64_t num_tokens, int64_t d,
+                          const int64_t* __restrict__ sorted_pair, int64_t num_rows, int64_t k,
+                          const S* __restrict__ pair_scale, T* __restrict__ x_sorted) {
+  const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < num_rows; row += row_stride) {
+    gather_row<T, S, kN>(x, d, sorted_pair[row], num_tokens * k, k, pair_scale, x_sorted + row * d, threadIdx.x,
+                         blockDim.x);
+  }
+}
+
+// As permute_gather_kernel, given pair_pos [num_tokens, k] too. A gather in expert order reads each token's row k
+// times, from memory once x outgrows the L2 cache; here a token's row is read once and stored to the rows it owns.
+// Token t owns row r = pair_pos[t, j] when sorted_pair[r] == t * k + j. One warp per work item:
+//   - a token: lane j finds slot j's row (two loads for all slots at once), then the warp stores x[t] (scaled) to
+//     each owned row, the slots in order;
+//   - a group of 32 rows: lane i checks row i; the rows no token owns (a dropped slot's zero row, or a row of a
+//     plan whose halves disagree) are gathered by the warp, as permute_gather_kernel would.
+// Both tests are the same condition, so every row is written once, with the gather's bits whatever pair_pos holds.
+template <typename T, typename S, int kN>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    permute_scatter_kernel(const T* __restrict__ x, int64_t num_tokens, int64_t d,
+                           const int64_t* __restrict__ sorted_pair, int64_t num_rows,
+                           const int64_t* __restrict__ pair_pos, int64_t k, const S* __restrict__ pair_scale,
+                           T* __restrict__ x_sorted) {
   using A = dacc_t<T>;
+  constexpr int kWarps = kThreadsPerBlock / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
   const int64_t chunks = d / kN;
   const int64_t num_pairs = num_tokens * k;
-  const int64_t token_items = pair_pos == nullptr ? 0 : num_tokens;
-  const int64_t num_items = token_items + num_rows;
+  const int64_t row_groups = (num_rows + kWarpSize - 1) / kWarpSize;
+  const int64_t num_items = num_tokens + row_groups;
   const bool scaled = pair_scale != nullptr;
-  const int64_t item_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; item < num_items;
-       item += item_stride) {
-    if (item < token_items) {  // a token: scatter its row
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  // The loops below run alike on every lane of a warp (item, slot group and bit masks are warp-uniform), so the
+  // shuffles see the full warp.
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; item < num_items;
+       item += warp_stride) {
+    if (item < num_tokens) {
       const int64_t token = item;
-      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
-        T values[kN];
-        load_chunk<T, kN>(x + token * d + c * kN, values);
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t pair = token * k + j;
-          const int64_t row = pair_pos[pair];
-          if (row < 0 || row >= num_rows || sorted_pair[row] != pair) continue;
-          T out[kN];
-          scale_chunk<T, A, kN>(values, scaled, scaled ? static_cast<A>(cuda::to_acc(pair_scale[pair])) : A(1), out);
-          store_chunk<T, kN>(x_sorted + row * d + c * kN, out);
+      const T* in = x + token * d;
+      for (int64_t first = 0; first < k; first += kWarpSize) {
+        const int64_t pair = token * k + first + lane;
+        int64_t row = -1;
+        A scale = 1;
+        if (first + lane < k) {
+          const int64_t pos = pair_pos[pair];
+          if (pos >= 0 && pos < num_rows && sorted_pair[pos] == pair) row = pos;
+          if (row >= 0 && scaled) scale = static_cast<A>(cuda::to_acc(pair_scale[pair]));
+        }
+        unsigned int owned = __ballot_sync(0xffffffffu, row >= 0);
+        while (owned != 0) {
+          const int j = __ffs(owned) - 1;
+          owned &= owned - 1;
+          const int64_t out_row = __shfl_sync(0xffffffffu, row, j);
+          const A out_scale = __shfl_sync(0xffffffffu, scale, j);
+          T* out = x_sorted + out_row * d;
+          for (int64_t c = lane; c < chunks; c += kWarpSize) {
+            T values[kN], result[kN];
+            load_chunk<T, kN>(in + c * kN, values);  // from L1 after the first slot
+            scale_chunk<T, A, kN>(values, scaled, out_scale, result);
+            store_chunk<T, kN>(out + c * kN, result);
+          }
         }
       }
       continue;
     }
-    const int64_t row = item - token_items;  // a row: gather it unless a token owns it
-    const int64_t pair = sorted_pair[row];
-    const bool valid = pair >= 0 && pair < num_pairs;
-    if (valid && pair_pos != nullptr && pair_pos[pair] == row) continue;
-    const T* in = x + (valid ? pair / k : 0) * d;
-    T* out = x_sorted + row * d;
-    const A scale = valid && scaled ? static_cast<A>(cuda::to_acc(pair_scale[pair])) : A(1);
-    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
-      T values[kN];
-      if (!valid) {
-#pragma unroll
-        for (int i = 0; i < kN; ++i) values[i] = cuda::from_acc<T>(A(0));
-        store_chunk<T, kN>(out + c * kN, values);
-        continue;
-      }
-      load_chunk<T, kN>(in + c * kN, values);
-      T result[kN];
-      scale_chunk<T, A, kN>(values, scaled, scale, result);
-      store_chunk<T, kN>(out + c * kN, result);
+    const int64_t row = (item - num_tokens) * kWarpSize + lane;
+    int64_t pair = -1;
+    bool gather = false;
+    if (row < num_rows) {
+      pair = sorted_pair[row];
+      gather = !(pair >= 0 && pair < num_pairs && pair_pos[pair] == row);
+    }
+    unsigned int unowned = __ballot_sync(0xffffffffu, gather);
+    while (unowned != 0) {
+      const int i = __ffs(unowned) - 1;
+      unowned &= unowned - 1;
+      const int64_t gather_row_index = __shfl_sync(0xffffffffu, row, i);
+      const int64_t gather_pair = __shfl_sync(0xffffffffu, pair, i);
+      gather_row<T, S, kN>(x, d, gather_pair, num_pairs, k, pair_scale, x_sorted + gather_row_index * d, lane,
+                           kWarpSize);
     }
   }
 }
@@ -218,15 +270,25 @@ template <typename T, typename S>
 void launch_permute(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows,
                     const int64_t* pair_pos, int64_t k, const S* pair_scale, T* x_sorted, cudaStream_t stream) {
   constexpr int kVec = cuda::kVec16<T>;
-  const int64_t items = (pair_pos == nullptr ? 0 : num_tokens) + num_rows;
-  if (cuda::rows_are_vec16<T>(d, {x, x_sorted})) {
-    const RowLaunch launch = row_launch(items, d / kVec);
-    permute_kernel<T, S, kVec><<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows,
-                                                                         pair_pos, k, pair_scale, x_sorted);
+  const bool vec = cuda::rows_are_vec16<T>(d, {x, x_sorted});
+  if (pair_pos != nullptr) {
+    const int64_t items = num_tokens + (num_rows + kWarpSize - 1) / kWarpSize;
+    const unsigned int blocks = cuda::grid_for(items, kThreadsPerBlock / kWarpSize);
+    if (vec) {
+      permute_scatter_kernel<T, S, kVec><<<blocks, kThreadsPerBlock, 0, stream>>>(
+          x, num_tokens, d, sorted_pair, num_rows, pair_pos, k, pair_scale, x_sorted);
+    } else {
+      permute_scatter_kernel<T, S, 1><<<blocks, kThreadsPerBlock, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows,
+                                                                               pair_pos, k, pair_scale, x_sorted);
+    }
+  } else if (vec) {
+    const RowLaunch launch = row_launch(num_rows, d / kVec);
+    permute_gather_kernel<T, S, kVec>
+        <<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, k, pair_scale, x_sorted);
   } else {
-    const RowLaunch launch = row_launch(items, d);
-    permute_kernel<T, S, 1><<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, pair_pos,
-                                                                      k, pair_scale, x_sorted);
+    const RowLaunch launch = row_launch(num_rows, d);
+    permute_gather_kernel<T, S, 1>
+        <<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, k, pair_scale, x_sorted);
   }
   FMOE_CHECK_LAUNCH();
 }
