@@ -261,6 +261,22 @@ std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward_kernel(
   check_plan_inverse(sorted_pair, pair_pos);
   const c10::OptionalDeviceGuard guard(grad_y.device());
   const int64_t k = pair_pos.size(1);
+#ifdef FASTMOE_WITH_CUDA_OPS
+  if (need_score_grad && grad_y.is_cuda()) {  // both in one kernel, grad_y's rows read once
+    const at::Tensor gy = grad_y.contiguous(), rows = y_sorted.contiguous(), pos = pair_pos.contiguous(),
+                     order = sorted_pair.contiguous(), score = topk_score->contiguous();
+    at::Tensor grad_y_sorted = at::empty({order.size(0), gy.size(1)}, gy.options());
+    at::Tensor grad_score = at::empty(pos.sizes(), score.options());
+    call_kernel([&] {
+      unpermute_combine_backward_cuda(to_dtype(gy, "grad_y"), gy.const_data_ptr(), rows.const_data_ptr(), gy.size(1),
+                                      order.const_data_ptr<int64_t>(), order.size(0), pos.const_data_ptr<int64_t>(),
+                                      pos.size(0), k, score.const_data_ptr(), to_dtype(score, "topk_score"),
+                                      grad_y_sorted.mutable_data_ptr(), grad_score.mutable_data_ptr(),
+                                      current_stream(gy));
+    });
+    return {grad_y_sorted, grad_score};
+  }
+#endif
   at::Tensor grad_y_sorted = permute_scaled(grad_y, sorted_pair, pair_pos, topk_score);
   if (!need_score_grad) return {grad_y_sorted, grad_y.new_empty({0})};
   const at::Tensor gy = grad_y.contiguous(), rows = y_sorted.contiguous(), pos = pair_pos.contiguous();

@@ -99,12 +99,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 //   - a group of 32 rows: lane i checks row i; the rows no token owns (a dropped slot's zero row, or a row of a
 //     plan whose halves disagree) are gathered by the warp, as permute_gather_kernel would.
 // Both tests are the same condition, so every row is written once, with the gather's bits whatever pair_pos holds.
-template <typename T, typename S, int kN>
+//
+// With kScoreGrad this is the combine's whole backward: x is grad_y, pair_scale the scores, and the warp also
+// writes grad_score[t, j] = <grad_y[t], y_sorted[pair_pos[t, j]]> (0 where that row is out of range), each lane
+// summing its chunks in order and the warp adding its lanes as combine_score_grad_kernel does, so grad_y's row is
+// read once for both.
+template <typename T, typename S, int kN, bool kScoreGrad>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     permute_scatter_kernel(const T* __restrict__ x, int64_t num_tokens, int64_t d,
                            const int64_t* __restrict__ sorted_pair, int64_t num_rows,
                            const int64_t* __restrict__ pair_pos, int64_t k, const S* __restrict__ pair_scale,
-                           T* __restrict__ x_sorted) {
+                           T* __restrict__ x_sorted, const T* __restrict__ y_sorted, S* __restrict__ grad_score) {
   using A = dacc_t<T>;
   constexpr int kWarps = kThreadsPerBlock / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -123,25 +128,45 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const T* in = x + token * d;
       for (int64_t first = 0; first < k; first += kWarpSize) {
         const int64_t pair = token * k + first + lane;
-        int64_t row = -1;
+        int64_t pos = -1;
+        bool owns = false;
         A scale = 1;
         if (first + lane < k) {
-          const int64_t pos = pair_pos[pair];
-          if (pos >= 0 && pos < num_rows && sorted_pair[pos] == pair) row = pos;
-          if (row >= 0 && scaled) scale = static_cast<A>(cuda::to_acc(pair_scale[pair]));
+          pos = pair_pos[pair];
+          if (pos < 0 || pos >= num_rows) pos = -1;
+          owns = pos >= 0 && sorted_pair[pos] == pair;
+          if ((owns || kScoreGrad) && pos >= 0 && scaled) scale = static_cast<A>(cuda::to_acc(pair_scale[pair]));
+          if (kScoreGrad && pos < 0) grad_score[pair] = cuda::round_to<S>(A(0));
         }
-        unsigned int owned = __ballot_sync(0xffffffffu, row >= 0);
-        while (owned != 0) {
-          const int j = __ffs(owned) - 1;
-          owned &= owned - 1;
-          const int64_t out_row = __shfl_sync(0xffffffffu, row, j);
-          const A out_scale = __shfl_sync(0xffffffffu, scale, j);
-          T* out = x_sorted + out_row * d;
+        // The slots to visit: those that own a row, and for the score gradient every slot with a row.
+        unsigned int visit = __ballot_sync(0xffffffffu, kScoreGrad ? pos >= 0 : owns);
+        const unsigned int owners = __ballot_sync(0xffffffffu, owns);
+        while (visit != 0) {
+          const int j = __ffs(visit) - 1;
+          visit &= visit - 1;
+          const bool store = ((owners >> j) & 1u) != 0;
+          const int64_t slot_row = __shfl_sync(0xffffffffu, pos, j);
+          const A slot_scale = __shfl_sync(0xffffffffu, scale, j);
+          T* out = x_sorted + slot_row * d;
+          A partial = 0;
           for (int64_t c = lane; c < chunks; c += kWarpSize) {
-            T values[kN], result[kN];
+            T values[kN];
             load_chunk<T, kN>(in + c * kN, values);  // from L1 after the first slot
-            scale_chunk<T, A, kN>(values, scaled, out_scale, result);
-            store_chunk<T, kN>(out + c * kN, result);
+            if (store) {
+              T result[kN];
+              scale_chunk<T, A, kN>(values, scaled, slot_scale, result);
+              store_chunk<T, kN>(out + c * kN, result);
+            }
+            if constexpr (kScoreGrad) {
+              T rows[kN];
+              load_chunk<T, kN>(y_sorted + slot_row * d + c * kN, rows);
+#pragma unroll
+              for (int i = 0; i < kN; ++i) partial += cuda::to_acc(values[i]) * cuda::to_acc(rows[i]);
+            }
+          }
+          if constexpr (kScoreGrad) {
+            const A dot = cuda::warp_sum(partial);
+            if (lane == j) grad_score[pair] = cuda::round_to<S>(dot);
           }
         }
       }
@@ -266,21 +291,30 @@ void check_rows_args(const char* name, int64_t num_tokens, int64_t d, int64_t nu
   FMOE_CHECK(k >= 1, name, ": k must be >= 1, got ", k);
 }
 
+template <typename T, typename S, bool kScoreGrad>
+void launch_scatter(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows,
+                    const int64_t* pair_pos, int64_t k, const S* pair_scale, T* x_sorted, const T* y_sorted,
+                    S* grad_score, bool vec, cudaStream_t stream) {
+  constexpr int kVec = cuda::kVec16<T>;
+  const int64_t items = num_tokens + (num_rows + kWarpSize - 1) / kWarpSize;
+  const unsigned int blocks = cuda::grid_for(items, kThreadsPerBlock / kWarpSize);
+  if (vec) {
+    permute_scatter_kernel<T, S, kVec, kScoreGrad><<<blocks, kThreadsPerBlock, 0, stream>>>(
+        x, num_tokens, d, sorted_pair, num_rows, pair_pos, k, pair_scale, x_sorted, y_sorted, grad_score);
+  } else {
+    permute_scatter_kernel<T, S, 1, kScoreGrad><<<blocks, kThreadsPerBlock, 0, stream>>>(
+        x, num_tokens, d, sorted_pair, num_rows, pair_pos, k, pair_scale, x_sorted, y_sorted, grad_score);
+  }
+}
+
 template <typename T, typename S>
 void launch_permute(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows,
                     const int64_t* pair_pos, int64_t k, const S* pair_scale, T* x_sorted, cudaStream_t stream) {
   constexpr int kVec = cuda::kVec16<T>;
   const bool vec = cuda::rows_are_vec16<T>(d, {x, x_sorted});
   if (pair_pos != nullptr) {
-    const int64_t items = num_tokens + (num_rows + kWarpSize - 1) / kWarpSize;
-    const unsigned int blocks = cuda::grid_for(items, kThreadsPerBlock / kWarpSize);
-    if (vec) {
-      permute_scatter_kernel<T, S, kVec><<<blocks, kThreadsPerBlock, 0, stream>>>(
-          x, num_tokens, d, sorted_pair, num_rows, pair_pos, k, pair_scale, x_sorted);
-    } else {
-      permute_scatter_kernel<T, S, 1><<<blocks, kThreadsPerBlock, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows,
-                                                                               pair_pos, k, pair_scale, x_sorted);
-    }
+    launch_scatter<T, S, false>(x, num_tokens, d, sorted_pair, num_rows, pair_pos, k, pair_scale, x_sorted, nullptr,
+                                nullptr, vec, stream);
   } else if (vec) {
     const RowLaunch launch = row_launch(num_rows, d / kVec);
     permute_gather_kernel<T, S, kVec>
@@ -344,6 +378,27 @@ void permute_cuda(DType dtype, const void* x, int64_t num_tokens, int64_t d, con
                            out_t, stream);
     });
   });
+}
+
+void unpermute_combine_backward_cuda(DType dtype, const void* grad_y, const void* y_sorted, int64_t d,
+                                     const int64_t* sorted_pair, int64_t num_rows, const int64_t* pair_pos,
+                                     int64_t num_tokens, int64_t k, const void* topk_score, DType score_dtype,
+                                     void* grad_y_sorted, void* grad_score, cudaStream_t stream) {
+  check_rows_args("unpermute_combine_backward_cuda", num_tokens, d, num_rows, k);
+  FMOE_CHECK(topk_score != nullptr && grad_score != nullptr && pair_pos != nullptr,
+             "unpermute_combine_backward_cuda: topk_score, grad_score and pair_pos must be given");
+  if (num_tokens == 0 && num_rows == 0) return;
+  FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "unpermute_combine_backward_cuda", T, [&] {
+    FMOE_CUDA_DISPATCH_FLOAT_TYPES(score_dtype, "unpermute_combine_backward_cuda", S, [&] {
+      T* out = static_cast<T*>(grad_y_sorted);
+      const T* rows = static_cast<const T*>(y_sorted);
+      const bool vec = cuda::rows_are_vec16<T>(d, {static_cast<const T*>(grad_y), out, rows});
+      launch_scatter<T, S, true>(static_cast<const T*>(grad_y), num_tokens, d, sorted_pair, num_rows, pair_pos, k,
+                                 static_cast<const S*>(topk_score), out, rows, static_cast<S*>(grad_score), vec,
+                                 stream);
+    });
+  });
+  FMOE_CHECK_LAUNCH();
 }
 
 void unpermute_combine_cuda(DType dtype, const void* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
