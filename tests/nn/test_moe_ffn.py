@@ -171,6 +171,45 @@ def test_frozen_parameters(activation, frozen, moe_ffn_calls):
             assert_bitwise_equal(fused.grads[name], grad, f"grad of {name}")
 
 
+# The one op keeps an activation under 32 MiB for its backward and recomputes a larger one
+# (csrc/ops/autograd/moe_ffn.cpp).
+KEEP_ACTIVATION_BYTES = 32 << 20
+
+
+@pytest.mark.parametrize("frozen", [None, "experts.h4toh"], ids=["all-trained", "second-gemm-frozen"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_recomputed_activation_gives_the_same_bits(activation, frozen, moe_ffn_calls):
+    """A layer whose activation is past the size the op keeps: the backward recomputes it (or, with the second
+    GEMM frozen, does without it), and every gradient still equals the composed path's bit for bit."""
+    tokens, hidden = 2048, 1040
+    activation_bytes = tokens * TOP_K * hidden * torch.finfo(torch.float64).bits // 8
+    assert activation_bytes >= KEEP_ACTIVATION_BYTES, "the layer must be large enough to take the recompute path"
+    layer = make_layer(activation, True, 0.01, 1e-3)
+    wide = FMoETransformerMLP(
+        num_expert=NUM_EXPERT, d_model=D_MODEL, d_hidden=hidden, top_k=TOP_K, activation=activation, gate=layer.gate
+    )
+    gen = make_generator(3)
+    with torch.no_grad():
+        for param in wide.experts.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64).mul_(0.1))
+    wide = wide.double()
+    for name, param in wide.named_parameters():
+        if frozen is not None and name.startswith(frozen):
+            param.requires_grad_(False)
+    x = make_input(tokens, D_MODEL)
+    fused = Run(wide, x, True, add_loss=True)
+    assert len(moe_ffn_calls) == 1
+    composed = Run(wide, x, False, add_loss=True)
+    assert_bitwise_equal(fused.y, composed.y, "y")
+    assert_bitwise_equal(fused.grad_x, composed.grad_x, "grad of the input")
+    for name, grad in composed.grads.items():
+        if frozen is not None and name.startswith(frozen):
+            assert grad is None and fused.grads[name] is None, f"{name} is frozen but got a gradient"
+        else:
+            assert grad is not None, f"{name} got no gradient on the composed path"
+            assert_bitwise_equal(fused.grads[name], grad, f"grad of {name}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype, autocast", [(torch.float32, None), (torch.float32, torch.bfloat16),
                                              (torch.float32, torch.float16), (torch.bfloat16, None)])  # fmt: skip

@@ -114,13 +114,25 @@ struct Forward {
   at::Tensor xc, wg, bg, logits, topk_idx, topk_score, balance, z_loss, counts, offsets, sorted_pair, pair_pos;
   at::Tensor rows, w1, b1, h, a, w2, b2, ys, y;
 
-  // Those the backward reads, in the order they are saved after the inputs. Not the activation a: the backward
-  // recomputes it from h (one elementwise kernel, the same bits), so the op keeps T * k * hidden fewer values.
-  std::array<at::Tensor*, 16> saved() {
-    return {&xc,       &wg,   &logits, &topk_idx, &topk_score, &counts, &offsets, &sorted_pair,
-            &pair_pos, &rows, &w1,     &h,        &w2,         &ys,     &balance, &z_loss};
+  // Those the backward reads, in the order they are saved after the inputs. The activation a only when it is small
+  // (keep_activation): otherwise it is undefined and the backward recomputes it from h (one elementwise kernel, the
+  // same bits), so the op keeps T * k * hidden fewer values.
+  std::array<at::Tensor*, 17> saved() {
+    return {&xc, &wg, &logits, &topk_idx, &topk_score, &counts, &offsets, &sorted_pair, &pair_pos, &rows,
+            &w1, &h,  &w2,     &ys,       &balance,    &z_loss, &a};
   }
 };
+
+// Below this size the activation is kept for the backward: such a layer's step waits on the host, and recomputing
+// costs a launch and an allocation there; above it the memory matters more (every benchmark shape is above).
+constexpr int64_t kKeepActivationBytes = int64_t{32} << 20;
+
+bool keep_activation(const at::Tensor& a) {
+  // A traced call (symbolic sizes under torch.compile) takes the large layer's way: the saved set does not depend
+  // on sizes the trace leaves open.
+  if (a.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+  return a.numel() * static_cast<int64_t>(a.element_size()) < kKeepActivationBytes;
+}
 
 // Each defined ts[i] in dtypes[i]: what ts[i].to(dtypes[i]) gives, bit for bit and with the same strides, but the
 // tensors that change dtype are converted together by one foreach copy (one kernel on CUDA when they share their
@@ -287,6 +299,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     for (const at::Tensor& term : {f.balance, f.z_loss}) {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
+    if (!keep_activation(f.a)) f.a = at::Tensor();
     std::vector<at::Tensor> saved = in.list();
     for (const at::Tensor* t : f.saved()) saved.push_back(*t);
     ctx->save_for_backward(saved);
@@ -324,10 +337,13 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
         auto [grad_ys, score_grad] =
             ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos, f.topk_score, need_logits);
         grad_score = score_grad;
-        // The second GEMM's input a is read only for its weight gradient; otherwise any tensor of a's shape does
-        // (h itself, except for SwiGLU, whose h is twice as wide). Below autograd: this is a first-order backward.
+        // The second GEMM's input a (kept when small, else recomputed) is read only for its weight gradient;
+        // otherwise any tensor of a's shape does (h itself, except for SwiGLU, whose h is twice as wide). Below
+        // autograd: this is a first-order backward.
         at::Tensor a;
-        if (need[5] || o.act == Act::kSwiGLU) {
+        if (f.a.defined()) {
+          a = f.a;
+        } else if (need[5] || o.act == Act::kSwiGLU) {
           at::AutoDispatchBelowADInplaceOrView below;
           a = activation(f.h, o.act);
         } else {
