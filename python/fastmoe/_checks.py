@@ -56,6 +56,18 @@ def token_matrix(name: str, x, d_model: int, like: torch.Tensor | None = None) -
     return x.reshape(-1, d_model)
 
 
+def set_plain(module: torch.nn.Module, **attrs) -> None:
+    """``setattr(module, name, value)`` for each of ``attrs``; a plain attribute (not a parameter, buffer or
+    submodule of that name) goes straight into ``module.__dict__``, where ``nn.Module.__setattr__`` would put it after
+    checking it against those three kinds: layers and gates set a few on every forward, and those checks are a
+    measurable part of a small layer's host time."""
+    for name, value in attrs.items():
+        if name in module._parameters or name in module._buffers or name in module._modules:
+            setattr(module, name, value)
+        else:
+            module.__dict__[name] = value
+
+
 def first_parameter(module: torch.nn.Module) -> torch.Tensor | None:
     return next(module.parameters(), None)
 

@@ -393,13 +393,14 @@ class FMoE(nn.Module):
             loss = getattr(gate, "loss", None)
             losses = {"loss": loss} if isinstance(loss, torch.Tensor) else {}
         num_dropped = getattr(gate, "num_dropped", None)
-        self.balance_record = BalanceRecord(
+        record = BalanceRecord(
             num_tokens=num_tokens,
             num_slots=num_slots,
-            expert_counts=expert_counts.detach(),
-            num_dropped=num_dropped.detach() if isinstance(num_dropped, torch.Tensor) else None,
-            losses={name: loss.detach() for name, loss in losses.items()},
+            expert_counts=_without_graph(expert_counts),
+            num_dropped=_without_graph(num_dropped) if isinstance(num_dropped, torch.Tensor) else None,
+            losses={name: _without_graph(loss) for name, loss in losses.items()},
         )
+        _checks.set_plain(self, balance_record=record)
 
     def balance_stats(self) -> dict:
         """The load statistics of the last forward, read on the host (one sync): ``expert_counts`` (per global
@@ -419,3 +420,8 @@ class FMoE(nn.Module):
             device = param.device if param is not None else None
             return torch.zeros((), device=device)
         return loss
+
+
+def _without_graph(t: torch.Tensor) -> torch.Tensor:
+    """``t.detach()``, or ``t`` itself when it has no graph to drop (a dispatcher call saved per forward)."""
+    return t.detach() if t.requires_grad else t

@@ -129,7 +129,8 @@ class FMoETransformerMLP(FMoE):
             gate.z_loss_coef,
         )
         gate._record((None, None, balance, z_loss, _NO_DROP_COUNT))
-        self.replicated_experts = []
+        if self.replicated_experts:
+            self.replicated_experts = []
         self._record_balance(x.shape[0], x.shape[0] * gate.top_k, counts)
         return y.reshape(*inp.shape[:-1], y.shape[-1])
 

@@ -21,7 +21,7 @@ class BaseGate(nn.Module):
 
     def reset_stats(self) -> None:
         """Forgets the losses and the drop count of the previous forward (each forward starts with this)."""
-        self._losses, self.num_dropped = {}, None
+        _checks.set_plain(self, _losses={}, num_dropped=None)
 
     def set_loss(self, loss: torch.Tensor | None) -> None:
         """FastMoE's API: replaces every loss term by ``loss`` (recorded under the name ``"loss"``)."""
@@ -66,8 +66,8 @@ class BaseGate(nn.Module):
     def _record(self, routing):
         """Keeps what a gate op returned (0-dim terms; ``[0]`` means none) and returns ``(topk_idx, topk_score)``."""
         topk_idx, topk_score, balance, z_loss, num_dropped = routing
-        self._losses = {name: term for name, term in (("balance", balance), ("z", z_loss)) if term.dim() == 0}
-        self.num_dropped = num_dropped if num_dropped.dim() == 0 else None
+        losses = {name: term for name, term in (("balance", balance), ("z", z_loss)) if term.dim() == 0}
+        _checks.set_plain(self, _losses=losses, num_dropped=num_dropped if num_dropped.dim() == 0 else None)
         return topk_idx, topk_score
 
 
