@@ -266,23 +266,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
         }
       }
 #ifdef FASTMOE_WITH_CUTLASS
+      bool library_b = false;
       if (backend == GroupedGemmBackend::kCutlass && (output_mask[0] || output_mask[1])) {
+        // The bias gradient comes from the launch that prepares the GEMMs (cutlass_grouped.h).
         at::Tensor workspace = cutlass_workspace(in, num_experts);
         cutlass_grouped_linear_backward_cuda(
             to_dtype(in, "x"), gy.const_data_ptr(), in.const_data_ptr(), in.size(0), in.size(1),
             offsets.const_data_ptr<int64_t>(), num_experts, w.const_data_ptr(), out_features,
             output_mask[0] ? grad_x.mutable_data_ptr() : nullptr, output_mask[1] ? grad_w.mutable_data_ptr() : nullptr,
-            workspace.mutable_data_ptr(), static_cast<size_t>(workspace.numel()), current_stream(in));
+            output_mask[2] ? grad_b.mutable_data_ptr() : nullptr, workspace.mutable_data_ptr(),
+            static_cast<size_t>(workspace.numel()), current_stream(in));
         library_x = output_mask[0];
         library_w = output_mask[1];
+        library_b = output_mask[2];
       }
+#else
+      const bool library_b = false;
 #endif
-      if ((output_mask[0] && !library_x) || (output_mask[1] && !library_w) || output_mask[2]) {
+      if ((output_mask[0] && !library_x) || (output_mask[1] && !library_w) || (output_mask[2] && !library_b)) {
         grouped_linear_backward_cuda(to_dtype(in, "x"), gy.const_data_ptr(), in.const_data_ptr(), in.size(0),
                                      in.size(1), offsets.const_data_ptr<int64_t>(), num_experts, w.const_data_ptr(),
                                      out_features, output_mask[0] && !library_x ? grad_x.mutable_data_ptr() : nullptr,
                                      output_mask[1] && !library_w ? grad_w.mutable_data_ptr() : nullptr,
-                                     output_mask[2] ? grad_b.mutable_data_ptr() : nullptr, current_stream(in));
+                                     output_mask[2] && !library_b ? grad_b.mutable_data_ptr() : nullptr,
+                                     current_stream(in));
       }
       return;
     }

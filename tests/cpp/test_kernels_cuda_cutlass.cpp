@@ -20,6 +20,7 @@
 #include "test_util.h"
 #ifdef FASTMOE_WITH_CUTLASS
 #include "kernels/expert/cutlass_grouped.h"
+#include "kernels/expert/expert.h"
 #include "ref/expert_ref.h"
 #endif
 
@@ -182,25 +183,38 @@ TYPED_TEST(CudaCutlassGroupedLinear, BackwardMatchesReference) {
     grouped_linear_backward_ref(dtype_of<T>(), in.grad_y.data(), in.x.data(), in.num_rows, c.in_features,
                                 in.offsets.data(), in.num_experts, in.weight.data(), c.out_features, want_x.data(),
                                 want_w.data(), nullptr);
+    const size_t b_size = static_cast<size_t>(in.num_experts * c.out_features);
     DeviceBuffer d_grad_y(in.grad_y, this->stream_), d_x(in.x, this->stream_), d_offsets(in.offsets, this->stream_),
-        d_w(in.weight, this->stream_), d_gx(x_size * sizeof(T), this->stream_), d_gw(w_size * sizeof(T), this->stream_);
+        d_w(in.weight, this->stream_), d_gx(x_size * sizeof(T), this->stream_), d_gw(w_size * sizeof(T), this->stream_),
+        d_gb(b_size * sizeof(T), this->stream_), d_gb_tiled(b_size * sizeof(T), this->stream_);
     DeviceBuffer ws = this->workspace(in.num_experts);
+    // The bias gradient the tiled backend computes (itself tested against the reference): the same sums in the
+    // same order, so the same bits.
+    grouped_linear_backward_cuda(dtype_of<T>(), d_grad_y.get(), d_x.get(), in.num_rows, c.in_features,
+                                 d_offsets.as<int64_t>(), in.num_experts, d_w.get(), c.out_features, nullptr, nullptr,
+                                 d_gb_tiled.get(), this->stream_);
+    const std::vector<T> want_b = d_gb_tiled.download<T>(b_size);
     const size_t ws_bytes = cutlass_grouped_linear_workspace_bytes(dtype_of<T>(), in.num_experts);
     const int64_t longest = std::max({in.num_rows, c.in_features, c.out_features});
     const size_t routed_x = static_cast<size_t>(in.offsets.back() * c.in_features);
     const size_t expert_w = static_cast<size_t>(c.out_features * c.in_features);
-    // mask bit 0: grad_x, bit 1: grad_weight. Both at once, then each alone (the other null).
-    for (int mask : {3, 1, 2}) {
+    // mask bit 0: grad_x, bit 1: grad_weight, bit 2: grad_bias. All at once, then each alone (the others null).
+    for (int mask : {7, 1, 2, 4}) {
       SCOPED_TRACE(::testing::Message() << "E=" << in.num_experts << " rows=" << in.num_rows << " in=" << c.in_features
                                         << " out=" << c.out_features << " tail=" << c.tail_rows
                                         << " outputs mask=" << mask);
       d_gx.poison();
       d_gw.poison();
+      d_gb.poison();
       ws.poison();
       cutlass_grouped_linear_backward_cuda(dtype_of<T>(), d_grad_y.get(), d_x.get(), in.num_rows, c.in_features,
                                            d_offsets.as<int64_t>(), in.num_experts, d_w.get(), c.out_features,
                                            (mask & 1) ? d_gx.get() : nullptr, (mask & 2) ? d_gw.get() : nullptr,
-                                           ws.get(), ws_bytes, this->stream_);
+                                           (mask & 4) ? d_gb.get() : nullptr, ws.get(), ws_bytes, this->stream_);
+      if (mask & 4) {
+        const std::vector<T> gb = d_gb.download<T>(b_size);
+        EXPECT_TRUE(same_bits(gb.data(), want_b.data(), b_size)) << "grad_bias";
+      }
       if (mask & 1) {
         const std::vector<T> gx = d_gx.download<T>(x_size);
         EXPECT_TRUE(gemm_close(gx, want_x, longest)) << "grad_x";
@@ -219,23 +233,27 @@ TYPED_TEST(CudaCutlassGroupedLinear, BackwardMatchesReference) {
   }
 }
 
-TYPED_TEST(CudaCutlassGroupedLinear, ZeroRowsWriteZeroWeightGrads) {
+TYPED_TEST(CudaCutlassGroupedLinear, ZeroRowsWriteZeroWeightAndBiasGrads) {
   using T = TypeParam;
   const int64_t experts = 3, in_features = 16, out_features = 8;
   const std::vector<int64_t> offsets(experts + 1, 0);
   DeviceBuffer d_offsets(offsets, this->stream_), d_w(experts * out_features * in_features * sizeof(T), this->stream_),
-      d_gw(experts * out_features * in_features * sizeof(T), this->stream_);
+      d_gw(experts * out_features * in_features * sizeof(T), this->stream_),
+      d_gb(experts * out_features * sizeof(T), this->stream_);
   DeviceBuffer ws = this->workspace(experts);
   const size_t ws_bytes = cutlass_grouped_linear_workspace_bytes(dtype_of<T>(), experts);
   d_gw.poison();
+  d_gb.poison();
   EXPECT_NO_THROW(cutlass_grouped_linear_cuda(dtype_of<T>(), nullptr, 0, in_features, d_offsets.as<int64_t>(), experts,
                                               d_w.get(), out_features, nullptr, nullptr, ws.get(), ws_bytes,
                                               this->stream_));
   cutlass_grouped_linear_backward_cuda(dtype_of<T>(), nullptr, nullptr, 0, in_features, d_offsets.as<int64_t>(),
-                                       experts, d_w.get(), out_features, nullptr, d_gw.get(), ws.get(), ws_bytes,
-                                       this->stream_);
+                                       experts, d_w.get(), out_features, nullptr, d_gw.get(), d_gb.get(), ws.get(),
+                                       ws_bytes, this->stream_);
   const std::vector<T> gw = d_gw.download<T>(experts * out_features * in_features);
   EXPECT_TRUE(exact_zeros(gw, 0, gw.size()));
+  const std::vector<T> gb = d_gb.download<T>(experts * out_features);
+  EXPECT_TRUE(exact_zeros(gb, 0, gb.size())) << "grad_bias";
 }
 
 TYPED_TEST(CudaCutlassGroupedLinear, RejectsWhatTmaCannotLoad) {

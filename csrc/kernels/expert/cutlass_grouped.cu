@@ -42,6 +42,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/expert/bias_grad.cuh"
 #include "kernels/expert/cutlass_grouped.h"
 #include "kernels/expert/expert.h"
 #include "kernels/expert/zero_fill.cuh"
@@ -143,11 +144,24 @@ struct SetupParams {
   ForwardArrays<Element> forward;
   GradInputArrays<Element> grad_input;
   GradWeightArrays<Element> grad_wt;
-  int64_t setup_blocks;
+  int64_t setup_blocks, zero_blocks;
   char* tail_rows;
   int64_t tail_row_bytes;
   char* empty_groups;
   int64_t group_bytes;
+  Element* grad_bias;  // [E, out_features]: the blocks after the zeroing ones compute it from grad_y, or nullptr
+};
+
+// The CUDA type of a CUTLASS 16-bit element (the same bits), for the kernels shared with fastmoe's own.
+template <typename Element>
+struct NativeHalf;
+template <>
+struct NativeHalf<cutlass::half_t> {
+  using type = __half;
+};
+template <>
+struct NativeHalf<cutlass::bfloat16_t> {
+  using type = __nv_bfloat16;
 };
 
 // The zeroing blocks of the setup kernel (zero_blocks of them, this one is z): the tail rows over all of them;
@@ -174,10 +188,20 @@ __device__ void setup_zeroing(const SetupParams<Element>& p, int64_t z, int64_t 
 // into [0, num_rows] (as in the tiled kernel), so malformed offsets cannot send a GEMM outside the buffers. The
 // blocks after them zero what the GEMMs will not write (setup_zeroing): before the GEMMs rather than after, one
 // launch instead of one or two more per call, since nothing the GEMMs write overlaps it.
+// With grad_bias, the blocks after those compute the bias gradient, one block per (expert, 32 columns), as the tiled
+// backend's kernel does (cuda::bias_grad_block: the same sums in the same order).
 template <typename Element>
-__global__ void cutlass_grouped_setup_kernel(SetupParams<Element> p) {
-  if (static_cast<int64_t>(blockIdx.x) >= p.setup_blocks) {
-    setup_zeroing(p, blockIdx.x - p.setup_blocks, gridDim.x - p.setup_blocks);
+__global__ void __launch_bounds__(cuda::kBiasThreads) cutlass_grouped_setup_kernel(SetupParams<Element> p) {
+  const int64_t block = blockIdx.x;
+  if (block >= p.setup_blocks + p.zero_blocks) {
+    using T = typename NativeHalf<Element>::type;
+    cuda::bias_grad_block(reinterpret_cast<const T*>(p.grad_y), p.num_rows, p.offsets, p.num_experts, p.out_features,
+                          reinterpret_cast<T*>(p.grad_bias), block - p.setup_blocks - p.zero_blocks,
+                          threadIdx.x % cuda::kBiasColumns, threadIdx.x / cuda::kBiasColumns);
+    return;
+  }
+  if (block >= p.setup_blocks) {
+    setup_zeroing(p, block - p.setup_blocks, p.zero_blocks);
     return;
   }
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -394,19 +418,24 @@ SetupParams<Element> setup_params(const int64_t* expert_offsets, int64_t num_exp
   return params;
 }
 
-// Launches the setup kernel: one thread per expert, then, when there is something to zero, blocks enough for the
-// larger of the output's rows and one expert's weight gradient in 16-byte stores, at most kMaxZeroBlocks.
+// Launches the setup kernel: one thread per expert; then, when there is something to zero, blocks enough for the
+// larger of the output's rows and one expert's weight gradient in 16-byte stores, at most kMaxZeroBlocks; then,
+// with grad_bias, the bias gradient's blocks.
 template <typename Element>
 void launch_setup(SetupParams<Element> params, cudaStream_t stream) {
-  constexpr int kThreads = 128;
+  constexpr int kThreads = cuda::kBiasThreads;
   constexpr int64_t kMaxZeroBlocks = 1024;
   params.setup_blocks = (params.num_experts + kThreads - 1) / kThreads;
   const int64_t zero_bytes = std::max(params.tail_rows != nullptr ? params.num_rows * params.tail_row_bytes : 0,
                                       params.empty_groups != nullptr ? params.group_bytes : 0);
-  const int64_t zero_blocks =
+  params.zero_blocks =
       zero_bytes == 0 ? 0 : std::clamp<int64_t>((zero_bytes / 16 + kThreads - 1) / kThreads, 1, kMaxZeroBlocks);
-  const unsigned int blocks = static_cast<unsigned int>(params.setup_blocks + zero_blocks);
-  cutlass_grouped_setup_kernel<Element><<<blocks, kThreads, 0, stream>>>(params);
+  const int64_t bias_blocks =
+      params.grad_bias != nullptr ? cuda::bias_grad_blocks(params.num_experts, params.out_features) : 0;
+  const int64_t blocks = params.setup_blocks + params.zero_blocks + bias_blocks;
+  FMOE_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "the CUTLASS setup needs ", blocks,
+             " blocks, more than a grid holds");
+  cutlass_grouped_setup_kernel<Element><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(params);
   FMOE_CHECK_LAUNCH();
 }
 
@@ -493,18 +522,20 @@ void cutlass_grouped_linear_cuda(DType dtype, const void* x, int64_t num_rows, i
 void cutlass_grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
                                           int64_t in_features, const int64_t* expert_offsets, int64_t num_experts,
                                           const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
-                                          void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                                          void* grad_bias, void* workspace, size_t workspace_bytes,
+                                          cudaStream_t stream) {
   constexpr const char* kCaller = "cutlass_grouped_linear_backward_cuda";
   check_dtype(kCaller, dtype);
   check_sizes(kCaller, num_rows, in_features, out_features, num_experts);
-  FMOE_CHECK(grad_weight == nullptr || num_experts <= 65535, kCaller,
-             ": num_experts must be at most 65535 for the weight gradient (zero_empty_groups_cuda), got ", num_experts);
+  FMOE_CHECK((grad_weight == nullptr && grad_bias == nullptr) || num_experts <= 65535, kCaller,
+             ": num_experts must be at most 65535 for the weight and bias gradients (zero_empty_groups_cuda), got ",
+             num_experts);
   check_aligned(kCaller, "grad_y", grad_y);
   check_aligned(kCaller, "x", x);
   check_aligned(kCaller, "weight", weight);
   check_aligned(kCaller, "grad_x", grad_x);
   check_aligned(kCaller, "grad_weight", grad_weight);
-  if (grad_x == nullptr && grad_weight == nullptr) return;
+  if (grad_x == nullptr && grad_weight == nullptr && grad_bias == nullptr) return;
   if (num_rows > 0) {
     const DeviceInfo device = current_device(kCaller);
     dispatch_half_types(dtype, kCaller, [&](auto element) {
@@ -525,6 +556,7 @@ void cutlass_grouped_linear_backward_cuda(DType dtype, const void* grad_y, const
         params.empty_groups = static_cast<char*>(grad_weight);
         params.group_bytes = out_features * in_features * static_cast<int64_t>(sizeof(Element));
       }
+      params.grad_bias = static_cast<Element*>(grad_bias);
       launch_setup(params, stream);
       // Both GEMMs share CUTLASS's workspace: the second starts after the first ends, on the same stream.
       if (grad_x != nullptr) {
@@ -536,11 +568,12 @@ void cutlass_grouped_linear_backward_cuda(DType dtype, const void* grad_y, const
     });
     return;
   }
-  // No rows: grad_x is empty and every expert's weight gradient is zero.
+  // No rows: grad_x is empty and every expert's weight and bias gradient is zero.
   if (grad_weight != nullptr) {
     const int64_t group_bytes = out_features * in_features * 2;  // 2-byte elements
     zero_empty_groups_cuda(grad_weight, num_experts, group_bytes, expert_offsets, stream);
   }
+  if (grad_bias != nullptr) zero_empty_groups_cuda(grad_bias, num_experts, out_features * 2, expert_offsets, stream);
 }
 
 }  // namespace fastmoe

@@ -36,11 +36,13 @@ void cutlass_grouped_linear_cuda(DType dtype, const void* x, int64_t num_rows, i
                                  size_t workspace_bytes, cudaStream_t stream);
 
 // grad_x = grad_y[rows of e] @ weight[e] (zero past expert_offsets[E]) and grad_weight[e] = grad_y[rows of e]^T @
-// x[rows of e] (zero for an expert without rows); either output may be nullptr to skip it. The bias gradient is
-// not computed here (grouped_linear_backward_cuda in expert.h has it).
+// x[rows of e] (zero for an expert without rows), and grad_bias[e] = the column sums of grad_y[rows of e] ([E,
+// out_features]; the sums of grouped_linear_backward_cuda in expert.h, in the same order, computed by the launch that
+// prepares the GEMMs); any output may be nullptr to skip it.
 void cutlass_grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x, int64_t num_rows,
                                           int64_t in_features, const int64_t* expert_offsets, int64_t num_experts,
                                           const void* weight, int64_t out_features, void* grad_x, void* grad_weight,
-                                          void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                                          void* grad_bias, void* workspace, size_t workspace_bytes,
+                                          cudaStream_t stream);
 
 }  // namespace fastmoe

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "kernels/common.cuh"
+#include "kernels/expert/bias_grad.cuh"
 #include "kernels/expert/expert.h"
 
 namespace fastmoe {
@@ -45,18 +46,8 @@ struct GemmTiles {
   A b[kTileK][kTileN + kPad];  // b[kk][n]: the column operand, k-major
 };
 
-__device__ __forceinline__ int64_t clamp64(int64_t value, int64_t lo, int64_t hi) {
-  return value < lo ? lo : (value > hi ? hi : value);
-}
-
-// Rows [begin, end) of group `group`: an expert when group < num_experts, else the tail past offsets[E].
-// Offsets are clamped into [0, num_rows] so that malformed offsets (which the reference rejects) cannot make a
-// block read or write outside the buffers.
-__device__ __forceinline__ void group_rows(const int64_t* offsets, int64_t num_experts, int64_t num_rows, int64_t group,
-                                           int64_t* begin, int64_t* end) {
-  *begin = clamp64(offsets[group], 0, num_rows);
-  *end = group < num_experts ? clamp64(offsets[group + 1], *begin, num_rows) : num_rows;
-}
+using cuda::clamp64;
+using cuda::group_rows;
 
 struct RowTile {
   int64_t group;  // -1: this block has no tile
@@ -284,43 +275,18 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-// grad_bias[e, o] = sum over the rows of e of grad_y[r, o]. A block covers 32 columns of one expert with 8 lanes
-// of rows: lane l sums rows l, l + 8, ... and the 8 partial sums are added in lane order, so the result does not
-// depend on scheduling. A warp reads 32 consecutive columns of one row.
-// grad_y: [num_rows, out_features]; grad_bias: [num_experts, out_features], written (zero for an expert without
-// rows)
-// grid: num_experts * ceil(out / 32), flattened; block: (32, 8)
-constexpr int kBiasColumns = 32;
-constexpr int kBiasLanes = 8;
-constexpr int kBiasThreads = kBiasColumns * kBiasLanes;
+// grad_bias (cuda::bias_grad_block): one block per (expert, 32 columns); grid num_experts * ceil(out / 32),
+// flattened; block (32, 8).
+using cuda::kBiasColumns;
+using cuda::kBiasLanes;
+using cuda::kBiasThreads;
 
 template <typename T>
 __global__ void __launch_bounds__(kBiasThreads)
     grouped_bias_grad_kernel(const T* __restrict__ grad_y, int64_t num_rows, const int64_t* __restrict__ offsets,
                              int64_t num_experts, int64_t out_features, T* __restrict__ grad_bias) {
-  // fp64 partial sums for fp32: a lane adds up to rows/8 terms in sequence, which in fp32 drifts past the error
-  // of a tree-shaped PyTorch sum; the kernel is bound by reading grad_y, so the wider adds cost nothing.
-  using A = std::conditional_t<std::is_same_v<T, float>, double, dacc_t<T>>;
-  __shared__ A partials[kBiasLanes][kBiasColumns];
-  const int64_t blocks_per_expert = (out_features + kBiasColumns - 1) / kBiasColumns;
-  const int64_t expert = blockIdx.x / blocks_per_expert;
-  const int64_t o = blockIdx.x % blocks_per_expert * kBiasColumns + threadIdx.x;
-  int64_t row_begin, row_end;
-  group_rows(offsets, num_experts, num_rows, expert, &row_begin, &row_end);
-  A sum = 0;
-  if (o < out_features) {
-    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kBiasLanes) {
-      sum += cuda::to_acc(grad_y[r * out_features + o]);
-    }
-  }
-  partials[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && o < out_features) {
-    A total = partials[0][threadIdx.x];
-#pragma unroll
-    for (int lane = 1; lane < kBiasLanes; ++lane) total += partials[lane][threadIdx.x];
-    grad_bias[expert * out_features + o] = cuda::from_acc<T>(static_cast<dacc_t<T>>(total));
-  }
+  cuda::bias_grad_block(grad_y, num_rows, offsets, num_experts, out_features, grad_bias, blockIdx.x, threadIdx.x,
+                        threadIdx.y);
 }
 
 void check_linear_args(const char* name, int64_t num_rows, int64_t in_features, int64_t num_experts,
@@ -390,7 +356,7 @@ void grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x
       FMOE_CHECK_LAUNCH();
     }
     if (grad_bias != nullptr && num_experts > 0 && out_features > 0) {
-      const int64_t blocks = num_experts * ((out_features + kBiasColumns - 1) / kBiasColumns);
+      const int64_t blocks = cuda::bias_grad_blocks(num_experts, out_features);
       FMOE_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "grouped_linear_backward_cuda: grad_bias needs ",
                  blocks, " blocks, more than a grid holds");
       grouped_bias_grad_kernel<T><<<static_cast<unsigned int>(blocks), dim3(kBiasColumns, kBiasLanes), 0, stream>>>(
