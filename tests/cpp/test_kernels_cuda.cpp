@@ -532,6 +532,8 @@ TYPED_TEST(CudaPermute, EmptyShapesLaunchNothing) {
                                          this->stream_));
   EXPECT_NO_THROW(combine_score_grad_cuda(dtype_of<T>(), nullptr, nullptr, 0, 16, nullptr, 0, 2, dtype_of<T>(), nullptr,
                                           this->stream_));
+  EXPECT_NO_THROW(unpermute_combine_backward_cuda(dtype_of<T>(), nullptr, nullptr, 16, nullptr, 0, nullptr, 0, 2,
+                                                  nullptr, dtype_of<T>(), nullptr, nullptr, this->stream_));
   FMOE_CHECK_CUDA(cudaStreamSynchronize(this->stream_));
 }
 
