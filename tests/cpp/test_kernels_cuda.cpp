@@ -608,6 +608,21 @@ TYPED_TEST(CudaUnpermuteCombine, PermuteThenUnpermuteIsIdentityForTopOne) {
   EXPECT_TRUE(same_bits(y.data(), x.data(), x.size()));
 }
 
+// The bound on a score gradient grad_score[i] = <grad_y[i / k], y_sorted[pair_pos[i]]>: a warp-shuffle tree instead of
+// a left-to-right sum, so within d roundings of the sum of |terms|, plus one step of the score type's rounding.
+template <typename T, typename S>
+auto score_grad_bound(const std::vector<T>& grad_y, const std::vector<T>& y_sorted,
+                      const std::vector<int64_t>& pair_pos, int64_t d, int64_t k) {
+  return [&grad_y, &y_sorted, &pair_pos, d, k](size_t i, double w) {
+    const int64_t row = pair_pos[i];
+    double magnitude = 0;
+    for (int64_t c = 0; row >= 0 && c < d; ++c) {
+      magnitude += std::fabs(to_double(grad_y[(i / k) * d + c]) * to_double(y_sorted[row * d + c]));
+    }
+    return static_cast<double>(d) * acc_roundoff<T>() * magnitude + ulp_at<S>(w);
+  };
+}
+
 template <typename T>
 class CudaCombineScoreGrad : public CudaKernelTest {};
 TYPED_TEST_SUITE(CudaCombineScoreGrad, AllFloatTypes, DTypeNames);
@@ -632,16 +647,8 @@ TYPED_TEST(CudaCombineScoreGrad, MatchesReferenceForEveryScoreDtype) {
       d_out.poison();
       combine_score_grad_cuda(dtype_of<T>(), d_grad_y.get(), d_y_sorted.get(), num_rows, d, d_pos.as<int64_t>(), tokens,
                               k, dtype_of<S>(), d_out.get(), this->stream_);
-      // A warp-shuffle tree instead of a left-to-right sum: within d roundings of the sum of |terms|, plus one
-      // step of the score type's rounding.
-      EXPECT_TRUE(elements_close(d_out.download<S>(want.size()), want, [&](size_t i, double w) {
-        const int64_t pos = routing.plan.pair_pos[i];
-        double magnitude = 0;
-        for (int64_t c = 0; pos >= 0 && c < d; ++c) {
-          magnitude += std::fabs(to_double(grad_y[(i / k) * d + c]) * to_double(y_sorted[pos * d + c]));
-        }
-        return static_cast<double>(d) * acc_roundoff<T>() * magnitude + ulp_at<S>(w);
-      }));
+      EXPECT_TRUE(elements_close(d_out.download<S>(want.size()), want,
+                                 score_grad_bound<T, S>(grad_y, y_sorted, routing.plan.pair_pos, d, k)));
     });
   }
 }
@@ -685,14 +692,9 @@ TYPED_TEST(CudaCombineScoreGrad, FusedBackwardMatchesTheTwoReferences) {
                                         d_rows.get(), d_grad_score.get(), this->stream_);
         const std::vector<T> got_rows = d_rows.download<T>(want_rows.size());
         EXPECT_TRUE(same_bits(got_rows.data(), want_rows.data(), want_rows.size())) << "grad_y_sorted";
-        EXPECT_TRUE(elements_close(d_grad_score.download<S>(want_score.size()), want_score, [&](size_t i, double w) {
-          const int64_t row = (*pos)[i];
-          double magnitude = 0;
-          for (int64_t c = 0; row >= 0 && c < d; ++c) {
-            magnitude += std::fabs(to_double(grad_y[(i / k) * d + c]) * to_double(y_sorted[row * d + c]));
-          }
-          return static_cast<double>(d) * acc_roundoff<T>() * magnitude + ulp_at<S>(w);
-        })) << "grad_score";
+        EXPECT_TRUE(elements_close(d_grad_score.download<S>(want_score.size()), want_score,
+                                   score_grad_bound<T, S>(grad_y, y_sorted, *pos, d, k)))
+            << "grad_score";
       }
     });
   }

@@ -100,6 +100,26 @@ def assert_same_runs(fused: Run, composed: Run) -> None:
     assert fused.stats == composed.stats
 
 
+def assert_frozen_runs_agree(layer, x, frozen: str | None, moe_ffn_calls) -> None:
+    """Freezes the parameters under the prefix ``frozen`` (None: all trained), runs the one op and the composed
+    path with the gate's loss, and asserts bit for bit: output, input gradient and every trained parameter's
+    gradient; the frozen ones get none on either path."""
+    for name, param in layer.named_parameters():
+        if frozen is not None and name.startswith(frozen):
+            param.requires_grad_(False)
+    fused = Run(layer, x, True, add_loss=True)
+    assert len(moe_ffn_calls) == 1, "the fused forward did not run torch.ops.fastmoe.moe_ffn"
+    composed = Run(layer, x, False, add_loss=True)
+    assert_bitwise_equal(fused.y, composed.y, "y")
+    assert_bitwise_equal(fused.grad_x, composed.grad_x, "grad of the input")
+    for name, grad in composed.grads.items():
+        if frozen is not None and name.startswith(frozen):
+            assert grad is None and fused.grads[name] is None, f"{name} is frozen but got a gradient"
+        else:
+            assert grad is not None, f"{name} got no gradient on the composed path"
+            assert_bitwise_equal(fused.grads[name], grad, f"grad of {name}")
+
+
 def graph_nodes(grad_fn) -> set:
     """Every autograd node reachable from ``grad_fn`` (AccumulateGrad of the leaves included)."""
     seen, todo = set(), [grad_fn]
@@ -154,21 +174,7 @@ def test_frozen_parameters(activation, frozen, moe_ffn_calls):
     """With some parameters frozen the one op computes only the gradients asked for (the second GEMM's input is
     then recomputed only when its weight gradient is needed), and those equal the composed path's bit for bit."""
     layer = make_layer(activation, True, 0.01, 1e-3)
-    for name, param in layer.named_parameters():
-        if name.startswith(frozen):
-            param.requires_grad_(False)
-    x = make_input(NUM_TOKENS, D_MODEL)
-    fused = Run(layer, x, True, add_loss=True)
-    assert len(moe_ffn_calls) == 1
-    composed = Run(layer, x, False, add_loss=True)
-    assert_bitwise_equal(fused.y, composed.y, "y")
-    assert_bitwise_equal(fused.grad_x, composed.grad_x, "grad of the input")
-    for name, grad in composed.grads.items():
-        if name.startswith(frozen):
-            assert grad is None and fused.grads[name] is None, f"{name} is frozen but got a gradient"
-        else:
-            assert grad is not None, f"{name} got no gradient on the composed path"
-            assert_bitwise_equal(fused.grads[name], grad, f"grad of {name}")
+    assert_frozen_runs_agree(layer, make_input(NUM_TOKENS, D_MODEL), frozen, moe_ffn_calls)
 
 
 # The one op keeps an activation under 32 MiB for its backward and recomputes a larger one
@@ -193,21 +199,7 @@ def test_recomputed_activation_gives_the_same_bits(activation, frozen, moe_ffn_c
         for param in wide.experts.parameters():
             param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64).mul_(0.1))
     wide = wide.double()
-    for name, param in wide.named_parameters():
-        if frozen is not None and name.startswith(frozen):
-            param.requires_grad_(False)
-    x = make_input(tokens, D_MODEL)
-    fused = Run(wide, x, True, add_loss=True)
-    assert len(moe_ffn_calls) == 1
-    composed = Run(wide, x, False, add_loss=True)
-    assert_bitwise_equal(fused.y, composed.y, "y")
-    assert_bitwise_equal(fused.grad_x, composed.grad_x, "grad of the input")
-    for name, grad in composed.grads.items():
-        if frozen is not None and name.startswith(frozen):
-            assert grad is None and fused.grads[name] is None, f"{name} is frozen but got a gradient"
-        else:
-            assert grad is not None, f"{name} got no gradient on the composed path"
-            assert_bitwise_equal(fused.grads[name], grad, f"grad of {name}")
+    assert_frozen_runs_agree(wide, make_input(tokens, D_MODEL), frozen, moe_ffn_calls)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
