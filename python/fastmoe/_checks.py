@@ -57,12 +57,18 @@ def token_matrix(name: str, x, d_model: int, like: torch.Tensor | None = None) -
 
 
 def set_plain(module: torch.nn.Module, **attrs) -> None:
-    """``setattr(module, name, value)`` for each of ``attrs``; a plain attribute (not a parameter, buffer or
-    submodule of that name) goes straight into ``module.__dict__``, where ``nn.Module.__setattr__`` would put it after
-    checking it against those three kinds: layers and gates set a few on every forward, and those checks are a
-    measurable part of a small layer's host time."""
+    """``setattr(module, name, value)`` for each of ``attrs``. A plain attribute (not a parameter, buffer,
+    submodule or class property of that name) goes straight into ``module.__dict__``, where
+    ``nn.Module.__setattr__`` would put it after checking it against those kinds: layers and gates set a few on
+    every forward, and those checks are a measurable part of a small layer's host time."""
     for name, value in attrs.items():
-        if name in module._parameters or name in module._buffers or name in module._modules:
+        descriptor = getattr(type(module), name, None)
+        if (
+            name in module._parameters
+            or name in module._buffers
+            or name in module._modules
+            or hasattr(type(descriptor), "__set__")  # a property (or other data descriptor) of a subclass
+        ):
             setattr(module, name, value)
         else:
             module.__dict__[name] = value

@@ -371,3 +371,48 @@ def test_route_scores_sum_to_one_in_layer():
     layer = make_mlp(8, 3)
     _, score = layer.gate(randn(12, D_MODEL, gen=make_generator(21)))
     torch.testing.assert_close(score.sum(-1), torch.ones(12, dtype=torch.float64), rtol=0, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------------ per-forward state
+
+
+def test_per_forward_state_keeps_module_semantics():
+    """Layers and gates set their per-forward state (losses, drop count, balance record) straight in the module's
+    __dict__; a parameter, buffer, submodule or class property of the same name still gets Module's setattr."""
+    from fastmoe._checks import set_plain
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("counts", torch.zeros(2))
+            self.inner = nn.Linear(2, 2)
+            self.seen = []
+
+        @property
+        def watched(self):
+            return self.seen[-1] if self.seen else None
+
+        @watched.setter
+        def watched(self, value):
+            self.seen.append(value)
+
+    holder = Holder()
+    set_plain(holder, plain=torch.ones(1), counts=torch.full((2,), 3.0), watched=7)
+    assert "plain" in holder.__dict__ and torch.equal(holder.plain, torch.ones(1))
+    assert "counts" not in holder.__dict__ and torch.equal(holder._buffers["counts"], torch.full((2,), 3.0))
+    assert holder.seen == [7] and holder.watched == 7 and "watched" not in holder.__dict__
+    with pytest.raises(TypeError, match="inner"):
+        set_plain(holder, inner=3)  # as setattr: a submodule cannot become an int
+
+
+def test_gate_state_and_balance_record_after_a_fused_forward():
+    """The fused layer's forward leaves the gate's loss terms, drop count and the balance record in place."""
+    layer = FMoETransformerMLP(num_expert=4, d_model=8, d_hidden=16, top_k=2)
+    layer.gate.balance_coef = 0.01
+    layer(torch.randn(6, 8))
+    assert set(layer.gate.get_losses(clear=False)) == {"balance"}
+    assert layer.gate.num_dropped is None
+    assert layer.balance_record.num_tokens == 6 and layer.balance_record.num_slots == 12
+    assert int(layer.balance_record.expert_counts.sum()) == 12
+    assert not layer.balance_record.expert_counts.requires_grad
+    assert all(not loss.requires_grad for loss in layer.balance_record.losses.values())
