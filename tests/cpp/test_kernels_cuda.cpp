@@ -516,6 +516,15 @@ TYPED_TEST(CudaPermute, KeepsOnlyTheFirstRowsOfAPlan) {
   }
 }
 
+TYPED_TEST(CudaPermute, MoreSlotsThanAWarpHasLanes) {
+  // k > 32: a token's slots are found 32 at a time.
+  using T = TypeParam;
+  std::mt19937 rng(45);
+  const Routing routing = make_routing(9, 40, 64, rng);
+  for (int64_t d : {int64_t{8}, int64_t{13}}) this->expect_matches_reference(routing, d, std::vector<T>{}, 0, rng);
+  this->expect_matches_reference(routing, 64, random_values<float>(360, rng), 0, rng);
+}
+
 TYPED_TEST(CudaPermute, UnalignedRowsFallBackToScalarPath) {
   using T = TypeParam;
   std::mt19937 rng(43);
@@ -657,46 +666,49 @@ TYPED_TEST(CudaCombineScoreGrad, FusedBackwardMatchesTheTwoReferences) {
   // unpermute_combine_backward_cuda: grad_y_sorted bit for bit as the scaled permute's reference, grad_score within
   // the dot products' bound above; with the plan's pair_pos and with one that disagrees with sorted_pair in places
   // (rows then gathered, scores from the rows pair_pos names).
+  // Also k > 32, where a token's slots are taken 32 at a time.
   using T = TypeParam;
   std::mt19937 rng(62);
-  const Routing routing = make_routing(45, 3, 5, rng);
-  const int64_t tokens = routing.num_tokens, k = routing.k;
-  const int64_t num_rows = static_cast<int64_t>(routing.plan.sorted_pair.size());
-  std::vector<int64_t> disagreeing = routing.plan.pair_pos;
-  std::uniform_int_distribution<int64_t> any_row(-1, num_rows - 1);
-  for (size_t i = 0; i < disagreeing.size(); i += 4) disagreeing[i] = any_row(rng);
-  for (int64_t d : {int64_t{0}, int64_t{1}, int64_t{8}, int64_t{13}, int64_t{64}, int64_t{200}}) {
-    const std::vector<T> grad_y = random_values<T>(tokens * d, rng);
-    const std::vector<T> y_sorted = random_values<T>(num_rows * d, rng);
-    for_each_score_type([&](auto tag) {
-      using S = decltype(tag);
-      const std::vector<S> score = random_values<S>(tokens * k, rng, 0.0, 1.0);
-      const std::vector<int64_t>* const pair_pos_cases[] = {&routing.plan.pair_pos, &disagreeing};
-      for (const std::vector<int64_t>* pos : pair_pos_cases) {
-        SCOPED_TRACE(::testing::Message() << "d=" << d << " score dtype=" << dtype_name(dtype_of<S>())
-                                          << (pos == &disagreeing ? " disagreeing pair_pos" : " plan's pair_pos"));
-        std::vector<T> want_rows(num_rows * d);
-        permute_ref(dtype_of<T>(), grad_y.data(), tokens, d, routing.plan.sorted_pair.data(), num_rows, k, score.data(),
-                    dtype_of<S>(), want_rows.data());
-        std::vector<S> want_score(tokens * k);
-        combine_score_grad_ref(dtype_of<T>(), grad_y.data(), y_sorted.data(), num_rows, d, pos->data(), tokens, k,
-                               dtype_of<S>(), want_score.data());
-        DeviceBuffer d_grad_y(grad_y, this->stream_), d_y_sorted(y_sorted, this->stream_),
-            d_sorted(routing.plan.sorted_pair, this->stream_), d_pos(*pos, this->stream_),
-            d_score(score, this->stream_), d_rows(want_rows.size() * sizeof(T), this->stream_),
-            d_grad_score(want_score.size() * sizeof(S), this->stream_);
-        d_rows.poison();
-        d_grad_score.poison();
-        unpermute_combine_backward_cuda(dtype_of<T>(), d_grad_y.get(), d_y_sorted.get(), d, d_sorted.as<int64_t>(),
-                                        num_rows, d_pos.as<int64_t>(), tokens, k, d_score.get(), dtype_of<S>(),
-                                        d_rows.get(), d_grad_score.get(), this->stream_);
-        const std::vector<T> got_rows = d_rows.download<T>(want_rows.size());
-        EXPECT_TRUE(same_bits(got_rows.data(), want_rows.data(), want_rows.size())) << "grad_y_sorted";
-        EXPECT_TRUE(elements_close(d_grad_score.download<S>(want_score.size()), want_score,
-                                   score_grad_bound<T, S>(grad_y, y_sorted, *pos, d, k)))
-            << "grad_score";
-      }
-    });
+  const Routing routings[] = {make_routing(45, 3, 5, rng), make_routing(6, 40, 64, rng)};
+  for (const Routing& routing : routings) {
+    const int64_t tokens = routing.num_tokens, k = routing.k;
+    const int64_t num_rows = static_cast<int64_t>(routing.plan.sorted_pair.size());
+    std::vector<int64_t> disagreeing = routing.plan.pair_pos;
+    std::uniform_int_distribution<int64_t> any_row(-1, num_rows - 1);
+    for (size_t i = 0; i < disagreeing.size(); i += 4) disagreeing[i] = any_row(rng);
+    for (int64_t d : {int64_t{0}, int64_t{1}, int64_t{8}, int64_t{13}, int64_t{64}, int64_t{200}}) {
+      const std::vector<T> grad_y = random_values<T>(tokens * d, rng);
+      const std::vector<T> y_sorted = random_values<T>(num_rows * d, rng);
+      for_each_score_type([&](auto tag) {
+        using S = decltype(tag);
+        const std::vector<S> score = random_values<S>(tokens * k, rng, 0.0, 1.0);
+        const std::vector<int64_t>* const pair_pos_cases[] = {&routing.plan.pair_pos, &disagreeing};
+        for (const std::vector<int64_t>* pos : pair_pos_cases) {
+          SCOPED_TRACE(::testing::Message() << "d=" << d << " score dtype=" << dtype_name(dtype_of<S>())
+                                            << (pos == &disagreeing ? " disagreeing pair_pos" : " plan's pair_pos"));
+          std::vector<T> want_rows(num_rows * d);
+          permute_ref(dtype_of<T>(), grad_y.data(), tokens, d, routing.plan.sorted_pair.data(), num_rows, k,
+                      score.data(), dtype_of<S>(), want_rows.data());
+          std::vector<S> want_score(tokens * k);
+          combine_score_grad_ref(dtype_of<T>(), grad_y.data(), y_sorted.data(), num_rows, d, pos->data(), tokens, k,
+                                 dtype_of<S>(), want_score.data());
+          DeviceBuffer d_grad_y(grad_y, this->stream_), d_y_sorted(y_sorted, this->stream_),
+              d_sorted(routing.plan.sorted_pair, this->stream_), d_pos(*pos, this->stream_),
+              d_score(score, this->stream_), d_rows(want_rows.size() * sizeof(T), this->stream_),
+              d_grad_score(want_score.size() * sizeof(S), this->stream_);
+          d_rows.poison();
+          d_grad_score.poison();
+          unpermute_combine_backward_cuda(dtype_of<T>(), d_grad_y.get(), d_y_sorted.get(), d, d_sorted.as<int64_t>(),
+                                          num_rows, d_pos.as<int64_t>(), tokens, k, d_score.get(), dtype_of<S>(),
+                                          d_rows.get(), d_grad_score.get(), this->stream_);
+          const std::vector<T> got_rows = d_rows.download<T>(want_rows.size());
+          EXPECT_TRUE(same_bits(got_rows.data(), want_rows.data(), want_rows.size())) << "grad_y_sorted";
+          EXPECT_TRUE(elements_close(d_grad_score.download<S>(want_score.size()), want_score,
+                                     score_grad_bound<T, S>(grad_y, y_sorted, *pos, d, k)))
+              << "grad_score";
+        }
+      });
+    }
   }
 }
 

@@ -256,6 +256,36 @@ TYPED_TEST(CudaCutlassGroupedLinear, ZeroRowsWriteZeroWeightAndBiasGrads) {
   EXPECT_TRUE(exact_zeros(gb, 0, gb.size())) << "grad_bias";
 }
 
+TYPED_TEST(CudaCutlassGroupedLinear, OffsetsPastTheRowsLeaveZeroGradients) {
+  // Offsets the op layer does not check on CUDA: the GEMMs clamp them into [0, num_rows], and an expert left with
+  // no rows by that clamp gets zero weight and bias gradients, not whatever the buffers held.
+  using T = TypeParam;
+  const int64_t experts = 3, rows = 4, in_features = 16, out_features = 8;
+  const std::vector<int64_t> offsets = {0, 4, 6, 9};
+  std::mt19937 rng(83);
+  const std::vector<T> grad_y = to_type<T>(random_uniform(rows * out_features, rng, -1, 1));
+  const std::vector<T> x = to_type<T>(random_uniform(rows * in_features, rng, -1, 1));
+  const std::vector<T> w = to_type<T>(random_uniform(experts * out_features * in_features, rng, -1, 1));
+  const size_t w_size = w.size(), b_size = static_cast<size_t>(experts * out_features);
+  DeviceBuffer d_offsets(offsets, this->stream_), d_grad_y(grad_y, this->stream_), d_x(x, this->stream_),
+      d_w(w, this->stream_), d_gw(w_size * sizeof(T), this->stream_), d_gb(b_size * sizeof(T), this->stream_);
+  DeviceBuffer ws = this->workspace(experts);
+  const size_t ws_bytes = cutlass_grouped_linear_workspace_bytes(dtype_of<T>(), experts);
+  for (int64_t num_rows : {rows, int64_t{0}}) {
+    SCOPED_TRACE(::testing::Message() << "num_rows=" << num_rows);
+    d_gw.poison();
+    d_gb.poison();
+    cutlass_grouped_linear_backward_cuda(dtype_of<T>(), d_grad_y.get(), d_x.get(), num_rows, in_features,
+                                         d_offsets.as<int64_t>(), experts, d_w.get(), out_features, nullptr, d_gw.get(),
+                                         d_gb.get(), ws.get(), ws_bytes, this->stream_);
+    const std::vector<T> gw = d_gw.download<T>(w_size), gb = d_gb.download<T>(b_size);
+    const size_t expert_w = static_cast<size_t>(out_features * in_features);
+    const size_t first_empty = num_rows == 0 ? 0 : 1;  // with 4 rows expert 0 keeps them all
+    EXPECT_TRUE(exact_zeros(gw, first_empty * expert_w, w_size)) << "grad_weight";
+    EXPECT_TRUE(exact_zeros(gb, first_empty * out_features, b_size)) << "grad_bias";
+  }
+}
+
 TYPED_TEST(CudaCutlassGroupedLinear, RejectsWhatTmaCannotLoad) {
   using T = TypeParam;
   const int64_t experts = 2, rows = 16, out_features = 8;

@@ -34,7 +34,9 @@ void unpermute_combine_cuda(DType dtype, const void* y_sorted, int64_t num_rows,
 
 // The combine's backward in one kernel (permute_cuda of grad_y scaled by topk_score, given pair_pos, and
 // combine_score_grad_cuda), reading each token's row of grad_y once for both outputs. topk_score, pair_pos and
-// grad_score must be given; grad_y_sorted gets permute_ref's bits, grad_score combine_score_grad_cuda's sums.
+// grad_score must be given; grad_y_sorted gets permute_ref's bits, grad_score combine_score_grad_cuda's sums when
+// grad_y_sorted is 16-byte aligned like grad_y and y_sorted (as the op's fresh tensors are; otherwise the same terms
+// may be added in another order).
 void unpermute_combine_backward_cuda(DType dtype, const void* grad_y, const void* y_sorted, int64_t d,
                                      const int64_t* sorted_pair, int64_t num_rows, const int64_t* pair_pos,
                                      int64_t num_tokens, int64_t k, const void* topk_score, DType score_dtype,

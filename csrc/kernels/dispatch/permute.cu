@@ -385,8 +385,10 @@ void unpermute_combine_backward_cuda(DType dtype, const void* grad_y, const void
                                      int64_t num_tokens, int64_t k, const void* topk_score, DType score_dtype,
                                      void* grad_y_sorted, void* grad_score, cudaStream_t stream) {
   check_rows_args("unpermute_combine_backward_cuda", num_tokens, d, num_rows, k);
-  if (num_tokens == 0) return;  // no pairs, so no rows either (and empty tensors may have null pointers)
-  FMOE_CHECK(topk_score != nullptr && grad_score != nullptr && pair_pos != nullptr,
+  if (num_tokens == 0 && num_rows == 0) return;
+  // Without tokens the rows are all zero rows and nothing reads the per-pair arrays (empty tensors may have null
+  // pointers).
+  FMOE_CHECK(num_tokens == 0 || (topk_score != nullptr && grad_score != nullptr && pair_pos != nullptr),
              "unpermute_combine_backward_cuda: topk_score, grad_score and pair_pos must be given");
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "unpermute_combine_backward_cuda", T, [&] {
     FMOE_CUDA_DISPATCH_FLOAT_TYPES(score_dtype, "unpermute_combine_backward_cuda", S, [&] {

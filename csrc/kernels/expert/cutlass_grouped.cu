@@ -22,7 +22,7 @@
 //   grad_weight  M = out, N = in,  K = R:   A = dy[b + k, m] (m contiguous), B = x[b + k, n] (n contiguous),
 //                D = dW[e][m, n]
 // An expert without rows gets the problem (0, 0, 0), which has no tiles: a K = 0 tile would store accumulators
-// that no MMA ever cleared, so its weight gradient is zeroed by zero_empty_groups_cuda instead.
+// that no MMA ever cleared, so the setup launch zeroes its weight gradient instead (zero_fill.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -178,8 +178,8 @@ __device__ void setup_zeroing(const SetupParams<Element>& p, int64_t z, int64_t 
     const int64_t group_slots = zero_blocks / per_group;
     if (z >= group_slots * per_group) return;
     for (int64_t g = z / per_group; g < p.num_experts; g += group_slots) {
-      cuda::zero_group_if_empty(p.empty_groups, g, p.group_bytes, p.offsets, (z % per_group) * threads + threadIdx.x,
-                                per_group * threads);
+      cuda::zero_group_if_empty(p.empty_groups, g, p.group_bytes, p.offsets, p.num_rows,
+                                (z % per_group) * threads + threadIdx.x, per_group * threads);
     }
   }
 }
@@ -568,12 +568,15 @@ void cutlass_grouped_linear_backward_cuda(DType dtype, const void* grad_y, const
     });
     return;
   }
-  // No rows: grad_x is empty and every expert's weight and bias gradient is zero.
+  // No rows: grad_x is empty, and every expert has no rows (offsets clamped into [0, 0], as the GEMMs clamp them), so
+  // the weight and bias gradients are zero.
   if (grad_weight != nullptr) {
-    const int64_t group_bytes = out_features * in_features * 2;  // 2-byte elements
-    zero_empty_groups_cuda(grad_weight, num_experts, group_bytes, expert_offsets, stream);
+    FMOE_CHECK_CUDA(cudaMemsetAsync(grad_weight, 0, static_cast<size_t>(num_experts * out_features * in_features) * 2,
+                                    stream));  // 2-byte elements
   }
-  if (grad_bias != nullptr) zero_empty_groups_cuda(grad_bias, num_experts, out_features * 2, expert_offsets, stream);
+  if (grad_bias != nullptr) {
+    FMOE_CHECK_CUDA(cudaMemsetAsync(grad_bias, 0, static_cast<size_t>(num_experts * out_features) * 2, stream));
+  }
 }
 
 }  // namespace fastmoe

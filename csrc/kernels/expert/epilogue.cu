@@ -61,7 +61,7 @@ __global__ void zero_tail_rows_kernel(char* __restrict__ y, int64_t num_rows, in
 
 // groups: [num_groups, group_bytes]; blockIdx.y is the group, which is zeroed only when it has no rows.
 __global__ void zero_empty_groups_kernel(char* groups, int64_t group_bytes, const int64_t* expert_offsets) {
-  cuda::zero_group_if_empty(groups, blockIdx.y, group_bytes, expert_offsets,
+  cuda::zero_group_if_empty(groups, blockIdx.y, group_bytes, expert_offsets, INT64_MAX,
                             static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                             static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
@@ -79,9 +79,10 @@ void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t 
     const int64_t elements = num_rows * out_features;
     const unsigned int blocks =
         static_cast<unsigned int>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 1024));
+    const int64_t element_bytes = static_cast<int64_t>(dtype_size(dtype));
+    FMOE_CHECK(element_bytes > 0, "grouped_bias_epilogue_cuda: unknown dtype ", static_cast<int>(dtype));
     zero_tail_rows_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<char*>(y), num_rows,
-                                                           out_features * static_cast<int64_t>(dtype_size(dtype)),
-                                                           expert_offsets, num_experts);
+                                                           out_features * element_bytes, expert_offsets, num_experts);
     FMOE_CHECK_LAUNCH();
     return;
   }

@@ -29,10 +29,15 @@ __device__ __forceinline__ void zero_tail_rows(char* rows, int64_t num_rows, int
   zero_bytes(rows + begin * row_bytes, (num_rows - begin) * row_bytes, worker, workers);
 }
 
-// Zeroes group g of groups [num_groups, group_bytes] when its expert has no rows (offsets[g + 1] == offsets[g]).
+// Zeroes group g of groups [num_groups, group_bytes] when its expert has no rows: offsets[g] and offsets[g + 1]
+// clamped into [0, num_rows] as the GEMMs clamp them (so malformed offsets leave no group that neither writes) are
+// equal. A caller without a row count passes INT64_MAX.
 __device__ __forceinline__ void zero_group_if_empty(char* groups, int64_t g, int64_t group_bytes,
-                                                    const int64_t* offsets, int64_t worker, int64_t workers) {
-  if (offsets[g + 1] == offsets[g]) zero_bytes(groups + g * group_bytes, group_bytes, worker, workers);
+                                                    const int64_t* offsets, int64_t num_rows, int64_t worker,
+                                                    int64_t workers) {
+  const int64_t begin = offsets[g] < 0 ? 0 : (offsets[g] > num_rows ? num_rows : offsets[g]);
+  const int64_t end = offsets[g + 1] < begin ? begin : (offsets[g + 1] > num_rows ? num_rows : offsets[g + 1]);
+  if (end == begin) zero_bytes(groups + g * group_bytes, group_bytes, worker, workers);
 }
 
 }  // namespace cuda
