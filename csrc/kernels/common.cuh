@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 
 #include "core/check.h"
 #include "core/cuda_check.h"
@@ -167,6 +168,17 @@ inline bool rows_are_vec16(int64_t d, std::initializer_list<const void*> pointer
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
   return true;
+}
+
+// Calls launch(std::integral_constant<int, kN>{}) with the widest chunk of T that rows of `width` elements at every
+// listed pointer allow: kVec16<T> (16 bytes) when rows_are_vec16, else 1.
+template <typename T, typename Launch>
+void with_chunk(int64_t width, std::initializer_list<const void*> pointers, Launch&& launch) {
+  if (rows_are_vec16<T>(width, pointers)) {
+    launch(std::integral_constant<int, kVec16<T>>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
 }
 
 // Grid size for a grid-stride loop over `work_items` with `per_block` items per block, capped so that it fits

@@ -291,38 +291,32 @@ void check_rows_args(const char* name, int64_t num_tokens, int64_t d, int64_t nu
   FMOE_CHECK(k >= 1, name, ": k must be >= 1, got ", k);
 }
 
+// The scatter (or, with kScoreGrad, the combine's backward), in chunks as wide as the listed operands allow.
 template <typename T, typename S, bool kScoreGrad>
 void launch_scatter(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows,
                     const int64_t* pair_pos, int64_t k, const S* pair_scale, T* x_sorted, const T* y_sorted,
-                    S* grad_score, bool vec, cudaStream_t stream) {
-  constexpr int kVec = cuda::kVec16<T>;
+                    S* grad_score, std::initializer_list<const void*> operands, cudaStream_t stream) {
   const int64_t items = num_tokens + (num_rows + kWarpSize - 1) / kWarpSize;
   const unsigned int blocks = cuda::grid_for(items, kThreadsPerBlock / kWarpSize);
-  if (vec) {
-    permute_scatter_kernel<T, S, kVec, kScoreGrad><<<blocks, kThreadsPerBlock, 0, stream>>>(
+  cuda::with_chunk<T>(d, operands, [&](auto chunk) {
+    permute_scatter_kernel<T, S, decltype(chunk)::value, kScoreGrad><<<blocks, kThreadsPerBlock, 0, stream>>>(
         x, num_tokens, d, sorted_pair, num_rows, pair_pos, k, pair_scale, x_sorted, y_sorted, grad_score);
-  } else {
-    permute_scatter_kernel<T, S, 1, kScoreGrad><<<blocks, kThreadsPerBlock, 0, stream>>>(
-        x, num_tokens, d, sorted_pair, num_rows, pair_pos, k, pair_scale, x_sorted, y_sorted, grad_score);
-  }
+  });
 }
 
 template <typename T, typename S>
 void launch_permute(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows,
                     const int64_t* pair_pos, int64_t k, const S* pair_scale, T* x_sorted, cudaStream_t stream) {
-  constexpr int kVec = cuda::kVec16<T>;
-  const bool vec = cuda::rows_are_vec16<T>(d, {x, x_sorted});
   if (pair_pos != nullptr) {
     launch_scatter<T, S, false>(x, num_tokens, d, sorted_pair, num_rows, pair_pos, k, pair_scale, x_sorted, nullptr,
-                                nullptr, vec, stream);
-  } else if (vec) {
-    const RowLaunch launch = row_launch(num_rows, d / kVec);
-    permute_gather_kernel<T, S, kVec>
-        <<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, k, pair_scale, x_sorted);
+                                nullptr, {x, x_sorted}, stream);
   } else {
-    const RowLaunch launch = row_launch(num_rows, d);
-    permute_gather_kernel<T, S, 1>
-        <<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, k, pair_scale, x_sorted);
+    cuda::with_chunk<T>(d, {x, x_sorted}, [&](auto chunk) {
+      constexpr int kN = decltype(chunk)::value;
+      const RowLaunch launch = row_launch(num_rows, d / kN);
+      permute_gather_kernel<T, S, kN>
+          <<<launch.grid, launch.block, 0, stream>>>(x, num_tokens, d, sorted_pair, num_rows, k, pair_scale, x_sorted);
+    });
   }
   FMOE_CHECK_LAUNCH();
 }
@@ -330,31 +324,23 @@ void launch_permute(const T* x, int64_t num_tokens, int64_t d, const int64_t* so
 template <typename T, typename S>
 void launch_unpermute_combine(const T* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
                               int64_t num_tokens, int64_t k, const S* topk_score, T* y, cudaStream_t stream) {
-  constexpr int kVec = cuda::kVec16<T>;
-  if (cuda::rows_are_vec16<T>(d, {y_sorted, y})) {
-    const RowLaunch launch = row_launch(num_tokens, d / kVec);
-    unpermute_combine_kernel<T, S, kVec>
+  cuda::with_chunk<T>(d, {y_sorted, y}, [&](auto chunk) {
+    constexpr int kN = decltype(chunk)::value;
+    const RowLaunch launch = row_launch(num_tokens, d / kN);
+    unpermute_combine_kernel<T, S, kN>
         <<<launch.grid, launch.block, 0, stream>>>(y_sorted, num_rows, d, pair_pos, num_tokens, k, topk_score, y);
-  } else {
-    const RowLaunch launch = row_launch(num_tokens, d);
-    unpermute_combine_kernel<T, S, 1>
-        <<<launch.grid, launch.block, 0, stream>>>(y_sorted, num_rows, d, pair_pos, num_tokens, k, topk_score, y);
-  }
+  });
   FMOE_CHECK_LAUNCH();
 }
 
 template <typename T, typename S>
 void launch_combine_score_grad(const T* grad_y, const T* y_sorted, int64_t num_rows, int64_t d, const int64_t* pair_pos,
                                int64_t num_tokens, int64_t k, S* grad_score, cudaStream_t stream) {
-  constexpr int kVec = cuda::kVec16<T>;
   const unsigned int blocks = cuda::grid_for(num_tokens * k, kThreadsPerBlock / kWarpSize);
-  if (cuda::rows_are_vec16<T>(d, {grad_y, y_sorted})) {
-    combine_score_grad_kernel<T, S, kVec>
+  cuda::with_chunk<T>(d, {grad_y, y_sorted}, [&](auto chunk) {
+    combine_score_grad_kernel<T, S, decltype(chunk)::value>
         <<<blocks, kThreadsPerBlock, 0, stream>>>(grad_y, y_sorted, num_rows, d, pair_pos, num_tokens, k, grad_score);
-  } else {
-    combine_score_grad_kernel<T, S, 1>
-        <<<blocks, kThreadsPerBlock, 0, stream>>>(grad_y, y_sorted, num_rows, d, pair_pos, num_tokens, k, grad_score);
-  }
+  });
   FMOE_CHECK_LAUNCH();
 }
 
@@ -394,10 +380,9 @@ void unpermute_combine_backward_cuda(DType dtype, const void* grad_y, const void
     FMOE_CUDA_DISPATCH_FLOAT_TYPES(score_dtype, "unpermute_combine_backward_cuda", S, [&] {
       T* out = static_cast<T*>(grad_y_sorted);
       const T* rows = static_cast<const T*>(y_sorted);
-      const bool vec = cuda::rows_are_vec16<T>(d, {static_cast<const T*>(grad_y), out, rows});
       launch_scatter<T, S, true>(static_cast<const T*>(grad_y), num_tokens, d, sorted_pair, num_rows, pair_pos, k,
-                                 static_cast<const S*>(topk_score), out, rows, static_cast<S*>(grad_score), vec,
-                                 stream);
+                                 static_cast<const S*>(topk_score), out, rows, static_cast<S*>(grad_score),
+                                 {grad_y, grad_y_sorted, y_sorted}, stream);
     });
   });
   FMOE_CHECK_LAUNCH();

@@ -7,8 +7,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <initializer_list>
-#include <type_traits>
 
 #include "kernels/common.cuh"
 #include "kernels/expert/expert.h"
@@ -76,16 +74,6 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ grad, const T* __re
   });
 }
 
-// Calls launch(std::integral_constant<int, kN>) with the widest chunk every operand allows.
-template <typename T, typename Launch>
-void with_chunk(int64_t hidden, std::initializer_list<const void*> pointers, Launch&& launch) {
-  if (cuda::rows_are_vec16<T>(hidden, pointers)) {
-    launch(std::integral_constant<int, cuda::kVec16<T>>{});
-  } else {
-    launch(std::integral_constant<int, 1>{});
-  }
-}
-
 unsigned int grid_of(int64_t num_rows, int64_t hidden, int chunk) {
   return cuda::grid_for(num_rows * (hidden / chunk), kThreads);
 }
@@ -96,7 +84,7 @@ void swiglu_cuda(DType dtype, const void* h, int64_t num_rows, int64_t hidden, v
   check_swiglu_sizes("swiglu_cuda", num_rows, hidden);
   if (num_rows == 0 || hidden == 0) return;
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "swiglu_cuda", T, [&] {
-    with_chunk<T>(hidden, {h, out}, [&](auto chunk) {
+    cuda::with_chunk<T>(hidden, {h, out}, [&](auto chunk) {
       constexpr int kN = decltype(chunk)::value;
       swiglu_kernel<T, kN><<<grid_of(num_rows, hidden, kN), kThreads, 0, stream>>>(static_cast<const T*>(h), num_rows,
                                                                                    hidden, static_cast<T*>(out));
@@ -110,7 +98,7 @@ void swiglu_backward_cuda(DType dtype, const void* grad, const void* h, int64_t 
   check_swiglu_sizes("swiglu_backward_cuda", num_rows, hidden);
   if (num_rows == 0 || hidden == 0) return;
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "swiglu_backward_cuda", T, [&] {
-    with_chunk<T>(hidden, {grad, h, grad_h}, [&](auto chunk) {
+    cuda::with_chunk<T>(hidden, {grad, h, grad_h}, [&](auto chunk) {
       constexpr int kN = decltype(chunk)::value;
       swiglu_backward_kernel<T, kN><<<grid_of(num_rows, hidden, kN), kThreads, 0, stream>>>(
           static_cast<const T*>(grad), static_cast<const T*>(h), num_rows, hidden, static_cast<T*>(grad_h));

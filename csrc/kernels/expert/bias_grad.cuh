@@ -7,22 +7,10 @@
 #include <type_traits>
 
 #include "kernels/common.cuh"
+#include "kernels/expert/group_rows.cuh"
 
 namespace fastmoe {
 namespace cuda {
-
-__device__ __forceinline__ int64_t clamp64(int64_t value, int64_t lo, int64_t hi) {
-  return value < lo ? lo : (value > hi ? hi : value);
-}
-
-// Rows [begin, end) of group `group`: an expert when group < num_experts, else the tail past offsets[E].
-// Offsets are clamped into [0, num_rows] so that malformed offsets (which the reference rejects) cannot make a
-// block read or write outside the buffers.
-__device__ __forceinline__ void group_rows(const int64_t* offsets, int64_t num_experts, int64_t num_rows, int64_t group,
-                                           int64_t* begin, int64_t* end) {
-  *begin = clamp64(offsets[group], 0, num_rows);
-  *end = group < num_experts ? clamp64(offsets[group + 1], *begin, num_rows) : num_rows;
-}
 
 // grad_bias[e, o] = sum over the rows of e of grad_y[r, o]. Block `block` (of num_experts * bias_grad_blocks_per
 // expert) covers kBiasColumns columns of one expert with kBiasLanes lanes of rows: lane l (ty) sums rows l, l + 8, ...

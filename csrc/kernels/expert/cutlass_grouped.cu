@@ -178,7 +178,7 @@ __device__ void setup_zeroing(const SetupParams<Element>& p, int64_t z, int64_t 
     const int64_t group_slots = zero_blocks / per_group;
     if (z >= group_slots * per_group) return;
     for (int64_t g = z / per_group; g < p.num_experts; g += group_slots) {
-      cuda::zero_group_if_empty(p.empty_groups, g, p.group_bytes, p.offsets, p.num_rows,
+      cuda::zero_group_if_empty(p.empty_groups, p.num_experts, g, p.group_bytes, p.offsets, p.num_rows,
                                 (z % per_group) * threads + threadIdx.x, per_group * threads);
     }
   }
@@ -206,8 +206,8 @@ __global__ void __launch_bounds__(cuda::kBiasThreads) cutlass_grouped_setup_kern
   }
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= p.num_experts) return;
-  const int64_t begin = std::min(std::max(p.offsets[e], int64_t{0}), p.num_rows);
-  const int64_t end = std::min(std::max(p.offsets[e + 1], begin), p.num_rows);
+  int64_t begin, end;
+  cuda::group_rows(p.offsets, p.num_experts, p.num_rows, e, &begin, &end);
   const int rows = static_cast<int>(end - begin);
   const int in = static_cast<int>(p.in_features), out = static_cast<int>(p.out_features);
   const int64_t weight_offset = e * p.out_features * p.in_features;

@@ -61,7 +61,7 @@ __global__ void zero_tail_rows_kernel(char* __restrict__ y, int64_t num_rows, in
 
 // groups: [num_groups, group_bytes]; blockIdx.y is the group, which is zeroed only when it has no rows.
 __global__ void zero_empty_groups_kernel(char* groups, int64_t group_bytes, const int64_t* expert_offsets) {
-  cuda::zero_group_if_empty(groups, blockIdx.y, group_bytes, expert_offsets, INT64_MAX,
+  cuda::zero_group_if_empty(groups, gridDim.y, blockIdx.y, group_bytes, expert_offsets, INT64_MAX,
                             static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                             static_cast<int64_t>(gridDim.x) * blockDim.x);
 }

@@ -46,7 +46,6 @@ struct GemmTiles {
   A b[kTileK][kTileN + kPad];  // b[kk][n]: the column operand, k-major
 };
 
-using cuda::clamp64;
 using cuda::group_rows;
 
 struct RowTile {

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "kernels/expert/group_rows.cuh"
+
 namespace fastmoe {
 namespace cuda {
 
@@ -21,22 +23,22 @@ __device__ __forceinline__ void zero_bytes(char* base, int64_t bytes, int64_t wo
   }
 }
 
-// Zeroes rows [offsets[num_experts], num_rows) of rows [num_rows, row_bytes] (none when the offset is past them).
+// Zeroes the tail rows [offsets[num_experts], num_rows) of rows [num_rows, row_bytes] (group_rows' tail group).
 __device__ __forceinline__ void zero_tail_rows(char* rows, int64_t num_rows, int64_t row_bytes, const int64_t* offsets,
                                                int64_t num_experts, int64_t worker, int64_t workers) {
-  const int64_t routed = offsets[num_experts];
-  const int64_t begin = routed < 0 ? 0 : (routed > num_rows ? num_rows : routed);
-  zero_bytes(rows + begin * row_bytes, (num_rows - begin) * row_bytes, worker, workers);
+  int64_t begin, end;
+  group_rows(offsets, num_experts, num_rows, num_experts, &begin, &end);
+  zero_bytes(rows + begin * row_bytes, (end - begin) * row_bytes, worker, workers);
 }
 
-// Zeroes group g of groups [num_groups, group_bytes] when its expert has no rows: offsets[g] and offsets[g + 1]
-// clamped into [0, num_rows] as the GEMMs clamp them (so malformed offsets leave no group that neither writes) are
-// equal. A caller without a row count passes INT64_MAX.
-__device__ __forceinline__ void zero_group_if_empty(char* groups, int64_t g, int64_t group_bytes,
+// Zeroes group g of groups [num_groups, group_bytes] when its expert has no rows as group_rows clamps them into
+// [0, num_rows], as the GEMMs do (so malformed offsets leave no group that neither writes). A caller without a row
+// count passes INT64_MAX.
+__device__ __forceinline__ void zero_group_if_empty(char* groups, int64_t num_groups, int64_t g, int64_t group_bytes,
                                                     const int64_t* offsets, int64_t num_rows, int64_t worker,
                                                     int64_t workers) {
-  const int64_t begin = offsets[g] < 0 ? 0 : (offsets[g] > num_rows ? num_rows : offsets[g]);
-  const int64_t end = offsets[g + 1] < begin ? begin : (offsets[g + 1] > num_rows ? num_rows : offsets[g + 1]);
+  int64_t begin, end;
+  group_rows(offsets, num_groups, num_rows, g, &begin, &end);
   if (end == begin) zero_bytes(groups + g * group_bytes, group_bytes, worker, workers);
 }
 
