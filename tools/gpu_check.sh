@@ -9,13 +9,15 @@
 #   sanitize  compute-sanitizer memcheck, then racecheck, on the CUDA kernel tests and on the CUDA op tests
 #   pip       pip install --no-build-isolation --no-deps . and an import from outside the tree
 #   bench     benchmarks/bench_moe_layer.py (all configurations)
+#   configs   benchmarks/cutlass_configs: every candidate CUTLASS configuration on every layer shape (needs a build
+#             with CMAKE_EXTRA_ARGS=-DFASTMOE_BUILD_CUTLASS_BENCH=ON; results in $OUT/cutlass_configs.jsonl)
 #   host      tools/host_issue_time.py --profile 20: host time of fastmoe-train's MoE layer against its dense FFN
 #   hf        benchmarks/bench_hf_moe.py (the HF training steps, fastmoe against grouped_mm; needs transformers),
 #             then tools/profile_hf_step.py: per-kernel GPU time of the Qwen3-MoE step
 #   dist      the multi-process tests (tests/distributed) on gloo and on NCCL with the local GPUs
 #   bench_ep  benchmarks/run_ep_scaling.sh: expert-parallel weak scaling at W = 1, 2, 4, 8 up to the GPU count
 #             (EP_SIZES="1 2" picks the W, EP_ARGS="--config fine --profile $OUT/prof" passes flags to bench_ep.py)
-# Usage: OUT=/tmp/out tools/gpu_check.sh [stage ...]
+# Usage: OUT=/tmp/out tools/gpu_check.sh [stage ...]   (CMAKE_EXTRA_ARGS: more -D options for the build stage)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastmoe-gpu}
@@ -53,7 +55,8 @@ build() {
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFASTMOE_CUDA=ON -DFASTMOE_PYTHON_INPLACE=ON \
     -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
-    -DPython_EXECUTABLE="$(command -v "$PY")" -DFASTMOE_REQUIRE_GTEST=ON "${gtest_args[@]}" "${cutlass_args[@]}" &&
+    -DPython_EXECUTABLE="$(command -v "$PY")" -DFASTMOE_REQUIRE_GTEST=ON "${gtest_args[@]}" "${cutlass_args[@]}" \
+    ${CMAKE_EXTRA_ARGS:-} &&
     cmake --build "$BUILD" -j "$MAX_JOBS"
 }
 
@@ -114,6 +117,7 @@ for stage in "${stages[@]}"; do
     sanitize) run_stage sanitize sanitize ;;
     pip) run_stage pip pip_install ;;
     bench) run_stage bench bench ;;
+    configs) run_stage configs "$BUILD/benchmarks/bench_cutlass_configs" --json "$OUT/cutlass_configs.jsonl" ;;
     host) run_stage host host ;;
     hf) run_stage hf hf ;;
     dist) run_stage dist dist_tests ;;
