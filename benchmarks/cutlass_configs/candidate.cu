@@ -34,7 +34,7 @@ FASTMOE_CONFIG(10, "pingpong 128x128x128 cluster 2x1", 128, 128, 128, 2, 1, true
 #undef FASTMOE_CONFIG
 
 using C = typename Config<FASTMOE_CANDIDATE>::Type;
-using Configs = cutlass_grouped::GemmConfigs<C, C, C>;
+using Configs = cutlass_grouped::GemmConfigs<C, C, C, C>;
 
 const RegisterCandidate kRegistered{
     Candidate{FASTMOE_CANDIDATE, Config<FASTMOE_CANDIDATE>::name(), &cutlass_grouped::workspace_bytes<Configs>,

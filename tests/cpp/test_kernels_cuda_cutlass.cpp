@@ -96,6 +96,7 @@ std::vector<CutlassCase> cutlass_cases(std::mt19937& rng) {
       {{0, 0, 0}, 10, 8, 8, true},               // every row in the tail: no GEMM tile at all
       {many, 3, 24, 16, true},                   // more experts than the scheduler's warp scans at once
       {{300, 129, 0, 1000}, 5, 264, 520, true},  // several tiles along M, N and K in every GEMM
+      {{300, 0, 129, 40}, 3, 64, 520, true},     // a tall weight (out >= 3x in): its own weight-gradient kernel
   };
 }
 

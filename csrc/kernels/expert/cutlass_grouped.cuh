@@ -80,13 +80,21 @@ struct GemmConfig {
                                               cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
 };
 
-// The configurations of the three GEMMs of a layer (forward, grad_x, grad_weight).
-template <typename ForwardConfig, typename GradInputConfig, typename GradWeightConfig>
+// The configurations of the three GEMMs of a layer (forward, grad_x, grad_weight), and of the weight gradient of
+// a tall weight (tall_weight: out_features at least 3x in_features, such as a Mixtral expert's first linear), whose
+// GEMM has a long M and a short N.
+template <typename ForwardConfig, typename GradInputConfig, typename GradWeightConfig,
+          typename TallGradWeightConfig = GradWeightConfig>
 struct GemmConfigs {
   using Forward = ForwardConfig;
   using GradInput = GradInputConfig;
   using GradWeight = GradWeightConfig;
+  using TallGradWeight = TallGradWeightConfig;
 };
+
+inline bool tall_weight(int64_t in_features, int64_t out_features) {
+  return out_features >= 3 * in_features;
+}
 
 // One grouped GEMM: Element operands and output, fp32 accumulation; A and B layouts as CUTLASS's tags (for A,
 // RowMajor = k contiguous; for B, ColumnMajor = k contiguous, RowMajor = n contiguous); D row-major.
@@ -119,6 +127,8 @@ struct Gemms {
                                          typename Configs::GradInput>::Gemm;
   using GradWeight = typename GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
                                           typename Configs::GradWeight>::Gemm;
+  using TallGradWeight = typename GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
+                                              typename Configs::TallGradWeight>::Gemm;
 };
 
 // The device arrays (num_experts entries each) that one grouped GEMM reads.
@@ -350,7 +360,8 @@ size_t cutlass_part_bytes(int64_t num_experts, const DeviceInfo& device) {
   using G = Gemms<Element, Configs>;
   return std::max({gemm_workspace_bytes<typename G::Forward>(num_experts, device),
                    gemm_workspace_bytes<typename G::GradInput>(num_experts, device),
-                   gemm_workspace_bytes<typename G::GradWeight>(num_experts, device)});
+                   gemm_workspace_bytes<typename G::GradWeight>(num_experts, device),
+                   gemm_workspace_bytes<typename G::TallGradWeight>(num_experts, device)});
 }
 
 template <typename Element, typename Configs>
@@ -591,7 +602,10 @@ void linear_backward(DType dtype, const void* grad_y, const void* x, int64_t num
         run_gemm<typename Gemms<Element, Configs>::GradInput>(kCaller, ws.grad_input, num_experts, device, ws.cutlass,
                                                               stream);
       }
-      if (grad_weight != nullptr) {
+      if (grad_weight != nullptr && tall_weight(in_features, out_features)) {
+        run_gemm<typename Gemms<Element, Configs>::TallGradWeight>(kCaller, ws.grad_wt, num_experts, device, ws.cutlass,
+                                                                   stream);
+      } else if (grad_weight != nullptr) {
         run_gemm<typename Gemms<Element, Configs>::GradWeight>(kCaller, ws.grad_wt, num_experts, device, ws.cutlass,
                                                                stream);
       }
