@@ -112,6 +112,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                            T* __restrict__ x_sorted, const T* __restrict__ y_sorted, S* __restrict__ grad_score) {
   using A = dacc_t<T>;
   constexpr int kWarps = kThreadsPerBlock / kWarpSize;
+  constexpr int kTile = 8;  // chunks a lane loads at once: a 2048-wide bf16 row is one pass
   const int lane = threadIdx.x % kWarpSize;
   const int64_t chunks = d / kN;
   const int64_t num_pairs = num_tokens * k;
@@ -148,20 +149,33 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
           const int64_t slot_row = __shfl_sync(0xffffffffu, pos, j);
           const A slot_scale = __shfl_sync(0xffffffffu, scale, j);
           T* out = x_sorted + slot_row * d;
+          const T* row_in = y_sorted + slot_row * d;  // kScoreGrad only
           A partial = 0;
-          for (int64_t c = lane; c < chunks; c += kWarpSize) {
-            T values[kN];
-            load_chunk<T, kN>(in + c * kN, values);  // from L1 after the first slot
-            if (store) {
-              T result[kN];
-              scale_chunk<T, A, kN>(values, scaled, slot_scale, result);
-              store_chunk<T, kN>(out + c * kN, result);
-            }
-            if constexpr (kScoreGrad) {
-              T rows[kN];
-              load_chunk<T, kN>(y_sorted + slot_row * d + c * kN, rows);
+          // The lane's chunks c = lane, lane + 32, ... in passes of kTile: a pass issues all its loads before it
+          // uses any, so a lane has kTile loads in flight instead of one. The sum keeps the lane's chunk order.
+          for (int64_t pass = lane; pass < chunks; pass += kWarpSize * kTile) {
+            T values[kTile][kN];
+            T rows[kScoreGrad ? kTile : 1][kN];
 #pragma unroll
-              for (int i = 0; i < kN; ++i) partial += cuda::to_acc(values[i]) * cuda::to_acc(rows[i]);
+            for (int t = 0; t < kTile; ++t) {
+              const int64_t c = pass + t * kWarpSize;
+              if (c >= chunks) continue;
+              load_chunk<T, kN>(in + c * kN, values[t]);  // from L1 after the first slot
+              if constexpr (kScoreGrad) load_chunk<T, kN>(row_in + c * kN, rows[t]);
+            }
+#pragma unroll
+            for (int t = 0; t < kTile; ++t) {
+              const int64_t c = pass + t * kWarpSize;
+              if (c >= chunks) continue;
+              if (store) {
+                T result[kN];
+                scale_chunk<T, A, kN>(values[t], scaled, slot_scale, result);
+                store_chunk<T, kN>(out + c * kN, result);
+              }
+              if constexpr (kScoreGrad) {
+#pragma unroll
+                for (int i = 0; i < kN; ++i) partial += cuda::to_acc(values[t][i]) * cuda::to_acc(rows[t][i]);
+              }
             }
           }
           if constexpr (kScoreGrad) {
