@@ -246,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
   call_kernel([&] {
 #ifdef FASTMOE_WITH_CUDA_OPS
     if (in.is_cuda()) {
-      bool library_x = false, library_w = false;
+      bool library_x = false, library_w = false, library_b = false;
       const GroupedGemmBackend backend = backend_for(in, w, &gy);
       if (backend == GroupedGemmBackend::kTorchGroupedMm) {
         const at::Tensor ends = group_ends_int32(offsets);
@@ -266,7 +266,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
         }
       }
 #ifdef FASTMOE_WITH_CUTLASS
-      bool library_b = false;
       if (backend == GroupedGemmBackend::kCutlass && (output_mask[0] || output_mask[1])) {
         // The bias gradient comes from the launch that prepares the GEMMs (cutlass_grouped.h).
         at::Tensor workspace = cutlass_workspace(in, num_experts);
@@ -280,8 +279,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
         library_w = output_mask[1];
         library_b = output_mask[2];
       }
-#else
-      const bool library_b = false;
 #endif
       if ((output_mask[0] && !library_x) || (output_mask[1] && !library_w) || (output_mask[2] && !library_b)) {
         grouped_linear_backward_cuda(to_dtype(in, "x"), gy.const_data_ptr(), in.const_data_ptr(), in.size(0),
