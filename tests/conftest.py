@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-import fastmoe  # noqa: F401  (registers torch.ops.fastmoe)
+import fastmoe  # registers torch.ops.fastmoe
 
 # ----------------------------------------------------------------------------------------------- options
 
@@ -295,3 +295,57 @@ needs_nn_testing_lib = pytest.mark.skipif(
     NN_TESTING_LIB is None,
     reason="libfastmoe_nn_testing.so is not built (cmake --build build --target fastmoe_nn_testing)",
 )
+
+# ------------------------------------------------------------------------------------------------ scored experts
+# Gated (SwiGLU) grouped experts run through fastmoe::TokenDispatch in its two ways of applying the routing scores:
+# weighted in the combine (give(c, y)), or scaled into each row's activation before the second GEMM
+# (swiglu(h, row_scores(c)), give(c, y, scored=True)). Used by tests/ops/test_token_dispatch.py (one process) and
+# tests/distributed/ep_cases.py (expert parallel, with hot-expert copies).
+
+
+def swiglu_experts(rows, offsets, w_in, w_out, scale=None):
+    """rows [N, d] grouped by expert -> [N, d_out]: w_out[e] swiglu(w_in[e] row, scale)."""
+    return fastmoe.ops.grouped_linear(
+        fastmoe.ops.swiglu(fastmoe.ops.grouped_linear(rows, offsets, w_in, None), scale), offsets, w_out, None
+    )
+
+
+def run_token_path(x, topk_idx, topk_score, w_in, w_out, scored, world=1, group="", replicate=None):
+    """One forward through TokenDispatch with the local experts ``w_in [E_local, 2h, d]``, ``w_out [E_local, d,
+    h]``; ``replicate`` = (max_experts, expert_params, gemm_flops, link_bytes) turns hot-expert copies on. Returns
+    (y, the global ids copied)."""
+    num_local = w_in.shape[0]
+    args = (x, topk_idx, topk_score, num_local, world, group, 1, False, "")
+    if replicate is not None:
+        max_experts, expert_params, gemm_flops, link_bytes = replicate
+        args += ("", "", max_experts, expert_params, x.element_size(), gemm_flops, link_bytes)
+    tokens = torch.classes.fastmoe.TokenDispatch(*args)
+    replicated = tokens.replicated()
+    if replicated:
+        copies = [fastmoe.ops.replicate_experts(w, replicated, num_local, group) for w in (w_in, w_out)]
+        scale = tokens.replica_scores() if scored else None
+        tokens.give_replicas(swiglu_experts(tokens.replica_rows(), tokens.replica_offsets(), *copies, scale), scored)
+    for c in range(tokens.num_chunks()):
+        scale = tokens.row_scores(c) if scored else None
+        tokens.give(c, swiglu_experts(tokens.rows(c), tokens.expert_offsets(c), w_in, w_out, scale), scored)
+    return tokens.combine(), replicated
+
+
+def both_ways(x, topk_idx, topk_score, w_in, w_out, grad, **path):
+    """The output and the gradients of (x, topk_score, w_in, w_out) for the weighted and the scored way."""
+    results = {}
+    for scored in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, topk_score, w_in, w_out)]
+        y, replicated = run_token_path(leaves[0], topk_idx, leaves[1], leaves[2], leaves[3], scored, **path)
+        grads = torch.autograd.grad(y, leaves, grad)
+        results[scored] = (y.detach(), grads, replicated)
+    return results
+
+
+def assert_ways_agree(results, rtol, atol, what=""):
+    names = ("y", "grad x", "grad topk_score", "grad w_in", "grad w_out")
+    weighted, scored = results[False], results[True]
+    assert weighted[2] == scored[2], f"{what}: the two ways copied different experts"
+    for name, a, b in zip(names, (weighted[0], *weighted[1]), (scored[0], *scored[1]), strict=True):
+        assert a.abs().max() > 0, f"{what}: {name} is all zero: the comparison would prove nothing"
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{what}: {name}: {m}")

@@ -316,25 +316,32 @@ int64_t swiglu_rows(const at::Tensor& h) {
   return rows;
 }
 
-at::Tensor swiglu_meta(const at::Tensor& h) {
-  ops::check_swiglu(h);
+// The scale as the kernels read it: [rows] in the accumulation type of h's dtype, contiguous.
+at::Tensor kernel_scale(const at::Tensor& h, const at::Tensor& scale) {
+  return scale.to(h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+at::Tensor swiglu_meta(const at::Tensor& h, const std::optional<at::Tensor>& scale) {
+  ops::check_swiglu(h, scale);
   return h.new_empty_symint(swiglu_out_sizes(h));
 }
 
-at::Tensor swiglu_kernel(const at::Tensor& h) {
-  ops::check_swiglu(h);
+at::Tensor swiglu_kernel(const at::Tensor& h, const std::optional<at::Tensor>& scale) {
+  ops::check_swiglu(h, scale);
   const c10::OptionalDeviceGuard guard(h.device());
   const at::Tensor in = h.contiguous();
+  const at::Tensor sc = scale ? kernel_scale(in, *scale) : at::Tensor();
+  const void* sc_ptr = sc.defined() ? sc.const_data_ptr() : nullptr;
   at::Tensor out = at::empty_symint(swiglu_out_sizes(in), in.options());
   const int64_t rows = swiglu_rows(in), hidden = in.size(-1) / 2;
   call_kernel([&] {
 #ifdef FASTMOE_WITH_CUDA_OPS
     if (in.is_cuda()) {
       return swiglu_cuda(to_dtype(in, "h"), in.const_data_ptr(), rows, hidden, out.mutable_data_ptr(),
-                         current_stream(in));
+                         current_stream(in), sc_ptr);
     }
 #endif
-    swiglu_ref(to_dtype(in, "h"), in.const_data_ptr(), rows, hidden, out.mutable_data_ptr());
+    swiglu_ref(to_dtype(in, "h"), in.const_data_ptr(), rows, hidden, out.mutable_data_ptr(), sc_ptr);
   });
   return out;
 }
@@ -344,38 +351,67 @@ at::Tensor swiglu_backward_meta(const at::Tensor& grad, const at::Tensor& h) {
   return at::empty_like(h, at::MemoryFormat::Contiguous);
 }
 
-at::Tensor swiglu_backward_kernel(const at::Tensor& grad, const at::Tensor& h) {
-  ops::check_swiglu_backward(grad, h);
+// grad_h, and grad_scale in the accumulation type when scale is defined.
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_run(const at::Tensor& grad, const at::Tensor& h,
+                                                       const at::Tensor& scale) {
   const c10::OptionalDeviceGuard guard(h.device());
   const at::Tensor in = h.contiguous(), gy = grad.contiguous();
+  const at::Tensor sc = scale.defined() ? kernel_scale(in, scale) : at::Tensor();
   at::Tensor grad_h = at::empty_like(in, at::MemoryFormat::Contiguous);
+  at::Tensor grad_sc = sc.defined() ? at::empty_like(sc) : at::Tensor();
+  const void* sc_ptr = sc.defined() ? sc.const_data_ptr() : nullptr;
+  void* grad_sc_ptr = grad_sc.defined() ? grad_sc.mutable_data_ptr() : nullptr;
   const int64_t rows = swiglu_rows(in), hidden = in.size(-1) / 2;
   call_kernel([&] {
 #ifdef FASTMOE_WITH_CUDA_OPS
     if (in.is_cuda()) {
       return swiglu_backward_cuda(to_dtype(in, "h"), gy.const_data_ptr(), in.const_data_ptr(), rows, hidden,
-                                  grad_h.mutable_data_ptr(), current_stream(in));
+                                  grad_h.mutable_data_ptr(), current_stream(in), sc_ptr, grad_sc_ptr);
     }
 #endif
     swiglu_backward_ref(to_dtype(in, "h"), gy.const_data_ptr(), in.const_data_ptr(), rows, hidden,
-                        grad_h.mutable_data_ptr());
+                        grad_h.mutable_data_ptr(), sc_ptr, grad_sc_ptr);
   });
-  return grad_h;
+  return {grad_h, grad_sc};
+}
+
+at::Tensor swiglu_backward_kernel(const at::Tensor& grad, const at::Tensor& h) {
+  ops::check_swiglu_backward(grad, h);
+  return std::get<0>(swiglu_backward_run(grad, h, at::Tensor()));
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward_meta(const at::Tensor& grad, const at::Tensor& h,
+                                                               const at::Tensor& scale) {
+  ops::check_swiglu_backward(grad, h, scale);
+  return {at::empty_like(h, at::MemoryFormat::Contiguous), at::empty_like(scale, at::MemoryFormat::Contiguous)};
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward_kernel(const at::Tensor& grad, const at::Tensor& h,
+                                                                 const at::Tensor& scale) {
+  ops::check_swiglu_backward(grad, h, scale);
+  auto [grad_h, grad_sc] = swiglu_backward_run(grad, h, scale);
+  return {grad_h, grad_sc.to(scale.scalar_type()).view(scale.sizes())};
 }
 
 }  // namespace
 
 namespace ops {
 
-void check_swiglu(const at::Tensor& h) {
+void check_swiglu(const at::Tensor& h, const std::optional<at::Tensor>& scale) {
   check_float(h, "h");
   TORCH_CHECK(h.dim() >= 1, "h must be [..., 2 * hidden] ([gate | up]), got a 0-dim tensor");
   TORCH_CHECK_VALUE(h.sym_size(-1) % 2 == 0,
                     "h must be [..., 2 * hidden] ([gate | up]): its last size must be even, got ", h.sym_sizes());
+  if (!scale) return;
+  check_float(*scale, "scale");
+  const c10::SymIntArrayRef rows = h.sym_sizes().slice(0, h.dim() - 1);
+  TORCH_CHECK_VALUE(scale->sym_sizes() == rows, "scale must have h's leading shape ", rows,
+                    " (one factor per row of h ", h.sym_sizes(), "), got ", scale->sym_sizes());
+  check_same_device(*scale, "scale", h, "h");
 }
 
-void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& h) {
-  check_swiglu(h);
+void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& h, const std::optional<at::Tensor>& scale) {
+  check_swiglu(h, scale);
   check_float(grad, "grad");
   const std::vector<c10::SymInt> expected = swiglu_out_sizes(h);
   TORCH_CHECK(grad.sym_sizes() == c10::SymIntArrayRef(expected), "grad must have swiglu's output shape ",
@@ -385,10 +421,11 @@ void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& h) {
   check_same_device(grad, "grad", h, "h");
 }
 
-at::Tensor swiglu(const at::Tensor& h) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastmoe::swiglu", "").typed<at::Tensor(const at::Tensor&)>();
-  return op.call(h);
+at::Tensor swiglu(const at::Tensor& h, const std::optional<at::Tensor>& scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmoe::swiglu", "")
+                       .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&)>();
+  return op.call(h, scale);
 }
 
 at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h) {
@@ -396,6 +433,15 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h) {
                        .findSchemaOrThrow("fastmoe::swiglu_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
   return op.call(grad, h);
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                          const at::Tensor& scale) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmoe::swiglu_scaled_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad, h, scale);
 }
 
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
@@ -426,6 +472,7 @@ TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
   m.impl("grouped_linear_backward", &grouped_linear_backward_kernel);
   m.impl("swiglu", &swiglu_kernel);
   m.impl("swiglu_backward", &swiglu_backward_kernel);
+  m.impl("swiglu_scaled_backward", &swiglu_scaled_backward_kernel);
 }
 
 #ifdef FASTMOE_WITH_CUDA_OPS
@@ -434,6 +481,7 @@ TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
   m.impl("grouped_linear_backward", &grouped_linear_backward_kernel);
   m.impl("swiglu", &swiglu_kernel);
   m.impl("swiglu_backward", &swiglu_backward_kernel);
+  m.impl("swiglu_scaled_backward", &swiglu_scaled_backward_kernel);
 }
 #endif
 
@@ -442,6 +490,7 @@ TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
   m.impl("grouped_linear_backward", &grouped_linear_backward_meta);
   m.impl("swiglu", &swiglu_meta);
   m.impl("swiglu_backward", &swiglu_backward_meta);
+  m.impl("swiglu_scaled_backward", &swiglu_scaled_backward_meta);
 }
 
 }  // namespace fastmoe

@@ -42,8 +42,9 @@ void check_balance_loss_backward(const at::Tensor& grad, const at::Tensor& logit
 
 // swiglu's and swiglu_backward's argument checks; swiglu_backward's Autograd kernel runs them before recording the
 // backward as ATen ops.
-void check_swiglu(const at::Tensor& h);
-void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& h);
+void check_swiglu(const at::Tensor& h, const std::optional<at::Tensor>& scale = std::nullopt);
+void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& h,
+                           const std::optional<at::Tensor>& scale = std::nullopt);
 
 at::Tensor route_topk_backward(const at::Tensor& grad_score, const at::Tensor& logits, const at::Tensor& topk_idx,
                                const at::Tensor& topk_score, const std::string& score_fn);

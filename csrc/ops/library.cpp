@@ -44,8 +44,9 @@ TORCH_LIBRARY(fastmoe, m) {
       "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
   // SwiGLU of gated experts: h [..., 2 * hidden] = [gate | up] -> silu(gate) * up [..., hidden]; and its gradient.
-  m.def("swiglu(Tensor h) -> Tensor");
+  m.def("swiglu(Tensor h, Tensor? scale=None) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
+  m.def("swiglu_scaled_backward(Tensor grad, Tensor h, Tensor scale) -> (Tensor, Tensor)");
 
   // The single-process MoE FFN layer with NaiveGate as one op (include/fastmoe/ops.h): x [T, d], gate_weight [E, d],
   // w1 [E, h1, d], w2 [E, d_out, h] -> y [T, d_out], the gate's balance_loss and z_loss, expert_counts [E].

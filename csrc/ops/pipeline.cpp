@@ -249,20 +249,33 @@ void TokenDispatch::leave(int64_t chunk) {
   }
 }
 
-void TokenDispatch::give(int64_t chunk, const at::Tensor& y) {
+at::Tensor TokenDispatch::pair_scores(const at::Tensor& score, const at::Tensor& pairs) {
+  if (score.numel() == 0) return at::zeros({pairs.size(0)}, score.options());
+  const at::Tensor picked = score.reshape(-1).index_select(0, pairs.clamp_min(0));
+  return at::where(pairs >= 0, picked, at::zeros({}, score.options()));
+}
+
+at::Tensor TokenDispatch::row_scores(int64_t chunk) const {
+  const Chunk& c = chunk_at(chunk);
+  return group_.empty() ? pair_scores(topk_score_, c.sorted_pair) : pair_scores(c.score_in, c.slot_order);
+}
+
+void TokenDispatch::give(int64_t chunk, const at::Tensor& y, bool scored) {
   chunk_at(chunk);  // checks the index
   Chunk& c = chunks_[chunk];
   TORCH_CHECK(!c.output.defined(), "give(", chunk, ") was already called for this chunk");
   TORCH_CHECK(y.defined() && y.dim() == 2 && y.size(0) == c.rows.size(0), "the experts' output of chunk ", chunk,
               " must be [", c.rows.size(0), ", d_out] (one row per input row), got ", shape_of(y));
   if (!debug_name_.empty() && debug_enabled()) check_finite(y, debug_name_, "expert outputs (y_sorted)");
+  c.scored = scored;
   if (group_.empty()) {
     c.output = y;
     return;
   }
   const StreamGuard on(c.stream);
   // This rank's share of each received token: its slots here, weighted by their scores; then back to the sender.
-  const at::Tensor partial = ops::unpermute_combine(y, c.slot_order, c.slot_pos, c.score_in);
+  const at::Tensor partial =
+      ops::unpermute_combine(y, c.slot_order, c.slot_pos, scored ? std::nullopt : std::optional(c.score_in));
   c.output = exchange(partial, c.recv, c.send, c.peer_back);
 }
 
@@ -301,7 +314,8 @@ at::Tensor TokenDispatch::combine() {
   }
   if (group_.empty()) {
     const Chunk& c = chunks_[0];
-    return ops::unpermute_combine(c.output, c.sorted_pair, c.pair_pos, topk_score_);
+    return ops::unpermute_combine(c.output, c.sorted_pair, c.pair_pos,
+                                  c.scored ? std::nullopt : std::optional(topk_score_));
   }
   std::vector<at::Tensor> ys;
   for (Chunk& c : chunks_) {
@@ -315,7 +329,8 @@ at::Tensor TokenDispatch::combine() {
   if (replicated_.empty()) return y;
   TORCH_CHECK(replicas_.output.defined(), "combine() needs the copies' output (call give_replicas) for the ",
               replicated_.size(), " replicated experts");
-  return y + ops::unpermute_combine(replicas_.output, replicas_.sorted_pair, replicas_.pair_pos, topk_score_);
+  return y + ops::unpermute_combine(replicas_.output, replicas_.sorted_pair, replicas_.pair_pos,
+                                    replicas_.scored ? std::nullopt : std::optional(topk_score_));
 }
 
 // Debug mode. The message ends the way fastmoe.debug.raising_non_finite (python/fastmoe/debug.py) recognises to
@@ -376,13 +391,15 @@ TORCH_LIBRARY_FRAGMENT(fastmoe, m) {
       .def("routed_counts", &TokenDispatch::routed_counts)
       .def("enter", &TokenDispatch::enter)
       .def("leave", &TokenDispatch::leave)
-      .def("give", &TokenDispatch::give)
+      .def("row_scores", &TokenDispatch::row_scores)
+      .def("give", &TokenDispatch::give, "", {torch::arg("chunk"), torch::arg("y"), torch::arg("scored") = false})
       .def("replicated", &TokenDispatch::replicated)
       .def("replica_rows", &TokenDispatch::replica_rows)
       .def("replica_counts", &TokenDispatch::replica_counts)
       .def("replica_offsets", &TokenDispatch::replica_offsets)
       .def("replica_bounds", &TokenDispatch::replica_bounds)
-      .def("give_replicas", &TokenDispatch::give_replicas)
+      .def("replica_scores", &TokenDispatch::replica_scores)
+      .def("give_replicas", &TokenDispatch::give_replicas, "", {torch::arg("y"), torch::arg("scored") = false})
       .def("combine", &TokenDispatch::combine);
 }
 

@@ -172,7 +172,12 @@ std::vector<int64_t> TokenDispatch::replica_bounds() const {
   return replicas_checked().bounds;
 }
 
-void TokenDispatch::give_replicas(const at::Tensor& y) {
+at::Tensor TokenDispatch::replica_scores() const {
+  const Replicas& r = replicas_checked();
+  return pair_scores(topk_score_, r.sorted_pair);
+}
+
+void TokenDispatch::give_replicas(const at::Tensor& y, bool scored) {
   const Replicas& r = replicas_checked();
   TORCH_CHECK(!r.output.defined(), "give_replicas was already called");
   TORCH_CHECK(y.defined() && y.dim() == 2 && y.size(0) == r.rows.size(0), "the copies' output must be [",
@@ -180,6 +185,7 @@ void TokenDispatch::give_replicas(const at::Tensor& y) {
               y.defined() ? c10::str(y.sizes()) : std::string("an undefined tensor"));
   if (!debug_name_.empty() && debug_enabled()) check_finite(y, debug_name_, "replicated experts' outputs");
   replicas_.output = y;
+  replicas_.scored = scored;
 }
 
 TORCH_LIBRARY_IMPL(fastmoe, CompositeImplicitAutograd, m) {

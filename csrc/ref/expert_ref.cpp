@@ -154,39 +154,50 @@ void check_swiglu_sizes(const char* name, int64_t num_rows, int64_t hidden) {
   FMOE_CHECK(num_rows >= 0 && hidden >= 0, name, ": num_rows and hidden must be >= 0, got ", num_rows, " and ", hidden);
 }
 
-void swiglu_ref(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out) {
+void swiglu_ref(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out, const void* scale) {
   check_swiglu_sizes("swiglu_ref", num_rows, hidden);
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "swiglu_ref", [&] {
     using A = acc_t<scalar_t>;
     const auto* in = static_cast<const scalar_t*>(h);
+    const auto* sc = static_cast<const A*>(scale);
     auto* o = static_cast<scalar_t*>(out);
     for (int64_t r = 0; r < num_rows; ++r) {
       const scalar_t* row = in + r * 2 * hidden;
       for (int64_t j = 0; j < hidden; ++j) {
         const A g = to_acc(row[j]), u = to_acc(row[hidden + j]);
         const A silu = g / (A(1) + std::exp(-g));
-        o[r * hidden + j] = from_acc<scalar_t>(silu * u);
+        const A value = silu * u;
+        o[r * hidden + j] = from_acc<scalar_t>(sc == nullptr ? value : value * sc[r]);
       }
     }
   });
 }
 
-void swiglu_backward_ref(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h) {
+void swiglu_backward_ref(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h,
+                         const void* scale, void* grad_scale) {
   check_swiglu_sizes("swiglu_backward_ref", num_rows, hidden);
+  FMOE_CHECK((scale == nullptr) == (grad_scale == nullptr),
+             "swiglu_backward_ref: scale and grad_scale must be given together");
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "swiglu_backward_ref", [&] {
     using A = acc_t<scalar_t>;
     const auto* gy = static_cast<const scalar_t*>(grad);
     const auto* in = static_cast<const scalar_t*>(h);
+    const auto* sc = static_cast<const A*>(scale);
     auto* gh = static_cast<scalar_t*>(grad_h);
+    auto* gs = static_cast<A*>(grad_scale);
     for (int64_t r = 0; r < num_rows; ++r) {
       const scalar_t* row = in + r * 2 * hidden;
       scalar_t* grad_row = gh + r * 2 * hidden;
+      double dot = 0;
       for (int64_t j = 0; j < hidden; ++j) {
         const A g = to_acc(row[j]), u = to_acc(row[hidden + j]), dy = to_acc(gy[r * hidden + j]);
         const A s = A(1) / (A(1) + std::exp(-g));
-        grad_row[j] = from_acc<scalar_t>(dy * u * (s * (A(1) + g * (A(1) - s))));
-        grad_row[hidden + j] = from_acc<scalar_t>(dy * (g * s));
+        const A d = sc == nullptr ? dy : dy * sc[r];
+        grad_row[j] = from_acc<scalar_t>(d * u * (s * (A(1) + g * (A(1) - s))));
+        grad_row[hidden + j] = from_acc<scalar_t>(d * (g * s));
+        if (gs != nullptr) dot += static_cast<double>(dy) * (static_cast<double>(g) * s * u);
       }
+      if (gs != nullptr) gs[r] = static_cast<A>(dot);
     }
   });
 }

@@ -38,18 +38,26 @@ void grouped_bias_epilogue_ref(DType dtype, void* y, int64_t num_rows, int64_t o
 // groups: [num_groups, group_bytes]; zeroes group g when expert_offsets[g + 1] == expert_offsets[g].
 void zero_empty_groups_ref(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets);
 
-// SwiGLU over rows of [gate | up] (the first GEMM of a gated expert writes both halves):
-//   out[r, j] = silu(g) * u,  g = h[r, j], u = h[r, hidden + j],  silu(g) = g / (1 + exp(-g)),
-// in the accumulation type (fp32; fp64 for fp64) and rounded once.
-// h:   [num_rows, 2 * hidden], dtype
-// out: [num_rows, hidden], written
-void swiglu_ref(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out);
-// Its gradient for h, recomputing the sigmoid s = 1 / (1 + exp(-g)) from h (nothing else is saved):
-//   grad_h[r, j] = grad[r, j] * u * s * (1 + g * (1 - s)),   grad_h[r, hidden + j] = grad[r, j] * silu(g),
-// each in the accumulation type and rounded once.
-// grad:   [num_rows, hidden], dtype
-// grad_h: [num_rows, 2 * hidden], written
-void swiglu_backward_ref(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h);
+// SwiGLU over rows of [gate | up] (the first GEMM of a gated expert writes both halves), optionally scaled per row:
+//   out[r, j] = silu(g) * u * scale[r],  g = h[r, j], u = h[r, hidden + j],  silu(g) = g / (1 + exp(-g)),
+// in the accumulation type (fp32; fp64 for fp64) and rounded once. With scale == nullptr there is no factor (the
+// same bits as a factor of 1). The scale is how an MoE layer applies each row's routing score before the second
+// GEMM instead of in the combine.
+// h:     [num_rows, 2 * hidden], dtype
+// scale: [num_rows] in the accumulation type (float; double for fp64), or nullptr
+// out:   [num_rows, hidden], written
+void swiglu_ref(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out, const void* scale = nullptr);
+// Its gradients, recomputing the sigmoid s = 1 / (1 + exp(-g)) from h (nothing else is saved); with d = grad[r, j] *
+// scale[r] (grad[r, j] without a scale):
+//   grad_h[r, j] = d * u * s * (1 + g * (1 - s)),   grad_h[r, hidden + j] = d * silu(g),
+// each in the accumulation type and rounded once, and, when scale is given,
+//   grad_scale[r] = sum_j grad[r, j] * silu(g) * u   (each term and the sum in fp64, j in order; then rounded to
+//   the accumulation type: a row of thousands of terms keeps the accuracy of one rounding).
+// grad:       [num_rows, hidden], dtype
+// grad_h:     [num_rows, 2 * hidden], written
+// grad_scale: [num_rows] in the accumulation type, written; needs scale (nullptr without one)
+void swiglu_backward_ref(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h,
+                         const void* scale = nullptr, void* grad_scale = nullptr);
 // The checks both implementations make: sizes >= 0. `name` is the function whose message it is.
 void check_swiglu_sizes(const char* name, int64_t num_rows, int64_t hidden);
 

@@ -47,10 +47,17 @@ at::Tensor balance_loss_backward(const at::Tensor& grad, const at::Tensor& logit
 
 // SwiGLU of a gated expert: h [..., 2 * hidden] holds [gate | up] -> silu(gate) * up, [..., hidden], in h's dtype
 // (computed in fp32, fp64 for fp64, and rounded once). Differentiable (also twice); its backward recomputes the
-// sigmoid from h, so only h is saved. One elementwise kernel each way on CUDA.
-at::Tensor swiglu(const at::Tensor& h);
-// Its gradient with respect to h, [..., 2 * hidden], for grad [..., hidden].
+// sigmoid from h, so only h is saved. One elementwise kernel each way on CUDA. With scale (h's leading shape
+// [...], any float dtype, h's device) each row is multiplied by its scale before the rounding: an MoE layer applies
+// its routing scores there (TokenDispatch::row_scores) instead of in the combine, which then no longer reads the
+// experts' output in its backward. Differentiable with respect to the scale too.
+at::Tensor swiglu(const at::Tensor& h, const std::optional<at::Tensor>& scale = std::nullopt);
+// Its gradient with respect to h, [..., 2 * hidden], for grad [..., hidden] (no scale).
 at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h);
+// The gradients of swiglu(h, scale): (grad_h [..., 2 * hidden] in h's dtype, grad_scale [...] in the scale's dtype,
+// each row's sum of grad * silu(gate) * up in the accumulation type). One kernel on CUDA.
+std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                          const at::Tensor& scale);
 
 // x [T, d] -> x_sorted [T * k, d]; row r holds x[sorted_pair[r] / k], zero where sorted_pair[r] == -1.
 at::Tensor permute(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos);

@@ -82,22 +82,29 @@ class TokenDispatch : public torch::CustomClassHolder {
   // off CUDA or with one chunk.
   void enter(int64_t chunk);
   void leave(int64_t chunk);
-  // The experts' output for chunk c: [N_c, width_out] in the order of rows(c). Under expert parallelism this sends
-  // the weighted partial sums back right away (on the chunk's stream).
-  void give(int64_t chunk, const at::Tensor& y);
+  // The routing score of each of rows(c): [N_c] in topk_score's dtype, 0 for the zero rows; differentiable with
+  // respect to topk_score. Experts that multiply their rows by these themselves (ops::swiglu's scale, before the
+  // second GEMM) give their output with scored = true, and the combine then only sums.
+  at::Tensor row_scores(int64_t chunk) const;
+  // The experts' output for chunk c: [N_c, width_out] in the order of rows(c); scored: the rows already carry their
+  // row_scores(c) factor (weights of 1 in the combine). Under expert parallelism this sends the (weighted) partial
+  // sums back right away (on the chunk's stream).
+  void give(int64_t chunk, const at::Tensor& y, bool scored = false);
   // Hot-expert replication: the global ids of the experts copied this forward (ascending; empty when replication
   // is off or the policy copied none), the rows of this rank's slots that the copies must process, grouped by
   // copy in the order of replicated() ([N_r, width], exactly the routed slots), their counts and offsets [m] and
-  // [m + 1] (device), the same offsets on the host, and give_replicas for the copies' output [N_r, width_out].
+  // [m + 1] (device), the same offsets on the host, their scores (as row_scores), and give_replicas for the
+  // copies' output [N_r, width_out] (scored as in give).
   std::vector<int64_t> replicated() const { return replicated_; }
   at::Tensor replica_rows() const;
   at::Tensor replica_counts() const;
   at::Tensor replica_offsets() const;
   std::vector<int64_t> replica_bounds() const;
-  void give_replicas(const at::Tensor& y);
+  at::Tensor replica_scores() const;
+  void give_replicas(const at::Tensor& y, bool scored = false);
 
-  // y [T, width_out]: each token's slots summed, weighted by its scores. Needs every chunk's output (and the
-  // copies' output when replicated() is not empty).
+  // y [T, width_out]: each token's slots summed, weighted by its scores (unless given scored). Needs every chunk's
+  // output (and the copies' output when replicated() is not empty).
   at::Tensor combine();
 
  private:
@@ -110,6 +117,7 @@ class TokenDispatch : public torch::CustomClassHolder {
     at::Tensor rows, counts, offsets;
     std::vector<int64_t> bounds;  // empty until known
     at::Tensor output;            // give(): experts' output (one process) or what came back (expert parallel)
+    bool scored = false;          // give(): the output carries the scores
     // hierarchical exchange: the node peers' counts ([2, L, N]) of the chunk's dispatch exchanges and of give's
     at::Tensor peer_out, peer_back;
   };
@@ -118,8 +126,11 @@ class TokenDispatch : public torch::CustomClassHolder {
     at::Tensor sorted_pair, pair_pos, rows, counts, offsets;
     std::vector<int64_t> bounds;
     at::Tensor output;
+    bool scored = false;
   };
   const Chunk& chunk_at(int64_t chunk) const;
+  // score [n, k] at the pairs t * k + j of `pairs` [N] (-1: no pair, score 0): [N], differentiable for score.
+  static at::Tensor pair_scores(const at::Tensor& score, const at::Tensor& pairs);
   // Gathers the loads, runs the policy and plans the copies' rows; returns topk_idx without the copied slots.
   at::Tensor replicate_hot(const at::Tensor& x, const at::Tensor& topk_idx, const Replication& replication);
   const Replicas& replicas_checked() const;

@@ -84,17 +84,26 @@ def balance_loss_backward(
     )
 
 
-def swiglu(h: torch.Tensor) -> torch.Tensor:
+def swiglu(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU of gated experts: ``h [..., 2 * hidden]`` holds ``[gate | up]``; returns ``silu(gate) * up``
     ``[..., hidden]`` in h's dtype, computed in fp32 (fp64 for fp64) and rounded once. Differentiable (also twice);
     the backward recomputes the sigmoid from ``h``, the only tensor saved. One elementwise kernel each way on CUDA.
-    """
-    return _ops.swiglu(dense_tensor("h", h))
+
+    ``scale`` (h's leading shape, any float dtype) multiplies each row before the rounding and is differentiable
+    too: an MoE layer applies its routing scores there (``TokenDispatch.row_scores``, then ``give(..., scored=True)``)
+    so that the combine's backward no longer reads the experts' output."""
+    return _ops.swiglu(dense_tensor("h", h), dense_tensor("scale", scale, optional=True))
 
 
 def swiglu_backward(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The gradient of :func:`swiglu` for ``h``, ``[..., 2 * hidden]``, for ``grad [..., hidden]``."""
     return _ops.swiglu_backward(dense_tensor("grad", grad), dense_tensor("h", h))
+
+
+def swiglu_scaled_backward(grad: torch.Tensor, h: torch.Tensor, scale: torch.Tensor):
+    """The gradients of ``swiglu(h, scale)``: ``(grad_h [..., 2 * hidden], grad_scale [...])``, the latter each
+    row's sum of ``grad * silu(gate) * up`` in the scale's dtype."""
+    return _ops.swiglu_scaled_backward(dense_tensor("grad", grad), dense_tensor("h", h), dense_tensor("scale", scale))
 
 
 def permute(x: torch.Tensor, plan: Plan) -> torch.Tensor:

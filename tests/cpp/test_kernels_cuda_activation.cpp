@@ -5,7 +5,9 @@
 // Each case runs with every operand 16-byte aligned (the vector path whenever hidden * sizeof(T) is a multiple of
 // 16), with every operand one element off (the scalar path), and with only the output one element off (the
 // scalar path as well: every pointer must be aligned for the vector one); one poisoned element on either side of
-// each output catches a store out of bounds.
+// each output catches a store out of bounds. Every case runs without and with a row scale (the routing scores an
+// MoE layer applies before the second GEMM), whose gradient, a sum per row in fp64 on both sides, is compared
+// within kAccUlps accumulation-type ulps of the sum of its terms' magnitudes.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -79,10 +81,11 @@ class CudaSwiglu : public CudaKernelTest {
   }
 
   template <typename T>
-  void check(int64_t rows, int64_t hidden, std::mt19937& rng) {
+  void check(int64_t rows, int64_t hidden, bool scaled, std::mt19937& rng) {
+    using A = acc_t<T>;
     const DType dtype = dtype_of<T>();
-    const std::string where =
-        std::string(dtype_name(dtype)) + " rows=" + std::to_string(rows) + " hidden=" + std::to_string(hidden);
+    const std::string where = std::string(dtype_name(dtype)) + " rows=" + std::to_string(rows) +
+                              " hidden=" + std::to_string(hidden) + (scaled ? " scaled" : "");
     const size_t n_out = rows * hidden, n_h = 2 * n_out;
     // Gates in [-8, 8] reach both tails of the sigmoid; up values and gradients in [-2, 2].
     std::vector<T> h(n_h);
@@ -94,24 +97,35 @@ class CudaSwiglu : public CudaKernelTest {
       }
     }
     const std::vector<T> dy = to_type<T>(random_uniform(n_out, rng, -2.0, 2.0));
+    std::vector<A> scale;
+    if (scaled) {
+      for (double v : random_uniform(rows, rng, 0.25, 1.25)) scale.push_back(static_cast<A>(v));
+    }
+    const A* scale_host = scaled ? scale.data() : nullptr;
 
     std::vector<T> want_out(n_out, garbage<T>()), want_grad_h(n_h, garbage<T>());
-    swiglu_ref(dtype, h.data(), rows, hidden, want_out.data());
-    swiglu_backward_ref(dtype, dy.data(), h.data(), rows, hidden, want_grad_h.data());
+    std::vector<A> want_grad_scale(rows, std::numeric_limits<A>::quiet_NaN());
+    swiglu_ref(dtype, h.data(), rows, hidden, want_out.data(), scale_host);
+    swiglu_backward_ref(dtype, dy.data(), h.data(), rows, hidden, want_grad_h.data(), scale_host,
+                        scaled ? want_grad_scale.data() : nullptr);
 
     // Magnitudes of the accumulation-type errors: |silu(g) u| for the output, |dy silu(g)| for the up half of
     // the gradient, and |dy u| s (1 + |g|) for its gate half, whose factor 1 + g (1 - s) cancels near g = -1.28
     // and whose 1 - s cancels for large g.
-    std::vector<double> out_scale(n_out), grad_h_scale(n_h);
+    std::vector<double> out_scale(n_out), grad_h_scale(n_h), grad_scale_scale(rows, 0.0);
     for (int64_t r = 0; r < rows; ++r) {
+      const double f = scaled ? static_cast<double>(scale[r]) : 1.0;
       for (int64_t j = 0; j < hidden; ++j) {
         const double g = to_double(h[r * 2 * hidden + j]), u = to_double(h[r * 2 * hidden + hidden + j]);
         const double d = to_double(dy[r * hidden + j]), s = 1.0 / (1.0 + std::exp(-g));
-        out_scale[r * hidden + j] = std::fabs(g * s * u);
-        grad_h_scale[r * 2 * hidden + j] = std::fabs(d * u) * s * (1.0 + std::fabs(g));
-        grad_h_scale[r * 2 * hidden + hidden + j] = std::fabs(d * g * s);
+        out_scale[r * hidden + j] = std::fabs(g * s * u) * f;
+        grad_h_scale[r * 2 * hidden + j] = std::fabs(d * u) * s * (1.0 + std::fabs(g)) * f;
+        grad_h_scale[r * 2 * hidden + hidden + j] = std::fabs(d * g * s) * f;
+        grad_scale_scale[r] += std::fabs(d * g * s * u);
       }
     }
+    const DeviceBuffer d_scale(scale, stream_);
+    const A* scale_ptr = d_scale.as<A>();  // nullptr without a scale (and for 0 rows)
 
     for (const Layout& layout : kLayouts) {
       SCOPED_TRACE(where + ", " + layout.name);
@@ -122,7 +136,7 @@ class CudaSwiglu : public CudaKernelTest {
       auto forward = [&] {
         DeviceBuffer d_out((n_out + 2) * sizeof(T), stream_);
         d_out.poison();  // 0xFF bytes (NaN) until written
-        swiglu_cuda(dtype, h_ptr, rows, hidden, d_out.as<T>() + layout.output_shift, stream_);
+        swiglu_cuda(dtype, h_ptr, rows, hidden, d_out.as<T>() + layout.output_shift, stream_, scale_ptr);
         return download_checked<T>(d_out, n_out, layout.output_shift, "out");
       };
       const std::vector<T> out = forward();
@@ -130,30 +144,49 @@ class CudaSwiglu : public CudaKernelTest {
       const std::vector<T> out_again = forward();
       EXPECT_TRUE(same_bits(out_again.data(), out.data(), n_out)) << "out: a second run differs";
 
+      std::vector<A> grad_scale;
       auto backward = [&] {
-        DeviceBuffer d_grad_h((n_h + 2) * sizeof(T), stream_);
+        DeviceBuffer d_grad_h((n_h + 2) * sizeof(T), stream_), d_grad_scale((rows + 2) * sizeof(A), stream_);
         d_grad_h.poison();
-        swiglu_backward_cuda(dtype, dy_ptr, h_ptr, rows, hidden, d_grad_h.as<T>() + layout.output_shift, stream_);
+        d_grad_scale.poison();
+        swiglu_backward_cuda(dtype, dy_ptr, h_ptr, rows, hidden, d_grad_h.as<T>() + layout.output_shift, stream_,
+                             scale_ptr, scale_ptr != nullptr ? d_grad_scale.as<A>() + 1 : nullptr);
+        grad_scale = download_checked<A>(d_grad_scale, scaled ? rows : 0, 1, "grad_scale");
         return download_checked<T>(d_grad_h, n_h, layout.output_shift, "grad_h");
       };
       const std::vector<T> grad_h = backward();
+      const std::vector<A> first_grad_scale = grad_scale;
       EXPECT_TRUE(close_to_reference(grad_h, want_grad_h, grad_h_scale)) << "grad_h";
       const std::vector<T> grad_h_again = backward();
       EXPECT_TRUE(same_bits(grad_h_again.data(), grad_h.data(), n_h)) << "grad_h: a second run differs";
+      EXPECT_TRUE(same_bits(grad_scale.data(), first_grad_scale.data(), grad_scale.size()))
+          << "grad_scale: a second run differs";
+      if (scaled) {
+        const double eps_a = std::numeric_limits<A>::epsilon();
+        for (int64_t r = 0; r < rows; ++r) {
+          const double got = first_grad_scale[r], want = want_grad_scale[r];
+          EXPECT_LE(std::fabs(got - want),
+                    kAccUlps * eps_a * grad_scale_scale[r] + std::numeric_limits<A>::denorm_min())
+              << "grad_scale[" << r << "]: device " << got << ", reference " << want;
+        }
+      }
     }
   }
 };
 
 // hidden 1 and 3 never allow 16-byte chunks; 8, 768 and 1000 do for every dtype (8 halves, 2 doubles or 4 floats
-// per chunk) when aligned. 0 rows and 0 hidden launch nothing and must write nothing.
+// per chunk) when aligned. 0 rows and 0 hidden launch nothing and must write nothing (but grad_scale, which is 0
+// for a row of no columns).
 TEST_F(CudaSwiglu, MatchesReferenceForEveryDtypeShapeAndAlignment) {
   std::mt19937 rng(29);
   for (int64_t rows : {0, 1, 7, 1000}) {
     for (int64_t hidden : {0, 1, 3, 8, 768, 1000}) {
-      check<float>(rows, hidden, rng);
-      check<double>(rows, hidden, rng);
-      check<fp16_t>(rows, hidden, rng);
-      check<bf16_t>(rows, hidden, rng);
+      for (bool scaled : {false, true}) {
+        check<float>(rows, hidden, scaled, rng);
+        check<double>(rows, hidden, scaled, rng);
+        check<fp16_t>(rows, hidden, scaled, rng);
+        check<bf16_t>(rows, hidden, scaled, rng);
+      }
     }
   }
 }
@@ -164,6 +197,11 @@ TEST(CudaSwigluSizes, NegativeSizesThrowNamingTheFunctionAndValues) {
               ::testing::HasSubstr("swiglu_cuda: num_rows and hidden must be >= 0, got -1 and 4"));
   EXPECT_THAT(error_text([] { swiglu_backward_cuda(DType::kBFloat16, nullptr, nullptr, 3, -2, nullptr, nullptr); }),
               ::testing::HasSubstr("swiglu_backward_cuda: num_rows and hidden must be >= 0, got 3 and -2"));
+  const float scale = 1.0f;
+  EXPECT_THAT(error_text([&] {
+                swiglu_backward_cuda(DType::kFloat32, nullptr, nullptr, 3, 2, nullptr, nullptr, &scale, nullptr);
+              }),
+              ::testing::HasSubstr("swiglu_backward_cuda: scale and grad_scale must be given together"));
 }
 
 }  // namespace

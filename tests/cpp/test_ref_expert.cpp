@@ -582,6 +582,120 @@ TEST(SwigluFp64Test, BackwardMatchesCentralFiniteDifferences) {
   }
 }
 
+// ---- with a row scale (an MoE layer's routing scores applied before the second GEMM)
+
+// One factor per row in [0.25, 1.25], in the accumulation type as the kernels take it.
+template <typename T>
+std::vector<acc_t<T>> random_row_scale(int64_t rows, std::mt19937& rng) {
+  std::vector<acc_t<T>> scale;
+  for (double v : random_uniform(rows, rng, 0.25, 1.25)) scale.push_back(static_cast<acc_t<T>>(v));
+  return scale;
+}
+
+// out = silu(g) u c and grad_h with d = dy c: the unscaled closed forms times the row's factor c (one more
+// rounding in the chain, inside its bound); grad_scale[r] = sum_j dy silu(g) u, against the same sum in long double
+// with a bound of kSwigluAccUlps accumulation-type ulps of the sum of the terms' magnitudes (the sigmoid is rounded
+// to the accumulation type; the terms and their sum are fp64).
+TYPED_TEST(SwigluRefTest, ScaledMatchesClosedForm) {
+  using T = TypeParam;
+  using A = acc_t<T>;
+  std::mt19937 rng(109);
+  for (const auto& [rows, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {5, 7}, {3, 16}, {64, 33}}) {
+    SCOPED_TRACE("rows=" + std::to_string(rows) + " hidden=" + std::to_string(hidden));
+    const SwigluCase<T> c = random_swiglu_case<T>(rows, hidden, rng);
+    const std::vector<A> scale = random_row_scale<T>(rows, rng);
+    SwigluExpected want = swiglu_expected(c);
+    std::vector<long double> dot(rows, 0.0L), dot_scale(rows, 0.0L);
+    for (int64_t r = 0; r < rows; ++r) {
+      const long double f = scale[r];
+      for (int64_t j = 0; j < hidden; ++j) {
+        const long double term = want.out[r * hidden + j] * to_double(c.dy[r * hidden + j]);
+        dot[r] += term;
+        dot_scale[r] += std::fabs(term);
+        want.out[r * hidden + j] *= f;
+        want.out_scale[r * hidden + j] *= f;
+      }
+      for (int64_t j = 0; j < 2 * hidden; ++j) {
+        want.grad_h[r * 2 * hidden + j] *= f;
+        want.grad_h_scale[r * 2 * hidden + j] *= f;
+      }
+    }
+    std::vector<T> out(rows * hidden, garbage<T>()), grad_h(rows * 2 * hidden, garbage<T>());
+    std::vector<A> grad_scale(rows, std::numeric_limits<A>::quiet_NaN());
+    swiglu_ref(dtype_of<T>(), c.h.data(), rows, hidden, out.data(), scale.data());
+    swiglu_backward_ref(dtype_of<T>(), c.dy.data(), c.h.data(), rows, hidden, grad_h.data(), scale.data(),
+                        grad_scale.data());
+    EXPECT_TRUE(swiglu_within_bound(out, want.out, want.out_scale)) << "out";
+    EXPECT_TRUE(swiglu_within_bound(grad_h, want.grad_h, want.grad_h_scale)) << "grad_h";
+    const double eps_a = std::numeric_limits<A>::epsilon();
+    for (int64_t r = 0; r < rows; ++r) {
+      EXPECT_LE(std::fabs(static_cast<long double>(grad_scale[r]) - dot[r]),
+                kSwigluAccUlps * eps_a * dot_scale[r] + std::numeric_limits<A>::denorm_min())
+          << "grad_scale[" << r << "] = " << grad_scale[r] << ", exact " << static_cast<double>(dot[r]);
+    }
+  }
+}
+
+// A factor of 1 is no factor: the unscaled results bit for bit, forward and grad_h.
+TYPED_TEST(SwigluRefTest, ScaleOfOneGivesTheUnscaledBits) {
+  using T = TypeParam;
+  std::mt19937 rng(113);
+  const SwigluCase<T> c = random_swiglu_case<T>(6, 9, rng);
+  const std::vector<acc_t<T>> ones(c.rows, acc_t<T>(1));
+  std::vector<T> out(c.rows * c.hidden, garbage<T>()), grad_h(c.rows * 2 * c.hidden, garbage<T>());
+  std::vector<acc_t<T>> grad_scale(c.rows);
+  swiglu_ref(dtype_of<T>(), c.h.data(), c.rows, c.hidden, out.data(), ones.data());
+  swiglu_backward_ref(dtype_of<T>(), c.dy.data(), c.h.data(), c.rows, c.hidden, grad_h.data(), ones.data(),
+                      grad_scale.data());
+  const std::vector<T> plain_out = swiglu_forward(c), plain_grad_h = swiglu_backward(c);
+  EXPECT_TRUE(same_bits(out.data(), plain_out.data(), out.size()));
+  EXPECT_TRUE(same_bits(grad_h.data(), plain_grad_h.data(), grad_h.size()));
+}
+
+// L = sum(dy * swiglu(h, scale)): its central differences in each row's factor against grad_scale (fp64).
+TEST(SwigluFp64Test, ScaleGradientMatchesCentralFiniteDifferences) {
+  std::mt19937 rng(127);
+  const int64_t rows = 4, hidden = 5;
+  const std::vector<double> h = random_uniform(rows * 2 * hidden, rng, -2.0, 2.0);
+  const std::vector<double> dy = random_uniform(rows * hidden, rng, -1.0, 1.0);
+  std::vector<double> scale = random_uniform(rows, rng, 0.25, 1.25);
+  auto loss = [&] {
+    std::vector<double> out(rows * hidden);
+    swiglu_ref(DType::kFloat64, h.data(), rows, hidden, out.data(), scale.data());
+    double sum = 0;
+    for (size_t i = 0; i < out.size(); ++i) sum += dy[i] * out[i];
+    return sum;
+  };
+  std::vector<double> grad_h(h.size()), grad_scale(rows, std::numeric_limits<double>::quiet_NaN());
+  swiglu_backward_ref(DType::kFloat64, dy.data(), h.data(), rows, hidden, grad_h.data(), scale.data(),
+                      grad_scale.data());
+  const double eps = 1e-5;
+  for (int64_t r = 0; r < rows; ++r) {
+    const double saved = scale[r];
+    scale[r] = saved + eps;
+    const double plus = loss();
+    scale[r] = saved - eps;
+    const double minus = loss();
+    scale[r] = saved;
+    EXPECT_GT(std::fabs(grad_scale[r]), 1e-3) << "row " << r << ": a zero would prove nothing";
+    EXPECT_NEAR(grad_scale[r], (plus - minus) / (2 * eps), 1e-8) << "grad_scale " << r;
+  }
+}
+
+TEST(SwigluRefSizesTest, ScaleAndItsGradientComeTogether) {
+  const std::vector<float> h(8, 1.0f), dy(4, 1.0f), scale(1, 1.0f);
+  std::vector<float> grad_h(8), grad_scale(1);
+  EXPECT_THAT(error_text([&] {
+                swiglu_backward_ref(DType::kFloat32, dy.data(), h.data(), 1, 4, grad_h.data(), scale.data(), nullptr);
+              }),
+              HasSubstr("swiglu_backward_ref: scale and grad_scale must be given together"));
+  EXPECT_THAT(error_text([&] {
+                swiglu_backward_ref(DType::kFloat32, dy.data(), h.data(), 1, 4, grad_h.data(), nullptr,
+                                    grad_scale.data());
+              }),
+              HasSubstr("swiglu_backward_ref: scale and grad_scale must be given together"));
+}
+
 }  // namespace
 }  // namespace test
 }  // namespace fastmoe

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fastmoe
-from conftest import assert_bitwise_equal, assert_early_cast_matches_late
+from conftest import assert_bitwise_equal, assert_early_cast_matches_late, assert_ways_agree, both_ways
 from fastmoe import ops
 
 
@@ -331,3 +331,28 @@ def cpp_transformer_mlp(rank, world, backend, lib_path, mismatch=False):
     for label, a, b in zip(labels, got, want, strict=True):
         assert_bitwise_equal(a, b, f"rank {rank} {label}")
     return len(labels)
+
+
+def scored_experts(rank, world, backend):
+    """Expert parallel, gated experts: scaling each row by TokenDispatch.row_scores inside swiglu and giving the
+    output scored gives the weighted combine's output and gradients (x, scores, the local weights; fp64 to 1e-12),
+    with hot-expert copies too (replica_scores, give_replicas scored). Returns the experts copied per rank."""
+    device = device_for(rank, backend)
+    group = dist.group.WORLD.group_name
+    num_local, d, h, k, tokens = 2, 8, 6, 2, 20 + 3 * rank
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(tokens, d, generator=gen, dtype=torch.float64).to(device)
+    grad = torch.randn(tokens, d, generator=gen, dtype=torch.float64).to(device)
+    idx = torch.stack([torch.randperm(num_local * world, generator=gen)[:k] for _ in range(tokens)])
+    idx[: tokens // 2, 0] = 0  # expert 0 is hot: the copies' policy has something to copy
+    idx[torch.rand(tokens, k, generator=gen) < 0.1] = -1
+    score = (torch.rand(tokens, k, generator=gen, dtype=torch.float64) + 0.25).to(device)
+    w_gen = torch.Generator().manual_seed(7 + rank)  # this rank's experts
+    w_in = torch.randn(num_local, 2 * h, d, generator=w_gen, dtype=torch.float64).to(device)
+    w_out = torch.randn(num_local, d, h, generator=w_gen, dtype=torch.float64).to(device)
+    copied = []
+    for replicate in (None, (1, 3 * h * d, 1e9, 1e12)):  # compute-bound rates: a copy pays for itself
+        results = both_ways(x, idx.to(device), score, w_in, w_out, grad, world=world, group=group, replicate=replicate)
+        assert_ways_agree(results, rtol=1e-12, atol=1e-12, what=f"rank {rank}, replicate={replicate}")
+        copied.append(results[True][2])
+    return copied

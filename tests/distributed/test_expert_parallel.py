@@ -111,3 +111,13 @@ def test_cpp_config_mismatch_raises_on_every_rank():
     messages = run(2, "gloo", ep_cases.cpp_transformer_mlp, NN_LIB, True, timeout=30.0)
     for message in messages:
         assert "rank 1 has num_experts=3 but rank 0 has num_experts=2" in message
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_scored_experts_match_weighted(world):
+    """Gated experts applying the routing scores themselves (row_scores, give scored) under expert parallelism,
+    with and without hot-expert copies, against the weighted combine: gloo, fp64."""
+    copied = run(world, "gloo", ep_cases.scored_experts)
+    assert all(per_rank[0] == [] for per_rank in copied)  # replication off
+    assert all(per_rank[1] == copied[0][1] for per_rank in copied)  # one plan on every rank
+    assert copied[0][1], "no expert was copied: the replicas' scored path went untested"

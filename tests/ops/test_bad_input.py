@@ -479,6 +479,23 @@ def _cases():
         ("swiglu-int-h", lambda: F.swiglu(x.long()), R, ("h", "Long")),
         ("swiglu-bool-h", lambda: F.swiglu(x > 0), R, ("h", "Bool")),
         ("swiglu-meta-odd-h", lambda: F.swiglu(meta(x[:, :3])), ValueError, ("h", f"[{T}, 3]")),
+        # its optional row scale has h's leading shape, a float dtype and h's device
+        ("swiglu-scale-rows", lambda: F.swiglu(x, torch.ones(T + 1)), ValueError, ("scale", f"[{T + 1}]")),
+        ("swiglu-scale-2d", lambda: F.swiglu(x, torch.ones(T, 1)), ValueError, ("scale", f"[{T}, 1]")),
+        ("swiglu-int-scale", lambda: F.swiglu(x, torch.ones(T, dtype=torch.long)), R, ("scale", "Long")),
+        ("swiglu-meta-scale", lambda: F.swiglu(x, meta(torch.ones(T))), R, ("scale and h", "meta")),
+        (
+            "swiglu_scaled_backward-scale-rows",
+            lambda: F.swiglu_scaled_backward(x[:, :3], x, torch.ones(2)),
+            ValueError,
+            ("scale", "[2]"),
+        ),
+        (
+            "swiglu_scaled_backward-grad-shape",
+            lambda: F.swiglu_scaled_backward(x[:, :2], x, torch.ones(T)),
+            R,
+            ("grad", f"[{T}, 2]"),
+        ),
         (
             "swiglu_backward-grad-shape",
             lambda: F.swiglu_backward(x[:, :2], x),

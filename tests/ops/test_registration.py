@@ -26,6 +26,7 @@ KNOWN_OPS = {
     "balance_loss_backward": True,
     "swiglu": True,
     "swiglu_backward": True,
+    "swiglu_scaled_backward": True,
     "exchange_counts": False,
     "ep_route": False,
     "exchange": True,
@@ -135,6 +136,7 @@ def _opcheck_cases():
     hidden_gated, gen_gated = 3, make_generator(4)  # its own stream: the other cases keep their data
     h_gated = torch.randn(num_tokens, 2 * hidden_gated, generator=gen_gated) * 2
     grad_gated = torch.randn(num_tokens, hidden_gated, generator=gen_gated)
+    row_scale = torch.rand(num_tokens, generator=gen_gated) + 0.5
 
     def req(t):
         return t.detach().clone().requires_grad_(True)
@@ -228,6 +230,17 @@ def _opcheck_cases():
         ("swiglu-transposed", "swiglu", (req(h_gated.t().contiguous().t()),), None),
         ("swiglu_backward", "swiglu_backward", (grad_gated, h_gated), None),
         ("swiglu_backward-requires-grad", "swiglu_backward", (req(grad_gated), req(h_gated)), None),
+        # with a row scale (the routing scores): fp32, fp64 and a bf16 scale of fp32 rows
+        ("swiglu-scaled", "swiglu", (req(h_gated), req(row_scale)), None),
+        ("swiglu-scaled-float64", "swiglu", (req(h_gated.double()), req(row_scale.double())), None),
+        ("swiglu-scaled-bf16-scale", "swiglu", (req(h_gated), row_scale.bfloat16()), None),
+        ("swiglu_scaled_backward", "swiglu_scaled_backward", (grad_gated, h_gated, row_scale), None),
+        (
+            "swiglu_scaled_backward-requires-grad",
+            "swiglu_scaled_backward",
+            (req(grad_gated), req(h_gated), req(row_scale)),
+            None,
+        ),
         ("ep_route", "ep_route", (dropped_idx, 2, 2), None),
         ("ep_route-one-rank", "ep_route", (topk_idx, 4, 1), None),
         (

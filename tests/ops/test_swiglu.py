@@ -1,8 +1,9 @@
 """swiglu and swiglu_backward: ``h [..., 2 * hidden] = [gate | up]`` -> ``silu(gate) * up``, computed in fp32 (fp64
-for fp64) and rounded once. Values and gradients against PyTorch, every rank and empty sizes, views against their
-contiguous copies, gradcheck and gradgradcheck, the Meta kernel and torch.compile, and the transformer layer's
-``swiglu``. Bad input is in tests/ops/test_bad_input.py, random cases in tests/fuzz; the one-op layer against the
-composed one (activation="swiglu", bit for bit) is tests/nn/test_moe_ffn.py::test_fused_equals_composed."""
+for fp64) and rounded once; with a row scale (swiglu(h, scale), swiglu_scaled_backward) each row times its
+factor. Values and gradients against PyTorch, every rank and empty sizes, views against their contiguous copies,
+gradcheck and gradgradcheck, the Meta kernel and torch.compile, and the transformer layer's ``swiglu``. Bad input
+is in tests/ops/test_bad_input.py, random cases in tests/fuzz; the one-op layer against the composed one
+(activation="swiglu", bit for bit) is tests/nn/test_moe_ffn.py::test_fused_equals_composed."""
 
 import pytest
 import torch
@@ -249,6 +250,146 @@ def test_compile_fullgraph_matches_eager():
         compiled_grads = torch.autograd.grad(compiled_out, compiled_in, grad_out)
         for a, b in zip(compiled_grads, eager_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------------------------ a row scale
+
+
+def make_scale(shape, dtype, device, seed=1):
+    """One factor per row of h (h's leading shape), in [0.25, 1.25]: routing scores' range."""
+    gen = make_generator(seed)
+    return (torch.rand(tuple(shape[:-1]), generator=gen, dtype=torch.float64) + 0.25).to(dtype=dtype, device=device)
+
+
+def torch_scaled_swiglu(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The scaled op's contract in ATen ops: silu(gate) * up * scale in the accumulation type, rounded once."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    return (F.silu(gate) * up * scale.to(acc).unsqueeze(-1)).to(h.dtype)
+
+
+def scaled_grads(swiglu, grad, h, scale):
+    h, scale = leaf(h), leaf(scale)
+    return torch.autograd.grad(swiglu(h, scale), (h, scale), grad)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scaled_within_policy(device, dtype, shape):
+    """Output, grad_h and grad_scale against ATen in fp64 and in the same precision; a float32 scale (the scores'
+    usual dtype) for low-precision rows, and the backward op on its own gives autograd's bits."""
+    h, grad = make_h(shape, dtype, device)
+    scale = make_scale(shape, torch.float32, device)
+    y = ops.swiglu(h, scale)
+    assert y.shape == out_shape(shape) and y.dtype == dtype and y.is_contiguous()
+    same = torch_scaled_swiglu(h, scale)
+    assert_within_policy(y, torch_scaled_swiglu(h.double(), scale.double()), same, "y")
+    torch.testing.assert_close(y, same)
+    grad_h, grad_scale = scaled_grads(ops.swiglu, grad, h, scale)
+    assert grad_h.dtype == dtype and grad_scale.dtype == torch.float32 and grad_scale.shape == scale.shape
+    want_h, want_scale = scaled_grads(torch_scaled_swiglu, grad.double(), h.double(), scale.double())
+    same_h, same_scale = scaled_grads(torch_scaled_swiglu, grad, h, scale)
+    assert_within_policy(grad_h, want_h, same_h, "grad_h")
+    assert_within_policy(grad_scale, want_scale, same_scale, "grad_scale")
+    op_h, op_scale = ops.swiglu_scaled_backward(grad, h, scale)
+    assert_bitwise_equal(op_h, grad_h, "swiglu_scaled_backward: grad_h")
+    assert_bitwise_equal(op_scale, grad_scale, "swiglu_scaled_backward: grad_scale")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scaled_fp64(device, shape):
+    h, grad = make_h(shape, torch.float64, device)
+    scale = make_scale(shape, torch.float64, device)
+    torch.testing.assert_close(ops.swiglu(h, scale), torch_scaled_swiglu(h, scale), rtol=1e-14, atol=1e-15)
+    ours = scaled_grads(ops.swiglu, grad, h, scale)
+    theirs = scaled_grads(torch_scaled_swiglu, grad, h, scale)
+    for name, a, b in zip(("grad_h", "grad_scale"), ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=name)
+
+
+def test_scale_gradient_is_the_row_dot_product(device):
+    """grad_scale[r] = sum_j grad[r, j] * swiglu(h)[r, j] (fp64), and it is not a silent zero; rows of scale 0
+    still get theirs, and their grad_h is zero."""
+    h, grad = make_h((6, 16), torch.float64, device)
+    scale = make_scale((6, 16), torch.float64, device)
+    scale[2] = 0.0
+    grad_h, grad_scale = ops.swiglu_scaled_backward(grad, h, scale)
+    expected = (grad * ops.swiglu(h)).sum(-1)
+    torch.testing.assert_close(grad_scale, expected, rtol=1e-13, atol=1e-13)
+    assert grad_scale.abs().min() > 1e-3
+    assert torch.equal(grad_h[2], torch.zeros_like(grad_h[2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_scale_of_ones_gives_the_unscaled_bits(device, dtype):
+    """A factor of 1 changes nothing: the forward is the unscaled op's bits on every device; the backward's grad_h
+    too on CPU (on CUDA the scaled backward is another kernel of the same formulas: equal to rounding)."""
+    h, grad = make_h((9, 24), dtype, device)
+    ones = torch.ones(9, dtype=torch.float32, device=device)
+    assert_bitwise_equal(ops.swiglu(h, ones), ops.swiglu(h), "y")
+    grad_h, _ = ops.swiglu_scaled_backward(grad, h, ones)
+    if device == "cpu":
+        assert_bitwise_equal(grad_h, ops.swiglu_backward(grad, h), "grad_h")
+    else:
+        torch.testing.assert_close(grad_h, ops.swiglu_backward(grad, h))
+
+
+def test_scaled_backward_is_deterministic(device):
+    """grad_scale is a sum per row in a fixed order: two runs give the same bits (rows wide enough for several
+    chunks per lane on CUDA)."""
+    h, grad = make_h((300, 2 * 777), torch.bfloat16, device)
+    scale = make_scale((300, 1), torch.float32, device)
+    first = ops.swiglu_scaled_backward(grad, h, scale)
+    second = ops.swiglu_scaled_backward(grad, h, scale)
+    for name, a, b in zip(("grad_h", "grad_scale"), first, second, strict=True):
+        assert_bitwise_equal(a, b, name)
+
+
+def test_scale_dtype_is_the_gradients(device):
+    """A bf16 scale on fp32 rows: the factor is used at its value (widened), and its gradient comes back in
+    bf16; the rows' gradient stays fp32."""
+    h, grad = make_h((7, 12), torch.float32, device)
+    scale = make_scale((7, 12), torch.bfloat16, device)
+    assert_bitwise_equal(ops.swiglu(h, scale), ops.swiglu(h, scale.float()), "y")
+    grad_h, grad_scale = scaled_grads(ops.swiglu, grad, h, scale)
+    assert grad_h.dtype == torch.float32 and grad_scale.dtype == torch.bfloat16
+    _, grad_scale_fp32 = ops.swiglu_scaled_backward(grad, h, scale.float())
+    assert_bitwise_equal(grad_scale, grad_scale_fp32.bfloat16(), "grad_scale")
+
+
+def test_scaled_gradcheck_and_gradgradcheck(device):
+    h, grad = make_h((4, 10), torch.float64, device, scale=1.5)
+    scale = make_scale((4, 10), torch.float64, device)
+    assert gradcheck(ops.swiglu, (leaf(h), leaf(scale)))
+    assert gradgradcheck(ops.swiglu, (leaf(h), leaf(scale)))
+    assert gradcheck(ops.swiglu_scaled_backward, (leaf(grad), leaf(h), leaf(scale)))
+    assert gradgradcheck(ops.swiglu_scaled_backward, (leaf(grad), leaf(h), leaf(scale)))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES)
+def test_scaled_recorded_backward_matches_kernel(device, dtype):
+    h, grad = make_h((6, 20), dtype, device)
+    scale = make_scale((6, 20), torch.float32, device)
+    recorded = ops.swiglu_scaled_backward(grad, leaf(h), scale)
+    assert recorded[0].grad_fn is not None
+    kernel = ops.swiglu_scaled_backward(grad, h, scale)
+    assert kernel[0].grad_fn is None
+    for a, b in zip(recorded, kernel, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scaled_meta_kernels_match_real_ones(shape):
+    h, grad = make_h(shape, torch.bfloat16, "cpu")
+    scale = make_scale(shape, torch.float32, "cpu")
+    real = [ops.swiglu(h, scale), *ops.swiglu_scaled_backward(grad, h, scale)]
+    fake = [
+        ops.swiglu(h.to("meta"), scale.to("meta")),
+        *ops.swiglu_scaled_backward(grad.to("meta"), h.to("meta"), scale.to("meta")),
+    ]
+    for r, f in zip(real, fake, strict=True):
+        assert f.device.type == "meta"
+        assert (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride())
 
 
 # ------------------------------------------------------------------------------------------------ the layer

@@ -3,7 +3,10 @@
 // thing saved) and writes both halves of the gradient. Same contract as swiglu_ref / swiglu_backward_ref.
 //
 // One thread per chunk of a row's hidden columns: 16 bytes (8 halves, 4 floats, 2 doubles) when every row of
-// every operand is 16-byte aligned, one element otherwise. Elementwise, so deterministic.
+// every operand is 16-byte aligned, one element otherwise. Elementwise, so deterministic. The backward with a
+// per-row scale also sums grad * silu(g) * u over each row for the scale's gradient: one warp per row there, each
+// lane over its own chunks and then the warp's fixed butterfly, in fp64 like the reference, so that is
+// deterministic too (in an order that differs from the reference's sequential sum).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -32,9 +35,10 @@ __device__ __forceinline__ void for_each_chunk(int64_t num_rows, int64_t hidden,
   }
 }
 
-// h [rows, 2 * hidden] -> out [rows, hidden].
+// h [rows, 2 * hidden] -> out [rows, hidden], times scale[r] (accumulation type) when scale is not null.
 template <typename T, int kN>
-__global__ void swiglu_kernel(const T* __restrict__ h, int64_t num_rows, int64_t hidden, T* __restrict__ out) {
+__global__ void swiglu_kernel(const T* __restrict__ h, const dacc_t<T>* __restrict__ scale, int64_t num_rows,
+                              int64_t hidden, T* __restrict__ out) {
   using A = dacc_t<T>;
   for_each_chunk<kN>(num_rows, hidden, [&](int64_t r, int64_t col) {
     const T* row = h + r * 2 * hidden;
@@ -45,7 +49,8 @@ __global__ void swiglu_kernel(const T* __restrict__ h, int64_t num_rows, int64_t
     for (int v = 0; v < kN; ++v) {
       const A g = cuda::to_acc(gate[v]);
       const A silu = g / (A(1) + cuda::exp_acc(-g));
-      result[v] = cuda::from_acc<T>(silu * cuda::to_acc(up[v]));
+      const A value = silu * cuda::to_acc(up[v]);
+      result[v] = cuda::from_acc<T>(scale == nullptr ? value : value * scale[r]);
     }
     store_chunk<T, kN>(out + r * hidden + col, result);
   });
@@ -74,32 +79,80 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ grad, const T* __re
   });
 }
 
+// The backward with a row scale: warp w of the grid takes rows w, w + warps, ...; lane l its chunks l, l + 32, ...
+// of the row; grad_scale[r] is the warp's sum of its lanes' partial sums of grad * silu(g) * u.
+template <typename T, int kN>
+__global__ void swiglu_scaled_backward_kernel(const T* __restrict__ grad, const T* __restrict__ h,
+                                              const dacc_t<T>* __restrict__ scale, int64_t num_rows, int64_t hidden,
+                                              T* __restrict__ grad_h, dacc_t<T>* __restrict__ grad_scale) {
+  using A = dacc_t<T>;
+  const int lane = static_cast<int>(threadIdx.x) % cuda::kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / cuda::kWarpSize;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / cuda::kWarpSize; r < num_rows;
+       r += warps) {
+    const T* row = h + r * 2 * hidden;
+    T* grad_row = grad_h + r * 2 * hidden;
+    const A sc = scale[r];
+    double dot = 0;  // as the reference: terms and sum in fp64
+    for (int64_t col = static_cast<int64_t>(lane) * kN; col < hidden; col += int64_t{cuda::kWarpSize} * kN) {
+      T gate[kN], up[kN], dy[kN], grad_gate[kN], grad_up[kN];
+      load_chunk<T, kN>(row + col, gate);
+      load_chunk<T, kN>(row + hidden + col, up);
+      load_chunk<T, kN>(grad + r * hidden + col, dy);
+#pragma unroll
+      for (int v = 0; v < kN; ++v) {
+        const A g = cuda::to_acc(gate[v]), u = cuda::to_acc(up[v]), gy = cuda::to_acc(dy[v]);
+        const A s = A(1) / (A(1) + cuda::exp_acc(-g));
+        const A d = gy * sc;
+        grad_gate[v] = cuda::from_acc<T>(d * u * (s * (A(1) + g * (A(1) - s))));
+        grad_up[v] = cuda::from_acc<T>(d * (g * s));
+        dot += static_cast<double>(gy) * (static_cast<double>(g) * s * u);
+      }
+      store_chunk<T, kN>(grad_row + col, grad_gate);
+      store_chunk<T, kN>(grad_row + hidden + col, grad_up);
+    }
+    dot = cuda::warp_sum(dot);
+    if (lane == 0) grad_scale[r] = static_cast<A>(dot);
+  }
+}
+
 unsigned int grid_of(int64_t num_rows, int64_t hidden, int chunk) {
   return cuda::grid_for(num_rows * (hidden / chunk), kThreads);
 }
 
 }  // namespace
 
-void swiglu_cuda(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out, cudaStream_t stream) {
+void swiglu_cuda(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out, cudaStream_t stream,
+                 const void* scale) {
   check_swiglu_sizes("swiglu_cuda", num_rows, hidden);
   if (num_rows == 0 || hidden == 0) return;
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "swiglu_cuda", T, [&] {
     cuda::with_chunk<T>(hidden, {h, out}, [&](auto chunk) {
       constexpr int kN = decltype(chunk)::value;
-      swiglu_kernel<T, kN><<<grid_of(num_rows, hidden, kN), kThreads, 0, stream>>>(static_cast<const T*>(h), num_rows,
-                                                                                   hidden, static_cast<T*>(out));
+      swiglu_kernel<T, kN><<<grid_of(num_rows, hidden, kN), kThreads, 0, stream>>>(
+          static_cast<const T*>(h), static_cast<const dacc_t<T>*>(scale), num_rows, hidden, static_cast<T*>(out));
     });
   });
   FMOE_CHECK_LAUNCH();
 }
 
 void swiglu_backward_cuda(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, const void* scale, void* grad_scale) {
   check_swiglu_sizes("swiglu_backward_cuda", num_rows, hidden);
-  if (num_rows == 0 || hidden == 0) return;
+  FMOE_CHECK((scale == nullptr) == (grad_scale == nullptr),
+             "swiglu_backward_cuda: scale and grad_scale must be given together");
+  if (num_rows == 0) return;
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "swiglu_backward_cuda", T, [&] {
     cuda::with_chunk<T>(hidden, {grad, h, grad_h}, [&](auto chunk) {
       constexpr int kN = decltype(chunk)::value;
+      if (scale != nullptr) {  // hidden == 0 still writes grad_scale (zeros)
+        swiglu_scaled_backward_kernel<T, kN>
+            <<<cuda::grid_for(num_rows, kThreads / cuda::kWarpSize), kThreads, 0, stream>>>(
+                static_cast<const T*>(grad), static_cast<const T*>(h), static_cast<const dacc_t<T>*>(scale), num_rows,
+                hidden, static_cast<T*>(grad_h), static_cast<dacc_t<T>*>(grad_scale));
+        return;
+      }
+      if (hidden == 0) return;
       swiglu_backward_kernel<T, kN><<<grid_of(num_rows, hidden, kN), kThreads, 0, stream>>>(
           static_cast<const T*>(grad), static_cast<const T*>(h), num_rows, hidden, static_cast<T*>(grad_h));
     });

@@ -27,9 +27,11 @@ void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t 
 void zero_empty_groups_cuda(void* groups, int64_t num_groups, int64_t group_bytes, const int64_t* expert_offsets,
                             cudaStream_t stream);
 
-// As swiglu_ref / swiglu_backward_ref (one elementwise kernel each).
-void swiglu_cuda(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out, cudaStream_t stream);
+// As swiglu_ref / swiglu_backward_ref (one elementwise kernel each; the backward with a scale takes a warp per
+// row for the scale's gradient, summed in another order than the reference's).
+void swiglu_cuda(DType dtype, const void* h, int64_t num_rows, int64_t hidden, void* out, cudaStream_t stream,
+                 const void* scale = nullptr);
 void swiglu_backward_cuda(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h,
-                          cudaStream_t stream);
+                          cudaStream_t stream, const void* scale = nullptr, void* grad_scale = nullptr);
 
 }  // namespace fastmoe

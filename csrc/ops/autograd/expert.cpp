@@ -1,6 +1,7 @@
-// Autograd of grouped_linear and swiglu, and of their backwards. grouped_linear: dx, dW and db from one
-// grouped_linear_backward call, each computed only when an input needs it; grouped_linear_backward is differentiable
-// too (written with the same two ops), so gradients of gradients (create_graph=True) are exact to any order.
+// Autograd of grouped_linear and swiglu (with or without a row scale), and of their backwards. grouped_linear: dx,
+// dW and db from one grouped_linear_backward call, each computed only when an input needs it;
+// grouped_linear_backward is differentiable too (written with the same two ops), so gradients of gradients
+// (create_graph=True) are exact to any order.
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -105,34 +106,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_autograd(
   return {outputs[0], outputs[1], outputs[2]};
 }
 
-// swiglu: its gradient is swiglu_backward (one kernel on CUDA, recomputing the sigmoid from the saved h). Under
-// create_graph that backward is recorded as ATen ops (swiglu_backward_graph), which autograd differentiates again.
-class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({h});
-    return ops::swiglu(h);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return {at::Tensor()};
-    return {ops::swiglu_backward(grads[0], ctx->get_saved_variables()[0])};
-  }
-};
-
-// swiglu_backward as ATen ops, in the accumulation type (fp32; fp64 for fp64) like the kernels: with g, u the
-// halves of h and s = sigmoid(g), grad_h = [grad * u * s * (1 + g * (1 - s)) | grad * g * s].
-at::Tensor swiglu_backward_graph(const at::Tensor& grad, const at::Tensor& h) {
+// swiglu's backward as ATen ops, in the accumulation type (fp32; fp64 for fp64) like the kernels: with g, u the
+// halves of h, s = sigmoid(g) and d = grad * scale (grad without a scale),
+//   grad_h = [d * u * s * (1 + g * (1 - s)) | d * g * s],   grad_scale = sum over the row of grad * g * s * u
+// (that one in fp64).
+// Recorded under create_graph, where autograd differentiates it again.
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_graph(const at::Tensor& grad, const at::Tensor& h,
+                                                         const at::Tensor& scale) {
   const at::ScalarType acc = c10::promoteTypes(h.scalar_type(), at::kFloat);
   const auto halves = h.to(acc).chunk(2, -1);
   const at::Tensor &g = halves[0], &u = halves[1], dy = grad.to(acc);
   const at::Tensor s = at::sigmoid(g);
-  return at::cat({dy * u * (s * (1 + g * (1 - s))), dy * (g * s)}, -1).to(h.scalar_type());
+  const at::Tensor d = scale.defined() ? dy * scale.to(acc).unsqueeze(-1) : dy;
+  const at::Tensor grad_h = at::cat({d * u * (s * (1 + g * (1 - s))), d * (g * s)}, -1).to(h.scalar_type());
+  if (!scale.defined()) return {grad_h, at::Tensor()};
+  const at::Tensor terms = dy.to(at::kDouble) * (g.to(at::kDouble) * s * u);  // fp64 terms and sum, as the kernels
+  return {grad_h, terms.sum(-1).to(scale.scalar_type())};
 }
 
-at::Tensor swiglu_autograd(const at::Tensor& h) {
-  return SwigluFunction::apply(h);
+// swiglu: its gradient is swiglu_backward, or swiglu_scaled_backward with a scale (one kernel on CUDA,
+// recomputing the sigmoid from the saved h); under create_graph those record swiglu_backward_graph.
+class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const std::optional<at::Tensor>& scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({h, scale.value_or(at::Tensor())});
+    return ops::swiglu(h, scale);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    if (!saved[1].defined()) return {ops::swiglu_backward(grads[0], saved[0]), at::Tensor()};
+    auto [grad_h, grad_scale] = ops::swiglu_scaled_backward(grads[0], saved[0], saved[1]);
+    return {grad_h, ctx->needs_input_grad(1) ? grad_scale : at::Tensor()};
+  }
+};
+
+at::Tensor swiglu_autograd(const at::Tensor& h, const std::optional<at::Tensor>& scale) {
+  return SwigluFunction::apply(h, scale);
 }
 
 at::Tensor swiglu_backward_autograd(const at::Tensor& grad, const at::Tensor& h) {
@@ -141,7 +153,17 @@ at::Tensor swiglu_backward_autograd(const at::Tensor& grad, const at::Tensor& h)
     at::AutoDispatchBelowADInplaceOrView guard;
     return ops::swiglu_backward(grad, h);
   }
-  return swiglu_backward_graph(grad, h);
+  return std::get<0>(swiglu_backward_graph(grad, h, at::Tensor()));
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward_autograd(const at::Tensor& grad, const at::Tensor& h,
+                                                                   const at::Tensor& scale) {
+  ops::check_swiglu_backward(grad, h, scale);
+  if (!ops::records_graph({grad, h, scale})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::swiglu_scaled_backward(grad, h, scale);
+  }
+  return swiglu_backward_graph(grad, h, scale);
 }
 
 }  // namespace
@@ -151,6 +173,7 @@ TORCH_LIBRARY_IMPL(fastmoe, Autograd, m) {
   m.impl("grouped_linear_backward", &grouped_linear_backward_autograd);
   m.impl("swiglu", &swiglu_autograd);
   m.impl("swiglu_backward", &swiglu_backward_autograd);
+  m.impl("swiglu_scaled_backward", &swiglu_scaled_backward_autograd);
 }
 
 }  // namespace fastmoe

@@ -79,7 +79,9 @@ def experts_forward(
 
     The gate between the two GEMMs is the module's own (``self._apply_gate`` on ``[gate | up]``, or
     ``self.act_fn`` without a gate), so any activation or gating a model defines is kept; where it is
-    transformers' default gate with SiLU, fastmoe's swiglu op computes that same function (:func:`_gate_of`)."""
+    transformers' default gate with SiLU, fastmoe's swiglu op computes that same function (:func:`_gate_of`), and
+    without a second bias it also applies the routing scores (``TokenDispatch.row_scores``) so the combine only
+    sums."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
         got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
         raise ValueError(f"hidden_states must be [tokens, hidden], got {got}")
@@ -108,9 +110,15 @@ def experts_forward(
         tokens = _TokenDispatch(x, idx, top_k_weights, num_local, world, group_name, 1, True, name)
         offsets = tokens.expert_offsets(0)
         h = ops.grouped_linear(tokens.rows(0), offsets, w_in, b_in)
-        h = _gate_of(self)(h) if self.has_gate else self.act_fn(h)
-        y = ops.grouped_linear(h, offsets, w_out, b_out)
-        tokens.give(0, y)
+        gate = _gate_of(self) if self.has_gate else self.act_fn
+        if gate is ops.swiglu and b_out is None:
+            # Each row's routing score scales its activation inside the swiglu kernel: without a second bias,
+            # W2 (s a) = s (W2 a), so the combine only sums, and its backward reads neither the experts' output
+            # (the score's gradient comes out of swiglu's backward) nor writes weighted rows.
+            y = ops.grouped_linear(ops.swiglu(h, tokens.row_scores(0)), offsets, w_out, None)
+            tokens.give(0, y, True)
+        else:
+            tokens.give(0, ops.grouped_linear(gate(h), offsets, w_out, b_out))
         return tokens.combine().to(hidden_states.dtype)
 
 
