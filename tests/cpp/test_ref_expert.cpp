@@ -212,6 +212,18 @@ TYPED_TEST(GroupedLinearTest, BackwardSkipsNullOutputs) {
   }
 }
 
+// (loss(values[i] + eps) - loss(values[i] - eps)) / (2 eps), values[i] restored.
+template <typename Loss>
+double central_difference(std::vector<double>& values, size_t i, double eps, Loss&& loss) {
+  const double saved = values[i];
+  values[i] = saved + eps;
+  const double plus = loss();
+  values[i] = saved - eps;
+  const double minus = loss();
+  values[i] = saved;
+  return (plus - minus) / (2 * eps);
+}
+
 // L = sum(grad_y * y(x, W, b)); its central differences against the fp64 backward, element by element.
 TEST(GroupedLinearFp64Test, BackwardMatchesCentralFiniteDifferences) {
   std::mt19937 rng(83);
@@ -228,15 +240,7 @@ TEST(GroupedLinearFp64Test, BackwardMatchesCentralFiniteDifferences) {
       for (size_t i = 0; i < y.size(); ++i) sum += grad_y[i] * y[i];
       return sum;
     };
-    auto numeric = [&](std::vector<double>& values, size_t i) {
-      const double saved = values[i];
-      values[i] = saved + eps;
-      const double plus = loss();
-      values[i] = saved - eps;
-      const double minus = loss();
-      values[i] = saved;
-      return (plus - minus) / (2 * eps);
-    };
+    auto numeric = [&](std::vector<double>& values, size_t i) { return central_difference(values, i, eps, loss); };
     const Grads<double> got = backward(c, grad_y, x, w);
     for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(got.grad_x[i], numeric(x, i), tolerance) << "grad_x " << i;
     for (size_t i = 0; i < w.size(); ++i) {
@@ -572,13 +576,7 @@ TEST(SwigluFp64Test, BackwardMatchesCentralFiniteDifferences) {
   std::vector<double> grad_h(h.size(), std::numeric_limits<double>::quiet_NaN());
   swiglu_backward_ref(DType::kFloat64, dy.data(), h.data(), rows, hidden, grad_h.data());
   for (size_t i = 0; i < h.size(); ++i) {
-    const double saved = h[i];
-    h[i] = saved + eps;
-    const double plus = loss();
-    h[i] = saved - eps;
-    const double minus = loss();
-    h[i] = saved;
-    EXPECT_NEAR(grad_h[i], (plus - minus) / (2 * eps), tolerance) << "grad_h " << i;
+    EXPECT_NEAR(grad_h[i], central_difference(h, i, eps, loss), tolerance) << "grad_h " << i;
   }
 }
 
@@ -671,14 +669,8 @@ TEST(SwigluFp64Test, ScaleGradientMatchesCentralFiniteDifferences) {
                       grad_scale.data());
   const double eps = 1e-5;
   for (int64_t r = 0; r < rows; ++r) {
-    const double saved = scale[r];
-    scale[r] = saved + eps;
-    const double plus = loss();
-    scale[r] = saved - eps;
-    const double minus = loss();
-    scale[r] = saved;
     EXPECT_GT(std::fabs(grad_scale[r]), 1e-3) << "row " << r << ": a zero would prove nothing";
-    EXPECT_NEAR(grad_scale[r], (plus - minus) / (2 * eps), 1e-8) << "grad_scale " << r;
+    EXPECT_NEAR(grad_scale[r], central_difference(scale, r, eps, loss), 1e-8) << "grad_scale " << r;
   }
 }
 
