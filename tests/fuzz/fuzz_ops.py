@@ -22,6 +22,7 @@ from fuzz_data import (
     SCALAR_NAME,
     SCHEMA,
     SIZES,
+    TOLERANCE,
     Case,
     F,
     R,
@@ -562,6 +563,70 @@ def swiglu_backward_case(rng: random.Random, device: str) -> Case:
     return Case(
         valid_name(name), lambda: op(grad, h_in), check, meta_call=lambda: op(to_meta(grad), to_meta(h_in.detach()))
     )
+
+
+def reference_scaled_swiglu(h: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor):
+    """swiglu(h) * scale in fp64 and its gradients (grad_h, grad_scale) by autograd."""
+    leaf = h.detach().double().cpu().requires_grad_(True)
+    factor = scale.detach().double().cpu().requires_grad_(True)
+    gate, up = leaf.chunk(2, dim=-1)
+    y = torch.nn.functional.silu(gate) * up * factor.unsqueeze(-1)
+    grad_h, grad_scale = torch.autograd.grad(y, (leaf, factor), grad.double().cpu())
+    return y.detach(), grad_h, grad_scale
+
+
+def swiglu_scaled_backward_case(rng: random.Random, device: str) -> Case:
+    """swiglu(h, scale) through autograd and swiglu_scaled_backward on its own; the scale in any float dtype."""
+    lead, hidden, dtype, h, grad = _gated_inputs(rng, device)
+    scale_dtype = rng.choice(FLOATS)
+    scale = (torch.rand(lead, dtype=torch.float64) + 0.25).to(dtype=scale_dtype, device=device)
+    via_ops = rng.random() < 0.5
+    op = ops.swiglu_scaled_backward if via_ops else F.swiglu_scaled_backward
+    m = pick(rng, ["scale-shape", "scale-int", "scale-device", "grad-shape", "dense"])
+    name = f"swiglu_scaled_backward/{m}"
+    if m == "dense":
+        bad, kind = not_dense(rng, grad)
+        return not_dense_case(name, via_ops, lambda: op(bad, h, scale), "grad", kind)
+    if m == "scale-shape":
+        wrong = torch.ones([*lead, 1], dtype=scale_dtype, device=device)
+        return Case(name, lambda: op(grad, h, wrong), error=(ValueError, "scale", _shape_str([*lead, 1])))
+    if m == "scale-int":
+        bad = rng.choice([torch.int64, torch.int32])
+        return Case(name, lambda: op(grad, h, scale.to(bad)), error=(R, "scale", SCALAR_NAME[bad]))
+    if m == "scale-device":
+        other = other_device(device)
+        return Case(name, lambda: op(grad, h, scale.to(other)), error=(R, "scale and h", other))
+    if m == "grad-shape":
+        wide = randn(rng, *lead, hidden + 1, dtype=dtype, device=device)
+        return Case(name, lambda: op(wide, h, scale), error=(R, "grad", _shape_str([*lead, hidden + 1])))
+
+    through_autograd = rng.random() < 0.5
+
+    def run():
+        if not through_autograd:
+            return op(grad, h, scale)
+        leaf, factor = h.detach().requires_grad_(True), scale.detach().requires_grad_(True)
+        y = ops.swiglu(leaf, factor)
+        return (y, *torch.autograd.grad(y, (leaf, factor), grad))
+
+    def meta():
+        backward = op(to_meta(grad), to_meta(h), to_meta(scale))
+        return (ops.swiglu(to_meta(h), to_meta(scale)), *backward) if through_autograd else backward
+
+    def check(result):
+        y_ref, grad_h_ref, grad_scale_ref = reference_scaled_swiglu(h, scale, grad)
+        if len(result) == 3:
+            assert_close(result[0], y_ref, dtype, "y")
+        grad_h, grad_scale = result[-2], result[-1]
+        assert grad_h.device == h.device and grad_scale.device == h.device, "outputs on h's device"
+        assert_close(grad_h, grad_h_ref, dtype, "grad_h")
+        # computed from h's precision whatever the scale's dtype, and a sum over the row: its error grows with the
+        # row's width; compared in the coarser of the two dtypes
+        assert grad_scale.dtype == scale_dtype, f"grad_scale: dtype {grad_scale.dtype} != the scale's {scale_dtype}"
+        coarse = max((dtype, scale_dtype), key=lambda t: TOLERANCE[t])
+        assert_close(grad_scale.to(coarse), grad_scale_ref, coarse, "grad_scale", scale=max(1.0, float(hidden)))
+
+    return Case(valid_name(name), run, check, meta_call=meta)
 
 
 # ----------------------------------------------------------------------------------------------- the layer in one op
@@ -1204,6 +1269,7 @@ GENERATORS = {
     "grouped_linear_backward": grouped_linear_backward_case,
     "swiglu": swiglu_case,
     "swiglu_backward": swiglu_backward_case,
+    "swiglu_scaled_backward": swiglu_scaled_backward_case,
     "capacity_limit": capacity_limit_case,
     "balance_loss": balance_loss_case,
     "balance_loss_backward": balance_loss_backward_case,
