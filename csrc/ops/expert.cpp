@@ -390,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward_kernel(const at::Tenso
                                                                  const at::Tensor& scale) {
   ops::check_swiglu_backward(grad, h, scale);
   auto [grad_h, grad_sc] = swiglu_backward_run(grad, h, scale);
-  return {grad_h, grad_sc.to(scale.scalar_type()).view(scale.sizes())};
+  return {grad_h, grad_sc.to(scale.scalar_type())};  // kernel_scale kept the scale's shape
 }
 
 }  // namespace

@@ -48,6 +48,11 @@ class StreamGuard {
   std::optional<c10::Stream> previous_;
 };
 
+// The combine's weights for output given with `scored` (its rows already carry their scores: none) or not.
+std::optional<at::Tensor> combine_weights(bool scored, const at::Tensor& score) {
+  return scored ? std::nullopt : std::optional<at::Tensor>(score);
+}
+
 // `waiter` waits for the work queued so far on `producer`.
 void wait_for(const c10::Stream& waiter, const c10::Stream& producer) {
   c10::Event event(producer.device_type());
@@ -274,8 +279,7 @@ void TokenDispatch::give(int64_t chunk, const at::Tensor& y, bool scored) {
   }
   const StreamGuard on(c.stream);
   // This rank's share of each received token: its slots here, weighted by their scores; then back to the sender.
-  const at::Tensor partial =
-      ops::unpermute_combine(y, c.slot_order, c.slot_pos, scored ? std::nullopt : std::optional(c.score_in));
+  const at::Tensor partial = ops::unpermute_combine(y, c.slot_order, c.slot_pos, combine_weights(scored, c.score_in));
   c.output = exchange(partial, c.recv, c.send, c.peer_back);
 }
 
@@ -314,8 +318,7 @@ at::Tensor TokenDispatch::combine() {
   }
   if (group_.empty()) {
     const Chunk& c = chunks_[0];
-    return ops::unpermute_combine(c.output, c.sorted_pair, c.pair_pos,
-                                  c.scored ? std::nullopt : std::optional(topk_score_));
+    return ops::unpermute_combine(c.output, c.sorted_pair, c.pair_pos, combine_weights(c.scored, topk_score_));
   }
   std::vector<at::Tensor> ys;
   for (Chunk& c : chunks_) {
@@ -330,7 +333,7 @@ at::Tensor TokenDispatch::combine() {
   TORCH_CHECK(replicas_.output.defined(), "combine() needs the copies' output (call give_replicas) for the ",
               replicated_.size(), " replicated experts");
   return y + ops::unpermute_combine(replicas_.output, replicas_.sorted_pair, replicas_.pair_pos,
-                                    replicas_.scored ? std::nullopt : std::optional(topk_score_));
+                                    combine_weights(replicas_.scored, topk_score_));
 }
 
 // Debug mode. The message ends the way fastmoe.debug.raising_non_finite (python/fastmoe/debug.py) recognises to
