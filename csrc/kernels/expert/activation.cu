@@ -56,63 +56,60 @@ __global__ void swiglu_kernel(const T* __restrict__ h, const dacc_t<T>* __restri
   });
 }
 
+// One chunk of row r's gradient, columns [col, col + kN) of each half: with kScaled the row's factor `sc`
+// multiplies the incoming gradient (grad_h's formulas as the reference's), and the return value is the chunk's
+// sum of grad * silu(g) * u in fp64 (0 without kScaled).
+template <typename T, int kN, bool kScaled>
+__device__ __forceinline__ double swiglu_grad_chunk(const T* __restrict__ grad, const T* __restrict__ h, int64_t r,
+                                                    int64_t hidden, int64_t col, dacc_t<T> sc, T* __restrict__ grad_h) {
+  using A = dacc_t<T>;
+  const T* row = h + r * 2 * hidden;
+  T gate[kN], up[kN], dy[kN], grad_gate[kN], grad_up[kN];
+  load_chunk<T, kN>(row + col, gate);
+  load_chunk<T, kN>(row + hidden + col, up);
+  load_chunk<T, kN>(grad + r * hidden + col, dy);
+  double dot = 0;
+#pragma unroll
+  for (int v = 0; v < kN; ++v) {
+    const A g = cuda::to_acc(gate[v]), u = cuda::to_acc(up[v]), gy = cuda::to_acc(dy[v]);
+    const A s = A(1) / (A(1) + cuda::exp_acc(-g));
+    const A d = kScaled ? gy * sc : gy;
+    grad_gate[v] = cuda::from_acc<T>(d * u * (s * (A(1) + g * (A(1) - s))));
+    grad_up[v] = cuda::from_acc<T>(d * (g * s));
+    if constexpr (kScaled) dot += static_cast<double>(gy) * (static_cast<double>(g) * s * u);
+  }
+  T* grad_row = grad_h + r * 2 * hidden;
+  store_chunk<T, kN>(grad_row + col, grad_gate);
+  store_chunk<T, kN>(grad_row + hidden + col, grad_up);
+  return dot;
+}
+
 template <typename T, int kN>
 __global__ void swiglu_backward_kernel(const T* __restrict__ grad, const T* __restrict__ h, int64_t num_rows,
                                        int64_t hidden, T* __restrict__ grad_h) {
-  using A = dacc_t<T>;
   for_each_chunk<kN>(num_rows, hidden, [&](int64_t r, int64_t col) {
-    const T* row = h + r * 2 * hidden;
-    T gate[kN], up[kN], dy[kN], grad_gate[kN], grad_up[kN];
-    load_chunk<T, kN>(row + col, gate);
-    load_chunk<T, kN>(row + hidden + col, up);
-    load_chunk<T, kN>(grad + r * hidden + col, dy);
-#pragma unroll
-    for (int v = 0; v < kN; ++v) {
-      const A g = cuda::to_acc(gate[v]), u = cuda::to_acc(up[v]), d = cuda::to_acc(dy[v]);
-      const A s = A(1) / (A(1) + cuda::exp_acc(-g));
-      grad_gate[v] = cuda::from_acc<T>(d * u * (s * (A(1) + g * (A(1) - s))));
-      grad_up[v] = cuda::from_acc<T>(d * (g * s));
-    }
-    T* grad_row = grad_h + r * 2 * hidden;
-    store_chunk<T, kN>(grad_row + col, grad_gate);
-    store_chunk<T, kN>(grad_row + hidden + col, grad_up);
+    swiglu_grad_chunk<T, kN, false>(grad, h, r, hidden, col, dacc_t<T>(1), grad_h);
   });
 }
 
 // The backward with a row scale: warp w of the grid takes rows w, w + warps, ...; lane l its chunks l, l + 32, ...
-// of the row; grad_scale[r] is the warp's sum of its lanes' partial sums of grad * silu(g) * u.
+// of the row; grad_scale[r] is the warp's sum of its lanes' partial sums of grad * silu(g) * u (fp64, as the
+// reference).
 template <typename T, int kN>
 __global__ void swiglu_scaled_backward_kernel(const T* __restrict__ grad, const T* __restrict__ h,
                                               const dacc_t<T>* __restrict__ scale, int64_t num_rows, int64_t hidden,
                                               T* __restrict__ grad_h, dacc_t<T>* __restrict__ grad_scale) {
-  using A = dacc_t<T>;
   const int lane = static_cast<int>(threadIdx.x) % cuda::kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / cuda::kWarpSize;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / cuda::kWarpSize; r < num_rows;
        r += warps) {
-    const T* row = h + r * 2 * hidden;
-    T* grad_row = grad_h + r * 2 * hidden;
-    const A sc = scale[r];
-    double dot = 0;  // as the reference: terms and sum in fp64
+    const dacc_t<T> sc = scale[r];
+    double dot = 0;
     for (int64_t col = static_cast<int64_t>(lane) * kN; col < hidden; col += int64_t{cuda::kWarpSize} * kN) {
-      T gate[kN], up[kN], dy[kN], grad_gate[kN], grad_up[kN];
-      load_chunk<T, kN>(row + col, gate);
-      load_chunk<T, kN>(row + hidden + col, up);
-      load_chunk<T, kN>(grad + r * hidden + col, dy);
-#pragma unroll
-      for (int v = 0; v < kN; ++v) {
-        const A g = cuda::to_acc(gate[v]), u = cuda::to_acc(up[v]), gy = cuda::to_acc(dy[v]);
-        const A s = A(1) / (A(1) + cuda::exp_acc(-g));
-        const A d = gy * sc;
-        grad_gate[v] = cuda::from_acc<T>(d * u * (s * (A(1) + g * (A(1) - s))));
-        grad_up[v] = cuda::from_acc<T>(d * (g * s));
-        dot += static_cast<double>(gy) * (static_cast<double>(g) * s * u);
-      }
-      store_chunk<T, kN>(grad_row + col, grad_gate);
-      store_chunk<T, kN>(grad_row + hidden + col, grad_up);
+      dot += swiglu_grad_chunk<T, kN, true>(grad, h, r, hidden, col, sc, grad_h);
     }
     dot = cuda::warp_sum(dot);
-    if (lane == 0) grad_scale[r] = static_cast<A>(dot);
+    if (lane == 0) grad_scale[r] = static_cast<dacc_t<T>>(dot);
   }
 }
 
