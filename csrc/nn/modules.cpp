@@ -130,12 +130,14 @@ struct Exchange {
   Replication replication;
 };
 
-// run_replicas(rows, offsets [m + 1], replicated ids) runs copies of the experts `replicated` (hot-expert
-// replication) on the rows grouped by copy.
+// run_replicas(rows, offsets [m + 1], replicated ids, scores) runs copies of the experts `replicated` (hot-expert
+// replication) on the rows grouped by copy. With `scored` the experts apply each row's routing score themselves
+// (TokenDispatch::row_scores; run_replicas gets the copies' rows' scores, undefined otherwise) and the combine only
+// sums.
 template <typename RunExperts, typename RunReplicas>
 torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int64_t num_local, const Exchange& ex,
                                 bool cast_to_autocast, const char* name, GateImpl& gate, BalanceRecord& record,
-                                RunExperts&& run_experts, RunReplicas&& run_replicas) {
+                                bool scored, RunExperts&& run_experts, RunReplicas&& run_replicas) {
   const torch::Tensor x = token_matrix(input, d_model);
   auto [topk_idx, topk_score] = gate.forward(x);
   // A user-written gate is only known through the interface: its outputs are checked before they index anything.
@@ -151,7 +153,9 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
   keep_record(record, x.size(0), topk_idx.numel(), tokens->routed_counts(), gate);
   // The copies first (their exchanges queue behind the chunks' dispatch).
   if (!tokens->replicated().empty()) {
-    tokens->give_replicas(run_replicas(tokens->replica_rows(), tokens->replica_offsets(), tokens->replicated()));
+    tokens->give_replicas(run_replicas(tokens->replica_rows(), tokens->replica_offsets(), tokens->replicated(),
+                                       scored ? tokens->replica_scores() : torch::Tensor()),
+                          scored);
   }
   for (int64_t c = 0; c < tokens->num_chunks(); ++c) {
     tokens->enter(c);  // the chunk's CUDA stream (expert parallelism with chunks > 1)
@@ -163,7 +167,7 @@ torch::Tensor route_and_combine(const torch::Tensor& input, int64_t d_model, int
       throw;
     }
     tokens->leave(c);
-    tokens->give(c, y);
+    tokens->give(c, y, scored);
   }
   const torch::Tensor y = tokens->combine();
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
@@ -276,12 +280,14 @@ torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
                     options.node_group(), options.rail_group(), Replication{}};
   return route_and_combine(
       x, options.d_model(), options.num_experts(), ex, /*cast_to_autocast=*/false, "MoE", *gate, record_,
+      /*scored=*/false,
       [&](const torch::Tensor& rows, const torch::Tensor&, TokenDispatch& tokens, int64_t c) {
         // The loop over arbitrary modules needs the row ranges on the host (one read on one process; known
         // already under expert parallelism).
         return run_experts(rows, tokens.expert_bounds(c));
       },
-      [](const torch::Tensor&, const torch::Tensor&, const std::vector<int64_t>&) -> torch::Tensor {
+      [](const torch::Tensor&, const torch::Tensor&, const std::vector<int64_t>&,
+         const torch::Tensor&) -> torch::Tensor {
         TORCH_CHECK(false, "MoE copies no experts (hot-expert replication is TransformerMLP's)");
       });
 }
@@ -344,8 +350,12 @@ torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {
   }
   const Exchange ex{options.world_size(), options.group_name(), options.ep_chunks(),
                     options.node_group(), options.rail_group(), replication};
-  const auto experts = [&](const torch::Tensor& rows, const torch::Tensor& offsets, const GroupedLinearImpl& in,
-                           const GroupedLinearImpl& out, const std::function<torch::Tensor(const torch::Tensor&)>& w) {
+  // SwiGLU experts without a second bias apply the routing scores in the activation (as ops::moe_ffn does):
+  // W2 (s a) = s (W2 a), so the combine only sums.
+  const bool scored = options.activation() == Activation::kSwiGLU && !h4toh->bias.defined();
+  const auto experts = [&](const torch::Tensor& rows, const torch::Tensor& offsets, const torch::Tensor& scores,
+                           const GroupedLinearImpl& in, const GroupedLinearImpl& out,
+                           const std::function<torch::Tensor(const torch::Tensor&)>& w) {
     const auto bias = [&](const torch::Tensor& b) {
       return b.defined() ? std::optional<torch::Tensor>(w(b)) : std::nullopt;
     };
@@ -355,17 +365,21 @@ torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {
     torch::Tensor h = ops::grouped_linear(rows, offsets, w_in, b_in);
     const torch::Tensor w_out = w(out.weight);
     const std::optional<torch::Tensor> b_out = bias(out.bias);
-    return ops::grouped_linear(apply_activation(h, options.activation()), offsets, w_out, b_out);
+    const torch::Tensor a = scores.defined() ? ops::swiglu(h, scores) : apply_activation(h, options.activation());
+    return ops::grouped_linear(a, offsets, w_out, b_out);
   };
   // Under autocast the rows are cast before they move: the first grouped GEMM would cast them anyway.
   return route_and_combine(
       x, options.d_model(), options.num_experts(), ex, /*cast_to_autocast=*/true, "TransformerMLP", *gate, record_,
-      [&](const torch::Tensor& rows, const torch::Tensor& offsets, TokenDispatch&, int64_t) {
-        return experts(rows, offsets, *htoh4, *h4toh, [](const torch::Tensor& t) { return t; });
+      scored,
+      [&](const torch::Tensor& rows, const torch::Tensor& offsets, TokenDispatch& tokens, int64_t c) {
+        const torch::Tensor scores = scored ? tokens.row_scores(c) : torch::Tensor();
+        return experts(rows, offsets, scores, *htoh4, *h4toh, [](const torch::Tensor& t) { return t; });
       },
-      [&](const torch::Tensor& rows, const torch::Tensor& offsets, const std::vector<int64_t>& replicated) {
+      [&](const torch::Tensor& rows, const torch::Tensor& offsets, const std::vector<int64_t>& replicated,
+          const torch::Tensor& scores) {
         // copies of the replicated experts' weights; their gradients flow back to the owners'
-        return experts(rows, offsets, *htoh4, *h4toh, [&](const torch::Tensor& t) {
+        return experts(rows, offsets, scores, *htoh4, *h4toh, [&](const torch::Tensor& t) {
           return ops::replicate_experts(t, replicated, options.num_experts(), options.group_name());
         });
       });

@@ -61,6 +61,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at:
                                                                        const at::Tensor& weight,
                                                                        std::array<bool, 3> output_mask);
 
+// A tensor with t's sizes, dtype and device that holds one value (every stride 0): what a backward saves of a tensor
+// whose sizes alone it reads (the experts' output, for a combine without weights), so that tensor's memory is
+// released after the forward.
+inline at::Tensor shape_only(const at::Tensor& t) {
+  return t.new_empty({}).expand_symint(t.sym_sizes());
+}
+
+// score.reshape(-1)[pairs] with 0 where pairs < 0 ([R] in score's dtype): the routing score of each row of a plan
+// (sorted_pair) or of an exchange (slot_order). Recorded by autograd when score requires grad, also when score is
+// empty (an exchange's backward must run on every rank).
+at::Tensor pair_scores(const at::Tensor& score, const at::Tensor& pairs);
+
 // naive_gate's z-loss term on its own (the [0] placeholder when z_loss_coef is 0).
 at::Tensor naive_gate_z_loss(const at::Tensor& logits, double z_loss_coef);
 // naive_gate's checks of its coefficients (finite and >= 0; the message names the argument and the value).

@@ -14,6 +14,7 @@
 #include "fastmoe/ops.h"
 #include "fastmoe/token_dispatch.h"
 #include "ops/common.h"
+#include "ops/internal.h"
 #include "runtime/communicator.h"
 
 namespace fastmoe {
@@ -254,15 +255,17 @@ void TokenDispatch::leave(int64_t chunk) {
   }
 }
 
-at::Tensor TokenDispatch::pair_scores(const at::Tensor& score, const at::Tensor& pairs) {
-  if (score.numel() == 0) return at::zeros({pairs.size(0)}, score.options());
+at::Tensor ops::pair_scores(const at::Tensor& score, const at::Tensor& pairs) {
+  // No scores (every pair -1): zeros, still on score's graph. Under expert parallelism `score` is what an exchange
+  // delivered, whose backward is a collective: a rank that received no rows must reach it like the others.
+  if (score.numel() == 0) return at::zeros({pairs.size(0)}, score.options()) + score.sum();
   const at::Tensor picked = score.reshape(-1).index_select(0, pairs.clamp_min(0));
   return at::where(pairs >= 0, picked, at::zeros({}, score.options()));
 }
 
 at::Tensor TokenDispatch::row_scores(int64_t chunk) const {
   const Chunk& c = chunk_at(chunk);
-  return group_.empty() ? pair_scores(topk_score_, c.sorted_pair) : pair_scores(c.score_in, c.slot_order);
+  return group_.empty() ? ops::pair_scores(topk_score_, c.sorted_pair) : ops::pair_scores(c.score_in, c.slot_order);
 }
 
 void TokenDispatch::give(int64_t chunk, const at::Tensor& y, bool scored) {

@@ -8,6 +8,7 @@
 
 #include "fastmoe/ops.h"
 #include "fastmoe/token_dispatch.h"
+#include "ops/internal.h"
 #include "runtime/communicator.h"
 
 namespace fastmoe {
@@ -174,7 +175,7 @@ std::vector<int64_t> TokenDispatch::replica_bounds() const {
 
 at::Tensor TokenDispatch::replica_scores() const {
   const Replicas& r = replicas_checked();
-  return pair_scores(topk_score_, r.sorted_pair);
+  return ops::pair_scores(topk_score_, r.sorted_pair);
 }
 
 void TokenDispatch::give_replicas(const at::Tensor& y, bool scored) {

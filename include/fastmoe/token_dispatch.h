@@ -129,8 +129,6 @@ class TokenDispatch : public torch::CustomClassHolder {
     bool scored = false;
   };
   const Chunk& chunk_at(int64_t chunk) const;
-  // score [n, k] at the pairs t * k + j of `pairs` [N] (-1: no pair, score 0): [N], differentiable for score.
-  static at::Tensor pair_scores(const at::Tensor& score, const at::Tensor& pairs);
   // Gathers the loads, runs the policy and plans the copies' rows; returns topk_idx without the copied slots.
   at::Tensor replicate_hot(const at::Tensor& x, const at::Tensor& topk_idx, const Replication& replication);
   const Replicas& replicas_checked() const;

@@ -329,8 +329,10 @@ class FMoE(nn.Module):
             self._record_balance(x.shape[0], topk_idx.numel(), tokens.routed_counts())
             replicated = tokens.replicated()
             self.replicated_experts = replicated
+            # scored: the experts apply each row's routing score themselves and the combine only sums
+            scored = self._scored_experts()
             if replicated:  # the copies first; their exchanges queue behind the chunks' dispatch
-                tokens.give_replicas(self._run_replicas(tokens, replicated))
+                tokens.give_replicas(self._run_replicas(tokens, replicated, scored), scored)
             for c in range(tokens.num_chunks()):
                 tokens.enter(c)  # the chunk's CUDA stream (expert parallelism with ep_chunks > 1)
                 try:
@@ -338,10 +340,13 @@ class FMoE(nn.Module):
                     # parallelism, where the bounds come with the exchanged counts at no cost
                     host = not self.experts_fused and self.moe_group is not None
                     offsets = tokens.expert_bounds(c) if host else tokens.expert_offsets(c)
-                    y = self._run_experts(tokens.rows(c), tokens.expert_counts(c), offsets)
+                    if scored:
+                        y = self._run_scored(tokens.rows(c), tokens.expert_counts(c), offsets, tokens.row_scores(c))
+                    else:
+                        y = self._run_experts(tokens.rows(c), tokens.expert_counts(c), offsets)
                 finally:
                     tokens.leave(c)
-                tokens.give(c, y)
+                tokens.give(c, y, scored)
             return tokens.combine()
 
     def _replication_args(self) -> tuple:
@@ -365,7 +370,17 @@ class FMoE(nn.Module):
         gemm_flops, link_bytes = self.ep_replicate_rates or (0.0, 0.0)
         return (self.ep_replicate, per_expert, params[0].element_size(), gemm_flops, link_bytes)
 
-    def _run_replicas(self, tokens, replicated: list) -> torch.Tensor:
+    def _scored_experts(self) -> bool:
+        """Whether the experts apply the routing scores themselves (through :meth:`_run_scored`), so the combine
+        only sums. False here: ``expert_fn`` returns unweighted outputs (FastMoE's contract)."""
+        return False
+
+    def _run_scored(self, rows, counts, offsets, scores) -> torch.Tensor:
+        """The experts on ``rows`` with each row's routing score ``scores [N]`` applied (where
+        :meth:`_scored_experts`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no experts that apply the routing scores")
+
+    def _run_replicas(self, tokens, replicated: list, scored: bool = False) -> torch.Tensor:
         """The experts in ``replicated`` (global ids), run here on this rank's slots for them: the fused experts'
         parameters (each ``[num_expert, ...]``) are swapped for copies of those experts' (``ops.replicate_experts``,
         whose backward sums the gradients back into the owners' parameters) while ``expert_fn`` runs."""
@@ -378,6 +393,10 @@ class FMoE(nn.Module):
         # The parameters are swapped for the call only (the mechanism of torch.func.functional_call, which would
         # call experts.forward instead), so expert_fn and any override of it run the copies unchanged.
         with torch.nn.utils.stateless._reparametrize_module(self.experts, copies):
+            if scored:
+                return self._run_scored(
+                    tokens.replica_rows(), tokens.replica_counts(), tokens.replica_offsets(), tokens.replica_scores()
+                )
             return self._run_experts(tokens.replica_rows(), tokens.replica_counts(), tokens.replica_offsets())
 
     # True where the experts' first op follows autocast (FMoETransformerMLP: a grouped GEMM), so the rows may be

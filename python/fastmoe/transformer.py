@@ -48,11 +48,30 @@ class _Expert(nn.Module):
         self.htoh4 = FMoELinear(num_expert, d_model, hidden_out, bias=bias, rank=rank, ep_mesh=ep_mesh)
         self.h4toh = FMoELinear(num_expert, d_hidden, d_model, bias=bias, rank=rank, ep_mesh=ep_mesh)
 
-    def forward(self, inp: torch.Tensor, fwd_expert_count: torch.Tensor, expert_offsets=None) -> torch.Tensor:
+    @property
+    def takes_scores(self) -> bool:
+        """Whether :meth:`forward` can apply the routing scores itself (``scores``): SwiGLU without a bias in
+        ``h4toh``, where ``W2 (s a) = s (W2 a)``, so the scores scale the activation inside the swiglu kernel and the
+        layer's combine only sums."""
+        return self.activation is swiglu and self.h4toh.bias is None
+
+    def forward(
+        self, inp: torch.Tensor, fwd_expert_count: torch.Tensor, expert_offsets=None, scores=None
+    ) -> torch.Tensor:
+        """``scores [N]``: each row's routing score, applied in the activation (only where :attr:`takes_scores`)."""
         if expert_offsets is None:
             expert_offsets = ops.counts_to_offsets(fwd_expert_count.to(device=inp.device, dtype=torch.int64))
         h = self.htoh4(inp, expert_offsets=expert_offsets)
-        h = self.activation(h)
+        if scores is None:
+            h = self.activation(h)
+        elif self.takes_scores:
+            h = ops.swiglu(h, scores)
+        else:
+            raise ValueError(
+                "scores are applied only by SwiGLU experts without a bias in h4toh; these experts have activation "
+                f"{getattr(self.activation, '__name__', self.activation)!r} and h4toh.bias "
+                f"{'set' if self.h4toh.bias is not None else 'None'}"
+            )
         return self.h4toh(h, expert_offsets=expert_offsets)
 
 
@@ -107,6 +126,20 @@ class FMoETransformerMLP(FMoE):
 
     def expert_fn(self, inp, fwd_expert_count, expert_offsets=None):
         return self.experts(inp, fwd_expert_count, expert_offsets)
+
+    def _scored_experts(self) -> bool:
+        # The built-in experts with SwiGLU and no second bias apply the routing scores in the activation (as
+        # fastmoe::moe_ffn does), unless expert_fn is overridden.
+        experts = getattr(self, "experts", None)
+        return (
+            type(self).expert_fn is FMoETransformerMLP.expert_fn
+            and type(experts) is _Expert
+            and experts.takes_scores
+            and self._io_structure is None
+        )
+
+    def _run_scored(self, rows, counts, offsets, scores):
+        return self.experts(rows, counts, offsets, scores)
 
     def forward(self, inp):
         activation = self._fused_activation(inp)

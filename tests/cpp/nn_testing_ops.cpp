@@ -34,7 +34,8 @@ struct Travel {
   double ep_gemm_flops = 0.0, ep_link_bytes = 0.0;
 };
 
-// layer: "transformer_mlp" (GELU), "transformer_mlp_swiglu", or "moe" (the factory constructor; every expert
+// layer: "transformer_mlp" (GELU), "transformer_mlp_swiglu", "transformer_mlp_swiglu_nobias" (no expert biases:
+// the experts apply the routing scores in the activation), or "moe" (the factory constructor; every expert
 // Linear(d_model, d_hidden) -> GELU -> Linear(d_hidden, d_model)); each with the default NaiveGate (with bias) and
 // world_size experts parallel on group_name, cut into ep_chunks chunks.
 Layer build_layer(const std::string& layer, int64_t num_experts, int64_t d_model, int64_t d_hidden, int64_t top_k,
@@ -52,11 +53,15 @@ Layer build_layer(const std::string& layer, int64_t num_experts, int64_t d_model
     fastmoe::nn::MoE moe(options, [d_hidden](int64_t d) { return torch::nn::AnyModule(MlpExpert(d, d_hidden)); });
     return {moe.ptr(), [impl = moe.ptr()](const torch::Tensor& x) { return impl->forward(x); }};
   }
-  TORCH_CHECK(layer == "transformer_mlp" || layer == "transformer_mlp_swiglu",
-              "layer must be 'transformer_mlp', 'transformer_mlp_swiglu' or 'moe', got '", layer, "'");
+  TORCH_CHECK(
+      layer == "transformer_mlp" || layer == "transformer_mlp_swiglu" || layer == "transformer_mlp_swiglu_nobias",
+      "layer must be 'transformer_mlp', 'transformer_mlp_swiglu', 'transformer_mlp_swiglu_nobias' or 'moe', "
+      "got '",
+      layer, "'");
   auto options =
       fastmoe::nn::TransformerMLPOptions(num_experts, d_model, d_hidden)
           .activation(layer == "transformer_mlp" ? fastmoe::nn::Activation::kGELU : fastmoe::nn::Activation::kSwiGLU)
+          .bias(layer != "transformer_mlp_swiglu_nobias")
           .top_k(top_k)
           .world_size(world_size)
           .group_name(group_name)

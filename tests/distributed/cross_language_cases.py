@@ -7,6 +7,8 @@ nn_testing_ops.cpp), with the default NaiveGate (with bias) in both:
 
     "transformer_mlp"         fastmoe.FMoETransformerMLP             fastmoe::nn::TransformerMLP (kGELU)
     "transformer_mlp_swiglu"  FMoETransformerMLP(activation="swiglu") TransformerMLP (kSwiGLU)
+    "transformer_mlp_swiglu_nobias"  the same without expert biases: the experts apply the routing scores in the
+                              activation (TokenDispatch.row_scores) and the combine only sums
     "moe"                     fastmoe.FMoE(expert=Linear->GELU->Linear) fastmoe::nn::MoE(options, make_expert)
 
 The comparison is bitwise (conftest.assert_bitwise_equal), not within a tolerance, because both layers run in the
@@ -25,7 +27,7 @@ import fastmoe
 from conftest import assert_bitwise_equal, make_generator
 
 D_MODEL, D_HIDDEN, TOP_K = 10, 12, 2  # d_model not a multiple of 8: the activations' scalar tails run too
-LAYERS = ["transformer_mlp", "transformer_mlp_swiglu", "moe"]
+LAYERS = ["transformer_mlp", "transformer_mlp_swiglu", "transformer_mlp_swiglu_nobias", "moe"]
 
 
 def mlp_expert(d: int) -> nn.Module:
@@ -51,8 +53,9 @@ def python_layer(
     if layer == "moe":
         module = fastmoe.FMoE(num_local, D_MODEL, expert=mlp_expert, **kwargs)
     else:
-        activation = "swiglu" if layer == "transformer_mlp_swiglu" else None
-        module = fastmoe.FMoETransformerMLP(num_local, D_MODEL, D_HIDDEN, activation=activation, **kwargs)
+        activation = "swiglu" if layer.startswith("transformer_mlp_swiglu") else None
+        bias = layer != "transformer_mlp_swiglu_nobias"
+        module = fastmoe.FMoETransformerMLP(num_local, D_MODEL, D_HIDDEN, activation=activation, bias=bias, **kwargs)
     randomize_(module.gate, seed)
     randomize_(module.experts, seed + 1 + module.moe_rank)
     return module.to(device=device, dtype=dtype)
@@ -140,10 +143,11 @@ def hierarchical_and_replicated(rank, world, backend, lib_path):
             layer, 2, torch.float64, device, world, seed=10, ep_exchange="hierarchical", ep_local_size=2
         )
         compared += compare(layer, module, x, grad_y, group, f"rank {rank} {layer} hierarchical: ")
-    module = python_layer(
-        "transformer_mlp", 2, torch.float64, device, world, seed=10, ep_replicate=2, ep_replicate_rates=(1e9, 1e12)
-    )
-    with torch.no_grad():
-        module.gate.gate.bias[0] += 50.0
-    compared += compare("transformer_mlp", module, x, grad_y, group, f"rank {rank} replicated: ")
+    for layer in ("transformer_mlp", "transformer_mlp_swiglu_nobias"):  # weighted and scored copies
+        module = python_layer(
+            layer, 2, torch.float64, device, world, seed=10, ep_replicate=2, ep_replicate_rates=(1e9, 1e12)
+        )
+        with torch.no_grad():
+            module.gate.gate.bias[0] += 50.0
+        compared += compare(layer, module, x, grad_y, group, f"rank {rank} {layer} replicated: ")
     return compared, module.replicated_experts

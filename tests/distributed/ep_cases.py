@@ -336,7 +336,8 @@ def cpp_transformer_mlp(rank, world, backend, lib_path, mismatch=False):
 def scored_experts(rank, world, backend):
     """Expert parallel, gated experts: scaling each row by TokenDispatch.row_scores inside swiglu and giving the
     output scored gives the weighted combine's output and gradients (x, scores, the local weights; fp64 to 1e-12),
-    with hot-expert copies too (replica_scores, give_replicas scored). Returns the experts copied per rank."""
+    with hot-expert copies too (replica_scores, give_replicas scored), and with every slot on rank 0's experts.
+    Returns the experts copied per rank, per case."""
     device = device_for(rank, backend)
     group = dist.group.WORLD.group_name
     num_local, d, h, k, tokens = 2, 8, 6, 2, 20 + 3 * rank
@@ -350,9 +351,20 @@ def scored_experts(rank, world, backend):
     w_gen = torch.Generator().manual_seed(7 + rank)  # this rank's experts
     w_in = torch.randn(num_local, 2 * h, d, generator=w_gen, dtype=torch.float64).to(device)
     w_out = torch.randn(num_local, d, h, generator=w_gen, dtype=torch.float64).to(device)
+    # every slot on rank 0's experts: the other ranks receive no rows, and must still run the backward of the
+    # scores' exchange (their row_scores are empty)
+    on_rank0 = torch.stack([torch.randperm(num_local, generator=gen)[:k] for _ in range(tokens)])
     copied = []
-    for replicate in (None, (1, 3 * h * d, 1e9, 1e12)):  # compute-bound rates: a copy pays for itself
-        results = both_ways(x, idx.to(device), score, w_in, w_out, grad, world=world, group=group, replicate=replicate)
-        assert_ways_agree(results, rtol=1e-12, atol=1e-12, what=f"rank {rank}, replicate={replicate}")
+    for routing, replicate in (
+        (idx, None),
+        (idx, (1, 3 * h * d, 1e9, 1e12)),  # compute-bound rates: a copy pays for itself
+        (on_rank0, None),
+    ):
+        results = both_ways(
+            x, routing.to(device), score, w_in, w_out, grad, world=world, group=group, replicate=replicate
+        )
+        what = f"rank {rank}, replicate={replicate}, {'all on rank 0' if routing is on_rank0 else 'spread'}"
+        idle = routing is on_rank0 and rank != 0  # its experts get no rows
+        assert_ways_agree(results, 1e-12, 1e-12, what, may_be_zero=("grad w_in", "grad w_out") if idle else ())
         copied.append(results[True][2])
     return copied

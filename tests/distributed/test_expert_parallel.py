@@ -116,8 +116,9 @@ def test_cpp_config_mismatch_raises_on_every_rank():
 @pytest.mark.parametrize("world", [2, 4])
 def test_scored_experts_match_weighted(world):
     """Gated experts applying the routing scores themselves (row_scores, give scored) under expert parallelism,
-    with and without hot-expert copies, against the weighted combine: gloo, fp64."""
+    with and without hot-expert copies, and with ranks that receive no rows, against the weighted combine: gloo,
+    fp64."""
     copied = run(world, "gloo", ep_cases.scored_experts)
-    assert all(per_rank[0] == [] for per_rank in copied)  # replication off
+    assert all(per_rank[0] == [] and per_rank[2] == [] for per_rank in copied)  # replication off
     assert all(per_rank[1] == copied[0][1] for per_rank in copied)  # one plan on every rank
     assert copied[0][1], "no expert was copied: the replicas' scored path went untested"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmoe
-from conftest import assert_bitwise_equal, leaf, make_generator
+from conftest import assert_bitwise_equal, assert_ways_agree, both_ways, leaf, make_generator
 from fastmoe import FMoETransformerMLP
 from fastmoe.gates import GShardGate, NaiveGate
 
@@ -169,11 +169,14 @@ def test_fused_equals_composed(activation, bias, balance_coef, z_loss_coef, dtyp
 
 
 @pytest.mark.parametrize("frozen", ["experts.h4toh", "experts.htoh4", "gate"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_frozen_parameters(activation, frozen, moe_ffn_calls):
+def test_frozen_parameters(activation, bias, frozen, moe_ffn_calls):
     """With some parameters frozen the one op computes only the gradients asked for (the second GEMM's input is
-    then recomputed only when its weight gradient is needed), and those equal the composed path's bit for bit."""
-    layer = make_layer(activation, True, 0.01, 1e-3)
+    then recomputed only when its weight gradient is needed; without biases, SwiGLU's scores take their gradient
+    through the activation's backward even with the experts frozen), and those equal the composed path's bit for
+    bit."""
+    layer = make_layer(activation, bias, 0.01, 1e-3)
     assert_frozen_runs_agree(layer, make_input(NUM_TOKENS, D_MODEL), frozen, moe_ffn_calls)
 
 
@@ -183,16 +186,23 @@ KEEP_ACTIVATION_BYTES = 32 << 20
 
 
 @pytest.mark.parametrize("frozen", [None, "experts.h4toh"], ids=["all-trained", "second-gemm-frozen"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_recomputed_activation_gives_the_same_bits(activation, frozen, moe_ffn_calls):
+def test_recomputed_activation_gives_the_same_bits(activation, bias, frozen, moe_ffn_calls):
     """A layer whose activation is past the size the op keeps: the backward recomputes it (or, with the second
     GEMM frozen, does without it), and every gradient still equals the composed path's bit for bit."""
     tokens, hidden = 2048, 1040
     activation_bytes = tokens * TOP_K * hidden * torch.finfo(torch.float64).bits // 8
     assert activation_bytes >= KEEP_ACTIVATION_BYTES, "the layer must be large enough to take the recompute path"
-    layer = make_layer(activation, True, 0.01, 1e-3)
+    layer = make_layer(activation, bias, 0.01, 1e-3)
     wide = FMoETransformerMLP(
-        num_expert=NUM_EXPERT, d_model=D_MODEL, d_hidden=hidden, top_k=TOP_K, activation=activation, gate=layer.gate
+        num_expert=NUM_EXPERT,
+        d_model=D_MODEL,
+        d_hidden=hidden,
+        top_k=TOP_K,
+        activation=activation,
+        bias=bias,
+        gate=layer.gate,
     )
     gen = make_generator(3)
     with torch.no_grad():
@@ -200,6 +210,28 @@ def test_recomputed_activation_gives_the_same_bits(activation, frozen, moe_ffn_c
             param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64).mul_(0.1))
     wide = wide.double()
     assert_frozen_runs_agree(wide, make_input(tokens, D_MODEL), frozen, moe_ffn_calls)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["moe_ffn", "composed"])
+def test_swiglu_without_biases_scores_the_activation(fused, moe_ffn_calls):
+    """SwiGLU experts without biases apply each row's routing score inside swiglu (W2 (s a) = s (W2 a)) and the
+    combine only sums: the layer's output and its experts' gradients are bit for bit those of that composition on
+    the gate's routing (conftest.run_token_path, scored), and equal the weighted composition's to fp64 rounding."""
+    layer = make_layer("swiglu", False, 0.01, 1e-3)
+    x = make_input(NUM_TOKENS, D_MODEL)
+    run = Run(layer, x, fused, grad_seed=5)
+    assert len(moe_ffn_calls) == (1 if fused else 0)
+    grad_y = torch.randn(run.y.shape, generator=make_generator(5), dtype=torch.float64)  # Run's upstream gradient
+    with torch.no_grad():
+        topk_idx, topk_score = layer.gate(x)
+    experts = layer.experts
+    weights = (experts.htoh4.weight.detach(), experts.h4toh.weight.detach())
+    ways = both_ways(x, topk_idx, topk_score, *weights, grad_y)
+    y, (_, _, grad_w_in, grad_w_out), _ = ways[True]
+    assert_bitwise_equal(run.y.detach(), y, "y")
+    assert_bitwise_equal(run.grads["experts.htoh4.weight"], grad_w_in, "grad htoh4.weight")
+    assert_bitwise_equal(run.grads["experts.h4toh.weight"], grad_w_out, "grad h4toh.weight")
+    assert_ways_agree(ways, rtol=1e-12, atol=1e-12, what="weighted against scored")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

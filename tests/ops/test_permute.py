@@ -141,6 +141,32 @@ def test_combine_grads_only_where_required():
     torch.testing.assert_close(s_in.grad, s_ref.grad, rtol=0, atol=1e-14)
 
 
+def test_combine_without_scores_keeps_no_expert_output(device):
+    """Without weights the combine's backward is a permute of grad_y: it saves only the experts' output's sizes
+    (one value, strides 0), so that output is freed after the forward; with weights it saves the output, which
+    the score gradient reads. Twice backward (create_graph) still works without weights."""
+    plan, _, y_sorted, topk_score, grad_y, _ = make_case(19, 3, 5, 13, 0.25, torch.float32, device)
+
+    def saved_by(*args):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = ops.unpermute_combine(*args)
+        return out, saved
+
+    def holds(saved, t):
+        return any(s.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for s in saved if s.numel())
+
+    y_in = leaf(y_sorted)
+    y, saved = saved_by(y_in, plan)
+    assert saved, "the combine saved nothing: the hook did not see its saves"
+    assert not holds(saved, y_in), "the combine without weights keeps the experts' output for its backward"
+    (g,) = torch.autograd.grad(y, [y_in], grad_y, create_graph=True)
+    assert_bitwise_equal(g, ops.permute(grad_y, plan), "grad_y_sorted")
+    y_weighted = leaf(y_sorted)
+    _, saved_weighted = saved_by(y_weighted, plan, leaf(topk_score))
+    assert holds(saved_weighted, y_weighted), "the weighted combine must keep the output for the score gradient"
+
+
 def test_combine_backward_op_direct():
     """unpermute_combine_backward: grad_y_sorted is grad_y permuted and scaled; grad_score is filled only when
     asked for and is an empty [0] tensor otherwise."""

@@ -38,7 +38,10 @@ class UnpermuteCombineFunction : public torch::autograd::Function<UnpermuteCombi
                             const at::Tensor& pair_pos, const std::optional<at::Tensor>& topk_score) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool has_score = topk_score.has_value() && topk_score->defined();
-    ctx->save_for_backward({y_sorted, sorted_pair, pair_pos, has_score ? *topk_score : at::Tensor()});
+    // Without weights the backward is a permute of grad_y and reads only y_sorted's sizes: the experts' output is
+    // not kept alive for it.
+    ctx->save_for_backward({has_score ? y_sorted : ops::shape_only(y_sorted), sorted_pair, pair_pos,
+                            has_score ? *topk_score : at::Tensor()});
     return ops::unpermute_combine(y_sorted, sorted_pair, pair_pos, topk_score);
   }
 

@@ -113,15 +113,25 @@ void check_inputs(const Inputs& in, const Options& o) {
 struct Forward {
   at::Tensor xc, wg, bg, logits, topk_idx, topk_score, balance, z_loss, counts, offsets, sorted_pair, pair_pos;
   at::Tensor rows, w1, b1, h, a, w2, b2, ys, y;
+  // Each row's routing score, where the activation applies it (scores_in_activation); undefined otherwise.
+  at::Tensor row_score;
 
   // Those the backward reads, in the order they are saved after the inputs. The activation a only when it is small
   // (keep_activation): otherwise it is undefined and the backward recomputes it from h (one elementwise kernel, the
-  // same bits), so the op keeps T * k * hidden fewer values.
-  std::array<at::Tensor*, 17> saved() {
-    return {&xc, &wg, &logits, &topk_idx, &topk_score, &counts, &offsets, &sorted_pair, &pair_pos, &rows,
-            &w1, &h,  &w2,     &ys,       &balance,    &z_loss, &a};
+  // same bits), so the op keeps T * k * hidden fewer values. ys only by its sizes where the combine has no weights.
+  std::array<at::Tensor*, 18> saved() {
+    return {&xc,   &wg, &logits, &topk_idx, &topk_score, &counts,  &offsets, &sorted_pair, &pair_pos,
+            &rows, &w1, &h,      &w2,       &ys,         &balance, &z_loss,  &a,           &row_score};
   }
 };
+
+// Whether the routing scores scale the activation's rows (swiglu with a scale) instead of weighting the combine: for
+// SwiGLU experts without a second bias, where W2 (s a) = s (W2 a). The combine then only sums, and its backward
+// reads neither the experts' output nor writes weighted rows; the scores' gradient comes out of swiglu's backward.
+// The composed layer makes the same choice (FMoETransformerMLP, TransformerMLP: TokenDispatch::row_scores).
+bool scores_in_activation(Act act, const at::Tensor& b2) {
+  return act == Act::kSwiGLU && !b2.defined();
+}
 
 // Below this size the activation is kept for the backward: such a layer's step waits on the host, and recomputing
 // costs a launch and an allocation there; above it the memory matters more (every benchmark shape is above).
@@ -231,11 +241,13 @@ Forward run_forward(const Inputs& in, const Options& o) {
   f.w1 = cast_in[3];
   f.b1 = cast_in[4];
   f.h = ops::grouped_linear(f.rows, f.offsets, f.w1, opt(f.b1));
-  f.a = activation(f.h, o.act);
   f.w2 = cast_in[5];
   f.b2 = cast_in[6];
+  const bool scored = scores_in_activation(o.act, f.b2);
+  if (scored) f.row_score = ops::pair_scores(f.topk_score, f.sorted_pair);
+  f.a = scored ? ops::swiglu(f.h, f.row_score) : activation(f.h, o.act);
   f.ys = ops::grouped_linear(f.a, f.offsets, f.w2, opt(f.b2));
-  f.y = ops::unpermute_combine(f.ys, f.sorted_pair, f.pair_pos, f.topk_score);
+  f.y = ops::unpermute_combine(f.ys, f.sorted_pair, f.pair_pos, scored ? std::nullopt : opt(f.topk_score));
   return f;
 }
 
@@ -259,6 +271,14 @@ at::Tensor mm_grad_mat1(const at::Tensor& grad, const at::Tensor& mat1, const at
 at::Tensor mm_grad_mat2(const at::Tensor& grad, const at::Tensor& mat1, const at::Tensor& mat2) {
   if (mat2.stride(0) == 1 && mat2.stride(1) == mat2.size(0)) return grad.t().mm(mat1).t();
   return mat1.t().mm(grad);
+}
+
+// The gradient of topk_score [T, k] from that of its rows' copy pair_scores(topk_score, sorted_pair) [R], as autograd
+// differentiates pair_scores in the composed layer (the same ATen graph, so the same values).
+at::Tensor pair_scores_grad(const at::Tensor& grad_rows, const at::Tensor& topk_score, const at::Tensor& sorted_pair) {
+  at::AutoGradMode on(true);
+  const at::Tensor leaf = topk_score.detach().requires_grad_(true);
+  return torch::autograd::grad({ops::pair_scores(leaf, sorted_pair)}, {leaf}, {grad_rows})[0];
 }
 
 bool defined_term(const at::Tensor& grad, const at::Tensor& term) {
@@ -300,6 +320,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
     if (!keep_activation(f.a)) f.a = at::Tensor();
+    if (f.row_score.defined()) f.ys = ops::shape_only(f.ys);  // a combine without weights reads only its sizes
     std::vector<at::Tensor> saved = in.list();
     for (const at::Tensor* t : f.saved()) saved.push_back(*t);
     ctx->save_for_backward(saved);
@@ -333,10 +354,12 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     at::Tensor grad_logits;
     if (grads[0].defined()) {
       at::Tensor grad_score, grad_h;
+      const bool scored = f.row_score.defined();
       {  // grad_ys, a and grad_a live only here, so none is held during the first GEMM's backward
         auto [grad_ys, score_grad] =
-            ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos, f.topk_score, need_logits);
-        grad_score = score_grad;
+            ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos,
+                                            scored ? std::nullopt : opt(f.topk_score), need_logits && !scored);
+        if (!scored) grad_score = score_grad;
         // The second GEMM's input a (kept when small, else recomputed) is read only for its weight gradient;
         // otherwise any tensor of a's shape does (h itself, except for SwiGLU, whose h is twice as wide). Below
         // autograd: this is a first-order backward.
@@ -345,15 +368,23 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
           a = f.a;
         } else if (need[5] || o.act == Act::kSwiGLU) {
           at::AutoDispatchBelowADInplaceOrView below;
-          a = activation(f.h, o.act);
+          a = scored ? ops::swiglu(f.h, f.row_score) : activation(f.h, o.act);
         } else {
           a = f.h;
         }
+        // With the scores in the activation, their gradient also comes through grad_a.
+        const bool need_grad_a = need_rows || (scored && need_logits);
         auto [grad_a, grad_w2, grad_b2] =
-            ops::grouped_linear_backward(grad_ys, a, f.offsets, f.w2, {need_rows, need[5], need[6]});
+            ops::grouped_linear_backward(grad_ys, a, f.offsets, f.w2, {need_grad_a, need[5], need[6]});
         if (need[5]) raw[5] = grad_w2;
         if (need[6]) raw[6] = grad_b2;
-        if (need_rows) grad_h = activation_backward(grad_a, f, o.act);
+        if (scored && need_grad_a) {
+          auto [grad_h_scaled, grad_row_score] = ops::swiglu_scaled_backward(grad_a, f.h, f.row_score);
+          if (need_rows) grad_h = grad_h_scaled;
+          if (need_logits) grad_score = pair_scores_grad(grad_row_score, f.topk_score, f.sorted_pair);
+        } else if (need_rows) {
+          grad_h = activation_backward(grad_a, f, o.act);
+        }
       }
       if (need_rows) {
         auto [grad_rows, grad_w1, grad_b1] =
