@@ -648,6 +648,10 @@ def reference_moe_ffn(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activati
     topk_idx, topk_score, balance, z_loss, _ = F.naive_gate(logits, top_k, balance_coef, z_loss_coef)
     counts, offsets, sorted_pair, pair_pos = F.make_plan(topk_idx, gate_weight.shape[0])
     h = F.grouped_linear(F.permute(x, sorted_pair, pair_pos), offsets, w1, b1)
+    if activation == "swiglu" and b2 is None:  # each row's routing score inside swiglu; the combine only sums
+        row_score = torch.where(sorted_pair >= 0, topk_score.reshape(-1).index_select(0, sorted_pair.clamp_min(0)), 0.0)
+        y_sorted = F.grouped_linear(F.swiglu(h, row_score), offsets, w2, None)
+        return F.unpermute_combine(y_sorted, sorted_pair, pair_pos, None), balance, z_loss, counts
     y_sorted = F.grouped_linear(_ACTIVATIONS[activation](h), offsets, w2, b2)
     return F.unpermute_combine(y_sorted, sorted_pair, pair_pos, topk_score), balance, z_loss, counts
 
