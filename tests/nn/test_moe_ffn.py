@@ -31,7 +31,15 @@ MODES = [
 
 
 def make_layer(
-    activation="gelu", bias=True, balance_coef=0.0, z_loss_coef=0.0, dtype=torch.float64, seed=0, gate=None, **kwargs
+    activation="gelu",
+    bias=True,
+    balance_coef=0.0,
+    z_loss_coef=0.0,
+    dtype=torch.float64,
+    seed=0,
+    gate=None,
+    d_hidden=D_HIDDEN,
+    **kwargs,
 ):
     """A layer whose parameters (biases included, which start at zero) are all drawn afresh from ``seed``."""
     torch.manual_seed(seed)
@@ -42,7 +50,7 @@ def make_layer(
     layer = FMoETransformerMLP(
         num_expert=NUM_EXPERT,
         d_model=D_MODEL,
-        d_hidden=D_HIDDEN,
+        d_hidden=d_hidden,
         top_k=TOP_K,
         activation=activation,
         bias=bias,
@@ -194,21 +202,7 @@ def test_recomputed_activation_gives_the_same_bits(activation, bias, frozen, moe
     tokens, hidden = 2048, 1040
     activation_bytes = tokens * TOP_K * hidden * torch.finfo(torch.float64).bits // 8
     assert activation_bytes >= KEEP_ACTIVATION_BYTES, "the layer must be large enough to take the recompute path"
-    layer = make_layer(activation, bias, 0.01, 1e-3)
-    wide = FMoETransformerMLP(
-        num_expert=NUM_EXPERT,
-        d_model=D_MODEL,
-        d_hidden=hidden,
-        top_k=TOP_K,
-        activation=activation,
-        bias=bias,
-        gate=layer.gate,
-    )
-    gen = make_generator(3)
-    with torch.no_grad():
-        for param in wide.experts.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64).mul_(0.1))
-    wide = wide.double()
+    wide = make_layer(activation, bias, 0.01, 1e-3, d_hidden=hidden)
     assert_frozen_runs_agree(wide, make_input(tokens, D_MODEL), frozen, moe_ffn_calls)
 
 
