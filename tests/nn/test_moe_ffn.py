@@ -299,6 +299,56 @@ def test_fused_forward_is_one_autograd_node(bias):
     assert len(composed_nodes) > len(fused_nodes), (len(composed_nodes), len(fused_nodes))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_backward_twice_with_retain_graph(activation, moe_ffn_calls):
+    """The one op keeps the first GEMM's output apart from its saved tensors and drops it during the backward; with
+    retain_graph=True it stays for a second backward. Two backwards through one forward (a loss, then the gate's
+    terms) give the composed path's accumulated gradients bit for bit; a third without retain_graph after them
+    raises as autograd does."""
+    layer = make_layer(activation, False, 0.01, 1e-3)
+    x = make_input(NUM_TOKENS, D_MODEL)
+    grad_y = make_input(NUM_TOKENS, D_MODEL, seed=4)
+    grads = []
+    for fused in (True, False):
+        layer.fused_forward = fused
+        layer.zero_grad(set_to_none=True)
+        inp = leaf(x)
+        y = layer(inp)
+        y.backward(grad_y, retain_graph=True)
+        (y * grad_y).sum().add(layer.get_loss()).backward(retain_graph=True)
+        (y * grad_y).sum().backward()
+        with pytest.raises(RuntimeError, match="second time"):
+            y.backward(grad_y)
+        grads.append({name: param.grad.clone() for name, param in layer.named_parameters()} | {"x": inp.grad})
+    assert len(moe_ffn_calls) == 1
+    for name, grad in grads[1].items():
+        assert_bitwise_equal(grads[0][name], grad, f"grad of {name}")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_saved_tensor_hooks_see_every_saved_tensor(activation, moe_ffn_calls):
+    """Under saved-tensor hooks (activation offloading, e.g. torch.autograd.graph.save_on_cpu) the one op saves the
+    first GEMM's output [tokens * top_k, hidden] with its other tensors, so the hooks handle it, and the gradients
+    are those of the op without hooks, bit for bit."""
+    layer = make_layer(activation, True, 0.01, 1e-3)
+    x = make_input(NUM_TOKENS, D_MODEL)
+    h_shape = (NUM_TOKENS * TOP_K, layer.experts.htoh4.weight.shape[1])
+    runs = []
+    for hooked in (False, True):
+        packed = []
+        layer.zero_grad(set_to_none=True)
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t, p=packed: p.append(tuple(t.shape)) or t, lambda t: t)
+        with hooks if hooked else contextlib.nullcontext():
+            y = layer(leaf(x))
+        y.sum().backward()
+        runs.append({name: param.grad for name, param in layer.named_parameters()})
+        if hooked:
+            assert h_shape in packed, (h_shape, packed)
+    assert len(moe_ffn_calls) == 2
+    for name, grad in runs[1].items():
+        assert_bitwise_equal(runs[0][name], grad, f"grad of {name}")
+
+
 def test_gate_loss_alone_leaves_the_experts_without_gradients():
     """Backpropagating only the gate's loss terms reaches the gate, not the experts: their gradients stay None on
     both paths (an optimizer skips a parameter without a gradient, but decays and moves one with a zero gradient)."""

@@ -11,9 +11,11 @@
 // Gradients of gradients: a backward under create_graph recomputes the forward with autograd recording (the same
 // function, so the same graph as the composed layer) and differentiates it, so every order is exact.
 #include <ATen/ATen.h>
+#include <ATen/SavedTensorHooks.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <array>
@@ -136,6 +138,16 @@ bool scores_in_activation(Act act, const at::Tensor& b2) {
 // Below this size the activation is kept for the backward: such a layer's step waits on the host, and recomputing
 // costs a launch and an allocation there; above it the memory matters more (every benchmark shape is above).
 constexpr int64_t kKeepActivationBytes = int64_t{32} << 20;
+
+// The first GEMM's output h is the largest tensor the backward reads, and only up to the activation's backward; the
+// first GEMM's backward, where the backward's memory peaks (grad_h and grad_w1 are made there), no longer needs it.
+// Saved tensors live until the node's backward returns, so h is kept apart (ctx->saved_data["h"]) and dropped as
+// soon as it is read, unless the graph is kept for another backward. Saved-tensor hooks (offloading, checkpointing)
+// see only the saved tensors, and a traced call has symbolic sizes: both keep h among them instead.
+bool keep_h_apart(const at::Tensor& h) {
+  return !h.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+         !at::SavedTensorDefaultHooks::get_hooks().has_value();
+}
 
 bool keep_activation(const at::Tensor& a) {
   // A traced call (symbolic sizes under torch.compile) takes the large layer's way: the saved set does not depend
@@ -320,6 +332,10 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
     if (!keep_activation(f.a)) f.a = at::Tensor();
+    if (keep_h_apart(f.h)) {
+      ctx->saved_data["h"] = f.h;
+      f.h = at::Tensor();
+    }
     if (f.row_score.defined()) f.ys = ops::shape_only(f.ys);  // a combine without weights reads only its sizes
     std::vector<at::Tensor> saved = in.list();
     for (const at::Tensor* t : f.saved()) saved.push_back(*t);
@@ -346,6 +362,12 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     Forward f;
     size_t i = 7;
     for (at::Tensor* t : f.saved()) *t = saved[i++];
+    // h kept apart (keep_h_apart): taken out for this backward, unless the graph stays for another one.
+    const bool drop_h = !f.h.defined() && !torch::autograd::get_current_graph_task_keep_graph();
+    if (!f.h.defined()) {
+      f.h = ctx->saved_data.at("h").toTensor();
+      if (drop_h) ctx->saved_data.erase("h");
+    }
     const std::array<bool, 7> need = needs_grad(ctx, in);
     const bool need_logits = need[0] || need[1] || need[2];
     const bool need_rows = need[0] || need[3] || need[4];
@@ -386,6 +408,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
           grad_h = activation_backward(grad_a, f, o.act);
         }
       }
+      if (drop_h) f.h = at::Tensor();  // read for the last time above (a aliased it at most inside the block)
       if (need_rows) {
         auto [grad_rows, grad_w1, grad_b1] =
             ops::grouped_linear_backward(grad_h, f.rows, f.offsets, f.w1, {need[0], need[3], need[4]});
