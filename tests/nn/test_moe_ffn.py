@@ -90,6 +90,14 @@ class Run:
         self.grads = {name: param.grad for name, param in layer.named_parameters()}
 
 
+def each_path(layer, x):
+    """A fresh leaf copy of ``x`` for the one op, then for the composed path, the layer's gradients reset each time."""
+    for fused in (True, False):
+        layer.fused_forward = fused
+        layer.zero_grad(set_to_none=True)
+        yield leaf(x)
+
+
 def assert_same_runs(fused: Run, composed: Run) -> None:
     """Bit for bit: output, every gradient, and the balance record (counts and loss terms) and its host summary."""
     assert_bitwise_equal(fused.y, composed.y, "y")
@@ -309,10 +317,7 @@ def test_backward_twice_with_retain_graph(activation, moe_ffn_calls):
     x = make_input(NUM_TOKENS, D_MODEL)
     grad_y = make_input(NUM_TOKENS, D_MODEL, seed=4)
     grads = []
-    for fused in (True, False):
-        layer.fused_forward = fused
-        layer.zero_grad(set_to_none=True)
-        inp = leaf(x)
+    for inp in each_path(layer, x):
         y = layer(inp)
         y.backward(grad_y, retain_graph=True)
         (y * grad_y).sum().add(layer.get_loss()).backward(retain_graph=True)
@@ -355,10 +360,7 @@ def test_gate_loss_alone_leaves_the_experts_without_gradients():
     layer = make_layer(balance_coef=0.01, z_loss_coef=1e-3)
     x = make_input(NUM_TOKENS, D_MODEL)
     grads = []
-    for fused in (True, False):
-        layer.fused_forward = fused
-        layer.zero_grad(set_to_none=True)
-        inp = leaf(x)
+    for inp in each_path(layer, x):
         layer(inp)
         layer.get_loss().backward()
         grads.append({name: param.grad for name, param in layer.named_parameters()} | {"input": inp.grad})
@@ -383,10 +385,7 @@ def test_second_derivatives(activation, balance_coef, z_loss_coef, moe_ffn_calls
     x = make_input(NUM_TOKENS, D_MODEL)
     grad_y = make_input(NUM_TOKENS, D_MODEL, seed=5)
     results = []
-    for fused in (True, False):
-        layer.fused_forward = fused
-        layer.zero_grad(set_to_none=True)
-        inp = leaf(x)
+    for inp in each_path(layer, x):
         y = layer(inp)
         loss = (y * grad_y).sum() + layer.get_loss()
         params = list(layer.parameters())
@@ -414,10 +413,7 @@ def test_second_derivatives_under_autocast(activation):
     layer = make_layer(activation, balance_coef=0.01, z_loss_coef=1e-3, dtype=torch.float32)
     x = make_input(NUM_TOKENS, D_MODEL, dtype=torch.float32)
     results = []
-    for fused in (True, False):
-        layer.fused_forward = fused
-        layer.zero_grad(set_to_none=True)
-        inp = leaf(x)
+    for inp in each_path(layer, x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = layer(inp).float().sum() + layer.get_loss()
         params = list(layer.parameters())
