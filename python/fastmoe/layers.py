@@ -332,7 +332,8 @@ class FMoE(nn.Module):
             # scored: the experts apply each row's routing score themselves and the combine only sums
             scored = self._scored_experts()
             if replicated:  # the copies first; their exchanges queue behind the chunks' dispatch
-                tokens.give_replicas(self._run_replicas(tokens, replicated, scored), scored)
+                scores = tokens.replica_scores() if scored else None
+                tokens.give_replicas(self._run_replicas(tokens, replicated, scores), scored)
             for c in range(tokens.num_chunks()):
                 tokens.enter(c)  # the chunk's CUDA stream (expert parallelism with ep_chunks > 1)
                 try:
@@ -340,10 +341,8 @@ class FMoE(nn.Module):
                     # parallelism, where the bounds come with the exchanged counts at no cost
                     host = not self.experts_fused and self.moe_group is not None
                     offsets = tokens.expert_bounds(c) if host else tokens.expert_offsets(c)
-                    if scored:
-                        y = self._run_scored(tokens.rows(c), tokens.expert_counts(c), offsets, tokens.row_scores(c))
-                    else:
-                        y = self._run_experts(tokens.rows(c), tokens.expert_counts(c), offsets)
+                    scores = tokens.row_scores(c) if scored else None
+                    y = self._run_routed(tokens.rows(c), tokens.expert_counts(c), offsets, scores)
                 finally:
                     tokens.leave(c)
                 tokens.give(c, y, scored)
@@ -380,7 +379,14 @@ class FMoE(nn.Module):
         :meth:`_scored_experts`)."""
         raise NotImplementedError(f"{type(self).__name__} has no experts that apply the routing scores")
 
-    def _run_replicas(self, tokens, replicated: list, scored: bool = False) -> torch.Tensor:
+    def _run_routed(self, rows, counts, offsets, scores) -> torch.Tensor:
+        """The experts on a chunk's (or the copies') rows: :meth:`_run_scored` with each row's routing score, or
+        :meth:`_run_experts` where ``scores`` is None."""
+        if scores is None:
+            return self._run_experts(rows, counts, offsets)
+        return self._run_scored(rows, counts, offsets, scores)
+
+    def _run_replicas(self, tokens, replicated: list, scores=None) -> torch.Tensor:
         """The experts in ``replicated`` (global ids), run here on this rank's slots for them: the fused experts'
         parameters (each ``[num_expert, ...]``) are swapped for copies of those experts' (``ops.replicate_experts``,
         whose backward sums the gradients back into the owners' parameters) while ``expert_fn`` runs."""
@@ -393,11 +399,7 @@ class FMoE(nn.Module):
         # The parameters are swapped for the call only (the mechanism of torch.func.functional_call, which would
         # call experts.forward instead), so expert_fn and any override of it run the copies unchanged.
         with torch.nn.utils.stateless._reparametrize_module(self.experts, copies):
-            if scored:
-                return self._run_scored(
-                    tokens.replica_rows(), tokens.replica_counts(), tokens.replica_offsets(), tokens.replica_scores()
-                )
-            return self._run_experts(tokens.replica_rows(), tokens.replica_counts(), tokens.replica_offsets())
+            return self._run_routed(tokens.replica_rows(), tokens.replica_counts(), tokens.replica_offsets(), scores)
 
     # True where the experts' first op follows autocast (FMoETransformerMLP: a grouped GEMM), so the rows may be
     # cast to the autocast dtype before they are permuted or exchanged.
