@@ -60,7 +60,12 @@ def set_plain(module: torch.nn.Module, **attrs) -> None:
     """``setattr(module, name, value)`` for each of ``attrs``. A plain attribute (not a parameter, buffer,
     submodule or class property of that name) goes straight into ``module.__dict__``, where
     ``nn.Module.__setattr__`` would put it after checking it against those kinds: layers and gates set a few on
-    every forward, and those checks are a measurable part of a small layer's host time."""
+    every forward, and those checks are a measurable part of a small layer's host time. Under torch.compile (which
+    traces ``setattr`` on modules, not writes to ``__dict__``) it is ``setattr`` for all."""
+    if torch.compiler.is_compiling():
+        for name, value in attrs.items():
+            setattr(module, name, value)
+        return
     for name, value in attrs.items():
         descriptor = getattr(type(module), name, None)
         if (

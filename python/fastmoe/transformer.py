@@ -179,7 +179,6 @@ class FMoETransformerMLP(FMoE):
             or type(self).expert_fn is not FMoETransformerMLP.expert_fn
             or self.gate_hook is not None
             or debug.is_debug()
-            or torch.compiler.is_compiling()
         ):
             return None
         linears = (type(gate.gate), type(experts.htoh4), type(experts.h4toh))

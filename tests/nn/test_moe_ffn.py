@@ -609,3 +609,38 @@ def test_compiles_with_dynamic_shapes_under_autocast():
         results.append([loss.detach()] + [tensor.grad.clone() for tensor in leaves])
     for i, (eager, traced) in enumerate(zip(*results, strict=True)):
         assert_bitwise_equal(traced, eager, f"output {i}")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["one-op", "composed"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_compiled_layer_matches_eager(activation, fused):
+    """torch.compile of the layer traces the one op fastmoe::moe_ffn, as one graph (fullgraph=True), when the eager
+    layer would run it (fused_forward); the composed path compiles with graph breaks (dynamo does not trace the
+    methods of the token path's C++ object). Either way the compiled layer gives the eager layer's output, the
+    gradients of the input and of every parameter and the gate's loss bit for bit (aot_eager runs the same
+    kernels), and the balance record of the compiled forward."""
+    traced = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    layer = make_layer(activation, balance_coef=0.01)
+    layer.fused_forward = fused
+    x = make_input(NUM_TOKENS, D_MODEL)
+    compiled = torch.compile(layer, backend=recording_backend, fullgraph=fused)
+    runs = []
+    for forward in (layer, compiled):
+        layer.zero_grad(set_to_none=True)
+        inp = leaf(x)
+        y = forward(inp)
+        loss = y.square().sum() + layer.get_loss()
+        loss.backward()
+        runs.append(([y, loss, inp.grad] + [p.grad for p in layer.parameters()], layer.balance_stats()))
+    assert traced, "the backend saw no graph"
+    assert any("fastmoe.moe_ffn" in target for target in traced) == fused, sorted(set(traced))
+    (eager, eager_stats), (compiled_run, compiled_stats) = runs
+    for i, (a, b) in enumerate(zip(compiled_run, eager, strict=True)):
+        assert_bitwise_equal(a, b, f"tensor {i} (y, loss, grad of x, then the parameters' grads)")
+    assert compiled_stats == eager_stats
