@@ -5,6 +5,7 @@ bias unless --bias on, bf16 unless --dtypes says otherwise, NaiveGate top-k rout
 
     python benchmarks/bench_moe_layer.py [--configs mixtral,fine,paper,escan,train,qwen3] [--iters 30]
         [--activation gelu,swiglu] [--dtypes bf16,fp16] [--bias off,on] [--skip-loop] [--json out.jsonl]
+        [--composed] [--compile]
     python benchmarks/bench_moe_layer.py --device cpu --tiny --dtypes fp32   # the same on the CPU, in seconds
 
 Every combination of configuration, activation, bias and dtype is a case. Per case it prints one JSON line and, at
@@ -17,6 +18,13 @@ Each case also times ``dense_ffn``: a dense MLP of width k * h with the case's a
 experts, which is what an MoE model is compared with at equal FLOPs per token (fastmoe-train's dense baseline).
 ``vs_dense_ffn`` is fastmoe's time over that one: the cost of the MoE layer's routing and grouped GEMMs relative
 to a dense FFN.
+
+``--composed`` runs fastmoe's layer on its composed token path (``layer.fused_forward = False``: the gate, the
+token path and the experts op by op) instead of the one op ``fastmoe::moe_ffn``. ``--compile`` also times
+``fastmoe_compiled``: the same layer under ``torch.compile`` with the default backend (``fullgraph=True`` but with
+``--composed``), compiled
+by its first calls (the output check and the warm-up steps, so give ``--warmup`` at least 2). Its ``speedup``
+entry is its time over eager fastmoe's: at most 1.0 means compiling does not slow the layer down.
 
 Where ``transformers`` is importable, the SwiGLU cases of the ``mixtral`` and ``qwen3`` configurations without
 bias also time Hugging Face's MoE block of that model (``MixtralSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``)
@@ -55,6 +63,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ACTIVATIONS = ("gelu", "swiglu")
 BIAS = {"off": False, "on": True}
 DENSE = "dense_ffn"  # the equal-FLOPs dense FFN: timed, but not a baseline of the same function
+COMPILED = "fastmoe_compiled"  # --compile: torch.compile(layer, fullgraph=True) with the default backend
 HF_MODELS = ("mixtral", "qwen3")  # the configurations that also time the HF MoE block of the model of that name
 HF_IMPLS = ("eager", "grouped_mm")
 HF_NOTE = "rel_err vs fastmoe with its gate bias zeroed: the HF router has none (same top-k softmax routing)"
@@ -146,6 +155,7 @@ def run_case(name: str, cfg: dict, act: str, bias: bool, dtype_name: str, args, 
             layer.experts.htoh4.bias.normal_(0, 0.1)
             layer.experts.h4toh.bias.normal_(0, 0.1)
     layer = layer.to(device=device, dtype=dtype)
+    layer.fused_forward = not args.composed
     experts = layer.experts
     params = (layer.gate.gate.weight, layer.gate.gate.bias, experts.htoh4.weight, experts.h4toh.weight)
     options = dict(b1=experts.htoh4.bias, b2=experts.h4toh.bias, activation=act)
@@ -156,6 +166,10 @@ def run_case(name: str, cfg: dict, act: str, bias: bool, dtype_name: str, args, 
         "fastmoe": lambda: layer(x),
         "grouped_mm_ref": lambda: grouped_mm_moe(x, *params, k, **options),
     }
+    if args.compile:  # the same layer (same parameters) under torch.compile; compiled during the warm-up steps
+        # one graph for the one op; the composed path compiles with graph breaks (its token path is a C++ object)
+        compiled = torch.compile(layer, fullgraph=not args.composed)
+        methods[COMPILED] = lambda: compiled(x)
     if not args.skip_loop:
         methods["loop"] = lambda: loop_moe(x, *params, k, **options)
     first_width = (2 if act == "swiglu" else 1) * k * h
@@ -183,6 +197,7 @@ def run_case(name: str, cfg: dict, act: str, bias: bool, dtype_name: str, args, 
     flops = 3 * 2 * T * k * d * h * (3 if act == "swiglu" else 2)  # fwd: 2*T*k*d*h per expert GEMM, 2h wide first
     dense = dense_tflops[dtype_name]
     result = {"config": name + ("-tiny" if args.tiny else ""), **cfg, "activation": act, "dtype": dtype_name}
+    result["composed"] = args.composed
     result.update({"bias": bias, f"dense_{dtype_name}_tflops": None if dense is None else round(dense, 1)})
     result["methods"] = {}
     for method, forward in methods.items():
@@ -237,6 +252,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, 1 with --tiny)")
     parser.add_argument("--skip-loop", action="store_true", help="leave out the (slow) plain-loop baseline")
     parser.add_argument("--json", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument(
+        "--composed", action="store_true", help="fastmoe runs its composed token path (layer.fused_forward = False)"
+    )
+    parser.add_argument("--compile", action="store_true", help=f"also time {COMPILED}: torch.compile(layer)")
     args = parser.parse_args(argv)
 
     def choose(flag: str, value: str, choices) -> list:

@@ -85,3 +85,20 @@ def test_bad_values_are_refused_naming_the_flag_and_value(flag, value, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and repr(value) in err, err
+
+
+@pytest.mark.parametrize("composed", [False, True], ids=["one-op", "composed"])
+def test_compiled_and_composed_layers_compute_the_same_layer(composed, tmp_path):
+    """--compile times the layer under torch.compile, --composed runs fastmoe's composed token path: both are the
+    same function as the eager one-op layer and the baselines (fp32 on the CPU)."""
+    out = tmp_path / "moe_layer.jsonl"
+    argv = ["--device", "cpu", "--tiny", "--dtypes", "fp32", "--configs", "train", "--skip-loop"]
+    argv += ["--iters", "1", "--warmup", "2", "--json", str(out)] + (["--composed"] if composed else ["--compile"])
+    assert bench_moe_layer.main(argv) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["composed"] is composed
+    methods = record["methods"]
+    assert (bench_moe_layer.COMPILED in methods) is not composed, methods.keys()
+    for method, m in methods.items():
+        if method != "dense_ffn":
+            assert m["ms"] > 0 and m["rel_err_vs_fastmoe"] < 1e-5, (method, m)
