@@ -400,6 +400,10 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
             ops::grouped_linear_backward(grad_ys, a, f.offsets, f.w2, {need_grad_a, need[5], need[6]});
         if (need[5]) raw[5] = grad_w2;
         if (need[6]) raw[6] = grad_b2;
+        // Both read for the last time: freed before the activation's backward makes grad_h (T * k * hidden values
+        // of a, T * k * d_out of grad_ys), as autograd frees a node's tensors once its backward has run.
+        a = at::Tensor();
+        grad_ys = at::Tensor();
         if (scored && need_grad_a) {
           auto [grad_h_scaled, grad_row_score] = ops::swiglu_scaled_backward(grad_a, f.h, f.row_score);
           if (need_rows) grad_h = grad_h_scaled;
