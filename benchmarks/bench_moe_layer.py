@@ -5,7 +5,7 @@ bias unless --bias on, bf16 unless --dtypes says otherwise, NaiveGate top-k rout
 
     python benchmarks/bench_moe_layer.py [--configs mixtral,fine,paper,escan,train,qwen3] [--iters 30]
         [--activation gelu,swiglu] [--dtypes bf16,fp16] [--bias off,on] [--skip-loop] [--json out.jsonl]
-        [--composed] [--compile]
+        [--composed] [--compile [default,reduce-overhead]]
     python benchmarks/bench_moe_layer.py --device cpu --tiny --dtypes fp32   # the same on the CPU, in seconds
 
 Every combination of configuration, activation, bias and dtype is a case. Per case it prints one JSON line and, at
@@ -22,9 +22,10 @@ to a dense FFN.
 ``--composed`` runs fastmoe's layer on its composed token path (``layer.fused_forward = False``: the gate, the
 token path and the experts op by op) instead of the one op ``fastmoe::moe_ffn``. ``--compile`` also times
 ``fastmoe_compiled``: the same layer under ``torch.compile`` with the default backend (``fullgraph=True`` but with
-``--composed``), compiled
-by its first calls (the output check and the warm-up steps, so give ``--warmup`` at least 2). Its ``speedup``
-entry is its time over eager fastmoe's: at most 1.0 means compiling does not slow the layer down.
+``--composed``); ``--compile default,reduce-overhead`` also times ``fastmoe_compiled_reduce-overhead`` (CUDA
+graphs), and so on for each mode. Each is compiled by its first calls (the output check and the warm-up steps, so
+give ``--warmup`` at least 2). Its ``speedup`` entry is its time over eager fastmoe's: at most 1.0 means
+compiling does not slow the layer down.
 
 Where ``transformers`` is importable, the SwiGLU cases of the ``mixtral`` and ``qwen3`` configurations without
 bias also time Hugging Face's MoE block of that model (``MixtralSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``)
@@ -63,10 +64,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ACTIVATIONS = ("gelu", "swiglu")
 BIAS = {"off": False, "on": True}
 DENSE = "dense_ffn"  # the equal-FLOPs dense FFN: timed, but not a baseline of the same function
-COMPILED = "fastmoe_compiled"  # --compile: torch.compile(layer, fullgraph=True) with the default backend
+COMPILED = "fastmoe_compiled"  # --compile: torch.compile(layer) with the default backend, in each mode asked for
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 HF_MODELS = ("mixtral", "qwen3")  # the configurations that also time the HF MoE block of the model of that name
 HF_IMPLS = ("eager", "grouped_mm")
 HF_NOTE = "rel_err vs fastmoe with its gate bias zeroed: the HF router has none (same top-k softmax routing)"
+
+
+def compiled_name(mode: str) -> str:
+    return COMPILED if mode == "default" else f"{COMPILED}_{mode}"
 
 
 def time_step(step, iters: int, warmup: int, device: torch.device) -> float:
@@ -166,10 +172,16 @@ def run_case(name: str, cfg: dict, act: str, bias: bool, dtype_name: str, args, 
         "fastmoe": lambda: layer(x),
         "grouped_mm_ref": lambda: grouped_mm_moe(x, *params, k, **options),
     }
-    if args.compile:  # the same layer (same parameters) under torch.compile; compiled during the warm-up steps
+    for mode in args.compile:  # the same layer (same parameters) under torch.compile, compiled by the warm-up steps
         # one graph for the one op; the composed path compiles with graph breaks (its token path is a C++ object)
-        compiled = torch.compile(layer, fullgraph=not args.composed)
-        methods[COMPILED] = lambda: compiled(x)
+        compiled = torch.compile(layer, fullgraph=not args.composed, mode=mode)
+
+        def run_compiled(compiled=compiled, graphed=mode == "reduce-overhead"):
+            if graphed:  # a new step: the CUDA graphs may reuse the previous step's outputs' memory
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled(x)
+
+        methods[compiled_name(mode)] = run_compiled
     if not args.skip_loop:
         methods["loop"] = lambda: loop_moe(x, *params, k, **options)
     first_width = (2 if act == "swiglu" else 1) * k * h
@@ -255,7 +267,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--composed", action="store_true", help="fastmoe runs its composed token path (layer.fused_forward = False)"
     )
-    parser.add_argument("--compile", action="store_true", help=f"also time {COMPILED}: torch.compile(layer)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="",
+        help=f"also time the layer under torch.compile, in these comma-separated modes: {', '.join(COMPILE_MODES)} "
+        f"(the flag alone: default); as {COMPILED} (default mode) and {COMPILED}_<mode>",
+    )
     args = parser.parse_args(argv)
 
     def choose(flag: str, value: str, choices) -> list:
@@ -269,6 +288,7 @@ def main(argv=None) -> int:
     acts = choose("--activation", args.activation, ACTIVATIONS)
     dtypes = choose("--dtypes", args.dtypes, DTYPES)
     biases = [BIAS[b] for b in choose("--bias", args.bias, BIAS)]
+    args.compile = choose("--compile", args.compile, COMPILE_MODES) if args.compile else []
     args.iters = args.iters if args.iters is not None else (3 if args.tiny else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     if args.iters < 1 or args.warmup < 0:

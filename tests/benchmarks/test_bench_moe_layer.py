@@ -77,7 +77,8 @@ def test_dense_swiglu_ffn_is_the_expert_mlp_of_a_one_expert_layer():
 
 
 @pytest.mark.parametrize(
-    "flag, value", [("--activation", "relu"), ("--dtypes", "bf16,int8"), ("--bias", "yes"), ("--configs", "")]
+    "flag, value",
+    [("--activation", "relu"), ("--dtypes", "bf16,int8"), ("--bias", "yes"), ("--configs", ""), ("--compile", "fast")],
 )
 def test_bad_values_are_refused_naming_the_flag_and_value(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
