@@ -333,11 +333,13 @@ def test_backward_twice_with_retain_graph(activation, moe_ffn_calls):
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_saved_tensor_hooks_see_every_saved_tensor(activation, moe_ffn_calls):
     """Under saved-tensor hooks (activation offloading, e.g. torch.autograd.graph.save_on_cpu) the one op saves the
-    first GEMM's output [tokens * top_k, hidden] with its other tensors, so the hooks handle it, and the gradients
-    are those of the op without hooks, bit for bit."""
+    first GEMM's output [tokens * top_k, hidden] and the second's [tokens * top_k, d_model] (which the weighted
+    combine's backward reads) with its other tensors, so the hooks handle them, and the gradients are those of the
+    op without hooks, bit for bit."""
     layer = make_layer(activation, True, 0.01, 1e-3)
     x = make_input(NUM_TOKENS, D_MODEL)
     h_shape = (NUM_TOKENS * TOP_K, layer.experts.htoh4.weight.shape[1])
+    ys_shape = (NUM_TOKENS * TOP_K, D_MODEL)
     runs = []
     for hooked in (False, True):
         packed = []
@@ -348,7 +350,7 @@ def test_saved_tensor_hooks_see_every_saved_tensor(activation, moe_ffn_calls):
         y.sum().backward()
         runs.append({name: param.grad for name, param in layer.named_parameters()})
         if hooked:
-            assert h_shape in packed, (h_shape, packed)
+            assert h_shape in packed and ys_shape in packed, (h_shape, ys_shape, packed)
     assert len(moe_ffn_calls) == 2
     for name, grad in runs[1].items():
         assert_bitwise_equal(runs[0][name], grad, f"grad of {name}")

@@ -142,10 +142,11 @@ constexpr int64_t kKeepActivationBytes = int64_t{32} << 20;
 // The first GEMM's output h is the largest tensor the backward reads, and only up to the activation's backward; the
 // first GEMM's backward, where the backward's memory peaks (grad_h and grad_w1 are made there), no longer needs it.
 // Saved tensors live until the node's backward returns, so h is kept apart (ctx->saved_data["h"]) and dropped as
-// soon as it is read, unless the graph is kept for another backward. Saved-tensor hooks (offloading, checkpointing)
-// see only the saved tensors, and a traced call has symbolic sizes: both keep h among them instead.
-bool keep_h_apart(const at::Tensor& h) {
-  return !h.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+// soon as it is read, unless the graph is kept for another backward; so is the second GEMM's output ys where the
+// combine's backward reads it (for the scores' gradient), at the backward's start. Saved-tensor hooks (offloading,
+// checkpointing) see only the saved tensors, and a traced call has symbolic sizes: both keep them among those.
+bool keep_apart(const at::Tensor& t) {
+  return !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
          !at::SavedTensorDefaultHooks::get_hooks().has_value();
 }
 
@@ -332,11 +333,13 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
     if (!keep_activation(f.a)) f.a = at::Tensor();
-    if (keep_h_apart(f.h)) {
-      ctx->saved_data["h"] = f.h;
-      f.h = at::Tensor();
-    }
     if (f.row_score.defined()) f.ys = ops::shape_only(f.ys);  // a combine without weights reads only its sizes
+    for (auto [name, t] : {std::pair{"h", &f.h}, std::pair{"ys", &f.ys}}) {
+      if (t->defined() && keep_apart(*t)) {
+        ctx->saved_data[name] = *t;
+        *t = at::Tensor();
+      }
+    }
     std::vector<at::Tensor> saved = in.list();
     for (const at::Tensor* t : f.saved()) saved.push_back(*t);
     ctx->save_for_backward(saved);
@@ -362,11 +365,14 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     Forward f;
     size_t i = 7;
     for (at::Tensor* t : f.saved()) *t = saved[i++];
-    // h kept apart (keep_h_apart): taken out for this backward, unless the graph stays for another one.
-    const bool drop_h = !f.h.defined() && !torch::autograd::get_current_graph_task_keep_graph();
-    if (!f.h.defined()) {
-      f.h = ctx->saved_data.at("h").toTensor();
-      if (drop_h) ctx->saved_data.erase("h");
+    // h and ys kept apart (keep_apart): taken out for this backward, unless the graph stays for another one.
+    const bool drop_apart = !torch::autograd::get_current_graph_task_keep_graph();
+    const bool drop_h = !f.h.defined() && drop_apart;
+    const bool drop_ys = !f.ys.defined() && drop_apart;
+    for (auto [name, t] : {std::pair{"h", &f.h}, std::pair{"ys", &f.ys}}) {
+      if (t->defined() || ctx->saved_data.count(name) == 0) continue;
+      *t = ctx->saved_data.at(name).toTensor();
+      if (drop_apart) ctx->saved_data.erase(name);
     }
     const std::array<bool, 7> need = needs_grad(ctx, in);
     const bool need_logits = need[0] || need[1] || need[2];
@@ -382,6 +388,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
             ops::unpermute_combine_backward(grads[0], f.ys, f.sorted_pair, f.pair_pos,
                                             scored ? std::nullopt : opt(f.topk_score), need_logits && !scored);
         if (!scored) grad_score = score_grad;
+        if (drop_ys) f.ys = at::Tensor();  // read for the last time
         // The second GEMM's input a (kept when small, else recomputed) is read only for its weight gradient;
         // otherwise any tensor of a's shape does (h itself, except for SwiGLU, whose h is twice as wide). Below
         // autograd: this is a first-order backward.
