@@ -172,6 +172,8 @@ def run_case(name: str, cfg: dict, act: str, bias: bool, dtype_name: str, args, 
         "fastmoe": lambda: layer(x),
         "grouped_mm_ref": lambda: grouped_mm_moe(x, *params, k, **options),
     }
+    if args.compile:  # each case compiles its own layer: forget the previous cases' graphs (dynamo's recompile limit)
+        torch._dynamo.reset()
     for mode in args.compile:  # the same layer (same parameters) under torch.compile, compiled by the warm-up steps
         # one graph for the one op; the composed path compiles with graph breaks (its token path is a C++ object)
         compiled = torch.compile(layer, fullgraph=not args.composed, mode=mode)
