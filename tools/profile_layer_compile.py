@@ -1,0 +1,80 @@
+"""Where one forward + backward step of an MoE layer spends its GPU time, eager against torch.compile.
+
+For each backend named (``eager`` for none, else a torch.compile backend: ``aot_eager``, ``inductor``), times the
+step of ``FMoETransformerMLP`` (GELU experts, no bias, bf16; the shapes of bench_moe_layer.py's ``train`` or
+``paper`` configuration) with CUDA events (median of 20 after 5 warm-up steps), its peak memory above the parameters,
+and then profiles 5 steps: kernels launched per step, their summed GPU time per step, and the kernels with the most
+time. Wall time well above the kernels' sum means the GPU waited on the host.
+
+    PYTHONPATH=python python3 tools/profile_layer_compile.py --config train --backends eager,aot_eager,inductor
+"""
+
+import argparse
+import statistics
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fastmoe
+
+CONFIGS = {"train": dict(T=16384, d=1024, h=2048, E=8, k=2), "paper": dict(T=4096, d=1024, h=4096, E=64, k=2)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="train", choices=sorted(CONFIGS))
+    parser.add_argument("--backends", default="eager,inductor", help="comma-separated: eager, aot_eager, inductor")
+    parser.add_argument("--rows", type=int, default=22, help="kernels listed per backend")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_layer_compile: needs a CUDA device", file=sys.stderr)
+        return 2
+    c = CONFIGS[args.config]
+    torch.manual_seed(0)
+    layer = fastmoe.FMoETransformerMLP(num_expert=c["E"], d_model=c["d"], d_hidden=c["h"], top_k=c["k"], bias=False)
+    layer = layer.cuda().bfloat16()
+    x = torch.randn(c["T"], c["d"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        torch._dynamo.reset()
+        forward = layer if backend == "eager" else torch.compile(layer, backend=backend, fullgraph=True)
+
+        def step(forward=forward):
+            for p in [x, *layer.parameters()]:
+                p.grad = None
+            forward(x).backward(grad_out)
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels.sort(key=lambda e: -e.self_device_time_total)
+        gpu_us = sum(e.self_device_time_total for e in kernels) / 5
+        launches = sum(e.count for e in kernels) / 5
+        print(
+            f"=== {args.config} {backend}: {statistics.median(times):.3f} ms  peak {peak:.2f} GiB  "
+            f"kernels/step {launches:.0f}  gpu {gpu_us / 1e3:.3f} ms"
+        )
+        for e in kernels[: args.rows]:
+            print(f"  {e.self_device_time_total / 5:9.1f} us  x{e.count / 5:4.1f}  {e.key[:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
