@@ -10,27 +10,32 @@ time. Wall time well above the kernels' sum means the GPU waited on the host.
 """
 
 import argparse
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import fastmoe
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "python"))
+import bench_moe_layer  # noqa: E402
 
-CONFIGS = {"train": dict(T=16384, d=1024, h=2048, E=8, k=2), "paper": dict(T=4096, d=1024, h=4096, E=64, k=2)}
+import fastmoe  # noqa: E402
+
+CONFIGS = ("train", "paper")  # bench_moe_layer.py's configurations of about 2 ms a step
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="train", choices=sorted(CONFIGS))
+    parser.add_argument("--config", default="train", choices=CONFIGS)
     parser.add_argument("--backends", default="eager,inductor", help="comma-separated: eager, aot_eager, inductor")
     parser.add_argument("--rows", type=int, default=22, help="kernels listed per backend")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_layer_compile: needs a CUDA device", file=sys.stderr)
         return 2
-    c = CONFIGS[args.config]
+    (c,) = bench_moe_layer.CONFIGS[args.config]
     torch.manual_seed(0)
     layer = fastmoe.FMoETransformerMLP(num_expert=c["E"], d_model=c["d"], d_hidden=c["h"], top_k=c["k"], bias=False)
     layer = layer.cuda().bfloat16()
@@ -50,14 +55,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        ms = bench_moe_layer.time_step(step, iters=20, warmup=0, device=torch.device("cuda"))
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
@@ -68,7 +66,7 @@ def main(argv=None) -> int:
         gpu_us = sum(e.self_device_time_total for e in kernels) / 5
         launches = sum(e.count for e in kernels) / 5
         print(
-            f"=== {args.config} {backend}: {statistics.median(times):.3f} ms  peak {peak:.2f} GiB  "
+            f"=== {args.config} {backend}: {ms:.3f} ms  peak {peak:.2f} GiB  "
             f"kernels/step {launches:.0f}  gpu {gpu_us / 1e3:.3f} ms"
         )
         for e in kernels[: args.rows]:
