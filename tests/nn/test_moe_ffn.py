@@ -4,11 +4,13 @@ without autograd, and the composed path wherever the one op does not cover the l
 activations, debug mode)."""
 
 import contextlib
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmoe
 from conftest import assert_bitwise_equal, assert_ways_agree, both_ways, leaf, make_generator
@@ -646,3 +648,54 @@ def test_compiled_layer_matches_eager(activation, fused):
     for i, (a, b) in enumerate(zip(compiled_run, eager, strict=True)):
         assert_bitwise_equal(a, b, f"tensor {i} (y, loss, grad of x, then the parameters' grads)")
     assert compiled_stats == eager_stats
+
+
+class _Lifetimes(TorchDispatchMode):
+    """Records, at each op call, which of the tensors it tracks are still alive (held anywhere: a saved tensor, a
+    local of the op's C++ backward). It keeps only weak references, so it does not extend any tensor's life."""
+
+    def __init__(self):
+        super().__init__()
+        self.tracked, self.calls, self.phase = [], [], "forward"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        alive = {label for label, ref in self.tracked if ref() is not None}
+        self.calls.append((self.phase, name, alive))
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        count = sum(1 for phase, n, _ in self.calls if (phase, n) == (self.phase, name))
+        self.tracked.append((f"{self.phase}:{name}#{count}", weakref.ref(first)))
+        return out
+
+    def alive_at(self, phase: str, name: str, occurrence: int = 1) -> set:
+        matches = [alive for p, n, alive in self.calls if (p, n) == (phase, name)]
+        assert len(matches) >= occurrence, f"{phase}: {name} called {len(matches)} times, {[c[:2] for c in self.calls]}"
+        return matches[occurrence - 1]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_backward_frees_each_large_tensor_after_its_last_read(activation):
+    """The op's backward holds no tensor of [tokens * top_k, ...] past its last read, as autograd's composed graph
+    would not: the second GEMM's output (read by the weighted combine's backward) and the gathered output gradient are
+    gone when the activation's backward runs, and so is the recomputed activation (read by the second GEMM's backward);
+    the first GEMM's output is gone when the first GEMM's backward runs. (With biases the combine is weighted.)"""
+    # an activation of 32 MiB (2048 tokens * top_k 2 * 2048 fp32 values), which the op recomputes instead of keeping
+    layer = make_layer(activation, bias=True, dtype=torch.float32, d_hidden=2048)
+    x = make_input(2048, D_MODEL, dtype=torch.float32).requires_grad_(True)
+    activation_op = "aten.gelu" if activation == "gelu" else "fastmoe.swiglu"
+    activation_backward = "aten.gelu_backward" if activation == "gelu" else "fastmoe.swiglu_backward"
+    lifetimes = _Lifetimes()
+    with lifetimes:
+        y = layer(x)
+        lifetimes.phase = "backward"
+        y.square().sum().backward()
+    h, ys = "forward:fastmoe.grouped_linear#1", "forward:fastmoe.grouped_linear#2"
+    a, grad_ys = f"backward:{activation_op}#1", "backward:fastmoe.unpermute_combine_backward#1"
+    assert {h, ys} <= lifetimes.alive_at("backward", "fastmoe.unpermute_combine_backward"), "the saved tensors"
+    assert {a, grad_ys} <= lifetimes.alive_at("backward", "fastmoe.grouped_linear_backward", 1)
+    assert not {ys, grad_ys, a} & lifetimes.alive_at("backward", activation_backward), (
+        "held into the activation's backward"
+    )
+    assert h not in lifetimes.alive_at("backward", "fastmoe.grouped_linear_backward", 2), "h held into the first GEMM's"
+    assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
