@@ -90,8 +90,8 @@ def test_bad_values_are_refused_naming_the_flag_and_value(flag, value, capsys):
 
 @pytest.mark.parametrize("composed", [False, True], ids=["one-op", "composed"])
 def test_compiled_and_composed_layers_compute_the_same_layer(composed, tmp_path):
-    """--compile times the layer under torch.compile, --composed runs fastmoe's composed token path: both are the
-    same function as the eager one-op layer and the baselines (fp32 on the CPU)."""
+    """--compile times the layer under torch.compile, --composed runs fastmoe's composed token path: either way every
+    method computes the same function as the baselines and fastmoe's eager layer of that run (fp32 on the CPU)."""
     out = tmp_path / "moe_layer.jsonl"
     argv = ["--device", "cpu", "--tiny", "--dtypes", "fp32", "--configs", "train", "--skip-loop"]
     argv += ["--iters", "1", "--warmup", "2", "--json", str(out)] + (["--composed"] if composed else ["--compile"])

@@ -125,6 +125,9 @@ struct Forward {
     return {&xc,   &wg, &logits, &topk_idx, &topk_score, &counts,  &offsets, &sorted_pair, &pair_pos,
             &rows, &w1, &h,      &w2,       &ys,         &balance, &z_loss,  &a,           &row_score};
   }
+
+  // Those the op may keep apart from its saved tensors (keep_apart), by their keys in ctx->saved_data.
+  std::array<std::pair<const char*, at::Tensor*>, 2> apart() { return {{{"h", &h}, {"ys", &ys}}}; }
 };
 
 // Whether the routing scores scale the activation's rows (swiglu with a scale) instead of weighting the combine: for
@@ -334,7 +337,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     }
     if (!keep_activation(f.a)) f.a = at::Tensor();
     if (f.row_score.defined()) f.ys = ops::shape_only(f.ys);  // a combine without weights reads only its sizes
-    for (auto [name, t] : {std::pair{"h", &f.h}, std::pair{"ys", &f.ys}}) {
+    for (auto [name, t] : f.apart()) {
       if (t->defined() && keep_apart(*t)) {
         ctx->saved_data[name] = *t;
         *t = at::Tensor();
@@ -369,7 +372,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     const bool drop_apart = !torch::autograd::get_current_graph_task_keep_graph();
     const bool drop_h = !f.h.defined() && drop_apart;
     const bool drop_ys = !f.ys.defined() && drop_apart;
-    for (auto [name, t] : {std::pair{"h", &f.h}, std::pair{"ys", &f.ys}}) {
+    for (auto [name, t] : f.apart()) {
       if (t->defined() || ctx->saved_data.count(name) == 0) continue;
       *t = ctx->saved_data.at(name).toTensor();
       if (drop_apart) ctx->saved_data.erase(name);
