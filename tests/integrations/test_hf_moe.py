@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import io
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -370,6 +371,7 @@ def test_profile_tool_checks_its_arguments():
         (["--impls", "fastmoe,nope"], "unknown implementation 'nope'"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--layers", "-2"], "--layers must be >= 1, got -2"),
+        (["--impls", "fastmoe", "--diff"], "give at least two in --impls, got 'fastmoe'"),
     ):
         err = io.StringIO()
         with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
@@ -378,3 +380,24 @@ def test_profile_tool_checks_its_arguments():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             tool.main([])
+
+
+def test_profile_tool_diff_lists_what_one_implementation_adds(capsys):
+    """--diff keeps the kernels whose calls or time differ (per step) and drops those both runs share."""
+    spec = importlib.util.spec_from_file_location("profile_hf_step", ROOT / "tools" / "profile_hf_step.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def event(key, count, total):
+        return types.SimpleNamespace(key=key, count=count, device_time_total=total)
+
+    ours = tool.kernel_times([event("gemm", 12, 6000.0), event("attention", 4, 800.0), event("permute", 4, 300.0)], 2)
+    theirs = tool.kernel_times([event("gemm", 12, 6100.0), event("attention", 4, 801.0), event("cpu_op", 3, 0.0)], 2)
+    assert ours == {"gemm": (6, 3000.0), "attention": (2, 400.0), "permute": (2, 150.0)}
+    assert "cpu_op" not in theirs  # no GPU time
+    tool.print_diff("qwen3_moe", {"fastmoe": ours, "grouped_mm": theirs}, rows=10)
+    out = capsys.readouterr().out
+    assert "fastmoe: 3.550 ms of kernels a step" in out and "grouped_mm: 3.450 ms" in out, out
+    lines = [line for line in out.splitlines() if line.rstrip().endswith(("gemm", "permute", "attention"))]
+    assert [line.split()[-1] for line in lines] == ["permute", "gemm"], out  # attention: within 1%, same calls
+    assert lines[0].split()[0] == "150.0" and lines[1].split()[0] == "-50.0", out
