@@ -3,17 +3,21 @@ implementation: benchmarks/bench_hf_moe.py's models, weights and batch (8 decode
 batch 8 x seq 2048, SGD), two warm-up steps, then ``--steps`` steps under torch.profiler.
 
     PYTHONPATH=python python3 tools/profile_hf_step.py [--config qwen3_moe] [--impls fastmoe,grouped_mm]
-        [--steps 2] [--rows 40] [--layers 8] [--diff]
+        [--steps 2] [--rows 40] [--layers 8] [--diff] [--sync-check]
 
 Prints, per implementation, torch.profiler's table sorted by CUDA time: each kernel's total over the profiled steps
 and its number of calls. With ``--diff`` it prints instead, per step, each implementation's total kernel time and
 the kernels whose calls or time differ between the first implementation and each other one (what the experts
 implementation adds or saves; the kernels of attention, the router and the optimizer are the same in every run and
-drop out). Needs a CUDA device and transformers.
+drop out). With ``--sync-check`` it runs one step per implementation under
+``torch.cuda.set_sync_debug_mode("warn")`` and lists where the step made the host wait for the GPU (a wait leaves
+the GPU idle until the host has issued the next kernels). Needs a CUDA device and transformers.
 """
 
 import argparse
+import collections
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,12 +36,15 @@ def parse_args(argv=None):
     parser.add_argument("--rows", type=int, default=40, help="kernels listed per implementation")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the configuration's)")
     parser.add_argument("--diff", action="store_true", help="kernels that differ between the implementations")
+    parser.add_argument("--sync-check", action="store_true", help="where a step synchronizes with the GPU")
     args = parser.parse_args(argv)
     known = (*bench_hf_moe.HF_IMPLS, bench_hf_moe.FASTMOE)
     args.impls = args.impls.split(",")
     for impl in args.impls:
         if impl not in known:
             parser.error(f"--impls: unknown implementation {impl!r}; choose from {', '.join(known)}")
+    if args.diff and args.sync_check:
+        parser.error("--diff and --sync-check are two different runs: give one of them")
     if args.diff and len(args.impls) < 2:
         parser.error(f"--diff compares implementations: give at least two in --impls, got {','.join(args.impls)!r}")
     for flag, value in (("--steps", args.steps), ("--rows", args.rows), ("--layers", args.layers)):
@@ -72,6 +79,9 @@ def main(argv=None) -> int:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
+        if args.sync_check:
+            print_syncs(args.config, impl, step)
+            continue
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 step()
@@ -84,6 +94,22 @@ def main(argv=None) -> int:
     if args.diff:
         print_diff(args.config, kernels, args.rows)
     return 0
+
+
+def print_syncs(config: str, impl: str, step) -> None:
+    """Runs `step` once under the CUDA sync debug mode and prints each synchronizing call's Python location."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    print(f"{config} {impl}: {len(syncs)} synchronizing calls in one step")
+    places = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    for place, count in places.most_common():
+        print(f"  {count:4d}  {place}")
 
 
 def kernel_times(averages, steps: int) -> dict:

@@ -372,6 +372,7 @@ def test_profile_tool_checks_its_arguments():
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--layers", "-2"], "--layers must be >= 1, got -2"),
         (["--impls", "fastmoe", "--diff"], "give at least two in --impls, got 'fastmoe'"),
+        (["--diff", "--sync-check"], "--diff and --sync-check are two different runs"),
     ):
         err = io.StringIO()
         with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
