@@ -22,8 +22,6 @@ using cuda::load_chunk;
 using cuda::store_chunk;
 
 constexpr int kThreadsPerBlock = 256;
-// Slots of a token whose rows unpermute_combine_kernel loads at once.
-constexpr int kSlotBatch = 8;
 
 // Block shape for the (row, chunk) kernels: x runs along the chunks of a row, y over rows, so a narrow row
 // still fills the block.
@@ -243,30 +241,19 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 #pragma unroll
       for (int i = 0; i < kN; ++i) acc[i] = 0;
       bool first = true;
-      // The slots in batches of kSlotBatch: a batch issues all its loads before it adds any, so a thread has up
-      // to kSlotBatch rows in flight instead of one (a sum over k = 8 slots waited on eight loads in a row). The
-      // adds keep the slot order, so the bits are the same.
-      for (int64_t j0 = 0; j0 < k; j0 += kSlotBatch) {
-        T values[kSlotBatch][kN];
-        bool valid[kSlotBatch];
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t pos = pair_pos[token * k + j];
+        if (pos < 0 || pos >= num_rows) continue;
+        T values[kN];
+        load_chunk<T, kN>(y_sorted + pos * d + c * kN, values);
+        const A weight = topk_score == nullptr ? A(1) : static_cast<A>(cuda::to_acc(topk_score[token * k + j]));
 #pragma unroll
-        for (int b = 0; b < kSlotBatch; ++b) {
-          const int64_t pos = j0 + b < k ? pair_pos[token * k + j0 + b] : -1;
-          valid[b] = pos >= 0 && pos < num_rows;
-          if (valid[b]) load_chunk<T, kN>(y_sorted + pos * d + c * kN, values[b]);
+        for (int i = 0; i < kN; ++i) {
+          const A term =
+              topk_score == nullptr ? cuda::to_acc(values[i]) : cuda::mul_rn(weight, cuda::to_acc(values[i]));
+          acc[i] = first ? term : cuda::add_rn(acc[i], term);
         }
-#pragma unroll
-        for (int b = 0; b < kSlotBatch; ++b) {
-          if (!valid[b]) continue;
-          const A weight = topk_score == nullptr ? A(1) : static_cast<A>(cuda::to_acc(topk_score[token * k + j0 + b]));
-#pragma unroll
-          for (int i = 0; i < kN; ++i) {
-            const A term =
-                topk_score == nullptr ? cuda::to_acc(values[b][i]) : cuda::mul_rn(weight, cuda::to_acc(values[b][i]));
-            acc[i] = first ? term : cuda::add_rn(acc[i], term);
-          }
-          first = false;
-        }
+        first = false;
       }
       T out[kN];
 #pragma unroll
