@@ -3,7 +3,7 @@ implementation: benchmarks/bench_hf_moe.py's models, weights and batch (8 decode
 batch 8 x seq 2048, SGD), two warm-up steps, then ``--steps`` steps under torch.profiler.
 
     PYTHONPATH=python python3 tools/profile_hf_step.py [--config qwen3_moe] [--impls fastmoe,grouped_mm]
-        [--steps 2] [--rows 40] [--layers 8] [--diff] [--sync-check]
+        [--steps 2] [--rows 40] [--layers 8] [--diff | --sync-check | --gaps]
 
 Prints, per implementation, torch.profiler's table sorted by CUDA time: each kernel's total over the profiled steps
 and its number of calls. With ``--diff`` it prints instead, per step, each implementation's total kernel time and
@@ -11,7 +11,9 @@ the kernels whose calls or time differ between the first implementation and each
 implementation adds or saves; the kernels of attention, the router and the optimizer are the same in every run and
 drop out). With ``--sync-check`` it runs one step per implementation under
 ``torch.cuda.set_sync_debug_mode("warn")`` and lists where the step made the host wait for the GPU (a wait leaves
-the GPU idle until the host has issued the next kernels). Needs a CUDA device and transformers.
+the GPU idle until the host has issued the next kernels). With ``--gaps`` it prints, per implementation, how long the
+GPU was busy and idle over the profiled steps and the ``--rows`` longest idle stretches, each with the kernels
+before and after it: where the step's wall time goes beyond its kernels. Needs a CUDA device and transformers.
 """
 
 import argparse
@@ -37,14 +39,17 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the configuration's)")
     parser.add_argument("--diff", action="store_true", help="kernels that differ between the implementations")
     parser.add_argument("--sync-check", action="store_true", help="where a step synchronizes with the GPU")
+    parser.add_argument("--gaps", action="store_true", help="the GPU's idle stretches and the kernels around them")
     args = parser.parse_args(argv)
     known = (*bench_hf_moe.HF_IMPLS, bench_hf_moe.FASTMOE)
     args.impls = args.impls.split(",")
     for impl in args.impls:
         if impl not in known:
             parser.error(f"--impls: unknown implementation {impl!r}; choose from {', '.join(known)}")
-    if args.diff and args.sync_check:
-        parser.error("--diff and --sync-check are two different runs: give one of them")
+    chosen = (("--diff", args.diff), ("--sync-check", args.sync_check), ("--gaps", args.gaps))
+    modes = [flag for flag, on in chosen if on]
+    if len(modes) > 1:
+        parser.error(f"{' and '.join(modes)} are different runs: give one of them")
     if args.diff and len(args.impls) < 2:
         parser.error(f"--diff compares implementations: give at least two in --impls, got {','.join(args.impls)!r}")
     for flag, value in (("--steps", args.steps), ("--rows", args.rows), ("--layers", args.layers)):
@@ -89,6 +94,9 @@ def main(argv=None) -> int:
         if args.diff:
             kernels[impl] = kernel_times(prof.key_averages(), args.steps)
             continue
+        if args.gaps:
+            print_gaps(f"{args.config} {impl}", gpu_intervals(prof.events()), args.steps, args.rows)
+            continue
         print(f"===== {args.config} {impl}: {args.steps} steps", flush=True)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=160))
     if args.diff:
@@ -110,6 +118,44 @@ def print_syncs(config: str, impl: str, step) -> None:
     places = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
     for place, count in places.most_common():
         print(f"  {count:4d}  {place}")
+
+
+def gpu_intervals(events) -> list:
+    """(start us, end us, name) of each GPU activity (kernel, copy, set) among a profile's events, by start."""
+    from torch.autograd import DeviceType
+
+    spans = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    ]
+    return sorted(spans)
+
+
+def print_gaps(label: str, spans: list, steps: int, rows: int) -> None:
+    """The GPU's busy and idle time a step over `spans` (first start to last end), and the `rows` longest idle
+    stretches with the activities on either side."""
+    if not spans:
+        print(f"{label}: no GPU activity recorded")
+        return
+    gaps, busy = [], 0.0
+    run_start, run_end, last_name = spans[0][0], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > run_end:  # the GPU idled from run_end to start
+            gaps.append((start - run_end, run_end, last_name, name))
+            busy += run_end - run_start
+            run_start = start
+        if end >= run_end:
+            run_end, last_name = end, name
+    busy += run_end - run_start
+    span = run_end - spans[0][0]
+    idle = span - busy
+    print(
+        f"{label}: GPU busy {busy / steps / 1e3:.3f} ms and idle {idle / steps / 1e3:.3f} ms a step "
+        f"({len(gaps) / steps:g} idle stretches a step)"
+    )
+    for length, at, before, after in sorted(gaps, reverse=True)[:rows]:
+        print(f"  {length:9.1f} us at {(at - spans[0][0]) / 1e3:9.3f} ms  after {before[:60]}  before {after[:60]}")
 
 
 def kernel_times(averages, steps: int) -> dict:

@@ -372,7 +372,8 @@ def test_profile_tool_checks_its_arguments():
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--layers", "-2"], "--layers must be >= 1, got -2"),
         (["--impls", "fastmoe", "--diff"], "give at least two in --impls, got 'fastmoe'"),
-        (["--diff", "--sync-check"], "--diff and --sync-check are two different runs"),
+        (["--diff", "--sync-check"], "--diff and --sync-check are different runs"),
+        (["--gaps", "--diff"], "--diff and --gaps are different runs"),
     ):
         err = io.StringIO()
         with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
@@ -402,3 +403,33 @@ def test_profile_tool_diff_lists_what_one_implementation_adds(capsys):
     lines = [line for line in out.splitlines() if line.rstrip().endswith(("gemm", "permute", "attention"))]
     assert [line.split()[-1] for line in lines] == ["permute", "gemm"], out  # attention: within 1%, same calls
     assert lines[0].split()[0] == "150.0" and lines[1].split()[0] == "-50.0", out
+
+
+def test_profile_tool_gaps_finds_the_gpu_idle_stretches(capsys):
+    """--gaps merges overlapping activities, and reports the idle time between them with the kernels around it."""
+    spec = importlib.util.spec_from_file_location("profile_hf_step", ROOT / "tools" / "profile_hf_step.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    # two steps: a 10 us gap after "b" (which overlaps "a"), a 40 us gap after "c", a 5 us gap after "d"
+    spans = [(0.0, 100.0, "a"), (50.0, 120.0, "b"), (130.0, 200.0, "c"), (240.0, 300.0, "d"), (305.0, 400.0, "e")]
+    tool.print_gaps("qwen3_moe fastmoe", spans, steps=2, rows=2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "qwen3_moe fastmoe: GPU busy 0.172 ms and idle 0.028 ms a step (1.5 idle stretches a step)", out
+    assert len(out) == 3, out  # the two longest stretches only
+    assert out[1].split()[:2] == ["40.0", "us"] and "after c" in out[1] and "before d" in out[1], out
+    assert out[2].split()[:2] == ["10.0", "us"] and "after b" in out[2] and "before c" in out[2], out
+    from torch.autograd import DeviceType
+
+    def event(device, start, end, name):
+        return types.SimpleNamespace(
+            device_type=device, time_range=types.SimpleNamespace(start=start, end=end), name=name
+        )
+
+    events = [
+        event(DeviceType.CUDA, 9.0, 12.0, "k2"),
+        event(DeviceType.CPU, 0.0, 50.0, "op"),
+        event(DeviceType.CUDA, 1.0, 4.0, "k1"),
+    ]
+    assert tool.gpu_intervals(events) == [(1.0, 4.0, "k1"), (9.0, 12.0, "k2")]  # GPU activity only, by start
+    tool.print_gaps("none", [], steps=1, rows=3)
+    assert "no GPU activity" in capsys.readouterr().out
