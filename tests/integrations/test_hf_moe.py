@@ -332,12 +332,18 @@ def test_bad_input_errors_name_the_argument():
         module(x, idx - 3, w)
 
 
+def _load_script(path: str):
+    """The module of a script of this repository (a benchmark or a tool), by its path from the root."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_benchmark_tiny_runs():
     """benchmarks/bench_hf_moe.py --tiny: every configuration and implementation runs a training step on the CPU,
     and all implementations compute the same loss on the same weights."""
-    spec = importlib.util.spec_from_file_location("bench_hf_moe", ROOT / "benchmarks" / "bench_hf_moe.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_script("benchmarks/bench_hf_moe.py")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         records = bench.main(["--tiny", "--iters", "1", "--warmup", "0"])
@@ -362,9 +368,7 @@ def test_benchmark_tiny_runs():
 
 def test_profile_tool_checks_its_arguments():
     """tools/profile_hf_step.py names a bad flag and its value, and refuses to run without a GPU."""
-    spec = importlib.util.spec_from_file_location("profile_hf_step", ROOT / "tools" / "profile_hf_step.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _load_script("tools/profile_hf_step.py")
     args = tool.parse_args(["--impls", "fastmoe,eager", "--steps", "3"])
     assert args.impls == ["fastmoe", "eager"] and args.steps == 3 and args.config == "qwen3_moe"
     for argv, words in (
@@ -386,9 +390,7 @@ def test_profile_tool_checks_its_arguments():
 
 def test_profile_tool_diff_lists_what_one_implementation_adds(capsys):
     """--diff keeps the kernels whose calls or time differ (per step) and drops those both runs share."""
-    spec = importlib.util.spec_from_file_location("profile_hf_step", ROOT / "tools" / "profile_hf_step.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _load_script("tools/profile_hf_step.py")
 
     def event(key, count, total):
         return types.SimpleNamespace(key=key, count=count, device_time_total=total)
@@ -407,9 +409,7 @@ def test_profile_tool_diff_lists_what_one_implementation_adds(capsys):
 
 def test_profile_tool_gaps_finds_the_gpu_idle_stretches(capsys):
     """--gaps merges overlapping activities, and reports the idle time between them with the kernels around it."""
-    spec = importlib.util.spec_from_file_location("profile_hf_step", ROOT / "tools" / "profile_hf_step.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _load_script("tools/profile_hf_step.py")
     # two steps: a 10 us gap after "b" (which overlaps "a"), a 40 us gap after "c", a 5 us gap after "d"
     spans = [(0.0, 100.0, "a"), (50.0, 120.0, "b"), (130.0, 200.0, "c"), (240.0, 300.0, "d"), (305.0, 400.0, "e")]
     tool.print_gaps("qwen3_moe fastmoe", spans, steps=2, rows=2)
