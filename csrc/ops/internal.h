@@ -69,9 +69,13 @@ inline at::Tensor shape_only(const at::Tensor& t) {
 }
 
 // score.reshape(-1)[pairs] with 0 where pairs < 0 ([R] in score's dtype): the routing score of each row of a plan
-// (sorted_pair) or of an exchange (slot_order). Recorded by autograd when score requires grad, also when score is
-// empty (an exchange's backward must run on every rank).
-at::Tensor pair_scores(const at::Tensor& score, const at::Tensor& pairs);
+// (sorted_pair, with its pair_pos) or of an exchange (slot_order, slot_pos). Recorded by autograd when score requires
+// grad, also when score is empty (an exchange's backward must run on every rank).
+at::Tensor pair_scores(const at::Tensor& score, const at::Tensor& pairs, const at::Tensor& pair_pos);
+// The gradient of score [T, k] from that of pair_scores(score, pairs, pair_pos) [R]: the same combine that
+// pair_scores' backward runs, for callers that differentiate it by hand (moe_ffn).
+at::Tensor pair_scores_backward(const at::Tensor& grad_rows, const at::Tensor& score, const at::Tensor& pairs,
+                                const at::Tensor& pair_pos);
 
 // naive_gate's z-loss term on its own (the [0] placeholder when z_loss_coef is 0).
 at::Tensor naive_gate_z_loss(const at::Tensor& logits, double z_loss_coef);

@@ -175,7 +175,7 @@ std::vector<int64_t> TokenDispatch::replica_bounds() const {
 
 at::Tensor TokenDispatch::replica_scores() const {
   const Replicas& r = replicas_checked();
-  return ops::pair_scores(topk_score_, r.sorted_pair);
+  return ops::pair_scores(topk_score_, r.sorted_pair, r.pair_pos);
 }
 
 void TokenDispatch::give_replicas(const at::Tensor& y, bool scored) {

@@ -525,6 +525,18 @@ TYPED_TEST(CudaPermute, MoreSlotsThanAWarpHasLanes) {
   this->expect_matches_reference(routing, 64, random_values<float>(360, rng), 0, rng);
 }
 
+TYPED_TEST(CudaPermute, OneSlotPerTokenGathersWithNarrowBlocks) {
+  // k = 1 gathers even when given pair_pos, and rows of a few values run a block of that many threads per row
+  // (one for a routing score: pair_scores permutes [T * k, 1] through a plan read with k = 1).
+  using T = TypeParam;
+  std::mt19937 rng(46);
+  const Routing routing = make_routing(1000, 1, 4, rng);
+  for (int64_t d : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{8}}) {
+    this->expect_matches_reference(routing, d, std::vector<T>{}, 0, rng);
+  }
+  this->expect_matches_reference(routing, 1, random_values<float>(1000, rng), 0, rng);
+}
+
 TYPED_TEST(CudaPermute, UnalignedRowsFallBackToScalarPath) {
   using T = TypeParam;
   std::mt19937 rng(43);
@@ -595,6 +607,17 @@ TYPED_TEST(CudaUnpermuteCombine, MatchesReferenceForEveryScoreDtype) {
     const std::vector<S> score = random_values<S>(routing.num_tokens * routing.k, rng, 0.0, 1.0);
     for (int64_t d : kWidths) this->expect_matches_reference(routing, d, score, rng);
   });
+}
+
+TYPED_TEST(CudaUnpermuteCombine, OneSlotPerTokenWithNarrowBlocks) {
+  // The backward of pair_scores: a combine of one-value rows with k = 1, zero for a dropped pair.
+  using T = TypeParam;
+  std::mt19937 rng(53);
+  const Routing routing = make_routing(1000, 1, 4, rng);
+  for (int64_t d : {int64_t{1}, int64_t{3}}) {
+    this->expect_matches_reference(routing, d, std::vector<T>{}, rng);
+    this->expect_matches_reference(routing, d, random_values<float>(1000, rng, 0.0, 1.0), rng);
+  }
 }
 
 TYPED_TEST(CudaUnpermuteCombine, PermuteThenUnpermuteIsIdentityForTopOne) {

@@ -24,15 +24,18 @@ using cuda::store_chunk;
 constexpr int kThreadsPerBlock = 256;
 
 // Block shape for the (row, chunk) kernels: x runs along the chunks of a row, y over rows, so a narrow row
-// still fills the block.
+// still fills the block. A row of under a warp's chunks takes the next power of two of threads (one for a row of
+// one value, such as a routing score), not a warp with idle lanes: these kernels share nothing within a warp.
 struct RowLaunch {
   dim3 block;
   unsigned int grid;
 };
 
 RowLaunch row_launch(int64_t num_rows, int64_t chunks_per_row) {
-  int64_t threads_x = (chunks_per_row + kWarpSize - 1) / kWarpSize * kWarpSize;
-  threads_x = threads_x < kWarpSize ? kWarpSize : (threads_x > kThreadsPerBlock ? kThreadsPerBlock : threads_x);
+  int64_t threads_x = 1;
+  while (threads_x < chunks_per_row && threads_x < kWarpSize) threads_x *= 2;
+  if (chunks_per_row > kWarpSize) threads_x = (chunks_per_row + kWarpSize - 1) / kWarpSize * kWarpSize;
+  if (threads_x > kThreadsPerBlock) threads_x = kThreadsPerBlock;
   const int64_t threads_y = kThreadsPerBlock / threads_x;
   RowLaunch launch;
   launch.block = dim3(static_cast<unsigned int>(threads_x), static_cast<unsigned int>(threads_y));
@@ -321,7 +324,9 @@ void launch_scatter(const T* x, int64_t num_tokens, int64_t d, const int64_t* so
 template <typename T, typename S>
 void launch_permute(const T* x, int64_t num_tokens, int64_t d, const int64_t* sorted_pair, int64_t num_rows,
                     const int64_t* pair_pos, int64_t k, const S* pair_scale, T* x_sorted, cudaStream_t stream) {
-  if (pair_pos != nullptr) {
+  // The scatter saves reads of a token's row only where it has several slots; with one, the gather reads each row
+  // once too, without the scatter's per-token lookups (the same bits either way).
+  if (pair_pos != nullptr && k > 1) {
     launch_scatter<T, S, false>(x, num_tokens, d, sorted_pair, num_rows, pair_pos, k, pair_scale, x_sorted, nullptr,
                                 nullptr, {x, x_sorted}, stream);
   } else {

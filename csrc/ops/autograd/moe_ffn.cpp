@@ -260,7 +260,7 @@ Forward run_forward(const Inputs& in, const Options& o) {
   f.w2 = cast_in[5];
   f.b2 = cast_in[6];
   const bool scored = scores_in_activation(o.act, f.b2);
-  if (scored) f.row_score = ops::pair_scores(f.topk_score, f.sorted_pair);
+  if (scored) f.row_score = ops::pair_scores(f.topk_score, f.sorted_pair, f.pair_pos);
   f.a = scored ? ops::swiglu(f.h, f.row_score) : activation(f.h, o.act);
   f.ys = ops::grouped_linear(f.a, f.offsets, f.w2, opt(f.b2));
   f.y = ops::unpermute_combine(f.ys, f.sorted_pair, f.pair_pos, scored ? std::nullopt : opt(f.topk_score));
@@ -287,14 +287,6 @@ at::Tensor mm_grad_mat1(const at::Tensor& grad, const at::Tensor& mat1, const at
 at::Tensor mm_grad_mat2(const at::Tensor& grad, const at::Tensor& mat1, const at::Tensor& mat2) {
   if (mat2.stride(0) == 1 && mat2.stride(1) == mat2.size(0)) return grad.t().mm(mat1).t();
   return mat1.t().mm(grad);
-}
-
-// The gradient of topk_score [T, k] from that of its rows' copy pair_scores(topk_score, sorted_pair) [R], as autograd
-// differentiates pair_scores in the composed layer (the same ATen graph, so the same values).
-at::Tensor pair_scores_grad(const at::Tensor& grad_rows, const at::Tensor& topk_score, const at::Tensor& sorted_pair) {
-  at::AutoGradMode on(true);
-  const at::Tensor leaf = topk_score.detach().requires_grad_(true);
-  return torch::autograd::grad({ops::pair_scores(leaf, sorted_pair)}, {leaf}, {grad_rows})[0];
 }
 
 bool defined_term(const at::Tensor& grad, const at::Tensor& term) {
@@ -417,7 +409,9 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
         if (scored && need_grad_a) {
           auto [grad_h_scaled, grad_row_score] = ops::swiglu_scaled_backward(grad_a, f.h, f.row_score);
           if (need_rows) grad_h = grad_h_scaled;
-          if (need_logits) grad_score = pair_scores_grad(grad_row_score, f.topk_score, f.sorted_pair);
+          if (need_logits) {
+            grad_score = ops::pair_scores_backward(grad_row_score, f.topk_score, f.sorted_pair, f.pair_pos);
+          }
         } else if (need_rows) {
           grad_h = activation_backward(grad_a, f, o.act);
         }
