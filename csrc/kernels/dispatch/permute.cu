@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/common.cuh"
 #include "kernels/dispatch/dispatch.h"
@@ -97,8 +98,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // As permute_gather_kernel, given pair_pos [num_tokens, k] too. A gather in expert order reads each token's row k
 // times, from memory once x outgrows the L2 cache; here a token's row is read once and stored to the rows it owns.
 // Token t owns row r = pair_pos[t, j] when sorted_pair[r] == t * k + j. One warp per work item:
-//   - a token: lane j finds slot j's row (two loads for all slots at once), then the warp stores x[t] (scaled) to
-//     each owned row, the slots in order;
+//   - a token: lane j finds slot j's row (two loads for all slots at once), then the warp loads x[t] once into
+//     registers (in passes of kTile chunks a lane) and stores it (scaled) to each owned row, the slots in order;
 //   - a group of 32 rows: lane i checks row i; the rows no token owns (a dropped slot's zero row, or a row of a
 //     plan whose halves disagree) are gathered by the warp, as permute_gather_kernel would.
 // Both tests are the same condition, so every row is written once, with the gather's bits whatever pair_pos holds.
@@ -142,46 +143,72 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
           if ((owns || kScoreGrad) && pos >= 0 && scaled) scale = static_cast<A>(cuda::to_acc(pair_scale[pair]));
           if (kScoreGrad && pos < 0) grad_score[pair] = cuda::round_to<S>(A(0));
         }
-        // The slots to visit: those that own a row, and for the score gradient every slot with a row.
-        unsigned int visit = __ballot_sync(0xffffffffu, kScoreGrad ? pos >= 0 : owns);
         const unsigned int owners = __ballot_sync(0xffffffffu, owns);
-        while (visit != 0) {
-          const int j = __ffs(visit) - 1;
-          visit &= visit - 1;
-          const bool store = ((owners >> j) & 1u) != 0;
-          const int64_t slot_row = __shfl_sync(0xffffffffu, pos, j);
-          const A slot_scale = __shfl_sync(0xffffffffu, scale, j);
-          T* out = x_sorted + slot_row * d;
-          const T* row_in = y_sorted + slot_row * d;  // kScoreGrad only
-          A partial = 0;
-          // The lane's chunks c = lane, lane + 32, ... in passes of kTile: a pass issues all its loads before it
-          // uses any, so a lane has kTile loads in flight instead of one. The sum keeps the lane's chunk order.
-          for (int64_t pass = lane; pass < chunks; pass += kWarpSize * kTile) {
+        if constexpr (!kScoreGrad) {
+          // The permute: a pass loads kTile chunks of the lane's share of x[t] (kTile loads in flight) and stores
+          // them to every owned row from registers, so the row is read from memory once whatever k is. The pass
+          // loop runs alike on every lane (chunks past the row's end are skipped), so the shuffles see the warp.
+          for (int64_t base = 0; owners != 0 && base < chunks; base += int64_t{kWarpSize} * kTile) {
             T values[kTile][kN];
-            T rows[kScoreGrad ? kTile : 1][kN];
 #pragma unroll
             for (int t = 0; t < kTile; ++t) {
-              const int64_t c = pass + t * kWarpSize;
-              if (c >= chunks) continue;
-              load_chunk<T, kN>(in + c * kN, values[t]);  // from L1 after the first slot
-              if constexpr (kScoreGrad) load_chunk<T, kN>(row_in + c * kN, rows[t]);
+              const int64_t c = base + lane + t * kWarpSize;
+              if (c < chunks) load_chunk<T, kN>(in + c * kN, values[t]);
             }
+            unsigned int slots = owners;
+            while (slots != 0) {
+              const int j = __ffs(slots) - 1;
+              slots &= slots - 1;
+              const int64_t slot_row = __shfl_sync(0xffffffffu, pos, j);
+              const A slot_scale = __shfl_sync(0xffffffffu, scale, j);
+              T* out = x_sorted + slot_row * d;
 #pragma unroll
-            for (int t = 0; t < kTile; ++t) {
-              const int64_t c = pass + t * kWarpSize;
-              if (c >= chunks) continue;
-              if (store) {
+              for (int t = 0; t < kTile; ++t) {
+                const int64_t c = base + lane + t * kWarpSize;
+                if (c >= chunks) continue;
                 T result[kN];
                 scale_chunk<T, A, kN>(values[t], scaled, slot_scale, result);
                 store_chunk<T, kN>(out + c * kN, result);
               }
-              if constexpr (kScoreGrad) {
+            }
+          }
+        } else {
+          // The combine's backward: every slot with a row, for its score's gradient; the owners also store.
+          unsigned int visit = __ballot_sync(0xffffffffu, pos >= 0);
+          while (visit != 0) {
+            const int j = __ffs(visit) - 1;
+            visit &= visit - 1;
+            const bool store = ((owners >> j) & 1u) != 0;
+            const int64_t slot_row = __shfl_sync(0xffffffffu, pos, j);
+            const A slot_scale = __shfl_sync(0xffffffffu, scale, j);
+            T* out = x_sorted + slot_row * d;
+            const T* row_in = y_sorted + slot_row * d;
+            A partial = 0;
+            // The lane's chunks c = lane, lane + 32, ... in passes of kTile: a pass issues all its loads before it
+            // uses any, so a lane has kTile loads in flight instead of one. The sum keeps the lane's chunk order.
+            for (int64_t pass = lane; pass < chunks; pass += kWarpSize * kTile) {
+              T values[kTile][kN];
+              T rows[kTile][kN];
+#pragma unroll
+              for (int t = 0; t < kTile; ++t) {
+                const int64_t c = pass + t * kWarpSize;
+                if (c >= chunks) continue;
+                load_chunk<T, kN>(in + c * kN, values[t]);  // from L1 after the first slot
+                load_chunk<T, kN>(row_in + c * kN, rows[t]);
+              }
+#pragma unroll
+              for (int t = 0; t < kTile; ++t) {
+                const int64_t c = pass + t * kWarpSize;
+                if (c >= chunks) continue;
+                if (store) {
+                  T result[kN];
+                  scale_chunk<T, A, kN>(values[t], scaled, slot_scale, result);
+                  store_chunk<T, kN>(out + c * kN, result);
+                }
 #pragma unroll
                 for (int i = 0; i < kN; ++i) partial += cuda::to_acc(values[t][i]) * cuda::to_acc(rows[t][i]);
               }
             }
-          }
-          if constexpr (kScoreGrad) {
             const A dot = cuda::warp_sum(partial);
             if (lane == j) grad_score[pair] = cuda::round_to<S>(dot);
           }
@@ -212,7 +239,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // pair_pos:   [num_tokens, k], rows of y_sorted or -1 (dropped; positions >= num_rows are skipped as well)
 // topk_score: [num_tokens, k] or nullptr (weights of 1)
 // y:          [num_tokens, d], written
-template <typename T, typename S, int kN>
+template <typename T, typename S, int kN, int kBatch>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     unpermute_combine_kernel(const T* __restrict__ y_sorted, int64_t num_rows, int64_t d,
                              const int64_t* __restrict__ pair_pos, int64_t num_tokens, int64_t k,
@@ -244,19 +271,34 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 #pragma unroll
       for (int i = 0; i < kN; ++i) acc[i] = 0;
       bool first = true;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t pos = pair_pos[token * k + j];
-        if (pos < 0 || pos >= num_rows) continue;
-        T values[kN];
-        load_chunk<T, kN>(y_sorted + pos * d + c * kN, values);
-        const A weight = topk_score == nullptr ? A(1) : static_cast<A>(cuda::to_acc(topk_score[token * k + j]));
+      // The slots in batches of kBatch (about k, so no registers idle): a batch issues all its loads, rows and
+      // weights, before it adds any, so a thread has kBatch rows in flight instead of one. The adds keep the slot
+      // order, so the bits are those of a slot-by-slot sum.
+      for (int64_t j0 = 0; j0 < k; j0 += kBatch) {
+        T values[kBatch][kN];
+        A weight[kBatch];
+        bool valid[kBatch];
 #pragma unroll
-        for (int i = 0; i < kN; ++i) {
-          const A term =
-              topk_score == nullptr ? cuda::to_acc(values[i]) : cuda::mul_rn(weight, cuda::to_acc(values[i]));
-          acc[i] = first ? term : cuda::add_rn(acc[i], term);
+        for (int b = 0; b < kBatch; ++b) {
+          const int64_t j = j0 + b;
+          const int64_t pos = j < k ? pair_pos[token * k + j] : -1;
+          valid[b] = pos >= 0 && pos < num_rows;
+          weight[b] = A(1);
+          if (!valid[b]) continue;
+          load_chunk<T, kN>(y_sorted + pos * d + c * kN, values[b]);
+          if (topk_score != nullptr) weight[b] = static_cast<A>(cuda::to_acc(topk_score[token * k + j]));
         }
-        first = false;
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          if (!valid[b]) continue;
+#pragma unroll
+          for (int i = 0; i < kN; ++i) {
+            const A term = topk_score == nullptr ? cuda::to_acc(values[b][i])
+                                                 : cuda::mul_rn(weight[b], cuda::to_acc(values[b][i]));
+            acc[i] = first ? term : cuda::add_rn(acc[i], term);
+          }
+          first = false;
+        }
       }
       T out[kN];
 #pragma unroll
@@ -346,8 +388,20 @@ void launch_unpermute_combine(const T* y_sorted, int64_t num_rows, int64_t d, co
   cuda::with_chunk<T>(d, {y_sorted, y}, [&](auto chunk) {
     constexpr int kN = decltype(chunk)::value;
     const RowLaunch launch = row_launch(num_tokens, d / kN);
-    unpermute_combine_kernel<T, S, kN>
-        <<<launch.grid, launch.block, 0, stream>>>(y_sorted, num_rows, d, pair_pos, num_tokens, k, topk_score, y);
+    // Slots loaded at once: about k, at most 8 (more registers would cost occupancy).
+    const auto run = [&](auto batch) {
+      unpermute_combine_kernel<T, S, kN, decltype(batch)::value>
+          <<<launch.grid, launch.block, 0, stream>>>(y_sorted, num_rows, d, pair_pos, num_tokens, k, topk_score, y);
+    };
+    if (k >= 8) {
+      run(std::integral_constant<int, 8>{});
+    } else if (k >= 4) {
+      run(std::integral_constant<int, 4>{});
+    } else if (k >= 2) {
+      run(std::integral_constant<int, 2>{});
+    } else {
+      run(std::integral_constant<int, 1>{});
+    }
   });
   FMOE_CHECK_LAUNCH();
 }
