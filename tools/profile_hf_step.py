@@ -13,11 +13,13 @@ drop out). With ``--sync-check`` it runs one step per implementation under
 ``torch.cuda.set_sync_debug_mode("warn")`` and lists where the step made the host wait for the GPU (a wait leaves
 the GPU idle until the host has issued the next kernels). With ``--gaps`` it prints, per implementation, how long the
 GPU was busy and idle over the profiled steps and the ``--rows`` longest idle stretches, each with the kernels
-before and after it: where the step's wall time goes beyond its kernels. Needs a CUDA device and transformers.
+before and after it: where the step's wall time goes beyond its kernels; then, a step, the caching allocator's device
+allocations and frees and Python's garbage collections, which stall the host. Needs a CUDA device and transformers.
 """
 
 import argparse
 import collections
+import gc
 import sys
 import warnings
 from pathlib import Path
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
         if args.sync_check:
             print_syncs(args.config, impl, step)
             continue
+        before = stall_counters() if args.gaps else {}
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 step()
@@ -96,6 +99,7 @@ def main(argv=None) -> int:
             continue
         if args.gaps:
             print_gaps(f"{args.config} {impl}", gpu_intervals(prof.events()), args.steps, args.rows)
+            print_counts(f"{args.config} {impl}", before, stall_counters(), args.steps)
             continue
         print(f"===== {args.config} {impl}: {args.steps} steps", flush=True)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=160))
@@ -156,6 +160,27 @@ def print_gaps(label: str, spans: list, steps: int, rows: int) -> None:
     )
     for length, at, before, after in sorted(gaps, reverse=True)[:rows]:
         print(f"  {length:9.1f} us at {(at - spans[0][0]) / 1e3:9.3f} ms  after {before[:60]}  before {after[:60]}")
+
+
+def stall_counters() -> dict:
+    """Running counts of what can hold the host up for milliseconds inside a step: the CUDA caching allocator's
+    device allocations, frees (each frees after a device synchronisation) and retries after a failed allocation,
+    and Python's garbage collections per generation."""
+    stats = torch.cuda.memory_stats()
+    counts = {
+        "cudaMalloc": stats.get("num_device_alloc", 0),
+        "cudaFree": stats.get("num_device_free", 0),
+        "allocation retries": stats.get("num_alloc_retries", 0),
+    }
+    for generation, gen_stats in enumerate(gc.get_stats()):
+        counts[f"gc generation {generation}"] = gen_stats["collections"]
+    return counts
+
+
+def print_counts(label: str, before: dict, after: dict, steps: int) -> None:
+    """How many of each of stall_counters() happened a step between `before` and `after`."""
+    parts = [f"{name} {(after[name] - before[name]) / steps:g}" for name in before]
+    print(f"{label}: a step: " + ", ".join(parts))
 
 
 def kernel_times(averages, steps: int) -> dict:

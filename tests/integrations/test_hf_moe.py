@@ -433,3 +433,17 @@ def test_profile_tool_gaps_finds_the_gpu_idle_stretches(capsys):
     assert tool.gpu_intervals(events) == [(1.0, 4.0, "k1"), (9.0, 12.0, "k2")]  # GPU activity only, by start
     tool.print_gaps("none", [], steps=1, rows=3)
     assert "no GPU activity" in capsys.readouterr().out
+
+
+def test_profile_tool_gaps_counts_host_stalls_a_step(capsys):
+    """--gaps also prints, a step, the allocator's device allocations and frees and the garbage collections."""
+    tool = _load_script("tools/profile_hf_step.py")
+    before = {"cudaMalloc": 3, "cudaFree": 1, "gc generation 2": 10}
+    after = {"cudaMalloc": 7, "cudaFree": 1, "gc generation 2": 11}
+    tool.print_counts("qwen3_moe fastmoe", before, after, steps=2)
+    assert capsys.readouterr().out.strip() == (
+        "qwen3_moe fastmoe: a step: cudaMalloc 2, cudaFree 0, gc generation 2 0.5"
+    )
+    if torch.cuda.is_available():
+        counts = tool.stall_counters()
+        assert {"cudaMalloc", "cudaFree", "allocation retries", "gc generation 2"} <= set(counts), counts
