@@ -10,13 +10,16 @@ step. Configurations (8 decoder layers, d_model 2048, bf16, batch 8 x seq 2048 =
 - ``mixtral``: Mixtral style, 8 experts, top-2, expert width 7168.
 
     python benchmarks/bench_hf_moe.py [--configs qwen3_moe,mixtral] [--impls eager,grouped_mm,fastmoe]
-                                      [--iters 10] [--warmup 3] [--json out.jsonl]
+                                      [--iters 10] [--warmup 3] [--rounds 1] [--json out.jsonl]
     python benchmarks/bench_hf_moe.py --tiny   # the same on the CPU, fp32, tiny shapes, in seconds
 
 ``--layers``, ``--d-model``, ``--experts``, ``--top-k``, ``--d-expert`` and ``--vocab`` change the shapes of the
 chosen configurations (with ``--device cpu --dtype fp32``, a CPU run of any size). ``--block`` times one MoE
 block (router, experts, and shared experts where the model has them) on random hidden states instead of the
 model, with the square of its output as the loss: the part of the step that the experts implementation changes.
+
+``--rounds N`` times the implementations N times over, alternating their order, so that a machine whose speed
+drifts during the run does not favour the one timed first.
 
 Prints per configuration and implementation the median step time and, per configuration, the ratio of the
 fastest of transformers' implementations to fastmoe (above 1: fastmoe is faster). Before timing, each
@@ -205,17 +208,32 @@ def run_config(name: str, spec: dict, args, device: torch.device, dtype: torch.d
         if args.block:
             x.grad = None
 
+    # Rounds: every implementation's warm-up and timed steps once a round, in the listed order and then the reverse
+    # (A B, B A, ...), so that a machine drifting during the run weighs on each implementation alike.
+    times = {impl: [] for impl in impls}
+    round_ms = {impl: [] for impl in impls}
+    peak_gib = {impl: 0.0 for impl in impls}
+    for rnd in range(args.rounds):
+        for impl in impls if rnd % 2 == 0 else impls[::-1]:
+            set_impl(model, impl)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            steps = time_steps(step, args.iters, args.warmup, device)
+            times[impl] += steps
+            round_ms[impl].append(statistics.median(steps))
+            if device.type == "cuda":
+                peak_gib[impl] = max(peak_gib[impl], torch.cuda.max_memory_allocated(device) / 2**30)
+            if args.rounds > 1:
+                print(f"  round {rnd + 1}/{args.rounds} {impl:<11} step {round_ms[impl][-1]:10.2f} ms", flush=True)
     records = []
     for impl in impls:
-        set_impl(model, impl)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = time_steps(step, args.iters, args.warmup, device)
         record = dict(
             config=name + ("-tiny" if args.tiny else "") + ("-block" if args.block else ""),
             impl=impl,
-            ms=statistics.median(times),
-            ms_min=min(times),
+            ms=statistics.median(times[impl]),
+            ms_min=min(times[impl]),
+            rounds=args.rounds,
+            ms_rounds=round_ms[impl],
             tokens=args.batch * args.seq,
             shape={k: spec["config"][k] for k in sorted(spec["config"])},
             dtype=str(dtype).replace("torch.", ""),
@@ -227,7 +245,7 @@ def run_config(name: str, spec: dict, args, device: torch.device, dtype: torch.d
             else None,
         )
         if device.type == "cuda":
-            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            record["peak_mem_gib"] = peak_gib[impl]
         records.append(record)
         print(
             f"{record['config']:<16} {impl:<11} step {record['ms']:10.2f} ms (min {record['ms_min']:.2f})  "
@@ -266,6 +284,13 @@ def parse_args(argv=None):
     parser.add_argument("--seq", type=int, default=None, help="default 2048 (8 with --tiny)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 10, 2 with --tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, 1 with --tiny)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time the implementations this many times, alternating their order (A B, B A, ...); the median is over "
+        "every round's steps, and each round's median is recorded",
+    )
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw", "none"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -287,6 +312,9 @@ def parse_args(argv=None):
     args.seq = args.seq or (8 if tiny else 2048)
     args.iters = args.iters or (2 if tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
+    for flag, value, low in (("--rounds", args.rounds, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
     args.impls = (args.impls or f"eager,grouped_mm,{FASTMOE}").split(",")
     for impl in args.impls:
         if impl not in (*HF_IMPLS, FASTMOE):

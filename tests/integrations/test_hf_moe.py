@@ -366,6 +366,25 @@ def test_benchmark_tiny_runs():
     json.dumps(records)  # the records are what --json writes
 
 
+def test_benchmark_rounds_alternate_the_implementations():
+    """--rounds N: each implementation is timed N times, the order reversed every other round, and the record keeps
+    each round's median beside the median over all rounds."""
+    bench = _load_script("benchmarks/bench_hf_moe.py")
+    printed = io.StringIO()
+    argv = ["--tiny", "--configs", "mixtral", "--impls", "grouped_mm,fastmoe", "--iters", "2", "--warmup", "0"]
+    with contextlib.redirect_stdout(printed):
+        records = bench.main([*argv, "--rounds", "3"])
+    order = [line.split()[2] for line in printed.getvalue().splitlines() if line.lstrip().startswith("round ")]
+    assert order == ["grouped_mm", "fastmoe", "fastmoe", "grouped_mm", "grouped_mm", "fastmoe"], printed.getvalue()
+    for r in records:
+        assert r["rounds"] == 3 and len(r["ms_rounds"]) == 3, r
+        assert r["ms_min"] <= min(r["ms"], *r["ms_rounds"]), r
+    for bad, flag in ((["--rounds", "0"], "--rounds"), (["--warmup", "-1"], "--warmup")):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+            bench.parse_args(["--tiny", *bad])
+        assert f"{flag} must be >= " in err.getvalue(), err.getvalue()
+
+
 def test_profile_tool_checks_its_arguments():
     """tools/profile_hf_step.py names a bad flag and its value, and refuses to run without a GPU."""
     tool = _load_script("tools/profile_hf_step.py")
