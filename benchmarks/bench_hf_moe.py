@@ -308,11 +308,13 @@ def parse_args(argv=None):
     tiny = args.tiny
     args.device = args.device or ("cpu" if tiny else "cuda")
     args.dtype = args.dtype or ("fp32" if tiny else "bf16")
-    args.batch = args.batch or (2 if tiny else 8)
-    args.seq = args.seq or (8 if tiny else 2048)
-    args.iters = args.iters or (2 if tiny else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
-    for flag, value, low in (("--rounds", args.rounds, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0)):
+    defaults = dict(batch=(2, 8), seq=(8, 2048), iters=(2, 10), warmup=(1, 3))  # (with --tiny, without)
+    for name, (small, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if tiny else full)
+    bounds = (("--rounds", args.rounds, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0))
+    bounds += (("--batch", args.batch, 1), ("--seq", args.seq, 1))
+    for flag, value, low in bounds:
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     args.impls = (args.impls or f"eager,grouped_mm,{FASTMOE}").split(",")

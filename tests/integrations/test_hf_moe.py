@@ -379,7 +379,9 @@ def test_benchmark_rounds_alternate_the_implementations():
     for r in records:
         assert r["rounds"] == 3 and len(r["ms_rounds"]) == 3, r
         assert r["ms_min"] <= min(r["ms"], *r["ms_rounds"]), r
-    for bad, flag in ((["--rounds", "0"], "--rounds"), (["--warmup", "-1"], "--warmup")):
+    bad_flags = [(["--rounds", "0"], "--rounds"), (["--warmup", "-1"], "--warmup")]
+    bad_flags += [([flag, "0"], flag) for flag in ("--iters", "--batch", "--seq")]  # 0 is refused, not the default
+    for bad, flag in bad_flags:
         with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
             bench.parse_args(["--tiny", *bad])
         assert f"{flag} must be >= " in err.getvalue(), err.getvalue()
