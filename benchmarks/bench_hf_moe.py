@@ -128,8 +128,10 @@ def loss_of(model, ids) -> torch.Tensor:
 def set_impl(model, impl: str) -> None:
     if impl == FASTMOE:
         hf_moe.use_fastmoe(model)
-    else:
-        model.set_experts_implementation(impl)
+        return
+    if any(m.config._experts_implementation == FASTMOE for _, m in hf_moe.find_hf_experts(model)):
+        hf_moe.restore_hf(model)  # the routers too: transformers' implementations run transformers' routers
+    model.set_experts_implementation(impl)
 
 
 def synchronize(device: torch.device) -> None:

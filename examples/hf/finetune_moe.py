@@ -4,7 +4,7 @@ Both models are built in code with random weights (nothing is downloaded) and tr
 the corpus that ``fastmoe-train`` uses (``fastmoe.train.data``: Debian's fortunes, byte-level, vocabulary 256):
 
 - ``mixtral``: a ``MixtralForCausalLM`` whose experts run on fastmoe through transformers' experts interface
-  (``fastmoe.use_fastmoe``); the router, the aux loss and the state dict stay transformers' own. After training,
+  (``fastmoe.use_fastmoe``); the routing rule, the aux loss and the state dict stay transformers' own. After training,
   the step time of the same model on transformers' own experts (``fastmoe.restore_hf``) and on fastmoe is measured
   on the same batch.
 - ``llama``: a dense ``LlamaForCausalLM``, trained for ``--dense-steps``, then upcycled with ``fastmoe.moefy``
@@ -203,7 +203,7 @@ def run_mixtral(run: Run) -> bool:
         experts_implementation=args.hf_experts,
     )
     model = MixtralForCausalLM(config).to(run.device)
-    fastmoe.use_fastmoe(model)  # the experts now run on fastmoe; weights, router and aux loss unchanged
+    fastmoe.use_fastmoe(model)  # the experts now run on fastmoe; weights, routing and aux loss unchanged
     print(
         f"[mixtral] MixtralForCausalLM, {args.layers} layers x {args.experts} experts (top-{args.top_k}), "
         f"d_model {args.d_model}, expert width {args.d_ffn}, {count(model)}; experts implementation "

@@ -244,6 +244,72 @@ def test_bf16_and_autocast_within_policy():
         assert _rel(fm.logits, want) <= 2 * _rel(hf.logits, want) + 1e-3
 
 
+ROUTED = {"mixtral": "topk_softmax", "qwen2_moe": "softmax_topk", "qwen3_moe": "topk_softmax", "olmoe": "softmax_topk"}
+
+
+def _no_ties(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Tokens whose k + 1 largest logits are distinct (their top k and its order do not depend on tie-breaking)."""
+    top = logits.float().topk(k + 1, dim=-1).values
+    return (top[:, :-1] > top[:, 1:]).all(dim=-1)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (route_topk's kernel)"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_routers_run_route_topk_in_16_bit(arch, device):
+    """use_fastmoe gives the routers of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (softmax in fp32, top k, optional
+    renormalisation) fastmoe's route_topk: in bf16 the same experts and the same scores (rounded from fp32 alike) as
+    the router's own forward, gradients within the bf16 policy; in fp32 and fp64 the router's own forward runs.
+    DeepSeek-V3's (sigmoid, groups, a correction bias) and GPT-OSS's (a bias) are left alone. restore_hf and
+    a second use_fastmoe put the router's forward back and fuse it once."""
+    ref = build(arch).bfloat16().to(device)
+    model = fastmoe.use_fastmoe(copy.deepcopy(ref))
+    gates = [f"model.layers.{i}.mlp.gate" for i in range(2)]
+    assert hf_moe.fused_routers(model) == (gates if arch in ROUTED else [])
+    if arch not in ROUTED:
+        return
+    assert fastmoe.use_fastmoe(model) is model and hf_moe.fused_routers(model) == gates
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(64, SMALL["hidden_size"], generator=gen).bfloat16().to(device)
+    for path in gates:
+        hf_router, router = ref.get_submodule(path), model.get_submodule(path)
+        assert router._fastmoe_router.score_fn == ROUTED[arch]
+        outs, grads = [], []
+        for r in (hf_router, router):
+            x = h.clone().requires_grad_()
+            logits, scores, idx = r(x)
+            c = torch.randn(scores.shape, generator=torch.Generator().manual_seed(7)).to(device, scores.dtype)
+            (scores * c).sum().backward()
+            outs.append((logits, scores, idx))
+            grads.append((x.grad, r.weight.grad))
+            r.weight.grad = None
+        (l0, s0, i0), (l1, s1, i1) = outs
+        assert torch.equal(l0, l1) and s0.dtype == s1.dtype and i1.dtype == torch.int64
+        clean = _no_ties(l0, TOP_K)
+        assert clean.sum() >= 48, "the probe input has too many ties to compare"
+        assert torch.equal(i0[clean], i1[clean])
+        assert torch.allclose(s0[clean].double(), s1[clean].double(), rtol=2.0**-7, atol=0)
+        for g0, g1 in zip(grads[0], grads[1], strict=True):
+            assert _rel(g1, g0) <= 1e-2, (path, _rel(g1, g0))
+        # fp32: the router's own forward (its fp32 softmax), bit for bit
+        x32 = h.float()
+        for a, b in zip(copy.deepcopy(hf_router).float()(x32), copy.deepcopy(router).float()(x32), strict=True):
+            assert torch.equal(a, b)
+    # a copy's routers are fused to the copy; restore_hf puts the class's forward back
+    twin = copy.deepcopy(model)
+    assert all(twin.get_submodule(p)._fastmoe_router.router is twin.get_submodule(p) for p in gates)
+    fastmoe.restore_hf(model)
+    assert hf_moe.fused_routers(model) == [] and "forward" not in vars(model.get_submodule(gates[0]))
+
+
 def _experts(kind: str):
     if kind == "no_gate":  # Nemotron-H: up_proj [E, I, H], relu^2, no gate
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts

@@ -1,18 +1,23 @@
 """Hugging Face MoE models on fastmoe: the experts of a loaded model run on fastmoe's token path and grouped GEMM,
-with the model's own router, weights and code around them (docs/integrations.md, "Hugging Face MoE models").
+with the model's own routing rule, weights and code around them (docs/integrations.md, "Hugging Face MoE models").
 
 transformers 5 stores the experts of its MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and the
 others whose experts class carries ``@use_experts_implementation``) as 3-D parameters, ``gate_up_proj [E, 2 * I,
 H]`` (or ``up_proj [E, I, H]`` without a gate) and ``down_proj [E, H, I]``, and routes their forward through its
 experts interface by the name in ``config._experts_implementation``, with the router's ``top_k_index [T, k]`` and
-``top_k_weights [T, k]``. fastmoe registers itself there under the name ``"fastmoe"``: the router, the shared
-experts, the aux loss and the state dict stay Hugging Face's, and only the expert computation changes:
+``top_k_weights [T, k]``. fastmoe registers itself there under the name ``"fastmoe"``: the shared experts, the
+aux loss and the state dict stay Hugging Face's, and the expert computation changes:
 
     TokenDispatch (plan, permute) -> grouped_linear(gate_up_proj) -> the module's own gate/activation (fastmoe's
     swiglu op where that gate is transformers' default with SiLU) -> grouped_linear(down_proj) -> the weighted combine
 
+:func:`use_fastmoe` also gives the routers that compute softmax, top k and optional renormalisation (Mixtral,
+Qwen2-MoE, Qwen3-MoE, OLMoE) fastmoe's ``route_topk`` op in bf16 and fp16: the same function, one kernel each way
+(see _FusedRouter). Other routers (DeepSeek-V3's, GPT-OSS's) run their own code.
+
 ``grouped_linear`` takes ``weight [E, out, in]``, which is Hugging Face's layout, so the parameters are used as
-they are: nothing is copied and nothing converted, and :func:`restore_hf` only switches the name back.
+they are: nothing is copied and nothing converted, and :func:`restore_hf` only switches the name (and the
+routers' forward) back.
 
 With ``use_fastmoe(model, moe_group=g)`` the experts are split over the W ranks of ``g`` (expert parallelism): each
 experts module keeps its rank's block of ``num_experts / W`` experts, and the token path sends each token to the
@@ -25,6 +30,7 @@ import hashlib
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from fastmoe import _groups, debug, ops
@@ -34,6 +40,7 @@ __all__ = [
     "IMPLEMENTATION",
     "experts_forward",
     "find_hf_experts",
+    "fused_routers",
     "register_experts_implementation",
     "restore_hf",
     "use_fastmoe",
@@ -227,6 +234,161 @@ def find_hf_experts(model: nn.Module) -> list:
     return [(path, module) for path, module in model.named_modules() if _is_experts_module(module)]
 
 
+# Routers ------------------------------------------------------------------------------------------------------
+# The routers of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE compute, from logits = linear(h, weight), the softmax in
+# fp32, its top k, optionally the k probabilities renormalised (norm_topk_prob), and the scores cast back to the
+# logits' dtype (Mixtral keeps them fp32). That is fastmoe's route_topk: "topk_softmax" with the renormalisation
+# (the k picks' probabilities over their sum are the softmax of the k picked logits), "softmax_topk" without. One
+# kernel each way replaces about five forward and eight backward launches, among them torch.topk's.
+
+_ROUTER = "_fastmoe_router"  # on a router whose forward fastmoe computes: the _FusedRouter (also its forward)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+_PROBE_TOKENS = 3
+
+
+class _FusedRouter:
+    """The forward of a router that :func:`_router_rule` recognised, as an instance attribute ``forward`` of the
+    router (so its hooks, which record ``router_logits`` for the aux loss, still run). In bf16 and fp16, where the
+    router computes its softmax in fp32 and rounds the scores to 16 bits, route_topk computes the same in fp32:
+    the same experts (where two logits tie for the k-th place, torch.topk's pick is unspecified and route_topk's
+    is the lower id) and the same scores up to the rounding of fp32 sums. In fp32 and fp64 the router's own
+    forward runs (its fp32 softmax is what those models compute, and route_topk's would be more exact)."""
+
+    def __init__(self, router: nn.Module, score_fn: str, float_scores: bool):
+        self.router = router
+        self.score_fn = score_fn
+        self.float_scores = float_scores  # the router returns fp32 scores (Mixtral), not the logits' dtype
+
+    def __call__(self, hidden_states: torch.Tensor):
+        router = self.router
+        weight = router.weight
+        if _logits_dtype(hidden_states, weight) not in _HALF_DTYPES:
+            return type(router).forward(router, hidden_states)
+        logits = F.linear(hidden_states.reshape(-1, weight.shape[1]), weight)
+        topk_idx, topk_score = ops.route_topk(
+            logits.float() if self.float_scores else logits, router.top_k, self.score_fn
+        )
+        return logits, topk_score, topk_idx
+
+
+def _logits_dtype(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device = hidden_states.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden_states.dtype, weight.dtype)
+
+
+def _router_candidates(block: nn.Module, experts: nn.Module) -> list:
+    """Children of an MoE block that look like its router: an int ``top_k``, one parameter ``weight [E, H]`` with E
+    the experts' count and nothing else (a router with a bias or a score-correction buffer is not one of the
+    routers _FusedRouter computes)."""
+    found = []
+    for router in block.children():
+        top_k = getattr(router, "top_k", None)
+        if router is experts or isinstance(top_k, bool) or not isinstance(top_k, int):
+            continue
+        params = dict(router.named_parameters())
+        weight = params.get("weight")
+        if list(params) != ["weight"] or any(True for _ in router.buffers()) or weight.dim() != 2:
+            continue
+        if weight.shape[0] == experts.num_experts and 1 <= top_k <= weight.shape[0]:
+            found.append(router)
+    return found
+
+
+@torch.no_grad()
+def _router_rule(router: nn.Module):
+    """``(score_fn, float_scores)`` when the router's own forward, run on a probe, computes what route_topk does;
+    None when it does not (another score function, noise, another output). The probe is a shallow copy of the
+    router with a weight whose logits are exact in bf16 and 1/16 apart, so there are no ties and each of the two
+    score functions gives other scores; it runs in bf16 (where _FusedRouter computes) and fp64, in training and
+    eval mode, on the CPU, and leaves the router and the random number generator as they were."""
+    num_experts, hidden = router.weight.shape
+    if num_experts > 256 or hidden < 2:  # (e + 1) / 16 for e < 256 is exact in bf16
+        return None
+    rule = None
+    with torch.random.fork_rng(devices=[]):
+        for dtype in (torch.bfloat16, torch.float64):
+            order = torch.arange(1, num_experts + 1, dtype=torch.float64) / 16
+            weight = torch.zeros(num_experts, hidden, dtype=torch.float64)
+            weight[:, 0] = order
+            weight[:, 1] = order[torch.randperm(num_experts, generator=torch.Generator().manual_seed(0))]
+            h = torch.zeros(_PROBE_TOKENS, hidden, dtype=torch.float64)
+            h[0, 0], h[1, 0], h[2, 1] = 1.0, -1.0, 1.0  # ascending, descending, shuffled logits
+            probe = object.__new__(type(router))
+            probe.__dict__ = dict(router.__dict__)
+            probe._parameters = {"weight": nn.Parameter(weight.to(dtype), requires_grad=False)}
+            probe.__dict__.pop("forward", None)
+            for training in (True, False):
+                probe.training = training
+                try:
+                    out = type(router).forward(probe, h.to(dtype))
+                except Exception:  # noqa: BLE001 - a forward this probe cannot run is not a router fastmoe computes
+                    return None
+                found = _probe_rule(out, h.to(dtype), probe.weight, router.top_k)
+                if found is None or (rule is not None and found != rule):
+                    return None
+                rule = found
+    return rule
+
+
+def _probe_rule(out, h: torch.Tensor, weight: torch.Tensor, k: int):
+    """The (score_fn, float_scores) of route_topk that reproduces a router's probe output, or None."""
+    if not isinstance(out, tuple) or len(out) != 3 or not all(isinstance(t, torch.Tensor) for t in out):
+        return None
+    logits, scores, idx = out
+    want_logits = F.linear(h, weight)
+    if logits.dtype != want_logits.dtype or logits.shape != want_logits.shape or not torch.equal(logits, want_logits):
+        return None
+    float_scores = scores.dtype == torch.float32 and logits.dtype != torch.float32
+    if not float_scores and scores.dtype != logits.dtype:
+        return None
+    source = logits.float() if float_scores else logits
+    for score_fn in ("topk_softmax", "softmax_topk"):
+        got_idx, got_scores = ops.route_topk(source, k, score_fn)
+        if idx.shape != got_idx.shape or not torch.equal(idx.to(torch.int64), got_idx):
+            continue
+        tol = 2.0**-7 if scores.dtype in _HALF_DTYPES else 1e-6  # scores rounded alike from fp32 values
+        if torch.allclose(scores.double(), got_scores.double(), rtol=tol, atol=0.0):
+            return score_fn, float_scores
+    return None
+
+
+def _fuse_routers(model: nn.Module, experts: list) -> None:
+    """Gives every router of an MoE block in ``experts`` that _router_rule recognises fastmoe's forward."""
+    modules = dict(model.named_modules())
+    for path, module in experts:
+        block = modules.get(path.rpartition(".")[0]) if path else None
+        if block is None:
+            continue
+        for router in _router_candidates(block, module):
+            if isinstance(getattr(router, _ROUTER, None), _FusedRouter):
+                continue
+            rule = _router_rule(router)
+            if rule is not None:
+                fused = _FusedRouter(router, *rule)
+                setattr(router, _ROUTER, fused)
+                router.forward = fused
+
+
+def _unfuse_routers(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(getattr(module, _ROUTER, None), _FusedRouter):
+            del module.forward
+            delattr(module, _ROUTER)
+
+
+def fused_routers(model: nn.Module) -> list:
+    """The paths of the routers of ``model`` whose forward fastmoe computes (route_topk), in module order.
+
+    :func:`use_fastmoe` looks at the children of each MoE block (the parent of an experts module) with an int
+    ``top_k`` and one parameter, ``weight [num_experts, hidden]``, and runs each one's own forward on a probe in
+    bf16 and fp64, training and eval mode. A router whose logits, ids and scores there are route_topk's
+    ``"topk_softmax"`` (softmax, top k, renormalised) or ``"softmax_topk"`` (not renormalised) is fused; any other
+    (a bias, sigmoid scores, groups, noise, more than 256 experts) keeps its own forward."""
+    return [path for path, m in model.named_modules() if isinstance(getattr(m, _ROUTER, None), _FusedRouter)]
+
+
 def _describe(module) -> str:
     kind = type(module)
     return f"{kind.__module__}.{kind.__qualname__}"
@@ -302,8 +464,11 @@ def use_fastmoe(model: nn.Module, *, moe_group=None) -> nn.Module:
 
     Every experts module that dispatches through transformers' experts interface (Mixtral, Qwen2-MoE, Qwen3-MoE,
     OLMoE, DeepSeek-V3, ...) switches its config's ``_experts_implementation`` to ``"fastmoe"``; the
-    implementation it had before is kept for :func:`restore_hf`. The routers, shared experts and dense layers run
-    Hugging Face's code, and ``output_router_logits`` and the aux loss work as before. Calling it again with the
+    implementation it had before is kept for :func:`restore_hf`. A router that computes softmax, top k and
+    optionally renormalises the k probabilities (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; recognised by running its
+    forward on a probe, see :func:`fused_routers`) computes that with fastmoe's ``route_topk`` in bf16 and fp16; the
+    other routers, the shared experts and the dense layers run Hugging Face's code, and ``output_router_logits``
+    and the aux loss work as before. Calling it again with the
     same ``moe_group`` is harmless; calling it with a group after ``moe_group=None`` splits the experts.
 
     ``moe_group=None`` (one process): the parameters, buffers and state dict are left as they are (the same
@@ -376,6 +541,7 @@ def use_fastmoe(model: nn.Module, *, moe_group=None) -> nn.Module:
     # module has recorded what its config had.
     for _, module in experts:
         module.config._experts_implementation_internal = IMPLEMENTATION
+    _fuse_routers(model, experts)
     return model
 
 
@@ -399,8 +565,9 @@ def restore_hf(model: nn.Module) -> nn.Module:
     back to the implementation it had before (transformers' default, ``"grouped_mm"``, for a model loaded with
     ``experts_implementation="fastmoe"``). On one process the weights were never copied, so the state dict is the
     one the model has now, trained or not: ``save_pretrained`` writes a checkpoint that transformers loads without
-    fastmoe. After ``use_fastmoe(model, moe_group=g)`` it is a collective over ``g``: every rank gets the full
-    experts back (all-gathered, as new parameters), so rank 0 can ``save_pretrained``.
+    fastmoe. The routers run their own forward again. After ``use_fastmoe(model, moe_group=g)`` it is a
+    collective over ``g``: every rank gets the full experts back (all-gathered, as new parameters), so rank 0 can
+    ``save_pretrained``.
 
     Raises ``TypeError`` naming ``model`` for a non-module and ``ValueError`` naming its class when none of its
     experts modules runs on fastmoe."""
@@ -425,4 +592,5 @@ def restore_hf(model: nn.Module) -> nn.Module:
         for attribute in (_PREVIOUS, EXPERT_SHARD):
             if hasattr(module, attribute):
                 delattr(module, attribute)
+    _unfuse_routers(model)
     return model
