@@ -761,6 +761,7 @@ std::vector<LinearCase> linear_cases(std::mt19937& rng) {
       {{0, 0, 200, 0}, 0, 64, 48, true},              // every row to one expert
       {{0, 0, 0}, 10, 8, 8, true},                    // every row in the tail
       {random_counts(300, 5, rng), 3, 24, 17, true},  // more experts than threads in the tile-mapping scan
+      {{1000, 3, 700}, 2, 16, 136, true},             // bias gradient: rows past its unrolled loads, a part chunk
   };
 }
 

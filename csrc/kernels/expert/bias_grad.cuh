@@ -12,44 +12,99 @@
 namespace fastmoe {
 namespace cuda {
 
-// grad_bias[e, o] = sum over the rows of e of grad_y[r, o]. Block `block` (of num_experts * bias_grad_blocks_per
-// expert) covers kBiasColumns columns of one expert with kBiasLanes lanes of rows: lane l (ty) sums rows l, l + 8, ...
-// and the 8 partial sums are added in lane order, so the result does not depend on scheduling. A warp (tx = 0..31
-// at one ty) reads 32 consecutive columns of one row. Every thread of the block must call this (it synchronises).
+// grad_bias[e, o] = sum over the rows of e of grad_y[r, o]. Block `block` (of bias_grad_blocks) covers kBiasColumns
+// columns of one expert. Its kBiasThreads threads split those columns into groups of V (16 bytes of grad_y when the
+// rows are 16-byte aligned, one column otherwise) and the rows into lanes: lane l sums rows l, l + lanes, ... in that
+// order, kBiasRowsInFlight rows loaded before they are added, and the lanes' partial sums are added in lane order,
+// so the result does not depend on scheduling (it depends on V, i.e. on the dtype and the alignment of grad_y's
+// rows). A bias gradient is a read of grad_y and little else: the vector loads and the rows in flight keep it near
+// the memory's rate, where one 2-byte load per thread and row kept it bound by the latency of each load.
 // grad_y: [num_rows, out_features]; grad_bias: [num_experts, out_features], written (zero for an expert without rows)
-constexpr int kBiasColumns = 32;
-constexpr int kBiasLanes = 8;
-constexpr int kBiasThreads = kBiasColumns * kBiasLanes;
+constexpr int kBiasColumns = 64;
+constexpr int kBiasThreads = 256;
+constexpr int kBiasRowsInFlight = 8;
 
 inline int64_t bias_grad_blocks(int64_t num_experts, int64_t out_features) {
   return num_experts * ((out_features + kBiasColumns - 1) / kBiasColumns);
 }
 
+// fp64 partial sums for fp32: a lane adds up to rows/lanes terms in sequence, which in fp32 drifts past the error
+// of a tree-shaped PyTorch sum; the kernel is bound by reading grad_y, so the wider adds cost nothing.
+template <typename T>
+using bias_acc_t = std::conditional_t<std::is_same_v<T, float>, double, dacc_t<T>>;
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) BiasVec {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void bias_grad_columns(const T* __restrict__ grad_y, int64_t row_begin, int64_t row_end,
+                                                  int64_t out_features, int64_t first_column, int thread,
+                                                  bias_acc_t<T> (*partials)[kBiasColumns]) {
+  using A = bias_acc_t<T>;
+  constexpr int kThreadsPerRow = kBiasColumns / V;
+  constexpr int kLanes = kBiasThreads / kThreadsPerRow;
+  const int group = thread % kThreadsPerRow, lane = thread / kThreadsPerRow;
+  const int64_t column = first_column + group * V;  // V divides out_features when V > 1: all V columns or none
+  A sum[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) sum[j] = A(0);
+  if (column < out_features) {
+    const T* base = grad_y + column;
+    int64_t r = row_begin + lane;
+    for (; r + (kBiasRowsInFlight - 1) * kLanes < row_end; r += kBiasRowsInFlight * kLanes) {
+      BiasVec<T, V> rows[kBiasRowsInFlight];
+#pragma unroll
+      for (int i = 0; i < kBiasRowsInFlight; ++i) {
+        rows[i] = *reinterpret_cast<const BiasVec<T, V>*>(base + (r + i * kLanes) * out_features);
+      }
+#pragma unroll
+      for (int i = 0; i < kBiasRowsInFlight; ++i) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) sum[j] += to_acc(rows[i].v[j]);
+      }
+    }
+    for (; r < row_end; r += kLanes) {
+      const BiasVec<T, V> row = *reinterpret_cast<const BiasVec<T, V>*>(base + r * out_features);
+#pragma unroll
+      for (int j = 0; j < V; ++j) sum[j] += to_acc(row.v[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) partials[lane][group * V + j] = sum[j];
+  __syncthreads();
+  if (thread < kBiasColumns) {
+    A total = partials[0][thread];
+    for (int l = 1; l < kLanes; ++l) total += partials[l][thread];
+    partials[0][thread] = total;  // read back by the caller's writer thread (the same thread)
+  }
+}
+
+// Every thread of the block (kBiasThreads of them, `thread` its index) must call this: it synchronises.
 template <typename T>
 __device__ __forceinline__ void bias_grad_block(const T* __restrict__ grad_y, int64_t num_rows,
                                                 const int64_t* __restrict__ offsets, int64_t num_experts,
-                                                int64_t out_features, T* __restrict__ grad_bias, int64_t block, int tx,
-                                                int ty) {
-  // fp64 partial sums for fp32: a lane adds up to rows/8 terms in sequence, which in fp32 drifts past the error
-  // of a tree-shaped PyTorch sum; the kernel is bound by reading grad_y, so the wider adds cost nothing.
-  using A = std::conditional_t<std::is_same_v<T, float>, double, dacc_t<T>>;
-  __shared__ A partials[kBiasLanes][kBiasColumns];
+                                                int64_t out_features, T* __restrict__ grad_bias, int64_t block,
+                                                int thread) {
+  using A = bias_acc_t<T>;
+  constexpr int kVec = 16 / sizeof(T);
+  // The lanes of the narrowest split (one column per thread) are the fewest: kBiasThreads / kBiasColumns.
+  __shared__ A partials[kBiasThreads * kVec / kBiasColumns][kBiasColumns];
   const int64_t blocks_per_expert = (out_features + kBiasColumns - 1) / kBiasColumns;
   const int64_t expert = block / blocks_per_expert;
-  const int64_t o = block % blocks_per_expert * kBiasColumns + tx;
+  const int64_t first_column = block % blocks_per_expert * kBiasColumns;
   int64_t row_begin, row_end;
   group_rows(offsets, num_experts, num_rows, expert, &row_begin, &row_end);
-  A sum = 0;
-  if (o < out_features) {
-    for (int64_t r = row_begin + ty; r < row_end; r += kBiasLanes) sum += to_acc(grad_y[r * out_features + o]);
+  const bool vectors = out_features % kVec == 0 && reinterpret_cast<uintptr_t>(grad_y) % 16 == 0;
+  if (vectors) {
+    bias_grad_columns<T, kVec>(grad_y, row_begin, row_end, out_features, first_column, thread, partials);
+  } else {
+    bias_grad_columns<T, 1>(grad_y, row_begin, row_end, out_features, first_column, thread, partials);
   }
-  partials[ty][tx] = sum;
-  __syncthreads();
-  if (ty == 0 && o < out_features) {
-    A total = partials[0][tx];
-#pragma unroll
-    for (int lane = 1; lane < kBiasLanes; ++lane) total += partials[lane][tx];
-    grad_bias[expert * out_features + o] = from_acc<T>(static_cast<dacc_t<T>>(total));
+  const int64_t o = first_column + thread;
+  if (thread < kBiasColumns && o < out_features) {
+    grad_bias[expert * out_features + o] = from_acc<T>(static_cast<dacc_t<T>>(partials[0][thread]));
   }
 }
 

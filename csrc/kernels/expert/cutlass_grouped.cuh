@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(cuda::kBiasThreads) cutlass_grouped_setup_kern
     using T = typename NativeHalf<Element>::type;
     cuda::bias_grad_block(reinterpret_cast<const T*>(p.grad_y), p.num_rows, p.offsets, p.num_experts, p.out_features,
                           reinterpret_cast<T*>(p.grad_bias), block - p.setup_blocks - p.zero_blocks,
-                          threadIdx.x % cuda::kBiasColumns, threadIdx.x / cuda::kBiasColumns);
+                          static_cast<int>(threadIdx.x));
     return;
   }
   if (block >= p.setup_blocks) {

@@ -274,18 +274,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-// grad_bias (cuda::bias_grad_block): one block per (expert, 32 columns); grid num_experts * ceil(out / 32),
-// flattened; block (32, 8).
-using cuda::kBiasColumns;
-using cuda::kBiasLanes;
+// grad_bias (cuda::bias_grad_block): one block of kBiasThreads per (expert, kBiasColumns columns); grid
+// cuda::bias_grad_blocks, flattened.
 using cuda::kBiasThreads;
 
 template <typename T>
 __global__ void __launch_bounds__(kBiasThreads)
     grouped_bias_grad_kernel(const T* __restrict__ grad_y, int64_t num_rows, const int64_t* __restrict__ offsets,
                              int64_t num_experts, int64_t out_features, T* __restrict__ grad_bias) {
-  cuda::bias_grad_block(grad_y, num_rows, offsets, num_experts, out_features, grad_bias, blockIdx.x, threadIdx.x,
-                        threadIdx.y);
+  cuda::bias_grad_block(grad_y, num_rows, offsets, num_experts, out_features, grad_bias, blockIdx.x,
+                        static_cast<int>(threadIdx.x));
 }
 
 void check_linear_args(const char* name, int64_t num_rows, int64_t in_features, int64_t num_experts,
@@ -358,7 +356,7 @@ void grouped_linear_backward_cuda(DType dtype, const void* grad_y, const void* x
       const int64_t blocks = cuda::bias_grad_blocks(num_experts, out_features);
       FMOE_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "grouped_linear_backward_cuda: grad_bias needs ",
                  blocks, " blocks, more than a grid holds");
-      grouped_bias_grad_kernel<T><<<static_cast<unsigned int>(blocks), dim3(kBiasColumns, kBiasLanes), 0, stream>>>(
+      grouped_bias_grad_kernel<T><<<static_cast<unsigned int>(blocks), kBiasThreads, 0, stream>>>(
           grad_y_t, num_rows, expert_offsets, num_experts, out_features, static_cast<T*>(grad_bias));
       FMOE_CHECK_LAUNCH();
     }
