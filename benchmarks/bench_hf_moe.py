@@ -18,6 +18,9 @@ chosen configurations (with ``--device cpu --dtype fp32``, a CPU run of any size
 block (router, experts, and shared experts where the model has them) on random hidden states instead of the
 model, with the square of its output as the loss: the part of the step that the experts implementation changes.
 
+``--impls`` also takes ``fastmoe_hf_routers``: fastmoe's experts with transformers' own routers
+(``use_fastmoe(model, fuse_routers=False)``), beside ``fastmoe`` what fastmoe's routers gain.
+
 ``--rounds N`` times the implementations N times over, alternating their order, so that a machine whose speed
 drifts during the run does not favour the one timed first.
 
@@ -41,6 +44,8 @@ from fastmoe.integrations import hf_moe  # noqa: E402
 
 FASTMOE = hf_moe.IMPLEMENTATION
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+# fastmoe's experts with transformers' own routers (use_fastmoe(fuse_routers=False)): what the fused routers gain
+FASTMOE_HF_ROUTERS = FASTMOE + "_hf_routers"
 
 # Shared by both configurations: 8 layers, d_model 2048; a 32k vocabulary keeps the LM head from hiding the MoE.
 BASE = dict(
@@ -126,8 +131,8 @@ def loss_of(model, ids) -> torch.Tensor:
 
 
 def set_impl(model, impl: str) -> None:
-    if impl == FASTMOE:
-        hf_moe.use_fastmoe(model)
+    if impl in (FASTMOE, FASTMOE_HF_ROUTERS):
+        hf_moe.use_fastmoe(model, fuse_routers=impl == FASTMOE)
         return
     if any(m.config._experts_implementation == FASTMOE for _, m in hf_moe.find_hf_experts(model)):
         hf_moe.restore_hf(model)  # the routers too: transformers' implementations run transformers' routers
@@ -254,7 +259,7 @@ def run_config(name: str, spec: dict, args, device: torch.device, dtype: torch.d
             f"loss {record['loss']:.6g}",
             flush=True,
         )
-    hf = [r for r in records if r["impl"] != FASTMOE]
+    hf = [r for r in records if r["impl"] in HF_IMPLS]
     ours = [r for r in records if r["impl"] == FASTMOE]
     if hf and ours:
         best = min(hf, key=lambda r: r["ms"])
@@ -276,8 +281,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--impls",
         default=None,
-        help=f"comma-separated experts implementations: {', '.join(HF_IMPLS)}, {FASTMOE} "
-        f"(default: eager,grouped_mm,{FASTMOE})",
+        help=f"comma-separated experts implementations: {', '.join(HF_IMPLS)}, {FASTMOE}, {FASTMOE_HF_ROUTERS} "
+        f"(fastmoe's experts with transformers' routers) (default: eager,grouped_mm,{FASTMOE})",
     )
     parser.add_argument("--tiny", action="store_true", help="CPU, fp32, tiny shapes: checks the script in seconds")
     parser.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
@@ -321,8 +326,9 @@ def parse_args(argv=None):
             parser.error(f"{flag} must be >= {low}, got {value}")
     args.impls = (args.impls or f"eager,grouped_mm,{FASTMOE}").split(",")
     for impl in args.impls:
-        if impl not in (*HF_IMPLS, FASTMOE):
-            parser.error(f"--impls: unknown implementation {impl!r}; choose from {', '.join((*HF_IMPLS, FASTMOE))}")
+        known = (*HF_IMPLS, FASTMOE, FASTMOE_HF_ROUTERS)
+        if impl not in known:
+            parser.error(f"--impls: unknown implementation {impl!r}; choose from {', '.join(known)}")
     args.configs = args.configs.split(",")
     for name in args.configs:
         if name not in CONFIGS:

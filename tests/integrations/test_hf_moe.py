@@ -303,6 +303,11 @@ def test_routers_run_route_topk_in_16_bit(arch, device):
         x32 = h.float()
         for a, b in zip(copy.deepcopy(hf_router).float()(x32), copy.deepcopy(router).float()(x32), strict=True):
             assert torch.equal(a, b)
+    # fuse_routers=False puts the routers' own forward back, and True fuses them again
+    assert hf_moe.fused_routers(fastmoe.use_fastmoe(model, fuse_routers=False)) == []
+    assert hf_moe.fused_routers(fastmoe.use_fastmoe(model)) == gates
+    with pytest.raises(TypeError, match="fuse_routers must be True or False, got fuse_routers=1"):
+        fastmoe.use_fastmoe(model, fuse_routers=1)
     # a copy's routers are fused to the copy; restore_hf puts the class's forward back
     twin = copy.deepcopy(model)
     assert all(twin.get_submodule(p)._fastmoe_router.router is twin.get_submodule(p) for p in gates)
@@ -430,6 +435,18 @@ def test_benchmark_tiny_runs():
     ]
     assert all(r["loss_rel_diff_vs_fastmoe"] < 1e-5 and r["shape"]["num_hidden_layers"] == 1 for r in block), block
     json.dumps(records)  # the records are what --json writes
+
+
+def test_benchmark_times_fastmoe_with_transformers_routers():
+    """--impls fastmoe_hf_routers: fastmoe's experts with transformers' routers, left out of the ratio (which is
+    transformers' fastest against fastmoe)."""
+    bench = _load_script("benchmarks/bench_hf_moe.py")
+    argv = ["--tiny", "--configs", "qwen3_moe", "--impls", "grouped_mm,fastmoe,fastmoe_hf_routers", "--iters", "1"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        records = bench.main([*argv, "--warmup", "0"])
+    assert [r["impl"] for r in records] == ["grouped_mm", "fastmoe", "fastmoe_hf_routers"]
+    assert all(r["hf_fastest"] == "grouped_mm" for r in records), records
+    assert records[2]["loss_rel_diff_vs_fastmoe"] < 1e-6, records[2]
 
 
 def test_benchmark_rounds_alternate_the_implementations():

@@ -459,7 +459,7 @@ def _keep_block(module: nn.Module, group, world: int, rank: int) -> None:
     setattr(module, EXPERT_SHARD, ExpertShard(num_local, world, rank, group))
 
 
-def use_fastmoe(model: nn.Module, *, moe_group=None) -> nn.Module:
+def use_fastmoe(model: nn.Module, *, moe_group=None, fuse_routers: bool = True) -> nn.Module:
     """Runs the experts of a Hugging Face MoE model on fastmoe, in place, and returns ``model``.
 
     Every experts module that dispatches through transformers' experts interface (Mixtral, Qwen2-MoE, Qwen3-MoE,
@@ -468,8 +468,9 @@ def use_fastmoe(model: nn.Module, *, moe_group=None) -> nn.Module:
     optionally renormalises the k probabilities (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; recognised by running its
     forward on a probe, see :func:`fused_routers`) computes that with fastmoe's ``route_topk`` in bf16 and fp16; the
     other routers, the shared experts and the dense layers run Hugging Face's code, and ``output_router_logits``
-    and the aux loss work as before. Calling it again with the
-    same ``moe_group`` is harmless; calling it with a group after ``moe_group=None`` splits the experts.
+    and the aux loss work as before. ``fuse_routers=False`` keeps (or puts back) every router's own forward.
+    Calling it again with the same ``moe_group`` is harmless; calling it with a group after ``moe_group=None``
+    splits the experts.
 
     ``moe_group=None`` (one process): the parameters, buffers and state dict are left as they are (the same
     tensors). ``moe_group=g``, a ``torch.distributed`` ProcessGroup of W ranks, splits the experts over them
@@ -481,13 +482,16 @@ def use_fastmoe(model: nn.Module, *, moe_group=None) -> nn.Module:
     (built from the same seed, or loaded from the same checkpoint); that is checked. Call it before making the
     optimizer. :func:`restore_hf` gathers the experts back.
 
-    Raises ``TypeError`` naming ``model`` for a non-module, or ``moe_group`` when it is not a ProcessGroup,
-    ``NotImplementedError`` for a DeviceMesh, ``ValueError`` naming the model's class when it has no such experts
-    module (a transformers 4 model, a dense model), or naming the module path when an experts module stores its
-    weights in a way fastmoe's grouped GEMM cannot take (quantized weights, for example), when W does not divide its
-    expert count, or when it was split over another group; nothing is changed then.
+    Raises ``TypeError`` naming ``model`` for a non-module, ``moe_group`` when it is not a ProcessGroup, or
+    ``fuse_routers`` when it is not a bool; ``NotImplementedError`` for a DeviceMesh; ``ValueError`` naming the
+    model's class when it has no such experts module (a transformers 4 model, a dense model), or naming the module
+    path when an experts module stores its weights in a way fastmoe's grouped GEMM cannot take (quantized weights,
+    for example), when W does not divide its expert count, or when it was split over another group; nothing is
+    changed then.
     """
     experts = find_hf_experts(model)
+    if not isinstance(fuse_routers, bool):
+        raise TypeError(f"fuse_routers must be True or False, got fuse_routers={fuse_routers!r}")
     if not experts:
         raise ValueError(
             f"model ({_describe(model)}) has no experts module that dispatches through transformers' experts "
@@ -541,7 +545,10 @@ def use_fastmoe(model: nn.Module, *, moe_group=None) -> nn.Module:
     # module has recorded what its config had.
     for _, module in experts:
         module.config._experts_implementation_internal = IMPLEMENTATION
-    _fuse_routers(model, experts)
+    if fuse_routers:
+        _fuse_routers(model, experts)
+    else:
+        _unfuse_routers(model)
     return model
 
 
