@@ -1,12 +1,13 @@
 """Where one forward + backward step of an MoE layer spends its GPU time, eager against torch.compile.
 
 For each backend named (``eager`` for none, else a torch.compile backend: ``aot_eager``, ``inductor``), times the
-step of ``FMoETransformerMLP`` (GELU experts, no bias, bf16; the shapes of bench_moe_layer.py's ``train`` or
-``paper`` configuration) with CUDA events (median of 20 after 5 warm-up steps), its peak memory above the parameters,
-and then profiles 5 steps: kernels launched per step, their summed GPU time per step, and the kernels with the most
-time. Wall time well above the kernels' sum means the GPU waited on the host.
+step of ``FMoETransformerMLP`` (GELU experts, without bias unless ``--bias``, bf16; the shapes of
+bench_moe_layer.py's ``train`` or ``paper`` configuration) with CUDA events (median of 20 after 5 warm-up steps), its
+peak memory above the parameters, and then profiles 5 steps: kernels launched per step, their summed GPU time per
+step, and the kernels with the most time. Wall time well above the kernels' sum means the GPU waited on the host.
 
     PYTHONPATH=python python3 tools/profile_layer_compile.py --config train --backends eager,aot_eager,inductor
+    PYTHONPATH=python python3 tools/profile_layer_compile.py --config train --backends eager --bias
 """
 
 import argparse
@@ -31,13 +32,14 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="train", choices=CONFIGS)
     parser.add_argument("--backends", default="eager,inductor", help="comma-separated: eager, aot_eager, inductor")
     parser.add_argument("--rows", type=int, default=22, help="kernels listed per backend")
+    parser.add_argument("--bias", action="store_true", help="experts with biases (what a bias costs)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_layer_compile: needs a CUDA device", file=sys.stderr)
         return 2
     (c,) = bench_moe_layer.CONFIGS[args.config]
     torch.manual_seed(0)
-    layer = fastmoe.FMoETransformerMLP(num_expert=c["E"], d_model=c["d"], d_hidden=c["h"], top_k=c["k"], bias=False)
+    layer = fastmoe.FMoETransformerMLP(num_expert=c["E"], d_model=c["d"], d_hidden=c["h"], top_k=c["k"], bias=args.bias)
     layer = layer.cuda().bfloat16()
     x = torch.randn(c["T"], c["d"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn_like(x)
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         gpu_us = sum(e.self_device_time_total for e in kernels) / 5
         launches = sum(e.count for e in kernels) / 5
         print(
-            f"=== {args.config} {backend}: {ms:.3f} ms  peak {peak:.2f} GiB  "
+            f"=== {args.config}{' bias' if args.bias else ''} {backend}: {ms:.3f} ms  peak {peak:.2f} GiB  "
             f"kernels/step {launches:.0f}  gpu {gpu_us / 1e3:.3f} ms"
         )
         for e in kernels[: args.rows]:
