@@ -281,7 +281,7 @@ def test_routers_run_route_topk_in_16_bit(arch, device):
     h = torch.randn(64, SMALL["hidden_size"], generator=gen).bfloat16().to(device)
     for path in gates:
         hf_router, router = ref.get_submodule(path), model.get_submodule(path)
-        assert router._fastmoe_router.score_fn == ROUTED[arch]
+        assert router.forward.score_fn == ROUTED[arch]
         outs, grads = [], []
         for r in (hf_router, router):
             x = h.clone().requires_grad_()
@@ -310,7 +310,7 @@ def test_routers_run_route_topk_in_16_bit(arch, device):
         fastmoe.use_fastmoe(model, fuse_routers=1)
     # a copy's routers are fused to the copy; restore_hf puts the class's forward back
     twin = copy.deepcopy(model)
-    assert all(twin.get_submodule(p)._fastmoe_router.router is twin.get_submodule(p) for p in gates)
+    assert all(twin.get_submodule(p).forward.router is twin.get_submodule(p) for p in gates)
     fastmoe.restore_hf(model)
     assert hf_moe.fused_routers(model) == [] and "forward" not in vars(model.get_submodule(gates[0]))
 

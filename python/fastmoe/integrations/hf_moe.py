@@ -241,7 +241,6 @@ def find_hf_experts(model: nn.Module) -> list:
 # (the k picks' probabilities over their sum are the softmax of the k picked logits), "softmax_topk" without. One
 # kernel each way replaces about five forward and eight backward launches, among them torch.topk's.
 
-_ROUTER = "_fastmoe_router"  # on a router whose forward fastmoe computes: the _FusedRouter (also its forward)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _PROBE_TOKENS = 3
 
@@ -319,13 +318,14 @@ def _router_rule(router: nn.Module):
             probe.__dict__ = dict(router.__dict__)
             probe._parameters = {"weight": nn.Parameter(weight.to(dtype), requires_grad=False)}
             probe.__dict__.pop("forward", None)
+            h = h.to(dtype)
             for training in (True, False):
                 probe.training = training
                 try:
-                    out = type(router).forward(probe, h.to(dtype))
+                    out = type(router).forward(probe, h)
                 except Exception:  # noqa: BLE001 - a forward this probe cannot run is not a router fastmoe computes
                     return None
-                found = _probe_rule(out, h.to(dtype), probe.weight, router.top_k)
+                found = _probe_rule(out, h, probe.weight, router.top_k)
                 if found is None or (rule is not None and found != rule):
                     return None
                 rule = found
@@ -362,20 +362,22 @@ def _fuse_routers(model: nn.Module, experts: list) -> None:
         if block is None:
             continue
         for router in _router_candidates(block, module):
-            if isinstance(getattr(router, _ROUTER, None), _FusedRouter):
+            if _is_fused(router):
                 continue
             rule = _router_rule(router)
             if rule is not None:
-                fused = _FusedRouter(router, *rule)
-                setattr(router, _ROUTER, fused)
-                router.forward = fused
+                router.forward = _FusedRouter(router, *rule)
+
+
+def _is_fused(module: nn.Module) -> bool:
+    """Whether the module's forward is a _FusedRouter (an instance attribute, over its class's forward)."""
+    return isinstance(vars(module).get("forward"), _FusedRouter)
 
 
 def _unfuse_routers(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(getattr(module, _ROUTER, None), _FusedRouter):
+        if _is_fused(module):
             del module.forward
-            delattr(module, _ROUTER)
 
 
 def fused_routers(model: nn.Module) -> list:
@@ -386,7 +388,7 @@ def fused_routers(model: nn.Module) -> list:
     bf16 and fp64, training and eval mode. A router whose logits, ids and scores there are route_topk's
     ``"topk_softmax"`` (softmax, top k, renormalised) or ``"softmax_topk"`` (not renormalised) is fused; any other
     (a bias, sigmoid scores, groups, noise, more than 256 experts) keeps its own forward."""
-    return [path for path, m in model.named_modules() if isinstance(getattr(m, _ROUTER, None), _FusedRouter)]
+    return [path for path, m in model.named_modules() if _is_fused(m)]
 
 
 def _describe(module) -> str:
