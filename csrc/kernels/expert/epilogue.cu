@@ -30,39 +30,33 @@ __device__ __forceinline__ int64_t expert_of_row(const int64_t* offsets, int64_t
   return lo;
 }
 
-// V consecutive elements of a row, loaded and stored as one access (16 bytes for the vector path).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) RowVec {
-  T v[V];
-};
-
-// y: [num_rows, out_features]; one block-row of threads per row, grid-strided, each thread V elements at a time (V
-// divides out_features, and y and bias are 16-byte aligned when V > 1). Each element gets the same add as with V = 1.
-template <typename T, int V>
+// y: [num_rows, out_features]; one block-row of threads per row, grid-strided, each thread kN elements at a time
+// (cuda::with_chunk's width: 16 bytes when the rows allow it). Each element gets the same add as with kN = 1.
+template <typename T, int kN>
 __global__ void grouped_bias_epilogue_kernel(T* __restrict__ y, int64_t num_rows, int64_t out_features,
                                              const int64_t* __restrict__ offsets, int64_t num_experts,
                                              const T* __restrict__ bias) {
   using A = cuda::dacc_t<T>;
-  using Vec = RowVec<T, V>;
-  const int64_t vectors = out_features / V;
+  const int64_t chunks = out_features / kN;
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const int64_t e = expert_of_row(offsets, num_experts, r);
-    Vec* row = reinterpret_cast<Vec*>(y + r * out_features);
+    T* row = y + r * out_features;
     if (e >= num_experts) {
-      Vec zero;
+      T zero[kN];
 #pragma unroll
-      for (int j = 0; j < V; ++j) zero.v[j] = cuda::from_acc<T>(A(0));
-      for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) row[i] = zero;
+      for (int i = 0; i < kN; ++i) zero[i] = cuda::from_acc<T>(A(0));
+      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) cuda::store_chunk<T, kN>(row + c * kN, zero);
     } else if (bias != nullptr) {
-      const Vec* b = reinterpret_cast<const Vec*>(bias + e * out_features);
-      for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
-        Vec value = row[i];
-        const Vec add = b[i];
+      const T* b = bias + e * out_features;
+      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+        T value[kN], add[kN];
+        cuda::load_chunk<T, kN>(row + c * kN, value);
+        cuda::load_chunk<T, kN>(b + c * kN, add);
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          value.v[j] = cuda::from_acc<T>(cuda::add_rn(cuda::to_acc(value.v[j]), cuda::to_acc(add.v[j])));
+        for (int i = 0; i < kN; ++i) {
+          value[i] = cuda::from_acc<T>(cuda::add_rn(cuda::to_acc(value[i]), cuda::to_acc(add[i])));
         }
-        row[i] = value;
+        cuda::store_chunk<T, kN>(row + c * kN, value);
       }
     }
   }
@@ -108,20 +102,13 @@ void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t 
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "grouped_bias_epilogue_cuda", scalar_t, [&] {
     // 16-byte accesses where the rows allow them: one 2-byte access per thread and element ran at less than half
     // the memory's rate.
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vectors = out_features % kVec == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 &&
-                         reinterpret_cast<uintptr_t>(bias) % 16 == 0;
-    const int64_t per_row = vectors ? out_features / kVec : out_features;
-    const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((per_row + 31) / 32) * 32));
-    auto* out = static_cast<scalar_t*>(y);
-    const auto* add = static_cast<const scalar_t*>(bias);
-    if (vectors) {
-      grouped_bias_epilogue_kernel<scalar_t, kVec>
-          <<<blocks, threads, 0, stream>>>(out, num_rows, out_features, expert_offsets, num_experts, add);
-    } else {
-      grouped_bias_epilogue_kernel<scalar_t, 1>
-          <<<blocks, threads, 0, stream>>>(out, num_rows, out_features, expert_offsets, num_experts, add);
-    }
+    cuda::with_chunk<scalar_t>(out_features, {y, bias}, [&](auto chunk) {
+      constexpr int kN = decltype(chunk)::value;
+      const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((out_features / kN + 31) / 32) * 32));
+      grouped_bias_epilogue_kernel<scalar_t, kN>
+          <<<blocks, threads, 0, stream>>>(static_cast<scalar_t*>(y), num_rows, out_features, expert_offsets,
+                                           num_experts, static_cast<const scalar_t*>(bias));
+    });
   });
   FMOE_CHECK_LAUNCH();
 }
