@@ -25,11 +25,17 @@ std::vector<int64_t> offsets_with_gaps() {
 }
 
 TEST_F(CudaEpilogue, BiasAndTailMatchReferenceBitwiseForEveryDtype) {
-  const int64_t num_rows = 37, out_features = 19, num_experts = 5;  // 7 tail rows, odd width
+  const int64_t num_rows = 37, num_experts = 5;  // 7 tail rows
   const std::vector<int64_t> offsets = offsets_with_gaps();
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> uniform(-2.0f, 2.0f);
-  for (DType dtype : {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16}) {
+  // An odd width (one element per access) and one of 16-byte rows for every dtype (the vector accesses).
+  const std::vector<std::pair<DType, int64_t>> cases = {
+      {DType::kFloat32, 19}, {DType::kFloat64, 19}, {DType::kFloat16, 19}, {DType::kBFloat16, 19},
+      {DType::kFloat32, 40}, {DType::kFloat64, 40}, {DType::kFloat16, 40}, {DType::kBFloat16, 40}};
+  for (const auto& c : cases) {
+    const DType dtype = c.first;
+    const int64_t out_features = c.second;
     FMOE_DISPATCH_FLOAT_TYPES(dtype, "test", [&] {
       std::vector<scalar_t> y(num_rows * out_features), bias(num_experts * out_features);
       for (auto& v : y) v = from_acc<scalar_t>(uniform(rng));
@@ -43,7 +49,7 @@ TEST_F(CudaEpilogue, BiasAndTailMatchReferenceBitwiseForEveryDtype) {
                                    with_bias ? d_bias.get() : nullptr, stream_);
         const std::vector<scalar_t> got = d_y.download<scalar_t>(y.size());
         ASSERT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(scalar_t)))
-            << dtype_name(dtype) << (with_bias ? " with bias" : " without bias");
+            << dtype_name(dtype) << " out_features=" << out_features << (with_bias ? " with bias" : " without bias");
       }
     });
   }

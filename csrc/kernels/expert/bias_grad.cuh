@@ -34,11 +34,6 @@ template <typename T>
 using bias_acc_t = std::conditional_t<std::is_same_v<T, float>, double, dacc_t<T>>;
 
 template <typename T, int V>
-struct alignas(sizeof(T) * V) BiasVec {
-  T v[V];
-};
-
-template <typename T, int V>
 __device__ __forceinline__ void bias_grad_columns(const T* __restrict__ grad_y, int64_t row_begin, int64_t row_end,
                                                   int64_t out_features, int64_t first_column, int thread,
                                                   bias_acc_t<T> (*partials)[kBiasColumns]) {
@@ -54,21 +49,20 @@ __device__ __forceinline__ void bias_grad_columns(const T* __restrict__ grad_y, 
     const T* base = grad_y + column;
     int64_t r = row_begin + lane;
     for (; r + (kBiasRowsInFlight - 1) * kLanes < row_end; r += kBiasRowsInFlight * kLanes) {
-      BiasVec<T, V> rows[kBiasRowsInFlight];
+      T rows[kBiasRowsInFlight][V];
+#pragma unroll
+      for (int i = 0; i < kBiasRowsInFlight; ++i) load_chunk<T, V>(base + (r + i * kLanes) * out_features, rows[i]);
 #pragma unroll
       for (int i = 0; i < kBiasRowsInFlight; ++i) {
-        rows[i] = *reinterpret_cast<const BiasVec<T, V>*>(base + (r + i * kLanes) * out_features);
-      }
 #pragma unroll
-      for (int i = 0; i < kBiasRowsInFlight; ++i) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) sum[j] += to_acc(rows[i].v[j]);
+        for (int j = 0; j < V; ++j) sum[j] += to_acc(rows[i][j]);
       }
     }
     for (; r < row_end; r += kLanes) {
-      const BiasVec<T, V> row = *reinterpret_cast<const BiasVec<T, V>*>(base + r * out_features);
+      T row[V];
+      load_chunk<T, V>(base + r * out_features, row);
 #pragma unroll
-      for (int j = 0; j < V; ++j) sum[j] += to_acc(row.v[j]);
+      for (int j = 0; j < V; ++j) sum[j] += to_acc(row[j]);
     }
   }
 #pragma unroll
@@ -88,7 +82,7 @@ __device__ __forceinline__ void bias_grad_block(const T* __restrict__ grad_y, in
                                                 int64_t out_features, T* __restrict__ grad_bias, int64_t block,
                                                 int thread) {
   using A = bias_acc_t<T>;
-  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVec = kVec16<T>;
   // The lanes of the narrowest split (one column per thread) are the fewest: kBiasThreads / kBiasColumns.
   __shared__ A partials[kBiasThreads * kVec / kBiasColumns][kBiasColumns];
   const int64_t blocks_per_expert = (out_features + kBiasColumns - 1) / kBiasColumns;

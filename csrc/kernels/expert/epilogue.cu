@@ -30,21 +30,33 @@ __device__ __forceinline__ int64_t expert_of_row(const int64_t* offsets, int64_t
   return lo;
 }
 
-// y: [num_rows, out_features]; one block-row of threads per row, grid-strided.
-template <typename T>
+// y: [num_rows, out_features]; one block-row of threads per row, grid-strided, each thread kN elements at a time
+// (cuda::with_chunk's width: 16 bytes when the rows allow it). Each element gets the same add as with kN = 1.
+template <typename T, int kN>
 __global__ void grouped_bias_epilogue_kernel(T* __restrict__ y, int64_t num_rows, int64_t out_features,
                                              const int64_t* __restrict__ offsets, int64_t num_experts,
                                              const T* __restrict__ bias) {
   using A = cuda::dacc_t<T>;
+  const int64_t chunks = out_features / kN;
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const int64_t e = expert_of_row(offsets, num_experts, r);
     T* row = y + r * out_features;
     if (e >= num_experts) {
-      for (int64_t o = threadIdx.x; o < out_features; o += blockDim.x) row[o] = cuda::from_acc<T>(A(0));
+      T zero[kN];
+#pragma unroll
+      for (int i = 0; i < kN; ++i) zero[i] = cuda::from_acc<T>(A(0));
+      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) cuda::store_chunk<T, kN>(row + c * kN, zero);
     } else if (bias != nullptr) {
       const T* b = bias + e * out_features;
-      for (int64_t o = threadIdx.x; o < out_features; o += blockDim.x) {
-        row[o] = cuda::from_acc<T>(cuda::add_rn(cuda::to_acc(row[o]), cuda::to_acc(b[o])));
+      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+        T value[kN], add[kN];
+        cuda::load_chunk<T, kN>(row + c * kN, value);
+        cuda::load_chunk<T, kN>(b + c * kN, add);
+#pragma unroll
+        for (int i = 0; i < kN; ++i) {
+          value[i] = cuda::from_acc<T>(cuda::add_rn(cuda::to_acc(value[i]), cuda::to_acc(add[i])));
+        }
+        cuda::store_chunk<T, kN>(row + c * kN, value);
       }
     }
   }
@@ -87,11 +99,16 @@ void grouped_bias_epilogue_cuda(DType dtype, void* y, int64_t num_rows, int64_t 
     return;
   }
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(num_rows, 65535 * 4));
-  const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((out_features + 31) / 32) * 32));
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "grouped_bias_epilogue_cuda", scalar_t, [&] {
-    grouped_bias_epilogue_kernel<scalar_t><<<blocks, threads, 0, stream>>>(static_cast<scalar_t*>(y), num_rows,
-                                                                           out_features, expert_offsets, num_experts,
-                                                                           static_cast<const scalar_t*>(bias));
+    // 16-byte accesses where the rows allow them: one 2-byte access per thread and element ran at less than half
+    // the memory's rate.
+    cuda::with_chunk<scalar_t>(out_features, {y, bias}, [&](auto chunk) {
+      constexpr int kN = decltype(chunk)::value;
+      const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((out_features / kN + 31) / 32) * 32));
+      grouped_bias_epilogue_kernel<scalar_t, kN>
+          <<<blocks, threads, 0, stream>>>(static_cast<scalar_t*>(y), num_rows, out_features, expert_offsets,
+                                           num_experts, static_cast<const scalar_t*>(bias));
+    });
   });
   FMOE_CHECK_LAUNCH();
 }
