@@ -114,7 +114,7 @@ FORCED_BACKEND_CASES = [
 def test_forced_backend_matches_reference(backend, dtype, tmp_path):
     """FASTMOE_GROUPED_GEMM=<backend> on CUDA: the output and every gradient within the policy, tail rows and the
     gradients of empty experts exactly zero, no host synchronisation; the CUTLASS backend's setup kernel runs when
-    cutlass is forced and only then."""
+    cutlass is forced and only then, and neither runs a separate bias epilogue kernel."""
     if CUDA_SKIP_REASON is not None:
         pytest.skip(CUDA_SKIP_REASON)
     capability = torch.cuda.get_device_capability()
@@ -157,6 +157,8 @@ def test_forced_backend_matches_reference(backend, dtype, tmp_path):
             assert_bitwise_equal(got[3][e], torch.zeros_like(bias[e]), f"grad_bias of empty expert {e} ({label})")
     setup_ran = any("cutlass_grouped_setup_kernel" in name for name in result["kernels"])
     assert setup_ran == (backend == "cutlass"), f"CUDA kernels that ran: {result['kernels']}"
+    # Both backends add the bias inside the GEMM (CUTLASS in its epilogue): no separate pass over the output.
+    assert not any("grouped_bias_epilogue" in name for name in result["kernels"]), result["kernels"]
 
 
 @pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no-bias"])

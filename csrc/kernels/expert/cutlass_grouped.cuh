@@ -7,13 +7,17 @@
 // and two WGMMA consumer warp groups per CTA), clusters of CTAs that share operand tiles through TMA multicast, and
 // persistent CTAs (one per SM) that walk every expert's tiles with a device-side scheduler. Three operand layouts
 // (below) and two dtypes. The epilogue stores D = accumulator (alpha 1, no C operand) with TMA stores clipped to
-// each expert's rows, so no tile writes into the next expert's rows.
+// each expert's rows, so no tile writes into the next expert's rows. The forward GEMM with a bias has its own
+// kernel, whose epilogue adds the expert's bias row to the fp32 accumulator before the one rounding to the output
+// dtype (an epilogue visitor tree: accumulator + a row broadcast read through a per-expert pointer array), so a
+// bias costs no pass over the output.
 //
 // Per call: (1) a setup kernel writes, for each expert, the problem size (M, N, K), the operand pointers and the
-// leading dimensions into the workspace, from expert_offsets, and its other blocks zero what the GEMMs will not
-// write: the output's tail rows past offsets[E] and the weight gradient of experts without rows (zero_fill.cuh);
+// leading dimensions (and, with a bias, the bias rows) into the workspace, from expert_offsets, and its other blocks
+// zero what the GEMMs will not write: the output's tail rows past offsets[E] and the weight gradient of experts
+// without rows (zero_fill.cuh), and, in the backward with a bias, compute the bias gradient (bias_grad.cuh);
 // (2) the grouped GEMM reads the arrays there (its host problem shapes are nullptr: the host never learns the row
-// counts, and the grid is one CTA per SM); (3) with a bias, fastmoe's epilogue kernel (epilogue.cu) adds it.
+// counts, and the grid is one CTA per SM).
 //
 // The GEMMs, as D[m, n] = sum_k A[m, k] B[n, k] on expert e's rows b = offsets[e] .. offsets[e + 1] (R rows):
 //   forward      M = R,   N = out, K = in:  A = x[b + m, k] (k contiguous),  B = W[e][n, k] (k contiguous),
@@ -40,6 +44,7 @@
 #include "cutlass/cluster_launch.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
@@ -96,19 +101,32 @@ inline bool tall_weight(int64_t in_features, int64_t out_features) {
   return out_features >= 3 * in_features;
 }
 
+// The epilogue of a GEMM with a bias: D[m, n] = Element(acc[m, n] + float(bias[n])), in fp32, rounded once. The
+// bias is a row vector broadcast over the tile's rows, read through an array of per-expert pointers (entry l for
+// expert l, the grouped GEMM's batch coordinate).
+template <typename Element, typename TileShape>
+using BiasEpilogue = cutlass::epilogue::fusion::Sm90EVT<
+    cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, Element, float, cutlass::FloatRoundStyle::round_to_nearest>,
+    cutlass::epilogue::fusion::Sm90AccFetch,
+    cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element*, float,
+                                                cute::Stride<cute::_0, cute::_1, cute::_0>>>;
+
 // One grouped GEMM: Element operands and output, fp32 accumulation; A and B layouts as CUTLASS's tags (for A,
-// RowMajor = k contiguous; for B, ColumnMajor = k contiguous, RowMajor = n contiguous); D row-major.
-template <typename Element, typename LayoutA, typename LayoutB, typename Config>
+// RowMajor = k contiguous; for B, ColumnMajor = k contiguous, RowMajor = n contiguous); D row-major. kBias: the
+// epilogue adds a per-expert bias row (BiasEpilogue); otherwise it stores the accumulator.
+template <typename Element, typename LayoutA, typename LayoutB, typename Config, bool kBias = false>
 struct GroupedGemm {
   using TileShape = typename Config::TileShape;
   using ClusterShape = typename Config::ClusterShape;
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlignment = kAlignmentBytes / static_cast<int>(sizeof(Element));
+  using FusionOp = std::conditional_t<kBias, BiasEpilogue<Element, TileShape>,
+                                      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignment, Element, LayoutD*,
-      kAlignment, typename Config::EpilogueSchedule>::CollectiveOp;
+      kAlignment, typename Config::EpilogueSchedule, FusionOp>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*, kAlignment,
       float, TileShape, ClusterShape,
@@ -118,11 +136,13 @@ struct GroupedGemm {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-// The three GEMMs of one dtype and one set of configurations.
+// The three GEMMs of one dtype and one set of configurations, and the forward with a bias.
 template <typename Element, typename Configs>
 struct Gemms {
   using Forward = typename GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
                                        typename Configs::Forward>::Gemm;
+  using ForwardBias = typename GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
+                                           typename Configs::Forward, true>::Gemm;
   using GradInput = typename GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
                                          typename Configs::GradInput>::Gemm;
   using GradWeight = typename GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
@@ -131,13 +151,15 @@ struct Gemms {
                                               typename Configs::TallGradWeight>::Gemm;
 };
 
-// The device arrays (num_experts entries each) that one grouped GEMM reads.
+// The device arrays (num_experts entries each) that one grouped GEMM reads; bias: the forward GEMM's bias rows,
+// read only by the kernel with a bias epilogue.
 template <typename Element, typename StrideA, typename StrideB>
 struct GemmArrays {
   ProblemSize* sizes;
   const Element** a;
   const Element** b;
   Element** d;
+  const Element** bias;
   StrideA* stride_a;
   StrideB* stride_b;
   SecondContiguous* stride_d;
@@ -181,7 +203,8 @@ struct SetupParams {
   int64_t tail_row_bytes;
   char* empty_groups;
   int64_t group_bytes;
-  Element* grad_bias;  // [E, out_features]: the blocks after the zeroing ones compute it from grad_y, or nullptr
+  Element* grad_bias;   // [E, out_features]: the blocks after the zeroing ones compute it from grad_y, or nullptr
+  const Element* bias;  // [E, out_features]: the forward's bias, whose rows go to forward.bias, or nullptr
 };
 
 // The CUDA type of a CUTLASS 16-bit element (the same bits), for the kernels shared with fastmoe's own.
@@ -248,6 +271,7 @@ __global__ void __launch_bounds__(cuda::kBiasThreads) cutlass_grouped_setup_kern
     p.forward.a[e] = p.x + begin * p.in_features;
     p.forward.b[e] = p.weight + weight_offset;
     p.forward.d[e] = p.y + begin * p.out_features;
+    if (p.bias != nullptr) p.forward.bias[e] = p.bias + e * p.out_features;
     p.forward.stride_a[e] = cute::make_stride(p.in_features, cute::Int<1>{}, cute::Int<0>{});
     p.forward.stride_b[e] = cute::make_stride(p.in_features, cute::Int<1>{}, cute::Int<0>{});
     p.forward.stride_d[e] = cute::make_stride(p.out_features, cute::Int<1>{}, cute::Int<0>{});
@@ -285,7 +309,7 @@ inline size_t round_up(size_t bytes) {
 
 inline size_t arrays_bytes(int64_t num_experts) {
   const size_t n = static_cast<size_t>(num_experts);
-  return round_up(n * sizeof(ProblemSize)) + 3 * round_up(n * sizeof(void*)) + 3 * round_up(n * sizeof(int64_t));
+  return round_up(n * sizeof(ProblemSize)) + 4 * round_up(n * sizeof(void*)) + 3 * round_up(n * sizeof(int64_t));
 }
 
 // Carves one GEMM's arrays out of the workspace at *cursor and advances it.
@@ -301,6 +325,7 @@ Arrays carve_arrays(char** cursor, int64_t num_experts) {
   take(arrays.a, n * sizeof(void*));
   take(arrays.b, n * sizeof(void*));
   take(arrays.d, n * sizeof(void*));
+  take(arrays.bias, n * sizeof(void*));
   take(arrays.stride_a, n * sizeof(int64_t));
   take(arrays.stride_b, n * sizeof(int64_t));
   take(arrays.stride_d, n * sizeof(int64_t));
@@ -326,6 +351,12 @@ inline DeviceInfo current_device(const char* caller) {
   return info;
 }
 
+// The arguments type of BiasEpilogue for Gemm's element and tile shape.
+template <typename Gemm>
+struct BiasArguments {
+  using type = typename BiasEpilogue<typename Gemm::ElementD, typename Gemm::GemmKernel::TileShape>::Arguments;
+};
+
 template <typename Gemm, typename Arrays>
 typename Gemm::Arguments gemm_arguments(const Arrays& arrays, int64_t num_experts, const DeviceInfo& device) {
   static_assert(arrays_match<Gemm, Arrays>(), "the arrays' stride types must be the kernel's");
@@ -336,8 +367,14 @@ typename Gemm::Arguments gemm_arguments(const Arrays& arrays, int64_t num_expert
   args.mainloop.dA = arrays.stride_a;
   args.mainloop.ptr_B = arrays.b;
   args.mainloop.dB = arrays.stride_b;
-  args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = 0.0f;
+  if constexpr (std::is_same_v<decltype(args.epilogue.thread), typename BiasArguments<Gemm>::type>) {
+    // BiasEpilogue's arguments, children first: the accumulator (none), the bias row (its pointer array, the
+    // value for a null pointer, the stride), then the addition (none).
+    args.epilogue.thread = {{}, {arrays.bias, typename Gemm::ElementD(0), {}}, {}};
+  } else {
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+  }
   args.epilogue.ptr_C = nullptr;
   args.epilogue.dC = nullptr;
   args.epilogue.ptr_D = arrays.d;
@@ -359,6 +396,7 @@ template <typename Element, typename Configs>
 size_t cutlass_part_bytes(int64_t num_experts, const DeviceInfo& device) {
   using G = Gemms<Element, Configs>;
   return std::max({gemm_workspace_bytes<typename G::Forward>(num_experts, device),
+                   gemm_workspace_bytes<typename G::ForwardBias>(num_experts, device),
                    gemm_workspace_bytes<typename G::GradInput>(num_experts, device),
                    gemm_workspace_bytes<typename G::GradWeight>(num_experts, device),
                    gemm_workspace_bytes<typename G::TallGradWeight>(num_experts, device)});
@@ -545,16 +583,17 @@ void linear(DType dtype, const void* x, int64_t num_rows, int64_t in_features, c
         setup_params<Element>(expert_offsets, num_experts, num_rows, in_features, out_features, x, weight);
     params.y = static_cast<Element*>(y);
     params.forward = ws.forward;
-    if (bias == nullptr) {  // the tail rows are all the epilogue would change: zeroed by the setup launch
-      params.tail_rows = static_cast<char*>(y);
-      params.tail_row_bytes = out_features * static_cast<int64_t>(sizeof(Element));
-    }
+    params.bias = static_cast<const Element*>(bias);
+    params.tail_rows = static_cast<char*>(y);  // zeroed by the setup launch: no GEMM writes past offsets[E]
+    params.tail_row_bytes = out_features * static_cast<int64_t>(sizeof(Element));
     launch_setup(params, stream);
-    run_gemm<typename Gemms<Element, Configs>::Forward>(kCaller, ws.forward, num_experts, device, ws.cutlass, stream);
+    using G = Gemms<Element, Configs>;
+    if (bias != nullptr) {
+      run_gemm<typename G::ForwardBias>(kCaller, ws.forward, num_experts, device, ws.cutlass, stream);
+    } else {
+      run_gemm<typename G::Forward>(kCaller, ws.forward, num_experts, device, ws.cutlass, stream);
+    }
   });
-  if (bias != nullptr) {
-    grouped_bias_epilogue_cuda(dtype, y, num_rows, out_features, expert_offsets, num_experts, bias, stream);
-  }
 }
 
 template <typename Configs>
