@@ -21,6 +21,10 @@ model, with the square of its output as the loss: the part of the step that the 
 ``--impls`` also takes ``fastmoe_hf_routers``: fastmoe's experts with transformers' own routers
 (``use_fastmoe(model, fuse_routers=False)``), beside ``fastmoe`` what fastmoe's routers gain.
 
+``--manual-gc`` turns Python's automatic garbage collection off while the steps run and collects before each timed
+step, outside its time, as training loops that schedule collections themselves do: a full collection (every
+other step here) otherwise falls inside some steps and not others, and is exposed where the GPU waits for the host.
+
 ``--rounds N`` times the implementations N times over, alternating their order, so that a machine whose speed
 drifts during the run does not favour the one timed first.
 
@@ -30,6 +34,7 @@ implementation's loss on the first batch is compared with fastmoe's (same weight
 """
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -144,16 +149,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, iters: int, warmup: int, device: torch.device) -> list:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+def time_steps(step, iters: int, warmup: int, device: torch.device, manual_gc: bool = False) -> list:
+    """Wall-clock ms of each of iters steps, after warmup untimed ones. manual_gc: Python's automatic garbage
+    collection is off while the steps run, and a full collection runs before each timed step, outside its time (as
+    a training loop that schedules collections itself does), so no step pays for a collection that falls in it."""
+    was_enabled = gc.isenabled()
+    if manual_gc:
+        gc.disable()
+    try:
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(iters):
+            if manual_gc:
+                gc.collect()
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        if was_enabled:
+            gc.enable()
     return times
 
 
@@ -225,7 +242,7 @@ def run_config(name: str, spec: dict, args, device: torch.device, dtype: torch.d
             set_impl(model, impl)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            steps = time_steps(step, args.iters, args.warmup, device)
+            steps = time_steps(step, args.iters, args.warmup, device, manual_gc=args.manual_gc)
             times[impl] += steps
             round_ms[impl].append(statistics.median(steps))
             if device.type == "cuda":
@@ -246,6 +263,7 @@ def run_config(name: str, spec: dict, args, device: torch.device, dtype: torch.d
             dtype=str(dtype).replace("torch.", ""),
             device=str(device),
             optimizer=args.optimizer,
+            manual_gc=args.manual_gc,
             loss=losses[impl],
             loss_rel_diff_vs_fastmoe=abs(losses[impl] - losses[FASTMOE]) / max(abs(losses[FASTMOE]), 1e-30)
             if FASTMOE in losses
@@ -300,6 +318,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw", "none"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--manual-gc",
+        action="store_true",
+        help="Python's automatic garbage collection off during the steps, a full collection before each timed step "
+        "(outside its time)",
+    )
     parser.add_argument(
         "--block", action="store_true", help="time one MoE block (router and experts) on random hidden states"
     )

@@ -6,6 +6,7 @@ fastmoe saves a checkpoint that transformers loads unchanged."""
 
 import contextlib
 import copy
+import gc
 import importlib.util
 import io
 import json
@@ -551,3 +552,40 @@ def test_profile_tool_gaps_counts_host_stalls_a_step(capsys):
     if torch.cuda.is_available():
         counts = tool.stall_counters()
         assert {"cudaMalloc", "cudaFree", "allocation retries", "gc generation 2"} <= set(counts), counts
+
+
+def test_benchmark_manual_gc_collects_outside_the_timed_steps():
+    """time_steps(manual_gc=True): automatic collection is off while the steps run, one full collection runs before
+    each timed step (none in the warm-up), and the collector's previous state comes back afterwards, also when a
+    step raises."""
+    bench = _load_script("benchmarks/bench_hf_moe.py")
+    seen = []
+
+    def step():
+        seen.append(gc.isenabled())
+
+    collections = []
+    gc.callbacks.append(lambda phase, info: collections.append(info["generation"]) if phase == "start" else None)
+    try:
+        assert gc.isenabled()
+        times = bench.time_steps(step, 3, 2, torch.device("cpu"), manual_gc=True)
+        assert len(times) == 3 and all(t >= 0 for t in times), times
+        assert seen == [False] * 5, seen
+        assert gc.isenabled()
+        assert collections.count(2) >= 3, collections  # one full collection per timed step
+        seen.clear()
+        bench.time_steps(step, 2, 0, torch.device("cpu"))
+        assert seen == [True, True], seen  # the default leaves the collector alone
+
+        def failing():
+            raise RuntimeError("step failed")
+
+        with pytest.raises(RuntimeError, match="step failed"):
+            bench.time_steps(failing, 1, 0, torch.device("cpu"), manual_gc=True)
+        assert gc.isenabled()
+        gc.disable()
+        bench.time_steps(step, 1, 0, torch.device("cpu"), manual_gc=True)
+        assert not gc.isenabled()  # was off before: stays off
+    finally:
+        gc.enable()
+        gc.callbacks.pop()
