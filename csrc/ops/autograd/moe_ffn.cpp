@@ -420,6 +420,9 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
       if (need_rows) {
         auto [grad_rows, grad_w1, grad_b1] =
             ops::grouped_linear_backward(grad_h, f.rows, f.offsets, f.w1, {need[0], need[3], need[4]});
+        // Read for the last time: freed before the combine makes x's gradient, as autograd frees a gradient once
+        // the node that takes it has run (T * k * hidden values, the largest tensor still held otherwise).
+        grad_h = at::Tensor();
         if (need[0]) raw[0] = ops::unpermute_combine(grad_rows, f.sorted_pair, f.pair_pos, std::nullopt);
         if (need[3]) raw[3] = grad_w1;
         if (need[4]) raw[4] = grad_b1;
