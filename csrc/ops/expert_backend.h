@@ -12,8 +12,9 @@
 //                    (the same for out_features and y, grad_y). Taken for fp16 and bf16 wherever it can run: in bf16 it
 //                    ran the layer 2% to 9% faster than kTorchGroupedMm on every configuration of
 //                    benchmarks/bench_moe_layer.py that was compared (docs/benchmarks.md), with a lower peak memory.
-//                    fastmoe's epilogue kernels add the bias, zero the tail rows and the weight gradient of experts
-//                    with no rows, and the tiled kernel computes the bias gradient.
+//                    Its forward with a bias adds the bias in the GEMM's epilogue; its setup launch zeroes the tail
+//                    rows and the weight gradient of experts with no rows, and sums the bias gradient as the tiled
+//                    kernel does.
 //   kTorchGroupedMm  at::_grouped_mm (torch's CUTLASS grouped GEMM on sm_90+: tensor cores, fp32 accumulation,
 //                    one launch for all experts). Taken for bf16 when every row is 16-byte aligned (in and out
 //                    features multiples of 8) on a GPU of compute capability >= 9.0, with at least one row. It writes
