@@ -85,8 +85,11 @@ def build(arch: str, implementation: str = "eager") -> nn.Module:
         **SMALL, **config, num_experts_per_tok=TOP_K, experts_implementation=implementation
     )
     torch.manual_seed(0)
-    model = getattr(transformers, model_class)(cfg).double()
-    # Weights far from transformers' 0.02 initialisation, so the routing and every gradient are of order one.
+    return spread_weights(getattr(transformers, model_class)(cfg).double())
+
+
+def spread_weights(model: nn.Module) -> nn.Module:
+    """Weights far from transformers' 0.02 initialisation, so the routing and every gradient are of order one."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -189,6 +192,120 @@ def test_round_trip_and_save_pretrained(arch, tmp_path):
     after = model.state_dict()
     for k, v in after.items():
         assert v.data_ptr() == storage[k] and torch.equal(v, trained[k]), k
+
+
+# More architectures of the pinned transformers whose experts run through its experts interface: each keeps its own
+# router, shared experts, dense layers and aux loss. name: (model class, config class, config, whether the model
+# returns router logits and an aux loss that this tiny config computes).
+MORE_ARCHS = {
+    "deepseek_v2": (
+        "DeepseekV2ForCausalLM",
+        "DeepseekV2Config",
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+        ),
+        False,
+    ),
+    "dots1": (
+        "Dots1ForCausalLM",
+        "Dots1Config",
+        dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, head_dim=8),
+        False,
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeForCausalLM",
+        "Ernie4_5_MoeConfig",
+        dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8, moe_k=TOP_K, head_dim=8),
+        True,
+    ),
+    "flex_olmo": ("FlexOlmoForCausalLM", "FlexOlmoConfig", dict(intermediate_size=24, num_experts=8), True),
+    "glm4_moe": (
+        "Glm4MoeForCausalLM",
+        "Glm4MoeConfig",
+        dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, head_dim=8),
+        False,
+    ),
+    "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", dict(intermediate_size=24, num_local_experts=8), False),
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1ForCausalLM",
+        "HunYuanMoEV1Config",
+        dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, moe_topk=TOP_K, head_dim=8),
+        False,
+    ),
+    "minimax": (
+        "MiniMaxForCausalLM",
+        "MiniMaxConfig",
+        dict(intermediate_size=24, num_local_experts=8, head_dim=8, layer_types=["full_attention"] * 2),
+        True,
+    ),
+    # a router that samples its experts in training mode (sparsemixer): both models draw from the same seed
+    "phimoe": ("PhimoeForCausalLM", "PhimoeConfig", dict(intermediate_size=48, num_local_experts=8), True),
+    "qwen3_next": (
+        "Qwen3NextForCausalLM",
+        "Qwen3NextConfig",
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            num_experts=8,
+            head_dim=8,
+            layer_types=["full_attention"] * 2,
+        ),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", list(MORE_ARCHS))
+def test_more_architectures_match_transformers_fp64(arch):
+    """use_fastmoe on the other MoE models of the pinned transformers: in fp64 the logits, the loss (and the aux loss
+    and router logits where the model has them) and every parameter's gradient equal transformers' eager experts'
+    within the policy, and restore_hf goes back to them."""
+    model_class, config_class, config, aux = MORE_ARCHS[arch]
+    cfg = getattr(transformers, config_class)(**SMALL, **config, experts_implementation="eager")
+    cfg.num_experts_per_tok = TOP_K
+    torch.manual_seed(0)
+    ref = spread_weights(getattr(transformers, model_class)(cfg).double())
+    model = fastmoe.use_fastmoe(copy.deepcopy(ref))
+    assert implementations(ref) == {"eager"} and implementations(model) == {"fastmoe"}
+    assert experts_paths(model) == experts_paths(ref) and len(experts_paths(model)) >= 1
+
+    ids = token_ids()
+    outs = []
+    for m in (ref, model):
+        torch.manual_seed(5)
+        out = m(input_ids=ids, labels=ids, **(dict(output_router_logits=True) if aux else {}))
+        (out.loss + out.aux_loss if aux else out.loss).backward()
+        outs.append(out)
+    want, got = outs
+    assert runs_on_fastmoe(got) and not runs_on_fastmoe(want)
+    assert (got.logits - want.logits).abs().max() <= TOL
+    assert abs(got.loss.item() - want.loss.item()) <= TOL
+    if aux:
+        assert got.aux_loss is not None and abs(got.aux_loss.item() - want.aux_loss.item()) <= TOL
+        for g, w in zip(got.router_logits, want.router_logits, strict=True):
+            assert (g - w).abs().max() <= TOL
+    named_ref, named = dict(ref.named_parameters()), dict(model.named_parameters())
+    assert named.keys() == named_ref.keys()
+    for name, p in named_ref.items():
+        if p.grad is None:  # a parameter the loss does not reach in transformers' model is not reached here either
+            assert named[name].grad is None, name
+            continue
+        assert (named[name].grad - p.grad).abs().max() <= TOL, name
+    experts = tuple(f"{path}." for path in experts_paths(ref))
+    experts_grad = max(float(p.grad.abs().max()) for n, p in named_ref.items() if n.startswith(experts))
+    assert experts_grad > 1e-2  # the experts' gradients are of order one: a comparison of zeros would prove nothing
+    fastmoe.restore_hf(model)
+    assert implementations(model) == {"eager"}
 
 
 def test_from_pretrained_names_fastmoe(tmp_path):
