@@ -28,6 +28,20 @@ from fastmoe.integrations import hf_moe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-10  # docs/numerics.md: the layers in fp64 match their plain PyTorch counterpart within 1e-10
+# DeepSeek-V2 and V3: 8 routed experts and one shared expert, layer 0 dense (first_k_dense_replace), and the
+# latent attention's ranks and head sizes scaled down.
+DEEPSEEK = dict(
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+)
 # name: (model class, config class, config, whether the model returns router logits and an aux loss)
 ARCHS = {
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(intermediate_size=48, num_local_experts=8), True),
@@ -49,21 +63,7 @@ ARCHS = {
     "deepseek_v3": (
         "DeepseekV3ForCausalLM",
         "DeepseekV3Config",
-        dict(
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            n_routed_experts=8,
-            n_group=4,
-            topk_group=2,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            routed_scaling_factor=2.5,
-            kv_lora_rank=16,
-            q_lora_rank=24,
-            qk_rope_head_dim=4,
-            qk_nope_head_dim=4,
-            v_head_dim=8,
-        ),
+        dict(**DEEPSEEK, n_group=4, topk_group=2, routed_scaling_factor=2.5),
         False,
     ),
     # experts stored [E, in, out] with biases, interleaved gate/up and a clamped gate of its own
@@ -198,23 +198,7 @@ def test_round_trip_and_save_pretrained(arch, tmp_path):
 # router, shared experts, dense layers and aux loss. name: (model class, config class, config, whether the model
 # returns router logits and an aux loss that this tiny config computes).
 MORE_ARCHS = {
-    "deepseek_v2": (
-        "DeepseekV2ForCausalLM",
-        "DeepseekV2Config",
-        dict(
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            q_lora_rank=24,
-            qk_rope_head_dim=4,
-            qk_nope_head_dim=4,
-            v_head_dim=8,
-        ),
-        False,
-    ),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "DeepseekV2Config", DEEPSEEK, False),
     "dots1": (
         "Dots1ForCausalLM",
         "Dots1Config",
