@@ -20,7 +20,8 @@ SMALL = dict(
     bos_token_id=0,
     eos_token_id=1,
 )
-# name: (model class, config class, config); qwen2_moe has a shared expert behind a sigmoid gate
+# name: (model class, config class, config); qwen2_moe has a shared expert behind a sigmoid gate; minimax's
+# attention layers are all full attention here (its lightning attention is not what these tests are about)
 ARCHS = {
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(intermediate_size=48, num_local_experts=8)),
     "qwen3_moe": (
@@ -32,6 +33,11 @@ ARCHS = {
         "Qwen2MoeForCausalLM",
         "Qwen2MoeConfig",
         dict(intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=8),
+    ),
+    "minimax": (
+        "MiniMaxForCausalLM",
+        "MiniMaxConfig",
+        dict(intermediate_size=24, num_local_experts=8, head_dim=8, layer_types=["full_attention"] * 2),
     ),
 }
 TOP_K = 2
