@@ -74,126 +74,7 @@ ARCHS = {
         True,
     ),
 }
-NUM_EXPERTS = 8
 TOP_K = 2
-FASTMOE_NODE = "GroupedLinearFunction"  # fastmoe's grouped GEMM in the autograd graph
-
-
-def build(arch: str, implementation: str = "eager") -> nn.Module:
-    model_class, config_class, config, _ = ARCHS[arch]
-    cfg = getattr(transformers, config_class)(
-        **SMALL, **config, num_experts_per_tok=TOP_K, experts_implementation=implementation
-    )
-    torch.manual_seed(0)
-    return spread_weights(getattr(transformers, model_class)(cfg).double())
-
-
-def spread_weights(model: nn.Module) -> nn.Module:
-    """Weights far from transformers' 0.02 initialisation, so the routing and every gradient are of order one."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 or name.endswith("bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float64))
-    return model
-
-
-def token_ids(seed: int = 2) -> torch.Tensor:
-    return torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(seed))
-
-
-def run(model: nn.Module, arch: str, ids: torch.Tensor):
-    """Forward with labels (and router logits where the model has them), backward of loss + aux loss."""
-    kwargs = dict(output_router_logits=True) if ARCHS[arch][3] else {}
-    out = model(input_ids=ids, labels=ids, **kwargs)
-    loss = out.loss if getattr(out, "aux_loss", None) is None else out.loss + out.aux_loss
-    loss.backward()
-    return out
-
-
-def runs_on_fastmoe(out) -> bool:
-    return any(FASTMOE_NODE in name for name in graph_names(out.logits))
-
-
-def experts_paths(model) -> list:
-    return [path for path, _ in hf_moe.find_hf_experts(model)]
-
-
-def implementations(model) -> set:
-    return {module.config._experts_implementation for _, module in hf_moe.find_hf_experts(model)}
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_matches_transformers_fp64(arch):
-    ref = build(arch)
-    model = fastmoe.use_fastmoe(copy.deepcopy(ref))
-    assert implementations(ref) == {"eager"} and implementations(model) == {"fastmoe"}
-    moe_layers = 1 if arch == "deepseek_v3" else 2  # DeepSeek-V3's first layer is dense
-    assert len(experts_paths(model)) == moe_layers
-
-    ids = token_ids()
-    want, got = run(ref, arch, ids), run(model, arch, ids)
-    assert runs_on_fastmoe(got) and not runs_on_fastmoe(want)
-    assert (got.logits - want.logits).abs().max() <= TOL
-    assert abs(got.loss.item() - want.loss.item()) <= TOL
-    if ARCHS[arch][3]:
-        assert len(got.router_logits) == len(want.router_logits) == 2
-        for g, w in zip(got.router_logits, want.router_logits, strict=True):
-            assert g.shape == w.shape == (ids.numel(), NUM_EXPERTS)
-            assert (g - w).abs().max() <= TOL
-        assert got.aux_loss is not None and abs(got.aux_loss.item() - want.aux_loss.item()) <= TOL
-    named_ref = dict(ref.named_parameters())
-    named = dict(model.named_parameters())
-    assert named.keys() == named_ref.keys()
-    for name, p in named_ref.items():
-        assert p.grad is not None, name
-        assert (named[name].grad - p.grad).abs().max() <= TOL, name
-    # the experts' gradients are of order one (a comparison of zeros would prove nothing)
-    experts_grad = max(float(p.grad.abs().max()) for n, p in named_ref.items() if ".experts." in n)
-    assert experts_grad > 1e-2
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_round_trip_and_save_pretrained(arch, tmp_path):
-    model = build(arch)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    storage = {k: v.data_ptr() for k, v in model.state_dict().items()}
-
-    fastmoe.use_fastmoe(model)
-    fastmoe.use_fastmoe(model)  # again: harmless, and restore_hf still goes back to eager
-    during = model.state_dict()
-    assert during.keys() == before.keys()
-    for k, v in during.items():  # the same tensors, not copies
-        assert v.data_ptr() == storage[k] and torch.equal(v, before[k]), k
-
-    # One training step on fastmoe, then save: transformers loads the checkpoint without fastmoe.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert runs_on_fastmoe(run(model, arch, token_ids()))
-    optimizer.step()
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
-    assert any(not torch.equal(trained[k], before[k]) for k in trained if ".experts." in k)
-    model.save_pretrained(tmp_path)
-    assert "fastmoe" not in (tmp_path / "config.json").read_text()
-    fresh = type(model).from_pretrained(tmp_path, dtype=torch.float64, experts_implementation="eager")
-    assert implementations(fresh) == {"eager"}
-    loaded = fresh.state_dict()
-    assert loaded.keys() == trained.keys()
-    for k, v in loaded.items():
-        assert torch.equal(v, trained[k]), k
-    ids = token_ids(seed=3)
-    with torch.no_grad():
-        assert (fresh(ids).logits - model(ids).logits).abs().max() <= TOL
-
-    fastmoe.restore_hf(model)
-    assert implementations(model) == {"eager"}
-    after = model.state_dict()
-    for k, v in after.items():
-        assert v.data_ptr() == storage[k] and torch.equal(v, trained[k]), k
-
-
 # More architectures of the pinned transformers whose experts run through its experts interface: each keeps its own
 # router, shared experts, dense layers and aux loss. name: (model class, config class, config, whether the model
 # returns router logits and an aux loss that this tiny config computes).
@@ -247,30 +128,63 @@ MORE_ARCHS = {
         True,
     ),
 }
+SPECS = {**ARCHS, **MORE_ARCHS}
+NUM_EXPERTS = 8
+FASTMOE_NODE = "GroupedLinearFunction"  # fastmoe's grouped GEMM in the autograd graph
 
 
-@pytest.mark.parametrize("arch", list(MORE_ARCHS))
-def test_more_architectures_match_transformers_fp64(arch):
-    """use_fastmoe on the other MoE models of the pinned transformers: in fp64 the logits, the loss (and the aux loss
-    and router logits where the model has them) and every parameter's gradient equal transformers' eager experts'
-    within the policy, and restore_hf goes back to them."""
-    model_class, config_class, config, aux = MORE_ARCHS[arch]
-    cfg = getattr(transformers, config_class)(**SMALL, **config, experts_implementation="eager")
-    cfg.num_experts_per_tok = TOP_K
+def build(arch: str, implementation: str = "eager") -> nn.Module:
+    model_class, config_class, config, _ = SPECS[arch]
+    cfg = getattr(transformers, config_class)(
+        **SMALL, **config, num_experts_per_tok=TOP_K, experts_implementation=implementation
+    )
     torch.manual_seed(0)
-    ref = spread_weights(getattr(transformers, model_class)(cfg).double())
-    model = fastmoe.use_fastmoe(copy.deepcopy(ref))
-    assert implementations(ref) == {"eager"} and implementations(model) == {"fastmoe"}
-    assert experts_paths(model) == experts_paths(ref) and len(experts_paths(model)) >= 1
+    return spread_weights(getattr(transformers, model_class)(cfg).double())
 
-    ids = token_ids()
-    outs = []
-    for m in (ref, model):
-        torch.manual_seed(5)
-        out = m(input_ids=ids, labels=ids, **(dict(output_router_logits=True) if aux else {}))
-        (out.loss + out.aux_loss if aux else out.loss).backward()
-        outs.append(out)
-    want, got = outs
+
+def spread_weights(model: nn.Module) -> nn.Module:
+    """Weights far from transformers' 0.02 initialisation, so the routing and every gradient are of order one."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+def token_ids(seed: int = 2) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model: nn.Module, arch: str, ids: torch.Tensor):
+    """Forward with labels (and router logits where the model has them), backward of loss + aux loss."""
+    kwargs = dict(output_router_logits=True) if SPECS[arch][3] else {}
+    out = model(input_ids=ids, labels=ids, **kwargs)
+    loss = out.loss if getattr(out, "aux_loss", None) is None else out.loss + out.aux_loss
+    loss.backward()
+    return out
+
+
+def runs_on_fastmoe(out) -> bool:
+    return any(FASTMOE_NODE in name for name in graph_names(out.logits))
+
+
+def experts_paths(model) -> list:
+    return [path for path, _ in hf_moe.find_hf_experts(model)]
+
+
+def implementations(model) -> set:
+    return {module.config._experts_implementation for _, module in hf_moe.find_hf_experts(model)}
+
+
+def assert_same_step(ref: nn.Module, model: nn.Module, want, got, aux: bool) -> None:
+    """One training step of ``model`` (fastmoe's experts) against ``ref`` (transformers' eager experts), both in fp64:
+    logits, loss, and where the model has them (aux) the aux loss and the router logits within TOL, and every
+    parameter's gradient (none where transformers' has none); the experts' gradients are of order one, since a
+    comparison of zeros would prove nothing."""
     assert runs_on_fastmoe(got) and not runs_on_fastmoe(want)
     assert (got.logits - want.logits).abs().max() <= TOL
     assert abs(got.loss.item() - want.loss.item()) <= TOL
@@ -281,13 +195,87 @@ def test_more_architectures_match_transformers_fp64(arch):
     named_ref, named = dict(ref.named_parameters()), dict(model.named_parameters())
     assert named.keys() == named_ref.keys()
     for name, p in named_ref.items():
-        if p.grad is None:  # a parameter the loss does not reach in transformers' model is not reached here either
+        if p.grad is None:
             assert named[name].grad is None, name
             continue
         assert (named[name].grad - p.grad).abs().max() <= TOL, name
     experts = tuple(f"{path}." for path in experts_paths(ref))
-    experts_grad = max(float(p.grad.abs().max()) for n, p in named_ref.items() if n.startswith(experts))
-    assert experts_grad > 1e-2  # the experts' gradients are of order one: a comparison of zeros would prove nothing
+    assert max(float(p.grad.abs().max()) for n, p in named_ref.items() if n.startswith(experts)) > 1e-2
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_matches_transformers_fp64(arch):
+    ref = build(arch)
+    model = fastmoe.use_fastmoe(copy.deepcopy(ref))
+    assert implementations(ref) == {"eager"} and implementations(model) == {"fastmoe"}
+    moe_layers = 1 if arch == "deepseek_v3" else 2  # DeepSeek-V3's first layer is dense
+    assert len(experts_paths(model)) == moe_layers
+
+    ids = token_ids()
+    want, got = run(ref, arch, ids), run(model, arch, ids)
+    assert_same_step(ref, model, want, got, ARCHS[arch][3])
+    if ARCHS[arch][3]:
+        assert len(got.router_logits) == len(want.router_logits) == 2
+        for g, w in zip(got.router_logits, want.router_logits, strict=True):
+            assert g.shape == w.shape == (ids.numel(), NUM_EXPERTS)
+    for name, p in ref.named_parameters():  # every parameter is reached here
+        assert p.grad is not None, name
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_round_trip_and_save_pretrained(arch, tmp_path):
+    model = build(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    storage = {k: v.data_ptr() for k, v in model.state_dict().items()}
+
+    fastmoe.use_fastmoe(model)
+    fastmoe.use_fastmoe(model)  # again: harmless, and restore_hf still goes back to eager
+    during = model.state_dict()
+    assert during.keys() == before.keys()
+    for k, v in during.items():  # the same tensors, not copies
+        assert v.data_ptr() == storage[k] and torch.equal(v, before[k]), k
+
+    # One training step on fastmoe, then save: transformers loads the checkpoint without fastmoe.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert runs_on_fastmoe(run(model, arch, token_ids()))
+    optimizer.step()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(trained[k], before[k]) for k in trained if ".experts." in k)
+    model.save_pretrained(tmp_path)
+    assert "fastmoe" not in (tmp_path / "config.json").read_text()
+    fresh = type(model).from_pretrained(tmp_path, dtype=torch.float64, experts_implementation="eager")
+    assert implementations(fresh) == {"eager"}
+    loaded = fresh.state_dict()
+    assert loaded.keys() == trained.keys()
+    for k, v in loaded.items():
+        assert torch.equal(v, trained[k]), k
+    ids = token_ids(seed=3)
+    with torch.no_grad():
+        assert (fresh(ids).logits - model(ids).logits).abs().max() <= TOL
+
+    fastmoe.restore_hf(model)
+    assert implementations(model) == {"eager"}
+    after = model.state_dict()
+    for k, v in after.items():
+        assert v.data_ptr() == storage[k] and torch.equal(v, trained[k]), k
+
+
+@pytest.mark.parametrize("arch", list(MORE_ARCHS))
+def test_more_architectures_match_transformers_fp64(arch):
+    """use_fastmoe on the other MoE models of the pinned transformers: in fp64 the logits, the loss (and the aux loss
+    and router logits where the model has them) and every parameter's gradient equal transformers' eager experts'
+    within the policy, and restore_hf goes back to them."""
+    ref = build(arch)
+    model = fastmoe.use_fastmoe(copy.deepcopy(ref))
+    assert implementations(ref) == {"eager"} and implementations(model) == {"fastmoe"}
+    assert experts_paths(model) == experts_paths(ref) and len(experts_paths(model)) >= 1
+
+    ids = token_ids()
+    steps = []
+    for m in (ref, model):
+        torch.manual_seed(5)  # the same draws for PhiMoE's sampling router
+        steps.append(run(m, arch, ids))
+    assert_same_step(ref, model, *steps, MORE_ARCHS[arch][3])
     fastmoe.restore_hf(model)
     assert implementations(model) == {"eager"}
 
