@@ -2,9 +2,10 @@
 
 For each backend named (``eager`` for none, else a torch.compile backend: ``aot_eager``, ``inductor``), times the
 step of ``FMoETransformerMLP`` (GELU experts, without bias unless ``--bias``, bf16; the shapes of
-bench_moe_layer.py's ``train`` or ``paper`` configuration) with CUDA events (median of 20 after 5 warm-up steps), its
-peak memory above the parameters, and then profiles 5 steps: kernels launched per step, their summed GPU time per
-step, and the kernels with the most time. Wall time well above the kernels' sum means the GPU waited on the host.
+bench_moe_layer.py's ``train``, ``paper``, ``mixtral`` or ``fine`` configuration) with CUDA events (median of 20
+after 5 warm-up steps), its peak memory above the parameters, and then profiles 5 steps: kernels launched per step,
+their summed GPU time per step, and the kernels with the most time. Wall time well above the kernels' sum means the
+GPU waited on the host.
 
     PYTHONPATH=python python3 tools/profile_layer_compile.py --config train --backends eager,aot_eager,inductor
     PYTHONPATH=python python3 tools/profile_layer_compile.py --config train --backends eager --bias
@@ -24,7 +25,8 @@ import bench_moe_layer  # noqa: E402
 
 import fastmoe  # noqa: E402
 
-CONFIGS = ("train", "paper")  # bench_moe_layer.py's configurations of about 2 ms a step
+# bench_moe_layer.py's configurations of one layer: train and paper take about 2 ms a step, mixtral and fine more
+CONFIGS = ("train", "paper", "mixtral", "fine")
 
 
 def main(argv=None) -> int:
