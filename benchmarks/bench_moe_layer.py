@@ -11,8 +11,10 @@ bias unless --bias on, bf16 unless --dtypes says otherwise, NaiveGate top-k rout
 Every combination of configuration, activation, bias and dtype is a case. Per case it prints one JSON line and, at
 the end, a table: median time of a forward+backward step (CUDA events after warm-up; wall clock on the CPU),
 expert TFLOP/s (fwd+bwd = 3x the forward's expert FLOPs), that rate as a % of a dense matmul of the case's dtype
-measured in the same process, peak memory above the parameters (CUDA only), and the speed-up of fastmoe over
-each baseline. Every method gets the same parameters and inputs, and its output is checked against fastmoe's.
+measured in the same process, peak memory above the parameters (CUDA only; over the timed steps, after the
+warm-up, so what the process allocates once, such as cuBLAS's workspace, is not counted), and the speed-up of
+fastmoe over each baseline. Every method gets the same parameters and inputs, and its output is checked against
+fastmoe's.
 
 Each case also times ``dense_ffn``: a dense MLP of width k * h with the case's activation, the same FLOPs as the
 experts, which is what an MoE model is compared with at equal FLOPs per token (fastmoe-train's dense baseline).
@@ -231,13 +233,17 @@ def run_case(name: str, cfg: dict, act: str, bias: bool, dtype_name: str, args, 
             forward().backward(grad_out)
 
         # Peak memory is measured above a base without gradients, so every method pays for its own weight and
-        # input gradients (the previous method's must not sit in the base).
+        # input gradients (the previous method's must not sit in the base). The warm-up steps run before it: what
+        # a process allocates once and keeps (cuBLAS's workspace, at the first GEMM of the first method timed) is
+        # not memory of a step.
+        for _ in range(args.warmup):
+            step()
         clear_grads()
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        ms = time_step(step, args.iters, args.warmup, device)
+        ms = time_step(step, args.iters, 0, device)
         peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
         tflops = flops / (ms * 1e-3) / 1e12
         result["methods"][method] = {

@@ -358,6 +358,26 @@ def test_saved_tensor_hooks_see_every_saved_tensor(activation, moe_ffn_calls):
         assert_bitwise_equal(runs[0][name], grad, f"grad of {name}")
 
 
+@pytest.mark.parametrize("balance_coef, z_loss_coef", COEFS)
+def test_logits_kept_only_for_the_gate_loss_terms(balance_coef, z_loss_coef, moe_ffn_calls):
+    """The one op keeps the gate's logits [tokens, num_experts] for its backward only where a loss term reads them
+    back: the scores' gradient (topk_softmax) needs their sizes alone. The gradients are those of the composed path,
+    bit for bit, either way."""
+    layer = make_layer("gelu", True, balance_coef, z_loss_coef)
+    x = make_input(NUM_TOKENS, D_MODEL)
+    saved, in_forward = [], []  # what the forward saves (the backward's z-loss term saves its own tensors)
+    layer.register_forward_pre_hook(lambda *_: in_forward.append(True))
+    layer.register_forward_hook(lambda *_: in_forward.clear())
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (in_forward and saved.append(t)) or t, lambda t: t):
+        fused = Run(layer, x, True, add_loss=True)
+    assert len(moe_ffn_calls) == 1
+    logits = [t for t in saved if tuple(t.shape) == (NUM_TOKENS, NUM_EXPERT)]
+    assert len(logits) == 1, [tuple(t.shape) for t in saved]
+    held = logits[0].stride() != (0, 0)
+    assert held == (balance_coef > 0 or z_loss_coef > 0), (balance_coef, z_loss_coef, logits[0].stride())
+    assert_same_runs(fused, Run(layer, x, False, add_loss=True))
+
+
 def test_gate_loss_alone_leaves_the_experts_without_gradients():
     """Backpropagating only the gate's loss terms reaches the gate, not the experts: their gradients stay None on
     both paths (an optimizer skips a parameter without a gradient, but decays and moves one with a zero gradient)."""

@@ -175,6 +175,37 @@ def test_non_contiguous_logits(device, score_fn, layout):
     assert_bitwise_equal(grad_v, grad_c, "grad_logits")
 
 
+@pytest.mark.parametrize("score_fn", SCORE_FNS)
+def test_saves_logits_only_where_the_backward_reads_them(device, score_fn):
+    """topk_softmax's gradient comes from the scores alone: route_topk keeps only the logits' sizes (one value,
+    strides 0) for its backward, so the [T, E] logits are freed with the caller's last use; softmax_topk recomputes
+    the probabilities and keeps them whole. route_topk_backward given such a sizes-only tensor for topk_softmax
+    gives the gradient it gives with the logits themselves, bit for bit."""
+    gen = make_generator(11)
+    logits = leaf(distinct_logits(10, 7, gen, dtype=torch.float32, device=device))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        idx, score = ops.route_topk(logits, 3, score_fn)
+    kept = [t for t in saved if t.shape == logits.shape]
+    assert len(kept) == 1, [tuple(t.shape) for t in saved]
+    if score_fn == "topk_softmax":
+        assert kept[0].stride() == (0, 0), kept[0].stride()
+    else:
+        assert kept[0].untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    grad_score = randn(10, 3, gen=gen, dtype=torch.float32, device=device)
+    (grad,) = grads(score, [logits], grad_score)
+    with torch.no_grad():
+        direct = torch.ops.fastmoe.route_topk_backward(grad_score, logits, idx, score, score_fn)
+        assert_bitwise_equal(grad, direct, "grad_logits")
+        if score_fn == "topk_softmax":
+            sizes_only = logits.new_empty(()).expand(logits.shape)
+            assert_bitwise_equal(
+                torch.ops.fastmoe.route_topk_backward(grad_score, sizes_only, idx, score, score_fn),
+                direct,
+                "sizes-only logits",
+            )
+
+
 def test_wrapper_is_the_registered_op():
     logits = distinct_logits(7, 5, make_generator(9))
     for score_fn in SCORE_FNS:

@@ -328,6 +328,9 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
     if (!keep_activation(f.a)) f.a = at::Tensor();
+    // The logits' values are read back only by the gate's loss terms; the scores' gradient (topk_softmax) reads
+    // their sizes alone, so without a term the [tokens, num_experts] logits are not kept for the backward.
+    if (f.balance.dim() != 0 && f.z_loss.dim() != 0) f.logits = ops::shape_only(f.logits);
     if (f.row_score.defined()) f.ys = ops::shape_only(f.ys);  // a combine without weights reads only its sizes
     for (auto [name, t] : f.apart()) {
       if (t->defined() && keep_apart(*t)) {

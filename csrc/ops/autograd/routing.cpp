@@ -22,7 +22,10 @@ class RouteTopkFunction : public torch::autograd::Function<RouteTopkFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [topk_idx, topk_score] = ops::route_topk(logits, k, score_fn);
     ctx->mark_non_differentiable({topk_idx});
-    ctx->save_for_backward({logits, topk_idx, topk_score});
+    // topk_softmax's backward (and its own backward) reads the scores, and of the logits only their sizes: keep
+    // those alone, so the [T, E] logits are not held until the backward on their account.
+    const bool reads_logits = score_fn != "topk_softmax";
+    ctx->save_for_backward({reads_logits ? logits : ops::shape_only(logits), topk_idx, topk_score});
     ctx->saved_data["score_fn"] = score_fn;
     return {topk_idx, topk_score};
   }
