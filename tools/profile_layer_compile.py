@@ -56,6 +56,8 @@ def main(argv=None) -> int:
 
         for _ in range(5):
             step()
+        for p in [x, *layer.parameters()]:  # the base holds no gradients: each step's own count, as the layer bench
+            p.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
