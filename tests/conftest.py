@@ -229,6 +229,16 @@ def mentions(argument: str, value: str) -> str:
     return rf"(?s)^(?=.*{re.escape(argument)})(?=.*{re.escape(value)})"
 
 
+def assert_cli_refuses(main, argv: list, named: str, capsys) -> None:
+    """``main(argv)`` exits with argparse's usage error (2), and its message names ``named`` and shows the last
+    argument (the bad value)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and argv[-1] in err, err
+
+
 def leaf(t: torch.Tensor) -> torch.Tensor:
     """A fresh leaf copy of ``t`` that requires grad."""
     return t.detach().clone().requires_grad_(True)

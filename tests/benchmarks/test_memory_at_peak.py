@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_cli_refuses
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import memory_at_peak  # noqa: E402
 
@@ -46,8 +48,4 @@ def test_an_empty_trace_has_no_peak():
     [(["--config", "escan", "--index", "4"], "--index"), (["--config", "mixtral9"], "--config")],
 )
 def test_bad_arguments_are_refused_by_name(argv, named, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        memory_at_peak.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert named in err and argv[-1] in err, err
+    assert_cli_refuses(memory_at_peak.main, argv, named, capsys)

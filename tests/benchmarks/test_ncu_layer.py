@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_cli_refuses
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import ncu_layer  # noqa: E402
 
@@ -75,8 +77,4 @@ def test_missing_ncu_is_named(capsys):
     "argv, named", [(["--config", "escan", "--index", "9"], "--index"), (["--config", "x"], "--config")]
 )
 def test_bad_arguments_are_refused_by_name(argv, named, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        ncu_layer.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert named in err and argv[-1] in err, err
+    assert_cli_refuses(ncu_layer.main, argv, named, capsys)
