@@ -14,6 +14,10 @@
 #   host      tools/host_issue_time.py --profile 20: host time of fastmoe-train's MoE layer against its dense FFN
 #   hf        benchmarks/bench_hf_moe.py (the HF training steps, fastmoe against grouped_mm; needs transformers),
 #             then tools/profile_hf_step.py: per-kernel GPU time of the Qwen3-MoE step
+#   ncu       tools/ncu_layer.py on the train and paper layers: each kernel's share of the step and its placement
+#             against the compute and memory roofs (Nsight Compute's speed of light; CSVs in $OUT/ncu-*.csv)
+#   memory    tools/memory_at_peak.py on the mixtral and E = 128 layers: what fastmoe and grouped_mm_ref hold at
+#             their peaks
 #   dist      the multi-process tests (tests/distributed) on gloo and on NCCL with the local GPUs
 #   bench_ep  benchmarks/run_ep_scaling.sh: expert-parallel weak scaling at W = 1, 2, 4, 8 up to the GPU count
 #             (EP_SIZES="1 2" picks the W, EP_ARGS="--config fine --profile $OUT/prof" passes flags to bench_ep.py)
@@ -99,6 +103,18 @@ hf() {
     PYTHONPATH=python "$PY" tools/profile_hf_step.py --config qwen3_moe --impls fastmoe,grouped_mm --rows 40
 }
 
+ncu_layers() {
+  local config
+  for config in train paper; do
+    PYTHONPATH=python "$PY" tools/ncu_layer.py --config "$config" --csv "$OUT/ncu-$config.csv" || return 1
+  done
+}
+
+memory_at_peaks() {
+  PYTHONPATH=python "$PY" tools/memory_at_peak.py --config mixtral &&
+    PYTHONPATH=python "$PY" tools/memory_at_peak.py --config escan --index 3
+}
+
 dist_tests() {
   nvidia-smi topo -m
   PYTHONPATH=python "$PY" -m pytest tests/distributed -v -p no:cacheprovider -rs
@@ -120,6 +136,8 @@ for stage in "${stages[@]}"; do
     configs) run_stage configs "$BUILD/benchmarks/bench_cutlass_configs" --json "$OUT/cutlass_configs.jsonl" ;;
     host) run_stage host host ;;
     hf) run_stage hf hf ;;
+    ncu) run_stage ncu ncu_layers ;;
+    memory) run_stage memory memory_at_peaks ;;
     dist) run_stage dist dist_tests ;;
     bench_ep) run_stage bench_ep bench_ep ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
