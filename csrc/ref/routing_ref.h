@@ -26,8 +26,10 @@ const char* score_fn_name(ScoreFn fn);
 void route_topk_ref(DType dtype, const void* logits, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn,
                     int64_t* topk_idx, void* topk_score);
 
-// grad_score: [num_tokens, k]; logits: [num_tokens, num_experts]; topk_idx, topk_score: the forward outputs.
-// grad_logits: [num_tokens, num_experts], written (zero outside the softmax's support).
+// grad_score: [num_tokens, k]; logits: [num_tokens, num_experts], read only for kSoftmaxThenTopk (kTopkThenSoftmax's
+// gradient comes from the scores alone: there logits is not dereferenced); topk_idx, topk_score: the forward outputs.
+// grad_logits: [num_tokens, num_experts], written (zero outside the softmax's support). route_topk_backward_cuda
+// (kernels/routing/routing.h) has the same contract.
 void route_topk_backward_ref(DType dtype, const void* grad_score, const void* logits, const int64_t* topk_idx,
                              const void* topk_score, int64_t num_tokens, int64_t num_experts, int64_t k, ScoreFn fn,
                              void* grad_logits);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -369,6 +370,26 @@ TYPED_TEST(RouteTopkBackwardTest, UnselectedExpertsGetExactlyZeroUnderTopkThenSo
         EXPECT_EQ(grad, 0.0) << "token " << t << " expert " << e;
       }
     }
+  }
+}
+
+// topk_softmax's gradient comes from the scores: the logits are not read (the ops pass a one-value, sizes-only
+// tensor there), so a null pointer gives the same gradient, bit for bit.
+TYPED_TEST(RouteTopkBackwardTest, TopkThenSoftmaxDoesNotReadTheLogits) {
+  using T = TypeParam;
+  std::mt19937 rng(8);
+  const int64_t num_tokens = 6, num_experts = 7, k = 3;
+  const std::vector<T> logits = to_type<T>(random_uniform(num_tokens * num_experts, rng, -3.0, 3.0));
+  const std::vector<T> grad_score = to_type<T>(random_uniform(num_tokens * k, rng, -1.0, 1.0));
+  std::vector<T> score;
+  const Routing routing = run_route_topk(logits, num_tokens, num_experts, k, ScoreFn::kTopkThenSoftmax, &score);
+  std::vector<T> with_logits(num_tokens * num_experts, garbage<T>()), without(with_logits);
+  route_topk_backward_ref(dtype_of<T>(), grad_score.data(), logits.data(), routing.idx.data(), score.data(), num_tokens,
+                          num_experts, k, ScoreFn::kTopkThenSoftmax, with_logits.data());
+  route_topk_backward_ref(dtype_of<T>(), grad_score.data(), nullptr, routing.idx.data(), score.data(), num_tokens,
+                          num_experts, k, ScoreFn::kTopkThenSoftmax, without.data());
+  for (size_t i = 0; i < with_logits.size(); ++i) {
+    EXPECT_EQ(std::memcmp(&with_logits[i], &without[i], sizeof(T)), 0) << "grad_logits[" << i << "]";
   }
 }
 
