@@ -8,6 +8,8 @@
 #   TIME_BUDGET=s   training time per model (default 230)    TRAIN_ARGS="..."  replaces the model flags below
 #   DATA=path       another corpus                             PROFILE=1         tools/profile_train_step.py first
 #   NPROC=n         n GPUs under torchrun: the MoE model expert-parallel over them, the rest data-parallel
+#   SEED=s          --seed s, and the run in $OUT/train-seed<s> (one seed a call; tools/train_seeds.py then gives
+#                   the spread of the margin and of the tokens/s share over the seeds' directories)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -42,7 +44,7 @@ if [ "${NPROC:-1}" -gt 1 ]; then
 fi
 # shellcheck disable=SC2086
 PYTHONPATH=python:/tmp/pk timeout "${TRAIN_TIMEOUT:-560}" "${launcher[@]}" -m fastmoe.train --device cuda --precision bf16 \
-  --time-budget "${TIME_BUDGET:-230}" --data "$DATA" $TRAIN_ARGS --no-progress --out "$OUT/train" \
-  > "$OUT/train.log" 2>&1
+  --time-budget "${TIME_BUDGET:-230}" --data "$DATA" $TRAIN_ARGS ${SEED:+--seed "$SEED"} --no-progress \
+  --out "$OUT/train${SEED:+-seed$SEED}" > "$OUT/train${SEED:+-seed$SEED}.log" 2>&1
 echo "rc=$?"
-tail -30 "$OUT/train.log"
+tail -30 "$OUT/train${SEED:+-seed$SEED}.log"
