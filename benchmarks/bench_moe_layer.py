@@ -100,6 +100,44 @@ def time_step(step, iters: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def training_step(forward, trained, grad_out):
+    """step(): the gradients of ``trained`` cleared, then ``forward().backward(grad_out)``: each step holds only
+    its own gradients, as a training loop that zeroes them does."""
+
+    def step():
+        for p in trained:
+            p.grad = None
+        forward().backward(grad_out)
+
+    return step
+
+
+def start_peak_window(trained, device: torch.device):
+    """Clears the gradients of ``trained`` and, on CUDA, resets the peak-memory statistics: returns the bytes
+    allocated at that point, the base a step's peak is measured above (None off CUDA). Run warm-up steps first:
+    what the process allocates once and keeps (cuBLAS's workspace) is not memory of a step."""
+    for p in trained:
+        p.grad = None
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def profiled_layer(cfg: dict, bias: bool = False, activation: str = "gelu"):
+    """What the tools (tools/profile_layer_compile.py, memory_at_peak.py, ncu_layer.py) run: ``FMoETransformerMLP``
+    with ``cfg``'s shape (parameters from seed 0, bf16, on CUDA), an input ``x`` that requires grad and an output
+    gradient. Returns (layer, x, grad_out)."""
+    torch.manual_seed(0)
+    layer = fastmoe.FMoETransformerMLP(
+        num_expert=cfg["E"], d_model=cfg["d"], d_hidden=cfg["h"], top_k=cfg["k"], bias=bias, activation=activation
+    )
+    layer = layer.cuda().bfloat16()
+    x = torch.randn(cfg["T"], cfg["d"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return layer, x, torch.randn_like(x)
+
+
 def dense_matmul_tflops(dtype: torch.dtype) -> float:
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=dtype)
@@ -224,25 +262,14 @@ def run_case(name: str, cfg: dict, act: str, bias: bool, dtype_name: str, args, 
                 out = forward().float()
             rel_err = float(f"{((out - expected).norm() / expected.norm()).item():.2e}")
 
-        def clear_grads():
-            for p in trained:
-                p.grad = None
-
-        def step(forward=forward):
-            clear_grads()
-            forward().backward(grad_out)
-
+        step = training_step(forward, trained, grad_out)
         # Peak memory is measured above a base without gradients, so every method pays for its own weight and
         # input gradients (the previous method's must not sit in the base). The warm-up steps run before it: what
         # a process allocates once and keeps (cuBLAS's workspace, at the first GEMM of the first method timed) is
         # not memory of a step.
         for _ in range(args.warmup):
             step()
-        clear_grads()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        base = start_peak_window(trained, device)
         ms = time_step(step, args.iters, 0, device)
         peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
         tflops = flops / (ms * 1e-3) / 1e12

@@ -23,7 +23,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "python"))
 import bench_moe_layer  # noqa: E402
 
-import fastmoe  # noqa: E402
 from baselines.moe_baselines import grouped_mm_moe  # noqa: E402
 
 # Frames worth naming: this project's and the baseline's Python, fastmoe's and ATen's C++.
@@ -68,15 +67,9 @@ def main(argv=None) -> int:
         print("memory_at_peak: needs a CUDA device", file=sys.stderr)
         return 2
     c = shapes[args.index]
-    torch.manual_seed(0)
-    layer = fastmoe.FMoETransformerMLP(
-        num_expert=c["E"], d_model=c["d"], d_hidden=c["h"], top_k=c["k"], activation=args.activation
-    )
-    layer = layer.cuda().bfloat16()
+    layer, x, grad_out = bench_moe_layer.profiled_layer(c, activation=args.activation)
     experts = layer.experts
     params = (layer.gate.gate.weight, layer.gate.gate.bias, experts.htoh4.weight, experts.h4toh.weight)
-    x = torch.randn(c["T"], c["d"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.randn_like(x)
     methods = {
         "fastmoe": lambda: layer(x),
         "grouped_mm_ref": lambda: grouped_mm_moe(x, *params, c["k"], activation=args.activation),
@@ -84,19 +77,10 @@ def main(argv=None) -> int:
     trained = [x, *layer.parameters()]
     print(f"# {args.config}[{args.index}] {c} {args.activation} bf16")
     for name, forward in methods.items():
-
-        def step(forward=forward):
-            for p in trained:
-                p.grad = None
-            forward().backward(grad_out)
-
+        step = bench_moe_layer.training_step(forward, trained, grad_out)
         for _ in range(3):
             step()
-        for p in trained:
-            p.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = bench_moe_layer.start_peak_window(trained, torch.device("cuda"))
         torch.cuda.memory._record_memory_history(max_entries=100000, stacks="all")
         step()
         torch.cuda.synchronize()

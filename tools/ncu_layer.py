@@ -22,7 +22,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "python"))
+import bench_moe_layer  # noqa: E402
+
 SECTION = "GPU Speed Of Light Throughput"
 METRICS = {
     "Duration": "duration",
@@ -95,26 +101,8 @@ def table(kernels: list, width: int = 70) -> str:
 
 def inner(args) -> int:
     """The profiled process: warm-up steps, then one step between profiler start and stop."""
-    import torch
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    sys.path.insert(0, str(ROOT / "python"))
-    import bench_moe_layer
-
-    import fastmoe
-
-    (c,) = bench_moe_layer.CONFIGS[args.config][args.index : args.index + 1]
-    torch.manual_seed(0)
-    layer = fastmoe.FMoETransformerMLP(num_expert=c["E"], d_model=c["d"], d_hidden=c["h"], top_k=c["k"], bias=args.bias)
-    layer = layer.cuda().bfloat16()
-    x = torch.randn(c["T"], c["d"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.randn_like(x)
-
-    def step():
-        for p in [x, *layer.parameters()]:
-            p.grad = None
-        layer(x).backward(grad_out)
-
+    layer, x, grad_out = bench_moe_layer.profiled_layer(bench_moe_layer.CONFIGS[args.config][args.index], args.bias)
+    step = bench_moe_layer.training_step(lambda: layer(x), [x, *layer.parameters()], grad_out)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -126,9 +114,6 @@ def inner(args) -> int:
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_moe_layer
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="train", choices=sorted(bench_moe_layer.CONFIGS))
     parser.add_argument("--index", type=int, default=0, help="which shape of the configuration (escan has four)")

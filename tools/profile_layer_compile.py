@@ -23,8 +23,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "python"))
 import bench_moe_layer  # noqa: E402
 
-import fastmoe  # noqa: E402
-
 # bench_moe_layer.py's configurations of one layer: train and paper take about 2 ms a step, mixtral and fine more
 CONFIGS = ("train", "paper", "mixtral", "fine")
 
@@ -40,28 +38,17 @@ def main(argv=None) -> int:
         print("profile_layer_compile: needs a CUDA device", file=sys.stderr)
         return 2
     (c,) = bench_moe_layer.CONFIGS[args.config]
-    torch.manual_seed(0)
-    layer = fastmoe.FMoETransformerMLP(num_expert=c["E"], d_model=c["d"], d_hidden=c["h"], top_k=c["k"], bias=args.bias)
-    layer = layer.cuda().bfloat16()
-    x = torch.randn(c["T"], c["d"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.randn_like(x)
+    layer, x, grad_out = bench_moe_layer.profiled_layer(c, bias=args.bias)
+    trained = [x, *layer.parameters()]
+    cuda = torch.device("cuda")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         torch._dynamo.reset()
         forward = layer if backend == "eager" else torch.compile(layer, backend=backend, fullgraph=True)
-
-        def step(forward=forward):
-            for p in [x, *layer.parameters()]:
-                p.grad = None
-            forward(x).backward(grad_out)
-
+        step = bench_moe_layer.training_step(lambda forward=forward: forward(x), trained, grad_out)
         for _ in range(5):
             step()
-        for p in [x, *layer.parameters()]:  # the base holds no gradients: each step's own count, as the layer bench
-            p.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        ms = bench_moe_layer.time_step(step, iters=20, warmup=0, device=torch.device("cuda"))
+        base = bench_moe_layer.start_peak_window(trained, cuda)  # as the layer bench: each step's own gradients
+        ms = bench_moe_layer.time_step(step, iters=20, warmup=0, device=cuda)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
