@@ -67,6 +67,13 @@ inline ScoreFn parse_score_fn(c10::string_view name) {
   TORCH_CHECK(false, "score_fn must be 'topk_softmax' or 'softmax_topk', got '", name, "'");
 }
 
+// Whether route_topk_backward reads the logits' values: softmax_topk recomputes the E-way softmax from them, while
+// topk_softmax's gradient comes from the scores and needs only the logits' sizes (so a backward may keep a
+// shape_only tensor in their place, and route_topk_backward does not copy one out).
+inline bool score_grad_reads_logits(c10::string_view score_fn) {
+  return parse_score_fn(score_fn) == ScoreFn::kSoftmaxThenTopk;
+}
+
 // Raw pointers for the torch-free kernels; callers pass contiguous tensors.
 inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;

@@ -87,10 +87,9 @@ at::Tensor route_topk_backward_kernel(const at::Tensor& grad_score, const at::Te
                                       c10::string_view score_fn) {
   check_route_topk_backward(grad_score, logits, topk_idx, topk_score, score_fn);
   const c10::OptionalDeviceGuard guard(logits.device());
-  // topk_softmax reads only the logits' sizes (its gradient comes from the scores), so a caller may pass a tensor
-  // that holds just those (ops::shape_only: strides 0), which must not be copied out to [T, E] here.
-  const bool reads_logits = parse_score_fn(score_fn) == ScoreFn::kSoftmaxThenTopk;
-  const at::Tensor l = reads_logits ? logits.contiguous() : logits, g = grad_score.contiguous(),
+  // Where the logits' values are not read, the caller may pass a tensor that holds just their sizes
+  // (ops::shape_only: strides 0), which must not be copied out to [T, E] here.
+  const at::Tensor l = score_grad_reads_logits(score_fn) ? logits.contiguous() : logits, g = grad_score.contiguous(),
                    idx = topk_idx.contiguous(), s = topk_score.contiguous();
   at::Tensor grad_logits = at::empty(l.sizes(), l.options());
   call_kernel([&] {

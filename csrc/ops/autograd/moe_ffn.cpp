@@ -34,6 +34,9 @@ using torch::autograd::variable_list;
 
 enum class Act { kGELU, kReLU, kSiLU, kSwiGLU };
 
+// naive_gate's score function: the scores are the softmax of the k selected logits.
+constexpr const char* kScoreFn = "topk_softmax";
+
 Act parse_activation(c10::string_view name) {
   if (name == "gelu") return Act::kGELU;
   if (name == "relu") return Act::kReLU;
@@ -328,9 +331,11 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
     if (!keep_activation(f.a)) f.a = at::Tensor();
-    // The logits' values are read back only by the gate's loss terms; the scores' gradient (topk_softmax) reads
-    // their sizes alone, so without a term the [tokens, num_experts] logits are not kept for the backward.
-    if (f.balance.dim() != 0 && f.z_loss.dim() != 0) f.logits = ops::shape_only(f.logits);
+    // Without a gate loss term to read them back, and with a score gradient that reads their sizes alone, the
+    // [tokens, num_experts] logits are not kept for the backward.
+    if (f.balance.dim() != 0 && f.z_loss.dim() != 0 && !ops_detail::score_grad_reads_logits(kScoreFn)) {
+      f.logits = ops::shape_only(f.logits);
+    }
     if (f.row_score.defined()) f.ys = ops::shape_only(f.ys);  // a combine without weights reads only its sizes
     for (auto [name, t] : f.apart()) {
       if (t->defined() && keep_apart(*t)) {
@@ -431,7 +436,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
         if (need[4]) raw[4] = grad_b1;
       }
       if (need_logits) {
-        grad_logits = ops::route_topk_backward(grad_score, f.logits, f.topk_idx, f.topk_score, "topk_softmax");
+        grad_logits = ops::route_topk_backward(grad_score, f.logits, f.topk_idx, f.topk_score, kScoreFn);
       }
     }
     if (need_logits) {

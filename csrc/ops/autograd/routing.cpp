@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "fastmoe/ops.h"
+#include "ops/common.h"
 #include "ops/internal.h"
 
 namespace fastmoe {
@@ -22,10 +23,10 @@ class RouteTopkFunction : public torch::autograd::Function<RouteTopkFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [topk_idx, topk_score] = ops::route_topk(logits, k, score_fn);
     ctx->mark_non_differentiable({topk_idx});
-    // topk_softmax's backward (and its own backward) reads the scores, and of the logits only their sizes: keep
-    // those alone, so the [T, E] logits are not held until the backward on their account.
-    const bool reads_logits = score_fn != "topk_softmax";
-    ctx->save_for_backward({reads_logits ? logits : ops::shape_only(logits), topk_idx, topk_score});
+    // Where the backward (and its own backward) reads the logits' sizes alone, keep only those, so the [T, E]
+    // logits are not held until the backward on their account.
+    ctx->save_for_backward(
+        {ops_detail::score_grad_reads_logits(score_fn) ? logits : ops::shape_only(logits), topk_idx, topk_score});
     ctx->saved_data["score_fn"] = score_fn;
     return {topk_idx, topk_score};
   }
