@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from fastmoe.train.report import loss_at_time  # noqa: E402
+from fastmoe.train.report import equal_time_losses  # noqa: E402
 
 
 def compare(summary: dict, where: str) -> dict:
@@ -26,8 +26,10 @@ def compare(summary: dict, where: str) -> dict:
     if missing:
         raise ValueError(f"{where}: no {' and no '.join(missing)} model in its summary.json (train both models)")
     moe, dense = models["moe"], models["dense"]
-    when = min(moe["train_time_s"], dense["train_time_s"])
-    moe_loss, dense_loss = loss_at_time(moe["history"], when), loss_at_time(dense["history"], when)
+    when, losses = equal_time_losses(
+        {name: (models[name]["train_time_s"], models[name]["history"]) for name in ("moe", "dense")}
+    )
+    moe_loss, dense_loss = losses["moe"], losses["dense"]
     return {
         "run": where,
         "header": summary.get("header", ""),

@@ -44,12 +44,17 @@ def summary_rows(results: list[RunResult]) -> list[list[str]]:
     return rows
 
 
+def equal_time_losses(runs: dict) -> tuple[float, dict]:
+    """For ``{name: (train_time, history)}``: the shortest training time, and each model's validation loss at it."""
+    when = min(train_time for train_time, _ in runs.values())
+    return when, {name: loss_at_time(history, when) for name, (_, history) in runs.items()}
+
+
 def equal_time_line(results: list[RunResult]) -> str | None:
     """A sentence comparing the models at the shorter of their training times (None with one model)."""
     if len(results) < 2:
         return None
-    when = min(r.train_time for r in results)
-    losses = {r.name: loss_at_time(r.history, when) for r in results}
+    when, losses = equal_time_losses({r.name: (r.train_time, r.history) for r in results})
     best = min(losses, key=losses.get)
     parts = ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items())
     return f"validation loss at equal training time ({when:.1f} s): {parts}; lower: {best}"
