@@ -393,6 +393,60 @@ std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward_kernel(const at::Tenso
   return {grad_h, grad_sc.to(scale.scalar_type())};  // kernel_scale kept the scale's shape
 }
 
+// ------------------------------------------------------------------------------------------------ gelu_backward_bias
+
+void check_gelu_backward_bias(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& expert_offsets) {
+  check_float(h, "h");
+  check_dim(h, 2, "h", "[num_rows, hidden]");
+  check_float(grad, "grad");
+  TORCH_CHECK(grad.sym_sizes() == h.sym_sizes(), "grad must have h's shape ", h.sym_sizes(), ", got ",
+              grad.sym_sizes());
+  TORCH_CHECK(grad.scalar_type() == h.scalar_type(), "grad must have h's dtype ", h.scalar_type(), ", got ",
+              grad.scalar_type());
+  check_int64(expert_offsets, "expert_offsets");
+  check_dim(expert_offsets, 1, "expert_offsets", "[num_experts + 1]");
+  TORCH_CHECK_VALUE(expert_offsets.sym_size(0) >= 1, "expert_offsets must have num_experts + 1 >= 1 entries, got ",
+                    expert_offsets.sym_sizes());
+  check_same_device(grad, "grad", h, "h");
+  check_same_device(expert_offsets, "expert_offsets", h, "h");
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_backward_bias_meta(const at::Tensor& grad, const at::Tensor& h,
+                                                           const at::Tensor& expert_offsets) {
+  check_gelu_backward_bias(grad, h, expert_offsets);
+  return {h.new_empty_symint(h.sym_sizes()), h.new_empty_symint({expert_offsets.sym_size(0) - 1, h.sym_size(1)})};
+}
+
+// A tensor whose data starts 16-byte aligned (a copy where a view's offset left it unaligned), so the CUDA kernel
+// takes its 16-byte path whenever the row width allows, as the bias gradient of a freshly made grad_h would.
+at::Tensor aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_backward_bias_kernel(const at::Tensor& grad, const at::Tensor& h,
+                                                             const at::Tensor& expert_offsets) {
+  check_gelu_backward_bias(grad, h, expert_offsets);
+  const c10::OptionalDeviceGuard guard(h.device());
+  const at::Tensor in = aligned16(h.contiguous()), gy = aligned16(grad.contiguous());
+  const at::Tensor offsets = expert_offsets.contiguous();
+  const int64_t rows = in.size(0), hidden = in.size(1), num_experts = offsets.size(0) - 1;
+  at::Tensor grad_h = at::empty_like(in, at::MemoryFormat::Contiguous);
+  at::Tensor grad_b = at::empty({num_experts, hidden}, in.options());
+  call_kernel([&] {
+#ifdef FASTMOE_WITH_CUDA_OPS
+    if (in.is_cuda()) {
+      return gelu_backward_bias_cuda(to_dtype(in, "h"), gy.const_data_ptr(), in.const_data_ptr(), rows, hidden,
+                                     offsets.const_data_ptr<int64_t>(), num_experts, grad_h.mutable_data_ptr(),
+                                     grad_b.mutable_data_ptr(), current_stream(in));
+    }
+#endif
+    gelu_backward_bias_ref(to_dtype(in, "h"), gy.const_data_ptr(), in.const_data_ptr(), rows, hidden,
+                           offsets.const_data_ptr<int64_t>(), num_experts, grad_h.mutable_data_ptr(),
+                           grad_b.mutable_data_ptr());
+  });
+  return {grad_h, grad_b};
+}
+
 }  // namespace
 
 namespace ops {
@@ -444,6 +498,15 @@ std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward(const at::Tensor& grad
   return op.call(grad, h, scale);
 }
 
+std::tuple<at::Tensor, at::Tensor> gelu_backward_bias(const at::Tensor& grad, const at::Tensor& h,
+                                                      const at::Tensor& expert_offsets) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmoe::gelu_backward_bias", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad, h, expert_offsets);
+}
+
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton()
@@ -473,6 +536,7 @@ TORCH_LIBRARY_IMPL(fastmoe, CPU, m) {
   m.impl("swiglu", &swiglu_kernel);
   m.impl("swiglu_backward", &swiglu_backward_kernel);
   m.impl("swiglu_scaled_backward", &swiglu_scaled_backward_kernel);
+  m.impl("gelu_backward_bias", &gelu_backward_bias_kernel);
 }
 
 #ifdef FASTMOE_WITH_CUDA_OPS
@@ -482,6 +546,7 @@ TORCH_LIBRARY_IMPL(fastmoe, CUDA, m) {
   m.impl("swiglu", &swiglu_kernel);
   m.impl("swiglu_backward", &swiglu_backward_kernel);
   m.impl("swiglu_scaled_backward", &swiglu_scaled_backward_kernel);
+  m.impl("gelu_backward_bias", &gelu_backward_bias_kernel);
 }
 #endif
 
@@ -491,6 +556,7 @@ TORCH_LIBRARY_IMPL(fastmoe, Meta, m) {
   m.impl("swiglu", &swiglu_meta);
   m.impl("swiglu_backward", &swiglu_backward_meta);
   m.impl("swiglu_scaled_backward", &swiglu_scaled_backward_meta);
+  m.impl("gelu_backward_bias", &gelu_backward_bias_meta);
 }
 
 }  // namespace fastmoe

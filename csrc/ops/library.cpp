@@ -47,6 +47,9 @@ TORCH_LIBRARY(fastmoe, m) {
   m.def("swiglu(Tensor h, Tensor? scale=None) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
   m.def("swiglu_scaled_backward(Tensor grad, Tensor h, Tensor scale) -> (Tensor, Tensor)");
+  // GELU's gradient for grad, h [N, hidden] (the first GEMM's output, rows grouped by expert_offsets [E+1]), with
+  // that GEMM's bias gradient [E, hidden] summed in the same pass: (grad_h, grad_bias).
+  m.def("gelu_backward_bias(Tensor grad, Tensor h, Tensor expert_offsets) -> (Tensor grad_h, Tensor grad_bias)");
 
   // The single-process MoE FFN layer with NaiveGate as one op (include/fastmoe/ops.h): x [T, d], gate_weight [E, d],
   // w1 [E, h1, d], w2 [E, d_out, h] -> y [T, d_out], the gate's balance_loss and z_loss, expert_counts [E].

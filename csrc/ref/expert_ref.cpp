@@ -202,4 +202,35 @@ void swiglu_backward_ref(DType dtype, const void* grad, const void* h, int64_t n
   });
 }
 
+void gelu_backward_bias_ref(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden,
+                            const int64_t* expert_offsets, int64_t num_experts, void* grad_h, void* grad_bias) {
+  FMOE_CHECK(num_rows >= 0 && hidden >= 0 && num_experts >= 0, "gelu_backward_bias_ref: sizes must be >= 0, got ",
+             "num_rows ", num_rows, ", hidden ", hidden, ", num_experts ", num_experts);
+  check_expert_offsets_ref(expert_offsets, num_experts, num_rows);
+  FMOE_DISPATCH_FLOAT_TYPES(dtype, "gelu_backward_bias_ref", [&] {
+    using A = acc_t<scalar_t>;
+    using W = wide_acc_t<scalar_t>;
+    const A alpha = static_cast<A>(0.70710678118654752440);                                // 1 / sqrt(2)
+    const A beta = static_cast<A>(1.12837916709551257390 * 0.70710678118654752440 * 0.5);  // 1 / sqrt(2 pi)
+    const auto* gy = static_cast<const scalar_t*>(grad);
+    const auto* in = static_cast<const scalar_t*>(h);
+    auto* gh = static_cast<scalar_t*>(grad_h);
+    for (int64_t i = 0; i < num_rows * hidden; ++i) {
+      const A x = to_acc(in[i]);
+      const A cdf = A(0.5) * (A(1) + std::erf(x * alpha));
+      const A pdf = std::exp(A(-0.5) * x * x) * beta;
+      gh[i] = from_acc<scalar_t>(to_acc(gy[i]) * (cdf + x * pdf));
+    }
+    std::vector<W> sum(hidden);
+    auto* gb = static_cast<scalar_t*>(grad_bias);
+    for (int64_t e = 0; e < num_experts; ++e) {
+      std::fill(sum.begin(), sum.end(), W(0));
+      for (int64_t r = expert_offsets[e]; r < expert_offsets[e + 1]; ++r) {
+        for (int64_t j = 0; j < hidden; ++j) sum[j] += static_cast<W>(to_acc(gh[r * hidden + j]));
+      }
+      for (int64_t j = 0; j < hidden; ++j) gb[e * hidden + j] = from_acc<scalar_t>(static_cast<A>(sum[j]));
+    }
+  });
+}
+
 }  // namespace fastmoe

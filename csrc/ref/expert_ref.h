@@ -58,6 +58,19 @@ void swiglu_ref(DType dtype, const void* h, int64_t num_rows, int64_t hidden, vo
 // grad_scale: [num_rows] in the accumulation type, written; needs scale (nullptr without one)
 void swiglu_backward_ref(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h,
                          const void* scale = nullptr, void* grad_scale = nullptr);
+// GELU's gradient (the exact form, erf) for an expert's first GEMM output h, with that GEMM's bias gradient summed
+// from it in the same pass, so the bias gradient does not read grad_h back from memory:
+//   grad_h[r, j] = grad[r, j] * (cdf + x * pdf),  x = h[r, j],  cdf = (1 + erf(x / sqrt(2))) / 2,
+//   pdf = exp(-x * x / 2) / sqrt(2 pi),
+// in the accumulation type and rounded once (the formula of torch.nn.functional.gelu's gradient), and
+//   grad_bias[e, j] = the sum over the rows r of expert e of grad_h[r, j] as rounded, in row order in the wide
+//   accumulation type, rounded once (zero for an expert without rows); rows past expert_offsets[E] get grad_h and
+//   belong to no expert.
+// grad, h:        [num_rows, hidden], dtype
+// expert_offsets: [E + 1], checked as grouped_linear_ref checks them
+// grad_h:         [num_rows, hidden], written; grad_bias: [E, hidden], written
+void gelu_backward_bias_ref(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden,
+                            const int64_t* expert_offsets, int64_t num_experts, void* grad_h, void* grad_bias);
 // The checks both implementations make: sizes >= 0. `name` is the function whose message it is.
 void check_swiglu_sizes(const char* name, int64_t num_rows, int64_t hidden);
 

@@ -59,6 +59,14 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h);
 std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward(const at::Tensor& grad, const at::Tensor& h,
                                                           const at::Tensor& scale);
 
+// GELU's gradient (erf form) for grad and h [N, hidden], h an expert layer's first GEMM output with its rows grouped by
+// expert_offsets [E + 1], and that GEMM's bias gradient: (grad_h [N, hidden] = gelu_backward(grad, h), grad_bias
+// [E, hidden], expert e's column sums of grad_h). On CUDA one kernel, which sums grad_h as it writes it instead of
+// reading it back: grad_h has the bits of torch's gelu_backward and grad_bias those of grouped_linear's bias
+// gradient from grad_h. On the CPU the reference (csrc/ref/expert_ref.h). Not differentiable.
+std::tuple<at::Tensor, at::Tensor> gelu_backward_bias(const at::Tensor& grad, const at::Tensor& h,
+                                                      const at::Tensor& expert_offsets);
+
 // x [T, d] -> x_sorted [T * k, d]; row r holds x[sorted_pair[r] / k], zero where sorted_pair[r] == -1.
 at::Tensor permute(const at::Tensor& x, const at::Tensor& sorted_pair, const at::Tensor& pair_pos);
 

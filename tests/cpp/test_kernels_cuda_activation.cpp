@@ -1,12 +1,12 @@
 // swiglu_cuda and swiglu_backward_cuda (csrc/kernels/expert/activation.cu) against swiglu_ref and
-// swiglu_backward_ref. Both evaluate the same formulas in the same accumulation type, but exp rounds differently
-// on the host and the device (and the device may fuse a multiply-add), so the results are compared within the
-// rounding of the dtype plus a few ulps of the accumulation type; two runs on the device must agree bit for bit.
-// Each case runs with every operand 16-byte aligned (the vector path whenever hidden * sizeof(T) is a multiple of
-// 16), with every operand one element off (the scalar path), and with only the output one element off (the
-// scalar path as well: every pointer must be aligned for the vector one); one poisoned element on either side of
-// each output catches a store out of bounds. Every case runs without and with a row scale (the routing scores an
-// MoE layer applies before the second GEMM), whose gradient, a sum per row in fp64 on both sides, is compared
+// swiglu_backward_ref (gelu_backward_bias_cuda at the end of the file). Both evaluate the same formulas in the same
+// accumulation type, but exp rounds differently on the host and the device (and the device may fuse a multiply-add), so
+// the results are compared within the rounding of the dtype plus a few ulps of the accumulation type; two runs on the
+// device must agree bit for bit. Each case runs with every operand 16-byte aligned (the vector path whenever hidden *
+// sizeof(T) is a multiple of 16), with every operand one element off (the scalar path), and with only the output one
+// element off (the scalar path as well: every pointer must be aligned for the vector one); one poisoned element on
+// either side of each output catches a store out of bounds. Every case runs without and with a row scale (the routing
+// scores an MoE layer applies before the second GEMM), whose gradient, a sum per row in fp64 on both sides, is compared
 // within kAccUlps accumulation-type ulps of the sum of its terms' magnitudes.
 #include <gtest/gtest.h>
 
@@ -17,6 +17,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_test_util.h"
@@ -202,6 +203,104 @@ TEST(CudaSwigluSizes, NegativeSizesThrowNamingTheFunctionAndValues) {
                 swiglu_backward_cuda(DType::kFloat32, nullptr, nullptr, 3, 2, nullptr, nullptr, &scale, nullptr);
               }),
               ::testing::HasSubstr("swiglu_backward_cuda: scale and grad_scale must be given together"));
+}
+
+// gelu_backward_bias_cuda against gelu_backward_bias_ref: grad_h within the rounding of T plus kAccUlps ulps of the
+// accumulation type (erf and exp round differently on the host and the device); grad_bias bit for bit the bias
+// gradient grouped_linear_backward_cuda sums from the kernel's own grad_h (the kernel's purpose: the same sums,
+// without reading grad_h back), and within rounding of the reference's sums. Aligned operands (the 16-byte path
+// when hidden allows) and every operand one element off (the scalar path); poisoned bytes around each output; two
+// runs give the same bits. The cases: an expert without rows, rows past the last expert, rows beyond one pass of
+// the kernel's lanes, no rows, no experts.
+class CudaGeluBackwardBias : public CudaSwiglu {  // its shifted, poison-checked buffers
+ protected:
+  template <typename T>
+  void check(int64_t rows, int64_t hidden, const std::vector<int64_t>& offsets, std::mt19937& rng) {
+    const DType dtype = dtype_of<T>();
+    const int64_t num_experts = static_cast<int64_t>(offsets.size()) - 1;
+    const size_t n = rows * hidden, n_bias = num_experts * hidden;
+    const std::string where = std::string(dtype_name(dtype)) + " rows=" + std::to_string(rows) +
+                              " hidden=" + std::to_string(hidden) + " experts=" + std::to_string(num_experts);
+    const std::vector<T> dy = to_type<T>(random_uniform(n, rng, -2.0, 2.0));
+    const std::vector<T> x = to_type<T>(random_uniform(n, rng, -6.0, 6.0));
+    std::vector<T> want_h(n, garbage<T>()), want_bias(n_bias, garbage<T>());
+    gelu_backward_bias_ref(dtype, dy.data(), x.data(), rows, hidden, offsets.data(), num_experts, want_h.data(),
+                           want_bias.data());
+    // |dy| (|cdf| + |x pdf|) bounds the terms whose accumulation-type roundings differ
+    std::vector<double> h_scale(n);
+    for (size_t i = 0; i < n; ++i) h_scale[i] = std::fabs(to_double(dy[i])) * (1.0 + std::fabs(to_double(x[i])));
+    const DeviceBuffer d_offsets(offsets, stream_);
+    for (const Layout& layout : {kLayouts[0], kLayouts[1]}) {
+      SCOPED_TRACE(where + ", " + layout.name);
+      const DeviceBuffer d_dy = upload_shifted(dy, layout.input_shift), d_x = upload_shifted(x, layout.input_shift);
+      auto run = [&](std::vector<T>* grad_bias, std::vector<T>* summed_back) {
+        DeviceBuffer d_h((n + 2) * sizeof(T), stream_), d_bias((n_bias + 2) * sizeof(T), stream_);
+        DeviceBuffer d_summed((n_bias + 2) * sizeof(T), stream_);
+        d_h.poison();
+        d_bias.poison();
+        d_summed.poison();
+        T* h_ptr = d_h.as<T>() + layout.output_shift;
+        gelu_backward_bias_cuda(dtype, d_dy.as<T>() + layout.input_shift, d_x.as<T>() + layout.input_shift, rows,
+                                hidden, d_offsets.as<int64_t>(), num_experts, h_ptr, d_bias.as<T>() + 1, stream_);
+        grouped_linear_backward_cuda(dtype, h_ptr, nullptr, rows, 0, d_offsets.as<int64_t>(), num_experts, nullptr,
+                                     hidden, nullptr, nullptr, d_summed.as<T>() + 1, stream_);
+        *grad_bias = download_checked<T>(d_bias, n_bias, 1, "grad_bias");
+        *summed_back = download_checked<T>(d_summed, n_bias, 1, "grouped_linear_backward's grad_bias");
+        return download_checked<T>(d_h, n, layout.output_shift, "grad_h");
+      };
+      std::vector<T> grad_bias, summed_back, again_bias, again_summed;
+      const std::vector<T> grad_h = run(&grad_bias, &summed_back);
+      EXPECT_TRUE(close_to_reference(grad_h, want_h, h_scale)) << "grad_h";
+      EXPECT_TRUE(same_bits(grad_bias.data(), summed_back.data(), n_bias))
+          << "grad_bias differs from grouped_linear_backward's sums of the same grad_h";
+      // against the reference's sums: each term may differ by its own bound (eps_T |term| and the accumulation
+      // type's ulps of h_scale), and the two sums' orders by n eps_A of the terms' magnitudes; in units of
+      // kAccUlps eps_A, as close_to_reference takes them
+      const double eps_a = std::numeric_limits<acc_t<T>>::epsilon();
+      std::vector<double> sum_scale(n_bias, 0.0);
+      for (int64_t e = 0; e < num_experts; ++e) {
+        const double terms = static_cast<double>(offsets[e + 1] - offsets[e]);
+        for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+          for (int64_t j = 0; j < hidden; ++j) {
+            const double magnitude = std::fabs(to_double(want_h[r * hidden + j]));
+            sum_scale[e * hidden + j] +=
+                magnitude * (epsilon_of<T>() / (kAccUlps * eps_a) + terms / kAccUlps) + h_scale[r * hidden + j];
+          }
+        }
+      }
+      EXPECT_TRUE(close_to_reference(grad_bias, want_bias, sum_scale)) << "grad_bias";
+      const std::vector<T> grad_h_again = run(&again_bias, &again_summed);
+      EXPECT_TRUE(same_bits(grad_h_again.data(), grad_h.data(), n)) << "grad_h: a second run differs";
+      EXPECT_TRUE(same_bits(again_bias.data(), grad_bias.data(), n_bias)) << "grad_bias: a second run differs";
+    }
+  }
+};
+
+TEST_F(CudaGeluBackwardBias, MatchesReferenceAndTheBiasGradientOfItsOwnOutput) {
+  std::mt19937 rng(43);
+  const std::vector<std::pair<int64_t, std::vector<int64_t>>> row_cases = {
+      {40, {0, 10, 10, 25, 40}},  // an expert without rows
+      {33, {0, 5, 20, 30}},       // three rows past the last expert
+      {700, {0, 300, 310, 700}},  // more rows than one pass of the lanes (8 rows in flight each)
+      {0, {0, 0, 0}},             // no rows: zero bias gradients
+      {12, {0}},                  // no experts: every row is past the last one
+  };
+  for (const auto& [rows, offsets] : row_cases) {
+    for (int64_t hidden : {1, 37, 64, 200}) {
+      check<float>(rows, hidden, offsets, rng);
+      check<double>(rows, hidden, offsets, rng);
+      check<fp16_t>(rows, hidden, offsets, rng);
+      check<bf16_t>(rows, hidden, offsets, rng);
+    }
+  }
+}
+
+TEST(CudaGeluBackwardBiasSizes, NegativeSizesThrowNamingTheFunctionAndValues) {
+  EXPECT_THAT(error_text([] {
+                gelu_backward_bias_cuda(DType::kBFloat16, nullptr, nullptr, 3, -2, nullptr, 1, nullptr, nullptr,
+                                        nullptr);
+              }),
+              ::testing::HasSubstr("gelu_backward_bias_cuda: sizes must be >= 0, got num_rows 3, hidden -2"));
 }
 
 }  // namespace

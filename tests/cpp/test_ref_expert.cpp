@@ -1,6 +1,7 @@
 // Tests of csrc/ref/expert_ref: grouped_linear_ref and its backward against per-expert matrix products in
 // double and against central finite differences in fp64, the offset checks, the epilogues, and swiglu_ref and its
-// backward against closed forms and finite differences.
+// backward against closed forms and finite differences, and gelu_backward_bias_ref against its closed form and the
+// sums of its own rows.
 #include <cmath>
 #include <cstdint>
 #include <iomanip>
@@ -686,6 +687,70 @@ TEST(SwigluRefSizesTest, ScaleAndItsGradientComeTogether) {
                                     grad_scale.data());
               }),
               HasSubstr("swiglu_backward_ref: scale and grad_scale must be given together"));
+}
+
+// gelu_backward_bias_ref: grad_h against dy (Phi(x) + x phi(x)) in double, each expert's bias gradient the sum of
+// its rows of grad_h as written (an expert without rows: zero), the tail past offsets[E] given grad_h but no bias.
+template <typename T>
+void check_gelu_backward_bias(std::mt19937& rng) {
+  const int64_t rows = 37, hidden = 9, num_experts = 4;
+  const std::vector<int64_t> offsets = {0, 10, 10, 25, 33};  // expert 1 has no rows; rows 33.. are the tail
+  const std::vector<T> dy = to_type<T>(random_uniform(rows * hidden, rng, -2.0, 2.0));
+  const std::vector<T> x = to_type<T>(random_uniform(rows * hidden, rng, -6.0, 6.0));
+  std::vector<T> grad_h(rows * hidden, garbage<T>()), grad_bias(num_experts * hidden, garbage<T>());
+  gelu_backward_bias_ref(dtype_of<T>(), dy.data(), x.data(), rows, hidden, offsets.data(), num_experts, grad_h.data(),
+                         grad_bias.data());
+  std::vector<double> want_h(rows * hidden);
+  for (int64_t i = 0; i < rows * hidden; ++i) {
+    const double v = to_double(x[i]);
+    const double cdf = 0.5 * (1.0 + std::erf(v / std::sqrt(2.0))), pdf = std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI);
+    want_h[i] = to_double(dy[i]) * (cdf + v * pdf);
+  }
+  // cdf = (1 + erf) / 2 is computed as written, so for x far below 0 its error is that of 1 + erf: a few ulps of the
+  // accumulation type absolute, times |dy|, on top of the rounding to T
+  const double eps_a = std::numeric_limits<acc_t<T>>::epsilon();
+  for (int64_t i = 0; i < rows * hidden; ++i) {
+    const double bound =
+        epsilon_of<T>() * std::fabs(want_h[i]) + 8 * eps_a * std::fabs(to_double(dy[i])) + smallest_subnormal<T>();
+    EXPECT_LE(std::fabs(to_double(grad_h[i]) - want_h[i]), bound)
+        << dtype_name(dtype_of<T>()) << " grad_h[" << i << "], x = " << to_double(x[i]);
+  }
+  std::vector<double> want_bias(num_experts * hidden, 0.0);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+      for (int64_t j = 0; j < hidden; ++j) want_bias[e * hidden + j] += to_double(grad_h[r * hidden + j]);
+    }
+  }
+  EXPECT_TRUE(matches_reference(grad_bias, want_bias, 1e-14, 1e-6)) << dtype_name(dtype_of<T>()) << " grad_bias";
+  for (int64_t j = 0; j < hidden; ++j) EXPECT_EQ(to_double(grad_bias[1 * hidden + j]), 0.0) << "expert 1, " << j;
+}
+
+TEST(GeluBackwardBiasRef, MatchesTheClosedFormAndSumsItsOwnRows) {
+  std::mt19937 rng(41);
+  check_gelu_backward_bias<float>(rng);
+  check_gelu_backward_bias<double>(rng);
+  check_gelu_backward_bias<fp16_t>(rng);
+  check_gelu_backward_bias<bf16_t>(rng);
+}
+
+TEST(GeluBackwardBiasRef, RejectsBadSizesAndOffsets) {
+  std::vector<float> v(8), out(8), bias(8);
+  const std::vector<int64_t> decreasing = {0, 4, 2}, past = {0, 2, 5};
+  EXPECT_THAT(error_text([&] {
+                gelu_backward_bias_ref(DType::kFloat32, v.data(), v.data(), -1, 2, decreasing.data(), 2, out.data(),
+                                       bias.data());
+              }),
+              HasSubstr("gelu_backward_bias_ref: sizes must be >= 0, got num_rows -1, hidden 2, num_experts 2"));
+  EXPECT_THAT(error_text([&] {
+                gelu_backward_bias_ref(DType::kFloat32, v.data(), v.data(), 4, 2, decreasing.data(), 2, out.data(),
+                                       bias.data());
+              }),
+              HasSubstr("offsets[1] = 4 > offsets[2] = 2"));
+  EXPECT_THAT(error_text([&] {
+                gelu_backward_bias_ref(DType::kFloat32, v.data(), v.data(), 4, 2, past.data(), 2, out.data(),
+                                       bias.data());
+              }),
+              HasSubstr("expert_offsets[2] = 5 exceeds the 4 rows"));
 }
 
 }  // namespace

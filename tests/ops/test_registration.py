@@ -27,6 +27,7 @@ KNOWN_OPS = {
     "swiglu": True,
     "swiglu_backward": True,
     "swiglu_scaled_backward": True,
+    "gelu_backward_bias": False,  # a backward step inside moe_ffn's (first order); its result has no graph
     "exchange_counts": False,
     "ep_route": False,
     "exchange": True,
@@ -239,6 +240,20 @@ def _opcheck_cases():
             "swiglu_scaled_backward-requires-grad",
             "swiglu_scaled_backward",
             (req(grad_gated), req(h_gated), req(row_scale)),
+            None,
+        ),
+        # GELU's backward with the first GEMM's bias gradient: rows grouped by the plan's offsets, and offsets that
+        # leave a tail of rows past the last expert
+        (
+            "gelu_backward_bias",
+            "gelu_backward_bias",
+            (grad_y_linear, y_sorted[:, :d_out] * 2, plan.expert_offsets),
+            None,
+        ),
+        (
+            "gelu_backward_bias-tail-float64",
+            "gelu_backward_bias",
+            (grad_y_linear.double(), y_sorted[:, :d_out].double(), torch.tensor([0, 3, 3, 9, 15])),
             None,
         ),
         ("ep_route", "ep_route", (dropped_idx, 2, 2), None),

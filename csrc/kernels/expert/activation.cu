@@ -1,4 +1,5 @@
-// SwiGLU between a gated expert's two GEMMs, forward and backward, one pass over memory each way: the forward
+// GELU's backward with the bias gradient summed as it is made (gelu_backward_bias_cuda, at the end), then SwiGLU
+// between a gated expert's two GEMMs, forward and backward, one pass over memory each way: the forward
 // reads [gate | up] once and writes the product; the backward recomputes the sigmoid from [gate | up] (the only
 // thing saved) and writes both halves of the gradient. Same contract as swiglu_ref / swiglu_backward_ref.
 //
@@ -12,6 +13,7 @@
 #include <cstdint>
 
 #include "kernels/common.cuh"
+#include "kernels/expert/bias_grad.cuh"
 #include "kernels/expert/expert.h"
 
 namespace fastmoe {
@@ -113,6 +115,53 @@ __global__ void swiglu_scaled_backward_kernel(const T* __restrict__ grad, const 
   }
 }
 
+// GELU's gradient (erf form) in the accumulation type, rounded by the caller: dy * (cdf(x) + x * pdf(x)), written
+// as torch's CUDA gelu_backward computes it (the same operations in the same order), so the two give the same bits.
+__device__ __forceinline__ float erf_acc(float value) {
+  return erff(value);
+}
+__device__ __forceinline__ double erf_acc(double value) {
+  return erf(value);
+}
+
+template <typename A>
+__device__ __forceinline__ A gelu_grad(A dy, A x) {
+  constexpr A kAlpha = 0.70710678118654752440;                                   // 1 / sqrt(2)
+  constexpr A kBeta = 1.12837916709551257390 * 0.70710678118654752440 * A(0.5);  // 1 / sqrt(2 pi)
+  const A cdf = A(0.5) * (A(1) + erf_acc(x * kAlpha));
+  const A pdf = cuda::exp_acc(A(-0.5) * x * x) * kBeta;
+  return dy * (cdf + x * pdf);
+}
+
+// bias_grad_block_of's rows: chunk (r, column) of grad_h made from grad and h, stored, and handed to the sums.
+template <typename T>
+struct GeluGradRows {
+  const T* __restrict__ grad;
+  const T* __restrict__ h;
+  T* __restrict__ grad_h;
+  int64_t hidden;
+  template <int V>
+  __device__ __forceinline__ void row(int64_t r, int64_t column, T (&out)[V]) const {
+    T dy[V], x[V];
+    const int64_t at = r * hidden + column;
+    load_chunk<T, V>(grad + at, dy);
+    load_chunk<T, V>(h + at, x);
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[v] = cuda::from_acc<T>(gelu_grad(cuda::to_acc(dy[v]), cuda::to_acc(x[v])));
+    store_chunk<T, V>(grad_h + at, out);
+  }
+};
+
+// One block of kBiasThreads per (group, kBiasColumns columns), the groups being the experts and the tail past
+// offsets[E]: the blocks of the bias gradient kernels (bias_grad.cuh), with the rows made instead of read.
+template <typename T>
+__global__ void __launch_bounds__(cuda::kBiasThreads)
+    gelu_backward_bias_kernel(GeluGradRows<T> rows, bool vectors, int64_t num_rows, const int64_t* __restrict__ offsets,
+                              int64_t num_experts, T* __restrict__ grad_bias) {
+  cuda::bias_grad_block_of(rows, vectors, num_rows, offsets, num_experts, rows.hidden, grad_bias, blockIdx.x,
+                           static_cast<int>(threadIdx.x));
+}
+
 unsigned int grid_of(int64_t num_rows, int64_t hidden, int chunk) {
   return cuda::grid_for(num_rows * (hidden / chunk), kThreads);
 }
@@ -153,6 +202,26 @@ void swiglu_backward_cuda(DType dtype, const void* grad, const void* h, int64_t 
       swiglu_backward_kernel<T, kN><<<grid_of(num_rows, hidden, kN), kThreads, 0, stream>>>(
           static_cast<const T*>(grad), static_cast<const T*>(h), num_rows, hidden, static_cast<T*>(grad_h));
     });
+  });
+  FMOE_CHECK_LAUNCH();
+}
+
+void gelu_backward_bias_cuda(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden,
+                             const int64_t* expert_offsets, int64_t num_experts, void* grad_h, void* grad_bias,
+                             cudaStream_t stream) {
+  FMOE_CHECK(num_rows >= 0 && hidden >= 0 && num_experts >= 0, "gelu_backward_bias_cuda: sizes must be >= 0, got ",
+             "num_rows ", num_rows, ", hidden ", hidden, ", num_experts ", num_experts);
+  if (hidden == 0) return;
+  // The experts' blocks and the tail's (rows past offsets[E], usually none: those blocks return at once).
+  const int64_t blocks = cuda::bias_grad_blocks(num_experts + 1, hidden);
+  FMOE_CHECK(blocks <= int64_t{0x7fffffff}, "gelu_backward_bias_cuda: ", num_experts, " experts of ", hidden,
+             " columns need ", blocks, " blocks, more than a grid holds");
+  FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "gelu_backward_bias_cuda", T, [&] {
+    const bool vectors = cuda::bias_grad_vectors<T>(hidden, grad) && cuda::bias_grad_vectors<T>(hidden, h) &&
+                         cuda::bias_grad_vectors<T>(hidden, grad_h);
+    const GeluGradRows<T> rows{static_cast<const T*>(grad), static_cast<const T*>(h), static_cast<T*>(grad_h), hidden};
+    gelu_backward_bias_kernel<T><<<static_cast<unsigned int>(blocks), cuda::kBiasThreads, 0, stream>>>(
+        rows, vectors, num_rows, expert_offsets, num_experts, static_cast<T*>(grad_bias));
   });
   FMOE_CHECK_LAUNCH();
 }

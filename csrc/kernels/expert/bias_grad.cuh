@@ -33,8 +33,22 @@ inline int64_t bias_grad_blocks(int64_t num_experts, int64_t out_features) {
 template <typename T>
 using bias_acc_t = std::conditional_t<std::is_same_v<T, float>, double, dacc_t<T>>;
 
-template <typename T, int V>
-__device__ __forceinline__ void bias_grad_columns(const T* __restrict__ grad_y, int64_t row_begin, int64_t row_end,
+// The rows summed are grad_y's as they are in memory (ReadRows), or made by the caller as it goes (a row maker with
+// `template <int V> void row(int64_t r, int64_t column, T (&out)[V]) const` that writes out[] and may store them
+// elsewhere too): a kernel that produces grad_y can sum its bias gradient without reading it back, in the same
+// order as this, so with the same bits.
+template <typename T>
+struct ReadRows {
+  const T* __restrict__ grad_y;
+  int64_t out_features;
+  template <int V>
+  __device__ __forceinline__ void row(int64_t r, int64_t column, T (&out)[V]) const {
+    load_chunk<T, V>(grad_y + r * out_features + column, out);
+  }
+};
+
+template <typename T, int V, typename Rows>
+__device__ __forceinline__ void bias_grad_columns(const Rows& rows_of, int64_t row_begin, int64_t row_end,
                                                   int64_t out_features, int64_t first_column, int thread,
                                                   bias_acc_t<T> (*partials)[kBiasColumns]) {
   using A = bias_acc_t<T>;
@@ -46,12 +60,11 @@ __device__ __forceinline__ void bias_grad_columns(const T* __restrict__ grad_y, 
 #pragma unroll
   for (int j = 0; j < V; ++j) sum[j] = A(0);
   if (column < out_features) {
-    const T* base = grad_y + column;
     int64_t r = row_begin + lane;
     for (; r + (kBiasRowsInFlight - 1) * kLanes < row_end; r += kBiasRowsInFlight * kLanes) {
       T rows[kBiasRowsInFlight][V];
 #pragma unroll
-      for (int i = 0; i < kBiasRowsInFlight; ++i) load_chunk<T, V>(base + (r + i * kLanes) * out_features, rows[i]);
+      for (int i = 0; i < kBiasRowsInFlight; ++i) rows_of.template row<V>(r + i * kLanes, column, rows[i]);
 #pragma unroll
       for (int i = 0; i < kBiasRowsInFlight; ++i) {
 #pragma unroll
@@ -60,7 +73,7 @@ __device__ __forceinline__ void bias_grad_columns(const T* __restrict__ grad_y, 
     }
     for (; r < row_end; r += kLanes) {
       T row[V];
-      load_chunk<T, V>(base + r * out_features, row);
+      rows_of.template row<V>(r, column, row);
 #pragma unroll
       for (int j = 0; j < V; ++j) sum[j] += to_acc(row[j]);
     }
@@ -75,12 +88,14 @@ __device__ __forceinline__ void bias_grad_columns(const T* __restrict__ grad_y, 
   }
 }
 
-// Every thread of the block (kBiasThreads of them, `thread` its index) must call this: it synchronises.
-template <typename T>
-__device__ __forceinline__ void bias_grad_block(const T* __restrict__ grad_y, int64_t num_rows,
-                                                const int64_t* __restrict__ offsets, int64_t num_experts,
-                                                int64_t out_features, T* __restrict__ grad_bias, int64_t block,
-                                                int thread) {
+// Every thread of the block (kBiasThreads of them, `thread` its index) must call this: it synchronises. `vectors`:
+// the rows move as 16-byte chunks (bias_grad_vectors); the sums' order depends on it. Group num_experts (the tail
+// past expert_offsets[E]) makes its rows and writes no bias gradient.
+template <typename T, typename Rows>
+__device__ __forceinline__ void bias_grad_block_of(const Rows& rows_of, bool vectors, int64_t num_rows,
+                                                   const int64_t* __restrict__ offsets, int64_t num_experts,
+                                                   int64_t out_features, T* __restrict__ grad_bias, int64_t block,
+                                                   int thread) {
   using A = bias_acc_t<T>;
   constexpr int kVec = kVec16<T>;
   // The lanes of the narrowest split (one column per thread) are the fewest: kBiasThreads / kBiasColumns.
@@ -90,16 +105,32 @@ __device__ __forceinline__ void bias_grad_block(const T* __restrict__ grad_y, in
   const int64_t first_column = block % blocks_per_expert * kBiasColumns;
   int64_t row_begin, row_end;
   group_rows(offsets, num_experts, num_rows, expert, &row_begin, &row_end);
-  const bool vectors = out_features % kVec == 0 && reinterpret_cast<uintptr_t>(grad_y) % 16 == 0;
   if (vectors) {
-    bias_grad_columns<T, kVec>(grad_y, row_begin, row_end, out_features, first_column, thread, partials);
+    bias_grad_columns<T, kVec>(rows_of, row_begin, row_end, out_features, first_column, thread, partials);
   } else {
-    bias_grad_columns<T, 1>(grad_y, row_begin, row_end, out_features, first_column, thread, partials);
+    bias_grad_columns<T, 1>(rows_of, row_begin, row_end, out_features, first_column, thread, partials);
   }
   const int64_t o = first_column + thread;
-  if (thread < kBiasColumns && o < out_features) {
+  if (expert < num_experts && thread < kBiasColumns && o < out_features) {
     grad_bias[expert * out_features + o] = from_acc<T>(static_cast<dacc_t<T>>(partials[0][thread]));
   }
+}
+
+// Whether rows of out_features elements at p move as 16-byte chunks (bias_grad_block's `vectors` is this for every
+// pointer the rows are read from or written to).
+template <typename T>
+__host__ __device__ __forceinline__ bool bias_grad_vectors(int64_t out_features, const void* p) {
+  return out_features % kVec16<T> == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// The bias gradient of grad_y as it is in memory.
+template <typename T>
+__device__ __forceinline__ void bias_grad_block(const T* __restrict__ grad_y, int64_t num_rows,
+                                                const int64_t* __restrict__ offsets, int64_t num_experts,
+                                                int64_t out_features, T* __restrict__ grad_bias, int64_t block,
+                                                int thread) {
+  bias_grad_block_of(ReadRows<T>{grad_y, out_features}, bias_grad_vectors<T>(out_features, grad_y), num_rows, offsets,
+                     num_experts, out_features, grad_bias, block, thread);
 }
 
 }  // namespace cuda

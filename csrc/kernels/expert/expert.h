@@ -34,4 +34,12 @@ void swiglu_cuda(DType dtype, const void* h, int64_t num_rows, int64_t hidden, v
 void swiglu_backward_cuda(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden, void* grad_h,
                           cudaStream_t stream, const void* scale = nullptr, void* grad_scale = nullptr);
 
+// As gelu_backward_bias_ref, expert_offsets read on the device. One kernel: the blocks of the bias gradient's
+// kernels (bias_grad.cuh), each making its rows of grad_h and summing them as it stores them, so grad_bias has the
+// bits grouped_linear_backward_cuda would give from grad_h (when grad, h and grad_h are all 16-byte aligned, or
+// none is), and grad_h those of torch's gelu_backward.
+void gelu_backward_bias_cuda(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden,
+                             const int64_t* expert_offsets, int64_t num_experts, void* grad_h, void* grad_bias,
+                             cudaStream_t stream);
+
 }  // namespace fastmoe

@@ -20,6 +20,7 @@
 
 #include <array>
 #include <string>
+#include <tuple>
 
 #include "fastmoe/ops.h"
 #include "ops/common.h"
@@ -420,20 +421,25 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
           if (need_logits) {
             grad_score = ops::pair_scores_backward(grad_row_score, f.topk_score, f.sorted_pair, f.pair_pos);
           }
+        } else if (need_rows && need[4] && o.act == Act::kGELU && grad_a.is_cuda()) {
+          // On CUDA the first bias's gradient is summed as GELU's backward writes grad_h, not read back from it
+          // (the same bits as the first GEMM's backward would give: ops.h). On the CPU the composed path's ops stay.
+          std::tie(grad_h, raw[4]) = ops::gelu_backward_bias(grad_a, f.h, f.offsets);
         } else if (need_rows) {
           grad_h = activation_backward(grad_a, f, o.act);
         }
       }
       if (drop_h) f.h = at::Tensor();  // read for the last time above (a aliased it at most inside the block)
       if (need_rows) {
+        const bool need_b1 = need[4] && !raw[4].defined();
         auto [grad_rows, grad_w1, grad_b1] =
-            ops::grouped_linear_backward(grad_h, f.rows, f.offsets, f.w1, {need[0], need[3], need[4]});
+            ops::grouped_linear_backward(grad_h, f.rows, f.offsets, f.w1, {need[0], need[3], need_b1});
         // Read for the last time: freed before the combine makes x's gradient, as autograd frees a gradient once
         // the node that takes it has run (T * k * hidden values, the largest tensor still held otherwise).
         grad_h = at::Tensor();
         if (need[0]) raw[0] = ops::unpermute_combine(grad_rows, f.sorted_pair, f.pair_pos, std::nullopt);
         if (need[3]) raw[3] = grad_w1;
-        if (need[4]) raw[4] = grad_b1;
+        if (need_b1) raw[4] = grad_b1;
       }
       if (need_logits) {
         grad_logits = ops::route_topk_backward(grad_score, f.logits, f.topk_idx, f.topk_score, kScoreFn);
