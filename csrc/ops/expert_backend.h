@@ -91,7 +91,10 @@ inline GroupedGemmBackend choose_grouped_gemm_backend(const at::Tensor& x, const
   const bool rows_aligned = x.size(0) > 0 && x.size(1) > 0 && weight.size(1) > 0 && x.size(1) % 8 == 0 &&
                             weight.size(1) % 8 == 0 && is_16_byte_aligned(x) && is_16_byte_aligned(weight) &&
                             (grad_y == nullptr || is_16_byte_aligned(*grad_y));
-  const bool grouped_mm_ok = x.scalar_type() == at::kBFloat16 && device_major >= 9 && rows_aligned;
+  // torch._grouped_mm of no groups stops the process (an integer division by zero), so no experts take the tiled
+  // kernel, which writes the zero rows.
+  const bool grouped_mm_ok =
+      x.scalar_type() == at::kBFloat16 && device_major >= 9 && rows_aligned && weight.size(0) >= 1;
   bool cutlass_ok = false;
 #ifdef FASTMOE_WITH_CUTLASS
   // int32 problem sizes; zero_empty_groups_cuda's grid takes at most 65535 experts.

@@ -204,6 +204,20 @@ def test_zero_rows_backward(device):
     assert_bitwise_equal(grad_b, torch.zeros_like(bias), "grad_bias")
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES)
+def test_no_experts(device, dtype):
+    """No experts (offsets [0]): every row is past the last expert, so the output and grad_x are zero and the
+    weight and bias gradients empty. Widths of 16 and 8 are what the library GEMMs take, which must not be handed
+    zero groups."""
+    x, offsets, weight, bias, grad_y = make_case([], 6, 16, 8, dtype, device)
+    ins = [leaf(x), leaf(weight), leaf(bias)]
+    y = ops.grouped_linear(ins[0], offsets, ins[1], ins[2])
+    assert_bitwise_equal(y, torch.zeros(6, 8, dtype=dtype, device=device), "output")
+    grad_x, grad_w, grad_b = grads(y, ins, grad_y)
+    assert_bitwise_equal(grad_x, torch.zeros(6, 16, dtype=dtype, device=device), "grad_x")
+    assert grad_w.shape == (0, 8, 16) and grad_b.shape == (0, 8)
+
+
 @pytest.mark.parametrize("layout", ["transposed", "strided"])
 def test_non_contiguous_inputs(device, layout):
     x, offsets, weight, bias, grad_y = make_case([4, 0, 6, 2], 3, 13, 7, torch.float32, device)

@@ -133,22 +133,30 @@ __device__ __forceinline__ A gelu_grad(A dy, A x) {
   return dy * (cdf + x * pdf);
 }
 
-// bias_grad_block_of's rows: chunk (r, column) of grad_h made from grad and h, stored, and handed to the sums.
+// bias_grad_block_of's rows: N chunks of grad_h made from grad and h (every load issued before the first store),
+// stored, and handed to the sums.
 template <typename T>
 struct GeluGradRows {
   const T* __restrict__ grad;
   const T* __restrict__ h;
   T* __restrict__ grad_h;
   int64_t hidden;
-  template <int V>
-  __device__ __forceinline__ void row(int64_t r, int64_t column, T (&out)[V]) const {
-    T dy[V], x[V];
-    const int64_t at = r * hidden + column;
-    load_chunk<T, V>(grad + at, dy);
-    load_chunk<T, V>(h + at, x);
+  template <int V, int N>
+  __device__ __forceinline__ void rows(int64_t first, int64_t step, int64_t column, T (&out)[N][V]) const {
+    T dy[N][V], x[N][V];
 #pragma unroll
-    for (int v = 0; v < V; ++v) out[v] = cuda::from_acc<T>(gelu_grad(cuda::to_acc(dy[v]), cuda::to_acc(x[v])));
-    store_chunk<T, V>(grad_h + at, out);
+    for (int i = 0; i < N; ++i) {
+      const int64_t at = (first + i * step) * hidden + column;
+      load_chunk<T, V>(grad + at, dy[i]);
+      load_chunk<T, V>(h + at, x[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        out[i][v] = cuda::from_acc<T>(gelu_grad(cuda::to_acc(dy[i][v]), cuda::to_acc(x[i][v])));
+      store_chunk<T, V>(grad_h + (first + i * step) * hidden + column, out[i]);
+    }
   }
 };
 

@@ -33,17 +33,20 @@ inline int64_t bias_grad_blocks(int64_t num_experts, int64_t out_features) {
 template <typename T>
 using bias_acc_t = std::conditional_t<std::is_same_v<T, float>, double, dacc_t<T>>;
 
-// The rows summed are grad_y's as they are in memory (ReadRows), or made by the caller as it goes (a row maker with
-// `template <int V> void row(int64_t r, int64_t column, T (&out)[V]) const` that writes out[] and may store them
-// elsewhere too): a kernel that produces grad_y can sum its bias gradient without reading it back, in the same
-// order as this, so with the same bits.
+// The rows summed are grad_y's as they are in memory (ReadRows), or made by the caller as it goes: a row maker has
+//   template <int V, int N> void rows(int64_t first, int64_t step, int64_t column, T (&out)[N][V]) const
+// writing chunk (first + i * step, column ...) of each of N rows into out[i], and may store them elsewhere too. A
+// kernel that produces grad_y so sums its bias gradient without reading it back, in the same order as this, so with
+// the same bits. The N rows come in one call so that a maker issues all N rows' loads before its first store (which
+// the compiler may not move loads past).
 template <typename T>
 struct ReadRows {
   const T* __restrict__ grad_y;
   int64_t out_features;
-  template <int V>
-  __device__ __forceinline__ void row(int64_t r, int64_t column, T (&out)[V]) const {
-    load_chunk<T, V>(grad_y + r * out_features + column, out);
+  template <int V, int N>
+  __device__ __forceinline__ void rows(int64_t first, int64_t step, int64_t column, T (&out)[N][V]) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) load_chunk<T, V>(grad_y + (first + i * step) * out_features + column, out[i]);
   }
 };
 
@@ -63,8 +66,7 @@ __device__ __forceinline__ void bias_grad_columns(const Rows& rows_of, int64_t r
     int64_t r = row_begin + lane;
     for (; r + (kBiasRowsInFlight - 1) * kLanes < row_end; r += kBiasRowsInFlight * kLanes) {
       T rows[kBiasRowsInFlight][V];
-#pragma unroll
-      for (int i = 0; i < kBiasRowsInFlight; ++i) rows_of.template row<V>(r + i * kLanes, column, rows[i]);
+      rows_of.template rows<V, kBiasRowsInFlight>(r, kLanes, column, rows);
 #pragma unroll
       for (int i = 0; i < kBiasRowsInFlight; ++i) {
 #pragma unroll
@@ -72,10 +74,10 @@ __device__ __forceinline__ void bias_grad_columns(const Rows& rows_of, int64_t r
       }
     }
     for (; r < row_end; r += kLanes) {
-      T row[V];
-      rows_of.template row<V>(r, column, row);
+      T row[1][V];
+      rows_of.template rows<V, 1>(r, kLanes, column, row);
 #pragma unroll
-      for (int j = 0; j < V; ++j) sum[j] += to_acc(row[j]);
+      for (int j = 0; j < V; ++j) sum[j] += to_acc(row[0][j]);
     }
   }
 #pragma unroll
