@@ -467,6 +467,47 @@ def grouped_linear_backward_case(rng: random.Random, device: str) -> Case:
     )
 
 
+def gelu_backward_bias_case(rng: random.Random, device: str) -> Case:
+    N, E = rng.choice(SIZES), rng.randint(0, 5)
+    H, dtype = rng.choice([1, 2, 3, 8, 13, 16]), rng.choice(FLOATS)
+    grad = randn(rng, N, H, dtype=dtype, device=device)
+    h = randn(rng, N, H, dtype=dtype, device=device) * 2
+    off = _offsets(rng, N, E, device)
+    op = F.gelu_backward_bias
+    m = pick(rng, ["grad-shape", "grad-dtype", "offsets-value", "offsets-int32", "device"])
+    name = f"gelu_backward_bias/{m}"
+    if m == "grad-shape":
+        g_bad = randn(rng, N, H + 1, dtype=dtype, device=device)
+        return Case(name, lambda: op(g_bad, h, off), error=(R, "grad", f"[{N}, {H + 1}]"))
+    if m == "grad-dtype":
+        bad = wrong_float(rng, dtype)
+        return Case(name, lambda: op(grad.to(bad), h, off), error=(R, "grad", SCALAR_NAME[bad]))
+    if m == "offsets-value":
+        bad, (arg, value) = _bad_offsets(rng, off, N)
+        return Case(name, lambda: op(grad, h, bad), error=(R, arg, value) if device == "cpu" else None)
+    if m == "offsets-int32":
+        return Case(name, lambda: op(grad, h, off.int()), error=(R, "expert_offsets", "Int"))
+    if m == "device":
+        other = other_device(device)
+        return Case(name, lambda: op(grad, h.to(other), off), error=(R, "h", other))
+
+    def check(result):
+        grad_h, grad_bias = result
+        exact = torch.ops.aten.gelu_backward(grad.double().cpu(), h.double().cpu())
+        assert_close(grad_h, exact, dtype, "grad_h")
+        bounds = off.cpu().tolist()
+        sums = [exact[begin:end].sum(0) for begin, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        expected = torch.stack(sums) if sums else exact.new_zeros(0, H)
+        assert_close(grad_bias, expected, dtype, "grad_bias", scale=max(N, 1))
+
+    return Case(
+        valid_name(name),
+        lambda: op(grad, h, off),
+        check,
+        meta_call=lambda: op(to_meta(grad), to_meta(h), to_meta(off)),
+    )
+
+
 # ----------------------------------------------------------------------------------------------- swiglu
 
 
@@ -1271,6 +1312,7 @@ GENERATORS = {
     "unpermute_combine_backward": combine_backward_case,
     "grouped_linear": grouped_linear_case,
     "grouped_linear_backward": grouped_linear_backward_case,
+    "gelu_backward_bias": gelu_backward_bias_case,
     "swiglu": swiglu_case,
     "swiglu_backward": swiglu_backward_case,
     "swiglu_scaled_backward": swiglu_scaled_backward_case,
