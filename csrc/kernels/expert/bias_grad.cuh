@@ -18,11 +18,9 @@ namespace cuda {
 // order, kBiasRowsInFlight rows loaded before they are added, and the lanes' partial sums are added in lane order,
 // so the result does not depend on scheduling (it depends on V, i.e. on the dtype and the alignment of grad_y's
 // rows). A bias gradient is a read of grad_y and little else: the vector loads and the rows in flight keep it near
-// the memory's rate, where one 2-byte load per thread and row kept it bound by the latency of each load. 32 columns
-// a block (64 lanes of rows for 16-bit types) rather than 64: twice the blocks, which the layer's backward needs to
-// keep the memory busy where it makes the rows as it sums them (gelu_backward_bias) on few experts.
+// the memory's rate, where one 2-byte load per thread and row kept it bound by the latency of each load.
 // grad_y: [num_rows, out_features]; grad_bias: [num_experts, out_features], written (zero for an expert without rows)
-constexpr int kBiasColumns = 32;
+constexpr int kBiasColumns = 64;
 constexpr int kBiasThreads = 256;
 constexpr int kBiasRowsInFlight = 8;
 
