@@ -106,6 +106,16 @@ def swiglu_scaled_backward(grad: torch.Tensor, h: torch.Tensor, scale: torch.Ten
     return _ops.swiglu_scaled_backward(dense_tensor("grad", grad), dense_tensor("h", h), dense_tensor("scale", scale))
 
 
+def gelu_backward_bias(grad: torch.Tensor, h: torch.Tensor, expert_offsets: torch.Tensor):
+    """GELU's gradient (erf form) for ``h [N, hidden]``, an expert layer's first GEMM output whose rows are grouped by
+    ``expert_offsets [E + 1]``, with that GEMM's bias gradient: ``(grad_h [N, hidden], grad_bias [E, hidden])``, the
+    latter each expert's column sums of ``grad_h``. On CUDA one kernel that sums ``grad_h`` as it writes it, with the
+    bits of ``torch.ops.aten.gelu_backward`` and of :func:`grouped_linear`'s bias gradient. Not differentiable."""
+    return _ops.gelu_backward_bias(
+        dense_tensor("grad", grad), dense_tensor("h", h), dense_tensor("expert_offsets", expert_offsets)
+    )
+
+
 def permute(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``x [T, d]`` -> ``[T * k, d]`` rows in plan order (zero rows at the tail for dropped slots)."""
     plan = _plan(plan)

@@ -568,6 +568,7 @@ def _cases():
             ("expert_offsets", "meta"),
         ),
         ("gelu_backward_bias-meta-grad", lambda: F.gelu_backward_bias(meta(grows), grows, off), R, ("grad", "meta")),
+        ("ops.gelu_backward_bias-none-h", lambda: ops.gelu_backward_bias(grows, None, off), TypeError, ("h", "None")),
         ("ops.swiglu-odd-h", lambda: ops.swiglu(x[:, :5]), ValueError, ("h", f"[{T}, 5]")),
         ("ops.swiglu-sparse-h", lambda: ops.swiglu(x.to_sparse()), TypeError, ("h", "sparse_coo")),
         ("ops.swiglu-list-h", lambda: ops.swiglu(x.tolist()), TypeError, ("h", "list")),
