@@ -223,6 +223,14 @@ def reference_grouped_linear(x: torch.Tensor, expert_offsets: torch.Tensor, weig
     return torch.cat(blocks, dim=0)
 
 
+def segment_sums(values: torch.Tensor, offsets: list) -> torch.Tensor:
+    """[E, hidden]: each expert's column sums of ``values [N, hidden]`` over its rows ``offsets[e]:offsets[e + 1]``
+    (zero for an expert without rows), in values' dtype."""
+    hidden = values.shape[1]
+    parts = [values[begin:end].sum(0) for begin, end in zip(offsets[:-1], offsets[1:], strict=True)]
+    return torch.stack(parts) if parts else values.new_zeros(0, hidden)
+
+
 def mentions(argument: str, value: str) -> str:
     """A ``pytest.raises(match=...)`` pattern: the message names ``argument`` and shows ``value`` (both
     literal, in any order)."""

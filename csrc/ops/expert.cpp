@@ -417,18 +417,18 @@ std::tuple<at::Tensor, at::Tensor> gelu_backward_bias_meta(const at::Tensor& gra
   return {h.new_empty_symint(h.sym_sizes()), h.new_empty_symint({expert_offsets.sym_size(0) - 1, h.sym_size(1)})};
 }
 
-// A tensor whose data starts 16-byte aligned (a copy where a view's offset left it unaligned), so the CUDA kernel
-// takes its 16-byte path whenever the row width allows, as the bias gradient of a freshly made grad_h would.
-at::Tensor aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone(at::MemoryFormat::Contiguous);
-}
-
 std::tuple<at::Tensor, at::Tensor> gelu_backward_bias_kernel(const at::Tensor& grad, const at::Tensor& h,
                                                              const at::Tensor& expert_offsets) {
   check_gelu_backward_bias(grad, h, expert_offsets);
   const c10::OptionalDeviceGuard guard(h.device());
-  const at::Tensor in = aligned16(h.contiguous()), gy = aligned16(grad.contiguous());
+  at::Tensor in = h.contiguous(), gy = grad.contiguous();
   const at::Tensor offsets = expert_offsets.contiguous();
+#ifdef FASTMOE_WITH_CUDA_OPS
+  // A view that starts off a 16-byte boundary is copied, so the kernel takes its 16-byte path (and that path's order
+  // of sums) whenever the width allows, as the bias gradient of the freshly made grad_h does.
+  if (in.is_cuda() && !ops_detail::is_16_byte_aligned(in)) in = in.clone();
+  if (gy.is_cuda() && !ops_detail::is_16_byte_aligned(gy)) gy = gy.clone();
+#endif
   const int64_t rows = in.size(0), hidden = in.size(1), num_experts = offsets.size(0) - 1;
   at::Tensor grad_h = at::empty_like(in, at::MemoryFormat::Contiguous);
   at::Tensor grad_b = at::empty({num_experts, hidden}, in.options());

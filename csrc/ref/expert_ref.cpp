@@ -210,8 +210,7 @@ void gelu_backward_bias_ref(DType dtype, const void* grad, const void* h, int64_
   FMOE_DISPATCH_FLOAT_TYPES(dtype, "gelu_backward_bias_ref", [&] {
     using A = acc_t<scalar_t>;
     using W = wide_acc_t<scalar_t>;
-    const A alpha = static_cast<A>(0.70710678118654752440);                                // 1 / sqrt(2)
-    const A beta = static_cast<A>(1.12837916709551257390 * 0.70710678118654752440 * 0.5);  // 1 / sqrt(2 pi)
+    const A alpha = static_cast<A>(kGeluAlpha), beta = static_cast<A>(kGeluBeta);
     const auto* gy = static_cast<const scalar_t*>(grad);
     const auto* in = static_cast<const scalar_t*>(h);
     auto* gh = static_cast<scalar_t*>(grad_h);

@@ -71,6 +71,10 @@ void swiglu_backward_ref(DType dtype, const void* grad, const void* h, int64_t n
 // grad_h:         [num_rows, hidden], written; grad_bias: [E, hidden], written
 void gelu_backward_bias_ref(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden,
                             const int64_t* expert_offsets, int64_t num_experts, void* grad_h, void* grad_bias);
+// Its constants as torch writes them, in double and rounded to the accumulation type where used: 1 / sqrt(2), and
+// 2 / sqrt(pi) * 1 / sqrt(2) * 1 / 2 = 1 / sqrt(2 pi) (the reference and the CUDA kernel both read these).
+constexpr double kGeluAlpha = 0.70710678118654752440;
+constexpr double kGeluBeta = 1.12837916709551257390 * 0.70710678118654752440 * 0.5;
 // The checks both implementations make: sizes >= 0. `name` is the function whose message it is.
 void check_swiglu_sizes(const char* name, int64_t num_rows, int64_t hidden);
 

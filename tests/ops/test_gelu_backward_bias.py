@@ -15,6 +15,7 @@ from conftest import (
     assert_within_policy,
     make_generator,
     randn,
+    segment_sums,
 )
 from fastmoe import FMoETransformerMLP
 
@@ -36,13 +37,6 @@ def inputs(rows, hidden, dtype, device="cpu", seed=0):
     grad = randn(rows, hidden, gen=gen, dtype=dtype, device=device)
     h = randn(rows, hidden, gen=gen, dtype=dtype, device=device, scale=2.0)
     return grad, h
-
-
-def segment_sums(values: torch.Tensor, offsets: list) -> torch.Tensor:
-    """[E, hidden]: each expert's column sums of values (zero for an expert without rows), in values' dtype."""
-    hidden = values.shape[1]
-    parts = [values[begin:end].sum(0) for begin, end in zip(offsets[:-1], offsets[1:], strict=True)]
-    return torch.stack(parts) if parts else values.new_zeros(0, hidden)
 
 
 @pytest.mark.parametrize("rows, hidden, offsets", CASES)

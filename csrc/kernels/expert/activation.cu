@@ -126,8 +126,7 @@ __device__ __forceinline__ double erf_acc(double value) {
 
 template <typename A>
 __device__ __forceinline__ A gelu_grad(A dy, A x) {
-  constexpr A kAlpha = 0.70710678118654752440;                                   // 1 / sqrt(2)
-  constexpr A kBeta = 1.12837916709551257390 * 0.70710678118654752440 * A(0.5);  // 1 / sqrt(2 pi)
+  constexpr A kAlpha = static_cast<A>(kGeluAlpha), kBeta = static_cast<A>(kGeluBeta);
   const A cdf = A(0.5) * (A(1) + erf_acc(x * kAlpha));
   const A pdf = cuda::exp_acc(A(-0.5) * x * x) * kBeta;
   return dy * (cdf + x * pdf);
@@ -225,8 +224,7 @@ void gelu_backward_bias_cuda(DType dtype, const void* grad, const void* h, int64
   FMOE_CHECK(blocks <= int64_t{0x7fffffff}, "gelu_backward_bias_cuda: ", num_experts, " experts of ", hidden,
              " columns need ", blocks, " blocks, more than a grid holds");
   FMOE_CUDA_DISPATCH_FLOAT_TYPES(dtype, "gelu_backward_bias_cuda", T, [&] {
-    const bool vectors = cuda::bias_grad_vectors<T>(hidden, grad) && cuda::bias_grad_vectors<T>(hidden, h) &&
-                         cuda::bias_grad_vectors<T>(hidden, grad_h);
+    const bool vectors = cuda::rows_are_vec16<T>(hidden, {grad, h, grad_h});
     const GeluGradRows<T> rows{static_cast<const T*>(grad), static_cast<const T*>(h), static_cast<T*>(grad_h), hidden};
     gelu_backward_bias_kernel<T><<<static_cast<unsigned int>(blocks), cuda::kBiasThreads, 0, stream>>>(
         rows, vectors, num_rows, expert_offsets, num_experts, static_cast<T*>(grad_bias));

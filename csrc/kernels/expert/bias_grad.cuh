@@ -118,8 +118,8 @@ __device__ __forceinline__ void bias_grad_block_of(const Rows& rows_of, bool vec
   }
 }
 
-// Whether rows of out_features elements at p move as 16-byte chunks (bias_grad_block's `vectors` is this for every
-// pointer the rows are read from or written to).
+// Whether rows of out_features elements at p move as 16-byte chunks: rows_are_vec16 for one pointer, on the device
+// too (the CUTLASS setup kernel decides there).
 template <typename T>
 __host__ __device__ __forceinline__ bool bias_grad_vectors(int64_t out_features, const void* p) {
   return out_features % kVec16<T> == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;

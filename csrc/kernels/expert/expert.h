@@ -36,8 +36,8 @@ void swiglu_backward_cuda(DType dtype, const void* grad, const void* h, int64_t 
 
 // As gelu_backward_bias_ref, expert_offsets read on the device. One kernel: the blocks of the bias gradient's
 // kernels (bias_grad.cuh), each making its rows of grad_h and summing them as it stores them, so grad_bias has the
-// bits grouped_linear_backward_cuda would give from grad_h (when grad, h and grad_h are all 16-byte aligned, or
-// none is), and grad_h those of torch's gelu_backward.
+// bits grouped_linear_backward_cuda would give from grad_h whenever grad and h take the same 16-byte path as
+// grad_h (the op copies views that start off a 16-byte boundary), and grad_h those of torch's gelu_backward.
 void gelu_backward_bias_cuda(DType dtype, const void* grad, const void* h, int64_t num_rows, int64_t hidden,
                              const int64_t* expert_offsets, int64_t num_experts, void* grad_h, void* grad_bias,
                              cudaStream_t stream);
