@@ -5,7 +5,7 @@ bias unless --bias on, bf16 unless --dtypes says otherwise, NaiveGate top-k rout
 
     python benchmarks/bench_moe_layer.py [--configs mixtral,fine,paper,escan,train,qwen3] [--iters 30]
         [--activation gelu,swiglu] [--dtypes bf16,fp16] [--bias off,on] [--skip-loop] [--json out.jsonl]
-        [--composed] [--compile [default,reduce-overhead]]
+        [--composed] [--compile [default,reduce-overhead]] [--recompute]
     python benchmarks/bench_moe_layer.py --device cpu --tiny --dtypes fp32   # the same on the CPU, in seconds
 
 Every combination of configuration, activation, bias and dtype is a case. Per case it prints one JSON line and, at
@@ -27,7 +27,8 @@ token path and the experts op by op) instead of the one op ``fastmoe::moe_ffn``.
 ``--composed``); ``--compile default,reduce-overhead`` also times ``fastmoe_compiled_reduce-overhead`` (CUDA
 graphs), and so on for each mode. Each is compiled by its first calls (the output check and the warm-up steps, so
 give ``--warmup`` at least 2). Its ``speedup`` entry is its time over eager fastmoe's: at most 1.0 means
-compiling does not slow the layer down.
+compiling does not slow the layer down. ``--recompute`` also times ``fastmoe_recompute``: the same layer with
+``recompute_activation = True`` (the one op recomputes the activation in its backward instead of keeping it).
 
 Where ``transformers`` is importable, the SwiGLU cases of the ``mixtral`` and ``qwen3`` configurations without
 bias also time Hugging Face's MoE block of that model (``MixtralSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``)
@@ -67,6 +68,7 @@ ACTIVATIONS = ("gelu", "swiglu")
 BIAS = {"off": False, "on": True}
 DENSE = "dense_ffn"  # the equal-FLOPs dense FFN: timed, but not a baseline of the same function
 COMPILED = "fastmoe_compiled"  # --compile: torch.compile(layer) with the default backend, in each mode asked for
+RECOMPUTED = "fastmoe_recompute"  # --recompute: the same layer recomputing its activation in the backward
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 HF_MODELS = ("mixtral", "qwen3")  # the configurations that also time the HF MoE block of the model of that name
 HF_IMPLS = ("eager", "grouped_mm")
@@ -123,6 +125,21 @@ def start_peak_window(trained, device: torch.device):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     return torch.cuda.memory_allocated()
+
+
+def add_layer_arguments(parser, default: str) -> None:
+    """The tools' choice of one layer: ``--config`` (a configuration of this benchmark) and ``--index`` (which of
+    its shapes: the E-scan has four)."""
+    parser.add_argument("--config", default=default, choices=sorted(CONFIGS))
+    parser.add_argument("--index", type=int, default=0, help="which shape of the configuration (escan has four)")
+
+
+def chosen_layer(parser, args) -> dict:
+    """The shape that add_layer_arguments' options name; an --index out of range is refused by name."""
+    shapes = CONFIGS[args.config]
+    if not 0 <= args.index < len(shapes):
+        parser.error(f"--index must be in [0, {len(shapes)}) for --config {args.config}, got {args.index}")
+    return shapes[args.index]
 
 
 def profiled_layer(cfg: dict, bias: bool = False, activation: str = "gelu"):
@@ -224,6 +241,16 @@ def run_case(name: str, cfg: dict, act: str, bias: bool, dtype_name: str, args, 
             return compiled(x)
 
         methods[compiled_name(mode)] = run_compiled
+    if args.recompute:
+
+        def run_recomputed():  # the choice is made in the forward, which keeps or drops the activation
+            layer.recompute_activation = True
+            try:
+                return layer(x)
+            finally:
+                layer.recompute_activation = False
+
+        methods[RECOMPUTED] = run_recomputed
     if not args.skip_loop:
         methods["loop"] = lambda: loop_moe(x, *params, k, **options)
     first_width = (2 if act == "swiglu" else 1) * k * h
@@ -309,6 +336,11 @@ def main(argv=None) -> int:
         default="",
         help=f"also time the layer under torch.compile, in these comma-separated modes: {', '.join(COMPILE_MODES)} "
         f"(the flag alone: default); as {COMPILED} (default mode) and {COMPILED}_<mode>",
+    )
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help=f"also time {RECOMPUTED}: the same layer with recompute_activation = True",
     )
     args = parser.parse_args(argv)
 

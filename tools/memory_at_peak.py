@@ -55,18 +55,14 @@ def live_at_peak(trace: list) -> tuple:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="mixtral", choices=sorted(bench_moe_layer.CONFIGS))
-    parser.add_argument("--index", type=int, default=0, help="which shape of the configuration (escan has four)")
+    bench_moe_layer.add_layer_arguments(parser, default="mixtral")
     parser.add_argument("--activation", default="gelu", choices=bench_moe_layer.ACTIVATIONS)
     parser.add_argument("--rows", type=int, default=12, help="blocks listed per method")
     args = parser.parse_args(argv)
-    shapes = bench_moe_layer.CONFIGS[args.config]
-    if not 0 <= args.index < len(shapes):
-        parser.error(f"--index must be in [0, {len(shapes)}) for --config {args.config}, got {args.index}")
+    c = bench_moe_layer.chosen_layer(parser, args)
     if not torch.cuda.is_available():
         print("memory_at_peak: needs a CUDA device", file=sys.stderr)
         return 2
-    c = shapes[args.index]
     layer, x, grad_out = bench_moe_layer.profiled_layer(c, activation=args.activation)
     experts = layer.experts
     params = (layer.gate.gate.weight, layer.gate.gate.bias, experts.htoh4.weight, experts.h4toh.weight)

@@ -115,16 +115,14 @@ def inner(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="train", choices=sorted(bench_moe_layer.CONFIGS))
-    parser.add_argument("--index", type=int, default=0, help="which shape of the configuration (escan has four)")
+    bench_moe_layer.add_layer_arguments(parser, default="train")
     parser.add_argument("--bias", action="store_true", help="experts with biases")
     parser.add_argument("--csv", type=Path, help="also keep ncu's CSV here")
     parser.add_argument("--parse", type=Path, help="print the table of a saved ncu CSV and exit")
     parser.add_argument("--ncu", default=os.environ.get("NCU", "ncu"), help="the ncu executable (default: $NCU or ncu)")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not 0 <= args.index < len(bench_moe_layer.CONFIGS[args.config]):
-        parser.error(f"--index must be in [0, {len(bench_moe_layer.CONFIGS[args.config])}), got {args.index}")
+    bench_moe_layer.chosen_layer(parser, args)
     if args.parse is not None:
         print(table(parse(args.parse.read_text())))
         return 0

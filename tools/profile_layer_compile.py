@@ -1,14 +1,15 @@
 """Where one forward + backward step of an MoE layer spends its GPU time, eager against torch.compile.
 
 For each backend named (``eager`` for none, else a torch.compile backend: ``aot_eager``, ``inductor``), times the
-step of ``FMoETransformerMLP`` (GELU experts, without bias unless ``--bias``, bf16; the shapes of
-bench_moe_layer.py's ``train``, ``paper``, ``mixtral`` or ``fine`` configuration) with CUDA events (median of 20
-after 5 warm-up steps), its peak memory above the parameters, and then profiles 5 steps: kernels launched per step,
-their summed GPU time per step, and the kernels with the most time. Wall time well above the kernels' sum means the
+step of ``FMoETransformerMLP`` (GELU experts unless ``--activation swiglu``, without bias unless ``--bias``, bf16;
+a shape of bench_moe_layer.py's, ``--config`` and ``--index``) with CUDA events (median of 20 after 5 warm-up
+steps), its peak memory above the parameters, and then profiles 5 steps: kernels launched per step, their summed GPU
+time per step, and the kernels with the most time. Wall time well above the kernels' sum means the
 GPU waited on the host.
 
     PYTHONPATH=python python3 tools/profile_layer_compile.py --config train --backends eager,aot_eager,inductor
     PYTHONPATH=python python3 tools/profile_layer_compile.py --config train --backends eager --bias
+    PYTHONPATH=python python3 tools/profile_layer_compile.py --config qwen3 --activation swiglu --backends eager
 """
 
 import argparse
@@ -23,22 +24,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "python"))
 import bench_moe_layer  # noqa: E402
 
-# bench_moe_layer.py's configurations of one layer: train and paper take about 2 ms a step, mixtral and fine more
-CONFIGS = ("train", "paper", "mixtral", "fine")
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="train", choices=CONFIGS)
+    bench_moe_layer.add_layer_arguments(parser, default="train")
     parser.add_argument("--backends", default="eager,inductor", help="comma-separated: eager, aot_eager, inductor")
     parser.add_argument("--rows", type=int, default=22, help="kernels listed per backend")
     parser.add_argument("--bias", action="store_true", help="experts with biases (what a bias costs)")
+    parser.add_argument("--activation", default="gelu", choices=bench_moe_layer.ACTIVATIONS)
     args = parser.parse_args(argv)
+    shape = bench_moe_layer.chosen_layer(parser, args)
     if not torch.cuda.is_available():
         print("profile_layer_compile: needs a CUDA device", file=sys.stderr)
         return 2
-    (c,) = bench_moe_layer.CONFIGS[args.config]
-    layer, x, grad_out = bench_moe_layer.profiled_layer(c, bias=args.bias)
+    layer, x, grad_out = bench_moe_layer.profiled_layer(shape, bias=args.bias, activation=args.activation)
     trained = [x, *layer.parameters()]
     cuda = torch.device("cuda")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
@@ -58,8 +57,9 @@ def main(argv=None) -> int:
         kernels.sort(key=lambda e: -e.self_device_time_total)
         gpu_us = sum(e.self_device_time_total for e in kernels) / 5
         launches = sum(e.count for e in kernels) / 5
+        name = f"{args.config}[{args.index}] {args.activation}{' bias' if args.bias else ''}"
         print(
-            f"=== {args.config}{' bias' if args.bias else ''} {backend}: {ms:.3f} ms  peak {peak:.2f} GiB  "
+            f"=== {name} {backend}: {ms:.3f} ms  peak {peak:.2f} GiB  "
             f"kernels/step {launches:.0f}  gpu {gpu_us / 1e3:.3f} ms"
         )
         for e in kernels[: args.rows]:

@@ -90,16 +90,18 @@ def test_bad_values_are_refused_naming_the_flag_and_value(flag, value, capsys):
 
 @pytest.mark.parametrize("composed", [False, True], ids=["one-op", "composed"])
 def test_compiled_and_composed_layers_compute_the_same_layer(composed, tmp_path):
-    """--compile times the layer under torch.compile, --composed runs fastmoe's composed token path: either way every
-    method computes the same function as the baselines and fastmoe's eager layer of that run (fp32 on the CPU)."""
+    """--compile times the layer under torch.compile, --composed runs fastmoe's composed token path, --recompute the
+    layer recomputing its activation: every method computes the same function as the baselines and fastmoe's eager
+    layer of that run (fp32 on the CPU)."""
     out = tmp_path / "moe_layer.jsonl"
     argv = ["--device", "cpu", "--tiny", "--dtypes", "fp32", "--configs", "train", "--skip-loop"]
     argv += ["--iters", "1", "--warmup", "2", "--json", str(out)] + (["--composed"] if composed else ["--compile"])
-    assert bench_moe_layer.main(argv) == 0
+    assert bench_moe_layer.main(argv + ["--recompute"]) == 0
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["composed"] is composed
     methods = record["methods"]
     assert (bench_moe_layer.COMPILED in methods) is not composed, methods.keys()
+    assert bench_moe_layer.RECOMPUTED in methods, methods.keys()
     for method, m in methods.items():
         if method != "dense_ffn":
             assert m["ms"] > 0 and m["rel_err_vs_fastmoe"] < 1e-5, (method, m)
