@@ -117,13 +117,14 @@ std::tuple<torch::Tensor, torch::Tensor> NaiveGateImpl::forward(const torch::Ten
 
 ops::MoEFFN NaiveGateImpl::forward_with_experts(const torch::Tensor& x, const torch::Tensor& w1,
                                                 const torch::Tensor& b1, const torch::Tensor& w2,
-                                                const torch::Tensor& b2, const std::string& activation) {
+                                                const torch::Tensor& b2, const std::string& activation,
+                                                bool recompute_activation) {
   const auto optional = [](const torch::Tensor& t) {
     return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
   };
   ops::MoEFFN out =
       ops::moe_ffn(token_matrix(x), gate->weight, optional(gate->bias), w1, optional(b1), w2, optional(b2),
-                   options.top_k(), activation, options.balance_coef(), options.z_loss_coef());
+                   options.top_k(), activation, options.balance_coef(), options.z_loss_coef(), recompute_activation);
   record(ops::GateRouting{{}, {}, out.balance_loss, out.z_loss, torch::empty({0}), {}});
   return out;
 }

@@ -331,8 +331,9 @@ torch::Tensor TransformerMLPImpl::forward(const torch::Tensor& x) {
   if (options.fused() && options.world_size() == 1 && !debug_enabled() && naive != nullptr &&
       typeid(*naive) == typeid(NaiveGateImpl)) {
     const torch::Tensor tokens = token_matrix(x, options.d_model());
-    const ops::MoEFFN out = naive->forward_with_experts(tokens, htoh4->weight, htoh4->bias, h4toh->weight, h4toh->bias,
-                                                        activation_name(options.activation()));
+    const ops::MoEFFN out =
+        naive->forward_with_experts(tokens, htoh4->weight, htoh4->bias, h4toh->weight, h4toh->bias,
+                                    activation_name(options.activation()), options.recompute_activation());
     keep_record(record_, tokens.size(0), tokens.size(0) * naive->top_k(), out.expert_counts, *naive);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = out.y.size(1);

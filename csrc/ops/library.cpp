@@ -53,9 +53,11 @@ TORCH_LIBRARY(fastmoe, m) {
 
   // The single-process MoE FFN layer with NaiveGate as one op (include/fastmoe/ops.h): x [T, d], gate_weight [E, d],
   // w1 [E, h1, d], w2 [E, d_out, h] -> y [T, d_out], the gate's balance_loss and z_loss, expert_counts [E].
+  // recompute_activation: the backward recomputes the activation between the GEMMs instead of keeping it.
   m.def(
       "moe_ffn(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-      "int top_k, str activation=\"gelu\", float balance_coef=0.0, float z_loss_coef=0.0) -> (Tensor y, "
+      "int top_k, str activation=\"gelu\", float balance_coef=0.0, float z_loss_coef=0.0, "
+      "bool recompute_activation=False) -> (Tensor y, "
       "Tensor balance_loss, Tensor z_loss, Tensor expert_counts)");
 
   // Expert parallelism over the ranks of the process group named group_name (torch's group_name).

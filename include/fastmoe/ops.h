@@ -97,10 +97,13 @@ struct MoEFFN {
 // w2 [E, d_out, hidden]; activation "gelu", "relu", "silu" or "swiglu". The same values as composing the ops
 // (naive_gate, make_plan, permute, grouped_linear, unpermute_combine) bit for bit, as one autograd node; follows
 // autocast like the composed layer. Differentiable to any order with respect to x, the weights and the biases.
+// The activation between the GEMMs (T * k * hidden values) is kept for the backward, and freed there once the second
+// GEMM's backward has read it; recompute_activation = true recomputes it there instead (one more elementwise pass;
+// an activation under 32 MiB is kept all the same), so that it is not held between the forward and the backward.
 MoEFFN moe_ffn(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
                const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                const std::optional<at::Tensor>& b2, int64_t top_k, const std::string& activation = "gelu",
-               double balance_coef = 0.0, double z_loss_coef = 0.0);
+               double balance_coef = 0.0, double z_loss_coef = 0.0, bool recompute_activation = false);
 
 // ---- expert parallelism (the ranks of the torch.distributed process group named group_name)
 

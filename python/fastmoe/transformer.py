@@ -124,6 +124,12 @@ class FMoETransformerMLP(FMoE):
     # it to False to run the composed token path always.
     fused_forward = True
 
+    # What the one op keeps between the forward and the backward: the activation between the experts' GEMMs
+    # (tokens * top_k * d_hidden values), freed in the backward once the second GEMM's has read it. True recomputes
+    # it in the backward instead (one more elementwise pass; one under 32 MiB is kept all the same), for less memory
+    # held across a model's layers. The composed path keeps it, as autograd does.
+    recompute_activation = False
+
     def expert_fn(self, inp, fwd_expert_count, expert_offsets=None):
         return self.experts(inp, fwd_expert_count, expert_offsets)
 
@@ -160,6 +166,7 @@ class FMoETransformerMLP(FMoE):
             activation,
             gate.balance_coef,
             gate.z_loss_coef,
+            bool(self.recompute_activation),
         )
         gate._record((None, None, balance, z_loss, _NO_DROP_COUNT))
         if self.replicated_experts:

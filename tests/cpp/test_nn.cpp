@@ -178,6 +178,30 @@ TEST(TransformerMLP, FusedPathEqualsTheComposedPathBitwise) {
   }
 }
 
+// recompute_activation: the one op recomputes the activation in its backward instead of keeping it (here 32 MiB:
+// 2048 tokens * top-2 * 2048 fp32 values, past the size it keeps all the same), with the same bits.
+TEST(TransformerMLP, RecomputedActivationGivesTheSameBits) {
+  for (const Activation activation : {Activation::kGELU, Activation::kSwiGLU}) {
+    std::vector<std::vector<torch::Tensor>> results;
+    for (const bool recompute : {false, true}) {
+      torch::manual_seed(5);
+      fastmoe::nn::TransformerMLP moe(
+          fastmoe::nn::TransformerMLPOptions(4, 8, 2048).activation(activation).recompute_activation(recompute));
+      const torch::Tensor x = torch::randn({2048, 8}, torch::requires_grad());
+      const torch::Tensor y = moe->forward(x);
+      (y * torch::linspace(-1, 1, y.numel()).reshape(y.sizes())).sum().backward();
+      std::vector<torch::Tensor> tensors = {y.detach(), x.grad()};
+      for (const auto& p : moe->parameters()) tensors.push_back(p.grad());
+      results.push_back(tensors);
+    }
+    for (size_t i = 0; i < results[0].size(); ++i) {
+      ASSERT_TRUE(results[0][i].defined() && results[1][i].defined()) << "tensor " << i;
+      EXPECT_TRUE(torch::equal(results[0][i], results[1][i]))
+          << "tensor " << i << " differs, activation " << static_cast<int>(activation);
+    }
+  }
+}
+
 // The gate's logits are checked first (as in Python), so a NaN input stops there, naming the gate.
 TEST(TransformerMLP, DebugModeStopsANonFiniteInputAtTheGatesLogits) {
   fastmoe::nn::TransformerMLP moe(fastmoe::nn::TransformerMLPOptions(4, 8, 16));

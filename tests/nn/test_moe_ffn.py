@@ -198,8 +198,8 @@ def test_frozen_parameters(activation, bias, frozen, moe_ffn_calls):
     assert_frozen_runs_agree(layer, make_input(NUM_TOKENS, D_MODEL), frozen, moe_ffn_calls)
 
 
-# The one op keeps an activation under 32 MiB for its backward and recomputes a larger one
-# (csrc/ops/autograd/moe_ffn.cpp).
+# With recompute_activation the one op still keeps an activation under 32 MiB for its backward, and recomputes a
+# larger one (csrc/ops/autograd/moe_ffn.cpp).
 KEEP_ACTIVATION_BYTES = 32 << 20
 
 
@@ -207,12 +207,14 @@ KEEP_ACTIVATION_BYTES = 32 << 20
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_recomputed_activation_gives_the_same_bits(activation, bias, frozen, moe_ffn_calls):
-    """A layer whose activation is past the size the op keeps: the backward recomputes it (or, with the second
-    GEMM frozen, does without it), and every gradient still equals the composed path's bit for bit."""
+    """A layer asked to recompute its activation, past the size the op keeps all the same: the backward recomputes
+    it (or, with the second GEMM frozen, does without it), and every gradient still equals the composed path's bit
+    for bit."""
     tokens, hidden = 2048, 1040
     activation_bytes = tokens * TOP_K * hidden * torch.finfo(torch.float64).bits // 8
     assert activation_bytes >= KEEP_ACTIVATION_BYTES, "the layer must be large enough to take the recompute path"
     wide = make_layer(activation, bias, 0.01, 1e-3, d_hidden=hidden)
+    wide.recompute_activation = True
     assert_frozen_runs_agree(wide, make_input(tokens, D_MODEL), frozen, moe_ffn_calls)
 
 
@@ -694,14 +696,17 @@ class _Lifetimes(TorchDispatchMode):
         return matches[occurrence - 1]
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_backward_frees_each_large_tensor_after_its_last_read(activation):
+def test_backward_frees_each_large_tensor_after_its_last_read(activation, recompute):
     """The op's backward holds no tensor of [tokens * top_k, ...] past its last read, as autograd's composed graph
     would not: the second GEMM's output (read by the weighted combine's backward) and the gathered output gradient are
-    gone when the activation's backward runs, and so is the recomputed activation (read by the second GEMM's backward);
-    the first GEMM's output is gone when the first GEMM's backward runs. (With biases the combine is weighted.)"""
-    # an activation of 32 MiB (2048 tokens * top_k 2 * 2048 fp32 values), which the op recomputes instead of keeping
+    gone when the activation's backward runs, and so is the activation (read by the second GEMM's backward), kept by
+    the forward or recomputed (recompute_activation); the first GEMM's output is gone when the first GEMM's backward
+    runs. (With biases the combine is weighted.)"""
+    # an activation of 32 MiB (2048 tokens * top_k 2 * 2048 fp32 values), which the op recomputes on request
     layer = make_layer(activation, bias=True, dtype=torch.float32, d_hidden=2048)
+    layer.recompute_activation = recompute
     x = make_input(2048, D_MODEL, dtype=torch.float32).requires_grad_(True)
     activation_op = "aten.gelu" if activation == "gelu" else "fastmoe.swiglu"
     activation_backward = "aten.gelu_backward" if activation == "gelu" else "fastmoe.swiglu_backward"
@@ -711,7 +716,10 @@ def test_backward_frees_each_large_tensor_after_its_last_read(activation):
         lifetimes.phase = "backward"
         y.square().sum().backward()
     h, ys = "forward:fastmoe.grouped_linear#1", "forward:fastmoe.grouped_linear#2"
-    a, grad_ys = f"backward:{activation_op}#1", "backward:fastmoe.unpermute_combine_backward#1"
+    a = f"{'backward' if recompute else 'forward'}:{activation_op}#1"
+    grad_ys = "backward:fastmoe.unpermute_combine_backward#1"
+    recomputes = sum(1 for phase, name, _ in lifetimes.calls if (phase, name) == ("backward", activation_op))
+    assert recomputes == (1 if recompute else 0), f"the activation ran {recomputes} times in the backward"
     assert {h, ys} <= lifetimes.alive_at("backward", "fastmoe.unpermute_combine_backward"), "the saved tensors"
     assert {a, grad_ys} <= lifetimes.alive_at("backward", "fastmoe.grouped_linear_backward", 1)
     assert not {ys, grad_ys, a} & lifetimes.alive_at("backward", activation_backward), (

@@ -57,6 +57,7 @@ struct Options {
   int64_t top_k = 1;
   Act act = Act::kGELU;
   double balance_coef = 0, z_loss_coef = 0;
+  bool recompute_activation = false;   // recompute a large activation in the backward instead of keeping it
   std::optional<at::ScalarType> cast;  // the autocast dtype the floating inputs (but fp64) are cast to
 };
 
@@ -122,16 +123,17 @@ struct Forward {
   // Each row's routing score, where the activation applies it (scores_in_activation); undefined otherwise.
   at::Tensor row_score;
 
-  // Those the backward reads, in the order they are saved after the inputs. The activation a only when it is small
-  // (keep_activation): otherwise it is undefined and the backward recomputes it from h (one elementwise kernel, the
-  // same bits), so the op keeps T * k * hidden fewer values. ys only by its sizes where the combine has no weights.
+  // Those the backward reads, in the order they are saved after the inputs. The activation a unless the call asks
+  // to recompute it (keep_activation): then it is undefined and the backward recomputes it from h (one elementwise
+  // kernel, the same bits), so the op keeps T * k * hidden fewer values. ys only by its sizes where the combine has
+  // no weights.
   std::array<at::Tensor*, 18> saved() {
     return {&xc,   &wg, &logits, &topk_idx, &topk_score, &counts,  &offsets, &sorted_pair, &pair_pos,
             &rows, &w1, &h,      &w2,       &ys,         &balance, &z_loss,  &a,           &row_score};
   }
 
   // Those the op may keep apart from its saved tensors (keep_apart), by their keys in ctx->saved_data.
-  std::array<std::pair<const char*, at::Tensor*>, 2> apart() { return {{{"h", &h}, {"ys", &ys}}}; }
+  std::array<std::pair<const char*, at::Tensor*>, 3> apart() { return {{{"h", &h}, {"a", &a}, {"ys", &ys}}}; }
 };
 
 // Whether the routing scores scale the activation's rows (swiglu with a scale) instead of weighting the combine: for
@@ -142,24 +144,29 @@ bool scores_in_activation(Act act, const at::Tensor& b2) {
   return act == Act::kSwiGLU && !b2.defined();
 }
 
-// Below this size the activation is kept for the backward: such a layer's step waits on the host, and recomputing
-// costs a launch and an allocation there; above it the memory matters more (every benchmark shape is above).
+// Below this size the activation is kept for the backward even where the call asks to recompute it: such a layer's
+// step waits on the host, and recomputing costs a launch and an allocation there.
 constexpr int64_t kKeepActivationBytes = int64_t{32} << 20;
 
 // The first GEMM's output h is the largest tensor the backward reads, and only up to the activation's backward; the
 // first GEMM's backward, where the backward's memory peaks (grad_h and grad_w1 are made there), no longer needs it.
 // Saved tensors live until the node's backward returns, so h is kept apart (ctx->saved_data["h"]) and dropped as
-// soon as it is read, unless the graph is kept for another backward; so is the second GEMM's output ys where the
-// combine's backward reads it (for the scores' gradient), at the backward's start. Saved-tensor hooks (offloading,
+// soon as it is read, unless the graph is kept for another backward; so are the activation a, read by the second
+// GEMM's backward alone, and the second GEMM's output ys where the combine's backward reads it (for the scores'
+// gradient), at the backward's start. A kept activation so costs the backward's peak nothing: it is gone before the
+// activation's backward makes grad_h, as a recomputed one would be. Saved-tensor hooks (offloading,
 // checkpointing) see only the saved tensors, and a traced call has symbolic sizes: both keep them among those.
 bool keep_apart(const at::Tensor& t) {
   return !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
          !at::SavedTensorDefaultHooks::get_hooks().has_value();
 }
 
-bool keep_activation(const at::Tensor& a) {
-  // A traced call (symbolic sizes under torch.compile) takes the large layer's way: the saved set does not depend
-  // on sizes the trace leaves open.
+// Whether the forward keeps the activation a for the backward: always, unless the call asks to recompute it
+// (recompute_activation), which one of under kKeepActivationBytes still skips. A traced call (symbolic sizes under
+// torch.compile) that asks to recompute does, whatever the sizes: the saved set does not depend on sizes the trace
+// leaves open.
+bool keep_activation(const at::Tensor& a, const Options& o) {
+  if (!o.recompute_activation) return true;
   if (a.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
   return a.numel() * static_cast<int64_t>(a.element_size()) < kKeepActivationBytes;
 }
@@ -331,7 +338,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     for (const at::Tensor& term : {f.balance, f.z_loss}) {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
-    if (!keep_activation(f.a)) f.a = at::Tensor();
+    if (!keep_activation(f.a, o)) f.a = at::Tensor();
     // Without a gate loss term to read them back, and with a score gradient that reads their sizes alone, the
     // [tokens, num_experts] logits are not kept for the backward.
     if (f.balance.dim() != 0 && f.z_loss.dim() != 0 && !ops_detail::score_grad_reads_logits(kScoreFn)) {
@@ -369,9 +376,10 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     Forward f;
     size_t i = 7;
     for (at::Tensor* t : f.saved()) *t = saved[i++];
-    // h and ys kept apart (keep_apart): taken out for this backward, unless the graph stays for another one.
+    // h, a and ys kept apart (keep_apart): taken out for this backward, unless the graph stays for another one.
     const bool drop_apart = !torch::autograd::get_current_graph_task_keep_graph();
     const bool drop_h = !f.h.defined() && drop_apart;
+    const bool drop_a = !f.a.defined() && drop_apart;
     const bool drop_ys = !f.ys.defined() && drop_apart;
     for (auto [name, t] : f.apart()) {
       if (t->defined() || ctx->saved_data.count(name) == 0) continue;
@@ -393,7 +401,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
                                             scored ? std::nullopt : opt(f.topk_score), need_logits && !scored);
         if (!scored) grad_score = score_grad;
         if (drop_ys) f.ys = at::Tensor();  // read for the last time
-        // The second GEMM's input a (kept when small, else recomputed) is read only for its weight gradient;
+        // The second GEMM's input a (kept, or recomputed on request) is read only for its weight gradient;
         // otherwise any tensor of a's shape does (h itself, except for SwiGLU, whose h is twice as wide). Below
         // autograd: this is a first-order backward.
         at::Tensor a;
@@ -414,6 +422,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
         // Both read for the last time: freed before the activation's backward makes grad_h (T * k * hidden values
         // of a, T * k * d_out of grad_ys), as autograd frees a node's tensors once its backward has run.
         a = at::Tensor();
+        if (drop_a) f.a = at::Tensor();
         grad_ys = at::Tensor();
         if (scored && need_grad_a) {
           auto [grad_h_scaled, grad_row_score] = ops::swiglu_scaled_backward(grad_a, f.h, f.row_score);
@@ -517,7 +526,7 @@ struct Call {
 Call prepare(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
              const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
              const std::optional<at::Tensor>& b2, int64_t top_k, c10::string_view activation, double balance_coef,
-             double z_loss_coef) {
+             double z_loss_coef, bool recompute_activation) {
   Call call{
       {x, gate_weight, gate_bias.value_or(at::Tensor()), w1, b1.value_or(at::Tensor()), w2, b2.value_or(at::Tensor())},
       {}};
@@ -526,6 +535,7 @@ Call prepare(const at::Tensor& x, const at::Tensor& gate_weight, const std::opti
   o.act = parse_activation(activation);
   o.balance_coef = balance_coef;
   o.z_loss_coef = z_loss_coef;
+  o.recompute_activation = recompute_activation;
   const c10::DeviceType type = x.device().type();
   if ((type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA) && at::autocast::is_autocast_enabled(type)) {
     o.cast = at::autocast::get_autocast_dtype(type);
@@ -537,8 +547,9 @@ Call prepare(const at::Tensor& x, const at::Tensor& gate_weight, const std::opti
 Result moe_ffn_autograd(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
                         const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                         const std::optional<at::Tensor>& b2, int64_t top_k, c10::string_view activation,
-                        double balance_coef, double z_loss_coef) {
-  const Call call = prepare(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation, balance_coef, z_loss_coef);
+                        double balance_coef, double z_loss_coef, bool recompute_activation) {
+  const Call call = prepare(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation, balance_coef, z_loss_coef,
+                            recompute_activation);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto out = MoEFFNFunction::apply(x, gate_weight, gate_bias, w1, b1, w2, b2, call.o);
   return {out[0], out[1], out[2], out[3]};
@@ -548,8 +559,9 @@ Result moe_ffn_autograd(const at::Tensor& x, const at::Tensor& gate_weight, cons
 Result moe_ffn_forward(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
                        const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                        const std::optional<at::Tensor>& b2, int64_t top_k, c10::string_view activation,
-                       double balance_coef, double z_loss_coef) {
-  const Call call = prepare(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation, balance_coef, z_loss_coef);
+                       double balance_coef, double z_loss_coef, bool recompute_activation) {
+  const Call call = prepare(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation, balance_coef, z_loss_coef,
+                            recompute_activation);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Forward f = run_forward(call.in, call.o);
   return {f.y, f.balance, f.z_loss, f.counts};
@@ -562,14 +574,15 @@ namespace ops {
 MoEFFN moe_ffn(const at::Tensor& x, const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
                const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                const std::optional<at::Tensor>& b2, int64_t top_k, const std::string& activation, double balance_coef,
-               double z_loss_coef) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmoe::moe_ffn", "")
-                       .typed<Result(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                                     const std::optional<at::Tensor>&, int64_t, c10::string_view, double, double)>();
-  auto [y, balance, z_loss, counts] =
-      op.call(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation, balance_coef, z_loss_coef);
+               double z_loss_coef, bool recompute_activation) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmoe::moe_ffn", "")
+          .typed<Result(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                        const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                        c10::string_view, double, double, bool)>();
+  auto [y, balance, z_loss, counts] = op.call(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, activation,
+                                              balance_coef, z_loss_coef, recompute_activation);
   return {y, balance, z_loss, counts};
 }
 

@@ -115,7 +115,8 @@ class NaiveGateImpl : public GateImpl {
   // This gate and fused experts (w1 [E, h1, d_model], w2 [E, d_out, hidden]) on one process as the one op
   // ops::moe_ffn (TransformerMLP's forward); records the loss terms as forward does.
   ops::MoEFFN forward_with_experts(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& b1,
-                                   const torch::Tensor& w2, const torch::Tensor& b2, const std::string& activation);
+                                   const torch::Tensor& w2, const torch::Tensor& b2, const std::string& activation,
+                                   bool recompute_activation = false);
 
   NaiveGateOptions options;
 };

@@ -128,6 +128,10 @@ struct TransformerMLPOptions {
   // node, the composed path's values bit for bit (fastmoe.FMoETransformerMLP's fused_forward). false: always the
   // composed path.
   TORCH_ARG(bool, fused) = true;
+  // The one op keeps the activation between the experts' GEMMs for the backward; true recomputes it there instead
+  // (fastmoe.FMoETransformerMLP's recompute_activation: less memory held between forward and backward, one more
+  // elementwise pass).
+  TORCH_ARG(bool, recompute_activation) = false;
   // Expert parallelism: with world_size > 1 this layer holds num_experts of the num_experts * world_size experts;
   // global expert g lives on rank g / num_experts of the process group registered as group_name (see
   // fastmoe/distributed.h), whose size must be world_size. The gate routes over all of them. Construction checks
