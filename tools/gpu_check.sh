@@ -8,7 +8,7 @@
 #             suite (cuda parameters run), then the grouped_linear and layer tests again on the tiled backend
 #   sanitize  compute-sanitizer memcheck, then racecheck, on the CUDA kernel tests and on the CUDA op tests
 #   pip       pip install --no-build-isolation --no-deps . and an import from outside the tree
-#   bench     benchmarks/bench_moe_layer.py (all configurations)
+#   bench     benchmarks/bench_moe_layer.py (all configurations; the layer with its activation kept and recomputed)
 #   configs   benchmarks/cutlass_configs: every candidate CUTLASS configuration on every layer shape (needs a build
 #             with CMAKE_EXTRA_ARGS=-DFASTMOE_BUILD_CUTLASS_BENCH=ON; results in $OUT/cutlass_configs.jsonl)
 #   host      tools/host_issue_time.py --profile 20: host time of fastmoe-train's MoE layer against its dense FFN
@@ -92,7 +92,7 @@ m = fastmoe.FMoETransformerMLP(4, 32, 64).cuda().bfloat16(); y = m(x); y.float()
 print('installed fastmoe', fastmoe.__file__, 'with_cuda', fastmoe.with_cuda, 'out', tuple(y.shape))")
 }
 
-bench() { PYTHONPATH=python "$PY" benchmarks/bench_moe_layer.py --json "$OUT/bench.jsonl"; }
+bench() { PYTHONPATH=python "$PY" benchmarks/bench_moe_layer.py --recompute --json "$OUT/bench.jsonl"; }
 
 host() { PYTHONPATH=python "$PY" tools/host_issue_time.py --device cuda --precision bf16 --profile 20; }
 
