@@ -727,3 +727,21 @@ def test_backward_frees_each_large_tensor_after_its_last_read(activation, recomp
     )
     assert h not in lifetimes.alive_at("backward", "fastmoe.grouped_linear_backward", 2), "h held into the first GEMM's"
     assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
+def test_activation_is_not_kept_for_a_frozen_second_gemm():
+    """The activation is read back only for the second GEMM's weight gradient: with that weight frozen the op does
+    not keep it for the backward (it is gone when the backward starts), and the gradients asked for still come."""
+    layer = make_layer("gelu", bias=True, dtype=torch.float32)
+    layer.experts.h4toh.weight.requires_grad_(False)
+    x = make_input(NUM_TOKENS, D_MODEL, dtype=torch.float32).requires_grad_(True)
+    lifetimes = _Lifetimes()
+    with lifetimes:
+        y = layer(x)
+        lifetimes.phase = "backward"
+        y.square().sum().backward()
+    at_start = lifetimes.alive_at("backward", "fastmoe.unpermute_combine_backward")
+    assert "forward:fastmoe.grouped_linear#1" in at_start, "h, which the activation's backward reads, is kept"
+    assert "forward:aten.gelu#1" not in at_start, "the activation was kept for a frozen second GEMM"
+    assert layer.experts.h4toh.weight.grad is None
+    assert x.grad is not None and layer.experts.htoh4.weight.grad is not None

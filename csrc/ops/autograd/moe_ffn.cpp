@@ -338,7 +338,8 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     for (const at::Tensor& term : {f.balance, f.z_loss}) {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
-    if (!keep_activation(f.a, o)) f.a = at::Tensor();
+    // The activation is read back only for the second GEMM's weight gradient: with w2 frozen it is not kept.
+    if (!w2.requires_grad() || !keep_activation(f.a, o)) f.a = at::Tensor();
     // Without a gate loss term to read them back, and with a score gradient that reads their sizes alone, the
     // [tokens, num_experts] logits are not kept for the backward.
     if (f.balance.dim() != 0 && f.z_loss.dim() != 0 && !ops_detail::score_grad_reads_logits(kScoreFn)) {
