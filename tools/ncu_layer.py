@@ -99,9 +99,9 @@ def table(kernels: list, width: int = 70) -> str:
     return "\n".join(lines)
 
 
-def inner(args) -> int:
+def inner(shape: dict, bias: bool) -> int:
     """The profiled process: warm-up steps, then one step between profiler start and stop."""
-    layer, x, grad_out = bench_moe_layer.profiled_layer(bench_moe_layer.CONFIGS[args.config][args.index], args.bias)
+    layer, x, grad_out = bench_moe_layer.profiled_layer(shape, bias)
     step = bench_moe_layer.training_step(lambda: layer(x), [x, *layer.parameters()], grad_out)
     for _ in range(3):
         step()
@@ -122,12 +122,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ncu", default=os.environ.get("NCU", "ncu"), help="the ncu executable (default: $NCU or ncu)")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    bench_moe_layer.chosen_layer(parser, args)
+    shape = bench_moe_layer.chosen_layer(parser, args)
     if args.parse is not None:
         print(table(parse(args.parse.read_text())))
         return 0
     if args.inner:
-        return inner(args)
+        return inner(shape, args.bias)
     command = [args.ncu, "--profile-from-start", "off", "--section", "SpeedOfLight", "--csv", "--page", "details"]
     command += [sys.executable, str(Path(__file__).resolve()), "--inner", "--config", args.config]
     command += ["--index", str(args.index)] + (["--bias"] if args.bias else [])

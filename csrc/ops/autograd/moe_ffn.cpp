@@ -123,8 +123,8 @@ struct Forward {
   // Each row's routing score, where the activation applies it (scores_in_activation); undefined otherwise.
   at::Tensor row_score;
 
-  // Those the backward reads, in the order they are saved after the inputs. The activation a unless the call asks
-  // to recompute it (keep_activation): then it is undefined and the backward recomputes it from h (one elementwise
+  // Those the backward reads, in the order they are saved after the inputs. The activation a where keep_activation
+  // says so: otherwise it is undefined and the backward recomputes it from h where it needs it (one elementwise
   // kernel, the same bits), so the op keeps T * k * hidden fewer values. ys only by its sizes where the combine has
   // no weights.
   std::array<at::Tensor*, 18> saved() {
@@ -161,11 +161,12 @@ bool keep_apart(const at::Tensor& t) {
          !at::SavedTensorDefaultHooks::get_hooks().has_value();
 }
 
-// Whether the forward keeps the activation a for the backward: always, unless the call asks to recompute it
-// (recompute_activation), which one of under kKeepActivationBytes still skips. A traced call (symbolic sizes under
-// torch.compile) that asks to recompute does, whatever the sizes: the saved set does not depend on sizes the trace
-// leaves open.
-bool keep_activation(const at::Tensor& a, const Options& o) {
+// Whether the forward keeps the activation a for the backward. Only the second GEMM's weight gradient reads it
+// back, so never with w2 frozen; otherwise always, unless the call asks to recompute it (recompute_activation),
+// which one of under kKeepActivationBytes still skips. A traced call (symbolic sizes under torch.compile) that asks
+// to recompute does, whatever the sizes: the saved set does not depend on sizes the trace leaves open.
+bool keep_activation(const at::Tensor& a, const at::Tensor& w2, const Options& o) {
+  if (!w2.requires_grad()) return false;
   if (!o.recompute_activation) return true;
   if (a.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
   return a.numel() * static_cast<int64_t>(a.element_size()) < kKeepActivationBytes;
@@ -338,8 +339,7 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     for (const at::Tensor& term : {f.balance, f.z_loss}) {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
-    // The activation is read back only for the second GEMM's weight gradient: with w2 frozen it is not kept.
-    if (!w2.requires_grad() || !keep_activation(f.a, o)) f.a = at::Tensor();
+    if (!keep_activation(f.a, w2, o)) f.a = at::Tensor();
     // Without a gate loss term to read them back, and with a score gradient that reads their sizes alone, the
     // [tokens, num_experts] logits are not kept for the backward.
     if (f.balance.dim() != 0 && f.z_loss.dim() != 0 && !ops_detail::score_grad_reads_logits(kScoreFn)) {
