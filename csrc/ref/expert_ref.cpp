@@ -64,7 +64,6 @@ void grouped_linear_backward_impl(const T* grad_y, const T* x, int64_t num_rows,
     std::fill(gb.begin(), gb.end(), A(0));
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t o = 0; o < out_features; ++o) gy[o] = to_acc(grad_y[r * out_features + o]);
-      for (int64_t i = 0; i < in_features; ++i) xr[i] = to_acc(x[r * in_features + i]);
       if (grad_x != nullptr) {
         std::fill(row.begin(), row.end(), A(0));
         for (int64_t o = 0; o < out_features; ++o) {
@@ -73,7 +72,8 @@ void grouped_linear_backward_impl(const T* grad_y, const T* x, int64_t num_rows,
         }
         for (int64_t i = 0; i < in_features; ++i) grad_x[r * in_features + i] = from_acc<T>(row[i]);
       }
-      if (grad_weight != nullptr) {
+      if (grad_weight != nullptr) {  // x is read only here: a caller asking for grad_x alone may pass any x
+        for (int64_t i = 0; i < in_features; ++i) xr[i] = to_acc(x[r * in_features + i]);
         for (int64_t o = 0; o < out_features; ++o) {
           A* gwo = gw.data() + o * in_features;
           for (int64_t i = 0; i < in_features; ++i) gwo[i] += gy[o] * xr[i];

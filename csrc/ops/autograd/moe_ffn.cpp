@@ -403,14 +403,16 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
         if (!scored) grad_score = score_grad;
         if (drop_ys) f.ys = at::Tensor();  // read for the last time
         // The second GEMM's input a (kept, or recomputed on request) is read only for its weight gradient;
-        // otherwise any tensor of a's shape does (h itself, except for SwiGLU, whose h is twice as wide). Below
-        // autograd: this is a first-order backward.
+        // otherwise only its shape is (h itself has it, except SwiGLU's, twice as wide: an uninitialised tensor of
+        // the shape then, which no kernel writes or reads). Below autograd: this is a first-order backward.
         at::Tensor a;
         if (f.a.defined()) {
           a = f.a;
-        } else if (need[5] || o.act == Act::kSwiGLU) {
+        } else if (need[5]) {
           at::AutoDispatchBelowADInplaceOrView below;
           a = scored ? ops::swiglu(f.h, f.row_score) : activation(f.h, o.act);
+        } else if (o.act == Act::kSwiGLU) {
+          a = at::empty_symint({f.h.sym_size(0), f.h.sym_size(1) / 2}, f.h.options());
         } else {
           a = f.h;
         }
