@@ -159,15 +159,20 @@ __device__ __forceinline__ void store_chunk(T* dst, const T (&in)[kN]) {
   }
 }
 
-// True when rows of `d` elements of T starting at every listed pointer can all be moved as 16-byte vectors:
-// each base is 16-byte aligned and the row pitch is a multiple of 16 bytes. nullptr counts as aligned.
+// True when rows of `d` elements of T starting at p can be moved as 16-byte vectors: p is 16-byte aligned (nullptr
+// counts as aligned) and the row pitch is a multiple of 16 bytes. On the device too (a kernel that decides there).
+template <typename T>
+__host__ __device__ __forceinline__ bool row_is_vec16(int64_t d, const void* p) {
+  return (d * static_cast<int64_t>(sizeof(T))) % 16 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// row_is_vec16 for every listed pointer.
 template <typename T>
 inline bool rows_are_vec16(int64_t d, std::initializer_list<const void*> pointers) {
-  if ((d * static_cast<int64_t>(sizeof(T))) % 16 != 0) return false;
   for (const void* p : pointers) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+    if (!row_is_vec16<T>(d, p)) return false;
   }
-  return true;
+  return (d * static_cast<int64_t>(sizeof(T))) % 16 == 0;
 }
 
 // Calls launch(std::integral_constant<int, kN>{}) with the widest chunk of T that rows of `width` elements at every

@@ -91,8 +91,8 @@ __device__ __forceinline__ void bias_grad_columns(const Rows& rows_of, int64_t r
 }
 
 // Every thread of the block (kBiasThreads of them, `thread` its index) must call this: it synchronises. `vectors`:
-// the rows move as 16-byte chunks (bias_grad_vectors); the sums' order depends on it. Group num_experts (the tail
-// past expert_offsets[E]) makes its rows and writes no bias gradient.
+// the rows move as 16-byte chunks (row_is_vec16, which the CUTLASS setup kernel evaluates on the device); the sums'
+// order depends on it. Group num_experts (the tail past expert_offsets[E]) makes its rows and writes no bias gradient.
 template <typename T, typename Rows>
 __device__ __forceinline__ void bias_grad_block_of(const Rows& rows_of, bool vectors, int64_t num_rows,
                                                    const int64_t* __restrict__ offsets, int64_t num_experts,
@@ -118,20 +118,13 @@ __device__ __forceinline__ void bias_grad_block_of(const Rows& rows_of, bool vec
   }
 }
 
-// Whether rows of out_features elements at p move as 16-byte chunks: rows_are_vec16 for one pointer, on the device
-// too (the CUTLASS setup kernel decides there).
-template <typename T>
-__host__ __device__ __forceinline__ bool bias_grad_vectors(int64_t out_features, const void* p) {
-  return out_features % kVec16<T> == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 // The bias gradient of grad_y as it is in memory.
 template <typename T>
 __device__ __forceinline__ void bias_grad_block(const T* __restrict__ grad_y, int64_t num_rows,
                                                 const int64_t* __restrict__ offsets, int64_t num_experts,
                                                 int64_t out_features, T* __restrict__ grad_bias, int64_t block,
                                                 int thread) {
-  bias_grad_block_of(ReadRows<T>{grad_y, out_features}, bias_grad_vectors<T>(out_features, grad_y), num_rows, offsets,
+  bias_grad_block_of(ReadRows<T>{grad_y, out_features}, row_is_vec16<T>(out_features, grad_y), num_rows, offsets,
                      num_experts, out_features, grad_bias, block, thread);
 }
 
