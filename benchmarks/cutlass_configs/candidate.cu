@@ -13,7 +13,7 @@ namespace {
 
 template <int kIndex>
 struct Config;
-// GemmConfig<tile M, tile N, tile K, cluster M, cluster N, pingpong>
+// GemmConfig<tile M, tile N, tile K, cluster M, cluster N, pingpong[, epilogue subtile's columns]>
 #define FASTMOE_CONFIG(INDEX, NAME, ...)                   \
   template <>                                              \
   struct Config<INDEX> {                                   \
@@ -31,6 +31,10 @@ FASTMOE_CONFIG(7, "pingpong 128x128x64 cluster 2x1", 128, 128, 64, 2, 1, true)
 FASTMOE_CONFIG(8, "pingpong 128x128x64 cluster 1x2", 128, 128, 64, 1, 2, true)
 FASTMOE_CONFIG(9, "pingpong 64x256x64 cluster 2x1", 64, 256, 64, 2, 1, true)
 FASTMOE_CONFIG(10, "pingpong 128x128x128 cluster 2x1", 128, 128, 128, 2, 1, true)
+FASTMOE_CONFIG(11, "coop 128x256x64 cluster 2x1 epilogue 128x64", 128, 256, 64, 2, 1, false, 64)
+FASTMOE_CONFIG(12, "coop 128x256x64 cluster 2x1 epilogue 128x128", 128, 256, 64, 2, 1, false, 128)
+FASTMOE_CONFIG(13, "coop 128x256x64 cluster 1x2 epilogue 128x64", 128, 256, 64, 1, 2, false, 64)
+FASTMOE_CONFIG(14, "pingpong 64x256x64 cluster 2x1 epilogue 64x64", 64, 256, 64, 2, 1, true, 64)
 #undef FASTMOE_CONFIG
 
 using C = typename Config<FASTMOE_CANDIDATE>::Type;

@@ -73,9 +73,12 @@ static_assert(sizeof(SecondContiguous) == sizeof(int64_t) && sizeof(FirstContigu
 
 inline constexpr int kAlignmentBytes = 16;  // TMA: base addresses and row pitches
 
-// One kernel configuration: CTA tile (M, N, K), cluster shape, and schedule (cooperative: two consumer warp groups
-// share each tile; pingpong: each consumer warp group owns a tile, and one's epilogue overlaps the other's MMAs).
-template <int kTileM, int kTileN, int kTileK, int kClusterM, int kClusterN, bool kPingpong>
+// One kernel configuration: CTA tile (M, N, K), cluster shape, schedule (cooperative: two consumer warp groups
+// share each tile; pingpong: each consumer warp group owns a tile, and one's epilogue overlaps the other's MMAs), and
+// the columns of the epilogue's subtile: the tile's output goes to shared memory and out by TMA in subtiles of 128
+// (cooperative) or 64 (pingpong) rows by kEpilogueN columns, two in flight; 0 leaves it to CUTLASS (32 columns for
+// 16-bit outputs). Fewer, larger subtiles mean fewer barriers and waits a tile, and more shared memory.
+template <int kTileM, int kTileN, int kTileK, int kClusterM, int kClusterN, bool kPingpong, int kEpilogueN = 0>
 struct GemmConfig {
   using TileShape = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::Int<kTileK>>;
   using ClusterShape = cute::Shape<cute::Int<kClusterM>, cute::Int<kClusterN>, cute::_1>;
@@ -83,6 +86,11 @@ struct GemmConfig {
                                             cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
   using EpilogueSchedule = std::conditional_t<kPingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
                                               cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+  static_assert(kEpilogueN == 0 || (kEpilogueN % 16 == 0 && kTileN % kEpilogueN == 0),
+                "the epilogue's subtile must be a multiple of 16 columns that divides the tile");
+  using EpilogueTile =
+      std::conditional_t<kEpilogueN == 0, cutlass::epilogue::collective::EpilogueTileAuto,
+                         cute::Shape<cute::Int<kPingpong ? 64 : 128>, cute::Int<kEpilogueN == 0 ? 32 : kEpilogueN>>>;
 };
 
 // The configurations of the three GEMMs of a layer (forward, grad_x, grad_weight), and of the weight gradient of
@@ -124,9 +132,9 @@ struct GroupedGemm {
                                       cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignment, Element, LayoutD*,
-      kAlignment, typename Config::EpilogueSchedule, FusionOp>::CollectiveOp;
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, typename Config::EpilogueTile,
+      float, float, void, LayoutD*, kAlignment, Element, LayoutD*, kAlignment, typename Config::EpilogueSchedule,
+      FusionOp>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*, kAlignment,
       float, TileShape, ClusterShape,
