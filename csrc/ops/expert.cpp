@@ -232,10 +232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_kernel(co
   // gradient on the tiled backend) from fastmoe's tiled kernel or the reference.
   check_grouped_linear_backward(grad_y, x, expert_offsets, weight);
   const c10::OptionalDeviceGuard guard(x.device());
-  const at::Tensor gy = grad_y.contiguous(), in = x.contiguous(), offsets = expert_offsets.contiguous(),
-                   w = weight.contiguous();
+  // x's values are read for grad_weight alone: without it x stays as it is (a shape_only tensor is not copied out).
+  const at::Tensor gy = grad_y.contiguous(), in = output_mask[1] ? x.contiguous() : x,
+                   offsets = expert_offsets.contiguous(), w = weight.contiguous();
   const int64_t num_experts = w.size(0), out_features = w.size(1);
-  at::Tensor grad_x = output_mask[0] ? at::empty_like(in) : in.new_empty({0});
+  at::Tensor grad_x = output_mask[0] ? at::empty(in.sizes(), in.options()) : in.new_empty({0});
   at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : w.new_empty({0});
   at::Tensor grad_b = output_mask[2] ? at::empty({num_experts, out_features}, w.options()) : w.new_empty({0});
   if (!in.is_cuda() && !fastmoe::deterministic()) {

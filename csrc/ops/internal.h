@@ -55,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_combine_backward(const at::Tensor& 
                                                               const std::optional<at::Tensor>& topk_score,
                                                               bool need_score_grad);
 
-// Returns (grad_x, grad_weight, grad_bias); an output whose mask entry is false is empty ([0]).
+// Returns (grad_x, grad_weight, grad_bias); an output whose mask entry is false is empty ([0]). x's values are read
+// only for grad_weight: without it any tensor of x's sizes, dtype and device does (shape_only(x) is not copied out).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                                        const at::Tensor& expert_offsets,
                                                                        const at::Tensor& weight,

@@ -41,17 +41,18 @@ def make_layer(
     seed=0,
     gate=None,
     d_hidden=D_HIDDEN,
+    d_model=D_MODEL,
     **kwargs,
 ):
     """A layer whose parameters (biases included, which start at zero) are all drawn afresh from ``seed``."""
     torch.manual_seed(seed)
     if gate is None:
         gate = NaiveGate(
-            D_MODEL, NUM_EXPERT, 1, TOP_K, gate_bias=bias, balance_coef=balance_coef, z_loss_coef=z_loss_coef
+            d_model, NUM_EXPERT, 1, TOP_K, gate_bias=bias, balance_coef=balance_coef, z_loss_coef=z_loss_coef
         )
     layer = FMoETransformerMLP(
         num_expert=NUM_EXPERT,
-        d_model=D_MODEL,
+        d_model=d_model,
         d_hidden=d_hidden,
         top_k=TOP_K,
         activation=activation,
@@ -721,12 +722,63 @@ def test_backward_frees_each_large_tensor_after_its_last_read(activation, recomp
     recomputes = sum(1 for phase, name, _ in lifetimes.calls if (phase, name) == ("backward", activation_op))
     assert recomputes == (1 if recompute else 0), f"the activation ran {recomputes} times in the backward"
     assert {h, ys} <= lifetimes.alive_at("backward", "fastmoe.unpermute_combine_backward"), "the saved tensors"
+    # The second GEMM's backward in two calls (the activation is 32 MiB): its weight gradients read a, then a is
+    # freed before its input gradient is made.
     assert {a, grad_ys} <= lifetimes.alive_at("backward", "fastmoe.grouped_linear_backward", 1)
+    second_input_grad = lifetimes.alive_at("backward", "fastmoe.grouped_linear_backward", 2)
+    assert a not in second_input_grad and h in second_input_grad, "a held into grad_a, or h dropped before its read"
     assert not {ys, grad_ys, a} & lifetimes.alive_at("backward", activation_backward), (
         "held into the activation's backward"
     )
-    assert h not in lifetimes.alive_at("backward", "fastmoe.grouped_linear_backward", 2), "h held into the first GEMM's"
+    assert h not in lifetimes.alive_at("backward", "fastmoe.grouped_linear_backward", 3), "h held into the first GEMM's"
     assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
+# Rows of 2048 tokens * top_k 2 * d_model 2048 in fp64 (64 MiB), past the op's host-bound size of 32 MiB.
+WIDE_MODEL = 2048
+
+
+@pytest.mark.parametrize("frozen", [None, "experts.htoh4"], ids=["all-trained", "first-gemm-frozen"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_large_rows_gemm_backward_gives_the_same_bits(activation, frozen, moe_ffn_calls):
+    """Past 32 MiB of rows the first GEMM's backward makes its weight gradients, frees the rows, then makes their
+    gradient (two calls of grouped_linear_backward); with the first GEMM frozen the rows are not kept at all. Both
+    give the composed path's gradients bit for bit."""
+    rows_bytes = 2048 * TOP_K * WIDE_MODEL * torch.finfo(torch.float64).bits // 8
+    assert rows_bytes >= KEEP_ACTIVATION_BYTES, "the rows must be large enough for the split backward"
+    layer = make_layer(activation, True, 0.01, 1e-3, d_model=WIDE_MODEL)
+    assert_frozen_runs_agree(layer, make_input(2048, WIDE_MODEL), frozen, moe_ffn_calls)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_rows_freed_before_their_gradient(frozen):
+    """The permuted rows are read back only for the first GEMM's weight gradient: past 32 MiB they are freed before
+    the rows' gradient is made (the third grouped_linear_backward call, after the second GEMM's and the first's
+    weight gradients), and with that weight frozen they are not kept for the backward."""
+    layer = make_layer("gelu", bias=True, dtype=torch.float32, d_model=WIDE_MODEL)
+    layer.experts.htoh4.weight.requires_grad_(not frozen)
+    x = make_input(4096, WIDE_MODEL, dtype=torch.float32).requires_grad_(True)  # 64 MiB of fp32 rows
+    lifetimes = _Lifetimes()
+    with lifetimes:
+        y = layer(x)
+        lifetimes.phase = "backward"
+        y.square().sum().backward()
+    rows = "forward:fastmoe.permute#1"
+    calls = [
+        alive
+        for phase, name, alive in lifetimes.calls
+        if (phase, name) == ("backward", "fastmoe.grouped_linear_backward")
+    ]
+    if frozen:
+        assert rows not in lifetimes.alive_at("backward", "fastmoe.unpermute_combine_backward"), "rows kept, w1 frozen"
+        assert len(calls) == 2, "one call a GEMM"
+        assert layer.experts.htoh4.weight.grad is None
+    else:
+        assert rows in lifetimes.alive_at("backward", "fastmoe.unpermute_combine_backward"), "the saved rows"
+        assert len(calls) == 3, "the first GEMM's backward in two calls"
+        assert rows in calls[1] and rows not in calls[2], "rows held into their gradient"
+        assert layer.experts.htoh4.weight.grad is not None
+    assert x.grad is not None and layer.experts.h4toh.weight.grad is not None
 
 
 def test_activation_is_not_kept_for_a_frozen_second_gemm():

@@ -133,7 +133,9 @@ struct Forward {
   }
 
   // Those the op may keep apart from its saved tensors (keep_apart), by their keys in ctx->saved_data.
-  std::array<std::pair<const char*, at::Tensor*>, 3> apart() { return {{{"h", &h}, {"a", &a}, {"ys", &ys}}}; }
+  std::array<std::pair<const char*, at::Tensor*>, 4> apart() {
+    return {{{"rows", &rows}, {"h", &h}, {"a", &a}, {"ys", &ys}}};
+  }
 };
 
 // Whether the routing scores scale the activation's rows (swiglu with a scale) instead of weighting the combine: for
@@ -144,18 +146,25 @@ bool scores_in_activation(Act act, const at::Tensor& b2) {
   return act == Act::kSwiGLU && !b2.defined();
 }
 
-// Below this size the activation is kept for the backward even where the call asks to recompute it: such a layer's
-// step waits on the host, and recomputing costs a launch and an allocation there.
-constexpr int64_t kKeepActivationBytes = int64_t{32} << 20;
+// A layer whose [T * k, ...] tensors are below this size has a step that waits on the host, where each launch and
+// allocation costs time: the op spends none to save such a tensor's memory. The activation is then kept for the
+// backward even where the call asks to recompute it, and a GEMM's backward is not split to free its input early
+// (gemm_backward).
+constexpr int64_t kHostBoundBytes = int64_t{32} << 20;
+
+int64_t bytes_of(const at::Tensor& t) {
+  return t.numel() * static_cast<int64_t>(t.element_size());
+}
 
 // The first GEMM's output h is the largest tensor the backward reads, and only up to the activation's backward; the
 // first GEMM's backward, where the backward's memory peaks (grad_h and grad_w1 are made there), no longer needs it.
 // Saved tensors live until the node's backward returns, so h is kept apart (ctx->saved_data["h"]) and dropped as
-// soon as it is read, unless the graph is kept for another backward; so are the activation a, read by the second
-// GEMM's backward alone, and the second GEMM's output ys where the combine's backward reads it (for the scores'
-// gradient), at the backward's start. A kept activation so costs the backward's peak nothing: it is gone before the
-// activation's backward makes grad_h, as a recomputed one would be. Saved-tensor hooks (offloading,
-// checkpointing) see only the saved tensors, and a traced call has symbolic sizes: both keep them among those.
+// soon as it is read, unless the graph is kept for another backward; so are the activation a and the rows, each
+// read by one GEMM's weight gradient alone (gemm_backward drops them before that GEMM's input gradient is made),
+// and the second GEMM's output ys where the combine's backward reads it (for the scores' gradient), at the
+// backward's start. A kept activation so costs the backward's peak nothing: it is gone before the second GEMM's
+// input gradient is made, as a recomputed one would be. Saved-tensor hooks (offloading, checkpointing) see only the
+// saved tensors, and a traced call has symbolic sizes: both keep them among those.
 bool keep_apart(const at::Tensor& t) {
   return !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
          !at::SavedTensorDefaultHooks::get_hooks().has_value();
@@ -163,13 +172,34 @@ bool keep_apart(const at::Tensor& t) {
 
 // Whether the forward keeps the activation a for the backward. Only the second GEMM's weight gradient reads it
 // back, so never with w2 frozen; otherwise always, unless the call asks to recompute it (recompute_activation),
-// which one of under kKeepActivationBytes still skips. A traced call (symbolic sizes under torch.compile) that asks
+// which one of under kHostBoundBytes still skips. A traced call (symbolic sizes under torch.compile) that asks
 // to recompute does, whatever the sizes: the saved set does not depend on sizes the trace leaves open.
 bool keep_activation(const at::Tensor& a, const at::Tensor& w2, const Options& o) {
   if (!w2.requires_grad()) return false;
   if (!o.recompute_activation) return true;
   if (a.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
-  return a.numel() * static_cast<int64_t>(a.element_size()) < kKeepActivationBytes;
+  return bytes_of(a) < kHostBoundBytes;
+}
+
+// One grouped GEMM's backward (grouped_linear_backward's gradients, for `need`), taking the input x: `frees` says
+// that releasing it frees its memory (no one else holds it). x's only reader is the weight gradient, so then, with x
+// at least kHostBoundBytes, the weight and bias gradients are made first, x is released, and the input gradient is
+// made after, from a shape_only stand-in (grouped_linear_backward reads x only for the weight gradient): the same
+// GEMMs and bits as one call, with one fewer [rows, in_features] tensor held when the input gradient is allocated,
+// where a layer's backward peaks. Otherwise one call, then x released.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward(const at::Tensor& grad_y, at::Tensor&& x, bool frees,
+                                                             const at::Tensor& offsets, const at::Tensor& w,
+                                                             std::array<bool, 3> need) {
+  if (!(frees && need[0] && need[1] && bytes_of(x) >= kHostBoundBytes)) {
+    auto grads = ops::grouped_linear_backward(grad_y, x, offsets, w, need);
+    x = at::Tensor();
+    return grads;
+  }
+  auto [unused, grad_w, grad_b] = ops::grouped_linear_backward(grad_y, x, offsets, w, {false, true, need[2]});
+  const at::Tensor stand_in = ops::shape_only(x);
+  x = at::Tensor();  // read for the last time
+  auto grad_x = std::get<0>(ops::grouped_linear_backward(grad_y, stand_in, offsets, w, {true, false, false}));
+  return {grad_x, grad_w, grad_b};
 }
 
 // Each defined ts[i] in dtypes[i]: what ts[i].to(dtypes[i]) gives, bit for bit and with the same strides, but the
@@ -340,6 +370,8 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
       if (term.dim() != 0) ctx->mark_non_differentiable({term});  // the [0] placeholder of a term not recorded
     }
     if (!keep_activation(f.a, w2, o)) f.a = at::Tensor();
+    // The rows are read back only for the first GEMM's weight gradient (else only their sizes).
+    if (!w1.requires_grad()) f.rows = ops::shape_only(f.rows);
     // Without a gate loss term to read them back, and with a score gradient that reads their sizes alone, the
     // [tokens, num_experts] logits are not kept for the backward.
     if (f.balance.dim() != 0 && f.z_loss.dim() != 0 && !ops_detail::score_grad_reads_logits(kScoreFn)) {
@@ -377,8 +409,9 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
     Forward f;
     size_t i = 7;
     for (at::Tensor* t : f.saved()) *t = saved[i++];
-    // h, a and ys kept apart (keep_apart): taken out for this backward, unless the graph stays for another one.
+    // rows, h, a and ys kept apart (keep_apart): taken out for this backward, unless the graph stays for another one.
     const bool drop_apart = !torch::autograd::get_current_graph_task_keep_graph();
+    const bool drop_rows = !f.rows.defined() && drop_apart;
     const bool drop_h = !f.h.defined() && drop_apart;
     const bool drop_a = !f.a.defined() && drop_apart;
     const bool drop_ys = !f.ys.defined() && drop_apart;
@@ -403,29 +436,28 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
         if (!scored) grad_score = score_grad;
         if (drop_ys) f.ys = at::Tensor();  // read for the last time
         // The second GEMM's input a (kept, or recomputed on request) is read only for its weight gradient;
-        // otherwise only its shape is (h itself has it, except SwiGLU's, twice as wide: an uninitialised tensor of
-        // the shape then, which no kernel writes or reads). Below autograd: this is a first-order backward.
+        // otherwise only its sizes are (a shape_only stand-in). Below autograd: this is a first-order backward.
+        // A kept activation that may be dropped is given up by f.a, so gemm_backward frees it before the input
+        // gradient is made; one kept for another backward stays in f.a.
         at::Tensor a;
+        bool frees_a = true;
         if (f.a.defined()) {
-          a = f.a;
+          a = drop_a ? std::exchange(f.a, at::Tensor()) : f.a;
+          frees_a = drop_a;
         } else if (need[5]) {
           at::AutoDispatchBelowADInplaceOrView below;
           a = scored ? ops::swiglu(f.h, f.row_score) : activation(f.h, o.act);
-        } else if (o.act == Act::kSwiGLU) {
-          a = at::empty_symint({f.h.sym_size(0), f.h.sym_size(1) / 2}, f.h.options());
-        } else {
-          a = f.h;
+        } else {  // h's rows, except SwiGLU's, which are twice as wide
+          a = ops::shape_only(o.act == Act::kSwiGLU ? f.h.narrow_symint(1, 0, f.h.sym_size(1) / 2) : f.h);
         }
         // With the scores in the activation, their gradient also comes through grad_a.
         const bool need_grad_a = need_rows || (scored && need_logits);
         auto [grad_a, grad_w2, grad_b2] =
-            ops::grouped_linear_backward(grad_ys, a, f.offsets, f.w2, {need_grad_a, need[5], need[6]});
+            gemm_backward(grad_ys, std::move(a), frees_a, f.offsets, f.w2, {need_grad_a, need[5], need[6]});
         if (need[5]) raw[5] = grad_w2;
         if (need[6]) raw[6] = grad_b2;
-        // Both read for the last time: freed before the activation's backward makes grad_h (T * k * hidden values
-        // of a, T * k * d_out of grad_ys), as autograd frees a node's tensors once its backward has run.
-        a = at::Tensor();
-        if (drop_a) f.a = at::Tensor();
+        // Read for the last time: freed before the activation's backward makes grad_h (T * k * d_out values), as
+        // autograd frees a node's tensors once its backward has run.
         grad_ys = at::Tensor();
         if (scored && need_grad_a) {
           auto [grad_h_scaled, grad_row_score] = ops::swiglu_scaled_backward(grad_a, f.h, f.row_score);
@@ -441,11 +473,12 @@ class MoEFFNFunction : public torch::autograd::Function<MoEFFNFunction> {
           grad_h = activation_backward(grad_a, f, o.act);
         }
       }
-      if (drop_h) f.h = at::Tensor();  // read for the last time above (a aliased it at most inside the block)
+      if (drop_h) f.h = at::Tensor();  // read for the last time above
       if (need_rows) {
         const bool need_b1 = need[4] && !raw[4].defined();
+        at::Tensor rows = drop_rows ? std::exchange(f.rows, at::Tensor()) : f.rows;  // given up as `a` above
         auto [grad_rows, grad_w1, grad_b1] =
-            ops::grouped_linear_backward(grad_h, f.rows, f.offsets, f.w1, {need[0], need[3], need_b1});
+            gemm_backward(grad_h, std::move(rows), drop_rows, f.offsets, f.w1, {need[0], need[3], need_b1});
         // Read for the last time: freed before the combine makes x's gradient, as autograd frees a gradient once
         // the node that takes it has run (T * k * hidden values, the largest tensor still held otherwise).
         grad_h = at::Tensor();
