@@ -9,9 +9,13 @@ the GPU keeps up (small layers; the default size does). ``--device meta`` runs t
 no kernel runs at all, so it measures the host path alone on any machine.
 
     PYTHONPATH=python .venv/bin/python tools/host_issue_time.py --device cuda [--precision bf16]
-        [--repeats 200] [--profile 20] [--composed] [any fastmoe-train model flag: --experts 32, --batch 64, ...]
+        [--repeats 200] [--profile 20] [--composed] [--compile inductor]
+        [any fastmoe-train model flag: --experts 32, --batch 64, ...]
 
 Prints the median microseconds per forward + backward of each layer and their ratio (MoE / dense). With
+``--compile BACKEND`` both layers are also timed under ``torch.compile`` with that backend (compiled by the warm-up
+calls; the one op's layer with ``fullgraph=True``), in turn with the eager ones: what compiling adds to or takes
+from the host's time a step (dynamo's guards, AOTAutograd's wrappers, the graph's op calls from Python). With
 ``--profile N`` it then runs N more calls of each layer under ``torch.profiler`` and prints, per call, the
 dispatcher ops, the autograd nodes and the kernel launches, and the ops that took the most host time: where the
 MoE layer's extra host time goes; on CUDA also the synchronising calls torch reports in one call, and with
@@ -150,6 +154,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="run the MoE layer's composed token path (fused_forward=False) instead of the one op fastmoe::moe_ffn",
     )
+    tool.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        default=None,
+        choices=["inductor", "aot_eager", "eager"],
+        help="also time both layers under torch.compile with this backend (inductor, aot_eager or eager)",
+    )
     args = parser.parse_args(argv)
     for flag, value, low in (
         ("--repeats", args.repeats, 1),
@@ -163,6 +174,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "meta" and args.precision != "fp32":
         parser.error(f"--device meta runs --precision fp32 only (autocast has no meta backend), got {args.precision}")
+    if device.type == "meta" and args.compile:
+        parser.error(f"--compile {args.compile} needs --device cpu or cuda (a compiled graph runs no meta kernels)")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     rows = args.batch * args.seq_len
@@ -176,19 +189,33 @@ def main(argv=None) -> int:
         if moe and args.composed:
             ffn.fused_forward = False
         layers["moe" if moe else "dense"] = ffn
+    if args.compile:
+        for name in ("moe", "dense"):
+            # the composed token path compiles only with graph breaks (its C++ TokenDispatch object)
+            fullgraph = not (name == "moe" and args.composed)
+            layers[f"{name} compiled"] = torch.compile(layers[name], backend=args.compile, fullgraph=fullgraph)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, args.d_model, generator=gen).to(device)
     grad = torch.randn(rows, args.d_model, generator=gen).to(device)
     results = time_layers(layers, x, grad, device, args.precision, args.repeats, args.warmup_calls)
     profiles = {}
     if args.profile:
-        for name, ffn in layers.items():
-            profiles[name] = profile_layer(ffn, x, grad, device, args.precision, args.profile, name, args.trace)
+        for name in ("moe", "dense"):
+            profiles[name] = profile_layer(
+                layers[name], x, grad, device, args.precision, args.profile, name, args.trace
+            )
     print(f"device {device}, precision {args.precision}, x [{rows}, {args.d_model}], {args.repeats} calls")
     path = "composed" if args.composed else "fused"
     print(f"MoE layer (FMoETransformerMLP, {args.experts} experts, top-{args.top_k}, {path}): {results['moe']:9.1f} us")
     print(f"dense FFN:                                    {results['dense']:9.1f} us")
     print(f"ratio MoE / dense: {results['moe'] / results['dense']:.2f}")
+    if args.compile:
+        print(f"MoE layer under torch.compile ({args.compile}): {results['moe compiled']:9.1f} us")
+        print(f"dense FFN under torch.compile ({args.compile}): {results['dense compiled']:9.1f} us")
+        print(
+            f"compiled / eager: MoE {results['moe compiled'] / results['moe']:.2f}, "
+            f"dense {results['dense compiled'] / results['dense']:.2f}"
+        )
     for key in profiles.get("moe", {}):
         print(f"{key} per call: MoE {profiles['moe'][key]:.1f}, dense {profiles['dense'][key]:.1f}")
     return 0

@@ -77,3 +77,26 @@ def test_trace_needs_profile_and_meta_needs_fp32(capsys):
     with pytest.raises(SystemExit):
         load_tool().main([*on_meta, "--precision", "bf16"])
     assert "--device meta runs --precision fp32 only" in capsys.readouterr().err
+
+
+def test_compile_times_both_layers_compiled(capsys):
+    import torch
+
+    torch._dynamo.reset()
+    assert load_tool().main([*TINY, "--repeats", "2", "--compile", "aot_eager"]) == 0
+    out = capsys.readouterr().out
+    times = {}
+    for line in out.splitlines():
+        if "under torch.compile (aot_eager):" in line:
+            times[line.split(" under ")[0]] = float(line.rsplit(":", 1)[1].split()[0])
+    assert set(times) == {"MoE layer", "dense FFN"}, out
+    assert all(t > 0 for t in times.values()), times
+    ratios = out.split("compiled / eager: ")[1].splitlines()[0]
+    assert ratios.startswith("MoE ") and ", dense " in ratios, ratios
+
+
+def test_compile_is_refused_on_meta(capsys):
+    on_meta = ["--device", "meta", *TINY[2:]]  # TINY without its --device cpu
+    with pytest.raises(SystemExit):
+        load_tool().main([*on_meta, "--compile", "inductor"])
+    assert "--compile inductor needs --device cpu or cuda" in capsys.readouterr().err
