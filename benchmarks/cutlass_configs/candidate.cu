@@ -20,7 +20,7 @@ struct Config;
     static const char* name() { return NAME; }             \
     using Type = cutlass_grouped::GemmConfig<__VA_ARGS__>; \
   };
-FASTMOE_CONFIG(0, "coop 128x256x64 cluster 2x1", 128, 256, 64, 2, 1, false)
+FASTMOE_CONFIG(0, "coop 128x256x64 cluster 2x1 epilogue 128x64", 128, 256, 64, 2, 1, false, 64)
 FASTMOE_CONFIG(1, "coop 128x256x64 cluster 1x2", 128, 256, 64, 1, 2, false)
 FASTMOE_CONFIG(2, "coop 128x256x64 cluster 1x1", 128, 256, 64, 1, 1, false)
 FASTMOE_CONFIG(3, "coop 256x128x64 cluster 2x1", 256, 128, 64, 2, 1, false)
@@ -31,7 +31,7 @@ FASTMOE_CONFIG(7, "pingpong 128x128x64 cluster 2x1", 128, 128, 64, 2, 1, true)
 FASTMOE_CONFIG(8, "pingpong 128x128x64 cluster 1x2", 128, 128, 64, 1, 2, true)
 FASTMOE_CONFIG(9, "pingpong 64x256x64 cluster 2x1", 64, 256, 64, 2, 1, true)
 FASTMOE_CONFIG(10, "pingpong 128x128x128 cluster 2x1", 128, 128, 128, 2, 1, true)
-FASTMOE_CONFIG(11, "coop 128x256x64 cluster 2x1 epilogue 128x64", 128, 256, 64, 2, 1, false, 64)
+FASTMOE_CONFIG(11, "coop 128x256x64 cluster 2x1", 128, 256, 64, 2, 1, false)
 FASTMOE_CONFIG(12, "coop 128x256x64 cluster 2x1 epilogue 128x128", 128, 256, 64, 2, 1, false, 128)
 FASTMOE_CONFIG(13, "coop 128x256x64 cluster 1x2 epilogue 128x64", 128, 256, 64, 1, 2, false, 64)
 FASTMOE_CONFIG(14, "pingpong 64x256x64 cluster 2x1 epilogue 64x64", 64, 256, 64, 2, 1, true, 64)

@@ -7,15 +7,19 @@
 //   - every GEMM: cooperative, 128x256x64 tiles, clusters of 2 CTAs along M that share their B tile. The fastest
 //     or within 2% of it on all but a few shapes, where no other single candidate was better everywhere;
 //   - the weight gradient of a tall weight (out_features >= 3x in_features): the same tiles with the cluster along
-//     N, 1.09x to 1.14x faster on the Mixtral experts' first linear (and no slower on the other tall shapes).
+//     N, 1.09x to 1.14x faster on the Mixtral experts' first linear (and no slower on the other tall shapes);
+//   - both with an epilogue that stores a tile in 128x64 subtiles (CUTLASS's own choice is 128x32): four trips
+//     through shared memory a tile instead of eight, in the same number of mainloop stages. 1.003x to 1.093x on
+//     every GEMM of the paper, E = 32, E = 128 and train layers, most on the weight gradients of about 128 rows an
+//     expert, whose mainloop is two k-steps (run M in docs/benchmarks.md).
 #include "kernels/expert/cutlass_grouped.cuh"
 #include "kernels/expert/cutlass_grouped.h"
 
 namespace fastmoe {
 namespace {
 
-using Cooperative128x256 = cutlass_grouped::GemmConfig<128, 256, 64, 2, 1, false>;
-using Cooperative128x256AlongN = cutlass_grouped::GemmConfig<128, 256, 64, 1, 2, false>;
+using Cooperative128x256 = cutlass_grouped::GemmConfig<128, 256, 64, 2, 1, false, 64>;
+using Cooperative128x256AlongN = cutlass_grouped::GemmConfig<128, 256, 64, 1, 2, false, 64>;
 using ShippedConfigs =
     cutlass_grouped::GemmConfigs<Cooperative128x256, Cooperative128x256, Cooperative128x256, Cooperative128x256AlongN>;
 
