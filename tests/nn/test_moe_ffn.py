@@ -606,10 +606,12 @@ def test_meta_shapes(dtype, activation, balance_coef, z_loss_coef, num_tokens):
     assert fake[0].dtype == dtype and fake[3].dtype == torch.int64
 
 
-def test_compiles_with_dynamic_shapes_under_autocast():
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_compiles_with_dynamic_shapes_under_autocast(recompute):
     """torch.compile with dynamic shapes traces the op on symbolic sizes; under autocast its forward casts the
     fp32 inputs to bf16 (which it carves from one allocation when the sizes are concrete). The compiled call gives
-    the eager call's outputs and gradients bit for bit (aot_eager runs the same kernels)."""
+    the eager call's outputs and gradients bit for bit (aot_eager runs the same kernels), also with the activation
+    recomputed, whose backward then meets a recomputed activation of symbolic size."""
     gen = make_generator(5)
     shapes = [
         (9, D_MODEL),
@@ -623,7 +625,7 @@ def test_compiles_with_dynamic_shapes_under_autocast():
 
     def call(*tensors):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, balance, _, _ = torch.ops.fastmoe.moe_ffn(*tensors, TOP_K, "gelu", 0.01, 0.0)
+            y, balance, _, _ = torch.ops.fastmoe.moe_ffn(*tensors, TOP_K, "gelu", 0.01, 0.0, recompute)
         return y.float().square().sum() + balance
 
     compiled = torch.compile(call, backend="aot_eager", dynamic=True, fullgraph=True)
