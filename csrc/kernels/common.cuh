@@ -166,13 +166,14 @@ __host__ __device__ __forceinline__ bool row_is_vec16(int64_t d, const void* p) 
   return (d * static_cast<int64_t>(sizeof(T))) % 16 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-// row_is_vec16 for every listed pointer.
+// row_is_vec16 for every listed pointer (the pitch tested once, as nullptr's row).
 template <typename T>
 inline bool rows_are_vec16(int64_t d, std::initializer_list<const void*> pointers) {
+  if (!row_is_vec16<T>(d, nullptr)) return false;
   for (const void* p : pointers) {
-    if (!row_is_vec16<T>(d, p)) return false;
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
-  return (d * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  return true;
 }
 
 // Calls launch(std::integral_constant<int, kN>{}) with the widest chunk of T that rows of `width` elements at every
