@@ -199,9 +199,10 @@ def test_frozen_parameters(activation, bias, frozen, moe_ffn_calls):
     assert_frozen_runs_agree(layer, make_input(NUM_TOKENS, D_MODEL), frozen, moe_ffn_calls)
 
 
-# With recompute_activation the one op still keeps an activation under 32 MiB for its backward, and recomputes a
-# larger one (csrc/ops/autograd/moe_ffn.cpp).
-KEEP_ACTIVATION_BYTES = 32 << 20
+# kHostBoundBytes of csrc/ops/autograd/moe_ffn.cpp: with recompute_activation the one op still keeps an activation
+# under 32 MiB for its backward, and recomputes a larger one; it splits a GEMM's backward only for an input of at
+# least that size.
+HOST_BOUND_BYTES = 32 << 20
 
 
 @pytest.mark.parametrize("frozen", [None, "experts.h4toh"], ids=["all-trained", "second-gemm-frozen"])
@@ -213,7 +214,7 @@ def test_recomputed_activation_gives_the_same_bits(activation, bias, frozen, moe
     for bit."""
     tokens, hidden = 2048, 1040
     activation_bytes = tokens * TOP_K * hidden * torch.finfo(torch.float64).bits // 8
-    assert activation_bytes >= KEEP_ACTIVATION_BYTES, "the layer must be large enough to take the recompute path"
+    assert activation_bytes >= HOST_BOUND_BYTES, "the layer must be large enough to take the recompute path"
     wide = make_layer(activation, bias, 0.01, 1e-3, d_hidden=hidden)
     wide.recompute_activation = True
     assert_frozen_runs_agree(wide, make_input(tokens, D_MODEL), frozen, moe_ffn_calls)
@@ -747,7 +748,7 @@ def test_large_rows_gemm_backward_gives_the_same_bits(activation, frozen, moe_ff
     gradient (two calls of grouped_linear_backward); with the first GEMM frozen the rows are not kept at all. Both
     give the composed path's gradients bit for bit."""
     rows_bytes = 2048 * TOP_K * WIDE_MODEL * torch.finfo(torch.float64).bits // 8
-    assert rows_bytes >= KEEP_ACTIVATION_BYTES, "the rows must be large enough for the split backward"
+    assert rows_bytes >= HOST_BOUND_BYTES, "the rows must be large enough for the split backward"
     layer = make_layer(activation, True, 0.01, 1e-3, d_model=WIDE_MODEL)
     assert_frozen_runs_agree(layer, make_input(2048, WIDE_MODEL), frozen, moe_ffn_calls)
 
