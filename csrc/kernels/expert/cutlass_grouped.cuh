@@ -86,6 +86,9 @@ struct GemmConfig {
                                             cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
   using EpilogueSchedule = std::conditional_t<kPingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
                                               cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+  static_assert(kTileM % (kPingpong ? 64 : 128) == 0,
+                "a cooperative tile's rows are a multiple of 128 (its two warp groups' 64 each, and the epilogue "
+                "subtile's 128), a pingpong tile's a multiple of 64");
   static_assert(kEpilogueN == 0 || (kEpilogueN % 16 == 0 && kTileN % kEpilogueN == 0),
                 "the epilogue's subtile must be a multiple of 16 columns that divides the tile");
   using EpilogueTile =
