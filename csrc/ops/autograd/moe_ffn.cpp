@@ -186,8 +186,9 @@ bool keep_activation(const at::Tensor& a, const at::Tensor& w2, const Options& o
 // at least kHostBoundBytes, the weight and bias gradients are made first, x is released, and the input gradient is
 // made after, from a shape_only stand-in (grouped_linear_backward reads x only for the weight gradient): the same
 // GEMMs and bits as one call, with one fewer [rows, in_features] tensor held when the input gradient is allocated,
-// where a layer's backward peaks. Otherwise one call, then x released; always so for a traced backward (symbolic
-// sizes), whose graph frees each tensor after its last use by itself.
+// where a layer's backward peaks. Otherwise one call, then x released; always so when x has symbolic sizes (a trace
+// with dynamic shapes, whose graph frees each tensor after its last use by itself). A trace with static sizes
+// records the two calls, which run as they do in eager mode.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward(const at::Tensor& grad_y, at::Tensor&& x, bool frees,
                                                              const at::Tensor& offsets, const at::Tensor& w,
                                                              std::array<bool, 3> need) {
