@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import fastmoe
 from conftest import (
     CUDA_SKIP_REASON,
     LOW_PRECISION_DTYPES,
@@ -88,8 +89,14 @@ try:
             torch.cuda.set_sync_debug_mode("error")
             y = ops.grouped_linear(leaves[0], offsets, leaves[1], leaves[2])
             y.backward(grad_y)
+            # grad_x alone from a NaN stand-in for x (one value, strides 0, as moe_ffn's split backward passes it):
+            # a kernel that read x for it would give NaN
+            stand_in = torch.full((), float("nan"), dtype=x.dtype, device="cuda").expand(x.shape)
+            grad_x = torch.ops.fastmoe.grouped_linear_backward(
+                grad_y, stand_in, offsets, leaves[1].detach(), [True, False, False]
+            )[0]
             torch.cuda.set_sync_debug_mode("default")
-            outputs.append([y.detach().cpu()] + [t.grad.cpu() for t in leaves])
+            outputs.append([y.detach().cpu()] + [t.grad.cpu() for t in leaves] + [grad_x.cpu()])
         torch.cuda.synchronize()
 except RuntimeError as error:
     if "built without the CUTLASS backend" in str(error):
@@ -113,8 +120,9 @@ FORCED_BACKEND_CASES = [
 @pytest.mark.parametrize("backend", ["tiled", "cutlass"])
 def test_forced_backend_matches_reference(backend, dtype, tmp_path):
     """FASTMOE_GROUPED_GEMM=<backend> on CUDA: the output and every gradient within the policy, tail rows and the
-    gradients of empty experts exactly zero, no host synchronisation; the CUTLASS backend's setup kernel runs when
-    cutlass is forced and only then, and neither runs a separate bias epilogue kernel."""
+    gradients of empty experts exactly zero, no host synchronisation; grad_x alone, made from a stand-in for x that
+    holds one NaN, has the bits of grad_x made with x (x is read only for the weight gradient); the CUTLASS backend's
+    setup kernel runs when cutlass is forced and only then, and neither runs a separate bias epilogue kernel."""
     if CUDA_SKIP_REASON is not None:
         pytest.skip(CUDA_SKIP_REASON)
     capability = torch.cuda.get_device_capability()
@@ -147,7 +155,8 @@ def test_forced_backend_matches_reference(backend, dtype, tmp_path):
         expected_64 = [y_64, *grads(y_64, ins_64, grad_y.double())]
         expected_lp = [y_lp, *grads(y_lp, ins_lp, grad_y.cuda())]
         names = ("y", "grad_x", "grad_weight", "grad_bias")
-        for name, a, b, c in zip(names, got, expected_64, expected_lp, strict=True):
+        assert_bitwise_equal(got[4], got[1], f"grad_x from a stand-in for x ({label})")
+        for name, a, b, c in zip(names, got[:4], expected_64, expected_lp, strict=True):
             assert_within_policy(a, b, c.cpu(), f"{name} ({label})")
         routed = int(offsets[-1])
         assert_bitwise_equal(got[0][routed:], torch.zeros(tail, out_features, dtype=dtype), f"tail of y ({label})")
@@ -286,3 +295,23 @@ def test_backward_op_output_mask(mask):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-13)
         else:
             assert g.shape == (0,)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES)
+def test_input_gradient_reads_no_input(device, dtype, deterministic):
+    """grouped_linear_backward reads x only for the weight gradient: asked for grad_x alone, it gives the same bits
+    from a stand-in for x that holds one NaN with strides 0 (what moe_ffn's backward passes after freeing its
+    input), on the device's default backend and on the deterministic one (the reference path)."""
+    x, offsets, weight, _, grad_y = make_case([37, 0, 64, 5], 7, 40, 72, dtype, device)
+    stand_in = torch.full((), float("nan"), dtype=dtype, device=device).expand(x.shape)
+    assert stand_in.stride() == (0, 0) and stand_in.isnan().all()
+    flag = fastmoe.use_deterministic(deterministic)
+    try:
+        expected = torch.ops.fastmoe.grouped_linear_backward(grad_y, x, offsets, weight, [True, True, False])[0]
+        got = torch.ops.fastmoe.grouped_linear_backward(grad_y, stand_in, offsets, weight, [True, False, False])
+    finally:
+        fastmoe.use_deterministic(flag)
+    assert not got[0].isnan().any(), "grad_x read the stand-in's NaN"
+    assert_bitwise_equal(got[0], expected, "grad_x from the stand-in")
+    assert got[1].shape == (0,) and got[2].shape == (0,)
