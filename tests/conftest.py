@@ -5,6 +5,7 @@ sys.path). They hold the device list, the tolerance policy of docs/numerics.md a
 dispatch and expert ops (no fastmoe op is used in a reference).
 """
 
+import contextlib
 import os
 import re
 
@@ -245,6 +246,16 @@ def assert_cli_refuses(main, argv: list, named: str, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert named in err and argv[-1] in err, err
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool = True):
+    """fastmoe.use_deterministic(enabled) inside the block, the previous setting restored after it."""
+    previous = fastmoe.use_deterministic(enabled)
+    try:
+        yield
+    finally:
+        fastmoe.use_deterministic(previous)
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmoe
-from conftest import assert_bitwise_equal, assert_ways_agree, both_ways, leaf, make_generator
+from conftest import (
+    assert_bitwise_equal,
+    assert_ways_agree,
+    both_ways,
+    deterministic_mode,
+    leaf,
+    make_generator,
+)
 from fastmoe import FMoETransformerMLP
 from fastmoe.gates import GShardGate, NaiveGate
 
@@ -760,11 +767,8 @@ def test_large_split_backward_in_deterministic_mode(activation, frozen, moe_ffn_
     reads x only for the weight gradient, so each input gradient made from a stand-in, and every gradient, equal
     the composed path's bit for bit."""
     layer = make_layer(activation, True, 0.01, 1e-3, d_model=WIDE_MODEL)
-    flag = fastmoe.use_deterministic(True)
-    try:
+    with deterministic_mode():
         assert_frozen_runs_agree(layer, make_input(2048, WIDE_MODEL), frozen, moe_ffn_calls)
-    finally:
-        fastmoe.use_deterministic(flag)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-import fastmoe
 from conftest import (
     CUDA_SKIP_REASON,
     LOW_PRECISION_DTYPES,
     assert_bitwise_equal,
     assert_within_policy,
+    deterministic_mode,
     grads,
     leaf,
     make_generator,
@@ -309,12 +309,9 @@ def test_input_gradient_reads_no_input(device, dtype, deterministic):
     x, offsets, weight, _, grad_y = make_case([37, 0, 64, 5], 7, 40, 72, dtype, device)
     stand_in = torch.full((), float("nan"), dtype=dtype, device=device).expand(x.shape)
     assert stand_in.stride() == (0, 0) and stand_in.isnan().all()
-    flag = fastmoe.use_deterministic(deterministic)
-    try:
+    with deterministic_mode(deterministic):
         expected = torch.ops.fastmoe.grouped_linear_backward(grad_y, x, offsets, weight, [True, True, False])[0]
         got = torch.ops.fastmoe.grouped_linear_backward(grad_y, stand_in, offsets, weight, [True, False, False])
-    finally:
-        fastmoe.use_deterministic(flag)
     assert not got[0].isnan().any(), "grad_x read the stand-in's NaN"
     assert_bitwise_equal(got[0], expected, "grad_x from the stand-in")
     assert got[1].shape == (0,) and got[2].shape == (0,)
